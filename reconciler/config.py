@@ -1,0 +1,502 @@
+"""Configuration: TOML file → `RECONCILER_*` environment → CLI flags, resolved once into frozen settings.
+
+This is the only module that reads `os.environ`. Everything is validated here, before any
+connection is attempted: unknown keys (with a "did you mean"), wrong types, missing values,
+malformed URLs, a missing migrations directory, a models path that names no module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from reconciler.errors import ConfigError
+from reconciler.redact import redact, register_secret
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG_NAME = "reconciler.toml"
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    url: str = field(default="", metadata={"doc": "database URL (SQLAlchemy form); required"})
+    url_env: str = field(
+        default="", metadata={"doc": "name of an environment variable holding the URL instead"}
+    )
+    name: str = field(
+        default="", metadata={"doc": "short name in logs and application_name; default: db name"}
+    )
+    migrations: str = field(
+        default="migrations", metadata={"doc": "the Alembic / Flask-Migrate migrations directory"}
+    )
+    models: str = field(
+        default="",
+        metadata={"doc": "'pkg.module:attr': a MetaData, declarative base or Flask-SQLAlchemy db"},
+    )
+    version_table: str = field(default="alembic_version", metadata={"doc": "Alembic's table"})
+    version_table_schema: str = field(
+        default="", metadata={"doc": "schema of the version table; default: the default schema"}
+    )
+    imports: list[str] = field(
+        default_factory=list,
+        metadata={"doc": "modules or packages imported before taking the metadata"},
+    )
+    app: str = field(
+        default="",
+        metadata={"doc": "'pkg.module:app' Flask app or factory; used only when set"},
+    )
+    migrate: str = field(
+        default="",
+        metadata={"doc": "'pkg.module:migrate', the project's own Migrate object"},
+    )
+    alembic_ini: str = field(
+        default="", metadata={"doc": "alembic.ini; default: <migrations>/alembic.ini or ./alembic.ini"}
+    )
+    x_args: dict[str, str] = field(
+        default_factory=dict, metadata={"doc": "passed to env.py as Alembic's -x key=value"}
+    )
+    root: str = field(default=".", metadata={"doc": "project root, put first on sys.path"})
+    python: str = field(
+        default="", metadata={"doc": "interpreter for the worker; default: the reconciler's own"}
+    )
+    lock_url: str = field(
+        default="", metadata={"doc": "direct URL for the advisory lock (behind a pooler)"}
+    )
+    lock_key: str = field(
+        default="", metadata={"doc": "advisory lock name; default: derived from db, schema, table"}
+    )
+    known_differences: str = field(
+        default="",
+        metadata={"doc": "known-differences file; default: <migrations>/known_differences.json"},
+    )
+    worker_timeout: float = field(
+        default=3600.0, metadata={"doc": "seconds one worker job may take before it is killed"}
+    )
+
+
+@dataclass(frozen=True)
+class ApplySettings:
+    lock_acquire_timeout: float = field(
+        default=300.0, metadata={"doc": "seconds to wait for the advisory lock"}
+    )
+    ddl_lock_timeout: float = field(
+        default=5.0,
+        metadata={"doc": "PostgreSQL lock_timeout / MySQL lock_wait_timeout for migrations"},
+    )
+    statement_timeout: float = field(
+        default=0.0, metadata={"doc": "PostgreSQL statement_timeout for migrations; 0 = none"}
+    )
+    connect_timeout: float = field(
+        default=10.0, metadata={"doc": "seconds to wait for a database connection"}
+    )
+    orphan_wait_timeout: float = field(
+        default=600.0,
+        metadata={"doc": "seconds to wait for a killed applier's statement to end on the server"},
+    )
+
+
+@dataclass(frozen=True)
+class JournalSettings:
+    table: str = field(
+        default="reconciler_journal", metadata={"doc": "our side table (never alembic_version)"}
+    )
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = field(default="info", metadata={"doc": "debug, info, warning or error"})
+    format: str = field(default="auto", metadata={"doc": "auto (console on a TTY), console, json"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    target: TargetSettings
+    apply: ApplySettings
+    journal: JournalSettings
+    logging: LoggingSettings
+    config_file: Path | None
+    base_dir: Path
+
+    @property
+    def migrations_dir(self) -> Path:
+        return _resolve_path(self.base_dir, self.target.migrations)
+
+    @property
+    def root_dir(self) -> Path:
+        return _resolve_path(self.base_dir, self.target.root)
+
+
+SECTIONS: dict[str, type] = {
+    "target": TargetSettings,
+    "apply": ApplySettings,
+    "journal": JournalSettings,
+    "logging": LoggingSettings,
+}
+
+ENV_KEYS: dict[str, tuple[str, str]] = {
+    "RECONCILER_URL": ("target", "url"),
+    "RECONCILER_MIGRATIONS": ("target", "migrations"),
+    "RECONCILER_MODELS": ("target", "models"),
+}
+
+_LEVELS = ("debug", "info", "warning", "error")
+_FORMATS = ("auto", "console", "json")
+_DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+
+
+def _resolve_path(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+@dataclass
+class _Source:
+    """Where a raw value came from, for error messages."""
+
+    values: dict[str, dict[str, Any]]
+    origin: dict[tuple[str, str], str]
+
+
+def _line_of(text: str, section: str, key: str) -> int | None:
+    current = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[+\s*([^\]]+?)\s*\]+", stripped)
+        if header:
+            current = header.group(1)
+            continue
+        if current == section and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return number
+    return None
+
+
+def _read_file(path: Path) -> _Source:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist; pass an existing file with --config "
+            "or remove the option"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {redact(str(exc))}") from None
+    values: dict[str, dict[str, Any]] = {}
+    origin: dict[tuple[str, str], str] = {}
+    for section, body in data.items():
+        if section not in SECTIONS:
+            line = _section_line(text, section)
+            raise ConfigError(
+                f"{path}{line}: unknown section [{section}]{_did_you_mean(section, SECTIONS)}"
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        values[section] = dict(body)
+        for key in body:
+            line_no = _line_of(text, section, key)
+            where = f"{path}:{line_no}" if line_no else str(path)
+            origin[(section, key)] = where
+    return _Source(values, origin)
+
+
+def _section_line(text: str, section: str) -> str:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if re.match(rf"^\s*\[+\s*{re.escape(section)}\s*\]+", line):
+            return f":{number}"
+    return ""
+
+
+def _did_you_mean(word: str, choices: Mapping[str, Any] | list[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, where: str, name: str) -> Any:
+    origin = get_origin(hint)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: {name} must be a number of seconds, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where}: {name} must not be negative, got {value!r}")
+        return float(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {name} must be a whole number, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {name} must be a string, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {name} must be a list of strings, got {value!r}")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in value.items()
+        ):
+            raise ConfigError(f"{where}: {name} must be a table of strings, got {value!r}")
+        return {k: str(v) for k, v in value.items()}
+    raise AssertionError(f"unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _build_section(section: str, raw: dict[str, Any], origin: dict[tuple[str, str], str]) -> Any:
+    cls = SECTIONS[section]
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = origin.get((section, key), "configuration")
+        if key not in known:
+            raise ConfigError(
+                f"{where}: unknown key '{key}' in [{section}]{_did_you_mean(key, sorted(known))}; "
+                "see config.example.toml for every key"
+            )
+        kwargs[key] = _coerce(value, hints[key], where, f"[{section}] {key}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, dict[str, Any]], over: dict[str, dict[str, Any]]) -> None:
+    for section, body in over.items():
+        base.setdefault(section, {}).update(body)
+
+
+def _config_path(flag: str | None, environ: Mapping[str, str], cwd: Path) -> Path | None:
+    if flag:
+        return Path(flag).expanduser().resolve()
+    if environ.get("RECONCILER_CONFIG"):
+        return Path(environ["RECONCILER_CONFIG"]).expanduser().resolve()
+    default = cwd / DEFAULT_CONFIG_NAME
+    return default if default.is_file() else None
+
+
+def load_settings(
+    config: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    require_url: bool = True,
+    require_migrations: bool = True,
+) -> Settings:
+    """Resolve the settings once: defaults < file < environment < flags; validate everything."""
+    environ = os.environ if environ is None else environ
+    cwd = (cwd or Path.cwd()).resolve()
+    path = _config_path(config, environ, cwd)
+    source = _read_file(path) if path else _Source({}, {})
+    raw: dict[str, dict[str, Any]] = {k: dict(v) for k, v in source.values.items()}
+    origin = dict(source.origin)
+    for env_name, (section, key) in ENV_KEYS.items():
+        if environ.get(env_name):
+            raw.setdefault(section, {})[key] = environ[env_name]
+            origin[(section, key)] = f"environment variable {env_name}"
+    for section, body in (overrides or {}).items():
+        for key, value in body.items():
+            if value is None:
+                continue
+            raw.setdefault(section, {})[key] = value
+            origin[(section, key)] = f"option --{key.replace('_', '-')}"
+    sections = {name: _build_section(name, raw.get(name, {}), origin) for name in SECTIONS}
+    base_dir = path.parent if path else cwd
+    target: TargetSettings = sections["target"]
+    target = _resolve_target(target, environ, base_dir, origin, require_url)
+    settings = Settings(
+        target=target,
+        apply=sections["apply"],
+        journal=sections["journal"],
+        logging=sections["logging"],
+        config_file=path,
+        base_dir=base_dir,
+    )
+    _validate(settings, origin, require_migrations)
+    return settings
+
+
+def _resolve_target(
+    target: TargetSettings,
+    environ: Mapping[str, str],
+    base_dir: Path,
+    origin: dict[tuple[str, str], str],
+    require_url: bool,
+) -> TargetSettings:
+    url = target.url
+    if not url and target.url_env:
+        url = environ.get(target.url_env, "")
+        if not url:
+            where = origin.get(("target", "url_env"), "configuration")
+            raise ConfigError(
+                f"{where}: url_env names the environment variable {target.url_env}, "
+                "which is not set or empty; set it or give [target] url"
+            )
+        origin[("target", "url")] = f"environment variable {target.url_env} (from url_env)"
+    if not url:
+        if require_url:
+            raise ConfigError(
+                "no database URL: give --url, RECONCILER_URL, or [target] url / url_env "
+                "in reconciler.toml"
+            )
+        return dataclasses.replace(target, url="")
+    url = normalize_url(url, base_dir, origin.get(("target", "url"), "the database URL"))
+    lock_url = target.lock_url
+    if lock_url:
+        lock_url = normalize_url(lock_url, base_dir, origin.get(("target", "lock_url"), "lock_url"))
+    name = target.name or default_target_name(url)
+    return dataclasses.replace(target, url=url, lock_url=lock_url, name=name)
+
+
+def normalize_url(url: str, base_dir: Path, where: str) -> str:
+    """Parse and check a URL; register its password as a secret; make SQLite paths absolute."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    _register_url_password(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(
+            f"{where}: '{redact(url)}' is not a database URL ({redact(str(exc))}); "
+            "expected e.g. postgresql://user:password@host:5432/dbname or sqlite:///app.db"
+        ) from None
+    if parsed.password:
+        register_secret(str(parsed.password))
+    try:
+        parsed.get_dialect()
+    except Exception as exc:  # NoSuchModuleError, or the driver is not installed
+        raise ConfigError(
+            f"{where}: cannot use the database URL '{redact(url)}': {redact(str(exc))}; "
+            "check the dialect name and install its driver (psycopg2-binary, pymysql)"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            absolute = _resolve_path(base_dir, database)
+            parsed = parsed.set(database=str(absolute))
+        return parsed.render_as_string(hide_password=False)
+    if not parsed.database:
+        raise ConfigError(
+            f"{where}: the URL '{redact(url)}' names no database; add /dbname at its end"
+        )
+    return url
+
+
+def _register_url_password(url: str) -> None:
+    match = re.match(r"^[^:/]+://[^:/@]*:(?P<pw>[^@]*)@", url)
+    if match:
+        from urllib.parse import unquote
+
+        register_secret(match.group("pw"))
+        register_secret(unquote(match.group("pw")))
+
+
+def default_target_name(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database or "db"
+    stem = Path(database).stem if "/" in database or database.endswith(".db") else database
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:24] or "db"
+
+
+def _validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: bool) -> None:
+    target = settings.target
+    where = lambda key: origin.get(("target", key), f"[target] {key}")  # noqa: E731
+    if need_dir and not settings.migrations_dir.is_dir():
+        raise ConfigError(
+            f"{where('migrations')}: migrations directory {settings.migrations_dir} does not exist; "
+            "point [target] migrations / --migrations at it, or create one with `reconciler init`"
+        )
+    for key in ("models", "app", "migrate"):
+        value = getattr(target, key)
+        if value:
+            check_import_path(value, settings, where(key), key)
+    for module in target.imports:
+        if not _DOTTED.match(module):
+            raise ConfigError(f"{where('imports')}: '{module}' is not a module name")
+    if settings.logging.level not in _LEVELS:
+        raise ConfigError(
+            f"{origin.get(('logging', 'level'), '[logging] level')}: level must be one of "
+            f"{', '.join(_LEVELS)}, got {settings.logging.level!r}"
+        )
+    if settings.logging.format not in _FORMATS:
+        raise ConfigError(
+            f"{origin.get(('logging', 'format'), '[logging] format')}: format must be one of "
+            f"{', '.join(_FORMATS)}, got {settings.logging.format!r}"
+        )
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", settings.journal.table):
+        raise ConfigError(f"[journal] table must be a plain table name, got {settings.journal.table!r}")
+    if target.python and not Path(target.python).exists():
+        raise ConfigError(f"{where('python')}: interpreter {target.python} does not exist")
+
+
+def check_import_path(value: str, settings: Settings, where: str, key: str) -> None:
+    """Check 'pkg.module:attr' names a module file under the project root, without importing it."""
+    module, sep, attr = value.partition(":")
+    if not sep or not attr or not _DOTTED.match(module) or not _DOTTED.match(attr):
+        raise ConfigError(
+            f"{where}: {key} must look like 'package.module:attribute', got {value!r}"
+        )
+    if find_module_file(module, settings) is None:
+        raise ConfigError(
+            f"{where}: cannot find module '{module}' for {key} {value!r} under the project root "
+            f"{settings.root_dir}; set [target] root to the folder that holds it"
+        )
+
+
+def find_module_file(module: str, settings: Settings) -> Path | None:
+    """The file a module would be imported from: the project root first, then installed packages."""
+    parts = module.split(".")
+    for base in [settings.root_dir, *_sys_path_dirs()]:
+        candidate = base.joinpath(*parts)
+        for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+            if path.is_file():
+                return path
+        if candidate.is_dir() and len(parts) > 0:  # namespace package
+            return candidate
+    return None
+
+
+def _sys_path_dirs() -> list[Path]:
+    return [Path(p) for p in sys.path if p and Path(p).is_dir()]
+
+
+def setting_keys() -> dict[str, list[str]]:
+    """Every section and key (used to check config.example.toml)."""
+    return {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
+
+
+def setting_defaults() -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, cls in SECTIONS.items():
+        instance = cls()
+        out[name] = {f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)}
+    return out
+
+
+_ = Union  # keep typing import for get_type_hints on older Pythons
+_ = get_args

@@ -1,0 +1,129 @@
+"""Per-connection session settings and database identity, shared by the control plane and the worker.
+
+Imports nothing but the standard library and SQLAlchemy, so the worker can use it inside the
+project's own interpreter (SQLAlchemy 1.4 or 2.x).
+
+- `application_name(target, role, replica)`: how our sessions show up in `pg_stat_activity`;
+  `role` is `ctl` for the control plane and `apply` for a worker that runs revisions. The orphan
+  wait looks for `apply` sessions of one target.
+- `session_statements(...)`: the SQL run on every new DBAPI connection (application name, DDL lock
+  timeout, statement timeout).
+- `identity(conn)`: what makes "the same database" (server + database), so a worker can refuse when
+  env.py connected somewhere else than the target.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Any
+
+APP_PREFIX = "reconciler"
+_MAX_APP_NAME = 63  # PostgreSQL's NAMEDATALEN - 1
+
+
+def replica_id() -> str:
+    """host:pid of this process, short enough for an application name."""
+    host = os.environ.get("HOSTNAME") or socket.gethostname()
+    return f"{host[:24]}:{os.getpid()}"
+
+
+def application_name(target: str, role: str, replica: str | None = None) -> str:
+    name = f"{APP_PREFIX}/{target}/{role}/{replica or replica_id()}"
+    return name[:_MAX_APP_NAME]
+
+
+def apply_prefix(target: str) -> str:
+    """The prefix of every applying session of this target (used by the orphan wait)."""
+    return f"{APP_PREFIX}/{target}/apply/"
+
+
+def _seconds_ms(value: float) -> int:
+    return max(0, int(round(value * 1000)))
+
+
+def session_statements(
+    dialect: str,
+    app_name: str,
+    ddl_lock_timeout: float = 0.0,
+    statement_timeout: float = 0.0,
+) -> list[str]:
+    """SQL statements that configure one new connection for `dialect` (a backend name)."""
+    if dialect == "postgresql":
+        safe = app_name.replace("'", "''")
+        out = [f"SET application_name = '{safe}'"]
+        out.append(f"SET lock_timeout = {_seconds_ms(ddl_lock_timeout)}")
+        out.append(f"SET statement_timeout = {_seconds_ms(statement_timeout)}")
+        return out
+    if dialect in ("mysql", "mariadb"):
+        out = []
+        if ddl_lock_timeout > 0:
+            out.append(f"SET SESSION lock_wait_timeout = {max(1, int(round(ddl_lock_timeout)))}")
+        return out
+    return []
+
+
+def run_session_statements(dbapi_connection: Any, statements: list[str]) -> None:
+    """Execute `statements` on a raw DBAPI connection (from a `connect` event)."""
+    if not statements:
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        for statement in statements:
+            cursor.execute(statement)
+    finally:
+        cursor.close()
+    commit = getattr(dbapi_connection, "commit", None)
+    if commit is not None:  # SET opened a transaction on non-autocommit drivers: end it
+        commit()
+
+
+def identity_sql(dialect: str) -> str | None:
+    if dialect == "postgresql":
+        return (
+            "SELECT current_database(), "
+            "CAST(pg_postmaster_start_time() AS text), "
+            "CAST(inet_server_port() AS text)"
+        )
+    if dialect in ("mysql", "mariadb"):
+        return "SELECT DATABASE(), CAST(@@hostname AS CHAR), CAST(@@port AS CHAR)"
+    return None
+
+
+def identity_from_dbapi(dbapi_connection: Any, dialect: str) -> dict[str, str]:
+    """The identity of the database a raw DBAPI connection is connected to."""
+    if dialect == "sqlite":
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA database_list")
+            rows = cursor.fetchall()
+        finally:
+            cursor.close()
+        main = next((r for r in rows if r[1] == "main"), None)
+        path = main[2] if main else ""
+        return {"dialect": "sqlite", "database": os.path.realpath(path) if path else ":memory:"}
+    sql = identity_sql(dialect)
+    if sql is None:
+        return {"dialect": dialect}
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    database, server, port = (str(v) if v is not None else "" for v in row)
+    return {"dialect": dialect, "database": database, "server": server, "port": port}
+
+
+def describe_identity(ident: dict[str, str]) -> str:
+    parts = [ident.get("database", "?")]
+    if ident.get("port"):
+        parts.append(f"port {ident['port']}")
+    return " ".join(parts)
+
+
+def backend_name(url: str) -> str:
+    """'postgresql', 'mysql', 'mariadb', 'sqlite'... from a URL, without parsing credentials."""
+    scheme = re.split(r"[+:]", url, maxsplit=1)[0].lower()
+    return {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)

@@ -1,0 +1,98 @@
+"""One exception tree; every error knows its exit code and whether a retry may help.
+
+Exit codes (ARCHITECTURE.md, "State model"):
+0 ok, 1 a revision failed, 2 usage or configuration, 3 lock not acquired in time,
+4 ahead / diverged / multiple heads / needs adoption, 5 database unreachable,
+6 refused by a safety rule, 7 `check` found differences, 8 `wait` timed out.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_REVISION_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_LOCK = 3
+EXIT_STATE = 4
+EXIT_UNREACHABLE = 5
+EXIT_REFUSED = 6
+EXIT_DIFFERENCES = 7
+EXIT_WAIT_TIMEOUT = 8
+
+
+class ReconcilerError(Exception):
+    """Base class. `str(err)` is the one message a user sees; it names the value and the next step."""
+
+    exit_code = EXIT_REVISION_FAILED
+    transient = False
+
+
+class ConfigError(ReconcilerError):
+    """A setting is wrong: unknown key, wrong type, bad URL, missing directory, unimportable models."""
+
+    exit_code = EXIT_CONFIG
+
+
+class UnreachableError(ReconcilerError):
+    """The database could not be reached; retry on the next tick."""
+
+    exit_code = EXIT_UNREACHABLE
+    transient = True
+
+
+class LockTimeout(ReconcilerError):
+    """The advisory lock was not acquired in time; someone else is applying."""
+
+    exit_code = EXIT_LOCK
+    transient = True
+
+    def __init__(self, message: str, holder: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+class StateError(ReconcilerError):
+    """The database is ahead, diverged, has an unmerged fork, or needs adoption: nothing applied."""
+
+    exit_code = EXIT_STATE
+
+
+class RevisionFailed(ReconcilerError):
+    """A revision raised while being applied; the database stays at the previous revision."""
+
+    exit_code = EXIT_REVISION_FAILED
+
+    def __init__(
+        self,
+        message: str,
+        revision: str | None = None,
+        error_class: str | None = None,
+        sqlstate: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.revision = revision
+        self.error_class = error_class
+        self.sqlstate = sqlstate
+
+
+class Refused(ReconcilerError):
+    """A safety rule refused the operation (dirty journal, wrong database, destructive change)."""
+
+    exit_code = EXIT_REFUSED
+
+
+class DifferencesFound(ReconcilerError):
+    """`check` found that the models and the migrations differ."""
+
+    exit_code = EXIT_DIFFERENCES
+
+
+class WaitTimeout(ReconcilerError):
+    """`wait` gave up before the database reached the repository's heads."""
+
+    exit_code = EXIT_WAIT_TIMEOUT
+
+
+class WorkerError(ReconcilerError):
+    """The worker subprocess failed outside a revision (env.py, models import, protocol)."""
+
+    exit_code = EXIT_REVISION_FAILED
