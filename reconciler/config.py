@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 from reconciler.errors import ConfigError
 from reconciler.redact import redact, register_secret
@@ -425,7 +425,10 @@ def default_target_name(url: str) -> str:
 
 def _validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: bool) -> None:
     target = settings.target
-    where = lambda key: origin.get(("target", key), f"[target] {key}")  # noqa: E731
+
+    def where(key: str) -> str:
+        return origin.get(("target", key), f"[target] {key}")
+
     if need_dir and not settings.migrations_dir.is_dir():
         raise ConfigError(
             f"{where('migrations')}: migrations directory {settings.migrations_dir} does not exist; "
@@ -497,6 +500,3 @@ def setting_defaults() -> dict[str, dict[str, Any]]:
         out[name] = {f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)}
     return out
 
-
-_ = Union  # keep typing import for get_type_hints on older Pythons
-_ = get_args

@@ -40,7 +40,7 @@ def apply_prefix(target: str) -> str:
 
 
 def _seconds_ms(value: float) -> int:
-    return max(0, int(round(value * 1000)))
+    return max(0, round(value * 1000))
 
 
 def session_statements(
@@ -59,7 +59,7 @@ def session_statements(
     if dialect in ("mysql", "mariadb"):
         out = []
         if ddl_lock_timeout > 0:
-            out.append(f"SET SESSION lock_wait_timeout = {max(1, int(round(ddl_lock_timeout)))}")
+            out.append(f"SET SESSION lock_wait_timeout = {max(1, round(ddl_lock_timeout))}")
         return out
     return []
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import quote
 
@@ -37,15 +37,13 @@ def _ensure_pg_canary(conn: sa.engine.Connection) -> None:
         sa.text("SELECT 1 FROM pg_roles WHERE rolname = :n"), {"n": CANARY_USER}
     ).scalar()
     if not exists:
-        try:
+        with suppress(sa.exc.ProgrammingError):  # created concurrently
             conn.execute(
                 sa.text(
                     f"CREATE ROLE {CANARY_USER} LOGIN SUPERUSER PASSWORD "
                     f"'{CANARY_PASSWORD.replace(chr(39), chr(39) * 2)}'"
                 )
             )
-        except sa.exc.ProgrammingError:  # created concurrently
-            pass
 
 
 def _ensure_mysql_canary(conn: sa.engine.Connection) -> None:
@@ -106,10 +104,8 @@ def mysql_database(canary: bool = False) -> Iterator[str]:
             for (pid,) in conn.execute(
                 sa.text("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = :n"), {"n": name}
             ).fetchall():
-                try:
+                with suppress(sa.exc.DBAPIError):
                     conn.execute(sa.text(f"KILL {int(pid)}"))
-                except sa.exc.DBAPIError:
-                    pass
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
         admin.dispose()
 

@@ -1,0 +1,67 @@
+"""The repository side of a target: where its revision files are, and their graph, cached.
+
+The graph is read from the files' headers (never executing them) and kept until the versions
+directories change (a stat fingerprint), so a no-op run costs no file parsing. Files whose headers
+are not literal are read by a worker, once per change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler import graph as graphs
+from reconciler.config import Settings
+from reconciler.graph import Revision, RevisionGraph
+
+
+def alembic_ini_path(settings: Settings) -> Path | None:
+    """The alembic.ini in use: configured, else <migrations>/alembic.ini, else <root>/alembic.ini."""
+    if settings.target.alembic_ini:
+        path = Path(settings.target.alembic_ini)
+        return path if path.is_absolute() else (settings.base_dir / path).resolve()
+    for candidate in (settings.migrations_dir / "alembic.ini", settings.root_dir / "alembic.ini"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass
+class Project:
+    settings: Settings
+    _graph: RevisionGraph | None = field(default=None, init=False)
+    _fingerprint: str = field(default="", init=False)
+    _dirs: tuple[list[Path], bool] | None = field(default=None, init=False)
+    _cache: graphs.ParseCache = field(default_factory=graphs.ParseCache, init=False)
+
+    @property
+    def version_dirs(self) -> tuple[list[Path], bool]:
+        if self._dirs is None:
+            self._dirs = graphs.versions_dirs(
+                self.settings.migrations_dir, alembic_ini_path(self.settings), self.settings.root_dir
+            )
+        return self._dirs
+
+    def graph(self) -> RevisionGraph:
+        """The revision graph; re-read only when a revision file changed."""
+        dirs, recursive = self.version_dirs
+        fingerprint = graphs.graph_fingerprint_of_dir(dirs, recursive)
+        if self._graph is None or fingerprint != self._fingerprint:
+            self._graph = self._load(dirs, recursive)
+            self._fingerprint = fingerprint
+        return self._graph
+
+    def _load(self, dirs: list[Path], recursive: bool) -> RevisionGraph:
+        graph, fallback = graphs.load_graph(dirs, recursive, cache=self._cache)
+        if not fallback:
+            return graph
+        extra = self._headers_from_worker(fallback)
+        return graphs.build_graph([*graph.revisions.values(), *extra])
+
+    def _headers_from_worker(self, paths: list[Path]) -> list[Revision]:
+        from reconciler.workerclient import Worker, WorkerJob
+
+        job = WorkerJob.from_settings(self.settings)
+        with Worker.start(job, python=self.settings.target.python or None) as worker:
+            found = worker.headers(paths)
+        return [graphs.revision_from_headers(item) for item in found]
