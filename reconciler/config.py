@@ -127,6 +127,7 @@ class Settings:
     logging: LoggingSettings
     config_file: Path | None
     base_dir: Path
+    unsafe: frozenset[str] = frozenset()  # safeguards switched off, for negative-control tests only
 
     @property
     def migrations_dir(self) -> Path:
@@ -150,6 +151,8 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "RECONCILER_MODELS": ("target", "models"),
 }
 
+UNSAFE_ENV = "RECONCILER_UNSAFE_DISABLE"
+UNSAFE_SWITCHES = ("lock", "orphan_wait")
 _LEVELS = ("debug", "info", "warning", "error")
 _FORMATS = ("auto", "console", "json")
 _DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -333,9 +336,22 @@ def load_settings(
         logging=sections["logging"],
         config_file=path,
         base_dir=base_dir,
+        unsafe=_unsafe(environ),
     )
     _validate(settings, origin, require_migrations)
     return settings
+
+
+def _unsafe(environ: Mapping[str, str]) -> frozenset[str]:
+    """Safeguards a test switches off to show the bad outcome they prevent (never in production)."""
+    names = frozenset(n.strip() for n in environ.get(UNSAFE_ENV, "").split(",") if n.strip())
+    unknown = sorted(names - set(UNSAFE_SWITCHES))
+    if unknown:
+        raise ConfigError(
+            f"environment variable {UNSAFE_ENV}: unknown safeguard(s) {', '.join(unknown)}; "
+            f"known: {', '.join(UNSAFE_SWITCHES)}"
+        )
+    return names
 
 
 def _resolve_target(

@@ -1,0 +1,366 @@
+"""click commands: each a few lines calling the library; errors become the documented exit codes.
+
+Global options (`--config`, `--url`, `--migrations`, `--models`) are accepted before and after the
+command name. Machine output (`--json`) goes to stdout, logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from reconciler import __version__, logs
+from reconciler.config import Settings, load_settings
+from reconciler.errors import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_REVISION_FAILED,
+    EXIT_UNREACHABLE,
+    ConfigError,
+    ReconcilerError,
+)
+from reconciler.redact import redact
+
+F = TypeVar("F", bound=Callable[..., Any])
+GLOBAL_KEYS = ("config", "url", "migrations", "models")
+log = logs.get("reconciler.cli")
+
+
+def _global_options(func: F) -> F:
+    options = [
+        click.option("--config", "config", help="TOML file (default: ./reconciler.toml if present)"),
+        click.option("--url", "url", help="database URL (overrides [target] url)"),
+        click.option("--migrations", "migrations", help="migrations directory"),
+        click.option("--models", "models", help="models as pkg.module:attr"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+class Context:
+    """Global options gathered from before and after the command name."""
+
+    def __init__(self) -> None:
+        self.options: dict[str, str | None] = dict.fromkeys(GLOBAL_KEYS)
+
+    def merge(self, values: dict[str, Any]) -> None:
+        for key in GLOBAL_KEYS:
+            if values.pop(key, None) is not None:
+                self.options[key] = values.get(key) or self.options[key]
+
+    def settings(self, require_url: bool = True, require_migrations: bool = True) -> Settings:
+        overrides = {
+            "target": {
+                "url": self.options["url"],
+                "migrations": self.options["migrations"],
+                "models": self.options["models"],
+            }
+        }
+        settings = load_settings(
+            self.options["config"],
+            overrides,
+            require_url=require_url,
+            require_migrations=require_migrations,
+        )
+        logs.setup(settings.logging.level, settings.logging.format)
+        return settings
+
+
+def command(func: F) -> F:
+    """A subcommand: takes the global options too, and maps errors to exit codes."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        ctx: Context = click.get_current_context().ensure_object(Context)
+        for key in GLOBAL_KEYS:
+            value = kwargs.pop(key, None)
+            if value is not None:
+                ctx.options[key] = value
+        code = run_guarded(lambda: func(ctx, *args, **kwargs))
+        sys.exit(code)
+
+    return _global_options(wrapper)  # type: ignore[return-value]
+
+
+def run_guarded(body: Callable[[], int | None]) -> int:
+    try:
+        return body() or EXIT_OK
+    except ReconcilerError as exc:
+        report_error(str(exc), exc.exit_code, exc.__class__.__name__)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        report_error("interrupted", 130, "KeyboardInterrupt")
+        return 130
+    except Exception as exc:  # a bug of ours: say so, with a redacted traceback and no locals
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        sys.stderr.write(redact(text))
+        report_error(
+            f"internal error {exc.__class__.__name__}: {redact(str(exc))}; please report it",
+            EXIT_REVISION_FAILED,
+            exc.__class__.__name__,
+        )
+        return EXIT_REVISION_FAILED
+
+
+def report_error(message: str, code: int, kind: str) -> None:
+    message = redact(message)
+    if logs.use_console("auto", sys.stderr) or not _logging_ready():
+        click.echo(f"Error: {message}", err=True)
+    else:
+        log.error("command_failed", error=message, exit_code=code, kind=kind)
+
+
+def _logging_ready() -> bool:
+    import logging
+
+    return bool(logging.getLogger().handlers)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=None, sort_keys=True, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="reconciler")
+@_global_options
+@click.pass_context
+def main(ctx: click.Context, /, **options: Any) -> None:
+    """Keep a database schema in step with its models and Alembic / Flask-Migrate revisions."""
+    state = ctx.ensure_object(Context)
+    state.options.update({k: v for k, v in options.items() if v is not None})
+
+
+def _reconciler(ctx: Context) -> Any:
+    from reconciler.reconcile import Reconciler
+
+    return Reconciler(ctx.settings())
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+@command
+def status(ctx: Context, as_json: bool) -> int:
+    """State of the database against the repository (exit 0 when read, 5 when unreachable)."""
+    rec = _reconciler(ctx)
+    try:
+        result = rec.status()
+    finally:
+        rec.close()
+    if as_json:
+        emit_json(result.as_dict())
+    else:
+        _print_status(result.as_dict())
+    return EXIT_UNREACHABLE if result.sync_state == "unknown" else EXIT_OK
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    click.echo(f"target:     {data['target']} ({data['url']})")
+    click.echo(f"state:      {data['state']}")
+    if data["conditions"]:
+        click.echo(f"conditions: {', '.join(data['conditions'])}")
+    click.echo(f"db heads:   {', '.join(data['db_heads']) or '(none)'}")
+    click.echo(f"repo heads: {', '.join(data['repo_heads']) or '(none)'}")
+    if data["pending"]:
+        click.echo(f"pending:    {len(data['pending'])}: {', '.join(data['pending'])}")
+    if data["state"] != "in_sync":
+        click.echo(data["message"])
+
+
+@main.command()
+@click.option("--sql", is_flag=True, help="print the pending revisions' SQL (offline)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+@command
+def plan(ctx: Context, sql: bool, as_json: bool) -> int:
+    """Pending revisions in order; --sql prints their SQL without running it."""
+    from reconciler import admin
+    from reconciler.reconcile import refuse_unless_applicable
+
+    rec = _reconciler(ctx)
+    try:
+        result, steps = admin.plan(rec)
+        refuse_unless_applicable(result)
+        text = admin.plan_sql(rec, result) if sql else None
+    finally:
+        rec.close()
+    if as_json:
+        data = result.as_dict()
+        data["steps"] = [s.__dict__ for s in steps]
+        if text is not None:
+            data["sql"] = text
+        emit_json(data)
+    elif text is not None:
+        click.echo(text)
+    elif not steps:
+        click.echo(f"nothing to apply: the database is {result.state}")
+    else:
+        for index, step in enumerate(steps, start=1):
+            click.echo(f"{index:>3}. {step.revision}  {step.message}")
+    return EXIT_OK
+
+
+@main.command()
+@command
+def apply(ctx: Context) -> int:
+    """One reconcile: take the lock, upgrade to the heads, verify."""
+    rec = _reconciler(ctx)
+    progress = _progress if sys.stderr.isatty() else None
+    try:
+        result = rec.apply(trigger="apply", progress=progress)
+    finally:
+        rec.close()
+    if result.outcome == "noop":
+        click.echo(f"in sync at {', '.join(result.status.decision.db_heads) or 'base'}", err=True)
+    else:
+        click.echo(f"applied {len(result.applied)} revision(s); in sync", err=True)
+    return EXIT_OK
+
+
+def _progress(index: int, total: int, revision: str, message: str) -> None:
+    click.echo(f"[{index}/{total}] {revision} {message}", err=True)
+
+
+@main.command()
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="seconds")
+@click.option("--exact", is_flag=True, help="wait for equality (not ahead)")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="poll seconds")
+@command
+def wait(ctx: Context, timeout: float, exact: bool, interval: float) -> int:
+    """Block until the database is at or ahead of the repository heads (exit 8 on timeout)."""
+    rec = _reconciler(ctx)
+    try:
+        result = rec.wait(timeout, exact=exact, poll=interval)
+    finally:
+        rec.close()
+    click.echo(f"database is {result.state}", err=True)
+    return EXIT_OK
+
+
+@main.command()
+@click.option("--scratch", is_flag=True, help="use a temporary database on the same server")
+@command
+def check(ctx: Context, scratch: bool) -> int:
+    """Models vs migrations (CI gate): exit 7 and list the differences."""
+    from reconciler import admin
+
+    admin.check(ctx.settings(), scratch)
+    click.echo("models and migrations agree", err=True)
+    return EXIT_OK
+
+
+@main.command()
+@click.option("--scratch", is_flag=True, help="use a temporary database on the same server")
+@command
+def baseline(ctx: Context, scratch: bool) -> int:
+    """Write the known-differences file from what autogenerate reports at the heads."""
+    from reconciler import admin
+
+    path, count = admin.baseline(ctx.settings(), scratch)
+    click.echo(f"wrote {count} known difference(s) to {path}", err=True)
+    return EXIT_OK
+
+
+@main.command()
+@command
+def init(ctx: Context) -> int:
+    """Create a migrations directory, in the layout `flask db init` makes."""
+    from reconciler import admin
+
+    directory = admin.init(ctx.settings(require_url=False, require_migrations=False))
+    click.echo(f"created {directory}", err=True)
+    return EXIT_OK
+
+
+@main.command()
+@command
+def history(ctx: Context) -> int:
+    """The revision graph, newest first; applied revisions marked."""
+    from reconciler import admin
+
+    rec = _reconciler(ctx)
+    try:
+        lines, reachable = admin.history(rec)
+    finally:
+        rec.close()
+    for line in lines:
+        click.echo(line)
+    if not reachable:
+        click.echo("(database unreachable: applied revisions not marked)", err=True)
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("revision")
+@click.option("--yes", is_flag=True, help="do not ask (needed when not on a terminal)")
+@command
+def downgrade(ctx: Context, revision: str, yes: bool) -> int:
+    """Undo revisions down to REVISION (a person's decision: shows what it undoes, asks)."""
+    from reconciler import admin
+
+    rec = _reconciler(ctx)
+
+    def confirm(target: str, undo: list[str]) -> bool:
+        click.echo(f"downgrade to {target} will undo, newest first:", err=True)
+        for rev in undo:
+            click.echo(f"  {rev}  {rec.graph().revisions[rev].message}", err=True)
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise ConfigError("not on a terminal: pass --yes to confirm the downgrade")
+        return click.confirm("Proceed?", err=True)
+
+    try:
+        target, undo = admin.downgrade(rec, revision, confirm)
+    finally:
+        rec.close()
+    if not undo:
+        click.echo(f"nothing to undo: {target} is the current revision", err=True)
+    else:
+        click.echo(f"downgraded to {target}", err=True)
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("revision", default="heads")
+@click.option("--force", is_flag=True, help="skip the comparison with the models")
+@command
+def stamp(ctx: Context, revision: str, force: bool) -> int:
+    """Adopt a database with tables but no version table (after comparing it with the models)."""
+    from reconciler import admin
+
+    rec = _reconciler(ctx)
+    try:
+        stamped = admin.stamp(rec, revision, force)
+    finally:
+        rec.close()
+    click.echo(f"stamped {', '.join(stamped)}", err=True)
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("revision")
+@click.option("--applied", "outcome", flag_value="applied", help="the revision is fully applied")
+@click.option("--rolled-back", "outcome", flag_value="rolled_back", help="it was undone by hand")
+@command
+def resolve(ctx: Context, revision: str, outcome: str | None) -> int:
+    """Tell the journal what became of a dirty (half-applied) revision."""
+    from reconciler import admin
+
+    if not outcome:
+        raise ConfigError("say what happened: --applied or --rolled-back")
+    rec = _reconciler(ctx)
+    try:
+        resolved = admin.resolve(rec, revision, outcome)
+    finally:
+        rec.close()
+    click.echo(f"revision {resolved} resolved as {outcome}", err=True)
+    return EXIT_OK
+
+
+_ = EXIT_CONFIG

@@ -1,0 +1,488 @@
+"""One reconcile of one target: read → decide → lock → re-read → apply → verify → record.
+
+`Reconciler` is reusable across runs (the daemon keeps one per target): it keeps one pooled
+connection and the revision graph in memory, so a run that finds the database in sync costs one
+query and takes no lock. Applying happens one revision per step, each journaled before it starts
+and after it ends, in a worker subprocess that runs the project's env.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from reconciler import connection, dbsession, journal, locks, logs
+from reconciler.config import Settings
+from reconciler.errors import (
+    ReconcilerError,
+    Refused,
+    RevisionFailed,
+    StateError,
+    UnreachableError,
+    WaitTimeout,
+)
+from reconciler.graph import RevisionGraph
+from reconciler.project import Project
+from reconciler.redact import redact
+from reconciler.state import Decision, decide
+
+log = logs.get("reconciler.reconcile")
+
+APPLICABLE = ("behind", "uninitialized_empty")
+CONDITION_ORDER = (
+    "dirty",
+    "checksum_mismatch",
+    "blocked",
+    "suspended",
+    "destructive_pending",
+    "drift",
+)
+
+ProgressFn = Callable[[int, int, str, str], None]
+
+
+@dataclass(frozen=True)
+class Status:
+    target: str
+    url: str
+    decision: Decision
+    conditions: tuple[str, ...] = ()
+    dirty: tuple[str, ...] = ()
+    messages: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sync_state(self) -> str:
+        return self.decision.sync_state
+
+    @property
+    def state(self) -> str:
+        worst = [c for c in CONDITION_ORDER if c in self.conditions]
+        return worst[0] if worst else self.sync_state
+
+    @property
+    def message(self) -> str:
+        for condition in CONDITION_ORDER:
+            if condition in self.conditions and condition in self.messages:
+                return self.messages[condition]
+        return self.decision.message
+
+    def as_dict(self, graph: RevisionGraph | None = None) -> dict[str, Any]:
+        pending = list(self.decision.pending)
+        out: dict[str, Any] = {
+            "target": self.target,
+            "url": self.url,
+            "state": self.state,
+            "sync_state": self.sync_state,
+            "conditions": list(self.conditions),
+            "db_heads": sorted(self.decision.db_heads),
+            "repo_heads": sorted(self.decision.repo_heads),
+            "pending": pending,
+            "unknown": list(self.decision.unknown),
+            "message": self.message,
+        }
+        if self.decision.fork:
+            out["fork"] = list(self.decision.fork)
+            out["branch_point"] = self.decision.branch_point
+        if self.dirty:
+            out["dirty"] = list(self.dirty)
+        return out
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    outcome: str  # noop | applied
+    applied: tuple[tuple[str, float], ...]
+    status: Status
+    lock_wait: float = 0.0
+    duration: float = 0.0
+
+
+class Reconciler:
+    """The control plane for one target."""
+
+    def __init__(self, settings: Settings, on_worker_log: Callable[[str], None] | None = None):
+        self.settings = settings
+        self.project = Project(settings)
+        self.journal = journal.tables(
+            settings.journal.table, settings.target.version_table_schema or None
+        )
+        self._engine: sa.engine.Engine | None = None
+        self._lock_engine: sa.engine.Engine | None = None
+        self._on_worker_log = on_worker_log or _log_worker_line
+
+    # --- connections -------------------------------------------------------------------------
+    @property
+    def target(self) -> str:
+        return self.settings.target.name
+
+    @property
+    def engine(self) -> sa.engine.Engine:
+        if self._engine is None:
+            self._engine = connection.make_engine(
+                self.settings.target.url, self.target, self.settings.apply.connect_timeout
+            )
+        return self._engine
+
+    @property
+    def backend(self) -> str:
+        return connection.backend_of(self.engine)
+
+    @property
+    def redacted_url(self) -> str:
+        return redact(self.engine.url.render_as_string(hide_password=True))
+
+    def close(self) -> None:
+        for engine in (self._engine, self._lock_engine):
+            if engine is not None:
+                engine.dispose()
+        self._engine = self._lock_engine = None
+
+    # --- reading -----------------------------------------------------------------------------
+    def graph(self) -> RevisionGraph:
+        return self.project.graph()
+
+    def status(self) -> Status:
+        """The state of the target; `unknown` (not an exception) when the database is unreachable."""
+        graph = self.graph()
+        try:
+            with connection.connect(self.engine) as conn:
+                return self._status(conn, graph)
+        except UnreachableError as exc:
+            decision = decide(connection.unreachable_snapshot(), graph)
+            return Status(
+                self.target, self.redacted_url, dataclasses.replace(decision, message=str(exc))
+            )
+
+    def _status(self, conn: sa.engine.Connection, graph: RevisionGraph) -> Status:
+        schema = self.settings.target.version_table_schema or None
+        try:
+            snap = connection.snapshot(
+                conn, self.settings.target.version_table, schema, self.journal.names
+            )
+            ancestry = self._ancestry(conn, snap.db_heads, graph)
+        except sa.exc.DBAPIError as exc:
+            if connection.is_disconnect(exc):
+                raise connection.unreachable(self.engine, exc) from None
+            raise
+        decision = decide(snap, graph, ancestry)
+        dirty = self._dirty(conn)
+        conditions = ("dirty",) if dirty else ()
+        messages = {"dirty": _dirty_message(dirty)} if dirty else {}
+        return Status(self.target, self.redacted_url, decision, conditions, dirty, messages)
+
+    def _ancestry(
+        self, conn: sa.engine.Connection, db_heads: frozenset[str], graph: RevisionGraph
+    ) -> dict[str, tuple[str, ...]]:
+        if all(head in graph.revisions for head in db_heads):
+            return {}  # the common case: no journal query needed
+        return journal.ancestry(conn, self.journal)
+
+    def _dirty(self, conn: sa.engine.Connection) -> tuple[str, ...]:
+        if not self._journal_exists(conn):
+            return ()
+        rows = list(journal.dirty_rows(conn, self.journal))
+        if self.backend not in journal.TRANSACTIONAL_DDL:
+            open_rows = journal.open_rows(conn, self.journal)
+            if open_rows and self._lock_holder(conn) is None:
+                rows += open_rows  # interrupted, and nobody is applying it now
+        return tuple(dict.fromkeys(str(r["revision"]) for r in rows))
+
+    def _journal_exists(self, conn: sa.engine.Connection) -> bool:
+        try:
+            return journal.exists(conn, self.journal)
+        except sa.exc.DBAPIError:
+            return False
+
+    # --- locking -----------------------------------------------------------------------------
+    def lock_key(self) -> locks.LockKey:
+        url = self.engine.url
+        database = url.database or ""
+        return locks.lock_key(
+            database,
+            self.settings.target.version_table_schema or None,
+            self.settings.target.version_table,
+            self.settings.target.lock_key,
+        )
+
+    def _sqlite_path(self) -> Any:
+        from pathlib import Path
+
+        database = self.engine.url.database
+        if self.backend == "sqlite" and database and database != ":memory:":
+            return Path(database)
+        return None
+
+    def _lock_conn_engine(self) -> sa.engine.Engine:
+        if not self.settings.target.lock_url:
+            return self.engine
+        if self._lock_engine is None:
+            self._lock_engine = connection.make_engine(
+                self.settings.target.lock_url,
+                self.target,
+                self.settings.apply.connect_timeout,
+                role="lock",
+            )
+        return self._lock_engine
+
+    def _lock_holder(self, conn: sa.engine.Connection) -> dict[str, object] | None:
+        lock = locks.AdvisoryLock(conn, self.lock_key(), self._sqlite_path())
+        try:
+            return lock.holder()
+        except sa.exc.DBAPIError:
+            return None
+
+    @contextmanager
+    def locked(self, conn: sa.engine.Connection, timeout: float) -> Iterator[float]:
+        """Hold the target's advisory lock (polling, never blocking); yields seconds waited."""
+        engine = self._lock_conn_engine()
+        lock_conn_cm = connection.connect(engine) if engine is not self.engine else None
+        lock_conn = lock_conn_cm.__enter__() if lock_conn_cm else conn
+        lock = locks.AdvisoryLock(lock_conn, self.lock_key(), self._sqlite_path())
+        unsafe = self.settings.unsafe
+        if unsafe:
+            log.warning("safeguards_disabled", target=self.target, disabled=sorted(unsafe))
+        try:
+            started = time.monotonic()
+            if "lock" not in unsafe:
+                lock.acquire(timeout, on_wait=self._log_waiting)
+            if self.backend == "postgresql" and "orphan_wait" not in unsafe:
+                locks.wait_for_orphans(
+                    conn,
+                    dbsession.apply_prefix(self.target),
+                    self.settings.apply.orphan_wait_timeout,
+                )
+            yield time.monotonic() - started
+        finally:
+            lock.release()
+            if lock_conn_cm:
+                lock_conn_cm.__exit__(None, None, None)
+
+    def _log_waiting(self, holder: dict[str, Any]) -> None:
+        log.info("lock_waiting", target=self.target, holder=holder)
+
+    # --- applying ----------------------------------------------------------------------------
+    def apply(self, trigger: str = "apply", progress: ProgressFn | None = None) -> ApplyResult:
+        """Bring the database to the repository's heads, or raise saying why not."""
+        started = time.monotonic()
+        graph = self.graph()
+        with connection.connect(self.engine) as conn:
+            status = self._status(conn, graph)
+            refuse_unless_applicable(status)
+            if status.sync_state == "in_sync":
+                return self._finish("noop", (), status, 0.0, started)
+            with self.locked(conn, self.settings.apply.lock_acquire_timeout) as waited:
+                journal.ensure(conn, self.journal)
+                status = self._settled_status(conn, graph)
+                refuse_unless_applicable(status)
+                if status.sync_state == "in_sync":  # another replica did the work meanwhile
+                    return self._finish("noop", (), status, waited, started)
+                applied = self._run_pending(conn, graph, status.decision.pending, trigger, progress)
+                final = self._status(conn, graph)
+        verify(final)
+        return self._finish("applied", applied, final, waited, started)
+
+    def _settled_status(self, conn: sa.engine.Connection, graph: RevisionGraph) -> Status:
+        status = self._status(conn, graph)
+        applied = graph.closure(h for h in status.decision.db_heads if h in graph.revisions)
+        dirty = journal.settle_interrupted(conn, self.journal, applied, self.backend)
+        if dirty:
+            return self._status(conn, graph)
+        return status
+
+    def _run_pending(
+        self,
+        conn: sa.engine.Connection,
+        graph: RevisionGraph,
+        pending: tuple[str, ...],
+        trigger: str,
+        progress: ProgressFn | None,
+    ) -> tuple[tuple[str, float], ...]:
+        done: list[tuple[str, float]] = []
+        with self.start_worker(conn) as worker:
+            for index, rev in enumerate(pending, start=1):
+                revision = graph.revisions[rev]
+                if progress:
+                    progress(index, len(pending), rev, revision.message)
+                seconds = self._apply_one(conn, worker, rev, graph, trigger)
+                done.append((rev, seconds))
+        return tuple(done)
+
+    @contextmanager
+    def start_worker(self, conn: sa.engine.Connection) -> Iterator[Any]:
+        from reconciler.workerclient import Worker, WorkerJob
+
+        job = WorkerJob.from_settings(self.settings)
+        job = dataclasses.replace(
+            job,
+            expected_identity=dbsession.identity_from_dbapi(conn.connection, self.backend),
+            exclude_tables=list(self.journal.names),
+        )
+        worker = Worker.start(
+            job,
+            python=self.settings.target.python or None,
+            on_log=self._on_worker_log,
+            timeout=self.settings.target.worker_timeout,
+        )
+        try:
+            yield worker
+        finally:
+            worker.close()
+
+    def _apply_one(
+        self, conn: sa.engine.Connection, worker: Any, rev: str, graph: RevisionGraph, trigger: str
+    ) -> float:
+        revision = graph.revisions[rev]
+        row = journal.record_started(
+            conn,
+            self.journal,
+            target=self.target,
+            operation="upgrade",
+            revision=rev,
+            down_revisions=revision.down_revisions,
+            file_hash=revision.file_hash,
+            trigger=trigger,
+        )
+        try:
+            seconds = float(worker.upgrade(rev))
+        except RevisionFailed as exc:
+            # Where DDL commits as it goes (MySQL / MariaDB), a failed revision may be half-applied:
+            # it is `dirty` and is not retried until an operator resolves it.
+            transactional = self.backend in journal.TRANSACTIONAL_DDL
+            journal.record_finished(
+                conn,
+                self.journal,
+                row,
+                outcome="failed" if transactional else "dirty",
+                error_class=exc.error_class,
+                error=str(exc),
+                sqlstate=exc.sqlstate,
+            )
+            log.error(
+                "revision_failed",
+                target=self.target,
+                revision=rev,
+                error_class=exc.error_class,
+                sqlstate=exc.sqlstate,
+                error=str(exc),
+            )
+            raise
+        journal.record_finished(
+            conn, self.journal, row, outcome="applied", duration_ms=int(seconds * 1000)
+        )
+        log.info(
+            "revision_applied",
+            target=self.target,
+            revision=rev,
+            message=revision.message,
+            duration_ms=int(seconds * 1000),
+        )
+        return seconds
+
+    def _finish(
+        self,
+        outcome: str,
+        applied: tuple[tuple[str, float], ...],
+        status: Status,
+        waited: float,
+        started: float,
+    ) -> ApplyResult:
+        duration = time.monotonic() - started
+        event = log.info if outcome == "applied" else log.debug
+        event(
+            "reconcile_finished",
+            target=self.target,
+            outcome=outcome,
+            state=status.state,
+            applied=[rev for rev, _ in applied],
+            lock_wait_ms=int(waited * 1000),
+            duration_ms=int(duration * 1000),
+        )
+        return ApplyResult(outcome, applied, status, waited, duration)
+
+    # --- waiting -----------------------------------------------------------------------------
+    def wait(self, timeout: float, exact: bool = False, poll: float = 1.0) -> Status:
+        """Block until the database is at (or, unless exact, ahead of) the repo heads."""
+        deadline = time.monotonic() + timeout
+        wanted = ("in_sync",) if exact else ("in_sync", "ahead")
+        last = ""
+        while True:
+            status = self.status()
+            if status.sync_state in wanted and not status.conditions:
+                return status
+            if status.state != last:
+                log.info("waiting", target=self.target, state=status.state, reason=status.message)
+                last = status.state
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(
+                    f"gave up after {timeout:g} s: the database of target {self.target} is "
+                    f"{status.state} ({status.message}); run `reconciler apply` or raise --timeout"
+                )
+            time.sleep(min(poll, remaining))
+
+
+def refuse_unless_applicable(status: Status) -> None:
+    """Raise the error that says why nothing can be applied; return when applying may go on."""
+    if "dirty" in status.conditions:
+        raise Refused(status.message)
+    state = status.sync_state
+    if state == "unknown":
+        raise UnreachableError(status.message)
+    if state in ("in_sync", *APPLICABLE):
+        return
+    raise StateError(status.message)
+
+
+def verify(status: Status) -> None:
+    if status.sync_state != "in_sync":
+        raise RevisionFailed(
+            f"after applying, the database heads are {sorted(status.decision.db_heads)} but the "
+            f"repository's heads are {sorted(status.decision.repo_heads)}; check env.py's "
+            "version_table and run `reconciler status`"
+        )
+
+
+def _dirty_message(revisions: tuple[str, ...]) -> str:
+    names = ", ".join(revisions)
+    return (
+        f"revision {names} started and did not complete; this database commits DDL as it goes, so "
+        "it may be half-applied. Inspect the schema, finish or undo the revision by hand, then run "
+        f"`reconciler resolve {revisions[0]} --applied` or `--rolled-back`"
+    )
+
+
+_ALEMBIC_LINE = re.compile(
+    r"^(?P<level>DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\s+\[(?P<logger>[^\]]+)\]\s?(?P<msg>.*)$"
+)
+_LEVEL_NAMES = {"WARN": "warning", "CRITICAL": "error"}
+_QUIET = ("Context impl", "Will assume")
+
+
+def _log_worker_line(line: str) -> None:
+    """Forward one line of the worker's stderr (Alembic's log format when it matches)."""
+    match = _ALEMBIC_LINE.match(line)
+    if not match:
+        log.info("worker_output", line=line)
+        return
+    level = _LEVEL_NAMES.get(match["level"], match["level"].lower())
+    message = match["msg"]
+    if level == "info" and message.startswith(_QUIET):
+        level = "debug"
+    getattr(log, level)("alembic", logger=match["logger"], message=message)
+
+
+__all__ = [
+    "ApplyResult",
+    "Reconciler",
+    "ReconcilerError",
+    "Status",
+    "refuse_unless_applicable",
+    "verify",
+]
