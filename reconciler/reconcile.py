@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -32,6 +32,9 @@ from reconciler.graph import RevisionGraph
 from reconciler.project import Project
 from reconciler.redact import redact
 from reconciler.state import Decision, decide
+
+if TYPE_CHECKING:
+    from reconciler.workerclient import Worker
 
 log = logs.get("reconciler.reconcile")
 
@@ -315,7 +318,7 @@ class Reconciler:
         return tuple(done)
 
     @contextmanager
-    def start_worker(self, conn: sa.engine.Connection) -> Iterator[Any]:
+    def start_worker(self, conn: sa.engine.Connection) -> Iterator[Worker]:
         from reconciler.workerclient import Worker, WorkerJob
 
         job = WorkerJob.from_settings(self.settings)
@@ -336,7 +339,7 @@ class Reconciler:
             worker.close()
 
     def _apply_one(
-        self, conn: sa.engine.Connection, worker: Any, rev: str, graph: RevisionGraph, trigger: str
+        self, conn: sa.engine.Connection, worker: Worker, rev: str, graph: RevisionGraph, trigger: str
     ) -> float:
         revision = graph.revisions[rev]
         row = journal.record_started(
@@ -350,40 +353,54 @@ class Reconciler:
             trigger=trigger,
         )
         try:
-            seconds = float(worker.upgrade(rev))
+            step = worker.upgrade(rev)
         except RevisionFailed as exc:
-            # Where DDL commits as it goes (MySQL / MariaDB), a failed revision may be half-applied:
-            # it is `dirty` and is not retried until an operator resolves it.
-            transactional = self.backend in journal.TRANSACTIONAL_DDL
-            journal.record_finished(
-                conn,
-                self.journal,
-                row,
-                outcome="failed" if transactional else "dirty",
-                error_class=exc.error_class,
-                error=str(exc),
-                sqlstate=exc.sqlstate,
-            )
-            log.error(
-                "revision_failed",
+            self._record_failure(conn, row, rev, exc)
+            raise
+        ms = int(step.seconds * 1000)
+        if rev not in step.revisions:
+            # Alembic found nothing to run: something without our lock applied it meanwhile.
+            journal.record_finished(conn, self.journal, row, outcome="skipped", duration_ms=ms)
+            log.warning(
+                "revision_already_applied",
                 target=self.target,
                 revision=rev,
-                error_class=exc.error_class,
-                sqlstate=exc.sqlstate,
-                error=str(exc),
+                hint="another process applies migrations without the advisory lock",
             )
-            raise
-        journal.record_finished(
-            conn, self.journal, row, outcome="applied", duration_ms=int(seconds * 1000)
-        )
+            return step.seconds
+        journal.record_finished(conn, self.journal, row, outcome="applied", duration_ms=ms)
         log.info(
             "revision_applied",
             target=self.target,
             revision=rev,
             message=revision.message,
-            duration_ms=int(seconds * 1000),
+            duration_ms=ms,
         )
-        return seconds
+        return step.seconds
+
+    def _record_failure(
+        self, conn: sa.engine.Connection, row: int, rev: str, exc: RevisionFailed
+    ) -> None:
+        # Where DDL commits as it goes (MySQL / MariaDB), a failed revision may be half-applied:
+        # it is `dirty` and is not retried until an operator resolves it.
+        transactional = self.backend in journal.TRANSACTIONAL_DDL
+        journal.record_finished(
+            conn,
+            self.journal,
+            row,
+            outcome="failed" if transactional else "dirty",
+            error_class=exc.error_class,
+            error=str(exc),
+            sqlstate=exc.sqlstate,
+        )
+        log.error(
+            "revision_failed",
+            target=self.target,
+            revision=rev,
+            error_class=exc.error_class,
+            sqlstate=exc.sqlstate,
+            error=str(exc),
+        )
 
     def _finish(
         self,

@@ -92,13 +92,18 @@ class Project:
             rev = f"{prefix}{n:04d}"
             self.revision(
                 rev, down,
-                upgrade=f'op.create_table("t_{prefix}{n}", sa.Column("id", sa.Integer, primary_key=True))',
+                upgrade=create_table(f"t_{prefix}{n}"),
                 downgrade=f'op.drop_table("t_{prefix}{n}")',
                 message=f"create t_{prefix}{n}",
             )
             revs.append(rev)
             down = rev
         return revs
+
+
+def create_table(name: str) -> str:
+    """A revision body that creates table `name`."""
+    return f'op.create_table("{name}", sa.Column("id", sa.Integer, primary_key=True))'
 
 
 def revision_source(
@@ -193,7 +198,10 @@ def alembic_project(root: Path, url: str, models: str = PLAIN_MODELS) -> Project
     """A project as `alembic init migrations` lays it out, target_metadata set to the models."""
     _package(root, models)
     migrations = root / "migrations"
-    _alembic_init(root / "alembic.ini", migrations, _template_dir("alembic"), "generic")
+    ini = root / "alembic.ini"
+    _alembic_init(ini, migrations, _template_dir("alembic"), "generic")
+    placeholder = "driver://user:pass@localhost/dbname"
+    ini.write_text(ini.read_text().replace(placeholder, url.replace("%", "%%")))
     env = (migrations / "env.py").read_text()
     env = env.replace(
         "target_metadata = None", "from myapp.models import Base\ntarget_metadata = Base.metadata"

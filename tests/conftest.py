@@ -7,7 +7,11 @@ import pytest
 
 from tests import dbs
 
-ALL_DIALECTS = ["sqlite", "postgresql", "mysql"]
+ALL_DIALECTS = [
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.postgres),
+    pytest.param("mysql", marks=pytest.mark.mysql),
+]
 
 
 @pytest.fixture(params=ALL_DIALECTS)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.builders import Project, db_heads, flask_project, table_names
+from tests.builders import Project, create_table, db_heads, flask_project, table_names
 from tests.cli import run_cli
 
 pytestmark = pytest.mark.core
@@ -58,7 +58,7 @@ def test_lifecycle_of_states(tmp_path: Path, db_url: str) -> None:
 
     # Meanwhile someone else wrote another revision on r0002 → diverged.
     project.chain(1, prefix="x", start_down="r0002")
-    code, data = status(project)
+    _, data = status(project)
     assert data["state"] == "diverged"
     assert apply(project).returncode == 4
     assert db_heads(db_url) == {"s0000"}
@@ -68,9 +68,9 @@ def test_lifecycle_of_states(tmp_path: Path, db_url: str) -> None:
 def test_multiple_heads_exit_4_naming_heads_and_branch_point(tmp_path: Path, db_url: str) -> None:
     project = flask_project(tmp_path / "p", db_url)
     project.chain(2)
-    project.revision("a1", "r0001", upgrade='op.create_table("ta", sa.Column("id", sa.Integer, primary_key=True))')
-    project.revision("b1", "r0001", upgrade='op.create_table("tb", sa.Column("id", sa.Integer, primary_key=True))')
-    code, data = status(project)
+    project.revision("a1", "r0001", upgrade=create_table("ta"))
+    project.revision("b1", "r0001", upgrade=create_table("tb"))
+    _, data = status(project)
     assert data["state"] == "multiple_heads"
     assert sorted(data["fork"]) == ["a1", "b1"] and data["branch_point"] == "r0001"
     result = apply(project)
@@ -83,24 +83,24 @@ def test_multiple_heads_exit_4_naming_heads_and_branch_point(tmp_path: Path, db_
 def test_apply_through_a_merge_revision(tmp_path: Path, db_url: str) -> None:
     project = flask_project(tmp_path / "p", db_url)
     project.chain(1)
-    project.revision("a1", "r0000", upgrade='op.create_table("ta", sa.Column("id", sa.Integer, primary_key=True))')
-    project.revision("b1", "r0000", upgrade='op.create_table("tb", sa.Column("id", sa.Integer, primary_key=True))')
+    project.revision("a1", "r0000", upgrade=create_table("ta"))
+    project.revision("b1", "r0000", upgrade=create_table("tb"))
     project.revision("m1", ["a1", "b1"], message="merge heads")
-    project.revision("c1", "m1", upgrade='op.create_table("tc", sa.Column("id", sa.Integer, primary_key=True))')
+    project.revision("c1", "m1", upgrade=create_table("tc"))
     result = apply(project)
     assert result.returncode == 0, result.stderr
     assert db_heads(db_url) == {"c1"}
     assert {"ta", "tb", "tc", "t_r0"} <= table_names(db_url)
-    code, data = status(project)
+    _, data = status(project)
     assert data["state"] == "in_sync"
 
 
 def test_independent_labelled_branches_are_legitimate_heads(tmp_path: Path, db_url: str) -> None:
     project = flask_project(tmp_path / "p", db_url)
     project.revision("a1", None, branch_labels="shop",
-                     upgrade='op.create_table("ta", sa.Column("id", sa.Integer, primary_key=True))')
+                     upgrade=create_table("ta"))
     project.revision("b1", None, branch_labels="auth",
-                     upgrade='op.create_table("tb", sa.Column("id", sa.Integer, primary_key=True))')
+                     upgrade=create_table("tb"))
     result = apply(project)
     assert result.returncode == 0, result.stderr
     assert db_heads(db_url) == {"a1", "b1"}
@@ -114,7 +114,7 @@ def test_tables_without_version_table_need_adoption(tmp_path: Path, db_url: str)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE legacy (id INTEGER PRIMARY KEY)"))
     engine.dispose()
-    code, data = status(project)
+    _, data = status(project)
     assert data["state"] == "uninitialized_with_tables"
     result = apply(project)
     assert result.returncode == 4

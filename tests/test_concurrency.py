@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests import dbs
-from tests.builders import Project, db_heads, flask_project, journal_rows, table_names
+from tests.builders import Project, create_table, db_heads, flask_project, journal_rows, table_names
 from tests.cli import run_cli, start_cli
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def witnessed_chain(project: Project, count: int, dialect: str, where: str = "")
         project.revision(
             rev,
             down,
-            upgrade=f'{enter}\nop.create_table("t_{rev}", sa.Column("id", sa.Integer, primary_key=True))',
+            upgrade=f"{enter}\n{create_table(f't_{rev}')}",
             message=f"create t_{rev}",
         )
         revs.append(rev)
@@ -91,7 +91,7 @@ def run_many(project: Project, count: int, env: dict[str, str] | None = None) ->
     ]
     codes = []
     for proc in procs:
-        _, err = proc.communicate(timeout=300)
+        proc.communicate(timeout=300)
         codes.append(proc.returncode)
     return codes
 
@@ -148,17 +148,17 @@ SLEEP = 4
 
 def sleeper_project(tmp_path: Path, url: str) -> Project:
     project = flask_project(tmp_path / "p", url)
-    project.revision("k0", None, upgrade='op.create_table("t_k0", sa.Column("id", sa.Integer, primary_key=True))')
+    project.revision("k0", None, upgrade=create_table("t_k0"))
     project.revision(
         "k1",
         "k0",
         upgrade=(
             "op.execute(\"SELECT nextval('entered_k1')\")\n"
             f"op.execute(\"SELECT pg_sleep({SLEEP}) /* sleeper */\")\n"
-            'op.create_table("t_k1", sa.Column("id", sa.Integer, primary_key=True))'
+            + create_table("t_k1")
         ),
     )
-    project.revision("k2", "k1", upgrade='op.create_table("t_k2", sa.Column("id", sa.Integer, primary_key=True))')
+    project.revision("k2", "k1", upgrade=create_table("t_k2"))
     eng = engine(url)
     with eng.connect() as conn:
         conn.execute(sa.text("CREATE SEQUENCE entered_k1"))
@@ -233,7 +233,7 @@ def test_sigkill_leaves_previous_revision_then_next_apply_reaches_head(
 
 def kill_then_race(tmp_path: Path, url: str, env: dict[str, str] | None) -> tuple[Sampler, float]:
     project = sleeper_project(tmp_path, url)
-    orphan, eng = start_and_kill_in_sleep(project, url)
+    _orphan, eng = start_and_kill_in_sleep(project, url)
     sampler = Sampler(eng)
     sampler.start()
     killed_at = time.monotonic()

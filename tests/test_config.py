@@ -100,7 +100,7 @@ def test_unimportable_models_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r":3: cannot find module 'nosuchpkg.models'"):
         load_settings(str(path), environ={})
     path.write_text('[target]\nurl = "sqlite:///a.db"\nmodels = "app.models"\n')
-    with pytest.raises(ConfigError, match="package.module:attribute"):
+    with pytest.raises(ConfigError, match=r"package\.module:attribute"):
         load_settings(str(path), environ={})
 
 

@@ -1,0 +1,391 @@
+"""Commands a person runs: plan, history, check, baseline, stamp, downgrade, init, resolve.
+
+Each one reuses the control plane of `reconcile.py` (connection, lock, journal, worker); none of
+them ever changes the database without the target's advisory lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from reconciler import connection, differences, journal, logs
+from reconciler.config import Settings
+from reconciler.errors import (
+    ConfigError,
+    DifferencesFound,
+    Refused,
+    RevisionFailed,
+    StateError,
+    UnreachableError,
+)
+from reconciler.graph import RevisionGraph
+from reconciler.reconcile import Reconciler, Status, refuse_unless_applicable
+from reconciler.redact import redact
+
+log = logs.get("reconciler.admin")
+
+
+# --- plan and history --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanStep:
+    revision: str
+    message: str
+    path: str
+
+
+def plan(rec: Reconciler) -> tuple[Status, list[PlanStep]]:
+    status = rec.status()
+    graph = rec.graph()
+    steps = [
+        PlanStep(rev, graph.revisions[rev].message, str(graph.revisions[rev].path))
+        for rev in status.decision.pending
+    ]
+    return status, steps
+
+
+def plan_sql(rec: Reconciler, status: Status) -> str:
+    """Offline SQL of the pending revisions (Alembic's `upgrade --sql start:heads`)."""
+    if not status.decision.pending:
+        return ""
+    heads = sorted(status.decision.db_heads)
+    if len(heads) > 1:
+        raise ConfigError(
+            f"the database has several heads ({', '.join(heads)}); Alembic cannot render offline "
+            "SQL from more than one starting revision: use `reconciler plan` without --sql"
+        )
+    with _worker(rec) as worker:
+        return str(worker.sql(heads[0] if heads else None, "heads"))
+
+
+def history(rec: Reconciler) -> tuple[list[str], bool]:
+    """Lines of the revision graph, newest first, applied ones marked; and whether the db was read."""
+    graph = rec.graph()
+    status = rec.status()
+    reachable = status.sync_state != "unknown"
+    applied = _applied(graph, status)
+    heads = set(graph.heads)
+    lines = []
+    for rev in graph.newest_first():
+        revision = graph.revisions[rev]
+        downs = ", ".join(revision.down_revisions) or "<base>"
+        tags = []
+        if rev in heads:
+            tags.append("head")
+        if rev in status.decision.db_heads:
+            tags.append("current")
+        if revision.branch_labels:
+            tags.append("branch: " + ", ".join(revision.branch_labels))
+        mark = "[applied]" if rev in applied else "[pending]" if reachable else ""
+        tag = f" ({'; '.join(tags)})" if tags else ""
+        lines.append(f"{downs} -> {rev}{tag}, {revision.message} {mark}".rstrip())
+    return lines, reachable
+
+
+def _applied(graph: RevisionGraph, status: Status) -> frozenset[str]:
+    known = [h for h in status.decision.db_heads if h in graph.revisions]
+    return graph.closure(known)
+
+
+# --- worker helpers ------------------------------------------------------------------------------
+@contextmanager
+def _worker(rec: Reconciler) -> Iterator[Any]:
+    with connection.connect(rec.engine) as conn, rec.start_worker(conn) as worker:
+        yield worker
+
+
+def compare(rec: Reconciler) -> list[dict[str, str]]:
+    """Differences between the target database and the models, minus the known ones."""
+    known = differences.load(differences.path_for(rec.settings))
+    with _worker(rec) as worker:
+        found = list(worker.compare())
+    return [dict(d) for d in differences.unknown(found, known)]
+
+
+@contextmanager
+def scratch_settings(settings: Settings) -> Iterator[Settings]:
+    """A temporary empty database on the target's server, dropped afterwards."""
+    url = sa.engine.make_url(settings.target.url)
+    backend = url.get_backend_name()
+    name = f"reconciler_check_{uuid.uuid4().hex[:10]}"
+    if backend == "sqlite":
+        folder = Path(url.database or ".").parent if url.database else Path.cwd()
+        path = folder / f".{name}.db"
+        scratch_url = url.set(database=str(path)).render_as_string(hide_password=False)
+        try:
+            yield _with_url(settings, scratch_url)
+        finally:
+            for leftover in folder.glob(f".{name}.db*"):
+                leftover.unlink(missing_ok=True)
+        return
+    admin = connection.make_engine(settings.target.url, settings.target.name, 10.0)
+    quoted = admin.dialect.identifier_preparer.quote(name)
+    with connection.connect(admin) as conn:
+        try:
+            conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
+        except sa.exc.DBAPIError as exc:
+            admin.dispose()
+            reason = redact(str(exc.orig)).strip().splitlines()
+            raise ConfigError(
+                f"cannot create the scratch database {name}: {reason[0] if reason else exc}; "
+                "let the user create databases, or run `check` without --scratch against a "
+                "throwaway database"
+            ) from None
+    scratch_url = url.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield _with_url(settings, scratch_url)
+    finally:
+        with connection.connect(admin) as conn:
+            if backend == "postgresql":
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :n AND pid <> pg_backend_pid()"
+                    ),
+                    {"n": name},
+                )
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted}"))
+        admin.dispose()
+
+
+def _with_url(settings: Settings, url: str) -> Settings:
+    target = dataclasses.replace(settings.target, url=url, lock_url="")
+    return dataclasses.replace(settings, target=target)
+
+
+def check(settings: Settings, scratch: bool) -> list[dict[str, str]]:
+    """Upgrade the (scratch) database to the heads, compare with the models; raise on differences."""
+    found = _compare_at_heads(settings, scratch)
+    if found:
+        raise DifferencesFound(
+            f"the models and the migrations differ ({len(found)}):\n{_listing(found)}\n"
+            "generate a revision for them (`flask db migrate` or dev mode), or accept them with "
+            "`reconciler baseline`"
+        )
+    return found
+
+
+def _compare_at_heads(settings: Settings, scratch: bool, use_known: bool = True) -> list[Any]:
+    @contextmanager
+    def chosen() -> Iterator[Settings]:
+        if scratch:
+            with scratch_settings(settings) as s:
+                yield s
+        else:
+            yield settings
+
+    with chosen() as s:
+        rec = Reconciler(s)
+        try:
+            rec.apply(trigger="check")
+            if use_known:
+                return compare(rec)
+            with _worker(rec) as worker:
+                return list(worker.compare())
+        finally:
+            rec.close()
+
+
+def baseline(settings: Settings, scratch: bool) -> tuple[Path, int]:
+    """Write every difference autogenerate reports at the heads into the known-differences file."""
+    found = _compare_at_heads(settings, scratch, use_known=False)
+    path = differences.path_for(settings)
+    return path, differences.save(path, found)
+
+
+# --- stamp, downgrade, resolve -----------------------------------------------------------------
+def stamp(rec: Reconciler, revision: str, force: bool) -> tuple[str, ...]:
+    """Adopt a database that has tables but no version table, after comparing it with the models.
+
+    Nothing is replayed: the version table is set to `revision`. Without `force` the database must
+    have no version table and must not differ from the models (minus the known differences).
+    """
+    targets = _stamp_targets(rec.graph(), revision)
+    with connection.connect(rec.engine) as conn, rec.locked(
+        conn, rec.settings.apply.lock_acquire_timeout
+    ), rec.start_worker(conn) as worker:
+        if not force:
+            _refuse_unless_adoptable(rec.status())
+            known = differences.load(differences.path_for(rec.settings))
+            found = differences.unknown(worker.compare(), known)
+            if found:
+                raise Refused(
+                    f"the database differs from the models, so stamping {', '.join(targets)} "
+                    f"would record a schema it does not have:\n{_listing(found)}\n"
+                    "align them first, or pass --force"
+                )
+        journal.ensure(conn, rec.journal)
+        rows = [
+            journal.record_started(
+                conn, rec.journal, target=rec.target, operation="stamp", revision=rev
+            )
+            for rev in targets
+        ]
+        worker.stamp(list(targets), purge=force)
+        for row in rows:
+            journal.record_finished(conn, rec.journal, row, outcome="stamped")
+    log.info("stamped", target=rec.target, revisions=list(targets), forced=force)
+    return targets
+
+
+def _stamp_targets(graph: RevisionGraph, revision: str) -> tuple[str, ...]:
+    if revision in ("head", "heads"):
+        if not graph.heads:
+            raise ConfigError("the repository has no revisions; there is nothing to stamp")
+        if revision == "head" and len(graph.heads) > 1:
+            raise ConfigError(
+                f"the repository has several heads ({', '.join(graph.heads)}); name one, "
+                "or say `heads`"
+            )
+        return tuple(graph.heads)
+    return (graph.resolve(revision),)
+
+
+def _refuse_unless_adoptable(status: Status) -> None:
+    if status.sync_state == "unknown":
+        raise UnreachableError(status.message)
+    if status.sync_state == "uninitialized_empty":
+        raise StateError(
+            "the database has no tables: there is nothing to adopt; `reconciler apply` creates "
+            "the schema from the revisions"
+        )
+    if status.sync_state != "uninitialized_with_tables":
+        raise StateError(
+            f"the database is {status.sync_state} (version table rows: "
+            f"{', '.join(sorted(status.decision.db_heads)) or 'none'}); stamp only adopts a "
+            "database without a version table (pass --force to overwrite the version table)"
+        )
+
+
+def _listing(found: list[Any]) -> str:
+    return "\n".join(f"  - {d['text']}" for d in found)
+
+
+def downgrade_plan(rec: Reconciler, revision: str) -> tuple[str, list[str]]:
+    """What `downgrade REVISION` would undo, newest first (`base` undoes everything)."""
+    graph = rec.graph()
+    status = rec.status()
+    refuse_unless_applicable(status)  # dirty, unreachable, ahead, diverged, unmerged, unadopted
+    target = "base" if revision == "base" else graph.resolve(revision)
+    applied = _applied(graph, status)
+    if target != "base" and target not in applied:
+        raise StateError(
+            f"revision {target} is not applied (db heads: "
+            f"{', '.join(sorted(status.decision.db_heads)) or 'none'}); nothing to downgrade to"
+        )
+    keep = frozenset() if target == "base" else graph.ancestors(target)
+    return target, [r for r in reversed(graph.topological(applied)) if r not in keep]
+
+
+Confirm = Callable[[str, list[str]], bool]
+
+
+def downgrade(rec: Reconciler, revision: str, confirm: Confirm) -> tuple[str, list[str]]:
+    """Undo revisions down to `revision`, one per step, journaled, all under the target's lock.
+
+    The plan is made under the lock and `confirm(target, undo)` (which shows it and asks the
+    person) is called under the lock too, so what is confirmed is what gets undone.
+    """
+    with connection.connect(rec.engine) as conn, rec.locked(
+        conn, rec.settings.apply.lock_acquire_timeout
+    ):
+        target, undo = downgrade_plan(rec, revision)
+        if not undo:
+            return target, undo
+        if not confirm(target, undo):
+            raise Refused("downgrade not confirmed; nothing was changed")
+        journal.ensure(conn, rec.journal)
+        with rec.start_worker(conn) as worker:
+            for rev in undo:
+                _downgrade_one(rec, conn, worker, rev)
+    return target, undo
+
+
+def _downgrade_one(rec: Reconciler, conn: sa.engine.Connection, worker: Any, rev: str) -> None:
+    row = journal.record_started(
+        conn, rec.journal, target=rec.target, operation="downgrade", revision=rev,
+        trigger="downgrade",
+    )
+    try:
+        # `rev@-1`: one step down on rev's own branch. Its plain parent as the destination
+        # would also undo every other head that descends from that parent.
+        seconds = worker.downgrade(f"{rev}@-1")
+    except RevisionFailed as exc:
+        transactional = rec.backend in journal.TRANSACTIONAL_DDL
+        journal.record_finished(
+            conn, rec.journal, row, outcome="failed" if transactional else "dirty",
+            error_class=exc.error_class, error=str(exc), sqlstate=exc.sqlstate,
+        )
+        raise
+    journal.record_finished(
+        conn, rec.journal, row, outcome="downgraded", duration_ms=int(seconds * 1000)
+    )
+    log.info("revision_downgraded", target=rec.target, revision=rev)
+
+
+def resolve(rec: Reconciler, revision: str, outcome: str) -> str:
+    """An operator says what became of a dirty revision: `applied` or `rolled_back`.
+
+    `applied` also sets the version table to the revision (it failed before Alembic could), so
+    the next reconcile goes on after it; `rolled_back` lets the next reconcile apply it again.
+    """
+    if outcome not in ("applied", "rolled_back"):
+        raise ConfigError(f"outcome must be applied or rolled_back, got {outcome!r}")
+    graph = rec.graph()
+    rev = _dirty_revision_id(graph, revision, outcome)
+    with connection.connect(rec.engine) as conn, rec.locked(
+        conn, rec.settings.apply.lock_acquire_timeout
+    ):
+        journal.ensure(conn, rec.journal)
+        status = rec.status()
+        settled = journal.settle_interrupted(
+            conn, rec.journal, _applied(graph, status), rec.backend
+        )
+        dirty = list(dict.fromkeys(str(r["revision"]) for r in settled))
+        if rev not in dirty:
+            raise StateError(
+                f"revision {rev} is not dirty in the journal (dirty: {', '.join(dirty) or 'none'}); "
+                "nothing to resolve"
+            )
+        if outcome == "applied" and rev not in _applied(graph, status):
+            with rec.start_worker(conn) as worker:
+                worker.stamp(rev)
+        journal.resolve_dirty(conn, rec.journal, rev, outcome)
+    log.info("dirty_resolved", target=rec.target, revision=rev, outcome=outcome)
+    return rev
+
+
+def _dirty_revision_id(graph: RevisionGraph, revision: str, outcome: str) -> str:
+    """The full id; a revision rolled back by hand may have left the repository, so keep it."""
+    try:
+        return graph.resolve(revision)
+    except ConfigError:
+        if outcome == "applied":
+            raise
+        return revision
+
+
+# --- init ----------------------------------------------------------------------------------
+def init(settings: Settings) -> Path:
+    """Create a migrations directory in the layout `flask db init` makes."""
+    directory = settings.migrations_dir
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ConfigError(
+            f"migrations directory {directory} already exists and is not empty; "
+            "choose another --migrations or use the existing one"
+        )
+    from reconciler.workerclient import Worker, WorkerJob
+
+    # The layout needs no database; an in-memory one satisfies the worker's job.
+    job = WorkerJob.from_settings(settings, url=settings.target.url or "sqlite://")
+    with Worker.start(job, python=settings.target.python or None) as worker:
+        worker.init_dir(None)
+    log.info("initialized", migrations=redact(str(directory)))
+    return directory

@@ -1,0 +1,323 @@
+"""Load a project's models metadata and, when its env.py needs one, a Flask app — worker side only.
+
+Runs inside the worker, in the project's interpreter: imports the standard library and SQLAlchemy,
+and Flask / Flask-SQLAlchemy / Flask-Migrate only when the project needs them. Importing the
+models never touches the database (invariant 16): without an explicit `app` setting the user's app
+factory is never called; a minimal app built here stands in for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from reconciler.errors import ConfigError
+from reconciler.redact import redact
+
+_OWN_PACKAGE = Path(__file__).resolve().parent
+_MAX_MESSAGE = 1500
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    """What the job says about the project's code."""
+
+    root: Path
+    url: str
+    migrations_dir: Path
+    models: str = ""
+    app: str = ""
+    migrate: str = ""
+    imports: tuple[str, ...] = ()
+
+
+@dataclass
+class Project:
+    """The loaded side of a project: metadata, and the Flask objects when env.py uses Flask."""
+
+    metadata: Any = None
+    models_obj: Any = None
+    models_module: ModuleType | None = None
+    db: Any = None
+    app: Any = None
+    migrate: Any = None
+    contexts: list[Any] = field(default_factory=list)
+
+    @property
+    def is_flask_db(self) -> bool:
+        return self.models_obj is not None and is_flask_db(self.models_obj)
+
+
+def put_first_on_sys_path(paths: Iterable[str | Path]) -> None:
+    """Put `paths` first on sys.path, in the given order."""
+    for path in reversed([str(p) for p in paths]):
+        while path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+
+
+def uses_flask(env_py: Path) -> bool:
+    """True when env.py is Flask-Migrate style (it reads `current_app`)."""
+    try:
+        return "current_app" in env_py.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def is_flask_db(obj: Any) -> bool:
+    """A Flask-SQLAlchemy `db` object (2.x or 3.x)."""
+    if type(obj).__module__.split(".")[0] == "flask_sqlalchemy":
+        return True
+    return hasattr(obj, "Model") and hasattr(obj, "init_app") and hasattr(obj, "metadata")
+
+
+def _short(text: str) -> str:
+    text = redact(text)
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
+
+
+def _user_frame(exc: BaseException, root: Path) -> traceback.FrameSummary | None:
+    """The frame to blame: the deepest one in the project's files, else the deepest non-import one."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    root_text = str(root.resolve())
+    own = str(_OWN_PACKAGE)
+    ours = [f for f in frames if f.filename.startswith(root_text) and not f.filename.startswith(own)]
+    if ours:
+        return ours[-1]
+    other = [f for f in frames if not f.filename.startswith(("<frozen", own))]
+    return other[-1] if other else None
+
+
+def user_error(exc: BaseException, what: str, root: Path) -> ConfigError:
+    """A ConfigError naming the file and line of a user's code failure; no traceback."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else "unknown file"
+        return ConfigError(
+            _short(f"{what}: syntax error at {where}: {exc.msg}; fix the file and retry")
+        )
+    frame = _user_frame(exc, root)
+    where = f" at {frame.filename}:{frame.lineno}" if frame else ""
+    return ConfigError(
+        _short(f"{what} failed{where}: {type(exc).__name__}: {exc}; fix the error and retry")
+    )
+
+
+def import_module(name: str, what: str, root: Path) -> ModuleType:
+    """Import `name`, turning any failure into a ConfigError that names the file and line."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (name == missing or name.startswith(missing + ".")):
+            raise ConfigError(
+                f"{what}: cannot import module '{name}': it is not under the project root {root} "
+                f"nor installed in {sys.executable}; check [target] root and the module name"
+            ) from None
+        raise user_error(exc, f"{what}: importing '{name}'", root) from None
+    except (Exception, SystemExit) as exc:
+        raise user_error(exc, f"{what}: importing '{name}'", root) from None
+
+
+def import_modules(names: Iterable[str], root: Path, skip_under: Path | None) -> None:
+    """Import each module; a package imports all its submodules (not those under `skip_under`)."""
+    for name in names:
+        module = import_module(name, "[target] imports", root)
+        if hasattr(module, "__path__"):
+            _import_submodules(module, root, skip_under)
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _import_submodules(package: ModuleType, root: Path, skip_under: Path | None) -> None:
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        folder = Path(getattr(info.module_finder, "path", "") or ".")
+        location = folder / info.name.rsplit(".", 1)[-1]
+        if skip_under is not None and _is_under(location, skip_under):
+            continue  # the migrations directory: env.py must only run under Alembic
+        module = import_module(info.name, "[target] imports", root)
+        if info.ispkg:
+            _import_submodules(module, root, skip_under)
+
+
+def load_object(spec: str, what: str, root: Path) -> tuple[ModuleType, Any]:
+    """Import 'pkg.module:attr' (attr may be dotted) and return (module, object)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{what} must look like 'package.module:attribute', got {spec!r}")
+    module = import_module(module_name, f"{what} {spec!r}", root)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n in vars(module) if not n.startswith("_"))[:20]
+            raise ConfigError(
+                f"{what} {spec!r}: module '{module_name}' ({getattr(module, '__file__', '?')}) "
+                f"has no attribute '{attr}'; names it defines: {', '.join(names) or 'none'}"
+            )
+        obj = getattr(obj, part)
+    return module, obj
+
+
+def metadata_of(obj: Any, spec: str) -> Any:
+    """The MetaData of a MetaData, declarative base or Flask-SQLAlchemy db."""
+    from sqlalchemy import MetaData
+
+    if isinstance(obj, MetaData):
+        return obj
+    metadatas = getattr(obj, "metadatas", None)  # Flask-SQLAlchemy 3: one per bind
+    if isinstance(metadatas, dict) and isinstance(metadatas.get(None), MetaData):
+        return metadatas[None]
+    metadata = getattr(obj, "metadata", None)
+    if isinstance(metadata, MetaData):
+        return metadata
+    raise ConfigError(
+        f"[target] models {spec!r} is a {type(obj).__name__}, not a MetaData, a declarative base "
+        "or a Flask-SQLAlchemy db; point it at one of those"
+    )
+
+
+def load_project(spec: ProjectSpec, flask_env: bool) -> Project:
+    """Import `imports` and the models; build the Flask side when env.py is Flask-Migrate style."""
+    import_modules(spec.imports, spec.root, spec.migrations_dir)
+    project = Project()
+    if spec.models:
+        module, obj = load_object(spec.models, "[target] models", spec.root)
+        project.models_module, project.models_obj = module, obj
+        project.metadata = metadata_of(obj, spec.models)
+        if is_flask_db(obj):
+            project.db = obj
+    if flask_env or spec.app:
+        _flask_side(spec, project)
+    return project
+
+
+def _sqlite_absolute(url: str, root: Path) -> str:
+    """Flask-SQLAlchemy 3 puts relative SQLite paths into the instance folder: never let it."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return url
+    if database.startswith("file:") or os.path.isabs(database):
+        return url
+    return parsed.set(database=str(root / database)).render_as_string(hide_password=False)
+
+
+def _flask_side(spec: ProjectSpec, project: Project) -> None:
+    try:
+        import flask  # noqa: F401
+        import flask_migrate  # noqa: F401
+        import flask_sqlalchemy  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"env.py in {spec.migrations_dir} uses Flask-Migrate (current_app), but {exc.name} "
+            f"is not installed in {sys.executable}; install it or set [target] python"
+        ) from None
+    app = _load_app(spec) if spec.app else _minimal_app(spec)
+    db = _app_db(app) if spec.app else None
+    db = db or project.db or _fresh_db()
+    if not spec.app:
+        db.init_app(app)
+    project.app, project.db = app, db
+    if project.metadata is None:
+        project.metadata = metadata_of(db, spec.models or "db")
+    extension = app.extensions.get("migrate")
+    if extension is None:
+        migrate = _project_migrate(spec, project)
+        migrate.init_app(app, db, directory=str(spec.migrations_dir))
+        extension = app.extensions["migrate"]
+    project.migrate = getattr(extension, "migrate", None)
+    context = app.app_context()
+    context.push()
+    project.contexts.append(context)
+
+
+def _minimal_app(spec: ProjectSpec) -> Any:
+    from flask import Flask
+
+    app = Flask("reconciler")
+    app.config["SQLALCHEMY_DATABASE_URI"] = _sqlite_absolute(spec.url, spec.root)
+    app.config["SQLALCHEMY_TRACK_MODIFICATIONS"] = False
+    return app
+
+
+def _fresh_db() -> Any:
+    from flask_sqlalchemy import SQLAlchemy
+
+    return SQLAlchemy()
+
+
+def _app_db(app: Any) -> Any:
+    state = app.extensions.get("sqlalchemy")
+    if state is None:
+        return None
+    return getattr(state, "db", state)  # Flask-SQLAlchemy 2 keeps a state object with .db
+
+
+def _load_app(spec: ProjectSpec) -> Any:
+    from flask import Flask
+
+    _, obj = load_object(spec.app, "[target] app", spec.root)
+    if isinstance(obj, Flask):
+        return obj
+    if not callable(obj):
+        raise ConfigError(
+            f"[target] app {spec.app!r} is a {type(obj).__name__}, neither a Flask app nor a "
+            "factory; point it at one"
+        )
+    try:
+        app = obj()
+    except (Exception, SystemExit) as exc:
+        raise user_error(exc, f"calling the app factory {spec.app!r}", spec.root) from None
+    if not isinstance(app, Flask):
+        raise ConfigError(
+            f"[target] app {spec.app!r} returned a {type(app).__name__}, not a Flask app"
+        )
+    return app
+
+
+def _project_migrate(spec: ProjectSpec, project: Project) -> Any:
+    """The project's own Migrate object (configured or the one in the models module), else a new one."""
+    from flask_migrate import Migrate
+
+    if spec.migrate:
+        _, obj = load_object(spec.migrate, "[target] migrate", spec.root)
+        if not isinstance(obj, Migrate):
+            raise ConfigError(
+                f"[target] migrate {spec.migrate!r} is a {type(obj).__name__}, "
+                "not a flask_migrate.Migrate object"
+            )
+        return obj
+    module = project.models_module
+    found = {n: v for n, v in vars(module).items() if isinstance(v, Migrate)} if module else {}
+    if len(found) > 1:
+        raise ConfigError(
+            f"module {module.__name__ if module else '?'} has several Migrate objects "
+            f"({', '.join(sorted(found))}); name the one to use with [target] migrate"
+        )
+    if found:
+        return next(iter(found.values()))
+    return Migrate()
+
+
+def configure_callbacks(project: Project, config: Any) -> Any:
+    """Apply the project's `@migrate.configure` callbacks to an Alembic Config."""
+    migrate = project.migrate
+    if migrate is None or not hasattr(migrate, "call_configure_callbacks"):
+        return config
+    result = migrate.call_configure_callbacks(config)
+    return config if result is None else result

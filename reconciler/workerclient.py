@@ -1,0 +1,431 @@
+"""The control plane's side of the worker: start it, send requests, map its errors.
+
+The worker (`python -m reconciler.worker`) runs in the project's interpreter with the project root
+as its working directory; only our `reconciler` package is put on its path (through a private
+folder holding a link to it), never the rest of our environment. The database URL travels over
+stdin, never argv or the environment, so it does not show in `ps`.
+
+The worker dies with its parent. On Linux that is the kernel's parent-death signal, which fires
+when the *thread* that started the worker exits: start workers from a thread that outlives them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import reconciler
+from reconciler import dbsession, differences
+from reconciler.config import Settings
+from reconciler.errors import (
+    EXIT_CONFIG,
+    EXIT_REFUSED,
+    EXIT_REVISION_FAILED,
+    EXIT_STATE,
+    EXIT_UNREACHABLE,
+    ConfigError,
+    ReconcilerError,
+    Refused,
+    RevisionFailed,
+    StateError,
+    UnreachableError,
+    WorkerError,
+)
+from reconciler.project import alembic_ini_path
+from reconciler.redact import redact, register_secret
+
+DEFAULT_TIMEOUT = 3600.0
+_CLOSE_WAIT = 5.0
+_STDERR_KEPT = 40
+_shim_lock = threading.Lock()
+_shim_dir: list[str] = []
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One upgrade step: seconds it took and the revisions Alembic really ran (empty: none)."""
+
+    seconds: float
+    revisions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything a worker needs for one target. `python` and `timeout` stay on this side."""
+
+    url: str = field(repr=False)
+    migrations_dir: str
+    root: str
+    alembic_ini: str | None = None
+    models: str = ""
+    app: str = ""
+    migrate: str = ""
+    imports: Sequence[str] = ()
+    x_args: Mapping[str, str] = field(default_factory=dict)
+    version_table: str = "alembic_version"
+    version_table_schema: str = ""
+    exclude_tables: Sequence[str] = ("reconciler_journal", "reconciler_journal_flags")
+    app_name: str = ""
+    ddl_lock_timeout: float = 0.0
+    statement_timeout: float = 0.0
+    connect_timeout: float = 0.0
+    expected_identity: Mapping[str, str] | None = None
+    secrets: Sequence[str] = field(default=(), repr=False)
+    known_differences: str = ""
+    log_level: str = "info"
+    python: str = ""
+    timeout: float = DEFAULT_TIMEOUT
+
+    def payload(self) -> dict[str, Any]:
+        """The `job` object of the init request."""
+        return {
+            "url": self.url,
+            "migrations_dir": self.migrations_dir,
+            "root": self.root,
+            "alembic_ini": self.alembic_ini,
+            "models": self.models,
+            "app": self.app,
+            "migrate": self.migrate,
+            "imports": list(self.imports),
+            "x_args": dict(self.x_args),
+            "version_table": self.version_table,
+            "version_table_schema": self.version_table_schema,
+            "exclude_tables": list(self.exclude_tables),
+            "app_name": self.app_name,
+            "ddl_lock_timeout": self.ddl_lock_timeout,
+            "statement_timeout": self.statement_timeout,
+            "connect_timeout": self.connect_timeout,
+            "expected_identity": dict(self.expected_identity) if self.expected_identity else None,
+            "secrets": list(self.secrets),
+            "known_differences": self.known_differences,
+            "log_level": self.log_level,
+        }
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        url: str | None = None,
+        role: str = "apply",
+        expected_identity: Mapping[str, str] | None = None,
+    ) -> WorkerJob:
+        """A job for the settings' target (`url` overrides the target's URL)."""
+        t = settings.target
+        the_url = url or t.url
+        if not the_url:
+            raise ConfigError("no database URL for the worker; give [target] url")
+        return cls(
+            url=the_url,
+            migrations_dir=str(settings.migrations_dir),
+            root=str(settings.root_dir),
+            alembic_ini=_alembic_ini(settings),
+            models=t.models,
+            app=t.app,
+            migrate=t.migrate,
+            imports=tuple(t.imports),
+            x_args=dict(t.x_args),
+            version_table=t.version_table,
+            version_table_schema=t.version_table_schema,
+            exclude_tables=(settings.journal.table, f"{settings.journal.table}_flags"),
+            app_name=dbsession.application_name(t.name or "db", role),
+            ddl_lock_timeout=settings.apply.ddl_lock_timeout,
+            statement_timeout=settings.apply.statement_timeout,
+            connect_timeout=settings.apply.connect_timeout,
+            expected_identity=dict(expected_identity) if expected_identity else None,
+            secrets=tuple(p for p in (_password(the_url), _password(t.lock_url)) if p),
+            known_differences=_known_differences(settings),
+            log_level=settings.logging.level,
+            python=t.python or sys.executable,
+            timeout=t.worker_timeout or DEFAULT_TIMEOUT,
+        )
+
+
+def _password(url: str) -> str | None:
+    if not url:
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password
+    except Exception:  # config.py validated the URL; nothing more to find here
+        return None
+    return str(password) if password else None
+
+
+def _alembic_ini(settings: Settings) -> str | None:
+    path = alembic_ini_path(settings)
+    return str(path) if path else None
+
+
+def _known_differences(settings: Settings) -> str:
+    path = differences.path_for(settings)
+    return str(path) if path.is_file() else ""
+
+
+def _package_path() -> str:
+    """A private folder whose only entry is our `reconciler` package (for PYTHONPATH)."""
+    with _shim_lock:
+        if _shim_dir and Path(_shim_dir[0]).is_dir():
+            return _shim_dir[0]
+        folder = tempfile.mkdtemp(prefix="reconciler-worker-")
+        package = Path(reconciler.__file__).resolve().parent
+        try:
+            os.symlink(package, Path(folder) / "reconciler", target_is_directory=True)
+        except OSError:  # no symlinks (Windows without privilege): copy the sources
+            shutil.copytree(package, Path(folder) / "reconciler",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        atexit.register(shutil.rmtree, folder, True)
+        _shim_dir[:] = [folder]
+        return folder
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment minus RECONCILER_* (the URL may be there), our package on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    existing = env.get("PYTHONPATH")
+    shim = _package_path()
+    env["PYTHONPATH"] = os.pathsep.join([shim, existing]) if existing else shim
+    env["PYTHONIOENCODING"] = "utf-8"
+    return env
+
+
+def error_from_reply(error: Mapping[str, Any]) -> ReconcilerError:
+    """The exception for a worker's error reply, by its exit code."""
+    code = int(error.get("exit_code") or EXIT_REVISION_FAILED)
+    message = redact(str(error.get("message") or "the worker reported an error"))
+    revision = error.get("revision")
+    if code == EXIT_CONFIG:
+        return ConfigError(message)
+    if code == EXIT_UNREACHABLE:
+        return UnreachableError(message)
+    if code == EXIT_STATE:
+        return StateError(message)
+    if code == EXIT_REFUSED:
+        return Refused(message)
+    if code == EXIT_REVISION_FAILED and revision:
+        sqlstate = error.get("sqlstate")
+        return RevisionFailed(
+            message, str(revision), str(error.get("class") or ""), str(sqlstate) if sqlstate else None
+        )
+    return WorkerError(message)
+
+
+class Worker:
+    """A running worker process for one job; use as a context manager. Not thread-safe."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        on_log: Callable[[str], None] | None,
+        timeout: float,
+    ) -> None:
+        self._process = process
+        self._on_log = on_log
+        self._timeout = timeout
+        self._replies: queue.Queue[bytes | None] = queue.Queue()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=_STDERR_KEPT)
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True, name="worker-stdout"),
+            threading.Thread(target=self._read_stderr, daemon=True, name="worker-stderr"),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self.info: dict[str, Any] = {}
+
+    @classmethod
+    def start(
+        cls,
+        job: WorkerJob,
+        python: str | None = None,
+        on_log: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> Worker:
+        """Start a worker in `python` (default: the job's, else ours) and send it the job."""
+        for secret in (*job.secrets, _password(job.url)):
+            register_secret(secret)
+        interpreter = python or job.python or sys.executable
+        command = [interpreter, "-m", "reconciler.worker", "--parent", str(os.getpid())]
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=job.root,
+                env=_child_env(),
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot start the worker with interpreter {interpreter} in {job.root}: "
+                f"{exc.strerror or exc}; check [target] python and [target] root"
+            ) from None
+        worker = cls(process, on_log, timeout or job.timeout)
+        try:
+            worker.info = worker._request("init", job=job.payload())
+        except BaseException:
+            worker.kill()
+            raise
+        return worker
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # requests
+
+    def upgrade(self, revision: str) -> StepResult:
+        """Apply one revision (one step from the database's heads): what ran, and how long."""
+        reply = self._request("upgrade", revision=revision)
+        ran = tuple(str(r) for r in reply.get("revisions") or ())
+        return StepResult(float(reply.get("duration_ms", 0)) / 1000.0, ran)
+
+    def downgrade(self, revision: str) -> float:
+        reply = self._request("downgrade", revision=revision)
+        return float(reply.get("duration_ms", 0)) / 1000.0
+
+    def stamp(self, revision: str | list[str], purge: bool = False) -> None:
+        self._request("stamp", revision=revision, purge=purge)
+
+    def sql(self, start: str | None, end: str) -> str:
+        """Offline SQL of the upgrade start:end through env.py."""
+        return str(self._request("sql", start=start, end=end).get("sql", ""))
+
+    def compare(self) -> list[dict[str, str]]:
+        """Differences between the models and the database: [{kind, key, text}] sorted by key."""
+        differences = self._request("compare").get("differences") or []
+        return [{str(k): str(v) for k, v in d.items()} for d in differences]
+
+    def headers(self, paths: list[Path]) -> list[dict[str, Any]]:
+        """Revision identifiers of files whose headers are not literal (executes them)."""
+        reply = self._request("headers", paths=[str(p) for p in paths])
+        return list(reply.get("headers") or [])
+
+    def init_dir(self, template: str | None = None) -> None:
+        """Create the migrations directory (Flask-Migrate's template for a Flask-SQLAlchemy db)."""
+        self._request("init_dir", template=template)
+
+    def close(self) -> None:
+        """Send exit, wait briefly, kill if needed."""
+        if self._process.poll() is None:
+            with contextlib.suppress(ReconcilerError, OSError, queue.Empty):
+                self._send({"op": "exit"})
+                self._replies.get(timeout=_CLOSE_WAIT)
+            with contextlib.suppress(OSError):
+                self._close_stdin()
+            try:
+                self._process.wait(timeout=_CLOSE_WAIT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._finish()
+
+    def kill(self) -> None:
+        """Kill the worker now (SIGKILL)."""
+        with contextlib.suppress(OSError):
+            self._process.kill()
+        self._process.wait()
+        self._finish()
+
+    # plumbing
+
+    def _finish(self) -> None:
+        with contextlib.suppress(OSError):
+            self._close_stdin()
+        for thread in self._threads:
+            thread.join(timeout=_CLOSE_WAIT)
+        for stream in (self._process.stdout, self._process.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def _close_stdin(self) -> None:
+        if self._process.stdin is not None and not self._process.stdin.closed:
+            self._process.stdin.close()
+
+    def _read_stdout(self) -> None:
+        stream: IO[bytes] | None = self._process.stdout
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                for line in stream:
+                    self._replies.put(line)
+        self._replies.put(None)
+
+    def _read_stderr(self) -> None:
+        stream: IO[bytes] | None = self._process.stderr
+        if stream is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            for raw in stream:
+                line = redact(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                self._stderr.append(line)
+                if self._on_log is not None:
+                    with contextlib.suppress(Exception):
+                        self._on_log(line)
+
+    def _send(self, request: dict[str, Any]) -> None:
+        stdin = self._process.stdin
+        if stdin is None or stdin.closed:
+            raise WorkerError("the worker's input is closed; start a new worker")
+        stdin.write((json.dumps(request) + "\n").encode("utf-8"))
+        stdin.flush()
+
+    def _request(self, op: str, **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            try:
+                self._send({"op": op, **fields})
+            except OSError:
+                raise self._died(op) from None
+            try:
+                raw = self._replies.get(timeout=self._timeout)
+            except queue.Empty:
+                self.kill()
+                raise WorkerError(
+                    f"the worker (pid {self.pid}) did not finish {op} within {self._timeout:g}s "
+                    "and was killed; raise [target] worker_timeout if the job needs longer"
+                ) from None
+            if raw is None:
+                raise self._died(op)
+            try:
+                reply = json.loads(raw.decode("utf-8"))
+            except ValueError:
+                raise WorkerError(
+                    f"the worker sent a line that is not JSON during {op}: "
+                    f"{redact(raw.decode('utf-8', 'replace'))[:500]}"
+                ) from None
+            if reply.get("ok"):
+                return dict(reply)
+            raise error_from_reply(reply.get("error") or {})
+
+    def _died(self, op: str) -> WorkerError:
+        try:
+            code = self._process.wait(timeout=_CLOSE_WAIT)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._threads[1].join(timeout=_CLOSE_WAIT)
+        tail = "\n".join(list(self._stderr)[-15:]) or "(nothing on stderr)"
+        return WorkerError(
+            redact(
+                f"the worker (pid {self.pid}) exited with code {code} during {op} without a "
+                f"reply; its last log lines:\n{tail}"
+            )
+        )
