@@ -12,8 +12,9 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -214,9 +215,7 @@ class Reconciler:
             self.settings.target.lock_key,
         )
 
-    def _sqlite_path(self) -> Any:
-        from pathlib import Path
-
+    def _sqlite_path(self) -> Path | None:
         database = self.engine.url.database
         if self.backend == "sqlite" and database and database != ":memory:":
             return Path(database)
@@ -244,14 +243,14 @@ class Reconciler:
     @contextmanager
     def locked(self, conn: sa.engine.Connection, timeout: float) -> Iterator[float]:
         """Hold the target's advisory lock (polling, never blocking); yields seconds waited."""
-        engine = self._lock_conn_engine()
-        lock_conn_cm = connection.connect(engine) if engine is not self.engine else None
-        lock_conn = lock_conn_cm.__enter__() if lock_conn_cm else conn
-        lock = locks.AdvisoryLock(lock_conn, self.lock_key(), self._sqlite_path())
         unsafe = self.settings.unsafe
         if unsafe:
             log.warning("safeguards_disabled", target=self.target, disabled=sorted(unsafe))
-        try:
+        with ExitStack() as stack:
+            engine = self._lock_conn_engine()
+            lock_conn = conn if engine is self.engine else stack.enter_context(connection.connect(engine))
+            lock = locks.AdvisoryLock(lock_conn, self.lock_key(), self._sqlite_path())
+            stack.callback(lock.release)
             started = time.monotonic()
             if "lock" not in unsafe:
                 lock.acquire(timeout, on_wait=self._log_waiting)
@@ -262,10 +261,6 @@ class Reconciler:
                     self.settings.apply.orphan_wait_timeout,
                 )
             yield time.monotonic() - started
-        finally:
-            lock.release()
-            if lock_conn_cm:
-                lock_conn_cm.__exit__(None, None, None)
 
     def _log_waiting(self, holder: dict[str, Any]) -> None:
         log.info("lock_waiting", target=self.target, holder=holder)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import reconciler
-from reconciler import dbsession, differences
+from reconciler import dbsession, differences, journal
 from reconciler.config import Settings
 from reconciler.errors import (
     EXIT_CONFIG,
@@ -139,7 +139,7 @@ class WorkerJob:
             x_args=dict(t.x_args),
             version_table=t.version_table,
             version_table_schema=t.version_table_schema,
-            exclude_tables=(settings.journal.table, f"{settings.journal.table}_flags"),
+            exclude_tables=journal.tables(settings.journal.table).names,
             app_name=dbsession.application_name(t.name or "db", role),
             ddl_lock_timeout=settings.apply.ddl_lock_timeout,
             statement_timeout=settings.apply.statement_timeout,

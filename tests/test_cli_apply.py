@@ -106,3 +106,27 @@ def test_password_never_in_output(
     assert result.returncode == 5
     for row in journal_rows(url):
         assert CANARY_PASSWORD not in str(row)
+
+
+@pytest.mark.postgres
+def test_lock_timeout_exit_3_names_the_holder(tmp_path: Path, pg_url: str) -> None:
+    import sqlalchemy as sa
+
+    from reconciler import locks
+
+    project = flask_project(tmp_path / "p", pg_url)
+    project.chain(1)
+    project.write_config(extra="[apply]\nlock_acquire_timeout = 1.5\n", models="myapp.models:db")
+    database = sa.engine.make_url(pg_url).database or ""
+    holder = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with holder.connect() as conn:
+        conn.execute(sa.text("SET application_name = 'release-job-7'"))
+        lock = locks.AdvisoryLock(conn, locks.lock_key(database, None, "alembic_version"))
+        assert lock.try_acquire()
+        result = run_cli(["--config", str(project.config), "apply"], cwd=project.root)
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        lock.release()
+    holder.dispose()
+    assert result.returncode == 3, result.stderr
+    assert "release-job-7" in result.stderr and str(pid) in result.stderr
+    assert db_heads(pg_url) == set()
