@@ -10,15 +10,15 @@ import functools
 import json
 import sys
 import traceback
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from reconciler import __version__, logs
 from reconciler.config import Settings, load_settings
 from reconciler.errors import (
-    EXIT_CONFIG,
     EXIT_OK,
     EXIT_REVISION_FAILED,
     EXIT_UNREACHABLE,
@@ -26,6 +26,9 @@ from reconciler.errors import (
     ReconcilerError,
 )
 from reconciler.redact import redact
+
+if TYPE_CHECKING:
+    from reconciler.reconcile import Reconciler
 
 F = TypeVar("F", bound=Callable[..., Any])
 GLOBAL_KEYS = ("config", "url", "migrations", "models")
@@ -49,11 +52,6 @@ class Context:
 
     def __init__(self) -> None:
         self.options: dict[str, str | None] = dict.fromkeys(GLOBAL_KEYS)
-
-    def merge(self, values: dict[str, Any]) -> None:
-        for key in GLOBAL_KEYS:
-            if values.pop(key, None) is not None:
-                self.options[key] = values.get(key) or self.options[key]
 
     def settings(self, require_url: bool = True, require_migrations: bool = True) -> Settings:
         overrides = {
@@ -137,10 +135,16 @@ def main(ctx: click.Context, /, **options: Any) -> None:
     state.options.update({k: v for k, v in options.items() if v is not None})
 
 
-def _reconciler(ctx: Context) -> Any:
+@contextmanager
+def _reconciler(ctx: Context) -> Iterator[Reconciler]:
+    """The target's control plane, closed (connections released) when the command ends."""
     from reconciler.reconcile import Reconciler
 
-    return Reconciler(ctx.settings())
+    rec = Reconciler(ctx.settings())
+    try:
+        yield rec
+    finally:
+        rec.close()
 
 
 @main.command()
@@ -148,11 +152,8 @@ def _reconciler(ctx: Context) -> Any:
 @command
 def status(ctx: Context, as_json: bool) -> int:
     """State of the database against the repository (exit 0 when read, 5 when unreachable)."""
-    rec = _reconciler(ctx)
-    try:
+    with _reconciler(ctx) as rec:
         result = rec.status()
-    finally:
-        rec.close()
     if as_json:
         emit_json(result.as_dict())
     else:
@@ -182,13 +183,10 @@ def plan(ctx: Context, sql: bool, as_json: bool) -> int:
     from reconciler import admin
     from reconciler.reconcile import refuse_unless_applicable
 
-    rec = _reconciler(ctx)
-    try:
+    with _reconciler(ctx) as rec:
         result, steps = admin.plan(rec)
         refuse_unless_applicable(result)
         text = admin.plan_sql(rec, result) if sql else None
-    finally:
-        rec.close()
     if as_json:
         data = result.as_dict()
         data["steps"] = [s.__dict__ for s in steps]
@@ -209,12 +207,9 @@ def plan(ctx: Context, sql: bool, as_json: bool) -> int:
 @command
 def apply(ctx: Context) -> int:
     """One reconcile: take the lock, upgrade to the heads, verify."""
-    rec = _reconciler(ctx)
     progress = _progress if sys.stderr.isatty() else None
-    try:
+    with _reconciler(ctx) as rec:
         result = rec.apply(trigger="apply", progress=progress)
-    finally:
-        rec.close()
     if result.outcome == "noop":
         click.echo(f"in sync at {', '.join(result.status.decision.db_heads) or 'base'}", err=True)
     else:
@@ -233,11 +228,8 @@ def _progress(index: int, total: int, revision: str, message: str) -> None:
 @command
 def wait(ctx: Context, timeout: float, exact: bool, interval: float) -> int:
     """Block until the database is at or ahead of the repository heads (exit 8 on timeout)."""
-    rec = _reconciler(ctx)
-    try:
+    with _reconciler(ctx) as rec:
         result = rec.wait(timeout, exact=exact, poll=interval)
-    finally:
-        rec.close()
     click.echo(f"database is {result.state}", err=True)
     return EXIT_OK
 
@@ -283,11 +275,8 @@ def history(ctx: Context) -> int:
     """The revision graph, newest first; applied revisions marked."""
     from reconciler import admin
 
-    rec = _reconciler(ctx)
-    try:
+    with _reconciler(ctx) as rec:
         lines, reachable = admin.history(rec)
-    finally:
-        rec.close()
     for line in lines:
         click.echo(line)
     if not reachable:
@@ -303,22 +292,19 @@ def downgrade(ctx: Context, revision: str, yes: bool) -> int:
     """Undo revisions down to REVISION (a person's decision: shows what it undoes, asks)."""
     from reconciler import admin
 
-    rec = _reconciler(ctx)
+    with _reconciler(ctx) as rec:
 
-    def confirm(target: str, undo: list[str]) -> bool:
-        click.echo(f"downgrade to {target} will undo, newest first:", err=True)
-        for rev in undo:
-            click.echo(f"  {rev}  {rec.graph().revisions[rev].message}", err=True)
-        if yes:
-            return True
-        if not sys.stdin.isatty():
-            raise ConfigError("not on a terminal: pass --yes to confirm the downgrade")
-        return click.confirm("Proceed?", err=True)
+        def confirm(target: str, undo: list[str]) -> bool:
+            click.echo(f"downgrade to {target} will undo, newest first:", err=True)
+            for rev in undo:
+                click.echo(f"  {rev}  {rec.graph().revisions[rev].message}", err=True)
+            if yes:
+                return True
+            if not sys.stdin.isatty():
+                raise ConfigError("not on a terminal: pass --yes to confirm the downgrade")
+            return click.confirm("Proceed?", err=True)
 
-    try:
         target, undo = admin.downgrade(rec, revision, confirm)
-    finally:
-        rec.close()
     if not undo:
         click.echo(f"nothing to undo: {target} is the current revision", err=True)
     else:
@@ -334,11 +320,8 @@ def stamp(ctx: Context, revision: str, force: bool) -> int:
     """Adopt a database with tables but no version table (after comparing it with the models)."""
     from reconciler import admin
 
-    rec = _reconciler(ctx)
-    try:
+    with _reconciler(ctx) as rec:
         stamped = admin.stamp(rec, revision, force)
-    finally:
-        rec.close()
     click.echo(f"stamped {', '.join(stamped)}", err=True)
     return EXIT_OK
 
@@ -354,13 +337,8 @@ def resolve(ctx: Context, revision: str, outcome: str | None) -> int:
 
     if not outcome:
         raise ConfigError("say what happened: --applied or --rolled-back")
-    rec = _reconciler(ctx)
-    try:
+    with _reconciler(ctx) as rec:
         resolved = admin.resolve(rec, revision, outcome)
-    finally:
-        rec.close()
     click.echo(f"revision {resolved} resolved as {outcome}", err=True)
     return EXIT_OK
 
-
-_ = EXIT_CONFIG

@@ -179,28 +179,28 @@ def _rollback(conn: sa.engine.Connection) -> None:
         conn.rollback()
 
 
-def open_rows(conn: sa.engine.Connection, jt: JournalTables) -> list[Mapping[str, Any]]:
-    """Steps that started and never completed."""
+def rows_with_outcome(
+    conn: sa.engine.Connection, jt: JournalTables, outcome: str
+) -> list[Mapping[str, Any]]:
+    """Steps whose outcome is `outcome`, oldest first (none when there is no journal yet)."""
     try:
         rows = conn.execute(
-            sa.select(jt.steps).where(jt.steps.c.outcome == "started").order_by(jt.steps.c.id)
+            sa.select(jt.steps).where(jt.steps.c.outcome == outcome).order_by(jt.steps.c.id)
         ).mappings().fetchall()
     except sa.exc.DBAPIError:
         _rollback(conn)
         return []
     return [dict(r) for r in rows]
+
+
+def open_rows(conn: sa.engine.Connection, jt: JournalTables) -> list[Mapping[str, Any]]:
+    """Steps that started and never completed."""
+    return rows_with_outcome(conn, jt, "started")
 
 
 def dirty_rows(conn: sa.engine.Connection, jt: JournalTables) -> list[Mapping[str, Any]]:
     """Steps already judged `dirty`: possibly half-applied, waiting for an operator."""
-    try:
-        rows = conn.execute(
-            sa.select(jt.steps).where(jt.steps.c.outcome == "dirty").order_by(jt.steps.c.id)
-        ).mappings().fetchall()
-    except sa.exc.DBAPIError:
-        _rollback(conn)
-        return []
-    return [dict(r) for r in rows]
+    return rows_with_outcome(conn, jt, "dirty")
 
 
 def settle_interrupted(
