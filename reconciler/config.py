@@ -120,6 +120,76 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class DaemonSettings:
+    mode: str = field(default="prod", metadata={"doc": "prod (reconcile loop) or dev (auto-migrate)"})
+    interval: float = field(default=30.0, metadata={"doc": "seconds between periodic reconciles"})
+    jitter: float = field(default=2.0, metadata={"doc": "up to this many seconds added to each tick"})
+    http: str = field(
+        default="127.0.0.1:8089", metadata={"doc": "HOST:PORT of /healthz /readyz /status /metrics"}
+    )
+    allowed_hosts: list[str] = field(
+        default_factory=list, metadata={"doc": "extra Host header names accepted on a loopback bind"}
+    )
+    grace: float = field(
+        default=25.0, metadata={"doc": "on SIGTERM, seconds an in-flight revision may take to finish"}
+    )
+    backoff_max: float = field(
+        default=300.0, metadata={"doc": "cap of the exponential backoff after failed runs"}
+    )
+    blocked_after: int = field(
+        default=3, metadata={"doc": "the same revision failing the same way this often is blocked"}
+    )
+    apply: bool = field(default=True, metadata={"doc": "false makes this replica observe-only"})
+    ready_when: str = field(
+        default="started",
+        metadata={"doc": "/readyz: started (first reconcile attempted) or in_sync"},
+    )
+    debounce: float = field(
+        default=0.2, metadata={"doc": "quiet seconds after a revision file change before a run"}
+    )
+    heartbeat: float = field(
+        default=300.0, metadata={"doc": "seconds between info heartbeat lines while nothing changes"}
+    )
+    idle_disconnect_after: float = field(
+        default=30.0, metadata={"doc": "with a longer interval, close the connection between runs"}
+    )
+
+
+@dataclass(frozen=True)
+class AlertingSettings:
+    unreachable_after: int = field(
+        default=3, metadata={"doc": "consecutive failed runs before the unreachable alert"}
+    )
+    repeat_interval: float = field(
+        default=3600.0, metadata={"doc": "seconds between reminders while a bad state lasts"}
+    )
+    ahead_alert: bool = field(
+        default=False, metadata={"doc": "alert on ahead (otherwise a metric only: canaries are normal)"}
+    )
+    ahead_grace: float = field(default=600.0, metadata={"doc": "seconds ahead before that alert"})
+    lock_held_after: float = field(
+        default=600.0, metadata={"doc": "seconds a lock may be held by another before an alert"}
+    )
+    queue_size: int = field(default=100, metadata={"doc": "alerts waiting for delivery, at most"})
+    send_timeout: float = field(
+        default=10.0, metadata={"doc": "total seconds one delivery may take, retries included"}
+    )
+    retries: int = field(default=3, metadata={"doc": "delivery attempts per alert and sink"})
+
+
+@dataclass(frozen=True)
+class AlertSink:
+    kind: str = field(default="webhook", metadata={"doc": "webhook (JSON) or slack"})
+    url: str = field(default="", metadata={"doc": "endpoint; carries a token: prefer url_env"})
+    url_env: str = field(default="", metadata={"doc": "environment variable holding the URL"})
+    url_file: str = field(default="", metadata={"doc": "file holding the URL (a mounted Secret)"})
+    name: str = field(default="", metadata={"doc": "label in metrics and logs; default: the kind"})
+    events: list[str] = field(
+        default_factory=list, metadata={"doc": "events to send; empty: all of them"}
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     target: TargetSettings
     apply: ApplySettings
@@ -127,6 +197,9 @@ class Settings:
     logging: LoggingSettings
     config_file: Path | None
     base_dir: Path
+    daemon: DaemonSettings = DaemonSettings()
+    alerting: AlertingSettings = AlertingSettings()
+    alerts: tuple[AlertSink, ...] = ()
     unsafe: frozenset[str] = frozenset()  # safeguards switched off, for negative-control tests only
 
     @property
@@ -143,12 +216,18 @@ SECTIONS: dict[str, type] = {
     "apply": ApplySettings,
     "journal": JournalSettings,
     "logging": LoggingSettings,
+    "daemon": DaemonSettings,
+    "alerting": AlertingSettings,
 }
+LIST_SECTIONS: dict[str, type] = {"alerts": AlertSink}
 
 ENV_KEYS: dict[str, tuple[str, str]] = {
     "RECONCILER_URL": ("target", "url"),
     "RECONCILER_MIGRATIONS": ("target", "migrations"),
     "RECONCILER_MODELS": ("target", "models"),
+    "RECONCILER_MODE": ("daemon", "mode"),
+    "RECONCILER_INTERVAL": ("daemon", "interval"),
+    "RECONCILER_HTTP": ("daemon", "http"),
 }
 
 UNSAFE_ENV = "RECONCILER_UNSAFE_DISABLE"
@@ -167,7 +246,7 @@ def _resolve_path(base: Path, value: str) -> Path:
 class _Source:
     """Where a raw value came from, for error messages."""
 
-    values: dict[str, dict[str, Any]]
+    values: dict[str, Any]
     origin: dict[tuple[str, str], str]
 
 
@@ -198,13 +277,22 @@ def _read_file(path: Path) -> _Source:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {redact(str(exc))}") from None
-    values: dict[str, dict[str, Any]] = {}
+    values: dict[str, Any] = {}
     origin: dict[tuple[str, str], str] = {}
     for section, body in data.items():
+        if section in LIST_SECTIONS:
+            if not isinstance(body, list) or not all(isinstance(b, dict) for b in body):
+                raise ConfigError(f"{path}: alert sinks are written as [[{section}]] tables")
+            values[section] = [dict(b) for b in body]
+            for index, item in enumerate(body):
+                for key in item:
+                    origin[(f"{section}#{index}", key)] = f"{path} [[{section}]] #{index + 1}"
+            continue
         if section not in SECTIONS:
             line = _section_line(text, section)
             raise ConfigError(
-                f"{path}{line}: unknown section [{section}]{_did_you_mean(section, SECTIONS)}"
+                f"{path}{line}: unknown section [{section}]"
+                f"{_did_you_mean(section, [*SECTIONS, *LIST_SECTIONS])}"
             )
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
@@ -270,8 +358,10 @@ def _coerce(value: Any, hint: Any, where: str, name: str) -> Any:
     raise AssertionError(f"unsupported setting type {hint!r}")  # pragma: no cover
 
 
-def _build_section(section: str, raw: dict[str, Any], origin: dict[tuple[str, str], str]) -> Any:
-    cls = SECTIONS[section]
+def _build_section(
+    section: str, raw: dict[str, Any], origin: dict[tuple[str, str], str], cls: type | None = None
+) -> Any:
+    cls = cls or SECTIONS[section]
     hints = get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -313,7 +403,9 @@ def load_settings(
     cwd = (cwd or Path.cwd()).resolve()
     path = _config_path(config, environ, cwd)
     source = _read_file(path) if path else _Source({}, {})
-    raw: dict[str, dict[str, Any]] = {k: dict(v) for k, v in source.values.items()}
+    raw: dict[str, dict[str, Any]] = {
+        k: dict(v) for k, v in source.values.items() if k not in LIST_SECTIONS
+    }
     origin = dict(source.origin)
     for env_name, (section, key) in ENV_KEYS.items():
         if environ.get(env_name):
@@ -336,10 +428,60 @@ def load_settings(
         logging=sections["logging"],
         config_file=path,
         base_dir=base_dir,
+        daemon=sections["daemon"],
+        alerting=sections["alerting"],
+        alerts=_alert_sinks(source.values.get("alerts", []), origin, environ, base_dir),
         unsafe=_unsafe(environ),
     )
     _validate(settings, origin, require_migrations)
     return settings
+
+
+ALERT_KINDS = ("webhook", "slack")
+
+
+def _alert_sinks(
+    items: list[dict[str, Any]],
+    origin: dict[tuple[str, str], str],
+    environ: Mapping[str, str],
+    base_dir: Path,
+) -> tuple[AlertSink, ...]:
+    """[[alerts]] tables, each with its URL resolved (url, url_env or url_file) and masked."""
+    sinks = []
+    for index, item in enumerate(items):
+        keyed = {("alerts", key): where for (sec, key), where in origin.items() if sec == f"alerts#{index}"}
+        sink: AlertSink = _build_section("alerts", item, keyed, AlertSink)
+        where = f"[[alerts]] #{index + 1}"
+        if sink.kind not in ALERT_KINDS:
+            raise ConfigError(f"{where}: kind must be one of {', '.join(ALERT_KINDS)}, got {sink.kind!r}")
+        url = sink.url or _sink_url_from(sink, environ, base_dir, where)
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ConfigError(f"{where}: alert URL {redact(url)!r} must start with http:// or https://")
+        register_secret(_url_secret_part(url))
+        sinks.append(dataclasses.replace(sink, url=url, name=sink.name or f"{sink.kind}{index + 1}"))
+    return tuple(sinks)
+
+
+def _sink_url_from(sink: AlertSink, environ: Mapping[str, str], base_dir: Path, where: str) -> str:
+    if sink.url_env:
+        value = environ.get(sink.url_env, "").strip()
+        if not value:
+            raise ConfigError(f"{where}: url_env names {sink.url_env}, which is not set or empty")
+        return value
+    if sink.url_file:
+        path = _resolve_path(base_dir, sink.url_file)
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: url_file {path} cannot be read: {exc.strerror}") from None
+    raise ConfigError(f"{where}: give url, url_env or url_file")
+
+
+def _url_secret_part(url: str) -> str:
+    """Everything after the host: webhook URLs carry their token in the path or query."""
+    match = re.match(r"^https?://[^/?#]+(?P<rest>[/?#].*)?$", url)
+    rest = (match.group("rest") if match else "") or ""
+    return rest if len(rest) > 1 else ""
 
 
 def _unsafe(environ: Mapping[str, str]) -> frozenset[str]:
@@ -469,8 +611,36 @@ def _validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: 
         )
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", settings.journal.table):
         raise ConfigError(f"[journal] table must be a plain table name, got {settings.journal.table!r}")
+    _validate_daemon(settings.daemon, origin)
     if target.python and not Path(target.python).exists():
         raise ConfigError(f"{where('python')}: interpreter {target.python} does not exist")
+
+
+MODES = ("prod", "dev")
+READY_WHEN = ("started", "in_sync")
+
+
+def _validate_daemon(daemon: DaemonSettings, origin: dict[tuple[str, str], str]) -> None:
+    def where(key: str) -> str:
+        return origin.get(("daemon", key), f"[daemon] {key}")
+
+    if daemon.mode not in MODES:
+        raise ConfigError(f"{where('mode')}: mode must be prod or dev, got {daemon.mode!r}")
+    if daemon.ready_when not in READY_WHEN:
+        raise ConfigError(
+            f"{where('ready_when')}: ready_when must be started or in_sync, got {daemon.ready_when!r}"
+        )
+    if daemon.interval < 0.01:
+        raise ConfigError(f"{where('interval')}: interval must be at least 0.01 s, got {daemon.interval}")
+    parse_http(daemon.http, where("http"))
+
+
+def parse_http(value: str, where: str = "[daemon] http") -> tuple[str, int]:
+    """'HOST:PORT' (IPv6 as [::1]:PORT) → (host, port)."""
+    match = re.match(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]*)):(?P<port>\d{1,5})$", value.strip())
+    if not match or not 0 <= int(match["port"]) <= 65535:
+        raise ConfigError(f"{where}: expected HOST:PORT such as 0.0.0.0:8089, got {value!r}")
+    return (match["v6"] or match["host"] or "127.0.0.1", int(match["port"]))
 
 
 def check_import_path(value: str, settings: Settings, where: str, key: str) -> None:
@@ -506,12 +676,13 @@ def _sys_path_dirs() -> list[Path]:
 
 def setting_keys() -> dict[str, list[str]]:
     """Every section and key (used to check config.example.toml)."""
-    return {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
+    every = {**SECTIONS, **LIST_SECTIONS}
+    return {name: [f.name for f in dataclasses.fields(cls)] for name, cls in every.items()}
 
 
 def setting_defaults() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for name, cls in SECTIONS.items():
+    for name, cls in {**SECTIONS, **LIST_SECTIONS}.items():
         instance = cls()
         out[name] = {f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)}
     return out
