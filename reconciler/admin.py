@@ -389,3 +389,43 @@ def init(settings: Settings) -> Path:
         worker.init_dir(None)
     log.info("initialized", migrations=redact(str(directory)))
     return directory
+
+
+# --- suspend / resume ----------------------------------------------------------------------
+def suspend(rec: Reconciler, reason: str) -> None:
+    """Stop every replica of the target from applying until `resume` (a flag in the journal)."""
+    from reconciler import fleet
+    from reconciler.dbsession import replica_id
+
+    value = f"by {replica_id()} at {_utc_now()}" + (f": {reason}" if reason else "")
+    with connection.connect(rec.engine) as conn:
+        if not journal.exists(conn, rec.journal):
+            with rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
+                journal.ensure(conn, rec.journal)
+        fleet.put(conn, rec.journal, fleet.suspended_key(rec.target), value)
+    log.info("suspended", target=rec.target, reason=reason)
+
+
+def resume(rec: Reconciler) -> list[str]:
+    """Let replicas apply again: clears `suspended` and `blocked`; returns what was cleared."""
+    from reconciler import fleet
+
+    cleared: list[str] = []
+    with connection.connect(rec.engine) as conn:
+        if not journal.exists(conn, rec.journal):
+            return cleared
+        for name, key in (
+            ("suspended", fleet.suspended_key(rec.target)),
+            ("blocked", fleet.blocked_key(rec.target)),
+        ):
+            if fleet.delete(conn, rec.journal, key):
+                cleared.append(name)
+        fleet.clear_failures(conn, rec.journal, rec.target)
+    log.info("resumed", target=rec.target, cleared=cleared)
+    return cleared
+
+
+def _utc_now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

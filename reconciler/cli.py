@@ -52,6 +52,7 @@ class Context:
 
     def __init__(self) -> None:
         self.options: dict[str, str | None] = dict.fromkeys(GLOBAL_KEYS)
+        self.daemon_overrides: dict[str, Any] = {}
 
     def settings(self, require_url: bool = True, require_migrations: bool = True) -> Settings:
         overrides = {
@@ -59,7 +60,8 @@ class Context:
                 "url": self.options["url"],
                 "migrations": self.options["migrations"],
                 "models": self.options["models"],
-            }
+            },
+            "daemon": self.daemon_overrides,
         }
         settings = load_settings(
             self.options["config"],
@@ -342,3 +344,47 @@ def resolve(ctx: Context, revision: str, outcome: str | None) -> int:
     click.echo(f"revision {resolved} resolved as {outcome}", err=True)
     return EXIT_OK
 
+
+
+@main.command()
+@click.option("--reason", default="", help="said in status and logs")
+@command
+def suspend(ctx: Context, reason: str) -> int:
+    """Stop every replica from applying (e.g. around a manual downgrade) until `resume`."""
+    from reconciler import admin
+
+    with _reconciler(ctx) as rec:
+        admin.suspend(rec, reason)
+    click.echo("applying is suspended for every replica; `reconciler resume` ends it", err=True)
+    return EXIT_OK
+
+
+@main.command()
+@command
+def resume(ctx: Context) -> int:
+    """Let replicas apply again (clears `suspended`, and a `blocked` revision)."""
+    from reconciler import admin
+
+    with _reconciler(ctx) as rec:
+        cleared = admin.resume(rec)
+    click.echo(f"resumed ({', '.join(cleared) or 'nothing was suspended or blocked'})", err=True)
+    return EXIT_OK
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(["prod", "dev"]), default=None, help="default: prod")
+@click.option("--interval", type=float, default=None, help="seconds between reconciles")
+@click.option("--http", "http", default=None, help="HOST:PORT for health, status and metrics")
+@command
+def run(ctx: Context, mode: str | None, interval: float | None, http: str | None) -> int:
+    """The long-running reconciler (a sidecar): keeps the database at the repository's heads."""
+    ctx.daemon_overrides = {"mode": mode, "interval": interval, "http": http}
+    settings = ctx.settings()
+    if settings.daemon.mode == "dev":
+        raise ConfigError(
+            "dev mode (auto-migrate on save) is not available in this version; "
+            "use --mode prod, or run `flask db migrate` and `reconciler apply`"
+        )
+    from reconciler.daemon import run_daemon
+
+    return run_daemon(settings)

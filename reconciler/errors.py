@@ -96,3 +96,11 @@ class WorkerError(ReconcilerError):
     """The worker subprocess failed outside a revision (env.py, models import, protocol)."""
 
     exit_code = EXIT_REVISION_FAILED
+
+
+class Suspended(Refused):
+    """Applying is suspended fleet-wide (`reconciler suspend`) until `reconciler resume`."""
+
+
+class Blocked(Refused):
+    """A revision failed the same way `blocked_after` times; it waits for its file to change."""

@@ -42,14 +42,23 @@ class Project:
             )
         return self._dirs
 
-    def graph(self) -> RevisionGraph:
-        """The revision graph; re-read only when a revision file changed."""
+    def graph(self, check: bool = True) -> RevisionGraph:
+        """The revision graph; re-read only when a revision file changed.
+
+        With `check` False the files are not even stat'ed: the caller (the daemon, watching the
+        directory) calls `invalidate()` when they change."""
         dirs, recursive = self.version_dirs
+        if self._graph is not None and not check and self._fingerprint:
+            return self._graph
         fingerprint = graphs.graph_fingerprint_of_dir(dirs, recursive)
         if self._graph is None or fingerprint != self._fingerprint:
             self._graph = self._load(dirs, recursive)
             self._fingerprint = fingerprint
         return self._graph
+
+    def invalidate(self) -> None:
+        """Forget the graph's fingerprint: the next `graph()` re-reads what changed."""
+        self._fingerprint = ""
 
     def _load(self, dirs: list[Path], recursive: bool) -> RevisionGraph:
         graph, fallback = graphs.load_graph(dirs, recursive, cache=self._cache)

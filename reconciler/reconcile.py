@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from reconciler import connection, dbsession, journal, locks, logs
+from reconciler import connection, dbsession, fleet, journal, locks, logs
 from reconciler.config import Settings
 from reconciler.errors import (
+    Blocked,
     ReconcilerError,
     Refused,
     RevisionFailed,
     StateError,
+    Suspended,
     UnreachableError,
     WaitTimeout,
 )
@@ -50,6 +52,18 @@ CONDITION_ORDER = (
 )
 
 ProgressFn = Callable[[int, int, str, str], None]
+CONDITIONS_TTL = 10.0  # seconds the in-sync fast path may reuse the flags it read last
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the journal says beside the version table: dirty steps and fleet flags."""
+
+    names: tuple[str, ...] = ()
+    dirty: tuple[str, ...] = ()
+    blocked: fleet.Failure | None = None
+    messages: dict[str, str] = field(default_factory=dict)
+    read_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,7 @@ class Status:
     conditions: tuple[str, ...] = ()
     dirty: tuple[str, ...] = ()
     messages: dict[str, str] = field(default_factory=dict)
+    blocked: fleet.Failure | None = None
 
     @property
     def sync_state(self) -> str:
@@ -96,6 +111,13 @@ class Status:
             out["branch_point"] = self.decision.branch_point
         if self.dirty:
             out["dirty"] = list(self.dirty)
+        if self.blocked:
+            out["blocked"] = {
+                "revision": self.blocked.revision,
+                "failures": self.blocked.count,
+                "error_class": self.blocked.error_class,
+                "signature": self.blocked.signature,
+            }
         return out
 
 
@@ -120,6 +142,10 @@ class Reconciler:
         self._engine: sa.engine.Engine | None = None
         self._lock_engine: sa.engine.Engine | None = None
         self._on_worker_log = on_worker_log or _log_worker_line
+        self._conditions: Conditions | None = None
+        self.current_worker: Worker | None = None  # the worker of an apply in progress
+        self._journal_seen = False
+        self.check_files = True  # stat the revision files each run (the daemon turns it off while it watches)
 
     # --- connections -------------------------------------------------------------------------
     @property
@@ -150,7 +176,7 @@ class Reconciler:
 
     # --- reading -----------------------------------------------------------------------------
     def graph(self) -> RevisionGraph:
-        return self.project.graph()
+        return self.project.graph(check=self.check_files)
 
     def status(self) -> Status:
         """The state of the target; `unknown` (not an exception) when the database is unreachable."""
@@ -164,22 +190,35 @@ class Reconciler:
                 self.target, self.redacted_url, dataclasses.replace(decision, message=str(exc))
             )
 
-    def _status(self, conn: sa.engine.Connection, graph: RevisionGraph) -> Status:
+    def _status(
+        self, conn: sa.engine.Connection, graph: RevisionGraph, fresh: bool = True
+    ) -> Status:
+        """Read and decide. With `fresh` False and the database in sync, one query: the journal's
+        flags are reused for up to CONDITIONS_TTL seconds (nothing would be applied anyway)."""
         schema = self.settings.target.version_table_schema or None
         try:
             snap = connection.snapshot(
                 conn, self.settings.target.version_table, schema, self.journal.names
             )
-            ancestry = self._ancestry(conn, snap.db_heads, graph)
+            decision = decide(snap, graph, self._ancestry(conn, snap.db_heads, graph))
+            cached = self._conditions
+            if fresh or decision.sync_state != "in_sync" or cached is None or (
+                time.monotonic() - cached.read_at > CONDITIONS_TTL
+            ):
+                cached = self._conditions = self._read_conditions(conn, graph)
         except sa.exc.DBAPIError as exc:
             if connection.is_disconnect(exc):
                 raise connection.unreachable(self.engine, exc) from None
             raise
-        decision = decide(snap, graph, ancestry)
-        dirty = self._dirty(conn)
-        conditions = ("dirty",) if dirty else ()
-        messages = {"dirty": _dirty_message(dirty)} if dirty else {}
-        return Status(self.target, self.redacted_url, decision, conditions, dirty, messages)
+        return Status(
+            self.target,
+            self.redacted_url,
+            decision,
+            cached.names,
+            cached.dirty,
+            cached.messages,
+            cached.blocked,
+        )
 
     def _ancestry(
         self, conn: sa.engine.Connection, db_heads: frozenset[str], graph: RevisionGraph
@@ -188,9 +227,29 @@ class Reconciler:
             return {}  # the common case: no journal query needed
         return journal.ancestry(conn, self.journal)
 
-    def _dirty(self, conn: sa.engine.Connection) -> tuple[str, ...]:
+    def _read_conditions(self, conn: sa.engine.Connection, graph: RevisionGraph) -> Conditions:
         if not self._journal_exists(conn):
-            return ()
+            return Conditions(read_at=time.monotonic())
+        names: list[str] = []
+        messages: dict[str, str] = {}
+        dirty = self._dirty(conn)
+        if dirty:
+            names.append("dirty")
+            messages["dirty"] = _dirty_message(dirty)
+        keys = [fleet.suspended_key(self.target), fleet.blocked_key(self.target)]
+        flags = fleet.read(conn, self.journal, keys)
+        blocked = fleet.Failure.loads(flags.get(keys[1]))
+        if blocked and still_blocked(blocked, graph):
+            names.append("blocked")
+            messages["blocked"] = _blocked_message(blocked)
+        else:
+            blocked = None
+        if keys[0] in flags:
+            names.append("suspended")
+            messages["suspended"] = _suspended_message(flags[keys[0]])
+        return Conditions(tuple(names), dirty, blocked, messages, time.monotonic())
+
+    def _dirty(self, conn: sa.engine.Connection) -> tuple[str, ...]:
         rows = list(journal.dirty_rows(conn, self.journal))
         if self.backend not in journal.TRANSACTIONAL_DDL:
             open_rows = journal.open_rows(conn, self.journal)
@@ -199,10 +258,12 @@ class Reconciler:
         return tuple(dict.fromkeys(str(r["revision"]) for r in rows))
 
     def _journal_exists(self, conn: sa.engine.Connection) -> bool:
-        try:
-            return journal.exists(conn, self.journal)
-        except sa.exc.DBAPIError:
-            return False
+        if not self._journal_seen:
+            try:
+                self._journal_seen = journal.exists(conn, self.journal)
+            except sa.exc.DBAPIError:
+                return False
+        return self._journal_seen
 
     # --- locking -----------------------------------------------------------------------------
     def lock_key(self) -> locks.LockKey:
@@ -266,33 +327,97 @@ class Reconciler:
         log.info("lock_waiting", target=self.target, holder=holder)
 
     # --- applying ----------------------------------------------------------------------------
-    def apply(self, trigger: str = "apply", progress: ProgressFn | None = None) -> ApplyResult:
-        """Bring the database to the repository's heads, or raise saying why not."""
+    def apply(
+        self,
+        trigger: str = "apply",
+        progress: ProgressFn | None = None,
+        fast: bool = False,
+        lock_timeout: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> ApplyResult:
+        """Bring the database to the repository's heads, or raise saying why not.
+
+        `fast` lets an in-sync run reuse recent journal flags (the daemon's no-op: one query);
+        `should_stop` is asked before each revision (graceful shutdown)."""
         started = time.monotonic()
         graph = self.graph()
+        timeout = self.settings.apply.lock_acquire_timeout if lock_timeout is None else lock_timeout
         with connection.connect(self.engine) as conn:
-            status = self._status(conn, graph)
+            status = self._status(conn, graph, fresh=not fast)
             refuse_unless_applicable(status)
             if status.sync_state == "in_sync":
                 return self._finish("noop", (), status, 0.0, started)
-            with self.locked(conn, self.settings.apply.lock_acquire_timeout) as waited:
+            with self.locked(conn, timeout) as waited:
                 journal.ensure(conn, self.journal)
+                self._journal_seen = True
                 status = self._settled_status(conn, graph)
                 refuse_unless_applicable(status)
                 if status.sync_state == "in_sync":  # another replica did the work meanwhile
                     return self._finish("noop", (), status, waited, started)
-                applied = self._run_pending(conn, graph, status.decision.pending, trigger, progress)
+                applied = self._apply_counted(conn, graph, status, trigger, progress, should_stop)
                 final = self._status(conn, graph)
-        verify(final)
+        if len(applied) == len(status.decision.pending):
+            verify(final)
         return self._finish("applied", applied, final, waited, started)
 
+    def _apply_counted(
+        self,
+        conn: sa.engine.Connection,
+        graph: RevisionGraph,
+        status: Status,
+        trigger: str,
+        progress: ProgressFn | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> tuple[tuple[str, float], ...]:
+        """Apply the pending revisions; count a failure fleet-wide, block it when it repeats."""
+        try:
+            applied = self._run_pending(
+                conn, graph, status.decision.pending, trigger, progress, should_stop
+            )
+        except RevisionFailed as exc:
+            self._count_failure(conn, graph, exc)
+            raise
+        fleet.clear_failures(conn, self.journal, self.target)
+        return applied
+
+    def failure_of(self, exc: RevisionFailed, graph: RevisionGraph | None = None) -> fleet.Failure:
+        """The fleet-wide identity of a failure: revision, its file hash, error class, SQLSTATE."""
+        revision = (graph or self.graph()).revisions.get(exc.revision or "")
+        return fleet.Failure(
+            revision=exc.revision or "",
+            file_hash=revision.file_hash if revision else "",
+            error_class=exc.error_class or "",
+            sqlstate=exc.sqlstate or "",
+            message=str(exc)[:500],
+        )
+
+    def _count_failure(self, conn: sa.engine.Connection, graph: RevisionGraph, exc: RevisionFailed) -> None:
+        failure = self.failure_of(exc, graph)
+        counted = fleet.record_failure(
+            conn, self.journal, self.target, failure, self.settings.daemon.blocked_after
+        )
+        self._conditions = None
+        if counted.count >= self.settings.daemon.blocked_after > 0:
+            log.error("revision_blocked", target=self.target, revision=counted.revision,
+                      failures=counted.count, error_class=counted.error_class)
+
     def _settled_status(self, conn: sa.engine.Connection, graph: RevisionGraph) -> Status:
+        self._unblock_if_changed(conn, graph)
         status = self._status(conn, graph)
         applied = graph.closure(h for h in status.decision.db_heads if h in graph.revisions)
         dirty = journal.settle_interrupted(conn, self.journal, applied, self.backend)
         if dirty:
             return self._status(conn, graph)
         return status
+
+    def _unblock_if_changed(self, conn: sa.engine.Connection, graph: RevisionGraph) -> None:
+        key = fleet.blocked_key(self.target)
+        blocked = fleet.Failure.loads(fleet.read(conn, self.journal, [key]).get(key))
+        if blocked and not still_blocked(blocked, graph):
+            fleet.delete(conn, self.journal, key)
+            fleet.clear_failures(conn, self.journal, self.target)
+            log.info("revision_unblocked", target=self.target, revision=blocked.revision,
+                     reason="its file changed")
 
     def _run_pending(
         self,
@@ -301,10 +426,14 @@ class Reconciler:
         pending: tuple[str, ...],
         trigger: str,
         progress: ProgressFn | None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[tuple[str, float], ...]:
         done: list[tuple[str, float]] = []
         with self.start_worker(conn) as worker:
             for index, rev in enumerate(pending, start=1):
+                if should_stop and should_stop():
+                    log.info("apply_stopped", target=self.target, before=rev, applied=len(done))
+                    break
                 revision = graph.revisions[rev]
                 if progress:
                     progress(index, len(pending), rev, revision.message)
@@ -328,9 +457,11 @@ class Reconciler:
             on_log=self._on_worker_log,
             timeout=self.settings.target.worker_timeout,
         )
+        self.current_worker = worker
         try:
             yield worker
         finally:
+            self.current_worker = None
             worker.close()
 
     def _apply_one(
@@ -443,7 +574,12 @@ class Reconciler:
 def refuse_unless_applicable(status: Status) -> None:
     """Raise the error that says why nothing can be applied; return when applying may go on."""
     if "dirty" in status.conditions:
-        raise Refused(status.message)
+        raise Refused(status.messages["dirty"])
+    if status.sync_state in APPLICABLE:
+        if "blocked" in status.conditions:
+            raise Blocked(status.messages["blocked"])
+        if "suspended" in status.conditions:
+            raise Suspended(status.messages["suspended"])
     state = status.sync_state
     if state == "unknown":
         raise UnreachableError(status.message)
@@ -459,6 +595,24 @@ def verify(status: Status) -> None:
             f"repository's heads are {sorted(status.decision.repo_heads)}; check env.py's "
             "version_table and run `reconciler status`"
         )
+
+
+def still_blocked(blocked: fleet.Failure, graph: RevisionGraph) -> bool:
+    """A block holds while the revision's file is unchanged."""
+    revision = graph.revisions.get(blocked.revision)
+    return revision is not None and revision.file_hash == blocked.file_hash
+
+
+def _blocked_message(blocked: fleet.Failure) -> str:
+    return (
+        f"revision {blocked.revision} failed {blocked.count} times the same way "
+        f"({blocked.error_class or 'error'}{' ' + blocked.sqlstate if blocked.sqlstate else ''}): "
+        f"{blocked.message} — it is retried when its file changes, or after `reconciler resume`"
+    )
+
+
+def _suspended_message(value: str) -> str:
+    return f"applying is suspended ({value}); `reconciler resume` lets replicas apply again"
 
 
 def _dirty_message(revisions: tuple[str, ...]) -> str:

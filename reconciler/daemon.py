@@ -1,0 +1,387 @@
+"""Composition root of `reconciler run` (prod mode): settings, loop, watcher, HTTP, alerts, signals.
+
+Each run is the reconcile of `reconcile.py`; this module turns its result (or its exception)
+into an outcome, metrics, a `/status` document, log lines and alert transitions, and decides when
+the next run happens (the interval, or a capped, jittered backoff after a failure).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import sqlalchemy as sa
+
+from reconciler import __version__, connection, dbsession, fleet, journal, logs
+from reconciler.alerts import Alert, AlertDispatcher, AlertPolicy, Observation
+from reconciler.config import Settings, parse_http
+from reconciler.errors import (
+    Blocked,
+    ConfigError,
+    LockTimeout,
+    ReconcilerError,
+    RevisionFailed,
+    Suspended,
+    UnreachableError,
+)
+from reconciler.graph import MissingRevision
+from reconciler.http import HttpServer
+from reconciler.metrics import Metrics
+from reconciler.reconcile import ApplyResult, Reconciler, Status
+from reconciler.redact import redact
+from reconciler.scheduler import Loop, backoff
+from reconciler.watcher import DirWatcher, fingerprint
+
+log = logs.get("reconciler.daemon")
+
+DAEMON_LOCK_WAIT = 5.0  # a tick waits this long for the lock; then lock_busy and a backoff
+TRANSIENT = ("unreachable", "lock_busy", "failed")
+EXIT_GRACE_EXPIRED = 1
+
+
+@dataclass
+class RunRecord:
+    """What the last runs said; read by /status, /readyz and the heartbeat line."""
+
+    started_at: float = field(default_factory=time.time)
+    runs: int = 0
+    last_run_at: float | None = None
+    last_outcome: str = ""
+    last_error: str = ""
+    last_success_at: float | None = None
+    consecutive_failures: int = 0
+    status: dict[str, Any] = field(default_factory=dict)
+    lock_holder: dict[str, Any] | None = None
+    lock_busy_since: float | None = None
+    missing_revision_seen: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outcome: str
+    status: Status | None = None
+    applied: tuple[tuple[str, float], ...] = ()
+    lock_wait: float = 0.0
+    error: str = ""
+    failed_revision: str | None = None
+    failure_signature: str = ""
+    lock_holder: dict[str, Any] | None = None
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rec = Reconciler(settings)
+        self.target = self.rec.target
+        self.metrics = Metrics(self.target, __version__)
+        self.policy = AlertPolicy(self.target, settings.alerting)
+        self.dispatcher = AlertDispatcher(
+            settings.alerts, settings.alerting, on_sent=self.metrics.alert_sent
+        )
+        daemon = settings.daemon
+        self.loop = Loop(self._run, daemon.interval, daemon.jitter)
+        dirs, _ = self.rec.project.version_dirs
+        self.version_dirs = dirs
+        self.watcher = DirWatcher(dirs, self._files_changed, debounce=daemon.debounce, suffixes=(".py",))
+        host, port = parse_http(daemon.http)
+        self.http = HttpServer(host, port, self, self.metrics, daemon.allowed_hosts)
+        self.record = RunRecord()
+        self._record_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._done = threading.Event()
+        self._exit_code = 0
+        self._fingerprint = ""
+        self._last_heartbeat = time.monotonic()
+        self._last_state = ""
+
+    # --- HealthSource (http.py) -------------------------------------------------------------
+    def alive(self) -> bool:
+        """Alive while the loop heartbeats; never depends on the database."""
+        limit = max(60.0, 3 * self.settings.daemon.interval + self.settings.daemon.backoff_max)
+        return self.loop.running or time.monotonic() - self.loop.last_beat < limit
+
+    def ready(self) -> bool:
+        with self._record_lock:
+            attempted = self.record.runs > 0
+            state = self.record.status.get("state")
+        if self.settings.daemon.ready_when == "in_sync":
+            return state == "in_sync"
+        return attempted
+
+    def status(self) -> dict[str, Any]:
+        with self._record_lock:
+            record = self.record
+            out = dict(record.status)
+            out.update(
+                {
+                    "target": self.target,
+                    "url": self.rec.redacted_url,
+                    "mode": "prod",
+                    "apply": self.settings.daemon.apply,
+                    "version": __version__,
+                    "started_at": _iso(record.started_at),
+                    "runs": record.runs,
+                    "last_run": _iso(record.last_run_at),
+                    "last_outcome": record.last_outcome,
+                    "last_error": record.last_error or None,
+                    "last_success": _iso(record.last_success_at),
+                    "consecutive_failures": record.consecutive_failures,
+                    "lock_holder": record.lock_holder,
+                    "watching": self.watcher.healthy,
+                }
+            )
+        return out
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start everything and block until a signal has stopped it; the process exit code."""
+        self._install_signals()
+        self.http.start()
+        self.dispatcher.start()
+        if not self.watcher.start():
+            log.warning("watch_unavailable", fallback="stat fingerprint each tick")
+        host, port = self.http.address
+        log.info("daemon_started", target=self.target, url=self.rec.redacted_url,
+                 interval=self.settings.daemon.interval, http=f"{host}:{port}",
+                 apply=self.settings.daemon.apply, version=__version__)
+        self.loop.start()
+        self._done.wait()
+        return self._exit_code
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self._stopping.is_set():
+            log.warning("second_signal", signal=signal.Signals(signum).name, action="exit now")
+            os._exit(EXIT_GRACE_EXPIRED)
+        self._stopping.set()
+        log.info("shutdown_requested", signal=signal.Signals(signum).name,
+                 grace=self.settings.daemon.grace)
+        threading.Thread(target=self._shutdown, name="shutdown", daemon=True).start()
+
+    def _shutdown(self) -> None:
+        grace = self.settings.daemon.grace
+        finished = self.loop.stop(wait=True, timeout=grace)
+        if not finished:
+            log.warning("grace_expired", action="cancelling our statement on the server")
+            self._cancel_in_flight()
+            finished = self.loop.stop(wait=True, timeout=max(10.0, grace))
+            self._exit_code = EXIT_GRACE_EXPIRED
+        self.watcher.stop()
+        self.http.stop()
+        self.dispatcher.close(timeout=2.0)
+        self.rec.close()
+        log.info("daemon_stopped", target=self.target, clean=finished and not self._exit_code)
+        self._done.set()
+
+    def _cancel_in_flight(self) -> None:
+        """Cancel the revision our worker is running (PostgreSQL), else stop the worker."""
+        name = dbsession.application_name(self.target, "apply")
+        if self.rec.backend == "postgresql":
+            try:
+                with connection.connect(self.rec.engine) as conn:
+                    conn.execute(
+                        sa.text(
+                            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                            "WHERE application_name = :name AND datname = current_database()"
+                        ),
+                        {"name": name},
+                    )
+                return
+            except ReconcilerError:
+                pass
+        worker = self.rec.current_worker
+        if worker is not None:
+            worker.kill()
+
+    def request_stop(self) -> None:
+        """Stop as on SIGTERM (for embedding and tests)."""
+        self._on_signal(signal.SIGTERM, None)
+
+    # --- one run -------------------------------------------------------------------------------
+    def _files_changed(self, paths: set[Any]) -> None:
+        log.info("revision_files_changed", count=len(paths))
+        self.rec.project.invalidate()
+        self.loop.trigger("revision_files_changed")
+
+    def _run(self, reason: str) -> float | None:
+        started = time.monotonic()
+        self._poll_files_if_blind()
+        result = self._reconcile(reason)
+        seconds = time.monotonic() - started
+        self._report(result, seconds)
+        if self.settings.daemon.interval > self.settings.daemon.idle_disconnect_after:
+            self.rec.close()  # 200 sidecars' idle connections cost server slots
+        return self._next_delay(result)
+
+    def _poll_files_if_blind(self) -> None:
+        self.rec.check_files = not self.watcher.healthy
+        if self.watcher.healthy:
+            return
+        current = fingerprint(self.version_dirs)
+        if current != self._fingerprint:
+            self._fingerprint = current
+            self.rec.project.invalidate()
+
+    def _reconcile(self, reason: str) -> RunResult:
+        try:
+            if not self.settings.daemon.apply:
+                return RunResult("noop", self.rec.status())
+            result: ApplyResult = self.rec.apply(
+                trigger=reason,
+                fast=True,
+                lock_timeout=min(DAEMON_LOCK_WAIT, self.settings.apply.lock_acquire_timeout),
+                should_stop=self._stopping.is_set,
+            )
+            self.record.missing_revision_seen = False
+            return RunResult(result.outcome, result.status, result.applied, result.lock_wait)
+        except LockTimeout as exc:
+            return RunResult("lock_busy", self._quiet_status(), error=str(exc), lock_holder=dict(exc.holder))
+        except UnreachableError as exc:
+            return RunResult("unreachable", self.rec.status(), error=str(exc))
+        except RevisionFailed as exc:
+            signature = self.rec.failure_of(exc).signature
+            return RunResult("failed", self._quiet_status(), error=str(exc),
+                             failed_revision=exc.revision, failure_signature=signature)
+        except Blocked as exc:
+            return RunResult("blocked", self._quiet_status(), error=str(exc))
+        except Suspended as exc:
+            return RunResult("suspended", self._quiet_status(), error=str(exc))
+        except MissingRevision as exc:
+            return self._missing_revision(exc)
+        except ReconcilerError as exc:  # ahead, diverged, multiple heads, dirty, bad files
+            return RunResult("refused", self._quiet_status(), error=str(exc))
+
+    def _missing_revision(self, exc: MissingRevision) -> RunResult:
+        """A half-synced checkout is transient for one debounce window, then an error."""
+        first = not self.record.missing_revision_seen
+        self.record.missing_revision_seen = True
+        self.rec.project.invalidate()
+        if first:
+            log.info("revision_files_incomplete", missing=exc.missing, retry_in=self.settings.daemon.debounce)
+            return RunResult("noop", None, error="")
+        return RunResult("refused", None, error=str(exc))
+
+    def _quiet_status(self) -> Status | None:
+        try:
+            return self.rec.status()
+        except (ReconcilerError, ConfigError):
+            return None
+
+    def _next_delay(self, result: RunResult) -> float | None:
+        if result.outcome == "noop" and self.record.missing_revision_seen:
+            return self.settings.daemon.debounce
+        if result.outcome not in TRANSIENT:
+            return None
+        attempt = self.record.consecutive_failures
+        return backoff(attempt, base=1.0, cap=min(self.settings.daemon.backoff_max,
+                                                  max(1.0, self.settings.daemon.interval)))
+
+    # --- reporting -----------------------------------------------------------------------------
+    def _report(self, result: RunResult, seconds: float) -> None:
+        now = time.time()
+        status = result.status
+        state_doc = status.as_dict() if status else {"state": "unknown", "sync_state": "unknown"}
+        with self._record_lock:
+            record = self.record
+            record.runs += 1
+            record.last_run_at = now
+            record.last_outcome = result.outcome
+            record.last_error = redact(result.error)
+            if result.outcome in ("noop", "applied"):
+                record.last_success_at = now
+                record.consecutive_failures = 0
+            elif result.outcome in TRANSIENT:
+                record.consecutive_failures += 1
+            record.status = state_doc
+            self._track_lock(record, result, now)
+        self._metrics(result, seconds, state_doc, now)
+        self._log(result, seconds, state_doc)
+        self._alert(result, state_doc)
+
+    def _track_lock(self, record: RunRecord, result: RunResult, now: float) -> None:
+        if result.outcome == "lock_busy":
+            record.lock_holder = result.lock_holder
+            record.lock_busy_since = record.lock_busy_since or now
+        else:
+            record.lock_holder = None
+            record.lock_busy_since = None
+
+    def _metrics(self, result: RunResult, seconds: float, doc: dict[str, Any], now: float) -> None:
+        m = self.metrics
+        m.observe_run(result.outcome, seconds)
+        m.set_state(str(doc.get("state")), str(doc.get("sync_state")), doc.get("conditions") or ())
+        m.set_pending(len(doc.get("pending") or ()))
+        for _rev, took in result.applied:
+            m.observe_revision_apply(took)
+        if result.outcome in ("noop", "applied"):
+            m.set_last_success(now)
+        if result.lock_wait:
+            m.observe_lock_wait(result.lock_wait)
+        m.set_consecutive_failures(self.record.consecutive_failures)
+
+    def _log(self, result: RunResult, seconds: float, doc: dict[str, Any]) -> None:
+        state = str(doc.get("state"))
+        changed = state != self._last_state
+        self._last_state = state
+        fields = {"target": self.target, "outcome": result.outcome, "state": state,
+                  "duration_ms": round(seconds * 1000, 2)}
+        if result.error:
+            log.warning("run_finished", error=result.error, **fields)
+        elif changed or result.outcome != "noop":
+            log.info("run_finished", **fields)
+        else:
+            log.debug("run_finished", **fields)
+        now = time.monotonic()
+        if now - self._last_heartbeat >= self.settings.daemon.heartbeat:
+            self._last_heartbeat = now
+            log.info("heartbeat", target=self.target, state=state, runs=self.record.runs)
+
+    def _alert(self, result: RunResult, doc: dict[str, Any]) -> None:
+        record = self.record
+        blocked = doc.get("blocked") or {}  # the journal's record: the same on every replica
+        observation = Observation(
+            outcome=result.outcome,
+            state=str(doc.get("state")),
+            sync_state=str(doc.get("sync_state")),
+            conditions=tuple(doc.get("conditions") or ()),
+            applied=tuple(rev for rev, _ in result.applied),
+            failed_revision=blocked.get("revision") or result.failed_revision,
+            failure_signature=blocked.get("signature") or result.failure_signature,
+            error=redact(result.error),
+            consecutive_failures=record.consecutive_failures,
+            lock_holder=result.lock_holder,
+            lock_held_for=(time.time() - record.lock_busy_since) if record.lock_busy_since else 0.0,
+            unknown=tuple(doc.get("unknown") or ()),
+            heads=tuple(doc.get("fork") or doc.get("repo_heads") or ()),
+        )
+        for alert, episode in self.policy.observe(observation, time.time()):
+            if episode is None or self._claim(alert, episode):
+                self.dispatcher.submit(alert)
+
+    def _claim(self, alert: Alert, episode: str) -> bool:
+        """The first replica to record this transition in the journal sends it."""
+        try:
+            with connection.connect(self.rec.engine) as conn:
+                if not journal.exists(conn, self.rec.journal):
+                    return True
+                return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, alert.event), episode)
+        except (ReconcilerError, sa.exc.DBAPIError):
+            return True  # cannot coordinate: better twice than never
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def run_daemon(settings: Settings) -> int:
+    return Daemon(settings).run()

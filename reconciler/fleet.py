@@ -1,0 +1,154 @@
+"""What a fleet of replicas must decide once, kept in the database (the journal's flags table).
+
+Keys are per target:
+- `suspended/<target>`: set by `reconciler suspend`; no replica applies while it is there.
+- `failures/<target>`: the last failure signature and how often it repeated in a row.
+- `blocked/<target>`: the revision (and its file hash) that failed `blocked_after` times the same
+  way; applying stops until that file changes or an operator runs `reconciler resume`.
+- `alert/<target>/<event>`: the last alert transition sent for the fleet; `claim` lets exactly
+  one replica win each transition (insert-on-conflict, then a conditional update).
+
+Failure counts and blocking are written only by the lock holder, so a read-modify-write is safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from reconciler.journal import JournalTables
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
+
+
+def _commit(conn: sa.engine.Connection) -> None:
+    if conn.in_transaction():
+        conn.commit()
+
+
+def _rollback(conn: sa.engine.Connection) -> None:
+    if conn.in_transaction():
+        conn.rollback()
+
+
+def read(conn: sa.engine.Connection, jt: JournalTables, keys: list[str]) -> dict[str, str]:
+    """The values of `keys` that are set (empty when the flags table does not exist yet)."""
+    try:
+        rows = conn.execute(
+            sa.select(jt.flags.c.key, jt.flags.c.value).where(jt.flags.c.key.in_(keys))
+        ).fetchall()
+    except sa.exc.DBAPIError:
+        _rollback(conn)
+        return {}
+    _commit(conn)
+    return {str(k): str(v) for k, v in rows}
+
+
+def put(conn: sa.engine.Connection, jt: JournalTables, key: str, value: str) -> None:
+    """Set a flag (insert, or update when it exists)."""
+    updated = conn.execute(
+        jt.flags.update().where(jt.flags.c.key == key).values(value=value, updated_at=_now())
+    ).rowcount
+    if not updated:
+        try:
+            conn.execute(jt.flags.insert().values(key=key, value=value, updated_at=_now()))
+        except sa.exc.IntegrityError:  # inserted concurrently: ours is the newer value
+            _rollback(conn)
+            conn.execute(
+                jt.flags.update().where(jt.flags.c.key == key).values(value=value, updated_at=_now())
+            )
+    _commit(conn)
+
+
+def delete(conn: sa.engine.Connection, jt: JournalTables, key: str) -> bool:
+    removed = conn.execute(jt.flags.delete().where(jt.flags.c.key == key)).rowcount
+    _commit(conn)
+    return bool(removed)
+
+
+def claim(conn: sa.engine.Connection, jt: JournalTables, key: str, value: str) -> bool:
+    """Record `value` under `key` unless it is already there; True for the one caller that did."""
+    try:
+        conn.execute(jt.flags.insert().values(key=key, value=value, updated_at=_now()))
+        _commit(conn)
+        return True
+    except sa.exc.IntegrityError:
+        _rollback(conn)
+    changed = conn.execute(
+        jt.flags.update()
+        .where(jt.flags.c.key == key, jt.flags.c.value != value)
+        .values(value=value, updated_at=_now())
+    ).rowcount
+    _commit(conn)
+    return bool(changed == 1)
+
+
+# --- keys --------------------------------------------------------------------------------------
+def suspended_key(target: str) -> str:
+    return f"suspended/{target}"
+
+
+def blocked_key(target: str) -> str:
+    return f"blocked/{target}"
+
+
+def failures_key(target: str) -> str:
+    return f"failures/{target}"
+
+
+def alert_key(target: str, event: str) -> str:
+    return f"alert/{target}/{event}"
+
+
+# --- failures and blocking ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Failure:
+    """A revision failing 'the same way': same revision, file hash, exception class and SQLSTATE."""
+
+    revision: str
+    file_hash: str
+    error_class: str
+    sqlstate: str
+    count: int = 1
+    message: str = ""
+
+    @property
+    def signature(self) -> str:
+        return f"{self.revision}:{self.file_hash[:12]}:{self.error_class}:{self.sqlstate}"
+
+    def dumps(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def loads(cls, text: str | None) -> Failure | None:
+        if not text:
+            return None
+        try:
+            data: dict[str, Any] = json.loads(text)
+            return cls(**data)
+        except (ValueError, TypeError):
+            return None
+
+
+def record_failure(
+    conn: sa.engine.Connection, jt: JournalTables, target: str, failure: Failure, blocked_after: int
+) -> Failure:
+    """Count a failure (under the lock); block the revision when it repeats `blocked_after` times."""
+    previous = Failure.loads(read(conn, jt, [failures_key(target)]).get(failures_key(target)))
+    count = previous.count + 1 if previous and previous.signature == failure.signature else 1
+    counted = dataclasses.replace(failure, count=count)
+    put(conn, jt, failures_key(target), counted.dumps())
+    if blocked_after > 0 and count >= blocked_after:
+        put(conn, jt, blocked_key(target), counted.dumps())
+    return counted
+
+
+def clear_failures(conn: sa.engine.Connection, jt: JournalTables, target: str) -> None:
+    delete(conn, jt, failures_key(target))

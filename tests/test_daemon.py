@@ -1,0 +1,302 @@
+"""`reconciler run` (prod mode) as a real process: files, restarts, failures, alerts, signals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.builders import Project, create_table, db_heads, flask_project, journal_rows
+from tests.cli import run_cli, start_cli
+from tests.dbs import assert_no_canary
+from tests.pgcluster import PrivateCluster, wait_until
+from tests.webhooks import Recorder
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Running:
+    """One daemon process with its HTTP port."""
+
+    def __init__(self, project: Project, port: int, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.proc = start_cli(
+            ["--config", str(project.config), "run", "--http", f"127.0.0.1:{port}"],
+            cwd=project.root,
+            env=env,
+        )
+        self.stdout = ""
+        self.stderr = ""
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.get("/status")
+        return json.loads(body) if code == 200 else {}
+
+    def wait_status(self, predicate, timeout: float = 30, what: str = "status"):  # type: ignore[no-untyped-def]
+        return wait_until(lambda: (lambda s: s if s and predicate(s) else None)(self.status()),
+                          timeout, what)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.stdout, self.stderr = self.proc.communicate(timeout=timeout)
+        assert_no_canary(self.stdout, self.stderr)
+        return int(self.proc.returncode)
+
+
+@contextmanager
+def daemon(project: Project, env: dict[str, str] | None = None) -> Iterator[Running]:
+    running = Running(project, free_port(), env)
+    try:
+        running.wait_status(lambda s: s.get("runs", 0) >= 1, 60, "the first run")
+        yield running
+    finally:
+        running.stop()
+
+
+def config(project: Project, interval: float = 60, sinks: list[str] | None = None, extra: str = "") -> None:
+    alerts = "".join(f'\n[[alerts]]\nkind = "webhook"\nurl = "{url}"\n' for url in sinks or [])
+    project.write_config(
+        extra=f"[daemon]\ninterval = {interval}\njitter = 0\ndebounce = 0.1\nbackoff_max = 2\n"
+        f"{extra}\n[alerting]\nunreachable_after = 2\n{alerts}",
+        models="myapp.models:db",
+    )
+
+
+def test_new_revision_files_are_applied_within_2_seconds(tmp_path: Path, pg_url: str) -> None:
+    project = flask_project(tmp_path / "p", pg_url)
+    project.chain(2)
+    config(project, interval=60)
+    staging = flask_project(tmp_path / "staging", pg_url)
+    new_files = [staging.revision("n1", "r0001", upgrade=create_table("t_n1")),
+                 staging.revision("n2", "n1", upgrade=create_table("t_n2"))]
+    with daemon(project) as d:
+        d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync")
+        copied_at = time.monotonic()
+        for path in new_files:  # what a new image or a git-sync sidecar does
+            shutil.copy(path, project.versions / path.name)
+        wait_until(lambda: db_heads(pg_url) == {"n2"}, 10, "n2 applied")
+        elapsed = time.monotonic() - copied_at
+        assert elapsed < 2.0, f"applied after {elapsed:.2f} s"
+        status = d.status()
+        assert status["state"] == "in_sync" and status["last_outcome"] in ("applied", "noop")
+        code, body = d.get("/metrics")
+        assert code == 200 and "reconciler_runs_total" in body
+
+
+def test_server_restart_survives_with_one_unreachable_and_one_recovered_alert(tmp_path: Path) -> None:
+    cluster = PrivateCluster()
+    hooks = Recorder()
+    try:
+        cluster.init()
+        cluster.start()
+        url = cluster.create_database("app")
+        project = flask_project(tmp_path / "p", url)
+        project.chain(2)
+        config(project, interval=0.5, sinks=[hooks.url])
+        with daemon(project) as d:
+            d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync")
+            cluster.stop("fast")
+            d.wait_status(lambda s: s["state"] == "unknown", 30, "the outage in /status")
+            assert d.get("/healthz")[0] == 200
+            wait_until(lambda: hooks.events("unreachable"), 30, "the unreachable alert")
+            project.chain(1, prefix="s", start_down="r0001")  # a release arrives during the outage
+            assert d.get("/healthz")[0] == 200 and d.proc.poll() is None
+            cluster.start()
+            back = time.monotonic()
+            d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync after the restart")
+            print(f"back in sync {time.monotonic() - back:.1f} s after the server returned")
+            wait_until(lambda: hooks.events("recovered"), 10, "the recovered alert")
+            assert db_heads(url) == {"s0000"}
+        assert len(hooks.events("unreachable")) == 1
+        assert len(hooks.events("recovered")) == 1
+        for body in hooks.bodies:
+            assert {"event", "state", "target", "message", "timestamp"} <= set(body)
+    finally:
+        hooks.close()
+        cluster.destroy()
+
+
+FAILS = 'op.execute("SELECT 1/0")'
+
+
+def test_failing_revision_alerts_once_backs_off_then_blocks_until_fixed(
+    tmp_path: Path, pg_url: str
+) -> None:
+    hooks = Recorder()
+    project = flask_project(tmp_path / "p", pg_url)
+    project.chain(1)
+    bad = project.revision("bad", "r0000", upgrade=FAILS)
+    config(project, interval=0.2, sinks=[hooks.url], extra="blocked_after = 3")
+    try:
+        with daemon(project) as d:
+            d.wait_status(lambda s: "blocked" in s.get("conditions", []), 60, "blocked")
+            attempts = [r for r in journal_rows(pg_url) if r["revision"] == "bad"]
+            assert len(attempts) == 3  # backoff, then blocked: not one attempt per 0.2 s tick
+            wait_until(lambda: len(hooks.events("blocked")) >= 1, 10, "the blocked alert")
+            assert len(hooks.events("failed")) == 1
+            # Fixing the file unblocks it.
+            bad.write_text(bad.read_text().replace(FAILS, create_table("t_fixed")))
+            d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync after the fix")
+        assert db_heads(pg_url) == {"bad"}
+    finally:
+        hooks.close()
+
+
+def test_dead_or_slow_webhooks_do_not_change_the_rhythm(tmp_path: Path, pg_url: str) -> None:
+    hung, slow = Recorder(hang=True), Recorder(delay=3)
+    project = flask_project(tmp_path / "p", pg_url)
+    project.chain(1)
+    project.revision("bad", "r0000", upgrade=FAILS)  # alerts to send on every state change
+    config(project, interval=0.2, sinks=[hung.url, slow.url], extra="blocked_after = 100")
+    try:
+        with daemon(project) as d:
+            first = d.wait_status(lambda s: s.get("runs", 0) >= 3, 30, "three runs")
+            start, runs0 = time.monotonic(), first["runs"]
+            wait_until(lambda: d.status().get("runs", 0) >= runs0 + 5, 30, "five more runs")
+            # Five more runs within their backoff (capped at 2 s) — not stuck behind a 10 s send.
+            assert time.monotonic() - start < 15
+            assert hung.bodies  # the hung sink was really tried
+    finally:
+        hung.close()
+        slow.close()
+
+
+SLOW = 'op.execute("SELECT pg_sleep(3)")\n' + create_table("t_slow")
+
+
+def test_sigterm_during_a_long_revision_completes_it_and_exits_0(tmp_path: Path, pg_url: str) -> None:
+    project = flask_project(tmp_path / "p", pg_url)
+    project.chain(1)
+    config(project, interval=60, extra="grace = 20")
+    with daemon(project) as d:
+        d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync")
+        project.revision("slow", "r0000", upgrade=SLOW)
+        wait_until(lambda: any(r["revision"] == "slow" for r in journal_rows(pg_url)), 20, "slow started")
+        code = d.stop(signal.SIGTERM)
+    assert code == 0, d.stderr[-3000:]
+    assert db_heads(pg_url) == {"slow"}
+    # The lock was released: another apply takes it at once.
+    result = run_cli(["--config", str(project.config), "apply"], cwd=project.root)
+    assert result.returncode == 0
+
+
+def test_five_daemons_apply_once_alert_once(tmp_path: Path, pg_url: str) -> None:
+    hooks = Recorder()
+    project = flask_project(tmp_path / "p", pg_url)
+    project.chain(1)
+    config(project, interval=0.3, sinks=[hooks.url], extra="blocked_after = 2")
+    procs = [Running(project, free_port()) for _ in range(5)]
+    try:
+        for d in procs:
+            d.wait_status(lambda s: s.get("state") == "in_sync", 60, "in sync")
+        for n in range(3):
+            project.revision(f"f{n}", f"f{n - 1}" if n else "r0000", upgrade=create_table(f"t_f{n}"))
+        wait_until(lambda: db_heads(pg_url) == {"f2"}, 30, "f2 applied")
+        applied = [r["revision"] for r in journal_rows(pg_url) if r["outcome"] == "applied"]
+        assert applied == ["r0000", "f0", "f1", "f2"]
+        wait_until(lambda: len(hooks.events("applied")) >= 3, 10, "applied alerts")
+        assert sorted(b["revision"] for b in hooks.events("applied") if b["revision"] != "r0000") == [
+            "f0", "f1", "f2"]
+        # A failing revision: one `failed` alert for the fleet, not five.
+        project.revision("bad", "f2", upgrade=FAILS)
+        wait_until(lambda: hooks.events("failed"), 30, "the failed alert")
+        for d in procs:
+            d.wait_status(lambda s: "blocked" in s.get("conditions", []), 60, "blocked everywhere")
+        assert len(hooks.events("failed")) == 1
+        assert len(hooks.events("blocked")) == 1
+    finally:
+        for d in procs:
+            assert d.stop() == 0
+        hooks.close()
+
+
+def test_suspend_stops_all_replicas_until_resume(tmp_path: Path, pg_url: str) -> None:
+    project = flask_project(tmp_path / "p", pg_url)
+    project.chain(1)
+    config(project, interval=0.3)
+    procs = [Running(project, free_port()) for _ in range(5)]
+    try:
+        for d in procs:
+            d.wait_status(lambda s: s.get("state") == "in_sync", 60, "in sync")
+        assert run_cli(["--config", str(project.config), "suspend", "--reason", "manual fix"],
+                       cwd=project.root).returncode == 0
+        project.revision("new1", "r0000", upgrade=create_table("t_new1"))
+        for d in procs:
+            d.wait_status(lambda s: s.get("state") == "suspended", 30, "suspended")
+        runs = [d.status()["runs"] for d in procs]
+        wait_until(lambda: all(d.status()["runs"] >= r + 3 for d, r in zip(procs, runs)), 30, "runs")
+        assert db_heads(pg_url) == {"r0000"}  # nobody applied new1 while suspended
+        assert run_cli(["--config", str(project.config), "resume"], cwd=project.root).returncode == 0
+        wait_until(lambda: db_heads(pg_url) == {"new1"}, 30, "new1 applied after resume")
+        assert [r["revision"] for r in journal_rows(pg_url)].count("new1") == 1
+    finally:
+        for d in procs:
+            d.stop()
+
+
+def test_endpoints_and_canary(tmp_path: Path, pg_canary_url: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    hooks = Recorder()
+    project = flask_project(tmp_path / "p", pg_canary_url)
+    project.chain(1)
+    project.revision("bad", "r0000", upgrade=(
+        'raise RuntimeError("cannot use " + op.get_bind().engine.url.render_as_string(False))'))
+    config(project, interval=0.3, sinks=[hooks.url], extra="blocked_after = 2")
+    try:
+        with daemon(project) as d:
+            d.wait_status(lambda s: "blocked" in s.get("conditions", []), 60, "blocked")
+            wait_until(lambda: hooks.events("blocked"), 10, "the blocked alert")
+            bodies = {path: d.get(path) for path in ("/status", "/metrics", "/healthz", "/readyz")}
+            assert bodies["/healthz"][0] == 200 and bodies["/readyz"][0] == 200
+            assert d.get("/nope")[0] == 404
+            families = {f.name for f in text_string_to_metric_families(bodies["/metrics"][1])}
+            assert {"reconciler_state", "reconciler_runs", "reconciler_pending_revisions"} <= families
+            for _code, body in bodies.values():
+                assert_no_canary(body)
+        assert_no_canary(*(raw.decode() for raw in hooks.raw))
+        assert "***" in json.dumps(hooks.bodies)  # the URL was in the error, masked
+    finally:
+        hooks.close()
+
+
+def test_observe_only_replica_applies_nothing(tmp_path: Path, pg_url: str) -> None:
+    project = flask_project(tmp_path / "p", pg_url)
+    project.chain(2)
+    config(project, interval=0.3, extra="apply = false")
+    with daemon(project) as d:
+        status = d.wait_status(lambda s: s.get("state") == "uninitialized_empty", 30, "observed")
+        assert status["pending"] == ["r0000", "r0001"]
+    assert db_heads(pg_url) == set()
+
+
+def test_dev_mode_is_refused_clearly(tmp_path: Path, sqlite_url: str) -> None:
+    project = flask_project(tmp_path / "p", sqlite_url)
+    result = run_cli(["--config", str(project.config), "run", "--mode", "dev"], cwd=project.root)
+    assert result.returncode == 2 and "dev mode" in result.stderr
+
