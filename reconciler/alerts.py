@@ -140,14 +140,15 @@ Verdict = Union[str, None, _Keep]  # an episode (condition active), None (it is 
 Detector = Callable[[Observation, AlertingSettings], Verdict]
 
 
-def _failed(obs: Observation, _a: AlertingSettings) -> Verdict:
-    if obs.outcome == "failed":
-        return f"{obs.failed_revision or '-'}:{obs.failure_signature}"
-    return None if obs.outcome in ("noop", "applied") else KEEP
-
-
 def _failure_episode(obs: Observation) -> str:
     return f"{obs.failed_revision or '-'}:{obs.failure_signature}"
+
+
+def _failed(obs: Observation, _a: AlertingSettings) -> Verdict:
+    """A failure lasts until a run succeeds; lock_busy, blocked, refused... cannot tell."""
+    if obs.outcome == "failed":
+        return _failure_episode(obs)
+    return None if obs.outcome in ("noop", "applied") else KEEP
 
 
 def _condition(name: str, episode: Callable[[Observation], str] = lambda _o: "") -> Detector:

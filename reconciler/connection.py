@@ -42,16 +42,18 @@ def make_engine(url: str, target: str, connect_timeout: float, role: str = "ctl"
     parsed = sa.engine.make_url(url)
     backend = parsed.get_backend_name()
     connect_args = _connect_args(backend, parsed.get_driver_name(), connect_timeout)
-    if backend == "sqlite":  # one file: no pool to keep, nothing to time out but the busy wait
+    # One pooled connection, kept between runs: the in-sync run is then a single round trip
+    # (no pre-ping; a connection the server dropped is retried once by the caller).
+    if backend == "sqlite":
         engine = sa.create_engine(
-            parsed, future=True, connect_args=connect_args, poolclass=sa.pool.NullPool
+            parsed, future=True, connect_args=connect_args, poolclass=sa.pool.QueuePool,
+            pool_size=1, max_overflow=2,
         )
     else:
         engine = sa.create_engine(
             parsed,
             future=True,
             isolation_level="AUTOCOMMIT",
-            pool_pre_ping=True,
             pool_size=1,
             max_overflow=2,
             connect_args=connect_args,

@@ -80,6 +80,7 @@ class Daemon:
         self.target = self.rec.target
         self.metrics = Metrics(self.target, __version__)
         self.policy = AlertPolicy(self.target, settings.alerting)
+        _check_sink_events(settings)
         self.dispatcher = AlertDispatcher(
             settings.alerts, settings.alerting, on_sent=self.metrics.alert_sent
         )
@@ -367,14 +368,32 @@ class Daemon:
                 self.dispatcher.submit(alert)
 
     def _claim(self, alert: Alert, episode: str) -> bool:
-        """The first replica to record this transition in the journal sends it."""
+        """The first replica to record this transition in the journal sends it. A recovery is
+        recorded under the event it ends, so a later return of the same episode is claimable."""
+        event = str(alert.details.get("recovered_from") or alert.event)
         try:
             with connection.connect(self.rec.engine) as conn:
                 if not journal.exists(conn, self.rec.journal):
                     return True
-                return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, alert.event), episode)
+                return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, event), episode)
         except (ReconcilerError, sa.exc.DBAPIError):
             return True  # cannot coordinate: better twice than never
+
+
+def _check_sink_events(settings: Settings) -> None:
+    import difflib
+
+    from reconciler.alerts import EVENTS
+
+    for index, sink in enumerate(settings.alerts, start=1):
+        for name in sink.events:
+            if name not in EVENTS:
+                close = difflib.get_close_matches(name, list(EVENTS), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(
+                    f"[[alerts]] #{index} ({sink.name}): unknown event {name!r}{hint}; "
+                    f"events are {', '.join(EVENTS)}"
+                )
 
 
 def _iso(timestamp: float | None) -> str | None:

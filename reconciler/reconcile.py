@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -34,7 +34,7 @@ from reconciler.errors import (
 from reconciler.graph import RevisionGraph
 from reconciler.project import Project
 from reconciler.redact import redact
-from reconciler.state import Decision, decide
+from reconciler.state import DbSnapshot, Decision, decide
 
 if TYPE_CHECKING:
     from reconciler.workerclient import Worker
@@ -52,6 +52,7 @@ CONDITION_ORDER = (
 )
 
 ProgressFn = Callable[[int, int, str, str], None]
+T = TypeVar("T")
 CONDITIONS_TTL = 10.0  # seconds the in-sync fast path may reuse the flags it read last
 
 
@@ -143,6 +144,7 @@ class Reconciler:
         self._lock_engine: sa.engine.Engine | None = None
         self._on_worker_log = on_worker_log or _log_worker_line
         self._conditions: Conditions | None = None
+        self._decided: tuple[object, Decision] | None = None  # the last decision, by its inputs
         self.current_worker: Worker | None = None  # the worker of an apply in progress
         self._journal_seen = False
         self.check_files = True  # stat the revision files each run (the daemon turns it off while it watches)
@@ -182,13 +184,27 @@ class Reconciler:
         """The state of the target; `unknown` (not an exception) when the database is unreachable."""
         graph = self.graph()
         try:
-            with connection.connect(self.engine) as conn:
-                return self._status(conn, graph)
+            return self._retrying(lambda: self._read_status(graph))
         except UnreachableError as exc:
             decision = decide(connection.unreachable_snapshot(), graph)
             return Status(
                 self.target, self.redacted_url, dataclasses.replace(decision, message=str(exc))
             )
+
+    def _read_status(self, graph: RevisionGraph) -> Status:
+        with connection.connect(self.engine) as conn:
+            return self._status(conn, graph)
+
+    def _retrying(self, read: Callable[[], T]) -> T:
+        """Run `read`; once more if the pooled connection turned out dead (server restart, idle
+        timeout): a stale connection is not an unreachable database."""
+        try:
+            return read()
+        except UnreachableError:
+            if self._engine is None:
+                raise
+            self._engine.dispose()
+            return read()
 
     def _status(
         self, conn: sa.engine.Connection, graph: RevisionGraph, fresh: bool = True
@@ -200,7 +216,7 @@ class Reconciler:
             snap = connection.snapshot(
                 conn, self.settings.target.version_table, schema, self.journal.names
             )
-            decision = decide(snap, graph, self._ancestry(conn, snap.db_heads, graph))
+            decision = self._decide(snap, graph, self._ancestry(conn, snap.db_heads, graph))
             cached = self._conditions
             if fresh or decision.sync_state != "in_sync" or cached is None or (
                 time.monotonic() - cached.read_at > CONDITIONS_TTL
@@ -219,6 +235,17 @@ class Reconciler:
             cached.messages,
             cached.blocked,
         )
+
+    def _decide(
+        self, snap: DbSnapshot, graph: RevisionGraph, ancestry: dict[str, tuple[str, ...]]
+    ) -> Decision:
+        """`decide` is pure: the same inputs give the same decision, so the no-op tick reuses it."""
+        key = (snap, graph.fingerprint, tuple(sorted(ancestry.items())))
+        if self._decided is not None and self._decided[0] == key:
+            return self._decided[1]
+        decision = decide(snap, graph, ancestry)
+        self._decided = (key, decision)
+        return decision
 
     def _ancestry(
         self, conn: sa.engine.Connection, db_heads: frozenset[str], graph: RevisionGraph
@@ -341,24 +368,27 @@ class Reconciler:
         `should_stop` is asked before each revision (graceful shutdown)."""
         started = time.monotonic()
         graph = self.graph()
+        status = self._retrying(lambda: self._first_look(graph, fast))
+        refuse_unless_applicable(status)
+        if status.sync_state == "in_sync":
+            return self._finish("noop", (), status, 0.0, started)
         timeout = self.settings.apply.lock_acquire_timeout if lock_timeout is None else lock_timeout
-        with connection.connect(self.engine) as conn:
-            status = self._status(conn, graph, fresh=not fast)
+        with connection.connect(self.engine) as conn, self.locked(conn, timeout) as waited:
+            journal.ensure(conn, self.journal)
+            self._journal_seen = True
+            status = self._settled_status(conn, graph)
             refuse_unless_applicable(status)
-            if status.sync_state == "in_sync":
-                return self._finish("noop", (), status, 0.0, started)
-            with self.locked(conn, timeout) as waited:
-                journal.ensure(conn, self.journal)
-                self._journal_seen = True
-                status = self._settled_status(conn, graph)
-                refuse_unless_applicable(status)
-                if status.sync_state == "in_sync":  # another replica did the work meanwhile
-                    return self._finish("noop", (), status, waited, started)
-                applied = self._apply_counted(conn, graph, status, trigger, progress, should_stop)
-                final = self._status(conn, graph)
+            if status.sync_state == "in_sync":  # another replica did the work meanwhile
+                return self._finish("noop", (), status, waited, started)
+            applied = self._apply_counted(conn, graph, status, trigger, progress, should_stop)
+            final = self._status(conn, graph)
         if len(applied) == len(status.decision.pending):
             verify(final)
         return self._finish("applied", applied, final, waited, started)
+
+    def _first_look(self, graph: RevisionGraph, fast: bool) -> Status:
+        with connection.connect(self.engine) as conn:
+            return self._status(conn, graph, fresh=not fast)
 
     def _apply_counted(
         self,
@@ -537,8 +567,9 @@ class Reconciler:
         started: float,
     ) -> ApplyResult:
         duration = time.monotonic() - started
-        event = log.info if outcome == "applied" else log.debug
-        event(
+        if outcome != "applied":
+            return ApplyResult(outcome, applied, status, waited, duration)
+        log.info(
             "reconcile_finished",
             target=self.target,
             outcome=outcome,

@@ -47,7 +47,7 @@ class _Uniform(Protocol):
     def uniform(self, a: float, b: float) -> float: ...
 
 
-def backoff(attempt: int, base: float, cap: float, rng: _Uniform = random) -> float:  # type: ignore[assignment]
+def backoff(attempt: int, base: float, cap: float, rng: _Uniform = random) -> float:
     """Seconds to wait before retry number `attempt` (1, 2, ...): exponential, full jitter, capped.
 
     The ceiling doubles with each attempt (`base`, 2 * `base`, 4 * `base`, ...) up to `cap`; the

@@ -20,6 +20,7 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -59,6 +60,18 @@ _MAX_SYMLINK_HOPS = 40
 log = logs.get("reconciler.watcher")
 
 
+def _quiet_watchdog() -> None:
+    """Silence a benign watchdog warning (idempotent: an identical filter replaces itself).
+
+    watchdog (7.x, inotify) warns when a directory created inside a recursive watch is registered
+    twice (`mkdir -p`, a ConfigMap's new version directory): the second registration replaces the
+    first and nothing is lost, so the warning (a page of internal state) is noise on stderr.
+    """
+    warnings.filterwarnings(
+        "ignore", message=r"Callback with id .* already exists", category=RuntimeWarning, module=r"watchdog\."
+    )
+
+
 def fingerprint(
     paths: Sequence[Path], suffixes: Sequence[str] | None = (".py",), ignore: Sequence[str] = DEFAULT_IGNORE
 ) -> str:
@@ -80,7 +93,10 @@ def _stat_files(
     root: str, suffixes: Sequence[str] | None, ignore: Sequence[str]
 ) -> Iterator[tuple[str, int, int]]:
     if os.path.isfile(root):
-        stat = os.stat(root)
+        try:
+            stat = os.stat(root)
+        except OSError:  # deleted meanwhile
+            return
         yield "", stat.st_size, stat.st_mtime_ns
         return
     seen: set[tuple[int, int]] = set()
@@ -117,11 +133,11 @@ def _wanted(name: str, suffixes: Sequence[str] | None) -> bool:
     return suffixes is None or name.endswith(tuple(suffixes))
 
 
-def _resolution_dirs(path: str) -> tuple[str, set[str]]:
-    """Resolve `path`; return its real path and the directories whose entries decide it.
+def _deciding_dirs(path: str) -> set[str]:
+    """The directories whose entries decide what `path` resolves to.
 
-    Those are the directories holding each symlink met on the way, and the parent of the result
-    (so a deleted and recreated directory is noticed too).
+    Those are the directories holding each symlink met while resolving it, and the parent of the
+    result (so a deleted and recreated directory is noticed too).
     """
     dirs: set[str] = set()
     parts = list(Path(os.path.abspath(path)).parts)
@@ -146,9 +162,8 @@ def _resolution_dirs(path: str) -> tuple[str, set[str]]:
                 parts = list(target.parts) + parts
         else:
             current = candidate
-    real = os.path.realpath(path)
-    dirs.add(os.path.dirname(real))
-    return real, dirs
+    dirs.add(os.path.dirname(os.path.realpath(path)))
+    return dirs
 
 
 @dataclass
@@ -172,7 +187,7 @@ class _Root:
         return None
 
 
-class _Handler(FileSystemEventHandler):  # type: ignore[misc]
+class _Handler(FileSystemEventHandler):
     def __init__(self, owner: DirWatcher) -> None:
         super().__init__()
         self._owner = owner
@@ -241,6 +256,7 @@ class DirWatcher:
         if self._observer is not None:
             return self.healthy
         self._reset()
+        _quiet_watchdog()
         missing = [str(root.path) for root in self._roots if not os.path.exists(root.path)]
         if missing:
             log.warning("watch_path_missing", paths=missing, fallback="fingerprint polling")
@@ -386,8 +402,13 @@ class DirWatcher:
             try:
                 root.watched = self._acquire(*root.watch_dir(self._recursive))
             except Exception as exc:
-                log.warning("watch_rearm_failed", path=str(root.path), error=str(exc),
-                            error_class=type(exc).__name__, fallback="fingerprint polling")
+                log.warning(
+                    "watch_rearm_failed",
+                    path=str(root.path),
+                    error=str(exc),
+                    error_class=type(exc).__name__,
+                    fallback="fingerprint polling",
+                )
         moved = real != old_real or was_ok != (root.watched is not None)
         if moved:
             log.info("watch_rearmed", path=str(root.path), target=real, watching=root.watched is not None)
@@ -418,7 +439,7 @@ class DirWatcher:
     def _sync_anchors(self) -> None:
         wanted: set[str] = set()
         for root in self._roots:
-            wanted |= _resolution_dirs(str(root.path))[1]
+            wanted |= _deciding_dirs(str(root.path))
         wanted = {d for d in wanted if os.path.isdir(d)}
         for directory in self._anchors - wanted:
             self._release((directory, False))

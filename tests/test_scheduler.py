@@ -46,6 +46,9 @@ class Runs:
     def wait_count(self, count: int, timeout: float = DEADLINE) -> None:
         self.wait_for(lambda: len(self.calls) >= count, timeout)
 
+    def wait_reason(self, reason: str) -> None:
+        self.wait_for(lambda: any(call[0] == reason for call in self.calls))
+
     @property
     def reasons(self) -> list[str]:
         with self.cond:
@@ -182,7 +185,7 @@ def test_an_exception_in_run_does_not_stop_the_loop(loops: list[Loop]) -> None:
     runs.wait_count(4)
     wait_idle(loop)
     loop.trigger("after-errors")
-    runs.wait_for(lambda: "after-errors" in runs.reasons)
+    runs.wait_reason("after-errors")
 
 
 def test_stop_waits_for_the_run_in_progress(loops: list[Loop]) -> None:
@@ -314,4 +317,4 @@ def test_no_trigger_is_lost_at_the_end_of_a_run(loops: list[Loop]) -> None:
         while time.perf_counter() < spin_until:
             pass
         loop.trigger(f"t{n}")
-        runs.wait_for(lambda n=n: f"t{n}" in runs.reasons)  # type: ignore[misc]
+        runs.wait_reason(f"t{n}")

@@ -57,9 +57,14 @@ def watchers() -> Iterator[list[DirWatcher]]:
         watcher.stop()
 
 
-def watch(watchers: list[DirWatcher], paths: list[Path], changes: Changes, **kwargs: object) -> DirWatcher:
-    kwargs.setdefault("debounce", 0.05)
-    watcher = DirWatcher(paths, changes, **kwargs)  # type: ignore[arg-type]
+def watch(
+    watchers: list[DirWatcher],
+    paths: list[Path],
+    changes: Changes,
+    debounce: float = 0.05,
+    suffixes: tuple[str, ...] | None = None,
+) -> DirWatcher:
+    watcher = DirWatcher(paths, changes, debounce=debounce, suffixes=suffixes)
     watchers.append(watcher)
     assert watcher.start() is True
     assert watcher.healthy
@@ -163,7 +168,6 @@ def test_suffixes_limit_what_counts(tmp_path: Path, watchers: list[DirWatcher]) 
     assert changes.calls == [{tmp_path / "probe.py"}]
 
 
-@pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")  # watchdog's own mkdir -p race
 def test_nested_directories_are_watched(tmp_path: Path, watchers: list[DirWatcher]) -> None:
     changes = Changes()
     watch(watchers, [tmp_path], changes)
