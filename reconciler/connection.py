@@ -20,6 +20,8 @@ from reconciler.errors import UnreachableError
 from reconciler.redact import redact
 from reconciler.state import DbSnapshot
 
+CTL_STATEMENT_TIMEOUT = 60.0
+
 
 def _connect_args(backend: str, driver: str, connect_timeout: float) -> dict[str, Any]:
     seconds = max(1, round(connect_timeout))
@@ -30,6 +32,7 @@ def _connect_args(backend: str, driver: str, connect_timeout: float) -> dict[str
             "keepalives_idle": 10,
             "keepalives_interval": 5,
             "keepalives_count": 3,
+            "tcp_user_timeout": seconds * 3000,  # ms: a black-holed network fails the query
         }
     if backend in ("mysql", "mariadb"):
         return {"connect_timeout": seconds}
@@ -58,7 +61,10 @@ def make_engine(url: str, target: str, connect_timeout: float, role: str = "ctl"
             max_overflow=2,
             connect_args=connect_args,
         )
-    statements = dbsession.session_statements(backend, dbsession.application_name(target, role))
+    # Our own queries are short; bound them so a stuck server cannot stall the loop.
+    statements = dbsession.session_statements(
+        backend, dbsession.application_name(target, role), statement_timeout=CTL_STATEMENT_TIMEOUT
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -53,6 +53,9 @@ CONDITION_ORDER = (
 
 ProgressFn = Callable[[int, int, str, str], None]
 T = TypeVar("T")
+# A revision that hit our DDL lock timeout is retried with backoff, never counted toward
+# `blocked` (PostgreSQL lock_not_available; MySQL / MariaDB ER_LOCK_WAIT_TIMEOUT).
+LOCK_TIMEOUT_CODES = frozenset({"55P03", "1205"})
 CONDITIONS_TTL = 10.0  # seconds the in-sync fast path may reuse the flags it read last
 
 
@@ -422,6 +425,10 @@ class Reconciler:
         )
 
     def _count_failure(self, conn: sa.engine.Connection, graph: RevisionGraph, exc: RevisionFailed) -> None:
+        if (exc.sqlstate or "") in LOCK_TIMEOUT_CODES:
+            log.warning("revision_lock_timeout", target=self.target, revision=exc.revision,
+                        sqlstate=exc.sqlstate, hint="retried with backoff; never blocks")
+            return
         failure = self.failure_of(exc, graph)
         counted = fleet.record_failure(
             conn, self.journal, self.target, failure, self.settings.daemon.blocked_after

@@ -200,9 +200,7 @@ def test_sigterm_during_a_long_revision_completes_it_and_exits_0(tmp_path: Path,
         code = d.stop(signal.SIGTERM)
     assert code == 0, d.stderr[-3000:]
     assert db_heads(pg_url) == {"slow"}
-    # The lock was released: another apply takes it at once.
-    result = run_cli(["--config", str(project.config), "apply"], cwd=project.root)
-    assert result.returncode == 0
+    assert lock_is_free(pg_url)
 
 
 def test_five_daemons_apply_once_alert_once(tmp_path: Path, pg_url: str) -> None:
@@ -300,3 +298,61 @@ def test_dev_mode_is_refused_clearly(tmp_path: Path, sqlite_url: str) -> None:
     result = run_cli(["--config", str(project.config), "run", "--mode", "dev"], cwd=project.root)
     assert result.returncode == 2 and "dev mode" in result.stderr
 
+
+
+def test_grace_expiry_cancels_the_statement_and_exits_non_zero(tmp_path: Path, pg_url: str) -> None:
+    project = flask_project(tmp_path / "p", pg_url)
+    project.chain(1)
+    config(project, interval=60, extra="grace = 1")
+    with daemon(project) as d:
+        d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync")
+        project.revision("endless", "r0000", upgrade='op.execute("SELECT pg_sleep(60)")\n'
+                         + create_table("t_endless"))
+        wait_until(lambda: any(r["revision"] == "endless" for r in journal_rows(pg_url)), 20,
+                   "the long revision started")
+        stopped_at = time.monotonic()
+        code = d.stop(signal.SIGTERM, timeout=40)
+        took = time.monotonic() - stopped_at
+    assert code == 1, d.stderr[-3000:]
+    assert took < 20  # not the 60 s the statement would have taken
+    assert "grace_expired" in d.stderr
+    assert db_heads(pg_url) == {"r0000"}  # rolled back: nothing of the cancelled revision
+    assert lock_is_free(pg_url)
+
+
+def lock_is_free(url: str) -> bool:
+    import sqlalchemy as sa
+
+    from reconciler import locks
+
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            lock = locks.AdvisoryLock(conn, locks.lock_key(sa.engine.make_url(url).database or "",
+                                                           None, "alembic_version"))
+            free = lock.try_acquire()
+            lock.release()
+            return free
+    finally:
+        engine.dispose()
+
+
+def test_lock_timeouts_never_block(tmp_path: Path, pg_url: str) -> None:
+    import sqlalchemy as sa
+
+    project = flask_project(tmp_path / "p", pg_url)
+    project.chain(1, prefix="a")
+    config(project, interval=0.2, extra="blocked_after = 2\n[apply]\nddl_lock_timeout = 0.2")
+    assert run_cli(["--config", str(project.config), "apply"], cwd=project.root).returncode == 0
+    project.revision("alter1", "a0000", upgrade='op.add_column("t_a0", sa.Column("x", sa.Integer))')
+    holder = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with holder.connect() as conn:
+        conn.execute(sa.text("LOCK TABLE t_a0 IN ACCESS EXCLUSIVE MODE"))  # an app transaction
+        with daemon(project) as d:
+            wait_until(lambda: len([r for r in journal_rows(pg_url) if r["revision"] == "alter1"]) >= 3,
+                       60, "three attempts")
+            assert "blocked" not in d.status().get("conditions", [])
+            conn.rollback()  # the app lets go
+            d.wait_status(lambda s: s["state"] == "in_sync", 30, "applied after the lock went away")
+    holder.dispose()
+    assert db_heads(pg_url) == {"alter1"}
