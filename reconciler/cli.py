@@ -54,7 +54,9 @@ class Context:
         self.options: dict[str, str | None] = dict.fromkeys(GLOBAL_KEYS)
         self.daemon_overrides: dict[str, Any] = {}
 
-    def settings(self, require_url: bool = True, require_migrations: bool = True) -> Settings:
+    def settings(
+        self, require_url: bool = True, require_migrations: bool = True, resolve_alerts: bool = False
+    ) -> Settings:
         overrides = {
             "target": {
                 "url": self.options["url"],
@@ -68,6 +70,7 @@ class Context:
             overrides,
             require_url=require_url,
             require_migrations=require_migrations,
+            resolve_alerts=resolve_alerts,
         )
         logs.setup(settings.logging.level, settings.logging.format)
         return settings
@@ -379,12 +382,35 @@ def resume(ctx: Context) -> int:
 def run(ctx: Context, mode: str | None, interval: float | None, http: str | None) -> int:
     """The long-running reconciler (a sidecar): keeps the database at the repository's heads."""
     ctx.daemon_overrides = {"mode": mode, "interval": interval, "http": http}
-    settings = ctx.settings()
+    settings = ctx.settings(resolve_alerts=True)
     if settings.daemon.mode == "dev":
-        raise ConfigError(
-            "dev mode (auto-migrate on save) is not available in this version; "
-            "use --mode prod, or run `flask db migrate` and `reconciler apply`"
-        )
+        from reconciler.devloop import run_dev
+
+        return run_dev(settings)
     from reconciler.daemon import run_daemon
 
     return run_daemon(settings)
+
+
+@main.command()
+@click.option("-m", "--message", required=True, help="the revision's message")
+@command
+def seal(ctx: Context, message: str) -> int:
+    """Turn dev mode's draft revision into a normal revision."""
+    from reconciler.devloop import seal as seal_draft
+
+    path = seal_draft(ctx.settings(), message)
+    click.echo(f"sealed {path}", err=True)
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("revision")
+@command
+def confirm(ctx: Context, revision: str) -> int:
+    """Confirm a held-back destructive revision (writes `allow_destructive = True` into it)."""
+    from reconciler.devloop import confirm as confirm_revision
+
+    path = confirm_revision(ctx.settings(), revision)
+    click.echo(f"confirmed {path}; dev mode applies it now", err=True)
+    return EXIT_OK

@@ -73,6 +73,9 @@ class TargetSettings:
     lock_url: str = field(
         default="", metadata={"doc": "direct URL for the advisory lock (behind a pooler)"}
     )
+    lock_url_env: str = field(
+        default="", metadata={"doc": "environment variable holding lock_url (from a Secret)"}
+    )
     lock_key: str = field(
         default="", metadata={"doc": "advisory lock name; default: derived from db, schema, table"}
     )
@@ -156,6 +159,31 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class DevSettings:
+    watch: list[str] = field(
+        default_factory=list,
+        metadata={"doc": "paths to watch; default: the package that holds the models module"},
+    )
+    ignore: list[str] = field(
+        default_factory=list, metadata={"doc": "extra glob patterns to ignore (editor files are)"}
+    )
+    draft: bool = field(default=True, metadata={"doc": "consecutive saves amend one draft revision"})
+    allow_destructive: bool = field(
+        default=False, metadata={"doc": "apply drops without asking (otherwise: written, held back)"}
+    )
+    allow_remote: bool = field(
+        default=False, metadata={"doc": "allow a database that is not local (it writes schemas!)"}
+    )
+    local_hosts: list[str] = field(
+        default_factory=list, metadata={"doc": "host names that count as local (compose services)"}
+    )
+    debounce: float = field(default=0.05, metadata={"doc": "quiet seconds after a save"})
+    generate_timeout: float = field(
+        default=60.0, metadata={"doc": "seconds one generation (models import + compare) may take"}
+    )
+
+
+@dataclass(frozen=True)
 class AlertingSettings:
     unreachable_after: int = field(
         default=3, metadata={"doc": "consecutive failed runs before the unreachable alert"}
@@ -198,6 +226,7 @@ class Settings:
     config_file: Path | None
     base_dir: Path
     daemon: DaemonSettings = DaemonSettings()
+    dev: DevSettings = DevSettings()
     alerting: AlertingSettings = AlertingSettings()
     alerts: tuple[AlertSink, ...] = ()
     unsafe: frozenset[str] = frozenset()  # safeguards switched off, for negative-control tests only
@@ -217,6 +246,7 @@ SECTIONS: dict[str, type] = {
     "journal": JournalSettings,
     "logging": LoggingSettings,
     "daemon": DaemonSettings,
+    "dev": DevSettings,
     "alerting": AlertingSettings,
 }
 LIST_SECTIONS: dict[str, type] = {"alerts": AlertSink}
@@ -397,6 +427,7 @@ def load_settings(
     cwd: Path | None = None,
     require_url: bool = True,
     require_migrations: bool = True,
+    resolve_alerts: bool = False,
 ) -> Settings:
     """Resolve the settings once: defaults < file < environment < flags; validate everything."""
     environ = os.environ if environ is None else environ
@@ -429,8 +460,11 @@ def load_settings(
         config_file=path,
         base_dir=base_dir,
         daemon=sections["daemon"],
+        dev=sections["dev"],
         alerting=sections["alerting"],
-        alerts=_alert_sinks(source.values.get("alerts", []), origin, environ, base_dir),
+        alerts=_alert_sinks(
+            source.values.get("alerts", []), origin, environ, base_dir, resolve_alerts
+        ),
         unsafe=_unsafe(environ),
     )
     _validate(settings, origin, require_migrations)
@@ -445,8 +479,12 @@ def _alert_sinks(
     origin: dict[tuple[str, str], str],
     environ: Mapping[str, str],
     base_dir: Path,
+    resolve: bool,
 ) -> tuple[AlertSink, ...]:
-    """[[alerts]] tables, each with its URL resolved (url, url_env or url_file) and masked."""
+    """[[alerts]] tables, each with its URL resolved (url, url_env or url_file) and masked.
+
+    Only `run` sends alerts: other commands (an `apply` Job, a `wait` init container) check the
+    tables' shape but neither need nor resolve the sinks' secrets."""
     sinks = []
     for index, item in enumerate(items):
         keyed = {("alerts", key): where for (sec, key), where in origin.items() if sec == f"alerts#{index}"}
@@ -454,6 +492,8 @@ def _alert_sinks(
         where = f"[[alerts]] #{index + 1}"
         if sink.kind not in ALERT_KINDS:
             raise ConfigError(f"{where}: kind must be one of {', '.join(ALERT_KINDS)}, got {sink.kind!r}")
+        if not resolve:
+            continue
         url = sink.url or _sink_url_from(sink, environ, base_dir, where)
         if not re.match(r"^https?://[^/\s]+", url):
             raise ConfigError(f"{where}: alert URL {redact(url)!r} must start with http:// or https://")
@@ -521,7 +561,12 @@ def _resolve_target(
             )
         return dataclasses.replace(target, url="")
     url = normalize_url(url, base_dir, origin.get(("target", "url"), "the database URL"))
-    lock_url = target.lock_url
+    lock_url = target.lock_url or (environ.get(target.lock_url_env, "") if target.lock_url_env else "")
+    if target.lock_url_env and not lock_url:
+        raise ConfigError(
+            f"{origin.get(('target', 'lock_url_env'), '[target] lock_url_env')}: names "
+            f"{target.lock_url_env}, which is not set or empty"
+        )
     if lock_url:
         lock_url = normalize_url(lock_url, base_dir, origin.get(("target", "lock_url"), "lock_url"))
     name = target.name or default_target_name(url)

@@ -64,6 +64,54 @@ def put_first_on_sys_path(paths: Iterable[str | Path]) -> None:
         sys.path.insert(0, path)
 
 
+def distrust_stale_bytecode(folders: Iterable[str | Path]) -> None:
+    """Never run a cached .pyc of a project file that may be older than its source.
+
+    Python trusts a .pyc whose recorded source mtime (whole seconds) and size match: a model file
+    saved twice within one second with the same size (`String(128)` -> `String(256)`) would
+    import stale. Under `folders`, a .pyc not written strictly after its source is deleted (and
+    the source compiled afresh) or, when it cannot be deleted, ignored.
+    """
+    from importlib.machinery import SourceFileLoader
+
+    prefixes = tuple({os.path.join(form, "") for f in folders
+                      for form in (os.path.abspath(str(f)), os.path.realpath(str(f)))})
+    original = getattr(SourceFileLoader.path_stats, "_reconciler_original", None)
+    original = original or SourceFileLoader.path_stats
+
+    def path_stats(self: Any, path: str) -> Any:
+        stats = original(self, path)
+        if _project_file(path, prefixes) and not _fresh_bytecode(path):
+            raise OSError(f"the cached bytecode of {path} may be stale")  # compile the source
+        return stats
+
+    path_stats._reconciler_original = original  # type: ignore[attr-defined]
+    SourceFileLoader.path_stats = path_stats  # type: ignore[method-assign]
+
+
+def _project_file(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Under the project, but not in a virtualenv kept there (installed code is not edited)."""
+    if not path.startswith(prefixes):
+        return False
+    return "site-packages" not in path and "dist-packages" not in path
+
+
+def _fresh_bytecode(source: str) -> bool:
+    """False when the .pyc of `source` may be stale and could not be removed."""
+    from importlib.util import cache_from_source
+
+    try:
+        cached = cache_from_source(source)
+        if os.stat(cached).st_mtime_ns > os.stat(source).st_mtime_ns:
+            return True
+        os.unlink(cached)
+    except FileNotFoundError:
+        return True
+    except (OSError, NotImplementedError, ValueError):
+        return False
+    return True
+
+
 def uses_flask(env_py: Path) -> bool:
     """True when env.py is Flask-Migrate style (it reads `current_app`)."""
     try:

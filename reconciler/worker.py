@@ -1,7 +1,9 @@
 """The worker: `python -m reconciler.worker --parent PID`, one short-lived process per job.
 
 It runs everything that executes user code (env.py, revisions, models, Flask) in the project's own
-interpreter, so it imports only the standard library, SQLAlchemy and Alembic (Flask lazily).
+interpreter, so it imports only the standard library, SQLAlchemy and Alembic (Flask lazily). With
+`--preload` (a pre-warmed spare for dev mode) it imports Flask, Flask-SQLAlchemy and Flask-Migrate
+at start too, when installed; the project's own modules are imported only when a request needs them.
 
 Protocol: JSON lines. Requests arrive on stdin, one reply per request goes to the original stdout;
 fd 1 is pointed at stderr first, so `print()` in user code and Alembic's own output cannot corrupt
@@ -373,6 +375,7 @@ class Runner:
             "compare": self.op_compare,
             "headers": self.op_headers,
             "init_dir": self.op_init_dir,
+            "generate": self.op_generate,
             "exit": lambda _r: {},
         }
 
@@ -410,6 +413,7 @@ class Runner:
         self.guard = ConnectionGuard(job)
         self.guard.install()
         lossless_url_rendering()
+        _load_driver(job.url)
         migrations.install_configure_guard(
             migrations.Guard(job.exclude_tables, job.version_table, job.version_table_schema)
         )
@@ -425,6 +429,7 @@ class Runner:
             job.migrations_dir, job.alembic_ini, job.url, dict(job.x_args)
         )
         target.put_first_on_sys_path([job.root, *self.migrations.extra_sys_paths()])
+        target.distrust_stale_bytecode([job.root, job.migrations_dir])
         warning = self.migrations.script_location_warning()
         if warning:
             log("warning", warning)
@@ -488,6 +493,21 @@ class Runner:
         raw = self._migrations().compare(project.metadata)
         return {"differences": migrations.describe_differences(raw, job.exclude_tables)}
 
+    def op_generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        project = self._load_project(self.flask_env)
+        tables = request.get("tables")
+        generate = migrations.GenerateRequest(
+            message=str(request["message"]) if request.get("message") else None,
+            draft=bool(request.get("draft")),
+            rev_id=str(request["rev_id"]) if request.get("rev_id") else None,
+            head=str(request.get("head") or "head"),
+            tables=frozenset(str(t) for t in tables) if tables is not None else None,
+            known=frozenset(str(k) for k in request.get("known") or ()),
+        )
+        started = time.monotonic()
+        outcome = self._migrations().generate(generate, project.metadata)
+        return {**dataclasses.asdict(outcome), "duration_ms": _ms_since(started)}
+
     def op_headers(self, request: dict[str, Any]) -> dict[str, Any]:
         job = self._job()
 
@@ -517,6 +537,31 @@ class Runner:
         self.project = None
         self._build_migrations()
         return {"template": template, "alembic_ini": str(ini)}
+
+
+def _load_driver(url: str) -> None:
+    """Import the URL's dialect and DBAPI driver now, so the first request does not pay for it."""
+    with contextlib.suppress(Exception):  # a missing driver is reported when connecting
+        from sqlalchemy.engine import make_url
+
+        dialect = make_url(url).get_dialect()
+        loader = getattr(dialect, "import_dbapi", None) or getattr(dialect, "dbapi", None)
+        if callable(loader):
+            loader()
+
+
+_PRELOAD = ("sqlalchemy.orm", "sqlalchemy.ext.declarative", "alembic.autogenerate",
+            "alembic.operations", "alembic.command", "mako.template",
+            "flask", "flask_sqlalchemy", "flask_migrate")
+
+
+def preload() -> None:
+    """Import what any job needs (never the project's code), for a pre-warmed spare worker."""
+    import importlib
+
+    for name in _PRELOAD:
+        with contextlib.suppress(Exception):  # Flask is optional
+            importlib.import_module(name)
 
 
 def _flask_migrate_templates() -> Path:
@@ -607,10 +652,14 @@ def serve(proto_in: IO[str], proto_out: IO[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m reconciler.worker")
     parser.add_argument("--parent", type=int, default=None, help="pid of the control plane")
+    parser.add_argument("--preload", action="store_true",
+                        help="import Flask and friends at start (a pre-warmed spare)")
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; its death kills us
     proto_in, proto_out = claim_stdio()
+    if args.preload:
+        preload()
     try:
         serve(proto_in, proto_out)
     finally:

@@ -7,6 +7,8 @@ stdin, never argv or the environment, so it does not show in `ps`.
 
 The worker dies with its parent. On Linux that is the kernel's parent-death signal, which fires
 when the *thread* that started the worker exits: start workers from a thread that outlives them.
+`WarmWorker` keeps one spare worker started and initialised (dev mode: each generation gets a
+fresh interpreter without paying for the imports); its own long-lived thread starts them all.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -60,6 +63,19 @@ class StepResult:
 
     seconds: float
     revisions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One autogenerate run: the revision file written (None: no differences, no file)."""
+
+    path: str | None
+    revision: str | None
+    message: str
+    operations: list[dict[str, str]]  # {kind, table, name, text}, one per upgrade operation
+    destructive: list[str]  # what the upgrade would lose: dropped tables and columns, narrowed types
+    renames: list[str]  # a drop and an add that may be a rename
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -245,6 +261,7 @@ class Worker:
         for thread in self._threads:
             thread.start()
         self.info: dict[str, Any] = {}
+        self.job: WorkerJob | None = None
 
     @classmethod
     def start(
@@ -253,12 +270,18 @@ class Worker:
         python: str | None = None,
         on_log: Callable[[str], None] | None = None,
         timeout: float | None = None,
+        preload: bool = False,
     ) -> Worker:
-        """Start a worker in `python` (default: the job's, else ours) and send it the job."""
+        """Start a worker in `python` (default: the job's, else ours) and send it the job.
+
+        `preload`: the worker imports Flask and friends before the job arrives (a warm spare).
+        """
         for secret in (*job.secrets, _password(job.url)):
             register_secret(secret)
         interpreter = python or job.python or sys.executable
         command = [interpreter, "-m", "reconciler.worker", "--parent", str(os.getpid())]
+        if preload:
+            command.append("--preload")
         try:
             process = subprocess.Popen(
                 command,
@@ -275,6 +298,7 @@ class Worker:
                 f"{exc.strerror or exc}; check [target] python and [target] root"
             ) from None
         worker = cls(process, on_log, timeout or job.timeout)
+        worker.job = job
         try:
             worker.info = worker._request("init", job=job.payload())
         except BaseException:
@@ -320,6 +344,44 @@ class Worker:
         """Revision identifiers of files whose headers are not literal (executes them)."""
         reply = self._request("headers", paths=[str(p) for p in paths])
         return list(reply.get("headers") or [])
+
+    def generate(
+        self,
+        message: str | None = None,
+        draft: bool = False,
+        rev_id: str | None = None,
+        head: str = "head",
+        tables: list[str] | None = None,
+        known: list[str] | None = None,
+    ) -> Generated:
+        """Autogenerate a revision file from the models, as `flask db migrate` does.
+
+        No differences (after leaving out `known`) means no file. `message` None: derived from
+        the operations. `draft`: the file gets `draft = True`. `rev_id`: the id to use (it must
+        not exist yet: remove an old draft's file first). `tables`: reflect only these and their
+        foreign-key neighbours (tables only in the models are always compared); None: all.
+        `known`: known-difference keys to leave out; None: those of the job's known-differences
+        file, [] for none. The database must be at the repository's heads (else StateError).
+        """
+        if known is None:
+            known = sorted(self._known_keys())
+        reply = self._request("generate", message=message, draft=draft, rev_id=rev_id, head=head,
+                              tables=list(tables) if tables is not None else None, known=known)
+        path, revision = reply.get("path"), reply.get("revision")
+        return Generated(
+            path=str(path) if path else None,
+            revision=str(revision) if revision else None,
+            message=str(reply.get("message") or ""),
+            operations=[{str(k): str(v) for k, v in op.items()} for op in reply.get("operations") or ()],
+            destructive=[str(line) for line in reply.get("destructive") or ()],
+            renames=[str(line) for line in reply.get("renames") or ()],
+            seconds=float(reply.get("duration_ms", 0)) / 1000.0,
+        )
+
+    def _known_keys(self) -> frozenset[str]:
+        if self.job is None or not self.job.known_differences:
+            return frozenset()
+        return differences.load(Path(self.job.known_differences))
 
     def init_dir(self, template: str | None = None) -> None:
         """Create the migrations directory (Flask-Migrate's template for a Flask-SQLAlchemy db)."""
@@ -429,3 +491,141 @@ class Worker:
                 f"reply; its last log lines:\n{tail}"
             )
         )
+
+
+class WarmWorker:
+    """Keeps one spare worker started and initialised so that the next job starts at once.
+
+    Each `take()` hands out a fresh interpreter (the project's modules are imported anew by every
+    job) and starts the next spare in the background. All workers are started by this object's own
+    thread, which lives until `close()` and until every worker it started has exited, so the
+    kernel's parent-death signal never fires early. A spare whose alembic.ini or env.py changed
+    since it started is replaced. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        job: WorkerJob,
+        python: str | None = None,
+        on_log: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self._job = job
+        self._python = python
+        self._on_log = on_log
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._orders: queue.Queue[Future[Worker] | None] = queue.Queue()
+        self._started: list[Worker] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._starter, daemon=True, name="warm-worker")
+        self._thread.start()
+        self._spare: tuple[Future[Worker], tuple[Any, ...]] | None = self._order()
+
+    @property
+    def spare_pid(self) -> int | None:
+        """The spare's pid once it is started (None while it starts or when there is none)."""
+        with self._lock:
+            spare = self._spare
+        if spare is None or not spare[0].done() or spare[0].exception() is not None:
+            return None
+        return spare[0].result().pid
+
+    def take(self) -> Worker:
+        """A started, initialised worker: the spare (waited for if still starting), else a new one.
+
+        Raises what starting a worker raises (ConfigError for a missing interpreter, ...); the
+        next take() tries again. The caller closes the worker.
+        """
+        with self._lock:
+            if self._closed:
+                raise WorkerError("the warm worker pool is closed")
+            order, self._spare = self._spare, None
+        try:
+            worker = self._usable(order) or self._wait(self._order()[0])
+        finally:
+            with self._lock:
+                if not self._closed and self._spare is None:
+                    self._spare = self._order()
+        return worker
+
+    def close(self) -> None:
+        """Stop the spare (waiting for it if it is starting) and the starting thread.
+
+        Workers already taken are the caller's: the thread waits for them to exit before it ends.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            order, self._spare = self._spare, None
+        self._orders.put(None)
+        if order is not None and not order[0].cancel():
+            with contextlib.suppress(BaseException):
+                order[0].result().close()
+
+    def __enter__(self) -> WarmWorker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # plumbing
+
+    def _order(self) -> tuple[Future[Worker], tuple[Any, ...]]:
+        future: Future[Worker] = Future()
+        stamp = self._stamp()
+        self._orders.put(future)
+        return future, stamp
+
+    def _usable(self, order: tuple[Future[Worker], tuple[Any, ...]] | None) -> Worker | None:
+        if order is None:
+            return None
+        future, stamp = order
+        try:
+            worker = future.result()
+        except (ReconcilerError, CancelledError):
+            return None  # start a new one: the error, if it persists, is raised from there
+        if worker._process.poll() is None and stamp == self._stamp():
+            return worker
+        worker.close()
+        return None
+
+    @staticmethod
+    def _wait(future: Future[Worker]) -> Worker:
+        return future.result()
+
+    def _stamp(self) -> tuple[Any, ...]:
+        """What a worker reads at init (alembic.ini, env.py): their size and mtime."""
+        migrations = Path(self._job.migrations_dir)
+        paths = [migrations / "env.py", migrations / "alembic.ini"]
+        if self._job.alembic_ini:
+            paths.append(Path(self._job.alembic_ini))
+        out: list[Any] = []
+        for path in paths:
+            try:
+                stat = path.stat()
+                out.append((str(path), stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                out.append((str(path), None))
+        return tuple(out)
+
+    def _starter(self) -> None:
+        while True:
+            future = self._orders.get()
+            if future is None:
+                break
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                worker = Worker.start(self._job, python=self._python, on_log=self._on_log,
+                                      timeout=self._timeout, preload=True)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                self._started = [w for w in self._started if w._process.poll() is None]
+                self._started.append(worker)
+                future.set_result(worker)
+        for worker in self._started:  # they die with this thread: outlive them
+            with contextlib.suppress(OSError):
+                worker._process.wait()

@@ -1,0 +1,232 @@
+"""`reconciler run --mode dev` end to end: real model files saved, a real dev database."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from reconciler.devloop import is_local
+from tests.builders import Project, db_heads, flask_project
+from tests.cli import cli_command, cli_env, run_cli
+from tests.dbs import assert_no_canary
+from tests.pgcluster import wait_until
+
+pytestmark = pytest.mark.slow
+
+BASE = '''\
+from flask_sqlalchemy import SQLAlchemy
+
+db = SQLAlchemy()
+
+
+class User(db.Model):
+    id = db.Column(db.Integer, primary_key=True)
+    username = db.Column(db.String(80), unique=True, nullable=False)
+    email = db.Column(db.String(120), unique=True, nullable=False)
+'''
+
+
+def columns(url: str, table: str) -> dict[str, str]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            if not inspector.has_table(table):
+                return {}
+            return {c["name"]: str(c["type"]) for c in inspector.get_columns(table)}
+    finally:
+        engine.dispose()
+
+
+def indexes(url: str, table: str) -> set[str]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return {str(i["name"]) for i in sa.inspect(conn).get_indexes(table)}
+    finally:
+        engine.dispose()
+
+
+def revision_files(project: Project) -> list[Path]:
+    return sorted(project.versions.glob("*.py"))
+
+
+def save(project: Project, text: str) -> None:
+    path = project.root / "myapp" / "models.py"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # editors save by rename; the watcher must see it
+
+
+class DevLog:
+    """The dev process's log (stderr), readable while it runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def text(self) -> str:
+        return self.path.read_text() if self.path.exists() else ""
+
+
+@contextmanager
+def dev(project: Project, extra: str = "") -> Iterator[DevLog]:
+    project.write_config(extra=f"[dev]\ndebounce = 0.05\n{extra}", models="myapp.models:db")
+    log = DevLog(project.root / "dev.log")
+    with open(log.path, "w") as stderr:
+        proc = subprocess.Popen(cli_command(["--config", str(project.config), "run", "--mode", "dev"]),
+                                cwd=project.root, env=cli_env(), stdout=subprocess.DEVNULL,
+                                stderr=stderr, stdin=subprocess.DEVNULL)
+        try:
+            yield log
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    assert_no_canary(log.text())
+
+
+def started(project: Project, url: str) -> None:
+    wait_until(lambda: "user" in table_names(url), 60, "the initial revision applied")
+
+
+def table_names(url: str) -> set[str]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return set(sa.inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def dev_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    from tests import dbs
+
+    with dbs.database(request.param, tmp_path) as url:
+        yield url
+
+
+def baseline_project(tmp_path: Path, url: str) -> Project:
+    """The tutorial: a User model, and its first revision (as `flask db migrate` made it)."""
+    project = flask_project(tmp_path / "p", url, models=BASE)
+    project.revision("base0001", None, message="create user table", upgrade='''op.create_table(
+    "user",
+    sa.Column("id", sa.Integer(), nullable=False),
+    sa.Column("username", sa.String(length=80), nullable=False),
+    sa.Column("email", sa.String(length=120), nullable=False),
+    sa.PrimaryKeyConstraint("id"),
+    sa.UniqueConstraint("email"),
+    sa.UniqueConstraint("username"),
+)''')
+    return project
+
+
+def test_each_kind_of_change_without_drafts(tmp_path: Path, dev_url: str) -> None:
+    project = baseline_project(tmp_path, dev_url)
+    with dev(project, "draft = false") as log:
+        started(project, dev_url)
+        models = BASE + "    password_hash = db.Column(db.String(128))\n"
+        save(project, models)
+        wait_until(lambda: "password_hash" in columns(dev_url, "user"), 30, "add column")
+        assert any("password_hash" in p.name for p in revision_files(project))
+        models += "\n\nclass Post(db.Model):\n    id = db.Column(db.Integer, primary_key=True)\n"
+        save(project, models)
+        wait_until(lambda: "post" in table_names(dev_url), 30, "add table")
+        models = models.replace("db.Column(db.String(128))", "db.Column(db.String(128), index=True)")
+        save(project, models)
+        wait_until(lambda: any("password_hash" in i for i in indexes(dev_url, "user")), 30, "index")
+        models = models.replace("db.String(128), index=True", "db.String(255), index=True")
+        save(project, models)
+        wait_until(lambda: "255" in columns(dev_url, "user")["password_hash"], 30, "type change")
+        count = len(revision_files(project))
+        save(project, models + "\n# a comment only\n")  # a save with no schema change
+        wait_until(lambda: log.text().count("no_changes") >= 1, 30, "the no-change save handled")
+    assert count == 5
+    assert len(revision_files(project)) == count  # no empty revision
+
+
+def test_drop_is_held_back_until_confirmed(tmp_path: Path, dev_url: str) -> None:
+    project = baseline_project(tmp_path, dev_url)
+    with dev(project, "draft = false") as log:
+        started(project, dev_url)
+        email = "    email = db.Column(db.String(120), unique=True, nullable=False)\n"
+        save(project, BASE.replace(email, ""))
+        wait_until(lambda: len(revision_files(project)) == 2, 30, "the dropping revision written")
+        held = next(p for p in revision_files(project) if "base0001" not in p.name)
+        assert "email" in columns(dev_url, "user")  # not dropped
+        revision = held.name.split("_")[0]
+        result = run_cli(["--config", str(project.config), "confirm", revision], cwd=project.root)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: "email" not in columns(dev_url, "user"), 30, "dropped after confirm")
+    assert "allow_destructive = True" in held.read_text()
+    assert "destructive_held_back" in log.text() and "email" in log.text()
+
+
+def test_syntax_error_then_fix(tmp_path: Path, dev_url: str) -> None:
+    project = baseline_project(tmp_path, dev_url)
+    with dev(project, "draft = false") as log:
+        started(project, dev_url)
+        save(project, BASE + "    broken = db.Column(db.String(10)\n")
+        wait_until(lambda: "dev_error" in log.text(), 30, "the syntax error reported")
+        assert "models.py" in log.text()
+        assert len(revision_files(project)) == 1  # no revision written
+        save(project, BASE + "    nickname = db.Column(db.String(40))\n")
+        wait_until(lambda: "nickname" in columns(dev_url, "user"), 30, "the fix applied")
+        assert "broken" not in columns(dev_url, "user")
+    assert len(revision_files(project)) == 2
+
+
+def test_ten_rapid_saves_and_a_draft_amended_then_sealed(tmp_path: Path, dev_url: str) -> None:
+    project = baseline_project(tmp_path, dev_url)
+    with dev(project):
+        started(project, dev_url)
+        models = BASE
+        for n in range(10):
+            models += f"    c{n} = db.Column(db.Integer)\n"
+            save(project, models)
+        wait_until(lambda: {f"c{n}" for n in range(10)} <= set(columns(dev_url, "user")), 60,
+                   "all ten columns")
+        drafts = [p for p in revision_files(project) if "base0001" not in p.name]
+        assert len(drafts) == 1 and "draft = True" in drafts[0].read_text()
+        draft_id = drafts[0].name.split("_")[0]
+        save(project, models + "    extra = db.Column(db.Integer)\n")
+        wait_until(lambda: "extra" in columns(dev_url, "user"), 30, "draft amended")
+        amended = [p for p in revision_files(project) if "base0001" not in p.name]
+        assert [p.name.split("_")[0] for p in amended] == [draft_id]  # the same draft, amended
+    result = run_cli(["--config", str(project.config), "seal", "-m", "user profile columns"],
+                     cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    sealed = [p for p in revision_files(project) if "base0001" not in p.name]
+    assert len(sealed) == 1 and "draft = True" not in sealed[0].read_text()
+    assert "user profile columns" in sealed[0].read_text()
+    assert db_heads(dev_url) == {draft_id}
+
+
+def test_remote_database_refused(tmp_path: Path) -> None:
+    project = baseline_project(tmp_path, "postgresql://app@db.example.com/app")
+    project.write_config(models="myapp.models:db")
+    result = run_cli(["--config", str(project.config), "run", "--mode", "dev"], cwd=project.root)
+    assert result.returncode == 6 and "not a local database" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url, local",
+    [
+        ("sqlite:///x.db", True),
+        ("postgresql://u@localhost/db", True),
+        ("postgresql://u@127.0.0.1/db", True),
+        ("postgresql://u@[::1]/db", True),
+        ("postgresql://u@/db?host=/var/run/postgresql", True),
+        ("postgresql://u@db/db", False),
+        ("mysql+pymysql://u@10.0.0.5/db", False),
+    ],
+)
+def test_is_local(url: str, local: bool) -> None:
+    assert is_local(url, []) is local
+    assert is_local("postgresql://u@db/x", ["db"]) is True
+
