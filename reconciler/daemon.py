@@ -99,6 +99,7 @@ class Daemon:
         self._fingerprint = ""
         self._last_heartbeat = time.monotonic()
         self._last_state = ""
+        self._marked_prod = False
 
     # --- HealthSource (http.py) -------------------------------------------------------------
     def alive(self) -> bool:
@@ -218,9 +219,24 @@ class Daemon:
         result = self._reconcile(reason)
         seconds = time.monotonic() - started
         self._report(result, seconds)
+        if result.outcome in ("noop", "applied") and not self._marked_prod:
+            self._mark_prod()
         if self.settings.daemon.interval > self.settings.daemon.idle_disconnect_after:
             self.rec.close()  # 200 sidecars' idle connections cost server slots
         return self._next_delay(result)
+
+    def _mark_prod(self) -> None:
+        """Record in the journal that a prod reconciler owns this database: dev mode refuses it."""
+        key = fleet.environment_key(self.target)
+        try:
+            with connection.connect(self.rec.engine) as conn:
+                if not journal.exists(conn, self.rec.journal):
+                    return  # nothing applied by us yet; marked once the journal exists
+                if fleet.read(conn, self.rec.journal, [key]).get(key) != "prod":
+                    fleet.put(conn, self.rec.journal, key, "prod")
+            self._marked_prod = True
+        except (ReconcilerError, sa.exc.DBAPIError) as exc:
+            log.warning("environment_mark_failed", error=redact(str(exc)))
 
     def _poll_files_if_blind(self) -> None:
         self.rec.check_files = not self.watcher.healthy

@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import connection, fleet, journal, logs
+from reconciler import connection, differences, fleet, journal, logs
 from reconciler.config import Settings, find_module_file
 from reconciler.errors import ConfigError, ReconcilerError, Refused, RevisionFailed, StateError
 from reconciler.graph import Revision, RevisionGraph, parse_revision_file
@@ -38,7 +38,6 @@ from reconciler.watcher import DEFAULT_IGNORE, DirWatcher
 log = logs.get("reconciler.dev")
 
 DRAFT_TRIGGER = "draft"
-ENVIRONMENT_KEY = "environment/{target}"
 IDLE_INTERVAL = 3600.0  # dev mode is event driven; the periodic run is only a safety net
 
 
@@ -70,16 +69,13 @@ def check_dev_target(settings: Settings, rec: Reconciler) -> None:
     with connection.connect(rec.engine) as conn:
         if not journal.exists(conn, rec.journal):
             return
-        marker = fleet.read(conn, rec.journal, [environment_key(rec.target)])
-    if marker.get(environment_key(rec.target)) == "prod":
+        key = fleet.environment_key(rec.target)
+        marker = fleet.read(conn, rec.journal, [key])
+    if marker.get(key) == "prod":
         raise Refused(
             f"the database of target {rec.target} is marked as a production database (a prod "
             "reconciler applied to it); dev mode never touches it"
         )
-
-
-def environment_key(target: str) -> str:
-    return ENVIRONMENT_KEY.format(target=target)
 
 
 def watch_paths(settings: Settings) -> list[Path]:
@@ -127,6 +123,10 @@ class DevLoop:
         self.version_watcher.start()
         log.info("dev_started", target=self.target, url=self.rec.redacted_url,
                  watching=[str(p) for p in watch_paths(self.settings)], draft=self.settings.dev.draft)
+        known = differences.load(differences.path_for(self.settings))
+        if known:
+            log.info("known_differences", count=len(known), ignored=sorted(known),
+                     file=str(differences.path_for(self.settings)))
         self._models_changed.set()  # a full compare at start
         self.loop.start()
         self._done.wait()
@@ -182,18 +182,32 @@ class DevLoop:
         status = self.rec.status()
         state = status.sync_state
         if state in ("ahead", "diverged"):
-            raise StopGenerating(f"{status.message}. To go back to this branch's history run "
-                                 f"`reconciler downgrade {self._branch_point(status)}` (a local dev "
-                                 "database), then save again")
+            point = self._branch_point(status.decision.unknown)
+            raise StopGenerating(
+                f"the database has revisions this checkout does not have "
+                f"({', '.join(status.decision.unknown)}), probably from another branch. To work on "
+                f"this branch: check out the branch that has them, run `reconciler downgrade "
+                f"{point}`, check this branch out again, and save"
+            )
         if state == "multiple_heads":
             raise StopGenerating(f"{status.message}; then save again")
         if state in ("behind", "uninitialized_empty"):
             self._apply("dev")
 
-    def _branch_point(self, status: Any) -> str:
+    def _branch_point(self, unknown: tuple[str, ...]) -> str:
+        """The newest revision of this checkout under the foreign ones (from the journal)."""
         graph = self.rec.graph()
-        known = [h for h in status.decision.repo_heads if h in graph.revisions]
-        return known[0] if known else "base"
+        with connection.connect(self.rec.engine) as conn:
+            ancestry = journal.ancestry(conn, self.rec.journal)
+        todo, seen = list(unknown), set()
+        while todo:
+            rev = todo.pop()
+            if rev in graph.revisions:
+                return rev
+            if rev not in seen:
+                seen.add(rev)
+                todo.extend(ancestry.get(rev, ()))
+        return "base"
 
     def generate_and_apply(self) -> None:
         graph = self.rec.graph()

@@ -103,6 +103,11 @@ def failures_key(target: str) -> str:
     return f"failures/{target}"
 
 
+def environment_key(target: str) -> str:
+    """`prod` once a prod reconciler applied to the database; dev mode never touches it then."""
+    return f"environment/{target}"
+
+
 def alert_key(target: str, event: str) -> str:
     return f"alert/{target}/{event}"
 

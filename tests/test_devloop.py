@@ -194,8 +194,10 @@ def test_ten_rapid_saves_and_a_draft_amended_then_sealed(tmp_path: Path, dev_url
         drafts = [p for p in revision_files(project) if "base0001" not in p.name]
         assert len(drafts) == 1 and "draft = True" in drafts[0].read_text()
         draft_id = drafts[0].name.split("_")[0]
-        save(project, models + "    extra = db.Column(db.Integer)\n")
-        wait_until(lambda: "extra" in columns(dev_url, "user"), 30, "draft amended")
+        for column in ("extra", "extra2"):  # amended twice more, each on its own
+            models += f"    {column} = db.Column(db.Integer)\n"
+            save(project, models)
+            wait_until(lambda c=column: c in columns(dev_url, "user"), 30, f"draft amended ({column})")
         amended = [p for p in revision_files(project) if "base0001" not in p.name]
         assert [p.name.split("_")[0] for p in amended] == [draft_id]  # the same draft, amended
     result = run_cli(["--config", str(project.config), "seal", "-m", "user profile columns"],
@@ -230,3 +232,27 @@ def test_is_local(url: str, local: bool) -> None:
     assert is_local(url, []) is local
     assert is_local("postgresql://u@db/x", ["db"]) is True
 
+
+
+def test_branch_switch_and_teammates_revision(tmp_path: Path, dev_url: str) -> None:
+    project = baseline_project(tmp_path, dev_url)
+    with dev(project, "draft = false") as log:
+        started(project, dev_url)
+        # A teammate's revision arrives with a pull (their model change included): applied first,
+        # and nothing is generated for it.
+        team = BASE + "\n\nclass Team(db.Model):\n    id = db.Column(db.Integer, primary_key=True)\n"
+        project.revision("team0001", "base0001", message="create team", upgrade=(
+            'op.create_table("team", sa.Column("id", sa.Integer(), nullable=False), '
+            'sa.PrimaryKeyConstraint("id"))'))
+        save(project, team)
+        wait_until(lambda: "team" in table_names(dev_url), 30, "the teammate's revision applied")
+        wait_until(lambda: "no_changes" in log.text(), 30, "nothing generated for it")
+        assert len(revision_files(project)) == 2
+        # Switching to a branch without that revision: the database is ahead; dev mode stops
+        # generating and says exactly what to run.
+        (project.versions / next(p.name for p in revision_files(project) if "team0001" in p.name)).unlink()
+        save(project, BASE + "    nickname = db.Column(db.String(40))\n")
+        wait_until(lambda: "dev_paused" in log.text(), 30, "the pause")
+        assert "reconciler downgrade base0001" in log.text()
+        assert "nickname" not in columns(dev_url, "user")
+    assert len(revision_files(project)) == 1

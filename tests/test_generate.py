@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -580,3 +581,51 @@ def test_warm_worker_start_errors_reach_take(gen: Gen, tmp_path: Path) -> None:
     finally:
         pool.close()
 
+
+
+# --- the pure parts ----------------------------------------------------------------------------
+
+
+def test_derived_messages_are_short_slugs() -> None:
+    from reconciler.migrations import OpInfo, derive_message
+
+    long_name = "a_really_long_column_name_that_goes_on_and_on_and_on_forever"
+    infos = [OpInfo("add_column", "User", long_name, "", f"add_column_User_{long_name}"),
+             *(OpInfo("add_index", "user", "ix", "", "add_index_ix.user-email") for _ in range(11))]
+    message = derive_message(infos)
+    assert len(message) <= 60 and re.fullmatch(r"[a-z0-9_]+", message)
+    assert message.startswith("add_column_user_a_really") and message.endswith("_and_11_more")
+    assert derive_message(infos[1:2]) == "add_index_ix_user_email"
+
+
+@pytest.mark.parametrize(("old", "new", "lossy"), [
+    (sa.String(120), sa.String(60), True),
+    (sa.String(60), sa.String(120), False),
+    (sa.Text(), sa.String(255), True),
+    (sa.String(60), sa.Text(), False),
+    (sa.BigInteger(), sa.Integer(), True),
+    (sa.Integer(), sa.BigInteger(), False),
+    (sa.Numeric(10, 4), sa.Numeric(10, 2), True),
+    (sa.Integer(), sa.Numeric(12, 2), False),
+    (sa.String(20), sa.Integer(), True),
+    (sa.DateTime(), sa.Date(), True),
+    (sa.Date(), sa.DateTime(), False),
+    (sa.Enum("a", "b", name="e"), sa.Enum("a", name="e"), True),
+])
+def test_narrowing(old: Any, new: Any, lossy: bool) -> None:
+    from reconciler.migrations import narrowing
+
+    assert bool(narrowing(old, new)) is lossy
+
+
+def test_draft_marker_goes_after_the_headers(tmp_path: Path) -> None:
+    from reconciler.migrations import mark_draft
+
+    path = tmp_path / "r1_x.py"
+    path.write_bytes(builders.revision_source("r1", None, "pass", "pass", "x", None, None)
+                     .replace("\n", "\r\n").encode())
+    mark_draft(path)
+    text = path.read_bytes().decode()
+    assert "depends_on = None\r\ndraft = True\r\n" in text
+    parsed = graph.parse_revision_file(path)
+    assert parsed is not None and parsed.draft is True
