@@ -85,7 +85,8 @@ class Daemon:
             settings.alerts, settings.alerting, on_sent=self.metrics.alert_sent
         )
         daemon = settings.daemon
-        self.loop = Loop(self._run, daemon.interval, daemon.jitter)
+        # Jitter spreads 200 sidecars' ticks; more than half the interval would only slow them.
+        self.loop = Loop(self._run, daemon.interval, min(daemon.jitter, daemon.interval / 2))
         dirs, _ = self.rec.project.version_dirs
         self.version_dirs = dirs
         self.watcher = DirWatcher(dirs, self._files_changed, debounce=daemon.debounce, suffixes=(".py",))

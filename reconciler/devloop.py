@@ -21,6 +21,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -38,6 +39,7 @@ from reconciler.watcher import DEFAULT_IGNORE, DirWatcher
 log = logs.get("reconciler.dev")
 
 DRAFT_TRIGGER = "draft"
+FULL_COMPARE_EVERY = 300.0  # seconds: saves compare only what they touched; this catches the rest
 IDLE_INTERVAL = 3600.0  # dev mode is event driven; the periodic run is only a safety net
 
 
@@ -111,7 +113,9 @@ class DevLoop:
         self.version_watcher = DirWatcher(versions, self._on_versions, settings.dev.debounce,
                                           suffixes=(".py",))
         self._warm: Any = None
-        self._first = True
+        self._changed: set[Path] = set()
+        self._changed_lock = threading.Lock()
+        self._last_full = 0.0
 
     # lifecycle
     def run(self) -> int:
@@ -157,8 +161,21 @@ class DevLoop:
         self._done.set()
 
     def _on_models(self, paths: set[Path]) -> None:
+        with self._changed_lock:
+            self._changed |= paths
         self._models_changed.set()
         self.loop.trigger("models_changed")
+
+    def _files_to_compare(self) -> list[str] | None:
+        """The saved files (the worker compares only their tables), or None for a full compare:
+        at start, and every FULL_COMPARE_EVERY seconds."""
+        with self._changed_lock:
+            changed, self._changed = self._changed, set()
+        now = time.monotonic()
+        if not changed or now - self._last_full > FULL_COMPARE_EVERY:
+            self._last_full = now
+            return None
+        return sorted(str(p) for p in changed)
 
     def _on_versions(self, paths: set[Path]) -> None:
         self.rec.project.invalidate()
@@ -215,9 +232,11 @@ class DevLoop:
         if draft is not None and self.settings.dev.draft:
             self._amend_draft(draft, graph)
             return
+        files = self._files_to_compare()
         worker = self._warm.take()
         with worker:
-            result = worker.generate(draft=self.settings.dev.draft)
+            result = worker.generate(draft=self.settings.dev.draft, files=files)
+        log.debug("compared", tables=result.compared if files else "all")
         self._after_generate(result, rebuilt=False)
 
     # drafts

@@ -34,6 +34,7 @@ from alembic.script import ScriptDirectory
 
 from reconciler.errors import ConfigError, StateError
 from reconciler.redact import redact
+from reconciler.target import tables_of_files
 
 DEFAULT_VERSION_TABLE = "alembic_version"
 _SPLIT_PATHS = re.compile(r"[,\s" + re.escape(os.pathsep) + r"]+")
@@ -351,25 +352,31 @@ class Migrations:
             "depends_on": None,
         }
         revision_context = autogenerate.RevisionContext(self.config, self.script, command_args)
-        scope = TableScope(request.tables) if request.tables is not None else None
+        scopes: list[TableScope] = []
         dialects: list[Any] = []
 
         def fn(heads: Any, context: Any) -> Any:
             self._check_at_heads(heads, request.head)
             if context.opts.get("target_metadata") is None and fallback_metadata is not None:
                 context.opts["target_metadata"] = fallback_metadata
+            scope = table_scope(request)  # here: env.py has imported the models
+            _SCOPE[:] = [scope] if scope is not None else []
             if scope is not None:
                 scope.expand(context.opts.get("target_metadata"))
+                scopes.append(scope)
             dialects.append(context.dialect)
             revision_context.run_autogenerate(heads, context)
             return []
 
-        with _autogenerate_flag(self.config), _scoped(scope):
+        with _autogenerate_flag(self.config), _scoped():
             self._run(fn, template_args=revision_context.template_args,
                       revision_context=revision_context)
         infos = finish_scripts(revision_context.generated_revisions, request.known,
                                dialects[0] if dialects else None)
-        return self._write(revision_context, infos, request)
+        outcome = self._write(revision_context, infos, request)
+        if scopes:
+            outcome.compared = sorted({name for scope in scopes for name in scope.compared()})
+        return outcome
 
     def _refuse_existing(self, rev_id: str) -> None:
         try:
@@ -589,7 +596,11 @@ class GenerateRequest:
     `message` None: derived from the operations. `rev_id` None: a new id. `tables` None: compare
     every table; else only these (bare or schema-qualified names) and their foreign-key
     neighbours are reflected, and tables the database does not have yet are always compared.
-    `known`: keys of known differences (as `describe_differences` makes them) to leave out.
+    `files`: changed model files (absolute paths); the tables they define (`tables_of_files`),
+    with `tables`, become the restriction, and database tables no model defines are compared too
+    (so a model deleted from a file is dropped); when a file defines no table, every table is
+    compared. `known`: keys of known differences (as `describe_differences` makes them) to leave
+    out.
     """
 
     message: str | None = None
@@ -597,6 +608,7 @@ class GenerateRequest:
     rev_id: str | None = None
     head: str = "head"
     tables: frozenset[str] | None = None
+    files: frozenset[str] | None = None
     known: frozenset[str] = frozenset()
 
 
@@ -608,15 +620,37 @@ class GenerateOutcome:
     operations: list[dict[str, str]] = field(default_factory=list)
     destructive: list[str] = field(default_factory=list)
     renames: list[str] = field(default_factory=list)
+    compared: list[str] | None = None  # the table scope used (see TableScope.compared); None: all
+
+
+def table_scope(request: GenerateRequest) -> TableScope | None:
+    """The scope of one autogenerate (None: every table); call it once the models are imported."""
+    if request.files is not None:
+        mapped = tables_of_files(request.files)
+        if mapped is None:
+            return None
+        return TableScope(mapped | (request.tables or frozenset()), orphans=True)
+    return TableScope(request.tables) if request.tables is not None else None
 
 
 class TableScope:
-    """The tables one autogenerate may reflect; a table only in the models is always compared."""
+    """The tables one autogenerate may reflect; a table only in the models is always compared.
 
-    def __init__(self, tables: Iterable[str]) -> None:
+    `orphans`: database tables that no model defines are reflected too (they are what a deleted
+    model leaves behind: its drop must not be missed).
+    """
+
+    def __init__(self, tables: Iterable[str], orphans: bool = False) -> None:
         self.requested = frozenset(tables)
         self.names: set[str] = set(self.requested)
         self.in_database: set[str] = set()
+        self.orphans = orphans
+        self.modelled: set[str] = set()
+        self.orphans_seen: set[str] = set()
+
+    def compared(self) -> set[str]:
+        """The requested tables, their foreign-key neighbours and the orphans found."""
+        return self.names | self.orphans_seen
 
     def expand(self, metadata: Any) -> None:
         """Add the foreign-key neighbours (one hop, either direction) of the requested tables."""
@@ -624,6 +658,7 @@ class TableScope:
         for one in metadatas:
             for table in list(getattr(one, "tables", {}).values()):
                 key = _qualified(str(table.name), table.schema)
+                self.modelled.update((str(table.name), key))
                 requested = table.name in self.requested or key in self.requested
                 for fk in table.foreign_keys:
                     target = str(fk.target_fullname).rsplit(".", 1)[0]
@@ -640,7 +675,12 @@ class TableScope:
             return True
         key = _qualified(name, (parent_names or {}).get("schema_name"))
         self.in_database.update((name, key))
-        return self._wanted(name, key)
+        if self._wanted(name, key):
+            return True
+        if self.orphans and name not in self.modelled and key not in self.modelled:
+            self.orphans_seen.add(key)
+            return True
+        return False
 
     def include_object(self, obj: Any, name: Any, type_: str, reflected: bool, compare_to: Any
                        ) -> bool:
@@ -656,9 +696,9 @@ _SCOPE: list[TableScope] = []
 
 
 @contextlib.contextmanager
-def _scoped(scope: TableScope | None) -> Iterator[None]:
-    if scope is not None:
-        _SCOPE[:] = [scope]
+def _scoped() -> Iterator[None]:
+    """`generate` sets the scope once env.py has imported the models; it never outlives it."""
+    _SCOPE.clear()
     try:
         yield
     finally:

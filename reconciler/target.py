@@ -252,6 +252,64 @@ def load_project(spec: ProjectSpec, flask_env: bool) -> Project:
     return project
 
 
+def tables_of_files(files: Iterable[str | Path]) -> frozenset[str] | None:
+    """The tables the model files `files` define, or None: compare every table then.
+
+    Call it after the models were imported. Files and modules are matched by resolved real path
+    (every name a file was imported under counts). A file defines the tables of its module-level
+    mapped classes (declarative and Flask-SQLAlchemy models: their `__table__`), of the mapped
+    subclasses of any class it defines (abstract bases, mixins), and of its module-level `Table`
+    objects (imperative tables; best effort: an imported one counts too). None when `files` is
+    empty or any file defines no table (a deleted model's file, a helper module, a file that is
+    not imported): a narrower compare could then miss a drop.
+    """
+    wanted = {os.path.realpath(str(f)) for f in files}
+    found: dict[str, set[str]] = {path: set() for path in wanted}
+    basenames = {os.path.basename(path) for path in wanted}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str) or os.path.basename(path) not in basenames:
+            continue  # cheap test first: realpath costs system calls
+        tables = found.get(os.path.realpath(path))
+        if tables is not None:
+            tables.update(_module_tables(module))
+    if not found or not all(found.values()):
+        return None
+    return frozenset(name for tables in found.values() for name in tables)
+
+
+def _module_tables(module: ModuleType) -> set[str]:
+    from sqlalchemy import Table
+
+    out: set[str] = set()
+    for value in list(vars(module).values()):
+        if isinstance(value, Table):
+            out.add(str(value.fullname))
+        elif isinstance(value, type) and getattr(value, "__module__", None) == module.__name__:
+            out.update(_class_tables(value, Table))
+    return out
+
+
+def _class_tables(cls: type, table_type: type) -> set[str]:
+    """The tables of `cls` and of every class that inherits from it."""
+    out: set[str] = set()
+    seen: set[type] = set()
+    todo = [cls]
+    while todo:
+        one = todo.pop()
+        if one in seen:
+            continue
+        seen.add(one)
+        try:
+            table = getattr(one, "__table__", None)
+        except Exception:  # a user descriptor on an unmapped class
+            table = None
+        if isinstance(table, table_type):
+            out.add(str(table.fullname))  # type: ignore[attr-defined]
+        todo.extend(type.__subclasses__(one))
+    return out
+
+
 def _sqlite_absolute(url: str, root: Path) -> str:
     """Flask-SQLAlchemy 3 puts relative SQLite paths into the instance folder: never let it."""
     from sqlalchemy.engine import make_url

@@ -494,14 +494,16 @@ class Runner:
         return {"differences": migrations.describe_differences(raw, job.exclude_tables)}
 
     def op_generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`tables` / `files` (paths relative to the project root or absolute): the scope."""
         project = self._load_project(self.flask_env)
-        tables = request.get("tables")
+        tables, files = request.get("tables"), request.get("files")
         generate = migrations.GenerateRequest(
             message=str(request["message"]) if request.get("message") else None,
             draft=bool(request.get("draft")),
             rev_id=str(request["rev_id"]) if request.get("rev_id") else None,
             head=str(request.get("head") or "head"),
             tables=frozenset(str(t) for t in tables) if tables is not None else None,
+            files=frozenset(str(self._job().root / str(f)) for f in files) if files is not None else None,
             known=frozenset(str(k) for k in request.get("known") or ()),
         )
         started = time.monotonic()

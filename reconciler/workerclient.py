@@ -76,6 +76,7 @@ class Generated:
     destructive: list[str]  # what the upgrade would lose: dropped tables and columns, narrowed types
     renames: list[str]  # a drop and an add that may be a rename
     seconds: float = 0.0
+    compared: list[str] | None = None  # the tables the compare was restricted to; None: all
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,7 @@ class Worker:
         head: str = "head",
         tables: list[str] | None = None,
         known: list[str] | None = None,
+        files: list[str] | None = None,
     ) -> Generated:
         """Autogenerate a revision file from the models, as `flask db migrate` does.
 
@@ -360,13 +362,22 @@ class Worker:
         the operations. `draft`: the file gets `draft = True`. `rev_id`: the id to use (it must
         not exist yet: remove an old draft's file first). `tables`: reflect only these and their
         foreign-key neighbours (tables only in the models are always compared); None: all.
+        `files`: changed model files (relative to our working directory or absolute); the worker
+        maps them to the tables their models define and adds those to `tables`, and compares the
+        database tables no model defines too (a model deleted from a file is dropped). When a
+        file defines no table (a deleted model's file, a helper module, not a models module), or
+        `files` is empty, every table is compared. `Generated.compared` names the tables the
+        compare was restricted to (the requested ones, their foreign-key neighbours, orphans
+        found), None for a full compare.
         `known`: known-difference keys to leave out; None: those of the job's known-differences
         file, [] for none. The database must be at the repository's heads (else StateError).
         """
         if known is None:
             known = sorted(self._known_keys())
         reply = self._request("generate", message=message, draft=draft, rev_id=rev_id, head=head,
-                              tables=list(tables) if tables is not None else None, known=known)
+                              tables=list(tables) if tables is not None else None, known=known,
+                              files=[os.path.abspath(f) for f in files] if files is not None else None)
+        compared = reply.get("compared")
         path, revision = reply.get("path"), reply.get("revision")
         return Generated(
             path=str(path) if path else None,
@@ -376,6 +387,7 @@ class Worker:
             destructive=[str(line) for line in reply.get("destructive") or ()],
             renames=[str(line) for line in reply.get("renames") or ()],
             seconds=float(reply.get("duration_ms", 0)) / 1000.0,
+            compared=[str(t) for t in compared] if compared is not None else None,
         )
 
     def _known_keys(self) -> frozenset[str]:

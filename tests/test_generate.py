@@ -391,6 +391,103 @@ def test_tables_restrict_what_is_compared(tmp_path: Path, sqlite_url: str) -> No
                                           ("drop_table", "legacy", "legacy")]
 
 
+MODELS_PACKAGE = {
+    "__init__.py": """\
+from flask_sqlalchemy import SQLAlchemy
+
+db = SQLAlchemy()
+
+from myapp.models import a, b, c  # noqa: E402
+""",
+    "a.py": """\
+from myapp.models import db
+
+
+class A(db.Model):
+    __tablename__ = "a"
+    id = db.Column(db.Integer, primary_key=True)
+    b_id = db.Column(db.Integer, db.ForeignKey("b.id"))
+""",
+    "b.py": """\
+from myapp.models import db
+
+
+class B(db.Model):
+    __tablename__ = "b"
+    id = db.Column(db.Integer, primary_key=True)
+
+
+class B2(db.Model):
+    __tablename__ = "b2"
+    id = db.Column(db.Integer, primary_key=True)
+""",
+    "c.py": """\
+from myapp.models import db
+
+c = db.Table("c", db.Column("id", db.Integer, primary_key=True))
+""",
+}
+
+
+def package_gen(root: Path, url: str) -> Gen:
+    """Models in a package, one module per table or two (`c` an imperative Table), at baseline."""
+    made = flask_gen(root, url)
+    made.models_file.unlink()
+    for name, text in MODELS_PACKAGE.items():
+        path = root / "myapp" / "models" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    made.baseline()
+    return made
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_changed_files_restrict_what_is_compared(kind: str, tmp_path: Path,
+                                                 request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue(URL_FIXTURES[kind])
+    made = package_gen(tmp_path / "proj", url)
+    models = made.project.root / "myapp" / "models"
+    a_py = models / "a.py"
+    a_py.write_text(a_py.read_text() + "    note = db.Column(db.String(30))\n")
+    run_sql(url, "ALTER TABLE c ADD COLUMN extra INTEGER")  # a difference only in c
+
+    scoped = made.generate(files=[str(models / ".." / "models" / "a.py")])  # by real path
+    assert scoped.compared == ["a", "b"]  # a, and b: its foreign-key neighbour
+    assert ops_of(scoped) == [("add_column", "a", "note")]
+    Path(str(scoped.path)).unlink()
+
+    both = made.generate(files=[str(a_py), str(models / "c.py")], tables=["b2"])
+    assert both.compared == ["a", "b", "b2", "c"]
+    assert sorted(ops_of(both)) == [("add_column", "a", "note"), ("drop_column", "c", "extra")]
+    Path(str(both.path)).unlink()
+
+    full = made.generate()
+    assert full.compared is None
+    assert sorted(ops_of(full)) == [("add_column", "a", "note"), ("drop_column", "c", "extra")]
+    Path(str(full.path)).unlink()
+
+    (tmp_path / "other.py").write_text("x = 1\n")  # defines no table: compare everything
+    for files in ([str(tmp_path / "other.py")], [str(a_py), str(models / "__init__.py")], []):
+        fallback = made.generate(files=files)
+        assert fallback.compared is None
+        assert sorted(ops_of(fallback)) == sorted(ops_of(full))
+        Path(str(fallback.path)).unlink()
+
+
+@pytest.mark.core
+def test_a_model_deleted_from_a_changed_file_is_dropped(tmp_path: Path, sqlite_url: str) -> None:
+    made = package_gen(tmp_path / "proj", sqlite_url)
+    b_py = made.project.root / "myapp" / "models" / "b.py"
+    b_py.write_text(b_py.read_text().split("\n\nclass B2")[0])
+
+    result = made.generate(files=[str(b_py)])
+    # b and its neighbour a; b2 is in the database but no model defines it any more
+    assert result.compared == ["a", "b", "b2"]
+    assert ops_of(result) == [("drop_table", "b2", "b2")]
+    assert result.destructive
+
+
 @pytest.mark.core
 def test_draft_marker_and_chosen_revision_id(gen: Gen) -> None:
     gen.edit_models("    name = db.Column(db.String(50))\n",
