@@ -137,10 +137,14 @@ class DevLoop:
         return 0
 
     def _start_warm(self) -> Any:
+        from reconciler import dbsession
         from reconciler.workerclient import WarmWorker, WorkerJob
 
+        with connection.connect(self.rec.engine) as conn:
+            identity = dbsession.identity_from_dbapi(conn.connection, self.rec.backend)
         job = WorkerJob.from_settings(self.settings)
-        job = dataclasses.replace(job, exclude_tables=self.rec.journal.names)
+        job = dataclasses.replace(job, exclude_tables=self.rec.journal.names,
+                                  expected_identity=identity)
         return WarmWorker(job, python=self.settings.target.python or None,
                           timeout=self.settings.dev.generate_timeout)
 
@@ -233,11 +237,12 @@ class DevLoop:
             self._amend_draft(draft, graph)
             return
         files = self._files_to_compare()
-        worker = self._warm.take()
-        with worker:
+        with self._warm.take() as worker:
             result = worker.generate(draft=self.settings.dev.draft, files=files)
-        log.debug("compared", tables=result.compared if files else "all")
-        self._after_generate(result, rebuilt=False)
+            log.debug("compared", tables=result.compared if files else "all",
+                      generate_ms=int(result.seconds * 1000))
+            with self.rec.lending(worker):
+                self._after_generate(result, rebuilt=False)
 
     # drafts
     def _current_draft(self, graph: RevisionGraph) -> Revision | None:
@@ -271,17 +276,19 @@ class DevLoop:
         try:
             with self._warm.take() as gen:
                 result = gen.generate(draft=True, rev_id=draft.revision)
+                if result.path is None:
+                    log.info("draft_removed", revision=draft.revision,
+                             reason="the models equal the draft's parent again")
+                    self.rec.project.invalidate()
+                    return
+                with self.rec.lending(gen):
+                    self._after_generate(result, rebuilt=True)
         except ReconcilerError:
-            shutil.move(str(backup), draft.path)  # the models do not import: keep the old draft
-            self.rec.project.invalidate()
-            self._apply(DRAFT_TRIGGER)
+            if backup.exists():  # the models do not import: keep the old draft, applied
+                shutil.move(str(backup), draft.path)
+                self.rec.project.invalidate()
+                self._apply(DRAFT_TRIGGER)
             raise
-        if result.path is None:
-            log.info("draft_removed", revision=draft.revision,
-                     reason="the models equal the draft's parent again")
-            self.rec.project.invalidate()
-            return
-        self._after_generate(result, rebuilt=True)
 
     # after a generation
     def _after_generate(self, result: Any, rebuilt: bool) -> None:

@@ -149,6 +149,7 @@ class Reconciler:
         self._conditions: Conditions | None = None
         self._decided: tuple[object, Decision] | None = None  # the last decision, by its inputs
         self.current_worker: Worker | None = None  # the worker of an apply in progress
+        self._lent: Worker | None = None
         self._journal_seen = False
         self.check_files = True  # stat the revision files each run (the daemon turns it off while it watches)
 
@@ -479,8 +480,22 @@ class Reconciler:
         return tuple(done)
 
     @contextmanager
+    def lending(self, worker: Worker) -> Iterator[None]:
+        """Apply with a worker the caller already has (dev mode's generating worker, models
+        loaded): no second interpreter start. The caller keeps and closes it."""
+        self._lent = worker
+        try:
+            yield
+        finally:
+            self._lent = None
+
+    @contextmanager
     def start_worker(self, conn: sa.engine.Connection) -> Iterator[Worker]:
         from reconciler.workerclient import Worker, WorkerJob
+
+        if self._lent is not None:
+            yield self._lent
+            return
 
         job = WorkerJob.from_settings(self.settings)
         job = dataclasses.replace(
