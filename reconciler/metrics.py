@@ -21,18 +21,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from reconciler.state import CONDITIONS, SYNC_STATES
+
 OUTCOMES = ("noop", "applied", "lock_busy", "failed", "unreachable", "refused", "blocked", "suspended")
-SYNC_STATES = (
-    "uninitialized_empty",
-    "uninitialized_with_tables",
-    "in_sync",
-    "behind",
-    "ahead",
-    "diverged",
-    "multiple_heads",
-    "unknown",
-)
-CONDITIONS = ("dirty", "checksum_mismatch", "blocked", "suspended", "destructive_pending", "drift")
 STATES = SYNC_STATES + CONDITIONS
 
 # Seconds: from half a millisecond (a no-op run) to ten minutes (a long run).

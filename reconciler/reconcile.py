@@ -34,7 +34,7 @@ from reconciler.errors import (
 from reconciler.graph import RevisionGraph
 from reconciler.project import Project
 from reconciler.redact import redact
-from reconciler.state import DbSnapshot, Decision, decide
+from reconciler.state import CONDITIONS, DbSnapshot, Decision, decide
 
 if TYPE_CHECKING:
     from reconciler.workerclient import Worker
@@ -42,14 +42,7 @@ if TYPE_CHECKING:
 log = logs.get("reconciler.reconcile")
 
 APPLICABLE = ("behind", "uninitialized_empty")
-CONDITION_ORDER = (
-    "dirty",
-    "checksum_mismatch",
-    "blocked",
-    "suspended",
-    "destructive_pending",
-    "drift",
-)
+CONDITION_ORDER = CONDITIONS
 
 ProgressFn = Callable[[int, int, str, str], None]
 T = TypeVar("T")

@@ -42,6 +42,8 @@ SYNC_STATES = (
     "multiple_heads",
     "unknown",
 )
+# Conditions reported beside the sync state, worst first: `state` is the worst one present.
+CONDITIONS = ("dirty", "checksum_mismatch", "blocked", "suspended", "destructive_pending", "drift")
 _NO_ANCESTRY: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 
 

@@ -12,24 +12,14 @@ import pytest
 import sqlalchemy as sa
 
 from reconciler.devloop import is_local
-from tests.builders import Project, db_heads, flask_project
+from tests.builders import FLASK_MODELS, Project, db_heads, flask_project
 from tests.cli import cli_command, cli_env, run_cli
 from tests.dbs import assert_no_canary
 from tests.pgcluster import wait_until
 
 pytestmark = pytest.mark.slow
 
-BASE = '''\
-from flask_sqlalchemy import SQLAlchemy
-
-db = SQLAlchemy()
-
-
-class User(db.Model):
-    id = db.Column(db.Integer, primary_key=True)
-    username = db.Column(db.String(80), unique=True, nullable=False)
-    email = db.Column(db.String(120), unique=True, nullable=False)
-'''
+BASE = FLASK_MODELS  # the tutorial's User model
 
 
 def columns(url: str, table: str) -> dict[str, str]:
