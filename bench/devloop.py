@@ -11,9 +11,6 @@ the saves THINK_TIME apart (as a developer's are; dev mode readies its next inte
 
 from __future__ import annotations
 
-# A developer saves seconds apart; in between, dev mode starts its next spare interpreter.
-THINK_TIME = 1.0
-
 import argparse
 import signal
 import subprocess
@@ -26,6 +23,9 @@ import sqlalchemy as sa
 from bench.common import APP, BIN, env_for, median, reconciler
 from tests import dbs
 from tests.builders import Project, flask_project
+
+# A developer saves seconds apart; in between, dev mode starts its next spare interpreter.
+THINK_TIME = 1.0
 
 
 def models_source(tables: int, extra: dict[int, list[str]]) -> str:
