@@ -237,12 +237,21 @@ class DevLoop:
             self._amend_draft(draft, graph)
             return
         files = self._files_to_compare()
-        with self._warm.take() as worker:
-            result = worker.generate(draft=self.settings.dev.draft, files=files)
-            log.debug("compared", tables=result.compared if files else "all",
-                      generate_ms=int(result.seconds * 1000))
-            with self.rec.lending(worker):
-                self._after_generate(result, rebuilt=False)
+        try:
+            with self._warm.take() as worker:
+                self._generate_and_apply_with(worker, files)
+        except ReconcilerError:
+            if files:  # not compared yet: the next save compares them again
+                with self._changed_lock:
+                    self._changed |= {Path(f) for f in files}
+            raise
+
+    def _generate_and_apply_with(self, worker: Any, files: list[str] | None) -> None:
+        result = worker.generate(draft=self.settings.dev.draft, files=files)
+        log.debug("compared", tables=result.compared if files else "all",
+                  generate_ms=int(result.seconds * 1000))
+        with self.rec.lending(worker):
+            self._after_generate(result, rebuilt=False)
 
     # drafts
     def _current_draft(self, graph: RevisionGraph) -> Revision | None:
