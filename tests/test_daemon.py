@@ -293,12 +293,6 @@ def test_observe_only_replica_applies_nothing(tmp_path: Path, pg_url: str) -> No
     assert db_heads(pg_url) == set()
 
 
-def test_dev_mode_is_refused_clearly(tmp_path: Path, sqlite_url: str) -> None:
-    project = flask_project(tmp_path / "p", sqlite_url)
-    result = run_cli(["--config", str(project.config), "run", "--mode", "dev"], cwd=project.root)
-    assert result.returncode == 2 and "dev mode" in result.stderr
-
-
 
 def test_grace_expiry_cancels_the_statement_and_exits_non_zero(tmp_path: Path, pg_url: str) -> None:
     project = flask_project(tmp_path / "p", pg_url)
