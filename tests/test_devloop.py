@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from reconciler.devloop import is_local
-from tests.builders import FLASK_MODELS, Project, db_heads, flask_project
+from tests.builders import FLASK_MODELS, Project, db_heads, flask_project, table_names
 from tests.cli import cli_command, cli_env, run_cli
 from tests.dbs import assert_no_canary
 from tests.pgcluster import wait_until
@@ -82,15 +82,6 @@ def dev(project: Project, extra: str = "") -> Iterator[DevLog]:
 
 def started(project: Project, url: str) -> None:
     wait_until(lambda: "user" in table_names(url), 60, "the initial revision applied")
-
-
-def table_names(url: str) -> set[str]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return set(sa.inspect(conn).get_table_names())
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
