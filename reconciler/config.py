@@ -406,11 +406,6 @@ def _build_section(
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, dict[str, Any]], over: dict[str, dict[str, Any]]) -> None:
-    for section, body in over.items():
-        base.setdefault(section, {}).update(body)
-
-
 def _config_path(flag: str | None, environ: Mapping[str, str], cwd: Path) -> Path | None:
     if flag:
         return Path(flag).expanduser().resolve()

@@ -7,7 +7,6 @@ A failure to connect becomes `UnreachableError` with the password masked.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -162,6 +161,3 @@ def unreachable_snapshot() -> DbSnapshot:
         reachable=False, version_table_exists=False, db_heads=frozenset(), has_user_tables=False
     )
 
-
-def monotonic_ms(start: float) -> int:
-    return round((time.monotonic() - start) * 1000)

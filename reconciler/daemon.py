@@ -204,10 +204,6 @@ class Daemon:
         if worker is not None:
             worker.kill()
 
-    def request_stop(self) -> None:
-        """Stop as on SIGTERM (for embedding and tests)."""
-        self._on_signal(signal.SIGTERM, None)
-
     # --- one run -------------------------------------------------------------------------------
     def _files_changed(self, paths: set[Any]) -> None:
         log.info("revision_files_changed", count=len(paths))

@@ -40,9 +40,3 @@ def redact(text: str) -> str:
         if form in text:
             text = text.replace(form, MASK)
     return text
-
-
-def clear_secrets() -> None:
-    """Forget all secrets (tests only)."""
-    with _lock:
-        _variants.clear()

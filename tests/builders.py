@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,7 +248,3 @@ def journal_rows(url: str, table: str = "reconciler_journal") -> list[dict[str, 
             return [dict(r) for r in rows]
     finally:
         engine.dispose()
-
-
-def ids(items: Iterable[str]) -> list[str]:
-    return list(items)
