@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +16,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import connection, differences, journal, logs
+from reconciler import connection, differences, guard, journal, logs, safety
 from reconciler.config import Settings
 from reconciler.errors import (
     ConfigError,
     DifferencesFound,
+    ReconcilerError,
     Refused,
     RevisionFailed,
     StateError,
@@ -49,6 +50,42 @@ def plan(rec: Reconciler) -> tuple[Status, list[PlanStep]]:
         for rev in status.decision.pending
     ]
     return status, steps
+
+
+def plan_findings(rec: Reconciler, status: Status) -> guard.Analysis:
+    """What the destructive-change guard finds in the pending revisions (each with its line)."""
+    pending = status.decision.pending
+    if not pending:
+        return guard.Analysis((), "built-in")
+    with _worker(rec) as worker:
+        return rec.check_pending(worker, rec.graph(), pending)
+
+
+def analysed_status(rec: Reconciler, status: Status) -> Status:
+    """`status` with the `destructive_pending` condition decided (analysing needs a worker)."""
+    if not status.decision.pending or status.sync_state not in ("behind", "uninitialized_empty"):
+        return status
+    try:
+        plan_findings(rec, status)
+    except ReconcilerError as exc:  # env.py or the models do not load: status still reports
+        log.warning("pending_not_analysed", target=rec.target, error=str(exc))
+        return status
+    return rec.status()
+
+
+def fail_on(analysis: guard.Analysis, kinds: Iterable[str]) -> None:
+    """`plan --fail-on`: Refused (exit 6) when unacknowledged findings of these kinds exist;
+    an unanalysable revision counts as possible data loss."""
+    wanted = set(kinds)
+    if safety.DATA_LOSS in wanted:
+        wanted.add(safety.UNANALYSABLE)
+    hits = [f for f in analysis.findings if f.kind in wanted and not f.acknowledged]
+    if hits:
+        raise Refused(
+            f"the pending plan has {len(hits)} finding(s) of {', '.join(sorted(set(kinds)))}: "
+            f"{'; '.join(f'{f.revision} ({f.where}) {f.message}' for f in hits)} — fix the revisions, "
+            "or acknowledge data loss with `allow_destructive = True` in the revision file"
+        )
 
 
 def plan_sql(rec: Reconciler, status: Status) -> str:
@@ -107,6 +144,21 @@ def compare(rec: Reconciler) -> list[dict[str, str]]:
     with _worker(rec) as worker:
         found = list(worker.compare())
     return [dict(d) for d in differences.unknown(found, known)]
+
+
+def drift(rec: Reconciler) -> list[dict[str, str]]:
+    """What the daemon's drift compare would report now: compare minus `[drift] ignore`."""
+    from reconciler.drift import without_ignored
+
+    status = rec.status()
+    if status.sync_state == "unknown":
+        raise UnreachableError(status.message)
+    if status.sync_state != "in_sync":
+        raise StateError(
+            f"the database is {status.sync_state} ({status.message}); drift is compared at the "
+            "repository's heads: run `reconciler apply` first"
+        )
+    return [dict(d) for d in without_ignored(compare(rec), rec.settings.drift.ignore)]
 
 
 @contextmanager
@@ -222,17 +274,35 @@ def stamp(rec: Reconciler, revision: str, force: bool) -> tuple[str, ...]:
                     "align them first, or pass --force"
                 )
         journal.ensure(conn, rec.journal)
+        graph = rec.graph()
         rows = [
             journal.record_started(
-                conn, rec.journal, target=rec.target, operation="stamp", revision=rev
+                conn, rec.journal, target=rec.target, operation="stamp", revision=rev,
+                down_revisions=graph.revisions[rev].down_revisions,
+                file_hash=graph.revisions[rev].file_hash,
             )
             for rev in targets
         ]
         worker.stamp(list(targets), purge=force)
         for row in rows:
             journal.record_finished(conn, rec.journal, row, outcome="stamped")
+        _record_below(rec, conn, graph, targets)
     log.info("stamped", target=rec.target, revisions=list(targets), forced=force)
     return targets
+
+
+def _record_below(
+    rec: Reconciler, conn: sa.engine.Connection, graph: RevisionGraph, targets: tuple[str, ...]
+) -> None:
+    """Stamping marks the ancestors applied too: record their hashes, so they are ours, not a
+    foreign writer's."""
+    held = journal.recorded_hashes(conn, rec.journal, rec.target)
+    for rev in graph.topological(graph.closure(targets)):
+        if rev not in targets and rev not in held:
+            revision = graph.revisions[rev]
+            journal.record_hash(conn, rec.journal, target=rec.target, operation=journal.RECORD,
+                                revision=rev, file_hash=revision.file_hash,
+                                down_revisions=revision.down_revisions, trigger="stamp")
 
 
 def _stamp_targets(graph: RevisionGraph, revision: str) -> tuple[str, ...]:

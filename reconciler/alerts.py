@@ -40,7 +40,8 @@ log = logs.get("reconciler.alerts")
 
 KEY_MAX = 120  # episode keys fit the journal's flags key column with room for a prefix
 _EPISODE_MAX = 80
-_HOLDER_IDENTITY = ("pid", "connection_id", "backend_start", "host", "client_addr", "application_name")
+_HOLDER_IDENTITY = ("pid", "connection_id", "backend_start", "host", "client_addr", "application_name",
+                    "replica")
 
 
 # --------------------------------------------------------------------------- the alert
@@ -89,7 +90,7 @@ class Alert:
 
 _ICONS = {"applied": ":white_check_mark:", "recovered": ":white_check_mark:", "ahead": ":information_source:"}
 _COLORS = {"applied": "good", "recovered": "good", "failed": "danger", "blocked": "danger",
-           "unreachable": "danger"}
+           "unreachable": "danger", "dirty": "danger", "destructive_refused": "danger"}
 
 
 def _redacted(value: Any) -> Any:
@@ -124,6 +125,12 @@ class Observation:
     lock_held_for: float = 0.0
     unknown: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
+    dirty: tuple[str, ...] = ()  # revisions that may be half-applied (the journal's, as on every replica)
+    lock_timeout: bool = False  # the failure was our DDL waiting longer than ddl_lock_timeout
+    drift: tuple[str, ...] = ()  # keys of the drift differences (the episode)
+    drift_texts: tuple[str, ...] = ()  # and what they say, for the message
+    mismatched: tuple[str, ...] = ()  # applied revisions whose file changed or vanished
+    foreign: tuple[str, ...] = ()  # revisions found applied without our journal in this run
 
     @property
     def blind(self) -> bool:
@@ -144,10 +151,25 @@ def _failure_episode(obs: Observation) -> str:
     return f"{obs.failed_revision or '-'}:{obs.failure_signature}"
 
 
+def _blocked(obs: Observation, _a: AlertingSettings) -> Verdict:
+    """Blocked until the revision's file changes; a run that could not read which revision
+    (its status read failed) cannot tell, and must not start a second episode."""
+    if "blocked" in obs.conditions or obs.outcome == "blocked":
+        return _failure_episode(obs) if obs.failed_revision or obs.failure_signature else KEEP
+    return KEEP if obs.blind else None
+
+
 def _failed(obs: Observation, _a: AlertingSettings) -> Verdict:
     """A failure lasts until a run succeeds; lock_busy, blocked, refused... cannot tell."""
-    if obs.outcome == "failed":
+    if obs.outcome == "failed" and not obs.lock_timeout:
         return _failure_episode(obs)
+    return None if obs.outcome in ("noop", "applied") else KEEP
+
+
+def _lock_timeout(obs: Observation, _a: AlertingSettings) -> Verdict:
+    """Our DDL gave up waiting for a table lock (after its retries) until a run succeeds."""
+    if obs.outcome == "failed" and obs.lock_timeout:
+        return obs.failed_revision or "-"
     return None if obs.outcome in ("noop", "applied") else KEEP
 
 
@@ -180,6 +202,11 @@ def _lock_held(obs: Observation, alerting: AlertingSettings) -> Verdict:
     return None
 
 
+def _foreign_writer(obs: Observation, _a: AlertingSettings) -> Verdict:
+    """A one-off finding, not a lasting condition: one alert per set of revisions, no recovery."""
+    return _joined(obs.foreign) if obs.foreign else KEEP
+
+
 def _unreachable(obs: Observation, _a: AlertingSettings) -> Verdict:
     return "database" if obs.outcome == "unreachable" else None
 
@@ -203,7 +230,7 @@ class Rule:
 RULES: dict[str, Rule] = {
     "failed": Rule(_failed, "revision {revision} failed: {error}", revision=True,
                    extras=("error", "signature", "consecutive_failures")),
-    "blocked": Rule(_condition("blocked", _failure_episode),
+    "blocked": Rule(_blocked,
                     "revision {revision} is blocked after failing the same way repeatedly: {error}; "
                     "fix the revision file (changing it unblocks it)", revision=True,
                     extras=("error", "signature")),
@@ -211,11 +238,34 @@ RULES: dict[str, Rule] = {
                   "the database holds revisions the repository does not know ({unknown}) for {lasted}; "
                   "deploy the newer code or check for a rollback", extras=("unknown",),
                   enabled=lambda a: a.ahead_alert, grace=lambda a: a.ahead_grace),
+    "dirty": Rule(_condition("dirty", lambda o: _joined(o.dirty)),
+                  "revision {dirty} started and did not complete on a database whose DDL commits as it "
+                  "goes: it may be half-applied and is not retried. Inspect the schema, finish or undo "
+                  "it by hand, then run `reconciler resolve {first_dirty} --applied` or `--rolled-back`",
+                  extras=("dirty",)),
+    "lock_timeout": Rule(_lock_timeout, "revision {revision} gave up waiting for a table lock "
+                         "(ddl_lock_timeout) on every retry: {error}; it is retried with backoff. Look for "
+                         "long transactions on the tables it alters", revision=True, extras=("error",)),
     "multiple_heads": Rule(_sync_state("multiple_heads", lambda o: _joined(o.heads)),
                            "the repository has unmerged heads ({heads}); merge them with "
                            "`alembic merge` (or `flask db merge`)", extras=("heads",)),
+    "destructive_refused": Rule(_condition("destructive_pending"),
+                                "a pending revision would lose data and was not applied: {error}",
+                                extras=("error",)),
+    "checksum_mismatch": Rule(_condition("checksum_mismatch", lambda o: _joined(o.mismatched)),
+                              "applied revision(s) {mismatched} changed or vanished since they were "
+                              "applied; applying stops until the change is reviewed and accepted "
+                              "(`reconciler accept REV`)", extras=("mismatched",)),
+    "foreign_writer": Rule(_foreign_writer,
+                           "revision(s) {foreign} were applied without reconciler (an app upgrading "
+                           "itself at start-up?); switch that off, or take our lock with "
+                           "reconciler.hooks.migration_lock", extras=("foreign",)),
     "lock_held": Rule(_lock_held, "the migration lock has been held for {held_for} by {holder}",
                       extras=("holder", "held_for_seconds")),
+    "drift": Rule(_condition("drift", lambda o: "drift:" + _joined(o.drift)),
+                  "the database schema differs from the models ({drift_count}): {drift}; fix it, "
+                  "accept it with `reconciler baseline`, or add a [drift] ignore rule",
+                  extras=("drift",)),
     "unreachable": Rule(_unreachable, "the database is unreachable ({runs} runs in a row): {error}",
                         local=True, extras=("error", "runs"), min_runs=lambda a: a.unreachable_after),
 }
@@ -352,11 +402,17 @@ class AlertPolicy:
             "consecutive_failures": obs.consecutive_failures,
             "heads": ", ".join(sorted(obs.heads)) or "-",
             "unknown": ", ".join(sorted(obs.unknown)) or "-",
+            "dirty": ", ".join(obs.dirty) or "-",
+            "first_dirty": obs.dirty[0] if obs.dirty else "REVISION",
+            "mismatched": ", ".join(sorted(obs.mismatched)) or "-",
+            "foreign": ", ".join(sorted(obs.foreign)) or "-",
             "holder": ", ".join(f"{k}={v}" for k, v in holder.items()) or "an unknown session",
             "held_for": _duration(obs.lock_held_for),
             "held_for_seconds": round(obs.lock_held_for, 1),
             "runs": track.runs,
             "lasted": _duration(now - track.since),
+            "drift": "; ".join(obs.drift_texts[:10]) + ("; ..." if len(obs.drift_texts) > 10 else ""),
+            "drift_count": len(obs.drift),
         }
 
     def _text(self, rule: Rule, track: _Track, obs: Observation, now: float) -> str:
@@ -367,9 +423,11 @@ class AlertPolicy:
         values: dict[str, Any] = {name: fields[name] for name in rule.extras}
         if "holder" in values:
             values["holder"] = dict(obs.lock_holder or {})
-        for name in ("heads", "unknown"):
+        for name in ("heads", "unknown", "dirty", "mismatched", "foreign"):
             if name in values:
                 values[name] = sorted(getattr(obs, name))
+        if "drift" in values:
+            values["drift"] = list(obs.drift_texts)
         return values
 
 

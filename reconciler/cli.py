@@ -157,8 +157,10 @@ def _reconciler(ctx: Context) -> Iterator[Reconciler]:
 @command
 def status(ctx: Context, as_json: bool) -> int:
     """State of the database against the repository (exit 0 when read, 5 when unreachable)."""
+    from reconciler import admin
+
     with _reconciler(ctx) as rec:
-        result = rec.status()
+        result = admin.analysed_status(rec, rec.status())
     if as_json:
         emit_json(result.as_dict())
     else:
@@ -182,19 +184,24 @@ def _print_status(data: dict[str, Any]) -> None:
 @main.command()
 @click.option("--sql", is_flag=True, help="print the pending revisions' SQL (offline)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+@click.option("--fail-on", "fail_on", multiple=True, type=click.Choice(["data-loss", "lock-risk"]),
+              help="exit 6 when the pending revisions have findings of this class (a CI gate)")
 @command
-def plan(ctx: Context, sql: bool, as_json: bool) -> int:
-    """Pending revisions in order; --sql prints their SQL without running it."""
+def plan(ctx: Context, sql: bool, as_json: bool, fail_on: tuple[str, ...]) -> int:
+    """Pending revisions in order with the guard's findings; --sql prints their SQL instead."""
     from reconciler import admin
     from reconciler.reconcile import refuse_unless_applicable
 
     with _reconciler(ctx) as rec:
         result, steps = admin.plan(rec)
         refuse_unless_applicable(result)
+        analysis = admin.plan_findings(rec, result)
         text = admin.plan_sql(rec, result) if sql else None
     if as_json:
         data = result.as_dict()
         data["steps"] = [s.__dict__ for s in steps]
+        data["findings"] = [f.as_dict() for f in analysis.findings]
+        data["lock_rules"] = analysis.linter
         if text is not None:
             data["sql"] = text
         emit_json(data)
@@ -203,9 +210,17 @@ def plan(ctx: Context, sql: bool, as_json: bool) -> int:
     elif not steps:
         click.echo(f"nothing to apply: the database is {result.state}")
     else:
-        for index, step in enumerate(steps, start=1):
-            click.echo(f"{index:>3}. {step.revision}  {step.message}")
+        _print_plan(steps, analysis.findings)
+    admin.fail_on(analysis, fail_on)
     return EXIT_OK
+
+
+def _print_plan(steps: list[Any], findings: tuple[Any, ...]) -> None:
+    for index, step in enumerate(steps, start=1):
+        click.echo(f"{index:>3}. {step.revision}  {step.message}")
+        for finding in (f for f in findings if f.revision == step.revision):
+            ack = " (acknowledged)" if finding.acknowledged else ""
+            click.echo(f"       {finding.kind:<12} {finding.where}  {finding.message}{ack}")
 
 
 @main.command()
@@ -249,6 +264,24 @@ def check(ctx: Context, scratch: bool) -> int:
     admin.check(ctx.settings(), scratch)
     click.echo("models and migrations agree", err=True)
     return EXIT_OK
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="the differences as one JSON object on stdout")
+@command
+def drift(ctx: Context, as_json: bool) -> int:
+    """The live schema vs the models, now: exit 7 and list the differences (the daemon's drift)."""
+    from reconciler import admin
+    from reconciler.errors import EXIT_DIFFERENCES
+
+    with _reconciler(ctx) as rec:
+        found = admin.drift(rec)
+    if as_json:
+        emit_json({"drift": bool(found), "count": len(found), "differences": found})
+    for difference in found:
+        click.echo(f"  - {difference['text']}", err=True)
+    click.echo(f"drift: {len(found)} difference(s)" if found else "no drift", err=True)
+    return EXIT_DIFFERENCES if found else EXIT_OK
 
 
 @main.command()
@@ -347,6 +380,43 @@ def resolve(ctx: Context, revision: str, outcome: str | None) -> int:
     click.echo(f"revision {resolved} resolved as {outcome}", err=True)
     return EXIT_OK
 
+
+@main.command("journal")
+@click.option("--json", "as_json", is_flag=True, help="a JSON list on stdout")
+@click.option("--limit", type=int, default=50, show_default=True, help="newest N steps")
+@click.option("--revision", default=None, help="only the steps of this revision")
+@command
+def journal_command(ctx: Context, as_json: bool, limit: int, revision: str | None) -> int:
+    """What was applied, when, by whom and how it ended (the journal side table)."""
+    from reconciler import journal_admin
+
+    with _reconciler(ctx) as rec:
+        rows = journal_admin.steps(rec, limit, revision)
+    if as_json:
+        emit_json(rows)
+    elif not rows:
+        click.echo("the journal has no steps for this target yet", err=True)
+    else:
+        for line in journal_admin.table(rows):
+            click.echo(line)
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("revision", required=False)
+@click.option("--all", "accept_all", is_flag=True, help="accept every mismatch")
+@command
+def accept(ctx: Context, revision: str | None, accept_all: bool) -> int:
+    """Record the new checksum of a reviewed, changed applied revision (applying resumes)."""
+    from reconciler import journal_admin
+
+    if bool(revision) == accept_all:
+        raise ConfigError("name one revision, or pass --all (not both): `reconciler accept REV`")
+    with _reconciler(ctx) as rec:
+        accepted = journal_admin.accept(rec, None if accept_all else revision)
+    names = ", ".join(m.revision for m in accepted)
+    click.echo(f"accepted {names}" if accepted else "no checksum mismatch: nothing to accept", err=True)
+    return EXIT_OK
 
 
 @main.command()

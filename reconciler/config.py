@@ -100,12 +100,21 @@ class ApplySettings:
     statement_timeout: float = field(
         default=0.0, metadata={"doc": "PostgreSQL statement_timeout for migrations; 0 = none"}
     )
+    lock_timeout_retries: int = field(
+        default=3, metadata={"doc": "retries of a revision that hit ddl_lock_timeout, in one run"}
+    )
+    lock_timeout_backoff: float = field(
+        default=1.0, metadata={"doc": "seconds before the first such retry; doubles, with jitter"}
+    )
     connect_timeout: float = field(
         default=10.0, metadata={"doc": "seconds to wait for a database connection"}
     )
     orphan_wait_timeout: float = field(
         default=600.0,
         metadata={"doc": "seconds to wait for a killed applier's statement to end on the server"},
+    )
+    role: str = field(
+        default="", metadata={"doc": "SET ROLE for the worker's connections, so objects get its owner"}
     )
 
 
@@ -206,6 +215,33 @@ class AlertingSettings:
 
 
 @dataclass(frozen=True)
+class DriftSettings:
+    interval: float = field(
+        default=3600.0, metadata={"doc": "seconds between drift compares, fleet-wide; 0 = off"}
+    )
+    ignore: list[str] = field(
+        default_factory=list,
+        metadata={"doc": "differences never reported: KIND:GLOB, e.g. 'table:audit_*', 'index:*'"},
+    )
+
+
+@dataclass(frozen=True)
+class SafetySettings:
+    allow_destructive: bool = field(
+        default=False, metadata={"doc": "apply data-loss revisions without their allow_destructive marker"}
+    )
+    strict_locking: bool = field(
+        default=False, metadata={"doc": "refuse lock-risk revisions too (otherwise a warning)"}
+    )
+    on_unanalysable: str = field(
+        default="refuse", metadata={"doc": "a revision whose operations cannot be recorded: refuse or warn"}
+    )
+    squawk: str = field(
+        default="auto", metadata={"doc": "PostgreSQL lock rules from squawk: auto (when installed) or off"}
+    )
+
+
+@dataclass(frozen=True)
 class AlertSink:
     kind: str = field(default="webhook", metadata={"doc": "webhook (JSON) or slack"})
     url: str = field(default="", metadata={"doc": "endpoint; carries a token: prefer url_env"})
@@ -228,6 +264,8 @@ class Settings:
     daemon: DaemonSettings = DaemonSettings()
     dev: DevSettings = DevSettings()
     alerting: AlertingSettings = AlertingSettings()
+    drift: DriftSettings = DriftSettings()
+    safety: SafetySettings = SafetySettings()
     alerts: tuple[AlertSink, ...] = ()
     unsafe: frozenset[str] = frozenset()  # safeguards switched off, for negative-control tests only
 
@@ -248,6 +286,8 @@ SECTIONS: dict[str, type] = {
     "daemon": DaemonSettings,
     "dev": DevSettings,
     "alerting": AlertingSettings,
+    "drift": DriftSettings,
+    "safety": SafetySettings,
 }
 LIST_SECTIONS: dict[str, type] = {"alerts": AlertSink}
 
@@ -261,7 +301,7 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
 }
 
 UNSAFE_ENV = "RECONCILER_UNSAFE_DISABLE"
-UNSAFE_SWITCHES = ("lock", "orphan_wait")
+UNSAFE_SWITCHES = ("lock", "orphan_wait", "dirty", "affinity", "drift_once", "checksums")
 _LEVELS = ("debug", "info", "warning", "error")
 _FORMATS = ("auto", "console", "json")
 _DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -457,6 +497,8 @@ def load_settings(
         daemon=sections["daemon"],
         dev=sections["dev"],
         alerting=sections["alerting"],
+        drift=sections["drift"],
+        safety=sections["safety"],
         alerts=_alert_sinks(
             source.values.get("alerts", []), origin, environ, base_dir, resolve_alerts
         ),
@@ -652,8 +694,22 @@ def _validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: 
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", settings.journal.table):
         raise ConfigError(f"[journal] table must be a plain table name, got {settings.journal.table!r}")
     _validate_daemon(settings.daemon, origin)
+    _validate_role(settings.apply.role, origin.get(("apply", "role"), "[apply] role"))
+    _validate_drift(settings.drift, origin)
+    _validate_safety(settings.safety, origin)
     if target.python and not Path(target.python).exists():
         raise ConfigError(f"{where('python')}: interpreter {target.python} does not exist")
+
+
+_ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$.-]{0,62}$")
+
+
+def _validate_role(role: str, where: str) -> None:
+    if role and not _ROLE.match(role):
+        raise ConfigError(
+            f"{where}: role must be a role name (a letter or _, then letters, digits, _ $ . -; at "
+            f"most 63 characters), got {role!r}; give the name as the server stores it"
+        )
 
 
 MODES = ("prod", "dev")
@@ -673,6 +729,26 @@ def _validate_daemon(daemon: DaemonSettings, origin: dict[tuple[str, str], str])
     if daemon.interval < 0.01:
         raise ConfigError(f"{where('interval')}: interval must be at least 0.01 s, got {daemon.interval}")
     parse_http(daemon.http, where("http"))
+
+
+def _validate_drift(drift: DriftSettings, origin: dict[tuple[str, str], str]) -> None:
+    from reconciler.drift import parse_rule
+
+    where = origin.get(("drift", "ignore"), "[drift] ignore")
+    for pattern in drift.ignore:
+        parse_rule(pattern, where)
+
+
+UNANALYSABLE = ("refuse", "warn")
+SQUAWK = ("auto", "off")
+
+
+def _validate_safety(safety: SafetySettings, origin: dict[tuple[str, str], str]) -> None:
+    for key, allowed in (("on_unanalysable", UNANALYSABLE), ("squawk", SQUAWK)):
+        value = getattr(safety, key)
+        if value not in allowed:
+            where = origin.get(("safety", key), f"[safety] {key}")
+            raise ConfigError(f"{where}: {key} must be {' or '.join(allowed)}, got {value!r}")
 
 
 def parse_http(value: str, where: str = "[daemon] http") -> tuple[str, int]:

@@ -25,7 +25,7 @@ CTL_STATEMENT_TIMEOUT = 60.0
 def _connect_args(backend: str, driver: str, connect_timeout: float) -> dict[str, Any]:
     seconds = max(1, round(connect_timeout))
     if backend == "postgresql":
-        return {
+        args: dict[str, Any] = {
             "connect_timeout": seconds,
             "keepalives": 1,
             "keepalives_idle": 10,
@@ -33,6 +33,11 @@ def _connect_args(backend: str, driver: str, connect_timeout: float) -> dict[str
             "keepalives_count": 3,
             "tcp_user_timeout": seconds * 3000,  # ms: a black-holed network fails the query
         }
+        if driver == "psycopg":
+            # psycopg 3 prepares a query run 5 times on one connection; behind a transaction
+            # pooler the next run lands on a server session without it ("_pg3_0 does not exist")
+            args["prepare_threshold"] = None
+        return args
     if backend in ("mysql", "mariadb"):
         return {"connect_timeout": seconds}
     if backend == "sqlite":

@@ -7,6 +7,7 @@ the next run happens (the interval, or a capped, jittered backoff after a failur
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -20,6 +21,7 @@ import sqlalchemy as sa
 from reconciler import __version__, connection, dbsession, fleet, journal, logs
 from reconciler.alerts import Alert, AlertDispatcher, AlertPolicy, Observation
 from reconciler.config import Settings, parse_http
+from reconciler.drift import DriftChecker
 from reconciler.errors import (
     Blocked,
     ConfigError,
@@ -32,7 +34,7 @@ from reconciler.errors import (
 from reconciler.graph import MissingRevision
 from reconciler.http import HttpServer
 from reconciler.metrics import Metrics
-from reconciler.reconcile import ApplyResult, Reconciler, Status
+from reconciler.reconcile import ApplyResult, Reconciler, Status, is_lock_timeout
 from reconciler.redact import redact
 from reconciler.scheduler import Loop, backoff
 from reconciler.watcher import DirWatcher, fingerprint
@@ -71,6 +73,8 @@ class RunResult:
     failed_revision: str | None = None
     failure_signature: str = ""
     lock_holder: dict[str, Any] | None = None
+    lock_timeout: bool = False
+    foreign: tuple[str, ...] = ()
 
 
 class Daemon:
@@ -78,6 +82,7 @@ class Daemon:
         self.settings = settings
         self.rec = Reconciler(settings)
         self.target = self.rec.target
+        self.drift = DriftChecker(self.rec, settings.drift, settings.unsafe)
         self.metrics = Metrics(self.target, __version__)
         self.policy = AlertPolicy(self.target, settings.alerting)
         _check_sink_events(settings)
@@ -111,9 +116,10 @@ class Daemon:
     def ready(self) -> bool:
         with self._record_lock:
             attempted = self.record.runs > 0
-            state = self.record.status.get("state")
+            sync_state = self.record.status.get("sync_state")
+            conditions = set(self.record.status.get("conditions") or ()) - {"drift"}  # reported, not gating
         if self.settings.daemon.ready_when == "in_sync":
-            return state == "in_sync"
+            return sync_state == "in_sync" and not conditions
         return attempted
 
     def status(self) -> dict[str, Any]:
@@ -213,7 +219,7 @@ class Daemon:
     def _run(self, reason: str) -> float | None:
         started = time.monotonic()
         self._poll_files_if_blind()
-        result = self._reconcile(reason)
+        result = self._check_drift(self._reconcile(reason))
         seconds = time.monotonic() - started
         self._report(result, seconds)
         if result.outcome in ("noop", "applied") and not self._marked_prod:
@@ -255,15 +261,16 @@ class Daemon:
                 should_stop=self._stopping.is_set,
             )
             self.record.missing_revision_seen = False
-            return RunResult(result.outcome, result.status, result.applied, result.lock_wait)
+            return RunResult(result.outcome, result.status, result.applied, result.lock_wait,
+                             foreign=result.foreign)
         except LockTimeout as exc:
             return RunResult("lock_busy", self._quiet_status(), error=str(exc), lock_holder=dict(exc.holder))
         except UnreachableError as exc:
             return RunResult("unreachable", self.rec.status(), error=str(exc))
         except RevisionFailed as exc:
             signature = self.rec.failure_of(exc).signature
-            return RunResult("failed", self._quiet_status(), error=str(exc),
-                             failed_revision=exc.revision, failure_signature=signature)
+            return RunResult("failed", self._quiet_status(), error=str(exc), failed_revision=exc.revision,
+                             failure_signature=signature, lock_timeout=is_lock_timeout(exc))
         except Blocked as exc:
             return RunResult("blocked", self._quiet_status(), error=str(exc))
         except Suspended as exc:
@@ -272,6 +279,20 @@ class Daemon:
             return self._missing_revision(exc)
         except ReconcilerError as exc:  # ahead, diverged, multiple heads, dirty, bad files
             return RunResult("refused", self._quiet_status(), error=str(exc))
+
+    def _check_drift(self, result: RunResult) -> RunResult:
+        """Compare the schema with the models when due (see drift.py); the status then says so."""
+        if result.outcome == "applied":
+            self.drift.expire()  # new heads: the last compare says nothing about them
+        if result.status is None or result.outcome not in ("noop", "applied"):
+            return result
+        try:
+            if not self.drift.tick(result.status, time.time()):
+                return result
+        except (ReconcilerError, sa.exc.DBAPIError) as exc:
+            log.warning("drift_check_failed", target=self.target, error=redact(str(exc)))
+            return result
+        return dataclasses.replace(result, status=self._quiet_status() or result.status)
 
     def _missing_revision(self, exc: MissingRevision) -> RunResult:
         """A half-synced checkout is transient for one debounce window, then an error."""
@@ -340,6 +361,10 @@ class Daemon:
         if result.lock_wait:
             m.observe_lock_wait(result.lock_wait)
         m.set_consecutive_failures(self.record.consecutive_failures)
+        status = result.status
+        if status is not None and status.sync_state != "unknown":
+            report = status.drift
+            m.set_drift(report.count if report else 0, report.checked_at if report else 0.0)
 
     def _log(self, result: RunResult, seconds: float, doc: dict[str, Any]) -> None:
         state = str(doc.get("state"))
@@ -375,6 +400,11 @@ class Daemon:
             lock_held_for=(time.time() - record.lock_busy_since) if record.lock_busy_since else 0.0,
             unknown=tuple(doc.get("unknown") or ()),
             heads=tuple(doc.get("fork") or doc.get("repo_heads") or ()),
+            dirty=tuple(doc.get("dirty") or ()),
+            lock_timeout=result.lock_timeout,
+            **_drift_fields(result.status),
+            mismatched=tuple(m["revision"] for m in doc.get("checksum_mismatch") or ()),
+            foreign=tuple(dict.fromkeys((*result.foreign, *(doc.get("foreign_writes") or ())))),
         )
         for alert, episode in self.policy.observe(observation, time.time()):
             if episode is None or self._claim(alert, episode):
@@ -391,6 +421,14 @@ class Daemon:
                 return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, event), episode)
         except (ReconcilerError, sa.exc.DBAPIError):
             return True  # cannot coordinate: better twice than never
+
+
+def _drift_fields(status: Status | None) -> dict[str, tuple[str, ...]]:
+    report = status.drift if status is not None and "drift" in status.conditions else None
+    if report is None:
+        return {}
+    texts = tuple(str(d.get("text", d["key"])) for d in report.differences)
+    return {"drift": report.keys, "drift_texts": texts}
 
 
 def _check_sink_events(settings: Settings) -> None:

@@ -43,25 +43,35 @@ def _seconds_ms(value: float) -> int:
     return max(0, round(value * 1000))
 
 
+def set_role_statement(dialect: str, role: str) -> str | None:
+    """`SET ROLE` for `role` as a quoted identifier (config.py allows no quote characters in it)."""
+    if not role:
+        return None
+    if dialect == "postgresql":
+        return 'SET ROLE "' + role.replace('"', '""') + '"'
+    if dialect in ("mysql", "mariadb"):
+        return "SET ROLE `" + role.replace("`", "``") + "`"
+    return None
+
+
 def session_statements(
     dialect: str,
     app_name: str,
     ddl_lock_timeout: float = 0.0,
     statement_timeout: float = 0.0,
+    set_role: str = "",
 ) -> list[str]:
     """SQL statements that configure one new connection for `dialect` (a backend name)."""
+    out: list[str] = []
     if dialect == "postgresql":
         safe = app_name.replace("'", "''")
-        out = [f"SET application_name = '{safe}'"]
+        out.append(f"SET application_name = '{safe}'")
         out.append(f"SET lock_timeout = {_seconds_ms(ddl_lock_timeout)}")
         out.append(f"SET statement_timeout = {_seconds_ms(statement_timeout)}")
-        return out
-    if dialect in ("mysql", "mariadb"):
-        out = []
-        if ddl_lock_timeout > 0:
-            out.append(f"SET SESSION lock_wait_timeout = {max(1, round(ddl_lock_timeout))}")
-        return out
-    return []
+    elif dialect in ("mysql", "mariadb") and ddl_lock_timeout > 0:
+        out.append(f"SET SESSION lock_wait_timeout = {max(1, round(ddl_lock_timeout))}")
+    role = set_role_statement(dialect, set_role)
+    return [*out, role] if role else out
 
 
 def run_session_statements(dbapi_connection: Any, statements: list[str]) -> None:

@@ -22,23 +22,26 @@ import signal
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import connection, differences, fleet, journal, logs
+from reconciler import checksums, connection, differences, fleet, journal, logs
 from reconciler.config import Settings, find_module_file
 from reconciler.errors import ConfigError, ReconcilerError, Refused, RevisionFailed, StateError
 from reconciler.graph import Revision, RevisionGraph, parse_revision_file
+from reconciler.modelscan import FileDigest, changed_classes, read_digest
 from reconciler.reconcile import Reconciler
+from reconciler.redact import redact
 from reconciler.scheduler import Loop
 from reconciler.watcher import DEFAULT_IGNORE, DirWatcher
 
 log = logs.get("reconciler.dev")
 
-DRAFT_TRIGGER = "draft"
+DRAFT_TRIGGER = checksums.DRAFT_TRIGGER
 FULL_COMPARE_EVERY = 300.0  # seconds: saves compare only what they touched; this catches the rest
 IDLE_INTERVAL = 3600.0  # dev mode is event driven; the periodic run is only a safety net
 
@@ -100,7 +103,11 @@ def watch_paths(settings: Settings) -> list[Path]:
 class DevLoop:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.rec = Reconciler(settings)
+        # The prod guard stays on for what dev mode did not just generate and check itself: a
+        # teammate's revision, or one held back before a restart. Lock risk is no concern here.
+        self.rec = Reconciler(dataclasses.replace(
+            settings, safety=dataclasses.replace(settings.safety, squawk="off", strict_locking=False)))
+        self.rec.guard = not settings.dev.allow_destructive
         self.target = self.rec.target
         self._models_changed = threading.Event()
         self._done = threading.Event()
@@ -116,6 +123,10 @@ class DevLoop:
         self._changed: set[Path] = set()
         self._changed_lock = threading.Lock()
         self._last_full = 0.0
+        self._digests: dict[Path, FileDigest] = {}  # model files as the last generation saw them
+        self._draft_tables: dict[str, frozenset[str]] = {}  # the draft's id -> the tables it touches
+        self._held: dict[str, tuple[Path, frozenset[str]]] = {}  # held back: id -> (file, tables)
+        self._carry: set[str] = set()  # tables of withdrawn revisions: the next compare covers them
 
     # lifecycle
     def run(self) -> int:
@@ -155,14 +166,19 @@ class DevLoop:
         threading.Thread(target=self._shutdown, daemon=True).start()
 
     def _shutdown(self) -> None:
-        self.loop.stop(wait=True, timeout=30)
-        self.model_watcher.stop()
-        self.version_watcher.stop()
-        if self._warm is not None:
-            self._warm.close()
-        self.rec.close()
-        log.info("dev_stopped", target=self.target)
-        self._done.set()
+        """Stop everything; the process ends even when a part fails to stop cleanly."""
+        try:
+            self.loop.stop(wait=True, timeout=30)
+            self.model_watcher.stop()
+            self.version_watcher.stop()
+            if self._warm is not None:
+                self._warm.close()
+            self.rec.close()
+            log.info("dev_stopped", target=self.target)
+        except Exception as exc:  # a hung SIGTERM is worse than an untidy stop
+            log.error("dev_stop_failed", error=redact(str(exc)), kind=exc.__class__.__name__)
+        finally:
+            self._done.set()
 
     def _on_models(self, paths: set[Path]) -> None:
         with self._changed_lock:
@@ -170,16 +186,48 @@ class DevLoop:
         self._models_changed.set()
         self.loop.trigger("models_changed")
 
-    def _files_to_compare(self) -> list[str] | None:
-        """The saved files (the worker compares only their tables), or None for a full compare:
-        at start, and every FULL_COMPARE_EVERY seconds."""
+    def _next_scope(self) -> Scope:
+        """What the next generation compares: the tables of the classes the saved files changed
+        (of the whole file when code outside its classes changed), or everything: at start, and
+        every FULL_COMPARE_EVERY seconds."""
         with self._changed_lock:
             changed, self._changed = self._changed, set()
         now = time.monotonic()
         if not changed or now - self._last_full > FULL_COMPARE_EVERY:
             self._last_full = now
-            return None
-        return sorted(str(p) for p in changed)
+            return Scope(None, {}, {p: read_digest(p) for p in self.model_watcher.files()})
+        digests = {p: read_digest(p) for p in changed}
+        files: list[str] = []
+        classes: dict[str, list[str]] = {}
+        for path in sorted(changed):
+            names = changed_classes(self._digests.get(path), digests[path])
+            if names is None or names:
+                files.append(str(path))
+            if names:
+                classes[str(path)] = sorted(names)
+        return Scope(files, classes, digests)
+
+    def _models_differ(self) -> bool:
+        """Whether a saved file's model code differs from what the last generation saw."""
+        with self._changed_lock:
+            changed = set(self._changed)
+        return any(changed_classes(self._digests.get(p), read_digest(p)) != frozenset() for p in changed)
+
+    def _remember(self, scope: Scope) -> None:
+        """The files as this generation saw them: the next save is compared with these."""
+        if scope.files is None:
+            self._digests.clear()
+        for path, seen in scope.digests.items():
+            if seen is None:
+                self._digests.pop(path, None)
+            else:
+                self._digests[path] = seen
+
+    def _requeue(self, scope: Scope) -> None:
+        """Not compared after all (the generation failed): the next save compares them again."""
+        if scope.files:
+            with self._changed_lock:
+                self._changed |= {Path(f) for f in scope.files}
 
     def _on_versions(self, paths: set[Path]) -> None:
         self.rec.project.invalidate()
@@ -213,7 +261,31 @@ class DevLoop:
         if state == "multiple_heads":
             raise StopGenerating(f"{status.message}; then save again")
         if state in ("behind", "uninitialized_empty"):
+            if self._held_back(status.decision.pending):
+                return
             self._apply("dev")
+
+    def _held_back(self, pending: tuple[str, ...]) -> bool:
+        """True while a revision we held back (destructive, unconfirmed) is pending: nothing is
+        applied then. A save withdraws it instead (its file is removed, it was never applied):
+        the generation that follows proposes it again if the models still drop what it drops."""
+        held = [rev for rev in pending if rev in self._held]
+        for rev in held:
+            path, tables = self._held[rev]
+            if _acknowledged(path):
+                del self._held[rev]  # confirmed: applied with the rest
+            elif self._models_changed.is_set() and self._models_differ():
+                path.unlink(missing_ok=True)
+                del self._held[rev]
+                self._carry |= tables
+                self.rec.project.invalidate()
+                log.info("held_back_withdrawn", revision=rev, path=str(path),
+                         reason="the models changed; it is generated again if still needed")
+            else:
+                log.info("waiting_for_confirmation", revision=rev,
+                         confirm=f"reconciler confirm {rev}", hint="or change the models back")
+                return True
+        return False
 
     def _branch_point(self, unknown: tuple[str, ...]) -> str:
         """The newest revision of this checkout under the foreign ones (from the journal)."""
@@ -231,27 +303,37 @@ class DevLoop:
         return "base"
 
     def generate_and_apply(self) -> None:
-        graph = self.rec.graph()
-        draft = self._current_draft(graph)
-        if draft is not None and self.settings.dev.draft:
-            self._amend_draft(draft, graph)
+        scope = self._next_scope()
+        if scope.files == [] and not self._carry:
+            self._remember(scope)
+            log.info("no_changes", detail="the saved files changed no model code; nothing compared")
             return
-        files = self._files_to_compare()
         try:
-            with self._warm.take() as worker:
-                self._generate_and_apply_with(worker, files)
+            graph = self.rec.graph()
+            draft = self._current_draft(graph)
+            if draft is not None and self.settings.dev.draft:
+                self._amend_draft(draft, scope)
+            else:
+                with self._warm.take() as worker:
+                    self._generate_and_apply_with(worker, scope)
         except ReconcilerError:
-            if files:  # not compared yet: the next save compares them again
-                with self._changed_lock:
-                    self._changed |= {Path(f) for f in files}
+            self._requeue(scope)
             raise
+        self._remember(scope)
+        self._carry.clear()
 
-    def _generate_and_apply_with(self, worker: Any, files: list[str] | None) -> None:
-        result = worker.generate(draft=self.settings.dev.draft, files=files)
-        log.debug("compared", tables=result.compared if files else "all",
-                  generate_ms=int(result.seconds * 1000))
+    def _generate_and_apply_with(self, worker: Any, scope: Scope) -> None:
+        result = worker.generate(draft=self.settings.dev.draft, **scope.request(frozenset(self._carry)))
+        self._log_compared(result, scope)
         with self.rec.lending(worker):
             self._after_generate(result, rebuilt=False)
+
+    def _log_compared(self, result: Any, scope: Scope) -> None:
+        """Log what was compared; remember the tables a new draft touches (its next amend)."""
+        log.debug("compared", tables="all" if result.compared is None else result.compared,
+                  classes=scope.classes, generate_ms=int(result.seconds * 1000))
+        if self.settings.dev.draft and result.revision:
+            self._draft_tables = {result.revision: _tables_of(result)}
 
     # drafts
     def _current_draft(self, graph: RevisionGraph) -> Revision | None:
@@ -268,10 +350,35 @@ class DevLoop:
             rows = journal.rows_with_outcome(conn, self.rec.journal, "applied")
         return any(r["revision"] == rev and r["trigger"] == DRAFT_TRIGGER for r in rows)
 
-    def _amend_draft(self, draft: Revision, graph: RevisionGraph) -> None:
-        """Downgrade the draft, regenerate it (same id) from the models, rewrite, apply again."""
-        parent = draft.down_revisions[0] if draft.down_revisions else "base"
+    def _amend_draft(self, draft: Revision, scope: Scope) -> None:
+        """Downgrade the draft, regenerate it (same id) from the models, rewrite, apply again.
+
+        One warm worker does all three. The compare covers what the saves changed and the tables
+        the draft touched (known from its generation; after a restart, everything)."""
         backup = Path(tempfile.mkdtemp(prefix="reconciler-draft-")) / draft.path.name
+        try:
+            with self._warm.take() as worker, self.rec.lending(worker):
+                self._downgrade_draft(draft)
+                shutil.move(str(draft.path), backup)
+                self.rec.project.invalidate()
+                tables = self._draft_tables.get(draft.revision)
+                request = scope.request(None if tables is None else tables | self._carry)
+                result = worker.generate(draft=True, rev_id=draft.revision, rescan=True, **request)
+                self._log_compared(result, scope)
+                if result.path is None:
+                    log.info("draft_removed", revision=draft.revision,
+                             reason="the models equal the draft's parent again")
+                    return
+                self._after_generate(result, rebuilt=True)
+        except ReconcilerError:
+            if backup.exists():  # the models do not import: keep the old draft, applied
+                shutil.move(str(backup), draft.path)
+                self.rec.project.invalidate()
+                self._apply(DRAFT_TRIGGER)
+            raise
+
+    def _downgrade_draft(self, draft: Revision) -> None:
+        parent = draft.down_revisions[0] if draft.down_revisions else "base"
         with connection.connect(self.rec.engine) as conn, self.rec.locked(
             conn, self.settings.apply.lock_acquire_timeout
         ), self.rec.start_worker(conn) as worker:
@@ -280,24 +387,6 @@ class DevLoop:
                                          trigger=DRAFT_TRIGGER)
             worker.downgrade(parent)
             journal.record_finished(conn, self.rec.journal, row, outcome="draft_rebuilt")
-        shutil.move(str(draft.path), backup)
-        self.rec.project.invalidate()
-        try:
-            with self._warm.take() as gen:
-                result = gen.generate(draft=True, rev_id=draft.revision)
-                if result.path is None:
-                    log.info("draft_removed", revision=draft.revision,
-                             reason="the models equal the draft's parent again")
-                    self.rec.project.invalidate()
-                    return
-                with self.rec.lending(gen):
-                    self._after_generate(result, rebuilt=True)
-        except ReconcilerError:
-            if backup.exists():  # the models do not import: keep the old draft, applied
-                shutil.move(str(backup), draft.path)
-                self.rec.project.invalidate()
-                self._apply(DRAFT_TRIGGER)
-            raise
 
     # after a generation
     def _after_generate(self, result: Any, rebuilt: bool) -> None:
@@ -311,6 +400,7 @@ class DevLoop:
         if result.destructive and not self.settings.dev.allow_destructive and not _acknowledged(
             Path(result.path)
         ):
+            self._held[str(result.revision)] = (Path(result.path), _tables_of(result))
             log.warning(
                 "destructive_held_back",
                 revision=result.revision,
@@ -335,8 +425,30 @@ class DevLoop:
             log.info("dev_applied", revision=rev, duration_ms=int(seconds * 1000))
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What one generation compares, and the model files as it read them."""
+
+    files: list[str] | None  # the saved files to compare; None: every table
+    classes: dict[str, list[str]]  # for some of `files`: the only classes of it that changed
+    digests: dict[Path, FileDigest | None]
+
+    def request(self, also: frozenset[str] | None = frozenset()) -> dict[str, Any]:
+        """Keyword arguments for `Worker.generate`: `also` adds tables; None compares all."""
+        if self.files is None or also is None:
+            return {}
+        if not self.files:
+            return {"tables": sorted(also)}
+        return {"files": self.files, "classes": self.classes, "tables": sorted(also)}
+
+
 class StopGenerating(StateError):
     """The database or the repository is in a state where generating would make things worse."""
+
+
+def _tables_of(result: Any) -> frozenset[str]:
+    """The tables a generated revision's operations touch."""
+    return frozenset(op["table"] for op in result.operations if op.get("table"))
 
 
 def _acknowledged(path: Path) -> bool:

@@ -5,6 +5,9 @@ Keys are per target:
 - `failures/<target>`: the last failure signature and how often it repeated in a row.
 - `blocked/<target>`: the revision (and its file hash) that failed `blocked_after` times the same
   way; applying stops until that file changes or an operator runs `reconciler resume`.
+- `lock_holder/<target>`: the replica (host, pid) and database session that took the lock last;
+  a waiter names that process when the session still holds the lock (MariaDB shows no pid).
+- `drift/<target>`: the fleet's last drift compare (see drift.py), written by the lock holder.
 - `alert/<target>/<event>`: the last alert transition sent for the fleet; `claim` lets exactly
   one replica win each transition (insert-on-conflict, then a conditional update).
 
@@ -108,8 +111,18 @@ def environment_key(target: str) -> str:
     return f"environment/{target}"
 
 
+def checksums_key(target: str) -> str:
+    """Set once hashes of applied revisions were recorded: later unrecorded ones are foreign."""
+    return f"checksums/{target}"
+
+
 def alert_key(target: str, event: str) -> str:
     return f"alert/{target}/{event}"
+
+
+def holder_key(target: str) -> str:
+    """Who took the lock last: process, host and database session (see `reconcile.locked`)."""
+    return f"lock_holder/{target}"
 
 
 # --- failures and blocking ---------------------------------------------------------------------

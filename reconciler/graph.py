@@ -15,7 +15,11 @@ Parsing one file (`parse_revision_file`) has four outcomes:
 - `RevisionSyntaxError`: the file does not parse; it carries the line and the raw-bytes hash.
 
 `file_hash` is a sha256 of a normalised dump of the AST (no line numbers, no comments, no
-formatting), so CRLF checkouts and reformatting keep it. The dump is our own rather than
+formatting), so CRLF checkouts and reformatting keep it. Docstrings count with their text, but
+not with the whitespace at the start and end of their lines: formatters (black, ruff format)
+re-indent docstrings and strip trailing spaces (Alembic's template writes `Revises: ` with one
+on base revisions), and no migration's behaviour depends on that whitespace. Every other string
+counts byte for byte. The dump is our own rather than
 `ast.dump`, whose text changes between Python versions (3.12 added empty fields, 3.13 omits empty
 fields); ours skips empty fields so an interpreter upgrade does not alarm every checksum.
 
@@ -45,7 +49,7 @@ _READ_NAMES = HEADER_NAMES + FLAG_NAMES
 _REVISION_FILE = re.compile(r"(?!\.\#|__init__)(.*\.py)$")
 _LEGACY_NAME = re.compile(r"[a-f0-9]+\.py$")  # Alembic 0.1 files: the id is the file name
 _ILLEGAL_ID_CHARS = frozenset("@-+:")
-_HASH_PREFIX = b"reconciler-ast-v1\n"
+_HASH_PREFIX = b"reconciler-ast-v2\n"  # v2: docstring whitespace normalised
 _SEPARATORS = {"space": " ", "newline": "\n", "os": os.pathsep, ":": ":", ";": ";"}
 _LEGACY_SPLIT = re.compile(r", *|(?: +)")
 
@@ -101,22 +105,25 @@ class Revision:
 # --- hashing ---------------------------------------------------------------------------------
 
 
-def _dump(node: ast.AST, out: list[str]) -> None:
-    """Append a version-stable text form of `node`: fields that are None or empty are skipped."""
+def _dump(node: ast.AST, out: list[str], docstrings: frozenset[int] = frozenset()) -> None:
+    """Append a version-stable text form of `node`: fields that are None or empty are skipped;
+    docstrings (their Constant nodes' ids in `docstrings`) without line-edge whitespace."""
     out.append(type(node).__name__)
     out.append("(")
     for name in node._fields:
         value = getattr(node, name, None)
         if value is None or value == []:
             continue
+        if name == "value" and id(node) in docstrings:
+            value = _doc_text(str(value))
         out.append(name)
         if isinstance(value, ast.AST):
-            _dump(value, out)
+            _dump(value, out, docstrings)
         elif isinstance(value, list):
             out.append("[")
             for item in value:
                 if isinstance(item, ast.AST):
-                    _dump(item, out)
+                    _dump(item, out, docstrings)
                 else:
                     out.append(repr(item))
                 out.append(",")
@@ -127,6 +134,24 @@ def _dump(node: ast.AST, out: list[str]) -> None:
     out.append(")")
 
 
+_DOC_OWNERS = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _docstring_nodes(tree: ast.AST) -> frozenset[int]:
+    """The ids of the Constant nodes that are docstrings (module, function, class)."""
+    found: set[int] = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None) if isinstance(node, _DOC_OWNERS) else None
+        first = body[0] if body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            found.update([id(first.value)] if isinstance(first.value.value, str) else [])
+    return frozenset(found)
+
+
+def _doc_text(doc: str) -> str:
+    return "\n".join(line.strip() for line in doc.strip().splitlines())
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -134,7 +159,7 @@ def _sha256(data: bytes) -> str:
 def _normalised(tree: ast.AST) -> str | None:
     out: list[str] = []
     try:
-        _dump(tree, out)
+        _dump(tree, out, _docstring_nodes(tree))
     except RecursionError:
         return None
     return "".join(out)
@@ -142,6 +167,12 @@ def _normalised(tree: ast.AST) -> str | None:
 
 def _dump_hash(dump: str) -> str:
     return _sha256(_HASH_PREFIX + dump.encode("utf-8", "backslashreplace"))
+
+
+def node_hash(node: ast.AST) -> str | None:
+    """The normalised-AST hash of one node (None when it nests too deep to dump)."""
+    dump = _normalised(node)
+    return None if dump is None else _dump_hash(dump)
 
 
 def source_hash(source: bytes) -> str:

@@ -77,6 +77,10 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
 
 
+def now_iso() -> str:
+    return _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def ensure(conn: sa.engine.Connection, jt: JournalTables) -> None:
     """Create the journal tables if missing and record their schema version (call under the lock)."""
     jt.metadata.create_all(conn, checkfirst=True)
@@ -161,17 +165,103 @@ def record_finished(
 
 
 def ancestry(conn: sa.engine.Connection, jt: JournalTables) -> dict[str, tuple[str, ...]]:
-    """revision → its down_revisions, for every revision we ever applied (empty without a journal)."""
+    """revision → its down_revisions, for every revision we ever applied or recorded on first sight
+    (empty without a journal). The newest row of a revision wins."""
     try:
         rows = conn.execute(
             sa.select(jt.steps.c.revision, jt.steps.c.down_revisions)
-            .where(jt.steps.c.operation == "upgrade")
-            .distinct()
+            .where(jt.steps.c.operation.in_(("upgrade", RECORD)))
+            .order_by(jt.steps.c.id)
         ).fetchall()
     except sa.exc.DBAPIError:
         _rollback(conn)
         return {}
     return {rev: tuple(d for d in downs.split(",") if d) for rev, downs in rows}
+
+
+# --- checksums ----------------------------------------------------------------------------------
+# A revision's recorded hash is the file_hash of its newest row that says it is applied; a newer
+# row that says it was undone (or forgotten by `accept`) means we hold no hash for it.
+RECORD = "record"  # operation: a hash recorded without applying (first sight, after a seal)
+ACCEPT = "accept"  # operation: an operator accepted a changed (or vanished) revision
+APPLYING = frozenset({
+    ("upgrade", "applied"), ("upgrade", "resolved_applied"), ("upgrade", "skipped"),
+    ("stamp", "stamped"), (RECORD, "recorded"), (ACCEPT, "accepted"),
+})
+UNDOING = frozenset({("downgrade", "downgraded"), ("downgrade", "draft_rebuilt"), (ACCEPT, "forgotten")})
+
+
+@dataclass(frozen=True)
+class HashRecord:
+    revision: str
+    file_hash: str
+    operation: str
+    trigger: str
+
+
+def recorded_hashes(conn: sa.engine.Connection, jt: JournalTables, target: str) -> dict[str, HashRecord]:
+    """revision → the hash we hold for it as applied (empty without a journal)."""
+    ops = sorted({op for op, _ in APPLYING | UNDOING})
+    try:
+        rows = conn.execute(
+            sa.select(jt.steps.c.revision, jt.steps.c.file_hash, jt.steps.c.operation,
+                      jt.steps.c.outcome, jt.steps.c.trigger)
+            .where(jt.steps.c.target == target[:64], jt.steps.c.operation.in_(ops))
+            .order_by(jt.steps.c.id)
+        ).fetchall()
+    except sa.exc.DBAPIError:
+        _rollback(conn)
+        return {}
+    _commit(conn)
+    held: dict[str, HashRecord] = {}
+    for rev, file_hash, operation, outcome, trigger in rows:
+        if (operation, outcome) in APPLYING:
+            held[rev] = HashRecord(rev, file_hash or "", operation, trigger or "")
+        elif (operation, outcome) in UNDOING:
+            held.pop(rev, None)
+    return held
+
+
+def record_hash(
+    conn: sa.engine.Connection,
+    jt: JournalTables,
+    *,
+    target: str,
+    operation: str,
+    revision: str,
+    file_hash: str,
+    down_revisions: Iterable[str] = (),
+    outcome: str = "recorded",
+    trigger: str = "",
+) -> int:
+    """One completed row that records (or, with outcome `forgotten`, drops) a revision's hash."""
+    row = record_started(conn, jt, target=target, operation=operation, revision=revision,
+                         down_revisions=down_revisions, file_hash=file_hash, trigger=trigger)
+    record_finished(conn, jt, row, outcome=outcome, duration_ms=0)
+    return row
+
+
+def steps(
+    conn: sa.engine.Connection,
+    jt: JournalTables,
+    *,
+    target: str | None = None,
+    revision: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """The newest `limit` steps, oldest first (none when there is no journal yet)."""
+    query = sa.select(jt.steps).order_by(jt.steps.c.id.desc()).limit(max(1, limit))
+    if target is not None:
+        query = query.where(jt.steps.c.target == target[:64])
+    if revision is not None:
+        query = query.where(jt.steps.c.revision == revision)
+    try:
+        rows = conn.execute(query).mappings().fetchall()
+    except sa.exc.DBAPIError:
+        _rollback(conn)
+        return []
+    _commit(conn)
+    return [dict(r) for r in reversed(rows)]
 
 
 def _rollback(conn: sa.engine.Connection) -> None:

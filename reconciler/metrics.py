@@ -48,6 +48,8 @@ CONSECUTIVE_FAILURES = "reconciler_consecutive_failures"
 LOCK_WAIT = "reconciler_lock_wait_seconds"
 ALERTS_TOTAL = "reconciler_alerts_total"
 INFO = "reconciler_info"
+DRIFT_DIFFERENCES = "reconciler_drift_differences"
+DRIFT_CHECKED = "reconciler_drift_checked_timestamp_seconds"
 
 # The metric family names as they appear in the exposition (and in PromQL). Histograms expose
 # their samples as NAME_bucket, NAME_count and NAME_sum.
@@ -64,6 +66,8 @@ METRIC_NAMES = (
     LOCK_WAIT,
     ALERTS_TOTAL,
     INFO,
+    DRIFT_DIFFERENCES,
+    DRIFT_CHECKED,
 )
 HISTOGRAM_NAMES = (RUN_DURATION, REVISION_APPLY, LOCK_WAIT)
 
@@ -163,6 +167,10 @@ class Metrics:
             ["target", "event", "sink"],
             registry=reg,
         )
+        self._drift = self._gauge(
+            DRIFT_DIFFERENCES, "Differences between the schema and the models at the last drift compare."
+        )
+        self._drift_checked = self._gauge(DRIFT_CHECKED, "Unix time of the last drift compare (0: never).")
         Gauge(
             INFO, "Constant 1, labelled with the reconciler version.", ["target", "version"], registry=reg
         ).labels(target, version).set(1)
@@ -195,6 +203,10 @@ class Metrics:
 
     def set_consecutive_failures(self, count: int) -> None:
         self._failures.set(count)
+
+    def set_drift(self, differences: int, checked_at: float) -> None:
+        self._drift.set(differences)
+        self._drift_checked.set(checked_at)
 
     def observe_lock_wait(self, seconds: float) -> None:
         self._lock_wait.observe(max(seconds, 0.0))

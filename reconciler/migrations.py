@@ -23,12 +23,14 @@ import contextlib
 import io
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from alembic.config import Config
+from alembic.operations import BatchOperations, Operations
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 
@@ -201,6 +203,10 @@ class Migrations:
         """Let the project's Flask-Migrate `@migrate.configure` callbacks adjust the Config."""
         self.config = apply(self.config)
 
+    def rescan(self) -> None:
+        """Read the versions directory again on next use (a file was moved meanwhile)."""
+        self._script = None
+
     @property
     def script(self) -> ScriptDirectory:
         if self._script is None:
@@ -331,6 +337,14 @@ class Migrations:
                 if hasattr(module, flag):
                     header[flag] = getattr(module, flag)
             out.append(header)
+        return out
+
+    def record(self, revisions: Iterable[str], url: str) -> list[dict[str, Any]]:
+        """Each revision's upgrade operations, recorded without touching the database."""
+        out = []
+        for rev in revisions:
+            script = self.script.get_revision(rev)
+            out.append(record_revision(script.module, str(script.path), rev, url))
         return out
 
     def generate(self, request: GenerateRequest, fallback_metadata: Any) -> GenerateOutcome:
@@ -581,9 +595,6 @@ MESSAGE_LIMIT = 60
 _HEADER_ASSIGNMENTS = frozenset({"revision", "down_revision", "branch_labels", "depends_on"})
 _NOT_A_SLUG = re.compile(r"[^a-z0-9]+")
 _TEXT_LIMIT = 300
-_INT_RANKS = (("TINY", 0), ("SMALL", 1), ("MEDIUM", 2), ("BIG", 4))
-_WIDENING = frozenset({("Integer", "Numeric"), ("Integer", "Float"), ("Boolean", "Integer"),
-                       ("Date", "DateTime")})
 _ALTER_CLEARS = {"modify_type": ("modify_type", None), "modify_nullable": ("modify_nullable", None),
                  "modify_default": ("modify_server_default", False),
                  "modify_comment": ("modify_comment", False)}
@@ -599,8 +610,9 @@ class GenerateRequest:
     `files`: changed model files (absolute paths); the tables they define (`tables_of_files`),
     with `tables`, become the restriction, and database tables no model defines are compared too
     (so a model deleted from a file is dropped); when a file defines no table, every table is
-    compared. `known`: keys of known differences (as `describe_differences` makes them) to leave
-    out.
+    compared. `classes`: for some of `files`, the only classes of it that changed (see
+    `tables_of_files`). `known`: keys of known differences (as `describe_differences` makes them)
+    to leave out.
     """
 
     message: str | None = None
@@ -609,6 +621,7 @@ class GenerateRequest:
     head: str = "head"
     tables: frozenset[str] | None = None
     files: frozenset[str] | None = None
+    classes: Mapping[str, frozenset[str]] = field(default_factory=dict)
     known: frozenset[str] = frozenset()
 
 
@@ -626,7 +639,7 @@ class GenerateOutcome:
 def table_scope(request: GenerateRequest) -> TableScope | None:
     """The scope of one autogenerate (None: every table); call it once the models are imported."""
     if request.files is not None:
-        mapped = tables_of_files(request.files)
+        mapped = tables_of_files(request.files, request.classes)
         if mapped is None:
             return None
         return TableScope(mapped | (request.tables or frozenset()), orphans=True)
@@ -911,35 +924,11 @@ def _type_shape(type_: Any) -> tuple[Any, ...]:
     return (_affinity(type_), *(getattr(type_, a, None) for a in ("length", "precision", "scale")))
 
 
-def _int_rank(type_: Any) -> int:
-    name = type(type_).__name__.upper()
-    return next((rank for prefix, rank in _INT_RANKS if name.startswith(prefix)), 3)
-
-
 def narrowing(old: Any, new: Any) -> str:
     """Why changing a column's type from `old` to `new` may lose data; '' when it cannot."""
-    if old is None or new is None or type(old).__name__ == "NullType":
-        return ""
-    before, after = _affinity(old), _affinity(new)
-    if before == after == "String":
-        length, old_length = getattr(new, "length", None), getattr(old, "length", None)
-        if length is not None and (old_length is None or length < old_length):
-            return f"values longer than {length} characters do not fit"
-        removed = set(getattr(old, "enums", None) or ()) - set(getattr(new, "enums", None) or ())
-        if removed and getattr(new, "enums", None):
-            return f"the values {', '.join(sorted(removed))} are no longer allowed"
-        return ""
-    if before == after == "Integer":
-        return "values may not fit the smaller integer type" if _int_rank(new) < _int_rank(old) else ""
-    if before == after:
-        for attr in ("precision", "scale"):
-            was, now = getattr(old, attr, None), getattr(new, attr, None)
-            if isinstance(now, int) and (not isinstance(was, int) or now < was):
-                return f"the {attr} shrinks: values may be rounded or not fit"
-        return ""
-    if (before, after) in _WIDENING or (after == "String" and getattr(new, "length", 0) is None):
-        return ""
-    return "values may not convert to the new type"
+    from reconciler.safety import narrowing as narrowing_of
+
+    return narrowing_of(type_info(old), type_info(new))
 
 
 def _names(items: Iterable[Any]) -> str:
@@ -1117,3 +1106,278 @@ _DESCRIBERS: dict[str, Callable[[Any, Any], OpInfo]] = {
     "CreateTableCommentOp": _table_comment("set_table_comment"),
     "DropTableCommentOp": _table_comment("drop_table_comment"),
 }
+
+
+# --- recording the pending revisions' operations (the destructive-change guard) ----------------
+#
+# Each pending revision's upgrade() runs with `op` bound to a recorder: every operation is kept
+# (with the line of the revision file that made it) and rendered to offline SQL for the target's
+# dialect, and nothing reaches the database. env.py does not run. `op.get_bind()` returns a bind
+# that records what is executed through it and returns empty results; code that needs real
+# answers from the database (reflection, counts) raises, and the revision is unanalysable.
+
+
+def type_info(type_: Any) -> dict[str, Any] | None:
+    """A column type as plain data for safety.narrowing (None: not known)."""
+    if type_ is None:
+        return None
+    enums = getattr(type_, "enums", None)
+    return {
+        "affinity": _affinity(type_),
+        "class": type(type_).__name__,
+        "length": _plain(getattr(type_, "length", None)),
+        "precision": _plain(getattr(type_, "precision", None)),
+        "scale": _plain(getattr(type_, "scale", None)),
+        "enums": [str(e) for e in enums] if enums else [],
+        "text": _render_type(type_),
+    }
+
+
+def _plain(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class _EmptyResult:
+    """What the recording bind's execute() returns: no rows."""
+
+    rowcount = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def fetchall(self) -> list[Any]:
+        return []
+
+    def all(self) -> list[Any]:
+        return []
+
+    def fetchone(self) -> None:
+        return None
+
+    def first(self) -> None:
+        return None
+
+    def scalar(self) -> None:
+        return None
+
+    def scalars(self) -> _EmptyResult:
+        return self
+
+    def mappings(self) -> _EmptyResult:
+        return self
+
+
+class _RecordingBind:
+    """`op.get_bind()` while recording: the target's dialect; execute() is recorded, not run."""
+
+    def __init__(self, recorder: _Recorder, url: Any) -> None:
+        self._recorder = recorder
+        self.dialect = recorder.context.dialect
+        self.engine = self
+        self.url = url
+
+    @property
+    def name(self) -> str:
+        return str(self.dialect.name)
+
+    def execute(self, statement: Any, *args: Any, **kwargs: Any) -> _EmptyResult:
+        self._recorder.record_sql(statement)
+        return _EmptyResult()
+
+    exec_driver_sql = execute
+
+
+@dataclass
+class _BatchTarget:
+    """The `impl` a batch operation reads its table from."""
+
+    table_name: str
+    schema: str | None
+
+
+class _RecordingOperations(Operations):
+    def __init__(self, context: Any, recorder: _Recorder) -> None:
+        super().__init__(context)
+        self._recorder = recorder
+
+    def invoke(self, operation: Any) -> Any:  # type: ignore[override]
+        return self._recorder.record(operation, batch=False)
+
+    def get_bind(self) -> Any:
+        return self._recorder.bind
+
+    @contextlib.contextmanager
+    def batch_alter_table(  # type: ignore[override]
+        self, table_name: str, schema: str | None = None, *args: Any, **kwargs: Any
+    ) -> Iterator[Any]:
+        yield _RecordingBatch(self.migration_context, self._recorder, _BatchTarget(table_name, schema))
+
+
+class _RecordingBatch(BatchOperations):
+    def __init__(self, context: Any, recorder: _Recorder, target: _BatchTarget) -> None:
+        super().__init__(context, impl=target)  # type: ignore[arg-type]
+        self._recorder = recorder
+
+    def invoke(self, operation: Any) -> Any:  # type: ignore[override]
+        return self._recorder.record(operation, batch=True)
+
+    def get_bind(self) -> Any:
+        self._recorder.bind_used = True
+        return self._recorder.bind
+
+
+class _Recorder:
+    """Runs one revision's upgrade() against recording operations."""
+
+    def __init__(self, url: str, path: str) -> None:
+        from alembic.runtime.migration import MigrationContext
+        from sqlalchemy.engine import make_url
+
+        self.context = MigrationContext.configure(
+            url=make_url(url), opts={"as_sql": True, "output_buffer": io.StringIO()}
+        )
+        self.renderer = Operations(self.context)
+        self.operations = _RecordingOperations(self.context, self)
+        self.path = os.path.realpath(path)
+        self.ops: list[dict[str, Any]] = []
+        self.bind = _RecordingBind(self, make_url(url))
+        self.bind_used = False
+
+    def line(self) -> int:
+        frame = sys._getframe(1)
+        while frame is not None:
+            if os.path.realpath(frame.f_code.co_filename) == self.path:
+                return frame.f_lineno
+            frame = frame.f_back  # type: ignore[assignment]
+        return 0
+
+    def record(self, operation: Any, batch: bool) -> Any:
+        entry = recorded_operation(operation, self.context.dialect)
+        entry.update(line=self.line(), batch=batch)
+        buffer = self.context.impl.output_buffer = io.StringIO()
+        try:
+            result = self.renderer.invoke(operation)
+        except Exception:  # a dialect that cannot render it offline (SQLite ALTERs): no SQL
+            result = operation.to_table() if type(operation).__name__ == "CreateTableOp" else None
+        entry["sql"] = buffer.getvalue().strip()
+        self.ops.append(entry)
+        return result
+
+    def record_sql(self, statement: Any) -> None:
+        text = statement if isinstance(statement, str) else str(statement)
+        self.ops.append({"op": "ExecuteSQLOp", "table": "", "schema": "", "sql": text,
+                         "text": f"execute {_short_text(text)}", "line": self.line(),
+                         "batch": False, "via_bind": True})
+
+
+def recorded_operation(op: Any, dialect: Any) -> dict[str, Any]:
+    """One Alembic operation as plain data for safety.classify."""
+    name = type(op).__name__
+    entry: dict[str, Any] = {
+        "op": name,
+        "table": str(getattr(op, "table_name", None) or getattr(op, "source_table", None) or ""),
+        "schema": str(getattr(op, "schema", None) or getattr(op, "source_schema", None) or ""),
+        "text": describe_operation(op, dialect).text,
+    }
+    extra = _RECORDED.get(name)
+    if extra is not None:
+        with contextlib.suppress(Exception):  # a hand-made operation missing an attribute
+            entry.update(extra(op))
+    return entry
+
+
+def _recorded_alter(op: Any) -> dict[str, Any]:
+    return {
+        "column": str(op.column_name),
+        "existing_type": type_info(op.existing_type),
+        "new_type": type_info(op.modify_type),
+        "nullable": op.modify_nullable,
+        "existing_server_default": op.existing_server_default not in (None, False),
+        "new_name": getattr(op, "modify_name", None),
+    }
+
+
+def _recorded_add_column(op: Any) -> dict[str, Any]:
+    column = op.column
+    return {"column": str(column.name), "nullable": bool(column.nullable),
+            "server_default": column.server_default is not None, "type": type_info(column.type)}
+
+
+_RECORDED: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "CreateTableOp": lambda op: {"columns": [str(c.name) for c in _columns_of(op.columns)]},
+    "AddColumnOp": _recorded_add_column,
+    "DropColumnOp": lambda op: {"column": str(op.column_name)},
+    "AlterColumnOp": _recorded_alter,
+    "CreateIndexOp": lambda op: {
+        "name": str(op.index_name or ""), "unique": bool(op.unique),
+        "concurrently": bool((op.kw or {}).get("postgresql_concurrently")),
+    },
+    "DropIndexOp": lambda op: {"name": str(op.index_name or "")},
+    "DropConstraintOp": lambda op: {"name": str(op.constraint_name or ""),
+                                    "constraint_type": str(op.constraint_type or "")},
+    "RenameTableOp": lambda op: {"new_table": str(op.new_table_name)},
+    "ExecuteSQLOp": lambda op: {"sql_text": op.sqltext if isinstance(op.sqltext, str) else str(op.sqltext)},
+    "BulkInsertOp": lambda op: {"table": str(getattr(op.table, "name", op.table))},
+}
+
+
+def record_revision(module: Any, path: str, revision: str, url: str) -> dict[str, Any]:
+    """Run `module.upgrade()` with `op` recording, for the database of `url` (never connected).
+
+    {revision, path, ops, error, error_line, error_kind}. `error_kind` "fails": the revision's
+    own code raised in its file without having asked for the bind, so running it fails the same
+    way (the guard lets the run report it); "unanalysable": anything else (library code choking on
+    the recording bind, reflection, a wrong result from it)."""
+    recorder = _Recorder(url, path)
+    _proxy_to(recorder.operations)
+    error, line, kind = None, 0, ""
+    try:
+        for upgrade in _upgrade_functions(module):
+            upgrade()
+    except Exception as exc:  # user code: anything
+        line, raised_here = _error_line(exc, recorder.path)
+        error = redact(f"{type(exc).__name__}: {exc}")
+        own = raised_here and not (recorder.bind_used and isinstance(exc, (TypeError, AttributeError)))
+        kind = "fails" if own else "unanalysable"
+    finally:
+        _proxy_to(None)
+    return {"revision": revision, "path": path, "ops": recorder.ops, "error": error,
+            "error_line": line, "error_kind": kind}
+
+
+def _upgrade_functions(module: Any) -> list[Callable[[], Any]]:
+    """`upgrade`, or for a multi-database revision (`upgrade(engine_name)` dispatching to
+    `upgrade_<name>()`, Flask-Migrate's multidb template) each of those."""
+    import inspect
+
+    upgrade = module.upgrade
+    if not inspect.signature(upgrade).parameters:
+        return [upgrade]
+    per_engine = [f for name, f in sorted(vars(module).items())
+                  if name.startswith("upgrade_") and callable(f)]
+    return per_engine or [upgrade]
+
+
+def _proxy_to(operations: Operations | None) -> None:
+    """Point `alembic.op` at `operations` (None: unset), as Operations.context() does for its own
+    instances; its registry is keyed by class, so a subclass instance is installed by hand."""
+    attr_names, modules = Operations._setups[Operations]
+    for globals_, _locals in modules:
+        globals_["_proxy"] = operations
+        for name in attr_names:
+            if operations is not None:
+                globals_[name] = getattr(operations, name)
+            else:
+                globals_.pop(name, None)
+
+
+def _error_line(exc: BaseException, path: str) -> tuple[int, bool]:
+    """The last line of the revision file in the traceback, and whether the error was raised there."""
+    line, last_file = 0, ""
+    tb = exc.__traceback__
+    while tb is not None:
+        last_file = os.path.realpath(tb.tb_frame.f_code.co_filename)
+        if last_file == path:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line, last_file == path

@@ -9,6 +9,9 @@ and after it ends, in a worker subprocess that runs the project's env.py.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +22,24 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 
-from reconciler import connection, dbsession, fleet, journal, locks, logs
+from reconciler import (
+    affinity,
+    checksums,
+    connection,
+    dbsession,
+    drift,
+    fleet,
+    guard,
+    journal,
+    locks,
+    logs,
+    roles,
+    safety,
+)
 from reconciler.config import Settings
 from reconciler.errors import (
     Blocked,
+    LockTimeout,
     ReconcilerError,
     Refused,
     RevisionFailed,
@@ -50,17 +67,22 @@ T = TypeVar("T")
 # `blocked` (PostgreSQL lock_not_available; MySQL / MariaDB ER_LOCK_WAIT_TIMEOUT).
 LOCK_TIMEOUT_CODES = frozenset({"55P03", "1205"})
 CONDITIONS_TTL = 10.0  # seconds the in-sync fast path may reuse the flags it read last
+_SESSION_ID_SQL = {"postgresql": "SELECT pg_backend_pid()", "mysql": "SELECT CONNECTION_ID()"}
 
 
 @dataclass(frozen=True)
 class Conditions:
-    """What the journal says beside the version table: dirty steps and fleet flags."""
+    """What the journal says beside the version table: dirty steps, fleet flags, checksums."""
 
     names: tuple[str, ...] = ()
     dirty: tuple[str, ...] = ()
     blocked: fleet.Failure | None = None
     messages: dict[str, str] = field(default_factory=dict)
     read_at: float = 0.0
+    drift: drift.DriftReport | None = None
+    audit: checksums.Audit = field(default_factory=checksums.Audit)
+    baseline: bool = False  # hashes were recorded once: an unrecorded applied revision is foreign
+    inputs: tuple[object, ...] = ()  # (db heads, graph fingerprint) they were read for
 
 
 @dataclass(frozen=True)
@@ -72,6 +94,19 @@ class Status:
     dirty: tuple[str, ...] = ()
     messages: dict[str, str] = field(default_factory=dict)
     blocked: fleet.Failure | None = None
+    drift: drift.DriftReport | None = None  # the fleet's last drift compare, when enabled
+    audit: checksums.Audit = field(default_factory=checksums.Audit)
+    baseline: bool = False
+
+    @property
+    def foreign(self) -> tuple[str, ...]:
+        """Applied revisions without a journal row, after hashes were first recorded."""
+        return self.audit.unrecorded if self.baseline else ()
+
+    @property
+    def needs_recording(self) -> bool:
+        """Hashes to record under the lock, or the checksum baseline still to set."""
+        return bool(self.audit.unrecorded or self.audit.sealed) or not self.baseline
 
     @property
     def sync_state(self) -> str:
@@ -115,6 +150,12 @@ class Status:
                 "error_class": self.blocked.error_class,
                 "signature": self.blocked.signature,
             }
+        if self.drift:
+            out["drift"] = self.drift.as_dict()
+        if self.audit.mismatches:
+            out["checksum_mismatch"] = [m.as_dict() for m in self.audit.mismatches]
+        if self.foreign:
+            out["foreign_writes"] = list(self.foreign)
         return out
 
 
@@ -125,6 +166,7 @@ class ApplyResult:
     status: Status
     lock_wait: float = 0.0
     duration: float = 0.0
+    foreign: tuple[str, ...] = ()  # revisions found applied by something else in this run
 
 
 class Reconciler:
@@ -144,7 +186,11 @@ class Reconciler:
         self.current_worker: Worker | None = None  # the worker of an apply in progress
         self._lent: Worker | None = None
         self._journal_seen = False
+        self._foreign: list[str] = []
+        self._mismatch_logged: tuple[checksums.Mismatch, ...] = ()
         self.check_files = True  # stat the revision files each run (the daemon turns it off while it watches)
+        self.guard = True  # the destructive-change guard ([safety]); dev mode has its own
+        self._refusal: tuple[tuple[str, tuple[str, ...]], str] | None = None  # (graph, pending), message
 
     # --- connections -------------------------------------------------------------------------
     @property
@@ -213,25 +259,51 @@ class Reconciler:
             snap = connection.snapshot(
                 conn, self.settings.target.version_table, schema, self.journal.names
             )
-            decision = self._decide(snap, graph, self._ancestry(conn, snap.db_heads, graph))
+            ancestry = self._ancestry(conn, snap.db_heads, graph)
+            decision = self._decide(snap, graph, ancestry)
+            inputs = (snap.db_heads, graph.fingerprint)
             cached = self._conditions
             if fresh or decision.sync_state != "in_sync" or cached is None or (
-                time.monotonic() - cached.read_at > CONDITIONS_TTL
+                cached.inputs != inputs or time.monotonic() - cached.read_at > CONDITIONS_TTL
             ):
-                cached = self._conditions = self._read_conditions(conn, graph)
+                cached = self._conditions = self._read_conditions(conn, graph, inputs, ancestry)
         except sa.exc.DBAPIError as exc:
             if connection.is_disconnect(exc):
                 raise connection.unreachable(self.engine, exc) from None
             raise
+        names, messages = cached.names, cached.messages
+        refusal = self._refusal_for(graph, decision.pending)
+        if refusal:
+            names, messages = (*names, "destructive_pending"), {**messages, "destructive_pending": refusal}
         return Status(
             self.target,
             self.redacted_url,
             decision,
-            cached.names,
+            names,
             cached.dirty,
-            cached.messages,
+            messages,
             cached.blocked,
+            cached.drift,
+            cached.audit,
+            cached.baseline,
         )
+
+    def _refusal_for(self, graph: RevisionGraph, pending: tuple[str, ...]) -> str | None:
+        """The guard's last refusal, while the same revision files are pending."""
+        if self._refusal is None or not pending:
+            return None
+        key, message = self._refusal
+        return message if key == (graph.fingerprint, pending) else None
+
+    def check_pending(self, worker: Worker, graph: RevisionGraph, pending: tuple[str, ...]) -> guard.Analysis:
+        """Analyse the pending revisions; remember an unacknowledged data loss (status condition)."""
+        analysis = guard.analyse(worker, graph, pending, self.backend, self.settings)
+        loss = guard.data_loss_pending(analysis, self.settings)
+        if loss:
+            self._refusal = ((graph.fingerprint, pending), safety.refusal_message(self.target, loss))
+        elif self._refusal and self._refusal[0] == (graph.fingerprint, pending):
+            self._refusal = None
+        return analysis
 
     def _decide(
         self, snap: DbSnapshot, graph: RevisionGraph, ancestry: dict[str, tuple[str, ...]]
@@ -251,17 +323,30 @@ class Reconciler:
             return {}  # the common case: no journal query needed
         return journal.ancestry(conn, self.journal)
 
-    def _read_conditions(self, conn: sa.engine.Connection, graph: RevisionGraph) -> Conditions:
-        if not self._journal_exists(conn):
-            return Conditions(read_at=time.monotonic())
+    def _read_conditions(
+        self,
+        conn: sa.engine.Connection,
+        graph: RevisionGraph,
+        inputs: tuple[frozenset[str], str],
+        ancestry: dict[str, tuple[str, ...]],
+    ) -> Conditions:
+        if not self._journal_exists(conn):  # everything applied so far is seen for the first time
+            audit = checksums.audit(graph, inputs[0], {}, ancestry)
+            return Conditions(read_at=time.monotonic(), audit=audit, inputs=inputs)
         names: list[str] = []
         messages: dict[str, str] = {}
         dirty = self._dirty(conn)
         if dirty:
             names.append("dirty")
             messages["dirty"] = _dirty_message(dirty)
-        keys = [fleet.suspended_key(self.target), fleet.blocked_key(self.target)]
+        keys = [fleet.suspended_key(self.target), fleet.blocked_key(self.target),
+                fleet.checksums_key(self.target), drift.flag_key(self.target)]
         flags = fleet.read(conn, self.journal, keys)
+        held = journal.recorded_hashes(conn, self.journal, self.target)
+        audit = checksums.audit(graph, inputs[0], held, ancestry)
+        if audit.mismatches and "checksums" not in self.settings.unsafe:
+            names.append("checksum_mismatch")
+            messages["checksum_mismatch"] = _mismatch_message(audit.mismatches)
         blocked = fleet.Failure.loads(flags.get(keys[1]))
         if blocked and still_blocked(blocked, graph):
             names.append("blocked")
@@ -271,7 +356,23 @@ class Reconciler:
         if keys[0] in flags:
             names.append("suspended")
             messages["suspended"] = _suspended_message(flags[keys[0]])
-        return Conditions(tuple(names), dirty, blocked, messages, time.monotonic())
+        report = self._drift_report(flags.get(keys[3]))
+        if report and report.drifted:
+            names.append("drift")
+            messages["drift"] = report.message()
+        names.sort(key=CONDITION_ORDER.index)
+        return Conditions(tuple(names), dirty, blocked, messages, time.monotonic(), report, audit,
+                          keys[2] in flags, inputs)
+
+    def _drift_report(self, value: str | None) -> drift.DriftReport | None:
+        if self.settings.drift.interval <= 0:
+            return None
+        report = drift.DriftReport.loads(value)
+        return report.filtered(self.settings.drift.ignore) if report else None
+
+    def forget_conditions(self) -> None:
+        """The journal's flags changed: the next status reads them again."""
+        self._conditions = None
 
     def _dirty(self, conn: sa.engine.Connection) -> tuple[str, ...]:
         rows = list(journal.dirty_rows(conn, self.journal))
@@ -337,8 +438,11 @@ class Reconciler:
             lock = locks.AdvisoryLock(lock_conn, self.lock_key(), self._sqlite_path())
             stack.callback(lock.release)
             started = time.monotonic()
+            if lock.dialect == "postgresql" and "affinity" not in unsafe:
+                self._prove_affinity(lock_conn, engine)
             if "lock" not in unsafe:
-                lock.acquire(timeout, on_wait=self._log_waiting)
+                self._acquire(conn, lock, timeout)
+                self._announce_holder(conn, lock_conn)
             if self.backend == "postgresql" and "orphan_wait" not in unsafe:
                 locks.wait_for_orphans(
                     conn,
@@ -347,8 +451,61 @@ class Reconciler:
                 )
             yield time.monotonic() - started
 
-    def _log_waiting(self, holder: dict[str, Any]) -> None:
-        log.info("lock_waiting", target=self.target, holder=holder)
+    def _acquire(self, conn: sa.engine.Connection, lock: locks.AdvisoryLock, timeout: float) -> None:
+        """Take the lock; a waiter names the holder's process (host, pid) when it announced itself."""
+
+        def waiting(event: dict[str, Any]) -> None:
+            holder = event.get("holder")
+            if holder:
+                holder.update(self._announced(conn, holder))
+            log.info("lock_waiting", target=self.target, holder=holder)
+
+        try:
+            lock.acquire(timeout, on_wait=waiting)
+        except LockTimeout as exc:
+            announced = self._announced(conn, exc.holder) if exc.holder else {}
+            if not announced:
+                raise
+            holder = {**exc.holder, **announced}
+            raise LockTimeout(
+                f"{exc} The holder is replica {announced['replica']} (pid {announced['replica_pid']} "
+                f"on host {announced['replica_host']}).",
+                holder=holder,
+            ) from None
+
+    def _announce_holder(self, conn: sa.engine.Connection, lock_conn: sa.engine.Connection) -> None:
+        """Record, under the lock, which process and database session hold it: MariaDB's holder
+        report has no pid, and PostgreSQL's names the backend, not our process."""
+        sql = _SESSION_ID_SQL.get(self.backend)
+        if sql is None:
+            return  # SQLite: the lock file already says pid and host
+        journal.ensure(conn, self.journal)
+        self._journal_seen = True
+        session = lock_conn.execute(sa.text(sql)).scalar()
+        if lock_conn.in_transaction():
+            lock_conn.commit()
+        replica = dbsession.replica_id()
+        value = {"replica": replica, "replica_host": replica.rsplit(":", 1)[0],
+                 "replica_pid": os.getpid(), "session": int(session or 0)}
+        fleet.put(conn, self.journal, fleet.holder_key(self.target), json.dumps(value))
+
+    def _announced(self, conn: sa.engine.Connection, holder: dict[str, object]) -> dict[str, object]:
+        """The announcement of the process behind `holder`'s session, if it made one."""
+        try:
+            text = fleet.read(conn, self.journal, [fleet.holder_key(self.target)]).get(
+                fleet.holder_key(self.target))
+            value = json.loads(text) if text else {}
+        except (ValueError, sa.exc.DBAPIError):
+            return {}
+        session = holder.get("connection_id", holder.get("pid"))
+        if not isinstance(value, dict) or session is None or value.get("session") != session:
+            return {}  # stale: another session holds it now
+        return {k: value[k] for k in ("replica", "replica_host", "replica_pid") if k in value}
+
+    def _prove_affinity(self, lock_conn: sa.engine.Connection, engine: sa.engine.Engine) -> None:
+        """Invariant 5: a session lock is trusted only on a provably private server session."""
+        where = redact(engine.url.render_as_string(hide_password=True))
+        affinity.require(lock_conn, lambda: _discarded(engine), where, bool(self.settings.target.lock_url))
 
     # --- applying ----------------------------------------------------------------------------
     def apply(
@@ -364,17 +521,22 @@ class Reconciler:
         `fast` lets an in-sync run reuse recent journal flags (the daemon's no-op: one query);
         `should_stop` is asked before each revision (graceful shutdown)."""
         started = time.monotonic()
+        self._foreign = []
         graph = self.graph()
         status = self._retrying(lambda: self._first_look(graph, fast))
-        refuse_unless_applicable(status)
-        if status.sync_state == "in_sync":
+        self._refuse(status)
+        if status.sync_state == "in_sync" and not status.needs_recording:
             return self._finish("noop", (), status, 0.0, started)
+        if self.guard and "destructive_pending" in status.conditions:
+            raise Refused(status.messages["destructive_pending"])  # nothing changed since it was refused
         timeout = self.settings.apply.lock_acquire_timeout if lock_timeout is None else lock_timeout
         with connection.connect(self.engine) as conn, self.locked(conn, timeout) as waited:
             journal.ensure(conn, self.journal)
             self._journal_seen = True
             status = self._settled_status(conn, graph)
-            refuse_unless_applicable(status)
+            if self._record_hashes(conn, graph, status):
+                status = self._status(conn, graph)
+            self._refuse(status)
             if status.sync_state == "in_sync":  # another replica did the work meanwhile
                 return self._finish("noop", (), status, waited, started)
             applied = self._apply_counted(conn, graph, status, trigger, progress, should_stop)
@@ -382,6 +544,42 @@ class Reconciler:
         if len(applied) == len(status.decision.pending):
             verify(final)
         return self._finish("applied", applied, final, waited, started)
+
+    def _refuse(self, status: Status) -> None:
+        """`refuse_unless_applicable`, saying `checksum_mismatch` once per distinct mismatch."""
+        found = status.audit.mismatches if "checksum_mismatch" in status.conditions else ()
+        if found and found != self._mismatch_logged:
+            log.error("checksum_mismatch", target=self.target,
+                      revisions=[m.as_dict() for m in found],
+                      hint="review the change, then `reconciler accept REV` (or --all)")
+        self._mismatch_logged = found
+        refuse_unless_applicable(status)
+
+    def _record_hashes(self, conn: sa.engine.Connection, graph: RevisionGraph, status: Status) -> bool:
+        """Under the lock: record the hashes of applied revisions we hold none for (first sight,
+        or a foreign writer's) and of sealed drafts. True when something was recorded."""
+        audit = status.audit
+        for rev in (*audit.unrecorded, *audit.sealed):
+            revision = graph.revisions[rev]
+            trigger = "seal" if rev in audit.sealed else "foreign" if status.baseline else "first_sight"
+            journal.record_hash(conn, self.journal, target=self.target, operation=journal.RECORD,
+                                revision=rev, file_hash=revision.file_hash,
+                                down_revisions=revision.down_revisions, trigger=trigger)
+        if audit.sealed:
+            log.info("checksum_recorded_after_seal", target=self.target, revisions=list(audit.sealed))
+        if audit.unrecorded and status.baseline:
+            self._foreign.extend(audit.unrecorded)
+            log.warning("foreign_writer", target=self.target, revisions=list(audit.unrecorded),
+                        hint="applied without reconciler (an app upgrading itself at start-up?): "
+                        "switch that off, or take our lock with reconciler.hooks.migration_lock")
+        elif audit.unrecorded:
+            log.info("checksum_recorded_first_sight", target=self.target,
+                     revisions=list(audit.unrecorded),
+                     detail="applied before the journal recorded hashes; trusted as they are now")
+        if not status.baseline:
+            fleet.put(conn, self.journal, fleet.checksums_key(self.target), journal.now_iso())
+        self._conditions = None
+        return status.needs_recording
 
     def _first_look(self, graph: RevisionGraph, fast: bool) -> Status:
         with connection.connect(self.engine) as conn:
@@ -419,7 +617,7 @@ class Reconciler:
         )
 
     def _count_failure(self, conn: sa.engine.Connection, graph: RevisionGraph, exc: RevisionFailed) -> None:
-        if (exc.sqlstate or "") in LOCK_TIMEOUT_CODES:
+        if is_lock_timeout(exc):
             log.warning("revision_lock_timeout", target=self.target, revision=exc.revision,
                         sqlstate=exc.sqlstate, hint="retried with backoff; never blocks")
             return
@@ -461,6 +659,8 @@ class Reconciler:
     ) -> tuple[tuple[str, float], ...]:
         done: list[tuple[str, float]] = []
         with self.start_worker(conn) as worker:
+            if self.guard:
+                guard.enforce(self.check_pending(worker, graph, pending), self.settings, self.target)
             for index, rev in enumerate(pending, start=1):
                 if should_stop and should_stop():
                     log.info("apply_stopped", target=self.target, before=rev, applied=len(done))
@@ -468,7 +668,7 @@ class Reconciler:
                 revision = graph.revisions[rev]
                 if progress:
                     progress(index, len(pending), rev, revision.message)
-                seconds = self._apply_one(conn, worker, rev, graph, trigger)
+                seconds = self._apply_retrying(conn, worker, rev, graph, trigger)
                 done.append((rev, seconds))
         return tuple(done)
 
@@ -486,6 +686,7 @@ class Reconciler:
     def start_worker(self, conn: sa.engine.Connection) -> Iterator[Worker]:
         from reconciler.workerclient import Worker, WorkerJob
 
+        roles.check(conn, self.backend, self.settings.apply.role)
         if self._lent is not None:
             yield self._lent
             return
@@ -509,6 +710,26 @@ class Reconciler:
             self.current_worker = None
             worker.close()
 
+    def _apply_retrying(
+        self, conn: sa.engine.Connection, worker: Worker, rev: str, graph: RevisionGraph, trigger: str
+    ) -> float:
+        """Apply one revision; one that hit the DDL lock timeout is retried in place with exponential
+        backoff and jitter, `[apply] lock_timeout_retries` times, each attempt journaled."""
+        retries = max(0, self.settings.apply.lock_timeout_retries)
+        attempt = 0
+        while True:
+            try:
+                return self._apply_one(conn, worker, rev, graph, trigger)
+            except RevisionFailed as exc:
+                if not is_lock_timeout(exc) or attempt >= retries:
+                    raise
+                attempt += 1
+                pause = self.settings.apply.lock_timeout_backoff * 2 ** (attempt - 1)
+                pause *= random.uniform(0.5, 1.5)
+                log.warning("revision_lock_timeout_retry", target=self.target, revision=rev,
+                            attempt=attempt, retries=retries, retry_in=round(pause, 3))
+                time.sleep(pause)
+
     def _apply_one(
         self, conn: sa.engine.Connection, worker: Worker, rev: str, graph: RevisionGraph, trigger: str
     ) -> float:
@@ -523,19 +744,22 @@ class Reconciler:
             file_hash=revision.file_hash,
             trigger=trigger,
         )
+        began = time.monotonic()
         try:
             step = worker.upgrade(rev)
         except RevisionFailed as exc:
-            self._record_failure(conn, row, rev, exc)
+            self._record_failure(conn, row, rev, exc, int((time.monotonic() - began) * 1000))
             raise
         ms = int(step.seconds * 1000)
         if rev not in step.revisions:
             # Alembic found nothing to run: something without our lock applied it meanwhile.
             journal.record_finished(conn, self.journal, row, outcome="skipped", duration_ms=ms)
+            self._foreign.append(rev)
             log.warning(
-                "revision_already_applied",
+                "foreign_writer",
                 target=self.target,
-                revision=rev,
+                revisions=[rev],
+                detail="revision already applied when our turn came",
                 hint="another process applies migrations without the advisory lock",
             )
             return step.seconds
@@ -550,16 +774,21 @@ class Reconciler:
         return step.seconds
 
     def _record_failure(
-        self, conn: sa.engine.Connection, row: int, rev: str, exc: RevisionFailed
+        self, conn: sa.engine.Connection, row: int, rev: str, exc: RevisionFailed, ms: int
     ) -> None:
         # Where DDL commits as it goes (MySQL / MariaDB), a failed revision may be half-applied:
-        # it is `dirty` and is not retried until an operator resolves it.
-        transactional = self.backend in journal.TRANSACTIONAL_DDL
+        # it is `dirty` and is not retried until an operator resolves it. A lock timeout is not:
+        # its statement never ran, and a retry of statements that did fails in a way that is.
+        transactional = self.backend in journal.TRANSACTIONAL_DDL or "dirty" in self.settings.unsafe
+        outcome = "failed" if transactional else "dirty"
+        if is_lock_timeout(exc):
+            outcome = "lock_timeout"
         journal.record_finished(
             conn,
             self.journal,
             row,
-            outcome="failed" if transactional else "dirty",
+            outcome=outcome,
+            duration_ms=ms,
             error_class=exc.error_class,
             error=str(exc),
             sqlstate=exc.sqlstate,
@@ -583,7 +812,7 @@ class Reconciler:
     ) -> ApplyResult:
         duration = time.monotonic() - started
         if outcome != "applied":
-            return ApplyResult(outcome, applied, status, waited, duration)
+            return ApplyResult(outcome, applied, status, waited, duration, tuple(self._foreign))
         log.info(
             "reconcile_finished",
             target=self.target,
@@ -593,7 +822,7 @@ class Reconciler:
             lock_wait_ms=int(waited * 1000),
             duration_ms=int(duration * 1000),
         )
-        return ApplyResult(outcome, applied, status, waited, duration)
+        return ApplyResult(outcome, applied, status, waited, duration, tuple(self._foreign))
 
     # --- waiting -----------------------------------------------------------------------------
     def wait(self, timeout: float, exact: bool = False, poll: float = 1.0) -> Status:
@@ -603,7 +832,8 @@ class Reconciler:
         last = ""
         while True:
             status = self.status()
-            if status.sync_state in wanted and not status.conditions:
+            # Drift is reported, never waited on: a column added by hand must not hold the app back.
+            if status.sync_state in wanted and not set(status.conditions) - {"drift"}:
                 return status
             if status.state != last:
                 log.info("waiting", target=self.target, state=status.state, reason=status.message)
@@ -617,10 +847,23 @@ class Reconciler:
             time.sleep(min(poll, remaining))
 
 
+@contextmanager
+def _discarded(engine: sa.engine.Engine) -> Iterator[sa.engine.Connection]:
+    """A connection closed for good afterwards: the affinity probe must not stay in the pool (a
+    session-mode pooler would keep a server connection for it that the worker then lacks)."""
+    with connection.connect(engine) as conn:
+        try:
+            yield conn
+        finally:
+            conn.invalidate()
+
+
 def refuse_unless_applicable(status: Status) -> None:
     """Raise the error that says why nothing can be applied; return when applying may go on."""
     if "dirty" in status.conditions:
         raise Refused(status.messages["dirty"])
+    if "checksum_mismatch" in status.conditions:
+        raise Refused(status.messages["checksum_mismatch"])
     if status.sync_state in APPLICABLE:
         if "blocked" in status.conditions:
             raise Blocked(status.messages["blocked"])
@@ -632,6 +875,11 @@ def refuse_unless_applicable(status: Status) -> None:
     if state in ("in_sync", *APPLICABLE):
         return
     raise StateError(status.message)
+
+
+def is_lock_timeout(exc: RevisionFailed) -> bool:
+    """The revision waited longer than `ddl_lock_timeout` for a table lock (nothing is wrong with it)."""
+    return (exc.sqlstate or "") in LOCK_TIMEOUT_CODES
 
 
 def verify(status: Status) -> None:
@@ -659,6 +907,14 @@ def _blocked_message(blocked: fleet.Failure) -> str:
 
 def _suspended_message(value: str) -> str:
     return f"applying is suspended ({value}); `reconciler resume` lets replicas apply again"
+
+
+def _mismatch_message(found: tuple[checksums.Mismatch, ...]) -> str:
+    return (
+        f"applied revision file(s) changed or vanished since they were applied: "
+        f"{'; '.join(m.describe() for m in found)}. Applying stops: restore the file(s), or review "
+        f"the change and run `reconciler accept {found[0].revision}` (or `--all`)"
+    )
 
 
 def _dirty_message(revisions: tuple[str, ...]) -> str:

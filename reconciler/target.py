@@ -13,7 +13,7 @@ import os
 import pkgutil
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -252,7 +252,9 @@ def load_project(spec: ProjectSpec, flask_env: bool) -> Project:
     return project
 
 
-def tables_of_files(files: Iterable[str | Path]) -> frozenset[str] | None:
+def tables_of_files(
+    files: Iterable[str | Path], classes: Mapping[str, Iterable[str]] | None = None
+) -> frozenset[str] | None:
     """The tables the model files `files` define, or None: compare every table then.
 
     Call it after the models were imported. Files and modules are matched by resolved real path
@@ -262,20 +264,50 @@ def tables_of_files(files: Iterable[str | Path]) -> frozenset[str] | None:
     objects (imperative tables; best effort: an imported one counts too). None when `files` is
     empty or any file defines no table (a deleted model's file, a helper module, a file that is
     not imported): a narrower compare could then miss a drop.
+
+    `classes` maps a file (as given in `files`) to the only top-level classes of it that changed:
+    that file contributes just their tables. A named class that no longer exists contributes none
+    (its table is an orphan the compare sees anyway); one that exists but maps no table (a type
+    decorator, a helper) may change any model that uses it, so every table is compared.
     """
     wanted = {os.path.realpath(str(f)) for f in files}
+    only = {os.path.realpath(str(f)): frozenset(names) for f, names in (classes or {}).items()}
     found: dict[str, set[str]] = {path: set() for path in wanted}
     basenames = {os.path.basename(path) for path in wanted}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
         if not isinstance(path, str) or os.path.basename(path) not in basenames:
             continue  # cheap test first: realpath costs system calls
-        tables = found.get(os.path.realpath(path))
-        if tables is not None:
+        real = os.path.realpath(path)
+        tables = found.get(real)
+        if tables is None:
+            continue
+        if real in only:
+            scoped = _classes_tables(module, only[real])
+            if scoped is None:
+                return None
+            tables.update(scoped)
+        else:
             tables.update(_module_tables(module))
-    if not found or not all(found.values()):
+    if not found or not all(found[p] or p in only for p in found):
         return None
     return frozenset(name for tables in found.values() for name in tables)
+
+
+def _classes_tables(module: ModuleType, names: frozenset[str]) -> set[str] | None:
+    """The tables of the named classes of `module`; None when one of them maps no table."""
+    from sqlalchemy import Table
+
+    out: set[str] = set()
+    for name in names:
+        value = vars(module).get(name)
+        if not isinstance(value, type):
+            continue  # gone (or no longer a class): nothing of it to compare
+        tables = _class_tables(value, Table)
+        if not tables:
+            return None
+        out |= tables
+    return out
 
 
 def _module_tables(module: ModuleType) -> set[str]:

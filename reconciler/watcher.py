@@ -89,6 +89,17 @@ def fingerprint(
     return digest.hexdigest()
 
 
+def files_under(
+    paths: Sequence[Path], suffixes: Sequence[str] | None = (".py",), ignore: Sequence[str] = DEFAULT_IGNORE
+) -> list[Path]:
+    """The matching files under `paths`, spelled under each path as configured (as events are)."""
+    out: list[Path] = []
+    for path in paths:
+        out.extend(path / rel if rel else path
+                   for rel, _size, _mtime in _stat_files(os.path.realpath(path), suffixes, ignore))
+    return out
+
+
 def _stat_files(
     root: str, suffixes: Sequence[str] | None, ignore: Sequence[str]
 ) -> Iterator[tuple[str, int, int]]:
@@ -224,6 +235,10 @@ class DirWatcher:
         self._cond = threading.Condition()
         self._watch_lock = threading.RLock()
         self._reset()
+
+    def files(self) -> list[Path]:
+        """The files under the watched paths now that an event could name."""
+        return files_under(self._paths, self._suffixes, self._ignore)
 
     def _reset(self) -> None:
         self._roots = [_Root(path=p) for p in self._paths]

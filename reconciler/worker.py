@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from reconciler import dbsession, migrations, target
+from reconciler import dbsession, hooks, migrations, target
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.redact import redact, register_secret
 
@@ -76,6 +76,7 @@ class Job:
     app_name: str = ""
     ddl_lock_timeout: float = 0.0
     statement_timeout: float = 0.0
+    set_role: str = ""
     connect_timeout: float = 0.0
     expected_identity: tuple[tuple[str, str], ...] | None = None
     known_differences: str = ""
@@ -110,6 +111,7 @@ class Job:
             app_name=str(data.get("app_name") or ""),
             ddl_lock_timeout=float(data.get("ddl_lock_timeout") or 0.0),
             statement_timeout=float(data.get("statement_timeout") or 0.0),
+            set_role=str(data.get("set_role") or ""),
             connect_timeout=float(data.get("connect_timeout") or 0.0),
             expected_identity=tuple(sorted(expected.items())) if expected else None,
             known_differences=str(data.get("known_differences") or ""),
@@ -190,6 +192,8 @@ class ConnectionGuard:
             for key, value in (("keepalives", 1), ("keepalives_idle", 30),
                                ("keepalives_interval", 10), ("keepalives_count", 3)):
                 cparams.setdefault(key, value)
+            if driver == "psycopg":  # no server-side prepared statements behind a pooler
+                cparams.setdefault("prepare_threshold", None)
         elif driver in ("pymysql", "mysqldb") and timeout > 0:
             cparams.setdefault("connect_timeout", max(1, math.ceil(timeout)))
 
@@ -209,7 +213,8 @@ class ConnectionGuard:
             dbapi_connection.isolation_level = None  # we emit BEGIN ourselves: transactional DDL
             record.info[_SQLITE_BEGIN] = True
         statements = dbsession.session_statements(
-            dialect, self.job.app_name, self.job.ddl_lock_timeout, self.job.statement_timeout
+            dialect, self.job.app_name, self.job.ddl_lock_timeout, self.job.statement_timeout,
+            self.job.set_role,
         )
         dbsession.run_session_statements(dbapi_connection, statements)
 
@@ -372,6 +377,7 @@ class Runner:
             "downgrade": self.op_downgrade,
             "stamp": self.op_stamp,
             "sql": self.op_sql,
+            "record": self.op_record,
             "compare": self.op_compare,
             "headers": self.op_headers,
             "init_dir": self.op_init_dir,
@@ -487,6 +493,11 @@ class Runner:
         text = self._migrations().sql(str(start) if start else None, str(request["end"]))
         return {"sql": text}
 
+    def op_record(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The pending revisions' upgrade operations, recorded (nothing runs on the database)."""
+        revisions = [str(r) for r in request.get("revisions") or ()]
+        return {"revisions": self._migrations().record(revisions, self._job().url)}
+
     def op_compare(self, request: dict[str, Any]) -> dict[str, Any]:
         project = self._load_project(self.flask_env)
         job = self._job()
@@ -494,16 +505,22 @@ class Runner:
         return {"differences": migrations.describe_differences(raw, job.exclude_tables)}
 
     def op_generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """`tables` / `files` (paths relative to the project root or absolute): the scope."""
+        """`tables` / `files` (paths relative to the project root or absolute): the scope;
+        `rescan`: read the versions directory again (the draft's file was moved away)."""
         project = self._load_project(self.flask_env)
         tables, files = request.get("tables"), request.get("files")
+        root = self._job().root
+        if request.get("rescan"):
+            self._migrations().rescan()
         generate = migrations.GenerateRequest(
             message=str(request["message"]) if request.get("message") else None,
             draft=bool(request.get("draft")),
             rev_id=str(request["rev_id"]) if request.get("rev_id") else None,
             head=str(request.get("head") or "head"),
             tables=frozenset(str(t) for t in tables) if tables is not None else None,
-            files=frozenset(str(self._job().root / str(f)) for f in files) if files is not None else None,
+            files=frozenset(str(root / str(f)) for f in files) if files is not None else None,
+            classes={str(root / str(f)): frozenset(str(n) for n in names)
+                     for f, names in (request.get("classes") or {}).items()},
             known=frozenset(str(k) for k in request.get("known") or ()),
         )
         started = time.monotonic()
@@ -659,6 +676,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; its death kills us
+    hooks.inside_reconciler_worker()  # an env.py using migration_lock must not wait for our own lock
     proto_in, proto_out = claim_stdio()
     if args.preload:
         preload()

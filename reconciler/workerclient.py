@@ -98,6 +98,7 @@ class WorkerJob:
     app_name: str = ""
     ddl_lock_timeout: float = 0.0
     statement_timeout: float = 0.0
+    set_role: str = ""
     connect_timeout: float = 0.0
     expected_identity: Mapping[str, str] | None = None
     secrets: Sequence[str] = field(default=(), repr=False)
@@ -124,6 +125,7 @@ class WorkerJob:
             "app_name": self.app_name,
             "ddl_lock_timeout": self.ddl_lock_timeout,
             "statement_timeout": self.statement_timeout,
+            "set_role": self.set_role,
             "connect_timeout": self.connect_timeout,
             "expected_identity": dict(self.expected_identity) if self.expected_identity else None,
             "secrets": list(self.secrets),
@@ -160,6 +162,7 @@ class WorkerJob:
             app_name=dbsession.application_name(t.name or "db", role),
             ddl_lock_timeout=settings.apply.ddl_lock_timeout,
             statement_timeout=settings.apply.statement_timeout,
+            set_role=settings.apply.role,
             connect_timeout=settings.apply.connect_timeout,
             expected_identity=dict(expected_identity) if expected_identity else None,
             secrets=tuple(p for p in (_password(the_url), _password(t.lock_url)) if p),
@@ -336,6 +339,12 @@ class Worker:
         """Offline SQL of the upgrade start:end through env.py."""
         return str(self._request("sql", start=start, end=end).get("sql", ""))
 
+    def record(self, revisions: Sequence[str]) -> list[dict[str, Any]]:
+        """Each revision's upgrade operations, recorded without running them (safety.classify's
+        input): [{revision, path, ops, error}]."""
+        reply = self._request("record", revisions=list(revisions))
+        return list(reply.get("revisions") or [])
+
     def compare(self) -> list[dict[str, str]]:
         """Differences between the models and the database: [{kind, key, text}] sorted by key."""
         differences = self._request("compare").get("differences") or []
@@ -355,6 +364,8 @@ class Worker:
         tables: list[str] | None = None,
         known: list[str] | None = None,
         files: list[str] | None = None,
+        classes: dict[str, list[str]] | None = None,
+        rescan: bool = False,
     ) -> Generated:
         """Autogenerate a revision file from the models, as `flask db migrate` does.
 
@@ -368,15 +379,22 @@ class Worker:
         file defines no table (a deleted model's file, a helper module, not a models module), or
         `files` is empty, every table is compared. `Generated.compared` names the tables the
         compare was restricted to (the requested ones, their foreign-key neighbours, orphans
-        found), None for a full compare.
+        found), None for a full compare. `classes`: for some of `files`, the only classes of
+        it that changed: that file adds just their tables (a changed class that maps no table,
+        such as a type decorator, means every table is compared).
         `known`: known-difference keys to leave out; None: those of the job's known-differences
-        file, [] for none. The database must be at the repository's heads (else StateError).
+        file, [] for none. `rescan`: read the versions directory again first (a file this
+        worker already saw was moved or removed meanwhile). The database must be at the
+        repository's heads (else StateError).
         """
         if known is None:
             known = sorted(self._known_keys())
         reply = self._request("generate", message=message, draft=draft, rev_id=rev_id, head=head,
                               tables=list(tables) if tables is not None else None, known=known,
-                              files=[os.path.abspath(f) for f in files] if files is not None else None)
+                              files=[os.path.abspath(f) for f in files] if files is not None else None,
+                              classes={os.path.abspath(f): sorted(names)
+                                       for f, names in (classes or {}).items()},
+                              rescan=rescan)
         compared = reply.get("compared")
         path, revision = reply.get("path"), reply.get("revision")
         return Generated(

@@ -65,6 +65,9 @@ class Project:
         if python:
             lines.append(f'python = "{python}"')
         lines += [f'{k} = "{v}"' for k, v in target.items()]
+        if "[drift]" not in extra:
+            # test projects' models seldom match their migrations: drift tests turn it on
+            extra += "\n[drift]\ninterval = 0\n"
         self.config.write_text("\n".join(lines) + "\n" + extra, encoding="utf-8")
         return self.config
 

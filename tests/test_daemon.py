@@ -334,19 +334,28 @@ def lock_is_free(url: str) -> bool:
 def test_lock_timeouts_never_block(tmp_path: Path, pg_url: str) -> None:
     import sqlalchemy as sa
 
+    hooks = Recorder()
     project = flask_project(tmp_path / "p", pg_url)
     project.chain(1, prefix="a")
-    config(project, interval=0.2, extra="blocked_after = 2\n[apply]\nddl_lock_timeout = 0.2")
+    config(project, interval=0.2, sinks=[hooks.url], extra="blocked_after = 2\n[apply]\n"
+           "ddl_lock_timeout = 0.2\nlock_timeout_retries = 1\nlock_timeout_backoff = 0.1")
     assert run_cli(["--config", str(project.config), "apply"], cwd=project.root).returncode == 0
     project.revision("alter1", "a0000", upgrade='op.add_column("t_a0", sa.Column("x", sa.Integer))')
     holder = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
-    with holder.connect() as conn:
-        conn.execute(sa.text("LOCK TABLE t_a0 IN ACCESS EXCLUSIVE MODE"))  # an app transaction
-        with daemon(project) as d:
-            wait_until(lambda: len([r for r in journal_rows(pg_url) if r["revision"] == "alter1"]) >= 3,
-                       60, "three attempts")
-            assert "blocked" not in d.status().get("conditions", [])
-            conn.rollback()  # the app lets go
-            d.wait_status(lambda s: s["state"] == "in_sync", 30, "applied after the lock went away")
-    holder.dispose()
+    try:
+        with holder.connect() as conn:
+            conn.execute(sa.text("LOCK TABLE t_a0 IN ACCESS EXCLUSIVE MODE"))  # an app transaction
+            with daemon(project) as d:
+                wait_until(lambda: len([r for r in journal_rows(pg_url) if r["revision"] == "alter1"]) >= 4,
+                           60, "two runs of two attempts")
+                assert "blocked" not in d.status().get("conditions", [])
+                wait_until(lambda: hooks.events("lock_timeout"), 10, "the lock_timeout alert")
+                conn.rollback()  # the app lets go
+                d.wait_status(lambda s: s["state"] == "in_sync", 30, "applied after the lock went away")
+                wait_until(lambda: hooks.events("recovered"), 10, "the recovery")
+        assert len(hooks.events("lock_timeout")) == 1 and hooks.events("failed") == []
+        assert hooks.events("recovered")[0]["details"]["recovered_from"] == "lock_timeout"
+    finally:
+        holder.dispose()
+        hooks.close()
     assert db_heads(pg_url) == {"alter1"}

@@ -431,7 +431,8 @@ def test_prometheus_rule_expressions_name_exposed_metrics(exposed: Exposed) -> N
         assert promql_problems(r["expr"], exposed) == [], r["alert"]
         used |= {name for name, _ in _SELECTOR.findall(r["expr"])}
     assert {"reconciler_state", "reconciler_condition", "reconciler_sync_state",
-            "reconciler_last_success_timestamp_seconds", "reconciler_pending_revisions"} <= used
+            "reconciler_last_success_timestamp_seconds", "reconciler_pending_revisions",
+            "reconciler_drift_differences"} <= used
 
 
 def test_promql_check_catches_unknown_names(exposed: Exposed) -> None:

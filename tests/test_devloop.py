@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -76,7 +77,11 @@ def dev(project: Project, extra: str = "") -> Iterator[DevLog]:
             yield log
         finally:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise AssertionError(f"dev mode did not stop within 60 s:\n{log.text()[-3000:]}") from None
     assert_no_canary(log.text())
 
 
@@ -131,21 +136,73 @@ def test_each_kind_of_change_without_drafts(tmp_path: Path, dev_url: str) -> Non
     assert len(revision_files(project)) == count  # no empty revision
 
 
+EMAIL = "    email = db.Column(db.String(120), unique=True, nullable=False)\n"
+
+
 def test_drop_is_held_back_until_confirmed(tmp_path: Path, dev_url: str) -> None:
     project = baseline_project(tmp_path, dev_url)
     with dev(project, "draft = false") as log:
         started(project, dev_url)
-        email = "    email = db.Column(db.String(120), unique=True, nullable=False)\n"
-        save(project, BASE.replace(email, ""))
-        wait_until(lambda: len(revision_files(project)) == 2, 30, "the dropping revision written")
-        held = next(p for p in revision_files(project) if "base0001" not in p.name)
+        save(project, BASE.replace(EMAIL, ""))
+        # the written file wakes the versions watcher: that run must not apply it
+        wait_until(lambda: "waiting_for_confirmation" in log.text(), 30, "the held revision seen")
         assert "email" in columns(dev_url, "user")  # not dropped
+        held = next(p for p in revision_files(project) if "base0001" not in p.name)
         revision = held.name.split("_")[0]
         result = run_cli(["--config", str(project.config), "confirm", revision], cwd=project.root)
         assert result.returncode == 0, result.stderr
         wait_until(lambda: "email" not in columns(dev_url, "user"), 30, "dropped after confirm")
     assert "allow_destructive = True" in held.read_text()
     assert "destructive_held_back" in log.text() and "email" in log.text()
+
+
+def test_a_held_revision_stays_held_after_a_restart(tmp_path: Path, sqlite_url: str) -> None:
+    project = baseline_project(tmp_path, sqlite_url)
+    with dev(project, "draft = false") as log:
+        started(project, sqlite_url)
+        save(project, BASE.replace(EMAIL, ""))
+        wait_until(lambda: "waiting_for_confirmation" in log.text(), 30, "held back")
+    with dev(project, "draft = false") as log:  # the prod guard refuses it at start
+        wait_until(lambda: "destructive_refused" in log.text(), 30, "refused after the restart")
+        assert "email" in columns(sqlite_url, "user")
+        held = next(p for p in revision_files(project) if "base0001" not in p.name)
+        result = run_cli(["--config", str(project.config), "confirm", held.name.split("_")[0]],
+                         cwd=project.root)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: "email" not in columns(sqlite_url, "user"), 30, "dropped after confirm")
+
+
+def test_without_the_guard_the_drop_is_applied_at_once(tmp_path: Path, sqlite_url: str) -> None:
+    """Negative control: `[dev] allow_destructive = true` switches the hold-back off."""
+    project = baseline_project(tmp_path, sqlite_url)
+    with dev(project, "draft = false\nallow_destructive = true") as log:
+        started(project, sqlite_url)
+        save(project, BASE.replace(EMAIL, ""))
+        wait_until(lambda: "email" not in columns(sqlite_url, "user"), 30, "dropped unasked")
+    assert "destructive_held_back" not in log.text()
+
+
+def test_a_held_revision_is_withdrawn_when_the_model_comes_back(tmp_path: Path, sqlite_url: str) -> None:
+    project = baseline_project(tmp_path, sqlite_url)
+    with dev(project, "draft = false") as log:
+        started(project, sqlite_url)
+        save(project, BASE.replace(EMAIL, ""))  # e.g. a model edited by mistake
+        wait_until(lambda: "waiting_for_confirmation" in log.text(), 30, "held back")
+        held = log.text().count("destructive_held_back")
+        save(project, BASE)  # put back
+        wait_until(lambda: later(log.text(), "held_back_withdrawn", "no_changes"), 30,
+                   "withdrawn, and the models found equal to the database")
+        assert [p.name for p in revision_files(project)] == ["base0001_create_user_table.py"]
+        assert "email" in columns(sqlite_url, "user")
+
+        save(project, BASE.replace(EMAIL, "") + "    bio = db.Column(db.Text)\n")  # dropped again
+        wait_until(lambda: log.text().count("destructive_held_back") > held, 30, "proposed again")
+        assert "email" in columns(sqlite_url, "user")
+
+
+def later(text: str, first: str, then: str) -> bool:
+    """`then` was logged after the last `first`."""
+    return first in text and text.rfind(then) > text.rfind(first)
 
 
 def test_syntax_error_then_fix(tmp_path: Path, dev_url: str) -> None:
@@ -237,3 +294,32 @@ def test_branch_switch_and_teammates_revision(tmp_path: Path, dev_url: str) -> N
         assert "reconciler downgrade base0001" in log.text()
         assert "nickname" not in columns(dev_url, "user")
     assert len(revision_files(project)) == 1
+
+
+NOTE = "\n\nclass Note(db.Model):\n    id = db.Column(db.Integer, primary_key=True)\n"
+
+
+def test_a_save_compares_only_the_classes_it_changed(tmp_path: Path, dev_url: str) -> None:
+    project = baseline_project(tmp_path, dev_url)
+    project.revision("note0002", "base0001", message="create note table", upgrade='''op.create_table(
+    "note", sa.Column("id", sa.Integer(), nullable=False), sa.PrimaryKeyConstraint("id"))''')
+    with dev(project, "draft = false") as log:
+        save(project, BASE + NOTE)
+        wait_until(lambda: "note" in table_names(dev_url) and "no_changes" in log.text(), 60,
+                   "started, with the full compare at start done")
+        engine = sa.create_engine(dev_url, poolclass=sa.pool.NullPool)
+        with engine.begin() as conn:  # a difference in note that no save touches
+            conn.execute(sa.text("ALTER TABLE note ADD COLUMN extra INTEGER"))
+        engine.dispose()
+
+        save(project, BASE + "    bio = db.Column(db.String(200))\n" + NOTE)  # User changes
+        wait_until(lambda: "bio" in columns(dev_url, "user"), 30, "the User change applied")
+        assert "extra" in columns(dev_url, "note")
+        added = next(p for p in revision_files(project) if "bio" in p.name).read_text()
+        assert "extra" not in added  # note was not compared: class Note did not change
+
+        # control: code outside the classes changed, so the whole file is compared again
+        save(project, BASE + "    bio = db.Column(db.String(200))\n" + NOTE + "\nLIMIT = 5\n")
+        wait_until(lambda: "destructive_held_back" in log.text(), 30, "the note difference found")
+    held = [json.loads(line) for line in log.text().splitlines() if "destructive_held_back" in line]
+    assert held and any("extra" in drop for drop in held[0]["would_drop"])

@@ -489,6 +489,51 @@ def test_a_model_deleted_from_a_changed_file_is_dropped(tmp_path: Path, sqlite_u
 
 
 @pytest.mark.core
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_changed_classes_restrict_a_file_to_their_tables(kind: str, tmp_path: Path,
+                                                         request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue(URL_FIXTURES[kind])
+    made = package_gen(tmp_path / "proj", url)
+    b_py = made.project.root / "myapp" / "models" / "b.py"
+    b_py.write_text(b_py.read_text() + "    note = db.Column(db.String(30))\n")  # B2 changes
+    run_sql(url, "ALTER TABLE b ADD COLUMN extra INTEGER")  # a difference in B's table only
+
+    scoped = made.generate(files=[str(b_py)], classes={str(b_py): ["B2"]})
+    assert scoped.compared == ["b2"]  # not b: class B did not change
+    assert ops_of(scoped) == [("add_column", "b2", "note")]
+    Path(str(scoped.path)).unlink()
+
+    whole = made.generate(files=[str(b_py)])  # control: the whole file sees b's difference too
+    assert whole.compared == ["a", "b", "b2"]
+    assert sorted(ops_of(whole)) == [("add_column", "b2", "note"), ("drop_column", "b", "extra")]
+    Path(str(whole.path)).unlink()
+
+
+@pytest.mark.core
+def test_a_changed_class_without_a_table_compares_everything(tmp_path: Path, sqlite_url: str) -> None:
+    made = package_gen(tmp_path / "proj", sqlite_url)
+    c_py = made.project.root / "myapp" / "models" / "c.py"
+    c_py.write_text(c_py.read_text() + "\n\nclass Helper:\n    size = 3\n")
+    run_sql(sqlite_url, "ALTER TABLE a ADD COLUMN extra INTEGER")
+
+    # a type decorator or helper class may change every model that uses it
+    result = made.generate(files=[str(c_py)], classes={str(c_py): ["Helper"]})
+    assert result.compared is None
+    assert ops_of(result) == [("drop_column", "a", "extra")]
+
+
+@pytest.mark.core
+def test_a_deleted_class_leaves_its_table_to_the_orphan_compare(tmp_path: Path, sqlite_url: str) -> None:
+    made = package_gen(tmp_path / "proj", sqlite_url)
+    b_py = made.project.root / "myapp" / "models" / "b.py"
+    b_py.write_text(b_py.read_text().split("\n\nclass B2")[0])
+
+    result = made.generate(files=[str(b_py)], classes={str(b_py): ["B2"]})
+    assert result.compared == ["b2"]
+    assert ops_of(result) == [("drop_table", "b2", "b2")]
+
+
+@pytest.mark.core
 def test_draft_marker_and_chosen_revision_id(gen: Gen) -> None:
     gen.edit_models("    name = db.Column(db.String(50))\n",
                     "    name = db.Column(db.String(50))\n    age = db.Column(db.Integer)\n")

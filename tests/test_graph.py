@@ -276,6 +276,24 @@ def test_hash_ignores_line_endings_comments_and_formatting(tmp_path: Path) -> No
     assert base.file_hash == crlf.file_hash == other.file_hash
 
 
+def test_hash_ignores_what_formatters_do_to_docstrings() -> None:
+    """black / ruff format strip trailing spaces in docstrings and re-indent them; the docstring's
+    text still counts, and every other string counts exactly."""
+    source = revision_source("a0", None, "pass", "pass", "create things", None, None)
+    assert "Revises: \n" in source  # as Alembic's template writes a base revision
+    with_doc = source.replace(
+        "def upgrade():\n", 'def upgrade():\n    """Create.\n\n       Indented.   \n    """\n'
+    )
+    formatted = with_doc.replace("Revises: \n", "Revises:\n").replace("       Indented.   ", "    Indented.")
+    assert formatted != with_doc
+    assert g.source_hash(formatted.encode()) == g.source_hash(with_doc.encode())
+    reworded = formatted.replace("Indented.", "Indented differently.")
+    assert g.source_hash(reworded.encode()) != g.source_hash(formatted.encode())
+    sql = [revision_source("a0", None, body, "pass", "m", None, None)
+           for body in ('op.execute("SELECT 1 ")', 'op.execute("SELECT 1")')]
+    assert g.source_hash(sql[0].encode()) != g.source_hash(sql[1].encode())
+
+
 def test_hash_changes_with_the_code(tmp_path: Path) -> None:
     base = g.parse_revision_file(write(tmp_path, "a.py", FLASK_MIGRATE_FILE))
     changed = FLASK_MIGRATE_FILE.replace("op.drop_table('user')", "op.drop_table('users')")
