@@ -301,7 +301,7 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
 }
 
 UNSAFE_ENV = "RECONCILER_UNSAFE_DISABLE"
-UNSAFE_SWITCHES = ("lock", "orphan_wait", "dirty", "affinity", "drift_once", "checksums")
+UNSAFE_SWITCHES = ("lock", "orphan_wait", "dirty", "affinity", "drift_once", "checksums", "dev_recheck")
 _LEVELS = ("debug", "info", "warning", "error")
 _FORMATS = ("auto", "console", "json")
 _DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from reconciler import checksums, connection, differences, fleet, journal, logs
 from reconciler.config import Settings, find_module_file
 from reconciler.errors import ConfigError, ReconcilerError, Refused, RevisionFailed, StateError
-from reconciler.graph import Revision, RevisionGraph, parse_revision_file
+from reconciler.graph import Revision, RevisionGraph, parse_revision_file, revision_files
 from reconciler.modelscan import FileDigest, changed_classes, read_digest
 from reconciler.reconcile import Reconciler
 from reconciler.redact import redact
@@ -44,6 +44,7 @@ log = logs.get("reconciler.dev")
 DRAFT_TRIGGER = checksums.DRAFT_TRIGGER
 FULL_COMPARE_EVERY = 300.0  # seconds: saves compare only what they touched; this catches the rest
 IDLE_INTERVAL = 3600.0  # dev mode is event driven; the periodic run is only a safety net
+RECHECK_SWITCH = "dev_recheck"  # RECONCILER_UNSAFE_DISABLE: keep what was generated during a pull
 
 
 # --- safety: only local databases ----------------------------------------------------------------
@@ -242,6 +243,10 @@ class DevLoop:
                 self.generate_and_apply()
         except StopGenerating as exc:
             log.warning("dev_paused", reason=str(exc))
+        except RevisionsChanged as exc:
+            log.info("generation_discarded", reason=str(exc))
+            self._models_changed.set()
+            self.loop.trigger("revisions_changed")
         except ReconcilerError as exc:
             log.error("dev_error", error=str(exc), kind=exc.__class__.__name__)
         return None
@@ -323,7 +328,8 @@ class DevLoop:
         self._carry.clear()
 
     def _generate_and_apply_with(self, worker: Any, scope: Scope) -> None:
-        result = worker.generate(draft=self.settings.dev.draft, **scope.request(frozenset(self._carry)))
+        result = self._generate(worker, draft=self.settings.dev.draft,
+                                **scope.request(frozenset(self._carry)))
         self._log_compared(result, scope)
         with self.rec.lending(worker):
             self._after_generate(result, rebuilt=False)
@@ -334,6 +340,44 @@ class DevLoop:
                   classes=scope.classes, generate_ms=int(result.seconds * 1000))
         if self.settings.dev.draft and result.revision:
             self._draft_tables = {result.revision: _tables_of(result)}
+
+    def _generate(self, worker: Any, **request: Any) -> Any:
+        """Generate; discard the result when revision files came or went meanwhile (a pull, a
+        checkout): the worker compared against the old set, and what it wrote may duplicate a
+        teammate's revision. The follow-up run applies theirs first and compares again."""
+        before = self._revision_files()
+        try:
+            result = worker.generate(**request)
+        except ReconcilerError:  # e.g. "not at the heads": the worker saw the new file itself
+            self._raise_if_changed(before, None)
+            raise
+        self._raise_if_changed(before, None if result.path is None else Path(result.path))
+        return result
+
+    def _raise_if_changed(self, before: dict[Path, tuple[int, int]], written: Path | None) -> None:
+        after = self._revision_files()
+        if written is not None:
+            after.pop(written.resolve(), None)
+        if after == before or RECHECK_SWITCH in self.settings.unsafe:
+            return
+        if written is not None:
+            written.unlink(missing_ok=True)
+        self.rec.project.invalidate()
+        changed = sorted(p.name for p in set(before) ^ set(after))
+        raise RevisionsChanged(
+            f"revision files changed while the models were compared ({', '.join(changed)}); "
+            "nothing was written: they are applied first, then the models are compared again")
+
+    def _revision_files(self) -> dict[Path, tuple[int, int]]:
+        dirs, recursive = self.rec.project.version_dirs
+        out: dict[Path, tuple[int, int]] = {}
+        for path in revision_files(dirs, recursive):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            out[path.resolve()] = (stat.st_size, stat.st_mtime_ns)
+        return out
 
     # drafts
     def _current_draft(self, graph: RevisionGraph) -> Revision | None:
@@ -363,7 +407,7 @@ class DevLoop:
                 self.rec.project.invalidate()
                 tables = self._draft_tables.get(draft.revision)
                 request = scope.request(None if tables is None else tables | self._carry)
-                result = worker.generate(draft=True, rev_id=draft.revision, rescan=True, **request)
+                result = self._generate(worker, draft=True, rev_id=draft.revision, rescan=True, **request)
                 self._log_compared(result, scope)
                 if result.path is None:
                     log.info("draft_removed", revision=draft.revision,
@@ -444,6 +488,12 @@ class Scope:
 
 class StopGenerating(StateError):
     """The database or the repository is in a state where generating would make things worse."""
+
+
+class RevisionsChanged(ReconcilerError):
+    """Revision files arrived or vanished during a generation: its result is discarded."""
+
+    transient = True
 
 
 def _tables_of(result: Any) -> frozenset[str]:

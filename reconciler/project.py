@@ -31,6 +31,7 @@ class Project:
     settings: Settings
     _graph: RevisionGraph | None = field(default=None, init=False)
     _fingerprint: str = field(default="", init=False)
+    _generation: int = field(default=0, init=False)  # counts invalidate() calls
     _dirs: tuple[list[Path], bool] | None = field(default=None, init=False)
     _cache: graphs.ParseCache = field(default_factory=graphs.ParseCache, init=False)
 
@@ -50,14 +51,19 @@ class Project:
         dirs, recursive = self.version_dirs
         if self._graph is not None and not check and self._fingerprint:
             return self._graph
+        generation = self._generation
         fingerprint = graphs.graph_fingerprint_of_dir(dirs, recursive)
         if self._graph is None or fingerprint != self._fingerprint:
             self._graph = self._load(dirs, recursive)
-            self._fingerprint = fingerprint
+        # An invalidate() from the watcher's thread while this read ran may be about a file
+        # written after the listing: then the graph is not trusted as current.
+        self._fingerprint = fingerprint if self._generation == generation else ""
         return self._graph
 
     def invalidate(self) -> None:
-        """Forget the graph's fingerprint: the next `graph()` re-reads what changed."""
+        """Forget the graph's fingerprint: the next `graph()` re-reads what changed. Safe to call
+        from another thread while `graph()` runs."""
+        self._generation += 1
         self._fingerprint = ""
 
     def _load(self, dirs: list[Path], recursive: bool) -> RevisionGraph:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -66,12 +67,12 @@ class DevLog:
 
 
 @contextmanager
-def dev(project: Project, extra: str = "") -> Iterator[DevLog]:
+def dev(project: Project, extra: str = "", env: dict[str, str] | None = None) -> Iterator[DevLog]:
     project.write_config(extra=f"[dev]\ndebounce = 0.05\n{extra}", models="myapp.models:db")
     log = DevLog(project.root / "dev.log")
     with open(log.path, "w") as stderr:
         proc = subprocess.Popen(cli_command(["--config", str(project.config), "run", "--mode", "dev"]),
-                                cwd=project.root, env=cli_env(), stdout=subprocess.DEVNULL,
+                                cwd=project.root, env=cli_env(env), stdout=subprocess.DEVNULL,
                                 stderr=stderr, stdin=subprocess.DEVNULL)
         try:
             yield log
@@ -272,19 +273,26 @@ def test_is_local(url: str, local: bool) -> None:
 
 
 
+TEAM = "\n\nclass Team(db.Model):\n    id = db.Column(db.Integer, primary_key=True)\n"
+
+
+def teammates_revision(project: Project) -> Path:
+    return project.revision("team0001", "base0001", message="create team", upgrade=(
+        'op.create_table("team", sa.Column("id", sa.Integer(), nullable=False), '
+        'sa.PrimaryKeyConstraint("id"))'))
+
+
 def test_branch_switch_and_teammates_revision(tmp_path: Path, dev_url: str) -> None:
     project = baseline_project(tmp_path, dev_url)
     with dev(project, "draft = false") as log:
         started(project, dev_url)
+        wait_until(lambda: "no_changes" in log.text(), 30, "the compare at start")
         # A teammate's revision arrives with a pull (their model change included): applied first,
         # and nothing is generated for it.
-        team = BASE + "\n\nclass Team(db.Model):\n    id = db.Column(db.Integer, primary_key=True)\n"
-        project.revision("team0001", "base0001", message="create team", upgrade=(
-            'op.create_table("team", sa.Column("id", sa.Integer(), nullable=False), '
-            'sa.PrimaryKeyConstraint("id"))'))
-        save(project, team)
+        teammates_revision(project)
+        save(project, BASE + TEAM)
         wait_until(lambda: "team" in table_names(dev_url), 30, "the teammate's revision applied")
-        wait_until(lambda: "no_changes" in log.text(), 30, "nothing generated for it")
+        wait_until(lambda: log.text().count('"no_changes"') == 2, 30, "nothing generated for it")
         assert len(revision_files(project)) == 2
         # Switching to a branch without that revision: the database is ahead; dev mode stops
         # generating and says exactly what to run.
@@ -294,6 +302,69 @@ def test_branch_switch_and_teammates_revision(tmp_path: Path, dev_url: str) -> N
         assert "reconciler downgrade base0001" in log.text()
         assert "nickname" not in columns(dev_url, "user")
     assert len(revision_files(project)) == 1
+
+
+def creating_team(project: Project) -> list[Path]:
+    return [p for p in revision_files(project) if re.search(r"create_table\(\s*[\"']team", p.read_text())]
+
+
+def gated_team(hold: Path, entered: Path, where: str) -> str:
+    """Team, with a gate that holds the generation while `hold` exists: in the models' import
+    (before the worker reads the revision files) or in rendering the revision (after it did)."""
+    wait = (f"_p.Path({str(entered)!r}).touch()\n"
+            f"{{pad}}while _p.Path({str(hold)!r}).exists():\n{{pad}}    _t.sleep(0.01)\n")
+    gate_at_import = wait.format(pad="") if where == "import" else ""
+    render = "        " + wait.format(pad="        ") if where == "render" else ""
+    return f"""
+
+import pathlib as _p, time as _t
+{gate_at_import}
+
+class Gated(db.TypeDecorator):
+    impl = db.String(20)
+    cache_ok = True
+
+    def __repr__(self):
+{render}        return "String(length=20)"
+
+
+class Team(db.Model):
+    id = db.Column(db.Integer, primary_key=True)
+    name = db.Column(Gated())
+"""
+
+
+@pytest.mark.parametrize("where,unsafe", [("import", False), ("render", False), ("render", True)],
+                         ids=["during_import", "during_render", "negative_control"])
+def test_a_pull_during_a_generation_is_applied_not_duplicated(tmp_path: Path, dev_url: str,
+                                                              where: str, unsafe: bool) -> None:
+    """The pull lands while the worker generates from models that already have its Team class.
+    What that generation would write duplicates the teammate's revision: it is discarded, theirs
+    is applied, and the compare after it finds nothing. Without the recheck (`dev_recheck` off) a
+    second `create_table("team")` revision is left beside theirs."""
+    project = baseline_project(tmp_path, dev_url)
+    hold, entered = tmp_path / "hold", tmp_path / "entered"
+    env = {"RECONCILER_UNSAFE_DISABLE": "dev_recheck"} if unsafe else None
+    with dev(project, "draft = false", env) as log:
+        started(project, dev_url)
+        wait_until(lambda: "no_changes" in log.text(), 30, "the compare at start")
+        hold.touch()
+        save(project, BASE + gated_team(hold, entered, where))
+        wait_until(entered.exists, 30, "the generation at the gate")
+        project.revision("team0001", "base0001", message="create team", upgrade=(
+            'op.create_table("team", sa.Column("id", sa.Integer(), nullable=False), '
+            'sa.Column("name", sa.String(length=20), nullable=True), sa.PrimaryKeyConstraint("id"))'))
+        hold.unlink()  # the pull has landed: let the generation go on
+        wait_until(lambda: "team" in table_names(dev_url) or len(revision_files(project)) == 3, 30,
+                   "the team table or a duplicate")
+        if unsafe:
+            wait_until(lambda: len(creating_team(project)) == 2, 30, "the duplicate revision, written")
+            assert len(revision_files(project)) == 3
+            return
+        wait_until(lambda: "generation_discarded" in log.text(), 30, "the generation discarded")
+        wait_until(lambda: log.text().count('"no_changes"') == 2, 30, "nothing generated after it")
+        assert db_heads(dev_url) == {"team0001"}
+    assert [p.name.split("_")[0] for p in revision_files(project)] == ["base0001", "team0001"]
 
 
 NOTE = "\n\nclass Note(db.Model):\n    id = db.Column(db.Integer, primary_key=True)\n"

@@ -519,3 +519,27 @@ def test_flask_migrate_file_builds_a_one_revision_graph(tmp_path: Path) -> None:
     write(versions, "abcdef123456_add_user_table.py", textwrap.dedent(FLASK_MIGRATE_FILE))
     graph, fallback = g.load_graph([versions])
     assert fallback == [] and graph.heads == graph.bases == ("abcdef123456",)
+
+
+def test_an_invalidation_during_a_read_is_not_lost(tmp_path: Path) -> None:
+    """The watcher's thread may invalidate while the loop's thread reads the graph. A file that
+    came after the listing must be seen by the next read, even one that trusts the cache."""
+    from reconciler.config import load_settings
+    from reconciler.project import Project as Repository
+    from tests.builders import flask_project
+
+    project = flask_project(tmp_path / "p", f"sqlite:///{tmp_path / 'app.db'}")
+    project.revision("a0", None)
+    repository = Repository(load_settings(str(project.config), environ={}))
+    real_load = repository._load
+
+    def load_then_pull(dirs: list[Path], recursive: bool) -> RevisionGraph:
+        graph = real_load(dirs, recursive)  # listed before the pull landed
+        project.revision("b0", "a0")
+        repository.invalidate()  # the watcher reports it, mid-read
+        return graph
+
+    repository._load = load_then_pull  # type: ignore[method-assign]
+    assert repository.graph(check=False).heads == ("a0",)
+    repository._load = real_load  # type: ignore[method-assign]
+    assert repository.graph(check=False).heads == ("b0",)
