@@ -45,13 +45,20 @@ def _connect_args(backend: str, driver: str, connect_timeout: float) -> dict[str
     return {}
 
 
-def make_engine(url: str, target: str, connect_timeout: float, role: str = "ctl") -> sa.engine.Engine:
+def make_engine(
+    url: str, target: str, connect_timeout: float, role: str = "ctl", pooled: bool = True
+) -> sa.engine.Engine:
+    """`pooled` False: every connection is new and closed for good afterwards (a probe's)."""
     parsed = sa.engine.make_url(url)
     backend = parsed.get_backend_name()
     connect_args = _connect_args(backend, parsed.get_driver_name(), connect_timeout)
     # One pooled connection, kept between runs: the in-sync run is then a single round trip
     # (no pre-ping; a connection the server dropped is retried once by the caller).
-    if backend == "sqlite":
+    if not pooled:
+        engine = sa.create_engine(parsed, future=True, connect_args=connect_args,
+                                  poolclass=sa.pool.NullPool,
+                                  **({} if backend == "sqlite" else {"isolation_level": "AUTOCOMMIT"}))
+    elif backend == "sqlite":
         engine = sa.create_engine(
             parsed, future=True, connect_args=connect_args, poolclass=sa.pool.QueuePool,
             pool_size=1, max_overflow=2,

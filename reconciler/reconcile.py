@@ -180,6 +180,7 @@ class Reconciler:
         )
         self._engine: sa.engine.Engine | None = None
         self._lock_engine: sa.engine.Engine | None = None
+        self._probe_engine: sa.engine.Engine | None = None  # the affinity proof's second client
         self._on_worker_log = on_worker_log or _log_worker_line
         self._conditions: Conditions | None = None
         self._decided: tuple[object, Decision] | None = None  # the last decision, by its inputs
@@ -214,10 +215,10 @@ class Reconciler:
         return redact(self.engine.url.render_as_string(hide_password=True))
 
     def close(self) -> None:
-        for engine in (self._engine, self._lock_engine):
+        for engine in (self._engine, self._lock_engine, self._probe_engine):
             if engine is not None:
                 engine.dispose()
-        self._engine = self._lock_engine = None
+        self._engine = self._lock_engine = self._probe_engine = None
 
     # --- reading -----------------------------------------------------------------------------
     def graph(self) -> RevisionGraph:
@@ -505,7 +506,18 @@ class Reconciler:
     def _prove_affinity(self, lock_conn: sa.engine.Connection, engine: sa.engine.Engine) -> None:
         """Invariant 5: a session lock is trusted only on a provably private server session."""
         where = redact(engine.url.render_as_string(hide_password=True))
-        affinity.require(lock_conn, lambda: _discarded(engine), where, bool(self.settings.target.lock_url))
+        affinity.require(lock_conn, lambda: connection.connect(self._prober(engine)), where,
+                         bool(self.settings.target.lock_url))
+
+    def _prober(self, engine: sa.engine.Engine) -> sa.engine.Engine:
+        """An unpooled engine to `engine`'s URL: each probe is a new client and is closed after.
+        (A pooled one would keep a session-mode pooler's server connection that the worker then
+        lacks; an invalidated pooled one takes the pool's slot, so the next run reconnects.)"""
+        if self._probe_engine is None:
+            self._probe_engine = connection.make_engine(
+                engine.url.render_as_string(hide_password=False), self.target,
+                self.settings.apply.connect_timeout, pooled=False)
+        return self._probe_engine
 
     # --- applying ----------------------------------------------------------------------------
     def apply(
@@ -845,17 +857,6 @@ class Reconciler:
                     f"{status.state} ({status.message}); run `reconciler apply` or raise --timeout"
                 )
             time.sleep(min(poll, remaining))
-
-
-@contextmanager
-def _discarded(engine: sa.engine.Engine) -> Iterator[sa.engine.Connection]:
-    """A connection closed for good afterwards: the affinity probe must not stay in the pool (a
-    session-mode pooler would keep a server connection for it that the worker then lacks)."""
-    with connection.connect(engine) as conn:
-        try:
-            yield conn
-        finally:
-            conn.invalidate()
 
 
 def refuse_unless_applicable(status: Status) -> None:

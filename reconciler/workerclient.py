@@ -8,7 +8,8 @@ stdin, never argv or the environment, so it does not show in `ps`.
 The worker dies with its parent. On Linux that is the kernel's parent-death signal, which fires
 when the *thread* that started the worker exits: start workers from a thread that outlives them.
 `WarmWorker` keeps one spare worker started and initialised (dev mode: each generation gets a
-fresh interpreter without paying for the imports); its own long-lived thread starts them all.
+fresh interpreter without paying for the imports), starting the next when the last one taken is
+closed; its own long-lived thread starts them all.
 """
 
 from __future__ import annotations
@@ -266,6 +267,7 @@ class Worker:
             thread.start()
         self.info: dict[str, Any] = {}
         self.job: WorkerJob | None = None
+        self.after_close: list[Callable[[], None]] = []  # run once, when the worker has exited
 
     @classmethod
     def start(
@@ -449,6 +451,9 @@ class Worker:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+        callbacks, self.after_close = self.after_close, []
+        for callback in callbacks:
+            callback()
 
     def _close_stdin(self) -> None:
         if self._process.stdin is not None and not self._process.stdin.closed:
@@ -564,8 +569,10 @@ class WarmWorker:
     def take(self) -> Worker:
         """A started, initialised worker: the spare (waited for if still starting), else a new one.
 
-        Raises what starting a worker raises (ConfigError for a missing interpreter, ...); the
-        next take() tries again. The caller closes the worker.
+        The next spare is started when the taken worker is closed, not before: on a small
+        machine its start-up (an interpreter importing SQLAlchemy, Alembic, Flask) would take CPU
+        from the generation it was taken for. Raises what starting a worker raises (ConfigError
+        for a missing interpreter, ...); the next take() tries again. The caller closes the worker.
         """
         with self._lock:
             if self._closed:
@@ -573,11 +580,16 @@ class WarmWorker:
             order, self._spare = self._spare, None
         try:
             worker = self._usable(order) or self._wait(self._order()[0])
-        finally:
-            with self._lock:
-                if not self._closed and self._spare is None:
-                    self._spare = self._order()
+        except BaseException:
+            self._replenish()
+            raise
+        worker.after_close.append(self._replenish)
         return worker
+
+    def _replenish(self) -> None:
+        with self._lock:
+            if not self._closed and self._spare is None:
+                self._spare = self._order()
 
     def close(self) -> None:
         """Stop the spare (waiting for it if it is starting) and the starting thread.

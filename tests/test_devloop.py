@@ -76,6 +76,9 @@ def dev(project: Project, extra: str = "", env: dict[str, str] | None = None) ->
                                 stderr=stderr, stdin=subprocess.DEVNULL)
         try:
             yield log
+        except BaseException:
+            print(f"the dev process's log, at the failure:\n{log.text()[-6000:]}")  # shown by pytest
+            raise
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
