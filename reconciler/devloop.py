@@ -397,12 +397,15 @@ class DevLoop:
     def _amend_draft(self, draft: Revision, scope: Scope) -> None:
         """Downgrade the draft, regenerate it (same id) from the models, rewrite, apply again.
 
-        One warm worker does all three. The compare covers what the saves changed and the tables
-        the draft touched (known from its generation; after a restart, everything)."""
+        One warm worker does all three, under one hold of the lock: no other applier sees the
+        draft downgraded. The compare covers what the saves changed and the tables the draft
+        touched (known from its generation; after a restart, everything)."""
         backup = Path(tempfile.mkdtemp(prefix="reconciler-draft-")) / draft.path.name
         try:
-            with self._warm.take() as worker, self.rec.lending(worker):
-                self._downgrade_draft(draft)
+            with self._warm.take() as worker, self.rec.lending(worker), connection.connect(
+                self.rec.engine
+            ) as conn, self.rec.locked(conn, self.settings.apply.lock_acquire_timeout):
+                self._downgrade_draft(conn, draft)
                 shutil.move(str(draft.path), backup)
                 self.rec.project.invalidate()
                 tables = self._draft_tables.get(draft.revision)
@@ -413,7 +416,7 @@ class DevLoop:
                     log.info("draft_removed", revision=draft.revision,
                              reason="the models equal the draft's parent again")
                     return
-                self._after_generate(result, rebuilt=True)
+                self._after_generate(result, rebuilt=True, locked=conn)
         except ReconcilerError:
             if backup.exists():  # the models do not import: keep the old draft, applied
                 shutil.move(str(backup), draft.path)
@@ -421,11 +424,10 @@ class DevLoop:
                 self._apply(DRAFT_TRIGGER)
             raise
 
-    def _downgrade_draft(self, draft: Revision) -> None:
+    def _downgrade_draft(self, conn: sa.engine.Connection, draft: Revision) -> None:
+        """Under the lock, held on `conn`."""
         parent = draft.down_revisions[0] if draft.down_revisions else "base"
-        with connection.connect(self.rec.engine) as conn, self.rec.locked(
-            conn, self.settings.apply.lock_acquire_timeout
-        ), self.rec.start_worker(conn) as worker:
+        with self.rec.start_worker(conn) as worker:
             row = journal.record_started(conn, self.rec.journal, target=self.target,
                                          operation="downgrade", revision=draft.revision,
                                          trigger=DRAFT_TRIGGER)
@@ -433,7 +435,8 @@ class DevLoop:
             journal.record_finished(conn, self.rec.journal, row, outcome="draft_rebuilt")
 
     # after a generation
-    def _after_generate(self, result: Any, rebuilt: bool) -> None:
+    def _after_generate(self, result: Any, rebuilt: bool,
+                        locked: sa.engine.Connection | None = None) -> None:
         self.rec.project.invalidate()
         if result.path is None:
             log.info("no_changes", detail="the models match the database; no revision written")
@@ -454,11 +457,16 @@ class DevLoop:
                 hint="or set [dev] allow_destructive = true; nothing was dropped",
             )
             return
-        self._apply(DRAFT_TRIGGER if self.settings.dev.draft else "dev", Path(result.path))
+        self._apply(DRAFT_TRIGGER if self.settings.dev.draft else "dev", Path(result.path), locked)
 
-    def _apply(self, trigger: str, written: Path | None = None) -> None:
+    def _apply(self, trigger: str, written: Path | None = None,
+               locked: sa.engine.Connection | None = None) -> None:
+        """Through the prod path; under the caller's hold of the lock when `locked` is given."""
         try:
-            outcome = self.rec.apply(trigger=trigger)
+            if locked is None:
+                outcome = self.rec.apply(trigger=trigger)
+            else:
+                outcome = self.rec.apply_locked(locked, self.rec.graph(), trigger=trigger)
         except RevisionFailed as exc:
             if written is not None and written.exists():
                 written.unlink()  # never leave a revision the database did not get

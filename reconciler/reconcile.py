@@ -543,16 +543,31 @@ class Reconciler:
             raise Refused(status.messages["destructive_pending"])  # nothing changed since it was refused
         timeout = self.settings.apply.lock_acquire_timeout if lock_timeout is None else lock_timeout
         with connection.connect(self.engine) as conn, self.locked(conn, timeout) as waited:
-            journal.ensure(conn, self.journal)
-            self._journal_seen = True
-            status = self._settled_status(conn, graph)
-            if self._record_hashes(conn, graph, status):
-                status = self._status(conn, graph)
-            self._refuse(status)
-            if status.sync_state == "in_sync":  # another replica did the work meanwhile
-                return self._finish("noop", (), status, waited, started)
-            applied = self._apply_counted(conn, graph, status, trigger, progress, should_stop)
-            final = self._status(conn, graph)
+            return self.apply_locked(conn, graph, trigger, progress, should_stop, waited, started)
+
+    def apply_locked(
+        self,
+        conn: sa.engine.Connection,
+        graph: RevisionGraph,
+        trigger: str = "apply",
+        progress: ProgressFn | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        waited: float = 0.0,
+        started: float | None = None,
+    ) -> ApplyResult:
+        """`apply`'s work under the lock, for a caller that holds it on `conn` (`locked`): the
+        state is read again there, so what another applier did meanwhile counts."""
+        started = time.monotonic() if started is None else started
+        journal.ensure(conn, self.journal)
+        self._journal_seen = True
+        status = self._settled_status(conn, graph)
+        if self._record_hashes(conn, graph, status):
+            status = self._status(conn, graph)
+        self._refuse(status)
+        if status.sync_state == "in_sync":  # another replica did the work meanwhile
+            return self._finish("noop", (), status, waited, started)
+        applied = self._apply_counted(conn, graph, status, trigger, progress, should_stop)
+        final = self._status(conn, graph)
         if len(applied) == len(status.decision.pending):
             verify(final)
         return self._finish("applied", applied, final, waited, started)
