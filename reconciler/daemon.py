@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import __version__, connection, dbsession, fleet, journal, logs
+from reconciler import __version__, connection, dbsession, fleet, journal, logs, signals
 from reconciler.alerts import Alert, AlertDispatcher, AlertPolicy, Observation
 from reconciler.config import Settings, parse_http
 from reconciler.drift import DriftChecker
@@ -159,7 +159,7 @@ class Daemon:
                  interval=self.settings.daemon.interval, http=f"{host}:{port}",
                  apply=self.settings.daemon.apply, version=__version__)
         self.loop.start()
-        self._done.wait()
+        signals.wait_for(self._done)
         return self._exit_code
 
     def _install_signals(self) -> None:
@@ -176,19 +176,25 @@ class Daemon:
         threading.Thread(target=self._shutdown, name="shutdown", daemon=True).start()
 
     def _shutdown(self) -> None:
-        grace = self.settings.daemon.grace
-        finished = self.loop.stop(wait=True, timeout=grace)
-        if not finished:
-            log.warning("grace_expired", action="cancelling our statement on the server")
-            self._cancel_in_flight()
-            finished = self.loop.stop(wait=True, timeout=max(10.0, grace))
-            self._exit_code = EXIT_GRACE_EXPIRED
-        self.watcher.stop()
-        self.http.stop()
-        self.dispatcher.close(timeout=2.0)
-        self.rec.close()
-        log.info("daemon_stopped", target=self.target, clean=finished and not self._exit_code)
-        self._done.set()
+        """Stop everything; the process ends even when a part fails to stop cleanly."""
+        try:
+            grace = self.settings.daemon.grace
+            finished = self.loop.stop(wait=True, timeout=grace)
+            if not finished:
+                log.warning("grace_expired", action="cancelling our statement on the server")
+                self._cancel_in_flight()
+                finished = self.loop.stop(wait=True, timeout=max(10.0, grace))
+                self._exit_code = EXIT_GRACE_EXPIRED
+            self.watcher.stop()
+            self.http.stop()
+            self.dispatcher.close(timeout=2.0)
+            self.rec.close()
+            log.info("daemon_stopped", target=self.target, clean=finished and not self._exit_code)
+        except Exception as exc:  # a hung SIGTERM is worse than an untidy stop
+            log.error("daemon_stop_failed", error=redact(str(exc)), kind=exc.__class__.__name__)
+            self._exit_code = self._exit_code or EXIT_GRACE_EXPIRED
+        finally:
+            self._done.set()
 
     def _cancel_in_flight(self) -> None:
         """Cancel the revision our worker is running (PostgreSQL), else stop the worker."""

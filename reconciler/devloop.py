@@ -29,7 +29,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import checksums, connection, differences, fleet, journal, logs
+from reconciler import checksums, connection, differences, fleet, journal, logs, signals
 from reconciler.config import Settings, find_module_file
 from reconciler.errors import ConfigError, ReconcilerError, Refused, RevisionFailed, StateError
 from reconciler.graph import Revision, RevisionGraph, parse_revision_file, revision_files
@@ -145,7 +145,7 @@ class DevLoop:
                      file=str(differences.path_for(self.settings)))
         self._models_changed.set()  # a full compare at start
         self.loop.start()
-        self._done.wait()
+        signals.wait_for(self._done)
         return 0
 
     def _start_warm(self) -> Any:

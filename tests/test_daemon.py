@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import signal
 import socket
@@ -360,3 +361,42 @@ def test_lock_timeouts_never_block(tmp_path: Path, pg_url: str) -> None:
         holder.dispose()
         hooks.close()
     assert db_heads(pg_url) == {"alter1"}
+
+
+_TGKILL = {"x86_64": 234, "aarch64": 131}  # the tgkill system call's number
+
+
+def _signal_thread(pid: int, tid: int, sig: int) -> None:
+    """Send `sig` to one thread of `pid` (tgkill): the case the kernel may pick for a kill()."""
+    import ctypes
+    import platform
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_TGKILL[platform.machine()], pid, tid, int(sig)) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+@pytest.mark.skipif(platform.machine() not in _TGKILL or not Path("/proc/self/task").exists(),
+                    reason="needs Linux tgkill and /proc")
+def test_sigterm_taken_by_another_thread_still_stops_the_daemon(tmp_path: Path) -> None:
+    """A process-directed SIGTERM may land on any thread. Python runs the handler in the main
+    thread, which must not sleep through it in a wait without a timeout."""
+    project = flask_project(tmp_path / "p", f"sqlite:///{tmp_path / 'app.db'}")
+    project.chain(1)
+    config(project, interval=60)
+    running = Running(project, free_port())
+    try:
+        running.wait_status(lambda s: s.get("runs", 0) >= 1, 60, "the first run")
+        others = [int(t.name) for t in Path(f"/proc/{running.proc.pid}/task").iterdir()
+                  if int(t.name) != running.proc.pid]
+        assert others, "the daemon runs threads besides the main one"
+        for tid in others:  # the first that still exists
+            try:
+                _signal_thread(running.proc.pid, tid, signal.SIGTERM)
+                break
+            except OSError:
+                continue
+        assert running.proc.wait(timeout=30) == 0
+    finally:
+        code = running.stop()
+    assert code == 0 and '"daemon_stopped"' in running.stderr

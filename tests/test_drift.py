@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tests.builders import Project
 from tests.pgcluster import wait_until
 from tests.test_cli_admin import user_project
 from tests.test_daemon import Running, free_port
+from tests.test_daemon import daemon as running
 from tests.webhooks import Recorder
 
 HAND_COLUMN = "remove_column user.legacy"
@@ -201,16 +201,6 @@ def test_cli_drift_refuses_a_database_behind_the_heads(tmp_path: Path, sqlite_ur
 
 
 # --------------------------------------------------------------------------- the daemon
-
-
-@contextmanager
-def running(project: Project, env: dict[str, str] | None = None) -> Iterator[Running]:
-    daemon = Running(project, free_port(), env)
-    try:
-        daemon.wait_status(lambda s: s.get("runs", 0) >= 1, 60, "the first run")
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 def checked(daemon: Running, after: str = "") -> dict[str, Any]:
