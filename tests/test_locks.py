@@ -223,7 +223,8 @@ def test_acquire_release_and_a_second_connection_times_out(db_url: str, connect:
     first = AdvisoryLock(connect(db_url), _key(db_url))
     second = AdvisoryLock(connect(db_url), _key(db_url))
     assert first.holder() is None
-    assert first.acquire(timeout=5) < 1.0 and first.held
+    first.acquire(timeout=0)  # a free lock is taken on the first try (else LockTimeout)
+    assert first.held
     assert first.try_acquire()  # already ours: no second, nested acquisition
     assert not second.try_acquire()
 
@@ -257,7 +258,7 @@ def test_holder_in_another_process_is_named_then_released_then_killed(
     started = time.monotonic()
     with pytest.raises(LockTimeout) as caught:
         lock.acquire(timeout=0.5, poll=0.05)
-    assert 0.5 <= time.monotonic() - started < 3.0
+    assert time.monotonic() - started >= 0.5  # it polled for its whole timeout
     message, holder = str(caught.value), caught.value.holder
     if kind == "postgresql":
         assert holder["pid"] == ident["backend_pid"] and holder["application_name"] == HOLDER_APP
@@ -274,14 +275,14 @@ def test_holder_in_another_process_is_named_then_released_then_killed(
 
     # released by its holder: the waiter gets it on its next poll
     assert child.send("release") == {"done": "release", "held": False}
-    assert lock.acquire(timeout=10, poll=0.05) < 5.0
+    lock.acquire(timeout=30, poll=0.05)
     lock.release()
 
     # its holder process is SIGKILLed: the lock goes with the session / open file
     assert child.send("acquire")["held"] is True
     assert not lock.try_acquire()
     child.kill()
-    assert lock.acquire(timeout=10, poll=0.05) < 10.0
+    lock.acquire(timeout=30, poll=0.05)
     assert lock.held
 
 
@@ -400,7 +401,7 @@ def test_waiter_polls_and_never_waits_on_the_server(pg_url: str, connect: Connec
     assert len(samples) > 10
     assert all(ungranted == 0 and wait_type != "Lock" for ungranted, wait_type in samples)
     assert isinstance(outcome.get("error"), LockTimeout)
-    assert 1.9 <= outcome["elapsed"] < 3.5
+    assert outcome["elapsed"] >= 1.9  # it polled for its whole timeout
 
 
 @pytest.mark.postgres
@@ -505,7 +506,7 @@ def test_orphan_wait_outlasts_a_killed_appliers_statement(
 
     # negative control: without the wait, the killed applier's statement is still running
     assert _active_pid(conn, app) == orphan
-    assert wait_for_orphans(conn, dbsession.apply_prefix("t2"), timeout=5) < 0.5
+    wait_for_orphans(conn, dbsession.apply_prefix("t2"), timeout=0)  # no wait: raises if any
 
     waited = wait_for_orphans(conn, dbsession.apply_prefix("t1"), timeout=30, poll=0.05)
     assert waited > 0
@@ -529,7 +530,7 @@ def test_orphan_wait_times_out_naming_the_statement(
     assert f"pid {orphan}" in message and app in message
     assert f"pg_cancel_backend({orphan})" in message and caught.value.holder["pid"] == orphan
     conn.execute(sa.text("SELECT pg_cancel_backend(:p)"), {"p": orphan})  # the advice works
-    assert wait_for_orphans(conn, dbsession.apply_prefix("t1"), timeout=10) < 10
+    wait_for_orphans(conn, dbsession.apply_prefix("t1"), timeout=30)  # raises if it still runs
 
 
 @pytest.mark.postgres
@@ -538,7 +539,7 @@ def test_orphan_wait_ignores_idle_sessions_and_its_own(pg_url: str, connect: Con
     conn, idle = connect(pg_url), connect(pg_url)
     conn.execute(sa.text("SELECT set_config('application_name', :a, false)"), {"a": prefix + "me"})
     idle.execute(sa.text("SELECT set_config('application_name', :a, false)"), {"a": prefix + "ok"})
-    assert wait_for_orphans(conn, prefix, timeout=2) < 0.5
+    wait_for_orphans(conn, prefix, timeout=0)  # nothing to wait for: raises if it sees any
 
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
