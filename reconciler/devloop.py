@@ -115,9 +115,12 @@ class DevLoop:
         self._stopping = threading.Event()
         self.loop = Loop(self._run, IDLE_INTERVAL, 0.0, name="dev")
         ignore = (*DEFAULT_IGNORE, *settings.dev.ignore)
-        self.model_watcher = DirWatcher(watch_paths(settings), self._on_models, settings.dev.debounce,
-                                        ignore=ignore, suffixes=(".py",))
         versions, _ = self.rec.project.version_dirs
+        # A migrations directory inside the models package: the revisions this loop writes (and
+        # env.py) are never model changes, or each write would start another generation.
+        self.model_watcher = DirWatcher(watch_paths(settings), self._on_models, settings.dev.debounce,
+                                        ignore=ignore, suffixes=(".py",),
+                                        exclude=[settings.migrations_dir, *versions])
         self.version_watcher = DirWatcher(versions, self._on_versions, settings.dev.debounce,
                                           suffixes=(".py",))
         self._warm: Any = None

@@ -646,11 +646,76 @@ def table_scope(request: GenerateRequest) -> TableScope | None:
     return TableScope(request.tables) if request.tables is not None else None
 
 
+class ConfiguredTables:
+    """The tables made while SQLAlchemy configures mappers, not where a class is declared.
+
+    Versioning extensions (SQLAlchemy-Continuum's `<table>_version` and `transaction`), history
+    mixins and `__declare_last__` hooks build tables at `configure_mappers()`: no file defines
+    them, so a scope built from the changed classes misses them. `install` (in the worker, before
+    any user code is imported) records every table attached to a MetaData between
+    `before_configured` and `after_configured`; our `after_configured` listener is moved last at
+    each `before_configured`, so the extensions' own `after_configured` work counts too.
+    """
+
+    def __init__(self) -> None:
+        self.names: set[tuple[str, str | None]] = set()  # (name, schema)
+        self._configuring = False
+        self._installed = False
+
+    def install(self) -> None:
+        from sqlalchemy import MetaData, Table, event
+        from sqlalchemy.orm import Mapper
+
+        if self._installed:
+            return
+        self._installed = True
+
+        def after_configured() -> None:
+            self._configuring = False
+
+        def before_configured() -> None:
+            self._configuring = True
+            if event.contains(Mapper, "after_configured", after_configured):
+                event.remove(Mapper, "after_configured", after_configured)
+            event.listen(Mapper, "after_configured", after_configured)
+
+        def attached(table: Any, parent: Any) -> None:
+            if self._configuring and isinstance(parent, MetaData):
+                self.names.add((str(table.name), table.schema))
+
+        event.listen(Mapper, "before_configured", before_configured)
+        event.listen(Table, "after_parent_attach", attached)
+
+    def derived(self, sources: Iterable[str], tables: Iterable[Any]) -> set[str]:
+        """Of `tables` (the models' Table objects), the keys of those made at configuration that
+        belong to one of `sources` (its name inside theirs, on `_` boundaries: `project_version`,
+        `version_project`) or to no modelled table at all (`transaction`): both are compared."""
+        made = [t for t in tables if (str(t.name), t.schema) in self.names]
+        if not made:
+            return set()
+        modelled = {str(t.name) for t in tables} - {str(t.name) for t in made}
+        wanted = {name.rsplit(".", 1)[-1] for name in sources}
+        out: set[str] = set()
+        for table in made:
+            owners = {m for m in modelled if _name_inside(m, str(table.name))}
+            if owners & wanted or not owners:
+                out.add(_qualified(str(table.name), table.schema))
+        return out
+
+
+def _name_inside(source: str, name: str) -> bool:
+    return f"_{source}_" in f"_{name}_" and source != name
+
+
+CONFIGURED_TABLES = ConfiguredTables()
+
+
 class TableScope:
     """The tables one autogenerate may reflect; a table only in the models is always compared.
 
     `orphans`: database tables that no model defines are reflected too (they are what a deleted
-    model leaves behind: its drop must not be missed).
+    model leaves behind: its drop must not be missed). Tables made at mapper configuration
+    (`ConfiguredTables`) go with the tables they derive from.
     """
 
     def __init__(self, tables: Iterable[str], orphans: bool = False) -> None:
@@ -665,9 +730,14 @@ class TableScope:
         """The requested tables, their foreign-key neighbours and the orphans found."""
         return self.names | self.orphans_seen
 
-    def expand(self, metadata: Any) -> None:
-        """Add the foreign-key neighbours (one hop, either direction) of the requested tables."""
+    def expand(self, metadata: Any, configured: ConfiguredTables = CONFIGURED_TABLES) -> None:
+        """Add the tables made at mapper configuration for the requested ones, and the
+        foreign-key neighbours (one hop, either direction) of all of them."""
         metadatas = metadata if isinstance(metadata, (list, tuple)) else [metadata]
+        tables = [t for one in metadatas for t in list(getattr(one, "tables", {}).values())]
+        derived = configured.derived(self.requested, tables)
+        self.requested |= derived
+        self.names |= derived
         for one in metadatas:
             for table in list(getattr(one, "tables", {}).values()):
                 key = _qualified(str(table.name), table.schema)
