@@ -182,3 +182,105 @@ def test_one_save_is_one_generation_with_migrations_inside_the_package(
     assert len(generated) == 1, [g.get("rebuilt") for g in generated]
     assert [r for r in journal_rows(sqlite_url) if r["outcome"] == "draft_rebuilt"] == []
     assert len(list(project.versions.glob("*.py"))) == 2
+
+
+# --- post-write hooks from alembic.ini, with the [target] python virtualenv ---------------------
+class VenvProject(Project):
+    """`[target] python` is a virtualenv's interpreter: `<venv>/bin/python`."""
+
+    python: str = ""
+
+    def write_config(self, extra: str = "", **target: str) -> Path:
+        path = super().write_config(extra, **target)
+        lines = [
+            line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("python =")
+        ]
+        lines.insert(lines.index("[target]") + 1, f'python = "{self.python}"')
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
+
+def fake_venv(root: Path, tools: dict[str, str]) -> Path:
+    """A virtualenv-like folder: bin/python runs the test interpreter; each of `tools` is a
+    console script in bin/ (a shell script body; "$last" is the revision file it was given)."""
+    import sys
+
+    from tests.builders import worker_python
+
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True)
+    scripts = {"python": f'exec {worker_python() or sys.executable} "$@"'}
+    scripts.update({name: f"for last; do :; done\n{body}" for name, body in tools.items()})
+    for name, body in scripts.items():
+        script = bin_dir / name
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+    return bin_dir / "python"
+
+
+HOOKS = """
+[post_write_hooks]
+hooks = {name}
+{name}.type = exec
+{name}.executable = {name}
+{name}.options = format REVISION_SCRIPT_FILENAME
+"""
+
+
+def hooked_project(tmp_path: Path, url: str, hook: str, tools: dict[str, str]) -> VenvProject:
+    base = flask_project(tmp_path / "p", url)
+    project = VenvProject(base.root, base.migrations, url)
+    project.python = str(fake_venv(tmp_path / "venv", tools))
+    ini = project.migrations / "alembic.ini"
+    ini.write_text(ini.read_text() + HOOKS.format(name=hook))
+    return project
+
+
+def test_a_post_write_hook_runs_from_the_target_virtualenv(tmp_path: Path, sqlite_url: str) -> None:
+    """`ruff` is only in the [target] python virtualenv's bin/ (not on our PATH): it is found
+    there, as with the virtualenv activated, and formats the revision dev mode wrote."""
+    from tests.builders import FLASK_MODELS
+
+    project = hooked_project(
+        tmp_path, sqlite_url, "ruff", {"ruff": 'echo "# formatted by the venv ruff" >> "$last"'}
+    )
+    with dev(project, "draft = false"):
+        wait_until(lambda: "user" in table_names(sqlite_url), 60, "the first revision applied")
+        save(project, FLASK_MODELS + "    bio = db.Column(db.String(200))\n")
+        wait_until(lambda: "bio" in columns(sqlite_url, "user"), 30, "the save applied")
+    written = [p.read_text() for p in project.versions.glob("*.py")]
+    assert len(written) == 2 and all("# formatted by the venv ruff" in text for text in written)
+
+
+def test_a_missing_hook_is_reported_as_the_hook(tmp_path: Path, sqlite_url: str) -> None:
+    """`black` is configured but installed nowhere: the error names the hook and what it could
+    not run, not env.py; no revision file is left; the next generation works once it exists."""
+    from tests.builders import FLASK_MODELS
+
+    project = hooked_project(tmp_path, sqlite_url, "black", {})
+    with dev(project, "draft = false") as log:
+        wait_until(lambda: "dev_error" in log.text(), 60, "the generation at start failing")
+        errors = events(log.text(), "dev_error")
+        assert "post-write hook 'black'" in str(errors[0]["error"]), errors
+        assert "could not run 'black'" in str(errors[0]["error"])
+        assert "env.py" not in str(errors[0]["error"])
+        assert errors[0]["kind"] == "ConfigError"
+        assert list(project.versions.glob("*.py")) == []
+        fake_venv_bin = Path(project.python).parent
+        (fake_venv_bin / "black").write_text("#!/bin/sh\nexit 0\n")
+        (fake_venv_bin / "black").chmod(0o755)
+        save(project, FLASK_MODELS + "    bio = db.Column(db.String(200))\n")
+        wait_until(lambda: "bio" in columns(sqlite_url, "user"), 30, "generated once black exists")
+
+
+def test_a_hook_that_exits_non_zero_is_named_and_the_revision_kept(tmp_path: Path, sqlite_url: str) -> None:
+    """As Alembic does, the revision stays; the warning names the hook, its exit code, its output."""
+    project = hooked_project(
+        tmp_path, sqlite_url, "ruff", {"ruff": 'echo "error: cannot format $last"\nexit 2'}
+    )
+    with dev(project, "draft = false") as log:
+        wait_until(lambda: "user" in table_names(sqlite_url), 60, "the first revision applied")
+        wait_until(lambda: "post_write_hook_failed" in log.text(), 30, "the hook failure reported")
+    failures = events(log.text(), "post_write_hook_failed")
+    assert failures[0]["hook"] == "ruff" and failures[0]["exit_code"] == "2"
+    assert "error: cannot format" in str(failures[0]["output"])
