@@ -28,21 +28,26 @@ def versioned_gen(root: Path, url: str, extra_models: str = ""):  # type: ignore
 
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_a_changed_class_brings_its_version_table(kind: str, tmp_path: Path,
-                                                  request: pytest.FixtureRequest) -> None:
+def test_a_changed_class_brings_its_version_table(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     from tests.test_generate import URL_FIXTURES
 
     url = request.getfixturevalue(URL_FIXTURES[kind])
     made = versioned_gen(tmp_path / "proj", url)
     run_sql(url, "ALTER TABLE note ADD COLUMN extra INTEGER")  # only a full compare sees it
-    made.edit_models("    name = db.Column(db.String(80), nullable=False)\n",
-                     "    name = db.Column(db.String(80), nullable=False)\n" + DESCRIPTION)
+    made.edit_models(
+        "    name = db.Column(db.String(80), nullable=False)\n",
+        "    name = db.Column(db.String(80), nullable=False)\n" + DESCRIPTION,
+    )
     models = str(made.models_file)
 
     scoped = made.generate(files=[models], classes={models: ["Project"]})
     assert scoped.compared == ["project", "project_version", "transaction"]
-    assert sorted(ops_of(scoped)) == [("add_column", "project", "description"),
-                                      ("add_column", "project_version", "description")]
+    assert sorted(ops_of(scoped)) == [
+        ("add_column", "project", "description"),
+        ("add_column", "project_version", "description"),
+    ]
     Path(str(scoped.path)).unlink()
 
     other = made.generate(files=[models], classes={models: ["Note"]})  # control: still narrow
