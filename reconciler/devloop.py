@@ -449,8 +449,8 @@ class DevLoop:
                  draft=self.settings.dev.draft, rebuilt=rebuilt)
         for failure in result.hook_failures:  # Alembic keeps the revision; so do we, and say so
             log.warning("post_write_hook_failed", path=str(result.path), **failure,
-                        hint="the revision was kept as written before this hook; fix the hook "
-                             "([post_write_hooks] in alembic.ini) or its input")
+                        hint="the revision was kept (Alembic ignores a hook's exit status); fix "
+                             "the hook ([post_write_hooks] in alembic.ini) or what it reports")
         if result.destructive and not self.settings.dev.allow_destructive and not _acknowledged(
             Path(result.path)
         ):
