@@ -115,9 +115,12 @@ class DevLoop:
         self._stopping = threading.Event()
         self.loop = Loop(self._run, IDLE_INTERVAL, 0.0, name="dev")
         ignore = (*DEFAULT_IGNORE, *settings.dev.ignore)
-        self.model_watcher = DirWatcher(watch_paths(settings), self._on_models, settings.dev.debounce,
-                                        ignore=ignore, suffixes=(".py",))
         versions, _ = self.rec.project.version_dirs
+        # A migrations directory inside the models package: the revisions this loop writes (and
+        # env.py) are never model changes, or each write would start another generation.
+        self.model_watcher = DirWatcher(watch_paths(settings), self._on_models, settings.dev.debounce,
+                                        ignore=ignore, suffixes=(".py",),
+                                        exclude=[settings.migrations_dir, *versions])
         self.version_watcher = DirWatcher(versions, self._on_versions, settings.dev.debounce,
                                           suffixes=(".py",))
         self._warm: Any = None
@@ -444,6 +447,10 @@ class DevLoop:
         log.info("revision_generated", revision=result.revision, message=result.message,
                  path=str(result.path), operations=[op["text"] for op in result.operations],
                  draft=self.settings.dev.draft, rebuilt=rebuilt)
+        for failure in result.hook_failures:  # Alembic keeps the revision; so do we, and say so
+            log.warning("post_write_hook_failed", path=str(result.path), **failure,
+                        hint="the revision was kept (Alembic ignores a hook's exit status); fix "
+                             "the hook ([post_write_hooks] in alembic.ini) or what it reports")
         if result.destructive and not self.settings.dev.allow_destructive and not _acknowledged(
             Path(result.path)
         ):

@@ -23,6 +23,7 @@ import contextlib
 import io
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from alembic.operations import BatchOperations, Operations
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 
-from reconciler.errors import ConfigError, StateError
+from reconciler.errors import ConfigError, ReconcilerError, StateError
 from reconciler.redact import redact
 from reconciler.target import tables_of_files
 
@@ -433,8 +434,10 @@ class Migrations:
     def _write(self, revision_context: Any, infos: list[OpInfo], request: GenerateRequest
                ) -> GenerateOutcome:
         before = self._revision_files()
+        hooks = HookRuns()
         try:
-            scripts = [s for s in revision_context.generate_scripts() if s is not None]
+            with hooks.installed():  # alembic.ini's post-write hooks run while the scripts are written
+                scripts = [s for s in revision_context.generate_scripts() if s is not None]
             if request.draft:
                 for written in scripts:
                     mark_draft(Path(written.path))
@@ -452,6 +455,7 @@ class Migrations:
             operations=[info.as_dict() for info in infos],
             destructive=[info.destructive for info in infos if info.destructive],
             renames=possible_renames(infos),
+            hook_failures=hooks.failures,
         )
 
     def init_dir(
@@ -634,6 +638,96 @@ class GenerateOutcome:
     destructive: list[str] = field(default_factory=list)
     renames: list[str] = field(default_factory=list)
     compared: list[str] | None = None  # the table scope used (see TableScope.compared); None: all
+    hook_failures: list[dict[str, str]] = field(default_factory=list)  # see HookRuns.failures
+
+
+_HOOK_OUTPUT_KEPT = 2000
+
+
+class HookRuns:
+    """alembic.ini's post-write hooks (`[post_write_hooks]`: ruff, black), run so that what goes
+    wrong names the hook.
+
+    Alembic runs each hook with `subprocess.run` and ignores its exit status. Here each hook's
+    output is captured: a hook that cannot run (its executable is not on PATH, its entry point or
+    module is not installed) raises ConfigError naming the hook, and the revision is not written;
+    one that exits non-zero is recorded in `failures` ({hook, type, exit_code, output}) and the
+    revision kept, as Alembic keeps it. The worker's PATH starts with its interpreter's `bin/`
+    (the `[target] python` virtualenv), as an activated virtualenv's does.
+    """
+
+    def __init__(self) -> None:
+        self.failures: list[dict[str, str]] = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        from alembic.script import write_hooks
+
+        registry = getattr(write_hooks, "_registry", None)
+        if not isinstance(registry, dict):  # another Alembic layout: its hooks run as they are
+            yield
+            return
+        saved = dict(registry)
+        registry.update({kind: self._wrap(write_hooks, kind, fn) for kind, fn in saved.items()})
+        try:
+            yield
+        finally:
+            registry.clear()
+            registry.update(saved)
+
+    def _wrap(self, module: Any, kind: str, hook: Callable[..., Any]) -> Callable[..., Any]:
+        def run(path: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+            name = str(options.get("_hook_name") or kind) if isinstance(options, Mapping) else kind
+            process = _HookProcess(name, kind)
+            original = getattr(module, "subprocess", None)
+            setattr(module, "subprocess", process)  # noqa: B010 - Alembic calls subprocess.run through it
+            try:
+                return hook(path, options, *args, **kwargs)
+            except ReconcilerError:
+                raise
+            except Exception as exc:
+                raise ConfigError(
+                    f"post-write hook {name!r} (type {kind}, alembic.ini [post_write_hooks]) failed: "
+                    f"{type(exc).__name__}: {redact(str(exc))}; no revision was written. Install what "
+                    f"it runs in the worker's environment ({sys.executable}) or fix the hook"
+                ) from None
+            finally:
+                setattr(module, "subprocess", original)  # noqa: B010
+                if process.failure is not None:
+                    self.failures.append(process.failure)
+
+        return run
+
+
+class _HookProcess:
+    """Stands in for the `subprocess` module inside Alembic's write_hooks during one hook."""
+
+    DEVNULL = subprocess.DEVNULL
+    PIPE = subprocess.PIPE
+    STDOUT = subprocess.STDOUT
+
+    def __init__(self, name: str, kind: str) -> None:
+        self.name, self.kind = name, kind
+        self.failure: dict[str, str] | None = None
+
+    def run(self, command: Any, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        if kwargs.get("stdout") is not subprocess.DEVNULL:
+            kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            done: subprocess.CompletedProcess[bytes] = subprocess.run(command, **kwargs)
+        except OSError as exc:
+            program = command[0] if isinstance(command, (list, tuple)) and command else command
+            raise ConfigError(
+                f"post-write hook {self.name!r} (type {self.kind}, alembic.ini [post_write_hooks]) "
+                f"could not run {program!r}: {exc.strerror or exc}; no revision was written. "
+                f"Install it in the [target] python virtualenv (the worker runs {sys.executable}, "
+                f"its directory is first on PATH) or set the hook's executable to a full path"
+            ) from None
+        if done.returncode != 0:
+            output = (done.stdout or b"").decode("utf-8", "replace").strip()
+            self.failure = {"hook": self.name, "type": self.kind, "exit_code": str(done.returncode),
+                            "output": redact(output[-_HOOK_OUTPUT_KEPT:])}
+        return done
 
 
 def table_scope(request: GenerateRequest) -> TableScope | None:
@@ -646,11 +740,76 @@ def table_scope(request: GenerateRequest) -> TableScope | None:
     return TableScope(request.tables) if request.tables is not None else None
 
 
+class ConfiguredTables:
+    """The tables made while SQLAlchemy configures mappers, not where a class is declared.
+
+    Versioning extensions (SQLAlchemy-Continuum's `<table>_version` and `transaction`), history
+    mixins and `__declare_last__` hooks build tables at `configure_mappers()`: no file defines
+    them, so a scope built from the changed classes misses them. `install` (in the worker, before
+    any user code is imported) records every table attached to a MetaData between
+    `before_configured` and `after_configured`; our `after_configured` listener is moved last at
+    each `before_configured`, so the extensions' own `after_configured` work counts too.
+    """
+
+    def __init__(self) -> None:
+        self.names: set[tuple[str, str | None]] = set()  # (name, schema)
+        self._configuring = False
+        self._installed = False
+
+    def install(self) -> None:
+        from sqlalchemy import MetaData, Table, event
+        from sqlalchemy.orm import Mapper
+
+        if self._installed:
+            return
+        self._installed = True
+
+        def after_configured() -> None:
+            self._configuring = False
+
+        def before_configured() -> None:
+            self._configuring = True
+            if event.contains(Mapper, "after_configured", after_configured):
+                event.remove(Mapper, "after_configured", after_configured)
+            event.listen(Mapper, "after_configured", after_configured)
+
+        def attached(table: Any, parent: Any) -> None:
+            if self._configuring and isinstance(parent, MetaData):
+                self.names.add((str(table.name), table.schema))
+
+        event.listen(Mapper, "before_configured", before_configured)
+        event.listen(Table, "after_parent_attach", attached)
+
+    def derived(self, sources: Iterable[str], tables: Iterable[Any]) -> set[str]:
+        """Of `tables` (the models' Table objects), the keys of those made at configuration that
+        belong to one of `sources` (its name inside theirs, on `_` boundaries: `project_version`,
+        `version_project`) or to no modelled table at all (`transaction`): both are compared."""
+        made = [t for t in tables if (str(t.name), t.schema) in self.names]
+        if not made:
+            return set()
+        modelled = {str(t.name) for t in tables} - {str(t.name) for t in made}
+        wanted = {name.rsplit(".", 1)[-1] for name in sources}
+        out: set[str] = set()
+        for table in made:
+            owners = {m for m in modelled if _name_inside(m, str(table.name))}
+            if owners & wanted or not owners:
+                out.add(_qualified(str(table.name), table.schema))
+        return out
+
+
+def _name_inside(source: str, name: str) -> bool:
+    return f"_{source}_" in f"_{name}_" and source != name
+
+
+CONFIGURED_TABLES = ConfiguredTables()
+
+
 class TableScope:
     """The tables one autogenerate may reflect; a table only in the models is always compared.
 
     `orphans`: database tables that no model defines are reflected too (they are what a deleted
-    model leaves behind: its drop must not be missed).
+    model leaves behind: its drop must not be missed). Tables made at mapper configuration
+    (`ConfiguredTables`) go with the tables they derive from.
     """
 
     def __init__(self, tables: Iterable[str], orphans: bool = False) -> None:
@@ -665,9 +824,14 @@ class TableScope:
         """The requested tables, their foreign-key neighbours and the orphans found."""
         return self.names | self.orphans_seen
 
-    def expand(self, metadata: Any) -> None:
-        """Add the foreign-key neighbours (one hop, either direction) of the requested tables."""
+    def expand(self, metadata: Any, configured: ConfiguredTables = CONFIGURED_TABLES) -> None:
+        """Add the tables made at mapper configuration for the requested ones, and the
+        foreign-key neighbours (one hop, either direction) of all of them."""
         metadatas = metadata if isinstance(metadata, (list, tuple)) else [metadata]
+        tables = [t for one in metadatas for t in list(getattr(one, "tables", {}).values())]
+        derived = configured.derived(self.requested, tables)
+        self.requested |= derived
+        self.names |= derived
         for one in metadatas:
             for table in list(getattr(one, "tables", {}).values()):
                 key = _qualified(str(table.name), table.schema)

@@ -3,7 +3,11 @@
 The only importer of watchdog. `DirWatcher` calls `on_change(paths)` once per burst of events,
 after `debounce` seconds of quiet, on its own thread (never the observer's), with the changed
 paths spelled under the configured paths. Editor and tool droppings (`DEFAULT_IGNORE`) never
-count.
+count. An ignore pattern without a `/` matches one name (a file, or a directory and all under
+it); one with a `/` matches a whole path, relative to the watched path or absolute, at any depth
+(`*/migrations/*` matches `pkg/sub/migrations/versions/x.py`). `exclude` names directories whose
+files never count, wherever they sit under the watched paths (a migrations directory inside the
+models package).
 
 Symlinked layouts are followed and re-armed: a Kubernetes ConfigMap volume swaps its `..data`
 symlink atomically, git-sync swaps its worktree link, and a deployment may delete and recreate
@@ -73,7 +77,8 @@ def _quiet_watchdog() -> None:
 
 
 def fingerprint(
-    paths: Sequence[Path], suffixes: Sequence[str] | None = (".py",), ignore: Sequence[str] = DEFAULT_IGNORE
+    paths: Sequence[Path], suffixes: Sequence[str] | None = (".py",), ignore: Sequence[str] = DEFAULT_IGNORE,
+    exclude: Sequence[Path] = (),
 ) -> str:
     """A cheap digest of the files under `paths`: names, sizes and mtime_ns, following symlinks.
 
@@ -84,24 +89,26 @@ def fingerprint(
     for path in paths:
         real = os.path.realpath(path)
         digest.update(f"root\0{path}\0{real}\n".encode("utf-8", "surrogateescape"))
-        for rel, size, mtime_ns in sorted(_stat_files(real, suffixes, ignore)):
+        for rel, size, mtime_ns in sorted(_stat_files(str(path), real, suffixes, ignore, exclude)):
             digest.update(f"{rel}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
 def files_under(
-    paths: Sequence[Path], suffixes: Sequence[str] | None = (".py",), ignore: Sequence[str] = DEFAULT_IGNORE
+    paths: Sequence[Path], suffixes: Sequence[str] | None = (".py",), ignore: Sequence[str] = DEFAULT_IGNORE,
+    exclude: Sequence[Path] = (),
 ) -> list[Path]:
     """The matching files under `paths`, spelled under each path as configured (as events are)."""
     out: list[Path] = []
     for path in paths:
-        out.extend(path / rel if rel else path
-                   for rel, _size, _mtime in _stat_files(os.path.realpath(path), suffixes, ignore))
+        found = _stat_files(str(path), os.path.realpath(path), suffixes, ignore, exclude)
+        out.extend(path / rel if rel else path for rel, _size, _mtime in found)
     return out
 
 
 def _stat_files(
-    root: str, suffixes: Sequence[str] | None, ignore: Sequence[str]
+    spelled: str, root: str, suffixes: Sequence[str] | None, ignore: Sequence[str],
+    exclude: Sequence[Path] = (),
 ) -> Iterator[tuple[str, int, int]]:
     if os.path.isfile(root):
         try:
@@ -111,6 +118,7 @@ def _stat_files(
         yield "", stat.st_size, stat.st_mtime_ns
         return
     seen: set[tuple[int, int]] = set()
+    excluded = _real_dirs(exclude)
     stack = [(root, "")]
     while stack:
         directory, prefix = stack.pop()
@@ -123,12 +131,14 @@ def _stat_files(
         except OSError:  # vanished or unreadable meanwhile: the digest still differs from before
             continue
         for entry in entries:
-            if _ignored(entry.name, ignore):
-                continue
             rel = prefix + entry.name
             try:
-                if entry.is_dir():
-                    stack.append((entry.path, rel + "/"))
+                is_dir = entry.is_dir()
+                if _ignored_at(rel, f"{spelled}/{rel}", is_dir, ignore):
+                    continue
+                if is_dir:
+                    if not _under(os.path.realpath(entry.path), excluded):
+                        stack.append((entry.path, rel + "/"))
                 elif _wanted(entry.name, suffixes):
                     stat = entry.stat()
                     yield rel, stat.st_size, stat.st_mtime_ns
@@ -136,8 +146,29 @@ def _stat_files(
                 continue
 
 
-def _ignored(name: str, ignore: Sequence[str]) -> bool:
-    return any(fnmatchcase(name, pattern) for pattern in ignore)
+def _ignored_at(rel: str, full: str, is_dir: bool, ignore: Sequence[str]) -> bool:
+    """Whether `rel` (a path under a watched path, `/`-separated; `full` spelled with that path)
+    is ignored: a pattern without `/` is matched against its name, one with `/` against the
+    whole path (relative or full; a directory's also with a trailing `/`, so `*/migrations/*`
+    covers the directory itself). Callers check each directory on the way down too."""
+    name = rel.rsplit("/", 1)[-1]
+    full = full.replace(os.sep, "/")
+    spellings = (rel, full, rel + "/", full + "/") if is_dir else (rel, full)
+    for pattern in ignore:
+        if "/" not in pattern:
+            if fnmatchcase(name, pattern):
+                return True
+        elif any(fnmatchcase(one, pattern) for one in spellings):
+            return True
+    return False
+
+
+def _real_dirs(paths: Sequence[Path]) -> tuple[str, ...]:
+    return tuple(os.path.realpath(p).rstrip(os.sep) for p in paths)
+
+
+def _under(real: str, dirs: Sequence[str]) -> bool:
+    return any(real == d or real.startswith(d + os.sep) for d in dirs)
 
 
 def _wanted(name: str, suffixes: Sequence[str] | None) -> bool:
@@ -212,7 +243,8 @@ class DirWatcher:
 
     `suffixes` (e.g. `(".py",)`) limits which file names count; with it, creating an empty
     directory does not count either (its files report themselves), but deleting or moving one
-    does. A burst that never goes quiet is delivered after at most `max_wait` seconds.
+    does. A burst that never goes quiet is delivered after at most `max_wait` seconds. Nothing
+    under the `exclude` directories counts (matched by resolved path).
     """
 
     def __init__(
@@ -224,8 +256,11 @@ class DirWatcher:
         recursive: bool = True,
         suffixes: Sequence[str] | None = None,
         max_wait: float | None = None,
+        exclude: Sequence[Path] = (),
     ) -> None:
         self._paths = [Path(p) for p in paths]
+        self._exclude = tuple(Path(p) for p in exclude)
+        self._excluded = _real_dirs(self._exclude)
         self._on_change = on_change
         self._debounce = max(float(debounce), 0.0)
         self._max_wait = max_wait if max_wait is not None else max(1.0, 10 * self._debounce)
@@ -238,7 +273,7 @@ class DirWatcher:
 
     def files(self) -> list[Path]:
         """The files under the watched paths now that an event could name."""
-        return files_under(self._paths, self._suffixes, self._ignore)
+        return files_under(self._paths, self._suffixes, self._ignore, self._exclude)
 
     def _reset(self) -> None:
         self._roots = [_Root(path=p) for p in self._paths]
@@ -331,7 +366,7 @@ class DirWatcher:
             if os.path.dirname(end) in self._anchors or end in self._anchors:
                 recheck = True
             if self._counts(event, end):
-                changed.update(self._map(end))
+                changed.update(self._map(end, event.is_directory))
         if changed or recheck:
             with self._cond:
                 self._pending |= changed
@@ -352,13 +387,20 @@ class DirWatcher:
             return False
         return True
 
-    def _map(self, path: str) -> Iterator[Path]:
+    def _map(self, path: str, is_dir: bool) -> Iterator[Path]:
+        if _under(path, self._excluded) or (
+            self._excluded and _under(os.path.realpath(path), self._excluded)):
+            return
         for root in self._roots:
             mapped = root.map(path)
             if mapped is None:
                 continue
-            rel = mapped.relative_to(root.path).parts
-            if not any(_ignored(part, self._ignore) for part in rel):
+            parts = mapped.relative_to(root.path).parts
+            if not any(
+                _ignored_at("/".join(parts[: n + 1]), str(root.path / Path(*parts[: n + 1])),
+                            is_dir or n < len(parts) - 1, self._ignore)
+                for n in range(len(parts))
+            ):
                 yield mapped
 
     # -- worker thread: debounce, re-arm, deliver ---------------------------------------------

@@ -423,6 +423,7 @@ class Runner:
         migrations.install_configure_guard(
             migrations.Guard(job.exclude_tables, job.version_table, job.version_table_schema)
         )
+        migrations.CONFIGURED_TABLES.install()  # before any user code: tables made at configuration
         return {"pid": os.getpid(), "python": sys.version.split()[0], "versions": _versions(),
                 "flask_env": self.flask_env}
 

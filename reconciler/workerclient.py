@@ -78,6 +78,7 @@ class Generated:
     renames: list[str]  # a drop and an add that may be a rename
     seconds: float = 0.0
     compared: list[str] | None = None  # the tables the compare was restricted to; None: all
+    hook_failures: list[dict[str, str]] = field(default_factory=list)  # post-write hooks that exited non-zero
 
 
 @dataclass(frozen=True)
@@ -213,9 +214,16 @@ def _package_path() -> str:
         return folder
 
 
-def _child_env() -> dict[str, str]:
-    """Our environment minus RECONCILER_* (the URL may be there), our package on PYTHONPATH."""
+def _child_env(interpreter: str) -> dict[str, str]:
+    """Our environment minus RECONCILER_* (the URL may be there), our package on PYTHONPATH, and
+    the interpreter's directory first on PATH, as an activated virtualenv has it: alembic.ini's
+    post-write hooks (`ruff`, `black`) and env.py's subprocesses find the project's tools."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    located = interpreter if os.sep in interpreter else shutil.which(interpreter)
+    if located:  # not resolved: a virtualenv's python is a link to the base interpreter
+        bin_dir = os.path.dirname(os.path.abspath(located))
+        path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
+        env["PATH"] = os.pathsep.join([bin_dir, *path])
     existing = env.get("PYTHONPATH")
     shim = _package_path()
     env["PYTHONPATH"] = os.pathsep.join([shim, existing]) if existing else shim
@@ -295,7 +303,7 @@ class Worker:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=job.root,
-                env=_child_env(),
+                env=_child_env(interpreter),
                 close_fds=True,
             )
         except OSError as exc:
@@ -408,6 +416,7 @@ class Worker:
             renames=[str(line) for line in reply.get("renames") or ()],
             seconds=float(reply.get("duration_ms", 0)) / 1000.0,
             compared=[str(t) for t in compared] if compared is not None else None,
+            hook_failures=[{str(k): str(v) for k, v in f.items()} for f in reply.get("hook_failures") or ()],
         )
 
     def _known_keys(self) -> frozenset[str]:

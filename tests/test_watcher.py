@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.watcher import DirWatcher, fingerprint
+from reconciler.watcher import DEFAULT_IGNORE, DirWatcher, files_under, fingerprint
 
 DEADLINE = 5.0
 
@@ -130,6 +130,57 @@ def test_ignored_names_never_fire(tmp_path: Path, watchers: list[DirWatcher]) ->
     changes.wait_path(real)
     probe(tmp_path, changes)
     assert changes.all_paths() == {real, tmp_path / "probe.py"}
+
+
+def nested_migrations(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A models package holding its migrations two levels down: pkg/sub/migrations/versions."""
+    pkg = tmp_path / "pkg"
+    versions = pkg / "sub" / "migrations" / "versions"
+    versions.mkdir(parents=True)
+    (pkg / "models.py").write_text("x = 1\n")
+    return pkg, pkg / "sub" / "migrations", versions
+
+
+@pytest.mark.parametrize("pattern", ["*/migrations/*", "sub/migrations/*", "migrations"])
+def test_an_ignore_glob_matches_nested_paths(tmp_path: Path, watchers: list[DirWatcher],
+                                             pattern: str) -> None:
+    """A pattern with a `/` matches the whole path at any depth; one without, any one name."""
+    pkg, migrations, versions = nested_migrations(tmp_path)
+    changes = Changes()
+    watcher = DirWatcher([pkg], changes, debounce=0.05, ignore=(*DEFAULT_IGNORE, pattern),
+                         suffixes=(".py",))
+    watchers.append(watcher)
+    assert watcher.start()
+    (versions / "x.py").write_text("revision = 'x'\n")
+    (migrations / "env.py").write_text("# env\n")
+    probe(pkg, changes)
+    assert changes.all_paths() == {pkg / "probe.py"}
+    assert files_under([pkg], ignore=(*DEFAULT_IGNORE, pattern)) == [pkg / "models.py", pkg / "probe.py"]
+
+
+def test_without_the_glob_a_nested_revision_fires(tmp_path: Path, watchers: list[DirWatcher]) -> None:
+    """Control: the same write, nothing ignored, is reported."""
+    pkg, _migrations, versions = nested_migrations(tmp_path)
+    changes = Changes()
+    watch(watchers, [pkg], changes, suffixes=(".py",))
+    (versions / "x.py").write_text("revision = 'x'\n")
+    changes.wait_path(versions / "x.py")
+
+
+def test_an_excluded_directory_never_fires(tmp_path: Path, watchers: list[DirWatcher]) -> None:
+    """`exclude` names a directory by its path (here through a symlinked spelling)."""
+    pkg, migrations, versions = nested_migrations(tmp_path)
+    (tmp_path / "link").symlink_to(migrations)
+    changes = Changes()
+    watcher = DirWatcher([pkg], changes, debounce=0.05, suffixes=(".py",), exclude=[tmp_path / "link"])
+    watchers.append(watcher)
+    assert watcher.start()
+    (versions / "x.py").write_text("revision = 'x'\n")
+    (migrations / "env.py").write_text("# env\n")
+    shutil.rmtree(versions)
+    probe(pkg, changes)
+    assert changes.all_paths() == {pkg / "probe.py"}
+    assert sorted(watcher.files()) == [pkg / "models.py", pkg / "probe.py"]
 
 
 def test_editor_save_by_rename_reports_the_real_name(tmp_path: Path, watchers: list[DirWatcher]) -> None:
