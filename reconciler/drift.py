@@ -14,8 +14,9 @@ the known-differences file, minus the `[drift] ignore` rules. Its result is one 
 
 Ignore rules are `KIND:GLOB`, matched case-insensitively against a difference's object name:
 `table:audit_*` (a table), `column:users.legacy_*` (TABLE.COLUMN), `index:*` (TABLE.NAME, or
-TABLE(COLUMNS) when unnamed), `constraint:...`, `fk:...`, or one of autogenerate's own kinds
-(`remove_table:tmp_*`); `*:GLOB` matches any kind.
+TABLE(COLUMNS) when unnamed), `constraint:...`, `fk:...` (TABLE(COLUMNS)->TABLE(COLUMNS)), or one of
+autogenerate's own kinds (`remove_table:tmp_*`; `modify_fk` is ours: a foreign key dropped and
+re-created with other options, such as `ondelete`); `*:GLOB` matches any kind.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ KINDS: dict[str, tuple[str, ...]] = {
                "modify_comment"),
     "index": ("add_index", "remove_index"),
     "constraint": ("add_constraint", "remove_constraint"),
-    "fk": ("add_fk", "remove_fk"),
+    "fk": ("add_fk", "remove_fk", "modify_fk"),
 }
 _RAW_KINDS = frozenset(kind for kinds in KINDS.values() for kind in kinds)
 STORED_MAX = 200  # differences kept in the flag (and shown); the count is always exact
