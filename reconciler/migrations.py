@@ -539,7 +539,8 @@ def _shown_type(type_: Any) -> str:
     enum is the VARCHAR(n) of its longest value, the same on both sides of many differences)."""
     enums = getattr(type_, "enums", None)
     if enums is None or type_ is None:
-        return _render_type(type_)
+        zone = " WITH TIME ZONE" if getattr(type_, "timezone", False) is True else ""
+        return _render_type(type_) + zone
     name = getattr(type_, "name", None)
     values = ", ".join(repr(str(v)) for v in enums)
     return f"ENUM {name}({values})" if name else f"ENUM({values})"
