@@ -113,8 +113,7 @@ def _read(path: Path) -> dict[str, Any] | None:
         return data
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(
-            f"known-differences file {path} is not valid ({exc}); regenerate it with "
-            "`reconciler baseline`"
+            f"known-differences file {path} is not valid ({exc}); regenerate it with `reconciler baseline`"
         ) from None
 
 
@@ -122,9 +121,13 @@ def _legacy(path: Path, dialect: str, entries: list[Any]) -> Known:
     keys = [str(e["key"]) for e in entries]
     trusted = [k for k in keys if not k.startswith(_UNTRUSTED_LEGACY)]
     if len(trusted) < len(keys):
-        log.warning("known_differences_outdated", file=str(path), dialect=dialect,
-                    unmatched=sorted(set(keys) - set(trusted)),
-                    next_step=f"review them and run `reconciler baseline` on {dialect}")
+        log.warning(
+            "known_differences_outdated",
+            file=str(path),
+            dialect=dialect,
+            unmatched=sorted(set(keys) - set(trusted)),
+            next_step=f"review them and run `reconciler baseline` on {dialect}",
+        )
     return Known.of_keys(trusted)
 
 
@@ -137,8 +140,10 @@ def save(path: Path, differences: Iterable[Difference], dialect: str) -> int:
     lists, atomically; returns how many were written."""
     data = _read(path) or {}
     items = sorted(
-        ({"key": d["key"], "detail": d.get("detail", ""), "text": d.get("text", d["key"])}
-         for d in differences),
+        (
+            {"key": d["key"], "detail": d.get("detail", ""), "text": d.get("text", d["key"])}
+            for d in differences
+        ),
         key=lambda d: (d["key"], d["detail"]),
     )
     lists = dict(data.get("dialects") or {})

@@ -120,6 +120,11 @@ class DriftReport:
         return tuple(str(d["key"]) for d in self.differences)
 
     @property
+    def whole(self) -> frozenset[tuple[str, str]]:
+        """Each difference as (key, detail): the same object with other values is another one."""
+        return frozenset((str(d["key"]), str(d.get("detail", ""))) for d in self.differences)
+
+    @property
     def drifted(self) -> bool:
         return self.count > 0
 
@@ -257,8 +262,8 @@ class DriftChecker:
 
 
 def _log_change(target: str, last: DriftReport | None, report: DriftReport) -> None:
-    before = set(last.keys) if last else set()
-    if report.drifted and set(report.keys) != before:
+    before = last.whole if last else frozenset()
+    if report.drifted and report.whole != before:
         log.warning("drift_detected", target=target, count=report.count,
                     differences=[d.get("text", d["key"]) for d in report.differences])
     elif not report.drifted and before:

@@ -24,7 +24,7 @@ from tests import dbs
 from tests.builders import Project, flask_project
 from tests.cli import run_cli
 
-BILLING_MODELS = '''\
+BILLING_MODELS = """\
 from flask_sqlalchemy import SQLAlchemy
 
 db = SQLAlchemy()
@@ -39,7 +39,7 @@ class Invoice(db.Model):
     bill_type = db.Column(db.Enum("paid", "free", "trial", name="bill_kind"))
     acct_id = db.Column(db.Integer, db.ForeignKey("acct.id", ondelete="{ondelete}"))
     created = db.Column(db.DateTime(timezone=True))
-'''
+"""
 BILLING_TABLES = """\
 op.create_table("acct", sa.Column("id", sa.Integer, primary_key=True))
 op.create_table(
@@ -58,9 +58,13 @@ BILL_TYPE = "modify_type invoice.bill_type"
 
 def billing_project(root: Path, url: str, ondelete: str = "CASCADE") -> Project:
     project = flask_project(root, url, BILLING_MODELS.replace("{ondelete}", ondelete))
-    project.revision("b1", None, upgrade=BILLING_TABLES,
-                     downgrade='op.drop_table("invoice")\nop.drop_table("acct")',
-                     message="create billing")
+    project.revision(
+        "b1",
+        None,
+        upgrade=BILLING_TABLES,
+        downgrade='op.drop_table("invoice")\nop.drop_table("acct")',
+        message="create billing",
+    )
     return project
 
 
@@ -110,8 +114,10 @@ def use_url(project: Project, url: str, extra: str = "") -> Project:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [pytest.param("postgresql", marks=pytest.mark.postgres),
-                                  pytest.param("mysql", marks=pytest.mark.mysql)])
+@pytest.mark.parametrize(
+    "kind",
+    [pytest.param("postgresql", marks=pytest.mark.postgres), pytest.param("mysql", marks=pytest.mark.mysql)],
+)
 def test_a_baselined_enum_column_altered_by_hand_is_drift_again(tmp_path: Path, kind: str) -> None:
     with dbs.database(kind, tmp_path) as url:
         project = billing_project(tmp_path / "p", url)
@@ -131,8 +137,7 @@ def test_a_baselined_enum_column_altered_by_hand_is_drift_again(tmp_path: Path, 
         assert cli(project, "check").returncode == 7
         with worker_for(project) as worker:
             generated = worker.generate()
-        assert [(op["kind"], op["name"]) for op in generated.operations] == [
-            ("alter_column", "bill_type")]
+        assert [(op["kind"], op["name"]) for op in generated.operations] == [("alter_column", "bill_type")]
 
         # negative control: matched by kind and object name only (the old rule), it is hidden
         by_name = differences.Known.of_keys(d["key"] for d in accepted)
@@ -146,8 +151,7 @@ def settings_of(project: Project) -> Any:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_baseline_on_one_dialect_keeps_the_others(tmp_path: Path, pg_url: str, sqlite_url: str
-                                                  ) -> None:
+def test_baseline_on_one_dialect_keeps_the_others(tmp_path: Path, pg_url: str, sqlite_url: str) -> None:
     project = billing_project(tmp_path / "p", pg_url)
     ok(project, "apply")
     on_pg = {d["key"] for d in drift_of(project)}
@@ -168,8 +172,7 @@ def test_baseline_on_one_dialect_keeps_the_others(tmp_path: Path, pg_url: str, s
 
     # negative control: one list for every dialect (the old file), the last baseline's: PostgreSQL
     # reports the difference SQLite does not have
-    only_sqlite = differences.Known(frozenset(
-        (d["key"], d["detail"]) for d in saved["dialects"]["sqlite"]))
+    only_sqlite = differences.Known(frozenset((d["key"], d["detail"]) for d in saved["dialects"]["sqlite"]))
     with worker_for(project) as worker:
         left = differences.unknown(worker.compare(), only_sqlite)
     assert {d["key"] for d in left} == {BILL_TYPE, "modify_type invoice.created"}  # values differ too
@@ -179,17 +182,23 @@ def test_baseline_on_one_dialect_keeps_the_others(tmp_path: Path, pg_url: str, s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres),
-                                  pytest.param("mysql", marks=pytest.mark.mysql)])
-def test_a_foreign_key_whose_ondelete_differs_is_one_readable_difference(tmp_path: Path, kind: str
-                                                                         ) -> None:
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
+)
+def test_a_foreign_key_whose_ondelete_differs_is_one_readable_difference(tmp_path: Path, kind: str) -> None:
     with dbs.database(kind, tmp_path) as url:
         project = billing_project(tmp_path / "p", url, ondelete="SET NULL")
         ok(project, "apply")
         fks = [d for d in drift_of(project) if "fk" in d["kind"]]
         assert [(d["kind"], d["key"]) for d in fks] == [("modify_fk", FK)]
-        assert fks[0]["text"] == (f"foreign key {FK.split(' ', 1)[1]} differs only in ondelete "
-                                  "(database CASCADE, models SET NULL)")
+        assert fks[0]["text"] == (
+            f"foreign key {FK.split(' ', 1)[1]} differs only in ondelete (database CASCADE, models SET NULL)"
+        )
         result = cli(project, "drift")
         assert result.stderr.count("acct_id") == 1, result.stderr  # one line, not two alike
         enum = next(d for d in drift_of(project) if d["key"] == BILL_TYPE)
@@ -202,11 +211,14 @@ def test_a_foreign_key_whose_ondelete_differs_is_one_readable_difference(tmp_pat
             assert worker.generate().path is None  # drop and re-create left out together
             redone = worker.generate(known=[])  # the control: it is a real difference
         assert sorted(op["kind"] for op in redone.operations if "foreign" in op["kind"]) == [
-            "add_foreign_key", "drop_foreign_key"]
+            "add_foreign_key",
+            "drop_foreign_key",
+        ]
         Path(str(redone.path)).unlink()  # the control's revision is not kept
 
         project.root.joinpath("myapp", "models.py").write_text(
-            BILLING_MODELS.replace("{ondelete}", "RESTRICT"))  # another ondelete: drift again
+            BILLING_MODELS.replace("{ondelete}", "RESTRICT")
+        )  # another ondelete: drift again
         again = [d for d in drift_of(project) if d["kind"] == "modify_fk"]
         assert len(again) == 1 and "models RESTRICT" in again[0]["text"]
 
@@ -216,10 +228,13 @@ FK = "modify_fk invoice(acct_id)->acct(id)"
 
 # --------------------------------------------------------------------------- format 1 files
 
-V1_FILE = {"version": 1, "differences": [
-    {"key": BILL_TYPE, "text": f"{BILL_TYPE}: database VARCHAR(4), models VARCHAR(5)"},
-    {"key": "remove_table audit_log", "text": "table audit_log is only in the database"},
-]}
+V1_FILE = {
+    "version": 1,
+    "differences": [
+        {"key": BILL_TYPE, "text": f"{BILL_TYPE}: database VARCHAR(4), models VARCHAR(5)"},
+        {"key": "remove_table audit_log", "text": "table audit_log is only in the database"},
+    ],
+}
 
 
 def diff(key: str, detail: str = "") -> dict[str, str]:
@@ -245,8 +260,15 @@ def test_a_format_1_file_loads_with_its_value_blind_entries_left_out(tmp_path: P
     assert differences.dialect_of("mysql+pymysql://u@h/db") == "mysql"
 
 
-@pytest.mark.parametrize("body", ['{"differences": [{"text": "no key"}]}', "[1]", "not json",
-                                  '{"version": 2, "dialects": {"sqlite": [1]}}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"differences": [{"text": "no key"}]}',
+        "[1]",
+        "not json",
+        '{"version": 2, "dialects": {"sqlite": [1]}}',
+    ],
+)
 def test_a_broken_known_differences_file_names_itself_and_the_fix(tmp_path: Path, body: str) -> None:
     path = tmp_path / differences.FILE_NAME
     path.write_text(body)
@@ -256,8 +278,9 @@ def test_a_broken_known_differences_file_names_itself_and_the_fix(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_a_format_1_baseline_still_loads_and_no_longer_hides_a_column(tmp_path: Path,
-                                                                     sqlite_url: str) -> None:
+def test_a_format_1_baseline_still_loads_and_no_longer_hides_a_column(
+    tmp_path: Path, sqlite_url: str
+) -> None:
     project = billing_project(tmp_path / "p", sqlite_url)
     ok(project, "apply")
     (project.migrations / differences.FILE_NAME).write_text(json.dumps(V1_FILE))
@@ -273,17 +296,23 @@ def test_a_format_1_baseline_still_loads_and_no_longer_hides_a_column(tmp_path: 
 # --------------------------------------------------------------------------- Alembic's chatter
 
 
-@pytest.mark.parametrize(("logger", "message", "level"), [
-    ("alembic.ddl.postgresql", "Detected sequence named 'invoice_id_seq' as owned by integer "
-     "column 'invoice(id)', assuming SERIAL and omitting", "debug"),
-    ("alembic.runtime.plugins", "setting up autogenerate plugin alembic.autogenerate.schemas",
-     "debug"),
-    ("alembic.autogenerate.compare", "Detected type change from ENUM to VARCHAR", "debug"),
-    ("alembic.runtime.migration", "Context impl PostgresqlImpl.", "debug"),
-    ("alembic.runtime.migration", "Running upgrade  -> b1, create billing", "info"),
-    ("alembic.ddl.postgresql", "Detected sequence named 'x'", "warning"),  # not info: kept
-    ("myapp", "Detected a thing", "info"),  # not Alembic's
-])
+@pytest.mark.parametrize(
+    ("logger", "message", "level"),
+    [
+        (
+            "alembic.ddl.postgresql",
+            "Detected sequence named 'invoice_id_seq' as owned by integer "
+            "column 'invoice(id)', assuming SERIAL and omitting",
+            "debug",
+        ),
+        ("alembic.runtime.plugins", "setting up autogenerate plugin alembic.autogenerate.schemas", "debug"),
+        ("alembic.autogenerate.compare", "Detected type change from ENUM to VARCHAR", "debug"),
+        ("alembic.runtime.migration", "Context impl PostgresqlImpl.", "debug"),
+        ("alembic.runtime.migration", "Running upgrade  -> b1, create billing", "info"),
+        ("alembic.ddl.postgresql", "Detected sequence named 'x'", "warning"),  # not info: kept
+        ("myapp", "Detected a thing", "info"),  # not Alembic's
+    ],
+)
 def test_alembic_chatter_is_debug(logger: str, message: str, level: str) -> None:
     given = "warning" if level == "warning" else "info"
     assert logs.alembic_level(given, logger, message) == level
