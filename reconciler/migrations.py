@@ -572,10 +572,9 @@ _FK_OPTIONS = ("ondelete", "onupdate", "deferrable", "initially")
 
 
 def _fk_options(fk: Any) -> dict[str, str]:
-    options = {opt: str(getattr(fk, opt, None) or "none") for opt in _FK_OPTIONS}
-    name = getattr(fk, "name", None)
-    options["name"] = str(name) if isinstance(name, str) else "none"  # models: maybe unnamed
-    return options
+    """What a foreign key does besides its columns; not its name (autogenerate does not compare
+    it, and a database's generated names differ between copies of one schema)."""
+    return {opt: str(getattr(fk, opt, None) or "none") for opt in _FK_OPTIONS}
 
 
 def _object_detail(obj: Any) -> str:
@@ -636,8 +635,9 @@ def _fk_pair(removed: tuple[Any, ...], added: tuple[Any, ...], key: str) -> tupl
     detail = (f"database {' '.join(f'{k}={v}' for k, v in old.items())}; "
               f"models {' '.join(f'{k}={v}' for k, v in new.items())}")
     how = " and ".join(f"{k} (database {old[k]}, models {new[k]})" for k in changed)
-    text = f"foreign key {key} differs {'only in ' if len(changed) == 1 else 'in '}{how}" if (
-        changed) else f"foreign key {key} differs (database {detail})"
+    only = "only " if len(changed) == 1 else ""
+    text = f"foreign key {key} differs {only}in {how}" if changed else (
+        f"foreign key {key} is dropped and re-created ({detail})")
     return f"modify_fk {key}", detail, text
 
 
