@@ -331,3 +331,30 @@ def test_alembic_info_lines_stay_out_of_the_console_at_info(tmp_path: Path, pg_u
     use_url(project, pg_url, extra='[logging]\nlevel = "debug"\n')
     verbose = cli(project, "drift")
     assert all(c in verbose.stderr for c in chatter), verbose.stderr
+
+
+# --------------------------------------------------------------------------- dev mode
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.parametrize("baselined", [True, False], ids=["baselined", "negative_control"])
+def test_dev_mode_generates_nothing_for_a_baselined_difference(
+    tmp_path: Path, pg_url: str, baselined: bool
+) -> None:
+    """`run --mode dev` compares everything at start: the accepted enum difference is left out
+    (no revision); without the baseline it is generated."""
+    from tests.pgcluster import wait_until
+    from tests.test_devloop import dev, revision_files
+
+    project = billing_project(tmp_path / "p", pg_url)
+    ok(project, "apply")
+    if baselined:
+        ok(project, "baseline")
+    with dev(project, "draft = false") as log:
+        event = "no_changes" if baselined else "revision_generated"
+        wait_until(lambda: f'"{event}"' in log.text() or f" {event} " in log.text(), 60, event)
+        written = [p.name for p in revision_files(project) if not p.name.startswith("b1_")]
+        assert len(written) == (0 if baselined else 1), log.text()
+        assert baselined or "bill_type" in written[0]
+        assert ("known_differences" in log.text()) is baselined
