@@ -358,3 +358,45 @@ def test_dev_mode_generates_nothing_for_a_baselined_difference(
         assert len(written) == (0 if baselined else 1), log.text()
         assert baselined or "bill_type" in written[0]
         assert ("known_differences" in log.text()) is baselined
+
+
+# --------------------------------------------------------------------------- compare = generation
+
+EDITS = {
+    "add_index": ("email = db.Column(db.String(120))", "email = db.Column(db.String(120), index=True)"),
+    "add_unique": ("email = db.Column(db.String(120))", "email = db.Column(db.String(120), unique=True)"),
+    "modify_nullable": (
+        "email = db.Column(db.String(120))",
+        "email = db.Column(db.String(120), nullable=False)",
+    ),
+    "add_column": (
+        "    name = db.Column(db.String(50))\n",
+        "    name = db.Column(db.String(50))\n    age = db.Column(db.Integer, nullable=False)\n",
+    ),
+    "add_table": (
+        "    name = db.Column(db.String(50))\n",
+        "    name = db.Column(db.String(50))\n\n\n"
+        "class Tag(db.Model):\n    id = db.Column(db.Integer, primary_key=True)\n",
+    ),
+}
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_generation_leaves_out_exactly_what_compare_described(
+    tmp_path: Path, sqlite_url: str, edit: str
+) -> None:
+    """Dev mode matches the operations it generates against the file the compare wrote: both
+    must describe a difference alike (key and detail), for each kind."""
+    from tests.test_generate import flask_gen
+
+    made = flask_gen(tmp_path / "proj", sqlite_url)
+    made.baseline()
+    made.edit_models(*EDITS[edit])
+    with made.start() as worker:
+        found = worker.compare()
+    assert found
+    whole = differences.Known(frozenset((d["key"], d["detail"]) for d in found))
+    assert made.generate(known=whole).path is None
+    other = differences.Known(frozenset((d["key"], d["detail"] + " (other)") for d in found))
+    assert made.generate(known=other).path is not None  # the same objects, other values: generated
