@@ -113,7 +113,8 @@ def _read(path: Path) -> dict[str, Any] | None:
         return data
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(
-            f"known-differences file {path} is not valid ({exc}); regenerate it with `reconciler baseline`"
+            f"known-differences file {path} is not valid ({exc}); fix it (see its history in "
+            "version control), or delete it and run `reconciler baseline` on each dialect"
         ) from None
 
 
