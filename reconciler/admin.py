@@ -140,7 +140,7 @@ def _worker(rec: Reconciler) -> Iterator[Any]:
 
 def compare(rec: Reconciler) -> list[dict[str, str]]:
     """Differences between the target database and the models, minus the known ones."""
-    known = differences.load(differences.path_for(rec.settings))
+    known = differences.load_for(rec.settings)
     with _worker(rec) as worker:
         found = list(worker.compare())
     return [dict(d) for d in differences.unknown(found, known)]
@@ -249,7 +249,7 @@ def baseline(settings: Settings, scratch: bool) -> tuple[Path, int]:
     """Write every difference autogenerate reports at the heads into the known-differences file."""
     found = _compare_at_heads(settings, scratch, use_known=False)
     path = differences.path_for(settings)
-    return path, differences.save(path, found)
+    return path, differences.save(path, found, differences.dialect_of(settings.target.url))
 
 
 # --- stamp, downgrade, resolve -----------------------------------------------------------------
@@ -265,7 +265,7 @@ def stamp(rec: Reconciler, revision: str, force: bool) -> tuple[str, ...]:
     ), rec.start_worker(conn) as worker:
         if not force:
             _refuse_unless_adoptable(rec.status())
-            known = differences.load(differences.path_for(rec.settings))
+            known = differences.load_for(rec.settings)
             found = differences.unknown(worker.compare(), known)
             if found:
                 raise Refused(

@@ -289,10 +289,13 @@ def drift(ctx: Context, as_json: bool) -> int:
 @command
 def baseline(ctx: Context, scratch: bool) -> int:
     """Write the known-differences file from what autogenerate reports at the heads."""
-    from reconciler import admin
+    from reconciler import admin, differences
 
-    path, count = admin.baseline(ctx.settings(), scratch)
-    click.echo(f"wrote {count} known difference(s) to {path}", err=True)
+    settings = ctx.settings()
+    path, count = admin.baseline(settings, scratch)
+    dialect = differences.dialect_of(settings.target.url)
+    click.echo(f"wrote {count} known difference(s) for {dialect} to {path} (the lists of other "
+               "dialects are kept)", err=True)
     return EXIT_OK
 
 

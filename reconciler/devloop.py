@@ -142,7 +142,7 @@ class DevLoop:
         self.version_watcher.start()
         log.info("dev_started", target=self.target, url=self.rec.redacted_url,
                  watching=[str(p) for p in watch_paths(self.settings)], draft=self.settings.dev.draft)
-        known = differences.load(differences.path_for(self.settings))
+        known = differences.load_for(self.settings)
         if known:
             log.info("known_differences", count=len(known), ignored=sorted(known),
                      file=str(differences.path_for(self.settings)))

@@ -14,8 +14,9 @@ the known-differences file, minus the `[drift] ignore` rules. Its result is one 
 
 Ignore rules are `KIND:GLOB`, matched case-insensitively against a difference's object name:
 `table:audit_*` (a table), `column:users.legacy_*` (TABLE.COLUMN), `index:*` (TABLE.NAME, or
-TABLE(COLUMNS) when unnamed), `constraint:...`, `fk:...`, or one of autogenerate's own kinds
-(`remove_table:tmp_*`); `*:GLOB` matches any kind.
+TABLE(COLUMNS) when unnamed), `constraint:...`, `fk:...` (TABLE(COLUMNS)->TABLE(COLUMNS)), or one of
+autogenerate's own kinds (`remove_table:tmp_*`; `modify_fk` is ours: a foreign key dropped and
+re-created with other options, such as `ondelete`); `*:GLOB` matches any kind.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ KINDS: dict[str, tuple[str, ...]] = {
                "modify_comment"),
     "index": ("add_index", "remove_index"),
     "constraint": ("add_constraint", "remove_constraint"),
-    "fk": ("add_fk", "remove_fk"),
+    "fk": ("add_fk", "remove_fk", "modify_fk"),
 }
 _RAW_KINDS = frozenset(kind for kinds in KINDS.values() for kind in kinds)
 STORED_MAX = 200  # differences kept in the flag (and shown); the count is always exact
@@ -117,6 +118,11 @@ class DriftReport:
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(str(d["key"]) for d in self.differences)
+
+    @property
+    def whole(self) -> frozenset[tuple[str, str]]:
+        """Each difference as (key, detail): the same object with other values is another one."""
+        return frozenset((str(d["key"]), str(d.get("detail", ""))) for d in self.differences)
 
     @property
     def drifted(self) -> bool:
@@ -256,8 +262,8 @@ class DriftChecker:
 
 
 def _log_change(target: str, last: DriftReport | None, report: DriftReport) -> None:
-    before = set(last.keys) if last else set()
-    if report.drifted and set(report.keys) != before:
+    before = last.whole if last else frozenset()
+    if report.drifted and report.whole != before:
         log.warning("drift_detected", target=target, count=report.count,
                     differences=[d.get("text", d["key"]) for d in report.differences])
     elif not report.drifted and before:

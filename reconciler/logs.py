@@ -103,6 +103,27 @@ def setup(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) 
     )
 
 
+# Alembic's INFO lines that say nothing a person acts on: env.py's set-up, and autogenerate's
+# running commentary (each difference it detects is reported by us, once, in our own words).
+_ALEMBIC_CHATTER = (
+    ("alembic.runtime.migration", ("Context impl", "Will assume")),
+    ("alembic.runtime.plugins", ("setting up autogenerate plugin", "setup plugin")),
+    ("alembic.ddl", ("Detected sequence",)),
+    ("alembic.autogenerate", ("Detected ",)),
+)
+
+
+def alembic_level(level: str, logger: str, message: str) -> str:
+    """The level to log one of Alembic's lines (relayed from the worker) at: its own, or debug
+    for chatter, so the console at info shows what ran ("Running upgrade ...") and no more."""
+    if level != "info":
+        return level
+    for prefix, starts in _ALEMBIC_CHATTER:
+        if (logger == prefix or logger.startswith(prefix + ".")) and message.startswith(starts):
+            return "debug"
+    return level
+
+
 def _identity(_logger: Any, _name: str, event: Any) -> Any:
     return event
 

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from alembic.config import Config
 from alembic.operations import BatchOperations, Operations
@@ -516,6 +516,8 @@ def _set_target_metadata(env_py: Path, lines: str) -> None:
 
 # --- differences -------------------------------------------------------------------------------
 
+KnownDifferences = frozenset[tuple[str, Optional[str]]]  # (key, detail); detail None: key alone
+
 
 def _table_name(table: Any) -> str:
     schema = getattr(table, "schema", None)
@@ -536,6 +538,29 @@ def _render_type(type_: Any) -> str:
         return type(type_).__name__
 
 
+def _shown_type(type_: Any) -> str:
+    """A column type as a difference shows it: an enum with its name and values (`str()` of an
+    enum is the VARCHAR(n) of its longest value, the same on both sides of many differences)."""
+    enums = getattr(type_, "enums", None)
+    if enums is None or type_ is None:
+        zone = " WITH TIME ZONE" if getattr(type_, "timezone", False) is True else ""
+        return _render_type(type_) + zone
+    name = getattr(type_, "name", None)
+    values = ", ".join(repr(str(v)) for v in enums)
+    return f"ENUM {name}({values})" if name else f"ENUM({values})"
+
+
+def _shown_value(kind: str, value: Any) -> str:
+    if kind == "modify_type":
+        return _shown_type(value)
+    if kind == "modify_default":
+        if value is None or value is False:
+            return "none"
+        arg = getattr(value, "arg", value)
+        return str(getattr(arg, "text", arg))
+    return str(value)
+
+
 def _object_key(obj: Any) -> tuple[str, str]:
     """(table, stable one-line name) of an index, unique constraint or foreign key."""
     table = _table_name(obj.table)
@@ -547,50 +572,111 @@ def _object_key(obj: Any) -> tuple[str, str]:
     return table, f"{table}.{name}" if name else f"{table}({_columns(obj)})"
 
 
-def _describe_one(diff: tuple[Any, ...]) -> tuple[str, str, str, str]:
-    """(kind, table, key, text) of one of autogenerate's difference tuples."""
+_FK_OPTIONS = ("ondelete", "onupdate", "deferrable", "initially")
+
+
+def _fk_options(fk: Any) -> dict[str, str]:
+    """What a foreign key does besides its columns; not its name (autogenerate does not compare
+    it, and a database's generated names differ between copies of one schema)."""
+    return {opt: str(getattr(fk, opt, None) or "none") for opt in _FK_OPTIONS}
+
+
+def _object_detail(obj: Any) -> str:
+    """What a difference of an index, constraint or foreign key holds besides its key."""
+    kind = type(obj).__name__
+    if kind == "ForeignKeyConstraint":
+        return " ".join(f"{k}={v}" for k, v in _fk_options(obj).items())
+    unique = " unique" if getattr(obj, "unique", False) else ""
+    return f"{kind}{unique} ({_columns(obj)})"
+
+
+def _describe_one(diff: tuple[Any, ...]) -> tuple[str, str, str, str, str]:
+    """(kind, table, key, detail, text) of one of autogenerate's difference tuples. `key` names
+    the object, `detail` both sides' values: together they are the whole difference."""
     kind = str(diff[0])
     if kind in ("add_table", "remove_table"):
         table = _table_name(diff[1])
         where = "models" if kind == "add_table" else "database"
-        return kind, table, f"{kind} {table}", f"table {table} is only in the {where}"
+        return kind, table, f"{kind} {table}", "", f"table {table} is only in the {where}"
     if kind in ("add_column", "remove_column"):
         table, column = _qualified(diff[2], diff[1]), diff[3]
         where = "models" if kind == "add_column" else "database"
-        text = f"column {table}.{column.name} {_render_type(column.type)} is only in the {where}"
-        return kind, table, f"{kind} {table}.{column.name}", text
+        shown = _shown_type(column.type)
+        detail = f"{shown}{'' if getattr(column, 'nullable', True) else ' NOT NULL'}"
+        text = f"column {table}.{column.name} {shown} is only in the {where}"
+        return kind, table, f"{kind} {table}.{column.name}", detail, text
     if kind.startswith("modify_"):
         table = _qualified(diff[2], diff[1])
-        old, new = diff[5], diff[6]
-        if kind == "modify_type":
-            old, new = _render_type(old), _render_type(new)
+        old, new = _shown_value(kind, diff[5]), _shown_value(kind, diff[6])
         what = kind.split("_", 1)[1]
-        text = f"column {table}.{diff[3]} {what}: database {old!s}, models {new!s}"
-        return kind, table, f"{kind} {table}.{diff[3]}", text
+        text = f"column {table}.{diff[3]} {what}: database {old}, models {new}"
+        return kind, table, f"{kind} {table}.{diff[3]}", f"database {old}; models {new}", text
     if kind in ("add_table_comment", "remove_table_comment"):
         table = _table_name(diff[1])
-        return kind, table, f"{kind} {table}", f"table {table} comment differs"
+        comment = getattr(diff[1], "comment", None)
+        return kind, table, f"{kind} {table}", f"comment {comment!r}", f"table {table} comment differs"
     obj = diff[1]
     if hasattr(obj, "table"):
         table, name = _object_key(obj)
         where = "models" if kind.startswith("add_") else "database"
         noun = kind.split("_", 1)[1].replace("fk", "foreign key")
-        return kind, table, f"{kind} {name}", f"{noun} {name} is only in the {where}"
-    return kind, "", f"{kind} {' '.join(str(x) for x in diff[1:])}", f"{kind}: {diff[1:]!s}"
+        detail = _object_detail(obj)
+        extra = _fk_extra(obj) if noun == "foreign key" else ""
+        return kind, table, f"{kind} {name}", detail, f"{noun} {name}{extra} is only in the {where}"
+    return kind, "", f"{kind} {' '.join(str(x) for x in diff[1:])}", "", f"{kind}: {diff[1:]!s}"
+
+
+def _fk_extra(fk: Any) -> str:
+    shown = [f"ON {k[2:].upper()} {v}" for k, v in _fk_options(fk).items()
+             if k in ("ondelete", "onupdate") and v != "none"]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
+def _fk_pair(removed: tuple[Any, ...], added: tuple[Any, ...], key: str) -> tuple[str, str, str]:
+    """(key, detail, text) of a foreign key autogenerate drops and re-creates: one difference."""
+    old, new = _fk_options(removed[1]), _fk_options(added[1])
+    changed = [k for k in _FK_OPTIONS if old[k] != new[k]]
+    detail = (f"database {' '.join(f'{k}={v}' for k, v in old.items())}; "
+              f"models {' '.join(f'{k}={v}' for k, v in new.items())}")
+    how = " and ".join(f"{k} (database {old[k]}, models {new[k]})" for k in changed)
+    only = "only " if len(changed) == 1 else ""
+    text = f"foreign key {key} differs {only}in {how}" if changed else (
+        f"foreign key {key} is dropped and re-created ({detail})")
+    return f"modify_fk {key}", detail, text
+
+
+def _described(diffs: list[tuple[Any, ...]]) -> list[tuple[dict[str, str], str, list[int]]]:
+    """Each difference as {kind, key, detail, text}, with its table and the indexes of the
+    tuples it stands for: a foreign key removed and added again with the same key (another
+    ondelete, say) is one `modify_fk` difference."""
+    rows = [_describe_one(d) for d in diffs]
+    added = {row[2].split(" ", 1)[1]: i for i, row in enumerate(rows) if row[0] == "add_fk"}
+    paired: dict[int, int] = {}
+    for i, row in enumerate(rows):
+        match = added.get(row[2].split(" ", 1)[1]) if row[0] == "remove_fk" else None
+        if match is not None and match not in paired.values():
+            paired[i] = match
+    out: list[tuple[dict[str, str], str, list[int]]] = []
+    for i, (kind, table, key, detail, text) in enumerate(rows):
+        if i in paired.values():
+            continue
+        if i in paired:
+            key, detail, text = _fk_pair(diffs[i], diffs[paired[i]], key.split(" ", 1)[1])
+            kind = "modify_fk"
+        found = {"kind": kind, "key": redact(key), "detail": redact(detail), "text": redact(text)}
+        out.append((found, table, [i, paired[i]] if i in paired else [i]))
+    return out
 
 
 def describe_differences(diffs: list[Any], exclude_tables: frozenset[str]) -> list[dict[str, str]]:
-    """Flatten autogenerate's differences into {kind, key, text}, dropping excluded tables."""
+    """Flatten autogenerate's differences into {kind, key, detail, text}, dropping excluded
+    tables."""
     flat: list[tuple[Any, ...]] = []
     for diff in diffs:
         flat.extend(diff if isinstance(diff, list) else [diff])
-    out: list[dict[str, str]] = []
-    for diff in flat:
-        kind, table, key, text = _describe_one(diff)
-        if table.rsplit(".", 1)[-1] in exclude_tables:
-            continue
-        out.append({"kind": kind, "key": redact(key), "text": redact(text)})
-    return sorted(out, key=lambda d: d["key"])
+    out = [row for row, table, _ in _described(flat)
+           if table.rsplit(".", 1)[-1] not in exclude_tables]
+    return sorted(out, key=lambda d: (d["key"], d["detail"]))
 
 
 # --- generation --------------------------------------------------------------------------------
@@ -615,8 +701,8 @@ class GenerateRequest:
     with `tables`, become the restriction, and database tables no model defines are compared too
     (so a model deleted from a file is dropped); when a file defines no table, every table is
     compared. `classes`: for some of `files`, the only classes of it that changed (see
-    `tables_of_files`). `known`: keys of known differences (as `describe_differences` makes them)
-    to leave out.
+    `tables_of_files`). `known`: known differences to leave out, (key, detail) as
+    `describe_differences` makes them; detail None matches the key alone.
     """
 
     message: str | None = None
@@ -626,7 +712,7 @@ class GenerateRequest:
     tables: frozenset[str] | None = None
     files: frozenset[str] | None = None
     classes: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    known: frozenset[str] = frozenset()
+    known: KnownDifferences = frozenset()
 
 
 @dataclass
@@ -955,7 +1041,7 @@ class OpInfo:
         return {"kind": self.kind, "table": self.table, "name": self.name, "text": self.text}
 
 
-def finish_scripts(scripts: list[Any], known: frozenset[str], dialect: Any) -> list[OpInfo]:
+def finish_scripts(scripts: list[Any], known: KnownDifferences, dialect: Any) -> list[OpInfo]:
     """Leave out known differences, drop scripts without operations, name the rest.
 
     Runs after env.py's `process_revision_directives` (so after Flask-Migrate's own empty-script
@@ -984,17 +1070,37 @@ def _leaf_ops(containers: Iterable[Any]) -> Iterator[Any]:
                 yield op
 
 
-def _op_keys(op: Any) -> list[tuple[str, str]]:
-    """(kind, key) of each difference an operation stands for; keys as `compare` makes them."""
+def known_of(items: Iterable[Any]) -> KnownDifferences:
+    """A generate request's `known`: {key, detail} objects (detail null: the key alone), or bare
+    keys."""
+    pairs: set[tuple[str, str | None]] = set()
+    for item in items:
+        if isinstance(item, Mapping):
+            detail = item.get("detail")
+            pairs.add((str(item["key"]), None if detail is None else str(detail)))
+        else:
+            pairs.add((str(item), None))
+    return frozenset(pairs)
+
+
+def _op_diffs(op: Any) -> list[tuple[Any, ...]]:
+    """The difference tuples an operation stands for, as `compare` makes them (none for an
+    operation autogenerate did not make: never known)."""
     try:
         diff = op.to_diff_tuple()
         diffs = diff if isinstance(diff, list) else [diff]
-        return [(str(d[0]), redact(_describe_one(d)[2])) for d in diffs]
-    except Exception:  # an operation autogenerate did not make: no key, never known
+        for d in diffs:
+            _describe_one(d)
+        return diffs
+    except Exception:
         return []
 
 
-def _leave_out_known(script: Any, known: frozenset[str]) -> None:
+def _is_known(row: Mapping[str, str], known: KnownDifferences) -> bool:
+    return (row["key"], row["detail"]) in known or (row["key"], None) in known
+
+
+def _leave_out_known(script: Any, known: KnownDifferences) -> None:
     changed = False
     for container in script.upgrade_ops_list:
         changed = _filter_known(container, known) or changed
@@ -1005,7 +1111,26 @@ def _leave_out_known(script: Any, known: frozenset[str]) -> None:
             downgrade.ops[:] = upgrade.reverse().ops
 
 
-def _filter_known(container: Any, known: frozenset[str]) -> bool:
+def _known_hits(leaves: list[Any], known: KnownDifferences) -> tuple[list[int], dict[int, list[str]]]:
+    """How many differences each leaf operation stands for, and the kinds of those known (a
+    foreign key's drop and re-create are matched together, as `describe_differences` pairs them)."""
+    owner: list[int] = []
+    diffs: list[tuple[Any, ...]] = []
+    for n, op in enumerate(leaves):
+        for d in _op_diffs(op):
+            owner.append(n)
+            diffs.append(d)
+    hits: dict[int, list[str]] = {}
+    for row, _table, sources in _described(diffs):
+        if _is_known(row, known):
+            for source in sources:
+                hits.setdefault(owner[source], []).append(str(diffs[source][0]))
+    return [owner.count(n) for n in range(len(leaves))], hits
+
+
+def _filter_known(container: Any, known: KnownDifferences) -> bool:
+    leaves = [op for op in container.ops if not hasattr(op, "ops")]
+    counts, hits = _known_hits(leaves, known)
     kept: list[Any] = []
     changed = False
     for op in container.ops:
@@ -1014,20 +1139,19 @@ def _filter_known(container: Any, known: frozenset[str]) -> bool:
             if op.ops:
                 kept.append(op)
             continue
-        keys = _op_keys(op)
-        hits = [kind for kind, key in keys if key in known]
-        if not hits:
+        n = next(i for i, leaf in enumerate(leaves) if leaf is op)
+        if n not in hits:
             kept.append(op)
             continue
         changed = True
         if type(op).__name__ == "AlterColumnOp":
-            for kind in hits:
+            for kind in hits[n]:
                 attr, value = _ALTER_CLEARS.get(kind, (None, None))
                 if attr:
                     setattr(op, attr, value)
             if op.has_changes():
                 kept.append(op)
-        elif len(hits) < len(keys):
+        elif len(hits[n]) < counts[n]:
             kept.append(op)
     container.ops[:] = kept
     return changed

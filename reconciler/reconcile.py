@@ -946,7 +946,6 @@ _ALEMBIC_LINE = re.compile(
     r"^(?P<level>DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\s+\[(?P<logger>[^\]]+)\]\s?(?P<msg>.*)$"
 )
 _LEVEL_NAMES = {"WARN": "warning", "CRITICAL": "error"}
-_QUIET = ("Context impl", "Will assume")
 
 
 def _log_worker_line(line: str) -> None:
@@ -955,10 +954,9 @@ def _log_worker_line(line: str) -> None:
     if not match:
         log.info("worker_output", line=line)
         return
-    level = _LEVEL_NAMES.get(match["level"], match["level"].lower())
     message = match["msg"]
-    if level == "info" and message.startswith(_QUIET):
-        level = "debug"
+    level = logs.alembic_level(_LEVEL_NAMES.get(match["level"], match["level"].lower()),
+                               match["logger"], message)
     getattr(log, level)("alembic", logger=match["logger"], message=message)
 
 

@@ -522,7 +522,7 @@ class Runner:
             files=frozenset(str(root / str(f)) for f in files) if files is not None else None,
             classes={str(root / str(f)): frozenset(str(n) for n in names)
                      for f, names in (request.get("classes") or {}).items()},
-            known=frozenset(str(k) for k in request.get("known") or ()),
+            known=migrations.known_of(request.get("known") or ()),
         )
         started = time.monotonic()
         outcome = self._migrations().generate(generate, project.metadata)

@@ -372,7 +372,7 @@ class Worker:
         rev_id: str | None = None,
         head: str = "head",
         tables: list[str] | None = None,
-        known: list[str] | None = None,
+        known: list[str] | differences.Known | None = None,
         files: list[str] | None = None,
         classes: dict[str, list[str]] | None = None,
         rescan: bool = False,
@@ -392,15 +392,17 @@ class Worker:
         found), None for a full compare. `classes`: for some of `files`, the only classes of
         it that changed: that file adds just their tables (a changed class that maps no table,
         such as a type decorator, means every table is compared).
-        `known`: known-difference keys to leave out; None: those of the job's known-differences
-        file, [] for none. `rescan`: read the versions directory again first (a file this
-        worker already saw was moved or removed meanwhile). The database must be at the
-        repository's heads (else StateError).
+        `known`: known differences to leave out (bare keys match whatever their values); None:
+        those of the job's known-differences file for the job's dialect, [] for none.
+        `rescan`: read the versions directory again first (a file this worker already saw was
+        moved or removed meanwhile). The database must be at the repository's heads (else
+        StateError).
         """
         if known is None:
-            known = sorted(self._known_keys())
+            known = self._known_keys()
+        wire = known.wire() if isinstance(known, differences.Known) else list(known)
         reply = self._request("generate", message=message, draft=draft, rev_id=rev_id, head=head,
-                              tables=list(tables) if tables is not None else None, known=known,
+                              tables=list(tables) if tables is not None else None, known=wire,
                               files=[os.path.abspath(f) for f in files] if files is not None else None,
                               classes={os.path.abspath(f): sorted(names)
                                        for f, names in (classes or {}).items()},
@@ -419,10 +421,11 @@ class Worker:
             hook_failures=[{str(k): str(v) for k, v in f.items()} for f in reply.get("hook_failures") or ()],
         )
 
-    def _known_keys(self) -> frozenset[str]:
+    def _known_keys(self) -> differences.Known:
         if self.job is None or not self.job.known_differences:
-            return frozenset()
-        return differences.load(Path(self.job.known_differences))
+            return differences.Known()
+        return differences.load(Path(self.job.known_differences),
+                                differences.dialect_of(self.job.url))
 
     def init_dir(self, template: str | None = None) -> None:
         """Create the migrations directory (Flask-Migrate's template for a Flask-SQLAlchemy db)."""

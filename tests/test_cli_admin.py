@@ -298,8 +298,8 @@ def test_check_then_baseline_accepts_the_difference(tmp_path: Path, sqlite_url: 
 
     ok(project, "baseline")
     known = json.loads((project.migrations / "known_differences.json").read_text())
-    assert len(known["differences"]) == 1
-    assert "nickname" in known["differences"][0]["key"]
+    assert len(known["dialects"]["sqlite"]) == 1
+    assert "nickname" in known["dialects"]["sqlite"][0]["key"]
     ok(project, "check")
 
 

@@ -334,11 +334,12 @@ def test_known_differences_are_left_out(gen: Gen) -> None:
     gen.set_models(gen.models_file.read_text() + COMPARE_TYPES)
     before = gen.files()
     with gen.start() as worker:
-        keys = [d["key"] for d in worker.compare()]
+        found = worker.compare()
+    keys = [d["key"] for d in found]
     assert keys == ["modify_type user.email"]
     assert gen.generate(known=keys).path is None
     known_file = gen.project.migrations / differences.FILE_NAME
-    differences.save(known_file, [{"key": keys[0], "text": "accepted"}])
+    differences.save(known_file, found, "sqlite")
     with Worker.start(gen.job(known_differences=str(known_file)), python=WORKER_PYTHON) as worker:
         assert worker.generate().path is None  # known=None: the job's file
     assert gen.files() == before
