@@ -423,3 +423,30 @@ def test_prod_daemon_refuses_alerts_once_and_applies_after_the_marker(tmp_path: 
         wait_until(lambda: hooks.events("recovered"), 10, "the recovered alert")
     finally:
         hooks.close()
+
+
+def test_a_foreign_key_re_created_in_the_same_revision_is_not_data_loss() -> None:
+    drop = op("DropConstraintOp", table="child", name="fk_c", constraint_type="foreignkey")
+    create = op("CreateForeignKeyOp", table="child", name="fk_c", constraint_type="foreignkey",
+                columns=["acct_id"], ondelete="CASCADE")
+    assert kinds(safety.classify([rev("r1", drop, create)], "sqlite")) == []
+    # negative control: dropped without the re-creation, it is data loss
+    assert kinds(safety.classify([rev("r1", drop)], "sqlite")) == [("r1", "data-loss", "drop-constraint")]
+
+
+def test_a_type_change_is_judged_against_the_live_type_when_the_revision_does_not_say() -> None:
+    live = type_info(sa.String(128))
+    widen = op("AlterColumnOp", column="c", existing_type=live, existing_type_from="database",
+               new_type=type_info(sa.String(256)))
+    narrow = {**widen, "new_type": type_info(sa.String(64))}
+    assert kinds(safety.classify([rev("r1", widen)], "sqlite")) == []
+    assert kinds(safety.classify([rev("r1", narrow)], "sqlite")) == [("r1", "data-loss", "type-narrowing")]
+
+
+def test_nothing_refuses_on_an_empty_database() -> None:
+    plan = [rev("r1", op("DropColumnOp", column="c")), rev("r2", error="NoResultFound: ...")]
+    found = safety.classify(plan, "postgresql", empty=True)
+    assert [f.exempt for f in found] == [safety.EMPTY_DATABASE] * 2
+    assert safety.refused(found, safety.Policy()) == []
+    # negative control: the same plan against a database with tables is refused
+    assert len(safety.refused(safety.classify(plan, "postgresql"), safety.Policy())) == 2
