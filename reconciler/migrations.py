@@ -1566,7 +1566,7 @@ def record_revision(module: Any, path: str, revision: str, url: str,
     except Exception as exc:  # user code: anything
         line, raised_here = _error_line(exc, recorder.path)
         error = redact(f"{type(exc).__name__}: {exc}")
-        own = raised_here and not (recorder.bind_used and isinstance(exc, (TypeError, AttributeError)))
+        own = raised_here and not (recorder.bind_used and _from_the_bind(exc))
         kind = "fails" if own else "unanalysable"
     finally:
         _proxy_to(None)
@@ -1574,6 +1574,17 @@ def record_revision(module: Any, path: str, revision: str, url: str,
             recording.recorder = None
     return {"revision": revision, "path": path, "ops": recorder.ops, "error": error,
             "error_line": line, "error_kind": kind}
+
+
+_DATABASE_MODULES = frozenset({"sqlalchemy", "sqlite3", "_sqlite3", "psycopg", "psycopg2", "pymysql",
+                               "MySQLdb", "mysql", "mariadb", "asyncpg", "pg8000"})
+
+
+def _from_the_bind(exc: BaseException) -> bool:
+    """Whether an error may come from the recording bind (a database's refusal of a write, an
+    empty result's missing row) rather than from the revision's own logic."""
+    root = type(exc).__module__.split(".")[0]
+    return isinstance(exc, (TypeError, AttributeError, LookupError)) or root in _DATABASE_MODULES
 
 
 def _upgrade_functions(module: Any) -> list[Callable[[], Any]]:

@@ -109,7 +109,9 @@ def test_every_pattern_is_recorded_against_a_database_with_rows(tmp_path: Path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("body", "rule"), [(NARROW, "type-narrowing"), (DROP_FK, "drop-constraint")])
+@pytest.mark.parametrize(
+    ("body", "rule"), [(NARROW, "type-narrowing"), (DROP_FK, "drop-constraint")], ids=["narrow", "drop-fk"]
+)
 def test_a_real_narrowing_or_drop_is_still_refused(tmp_path: Path, db_url: str, body: str, rule: str) -> None:
     """Negative control: judged against the live column / without a re-creation, it is data loss."""
     project = project_at_seed(tmp_path, db_url)
@@ -180,3 +182,61 @@ def test_what_the_recording_cannot_follow_is_checked_as_it_runs(
     applied = cli(project, "apply")
     assert applied.returncode == 0, applied.stderr
     assert db_heads(url) == {"a3"} and [n for _i, n in notes(url)] == [" keep me ", "new"]
+
+
+CONFIG_THEN_TABLE = """cfg = op.get_context().config
+if cfg.get_main_option("script_location"):
+    op.create_table("fresh", sa.Column("id", sa.Integer, primary_key=True))"""
+ON_THE_NEW_TABLE = """op.add_column("fresh", sa.Column("flag", sa.Boolean, nullable=False))
+op.create_index("ix_fresh_flag", "fresh", ["flag"])"""
+
+
+@pytest.mark.slow
+def test_a_revision_reading_the_config_is_followed_and_its_tables_stay_known(
+    tmp_path: Path, db_url: str
+) -> None:
+    """`op.get_context().config` is the real Config: no predicted failure, and the table the
+    revision creates is the plan's own, so later operations on it carry no lock risk."""
+    project = project_at_seed(tmp_path, db_url)
+    assert cli(project, "apply").returncode == 0
+    project.revision("a3", "a2", upgrade=CONFIG_THEN_TABLE, message="config")
+    project.revision("a4", "a3", upgrade=ON_THE_NEW_TABLE, message="on fresh")
+    assert plan_findings(project) == []
+    applied = cli(project, "apply")
+    assert applied.returncode == 0, applied.stderr
+    assert "lock_risk" not in applied.stderr and db_heads(db_url) == {"a4"}
+
+
+RAW_CURSOR_WRITE = """cursor = op.get_bind().connection.cursor()
+cursor.execute("DELETE FROM acct")"""
+
+
+@pytest.mark.slow
+def test_the_recording_transaction_is_read_only_and_rolled_back(tmp_path: Path, sqlite_url: str) -> None:
+    """Negative control of the real recording connection: a write past the interception (a raw
+    DB-API cursor) fails there, the revision is unanalysable, and the rows are still there."""
+    project = project_at_seed(tmp_path, sqlite_url)
+    assert cli(project, "apply").returncode == 0
+    project.revision("a3", "a2", upgrade=RAW_CURSOR_WRITE, message="raw")
+    assert [f[:2] for f in plan_findings(project)] == [("a3", "unanalysable")]
+    assert notes(sqlite_url) == [(1, " keep me ")]
+
+
+@pytest.mark.parametrize(
+    ("statement", "reads"),
+    [
+        ("SELECT id FROM acct", True),
+        ("/* note */\n  select 1", True),
+        ("WITH x AS (SELECT 1) SELECT * FROM x", True),
+        ("WITH gone AS (DELETE FROM acct RETURNING id) SELECT * FROM gone", False),
+        ("SELECT * INTO acct_copy FROM acct", False),
+        ("PRAGMA table_info(acct)", True),
+        ("UPDATE acct SET note = 'x'", False),
+        ("CREATE TYPE mood AS ENUM ('a')", False),
+        ("-- c\nDROP TABLE acct", False),
+    ],
+)
+def test_what_the_recording_connection_runs(statement: str, reads: bool) -> None:
+    from reconciler.migrations import is_read
+
+    assert is_read(statement) is reads
