@@ -1425,17 +1425,21 @@ def checking_operations(module: Any, path: str, revision: str, check: Mapping[st
     original_invoke = AbstractOperations.invoke
     original_upgrade = module.upgrade
 
-    def refuse(reasons: list[str], line: int) -> None:
+    def refuse(reasons: list[str], line: int, why: str = "as it ran it would have lost data") -> None:
         where = f"{Path(path).name}:{line}" if line else Path(path).name
         raise Refused(
             f"revision {revision} ({where}) was rolled back, nothing of it applied: its upgrade() "
-            f"could not be analysed ahead, and as it ran it would have lost data: "
-            f"{'; '.join(reasons)} — check the revision and add `allow_destructive = True` to its "
-            "file, or set [safety] allow_destructive = true"
+            f"could not be analysed ahead, and {why}: {'; '.join(reasons)} — check the revision "
+            "and add `allow_destructive = True` to its file, or set [safety] allow_destructive = "
+            "true"
         )
 
     def invoke(self: Any, operation: Any) -> Any:
         if state["inside"] and state["depth"] == 0:
+            if not self.migration_context.impl.transactional_ddl:  # env.py turned it off
+                refuse([f"{describe_operation(operation, self.migration_context.dialect).text}"],
+                       _caller_line(real_path),
+                       "env.py turned transactional_ddl off, so its DDL could not be rolled back")
             entry = recorded_operation(operation, self.migration_context.dialect)
             add_live_facts(entry, LiveSchema(self.migration_context.bind))
             reasons = rules.before(entry)

@@ -714,7 +714,11 @@ class Reconciler:
                 revision = graph.revisions[rev]
                 if progress:
                     progress(index, len(pending), rev, revision.message)
-                seconds = self._apply_retrying(conn, worker, rev, graph, trigger)
+                try:
+                    seconds = self._apply_retrying(conn, worker, rev, graph, trigger)
+                except Refused as exc:  # refused as it ran: say so until the files change
+                    self._refusal = ((graph.fingerprint, pending[index - 1:]), str(exc))
+                    raise
                 done.append((rev, seconds))
         return tuple(done)
 

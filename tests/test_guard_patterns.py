@@ -240,3 +240,23 @@ def test_what_the_recording_connection_runs(statement: str, reads: bool) -> None
     from reconciler.migrations import is_read
 
     assert is_read(statement) is reads
+
+
+@pytest.mark.slow
+def test_no_check_as_it_runs_where_env_py_turns_transactional_ddl_off(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Negative control of the per-operation check: without a transaction to roll back, an
+    unanalysable revision is refused before its first operation runs."""
+    project = project_at_seed(tmp_path, sqlite_url)
+    assert cli(project, "apply").returncode == 0
+    env = project.migrations / "env.py"
+    env.write_text(
+        env.read_text().replace("**conf_args", "transactional_ddl=False,\n            **conf_args")
+    )
+    project.revision("a3", "a2", upgrade=ORM_WRITE, message="orm", extra=EXTRA)
+    refused = cli(project, "apply")
+    assert refused.returncode == 6, refused.stderr
+    assert "transactional_ddl off" in refused.stderr
+    assert db_heads(sqlite_url) == {"a2"}
+    assert "extra" not in {c["name"] for c in sa.inspect(sa.create_engine(sqlite_url)).get_columns("acct")}
