@@ -1413,8 +1413,8 @@ class _Recorder:
 @contextlib.contextmanager
 def checking_operations(module: Any, path: str, revision: str, check: Mapping[str, Any]
                         ) -> Iterator[None]:
+    import alembic.operations.base
     import sqlalchemy as sa
-    from alembic.operations.base import AbstractOperations
     from sqlalchemy import event
 
     from reconciler.safety import OperationCheck
@@ -1422,7 +1422,9 @@ def checking_operations(module: Any, path: str, revision: str, check: Mapping[st
     rules = OperationCheck([str(t) for t in check.get("created") or ()])
     state = {"inside": False, "depth": 0}
     real_path = os.path.realpath(path)
-    original_invoke = AbstractOperations.invoke
+    # Operations and BatchOperations share invoke: AbstractOperations' from Alembic 1.11 on
+    base: Any = getattr(alembic.operations.base, "AbstractOperations", Operations)
+    original_invoke = base.invoke
     original_upgrade = module.upgrade
 
     def refuse(reasons: list[str], line: int, why: str = "as it ran it would have lost data") -> None:
@@ -1468,7 +1470,7 @@ def checking_operations(module: Any, path: str, revision: str, check: Mapping[st
             if reasons:
                 refuse(reasons, _caller_line(real_path))
 
-    AbstractOperations.invoke = invoke  # type: ignore[method-assign]
+    base.invoke = invoke
     module.upgrade = upgrade
     event.listen(sa.engine.Engine, "before_cursor_execute", statement)
     try:
@@ -1476,7 +1478,7 @@ def checking_operations(module: Any, path: str, revision: str, check: Mapping[st
     finally:
         event.remove(sa.engine.Engine, "before_cursor_execute", statement)
         module.upgrade = original_upgrade
-        AbstractOperations.invoke = original_invoke  # type: ignore[method-assign]
+        base.invoke = original_invoke
 
 
 def _caller_line(path: str) -> int:
