@@ -58,7 +58,8 @@ def plan_findings(rec: Reconciler, status: Status) -> guard.Analysis:
     if not pending:
         return guard.Analysis((), "built-in")
     with _worker(rec) as worker:
-        return rec.check_pending(worker, rec.graph(), pending)
+        return rec.check_pending(worker, rec.graph(), pending,
+                                 empty=status.sync_state == "uninitialized_empty")
 
 
 def analysed_status(rec: Reconciler, status: Status) -> Status:

@@ -179,6 +179,9 @@ def _print_status(data: dict[str, Any]) -> None:
         click.echo(f"pending:    {len(data['pending'])}: {', '.join(data['pending'])}")
     if data["state"] != "in_sync":
         click.echo(data["message"])
+    checked = (data.get("guard") or {}).get("checked_per_operation")
+    if checked:
+        click.echo(f"guard:      checked operation by operation as they run: {', '.join(checked)}")
 
 
 @main.command()

@@ -234,7 +234,8 @@ class SafetySettings:
         default=False, metadata={"doc": "refuse lock-risk revisions too (otherwise a warning)"}
     )
     on_unanalysable: str = field(
-        default="refuse", metadata={"doc": "a revision whose operations cannot be recorded: refuse or warn"}
+        default="refuse", metadata={"doc": "a revision whose operations cannot be recorded ahead: refuse "
+                                  "(PostgreSQL, SQLite: each operation checked as it runs instead) or warn"}
     )
     squawk: str = field(
         default="auto", metadata={"doc": "PostgreSQL lock rules from squawk: auto (when installed) or off"}

@@ -35,7 +35,7 @@ from alembic.operations import BatchOperations, Operations
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 
-from reconciler.errors import ConfigError, ReconcilerError, StateError
+from reconciler.errors import ConfigError, ReconcilerError, Refused, StateError
 from reconciler.redact import redact
 from reconciler.target import tables_of_files
 
@@ -240,8 +240,13 @@ class Migrations:
         finally:
             self._running = None
 
-    def upgrade(self, revision: str) -> list[str]:
-        """Apply exactly one step from the database's heads to `revision`; the ids applied."""
+    def upgrade(self, revision: str, check: Mapping[str, Any] | None = None) -> list[str]:
+        """Apply exactly one step from the database's heads to `revision`; the ids applied.
+        `check`: the guard's per-operation check for this revision (`checking_operations`)."""
+        if check is not None:
+            script = self.script.get_revision(revision)
+            with checking_operations(script.module, str(script.path), revision, check):
+                return self.upgrade(revision)
         applied: list[str] = []
 
         def fn(heads: Any, context: Any) -> Any:
@@ -341,12 +346,22 @@ class Migrations:
         return out
 
     def record(self, revisions: Iterable[str], url: str) -> list[dict[str, Any]]:
-        """Each revision's upgrade operations, recorded without touching the database."""
-        out = []
-        for rev in revisions:
-            script = self.script.get_revision(rev)
-            out.append(record_revision(script.module, str(script.path), rev, url))
-        return out
+        """Each revision's upgrade operations, recorded through a read-only connection whose
+        transaction is rolled back (nothing is written; see "recording" below)."""
+        wanted = list(revisions)
+        if not wanted:
+            return []
+        environment = EnvironmentContext(self.config, self.script)  # op.get_context().config
+        recording = _RecordingConnection(url)
+        try:
+            out = []
+            for rev in wanted:
+                script = self.script.get_revision(rev)
+                out.append(record_revision(script.module, str(script.path), rev, url,
+                                           recording, environment))
+            return out
+        finally:
+            recording.close()
 
     def generate(self, request: GenerateRequest, fallback_metadata: Any) -> GenerateOutcome:
         """Autogenerate one revision file as `alembic revision --autogenerate` does.
@@ -1400,9 +1415,29 @@ _DESCRIBERS: dict[str, Callable[[Any, Any], OpInfo]] = {
 #
 # Each pending revision's upgrade() runs with `op` bound to a recorder: every operation is kept
 # (with the line of the revision file that made it) and rendered to offline SQL for the target's
-# dialect, and nothing reaches the database. env.py does not run. `op.get_bind()` returns a bind
-# that records what is executed through it and returns empty results; code that needs real
-# answers from the database (reflection, counts) raises, and the revision is unanalysable.
+# dialect; `op.get_context()` has the project's real Alembic Config. env.py does not run.
+# `op.get_bind()` is a real connection to the target in a read-only transaction that is rolled
+# back (`_RecordingConnection`): what reads (SELECT, reflection, `sa.inspect`, ORM queries) gets
+# the database's real answers; what would write (DDL, DML, `Enum.create`, an ORM flush) is
+# recorded and not run, and returns no rows. Code that needs a write's result fails, and the
+# revision is unanalysable. Without a connection (unit tests) a stand-in bind answers nothing.
+
+_READ_STATEMENT = re.compile(
+    r"(SELECT|SHOW|PRAGMA|EXPLAIN|DESCRIBE|DESC|VALUES|WITH|SET|BEGIN|SAVEPOINT|RELEASE|ROLLBACK)\b",
+    re.IGNORECASE,
+)
+_WRITES_INSIDE = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|INTO)\b", re.IGNORECASE)
+_LEADING_COMMENTS = re.compile(r"^(\s+|--[^\n]*\n?|/\*.*?\*/)+", re.DOTALL)
+
+
+def is_read(statement: str) -> bool:
+    """Whether a statement only reads (or sets the session up); anything else is recorded."""
+    text = _LEADING_COMMENTS.sub("", statement)
+    match = _READ_STATEMENT.match(text)
+    if match is None:
+        return False
+    # SELECT ... INTO and a data-modifying WITH write
+    return not (match.group(1).upper() in ("SELECT", "WITH") and _WRITES_INSIDE.search(text))
 
 
 def type_info(type_: Any) -> dict[str, Any] | None:
@@ -1426,7 +1461,7 @@ def _plain(value: Any) -> int | None:
 
 
 class _EmptyResult:
-    """What the recording bind's execute() returns: no rows."""
+    """What the stand-in bind's execute() returns: no rows."""
 
     rowcount = 0
 
@@ -1456,7 +1491,8 @@ class _EmptyResult:
 
 
 class _RecordingBind:
-    """`op.get_bind()` while recording: the target's dialect; execute() is recorded, not run."""
+    """`op.get_bind()` when recording without a connection: the target's dialect; execute() is
+    recorded, not run."""
 
     def __init__(self, recorder: _Recorder, url: Any) -> None:
         self._recorder = recorder
@@ -1473,6 +1509,98 @@ class _RecordingBind:
         return _EmptyResult()
 
     exec_driver_sql = execute
+
+
+class _RecordingConnection:
+    """A real connection to the target for recording: one read-only transaction, rolled back at
+    the end; statements that would write are handed to the current recorder and not run."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+        from sqlalchemy import event
+
+        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        self.connection = self.engine.connect()
+        self.transaction = self._read_only()
+        self.recorder: _Recorder | None = None
+        self.live = LiveSchema(self.connection)
+        for name in ("do_execute", "do_execute_no_params", "do_executemany"):
+            event.listen(self.engine, name, self._intercept)
+
+    def _read_only(self) -> Any:
+        """The transaction, read-only where the database can say so: a write that slips past
+        the interception (a raw DB-API cursor) fails instead of running."""
+        conn, dialect = self.connection, self.engine.dialect.name
+        transaction = conn.begin()
+        if dialect == "postgresql":
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        elif dialect == "sqlite":
+            conn.exec_driver_sql("PRAGMA query_only = ON")
+        elif dialect in ("mysql", "mariadb"):
+            conn.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
+            transaction.rollback()  # it applies from the next transaction on
+            transaction = conn.begin()
+        return transaction
+
+    def _intercept(self, cursor: Any, statement: str, *rest: Any) -> bool:
+        """DialectEvents.do_execute*: True (the statement is recorded, not run) unless it reads."""
+        if self.recorder is None or is_read(statement):
+            return False
+        self.recorder.record_sql(statement)
+        return True
+
+    def close(self) -> None:
+        self.recorder = None
+        try:
+            if self.transaction.is_active:  # an ORM session's failed flush may have ended it
+                self.transaction.rollback()
+        finally:
+            self.connection.close()
+            self.engine.dispose()
+
+
+class LiveSchema:
+    """What the database has now, for what a revision does not say (reflection, cached)."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+        self._inspector: Any = None
+
+    def _reflect(self, method: str, table: str, schema: str | None) -> list[dict[str, Any]]:
+        import sqlalchemy as sa
+
+        try:
+            if self._inspector is None:
+                self._inspector = sa.inspect(self._connection)
+            return list(getattr(self._inspector, method)(table, schema=schema or None))
+        except Exception:  # a table the plan creates, or one we may not read: not known
+            return []
+
+    def column_type(self, table: str, schema: str | None, column: str) -> Any:
+        """The column's type as the database has it (None: no such table or column)."""
+        columns = self._reflect("get_columns", table, schema)
+        return next((c["type"] for c in columns if c["name"] == column), None)
+
+    def foreign_key_columns(self, table: str, schema: str | None, name: str) -> list[str]:
+        """The columns of the foreign key `name` on `table` ([] when there is none)."""
+        keys = self._reflect("get_foreign_keys", table, schema)
+        return next((list(k["constrained_columns"]) for k in keys if k.get("name") == name), [])
+
+
+def add_live_facts(entry: dict[str, Any], live: LiveSchema) -> None:
+    """Complete a recorded operation from the live schema: the old type of a type change that
+    names no existing_type, the columns of a dropped foreign key."""
+    table, schema = entry.get("table") or "", entry.get("schema") or None
+    if entry.get("op") == "AlterColumnOp" and entry.get("new_type") and not entry.get("existing_type"):
+        found = live.column_type(table, schema, str(entry.get("column")))
+        if found is not None:
+            entry["existing_type"] = type_info(found)
+            entry["existing_type_from"] = "database"
+    if entry.get("op") == "DropConstraintOp" and entry.get("name"):
+        columns = live.foreign_key_columns(table, schema, str(entry["name"]))
+        if columns:
+            entry["columns"] = columns
+            entry["constraint_type"] = entry.get("constraint_type") or "foreignkey"
 
 
 @dataclass
@@ -1492,6 +1620,7 @@ class _RecordingOperations(Operations):
         return self._recorder.record(operation, batch=False)
 
     def get_bind(self) -> Any:
+        self._recorder.bind_used = True
         return self._recorder.bind
 
     @contextlib.contextmanager
@@ -1517,18 +1646,21 @@ class _RecordingBatch(BatchOperations):
 class _Recorder:
     """Runs one revision's upgrade() against recording operations."""
 
-    def __init__(self, url: str, path: str) -> None:
+    def __init__(self, url: str, path: str, recording: _RecordingConnection | None = None,
+                 environment: EnvironmentContext | None = None) -> None:
         from alembic.runtime.migration import MigrationContext
-        from sqlalchemy.engine import make_url
+        from sqlalchemy.engine.url import make_url
 
         self.context = MigrationContext.configure(
-            url=make_url(url), opts={"as_sql": True, "output_buffer": io.StringIO()}
+            url=make_url(url), opts={"as_sql": True, "output_buffer": io.StringIO()},
+            environment_context=environment,
         )
         self.renderer = Operations(self.context)
         self.operations = _RecordingOperations(self.context, self)
         self.path = os.path.realpath(path)
         self.ops: list[dict[str, Any]] = []
-        self.bind = _RecordingBind(self, make_url(url))
+        self.recording = recording
+        self.bind: Any = recording.connection if recording else _RecordingBind(self, make_url(url))
         self.bind_used = False
 
     def line(self) -> int:
@@ -1542,6 +1674,8 @@ class _Recorder:
     def record(self, operation: Any, batch: bool) -> Any:
         entry = recorded_operation(operation, self.context.dialect)
         entry.update(line=self.line(), batch=batch)
+        if self.recording is not None:
+            add_live_facts(entry, self.recording.live)
         buffer = self.context.impl.output_buffer = io.StringIO()
         try:
             result = self.renderer.invoke(operation)
@@ -1556,6 +1690,92 @@ class _Recorder:
         self.ops.append({"op": "ExecuteSQLOp", "table": "", "schema": "", "sql": text,
                          "text": f"execute {_short_text(text)}", "line": self.line(),
                          "batch": False, "via_bind": True})
+
+
+# The per-operation check: a revision the recording could not follow runs for real (one
+# transaction, where DDL is transactional) and each operation is checked just before it runs,
+# with the live schema at hand; a data loss raises Refused there and the transaction rolls back.
+# Statements sent through the bind itself are checked for raw SQL that drops or deletes.
+
+
+@contextlib.contextmanager
+def checking_operations(module: Any, path: str, revision: str, check: Mapping[str, Any]
+                        ) -> Iterator[None]:
+    import alembic.operations.base
+    import sqlalchemy as sa
+    from sqlalchemy import event
+
+    from reconciler.safety import OperationCheck
+
+    rules = OperationCheck([str(t) for t in check.get("created") or ()])
+    state = {"inside": False, "depth": 0}
+    real_path = os.path.realpath(path)
+    # Operations and BatchOperations share invoke: AbstractOperations' from Alembic 1.11 on
+    base: Any = getattr(alembic.operations.base, "AbstractOperations", Operations)
+    original_invoke = base.invoke
+    original_upgrade = module.upgrade
+
+    def refuse(reasons: list[str], line: int, why: str = "as it ran it would have lost data") -> None:
+        where = f"{Path(path).name}:{line}" if line else Path(path).name
+        raise Refused(
+            f"revision {revision} ({where}) was rolled back, nothing of it applied: its upgrade() "
+            f"could not be analysed ahead, and {why}: {'; '.join(reasons)} — check the revision "
+            "and add `allow_destructive = True` to its file, or set [safety] allow_destructive = "
+            "true"
+        )
+
+    def invoke(self: Any, operation: Any) -> Any:
+        if state["inside"] and state["depth"] == 0:
+            if not self.migration_context.impl.transactional_ddl:  # env.py turned it off
+                refuse([f"{describe_operation(operation, self.migration_context.dialect).text}"],
+                       _caller_line(real_path),
+                       "env.py turned transactional_ddl off, so its DDL could not be rolled back")
+            entry = recorded_operation(operation, self.migration_context.dialect)
+            add_live_facts(entry, LiveSchema(self.migration_context.bind))
+            reasons = rules.before(entry)
+            if reasons:
+                refuse(reasons, _caller_line(real_path))
+        state["depth"] += 1
+        try:
+            return original_invoke(self, operation)
+        finally:
+            state["depth"] -= 1
+
+    def upgrade(*args: Any, **kwargs: Any) -> Any:
+        state["inside"] = True
+        try:
+            result = original_upgrade(*args, **kwargs)
+        finally:
+            state["inside"] = False
+        left = rules.at_end()
+        if left:
+            refuse([r for op in left for r in OperationCheck.reasons(op)], int(left[0].get("line") or 0))
+        return result
+
+    def statement(conn: Any, cursor: Any, text: str, *rest: Any) -> None:
+        if state["inside"] and state["depth"] == 0:
+            reasons = OperationCheck.reasons({"op": "ExecuteSQLOp", "sql_text": text})
+            if reasons:
+                refuse(reasons, _caller_line(real_path))
+
+    base.invoke = invoke
+    module.upgrade = upgrade
+    event.listen(sa.engine.Engine, "before_cursor_execute", statement)
+    try:
+        yield
+    finally:
+        event.remove(sa.engine.Engine, "before_cursor_execute", statement)
+        module.upgrade = original_upgrade
+        base.invoke = original_invoke
+
+
+def _caller_line(path: str) -> int:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if os.path.realpath(frame.f_code.co_filename) == path:
+            return frame.f_lineno
+        frame = frame.f_back  # type: ignore[assignment]
+    return 0
 
 
 def recorded_operation(op: Any, dialect: Any) -> dict[str, Any]:
@@ -1606,18 +1826,33 @@ _RECORDED: dict[str, Callable[[Any], dict[str, Any]]] = {
     "RenameTableOp": lambda op: {"new_table": str(op.new_table_name)},
     "ExecuteSQLOp": lambda op: {"sql_text": op.sqltext if isinstance(op.sqltext, str) else str(op.sqltext)},
     "BulkInsertOp": lambda op: {"table": str(getattr(op.table, "name", op.table))},
+    "CreateForeignKeyOp": lambda op: {
+        "name": str(op.constraint_name or ""), "constraint_type": "foreignkey",
+        "columns": [str(c) for c in op.local_cols], "ondelete": (op.kw or {}).get("ondelete"),
+    },
+    "CreateUniqueConstraintOp": lambda op: {"name": str(op.constraint_name or ""),
+                                            "constraint_type": "unique"},
+    "CreateCheckConstraintOp": lambda op: {"name": str(op.constraint_name or ""),
+                                           "constraint_type": "check"},
+    "CreatePrimaryKeyOp": lambda op: {"name": str(op.constraint_name or ""),
+                                      "constraint_type": "primary"},
 }
 
 
-def record_revision(module: Any, path: str, revision: str, url: str) -> dict[str, Any]:
-    """Run `module.upgrade()` with `op` recording, for the database of `url` (never connected).
+def record_revision(module: Any, path: str, revision: str, url: str,
+                    recording: _RecordingConnection | None = None,
+                    environment: EnvironmentContext | None = None) -> dict[str, Any]:
+    """Run `module.upgrade()` with `op` recording, for the database of `url`: through
+    `recording`'s read-only connection when given, else never connected.
 
     {revision, path, ops, error, error_line, error_kind}. `error_kind` "fails": the revision's
     own code raised in its file without having asked for the bind, so running it fails the same
     way (the guard lets the run report it); "unanalysable": anything else (library code choking on
-    the recording bind, reflection, a wrong result from it)."""
-    recorder = _Recorder(url, path)
+    the recording bind, a write's missing result, reflection of what the plan creates)."""
+    recorder = _Recorder(url, path, recording, environment)
     _proxy_to(recorder.operations)
+    if recording is not None:
+        recording.recorder = recorder
     error, line, kind = None, 0, ""
     try:
         for upgrade in _upgrade_functions(module):
@@ -1625,12 +1860,25 @@ def record_revision(module: Any, path: str, revision: str, url: str) -> dict[str
     except Exception as exc:  # user code: anything
         line, raised_here = _error_line(exc, recorder.path)
         error = redact(f"{type(exc).__name__}: {exc}")
-        own = raised_here and not (recorder.bind_used and isinstance(exc, (TypeError, AttributeError)))
+        own = raised_here and not (recorder.bind_used and _from_the_bind(exc))
         kind = "fails" if own else "unanalysable"
     finally:
         _proxy_to(None)
+        if recording is not None:
+            recording.recorder = None
     return {"revision": revision, "path": path, "ops": recorder.ops, "error": error,
             "error_line": line, "error_kind": kind}
+
+
+_DATABASE_MODULES = frozenset({"sqlalchemy", "sqlite3", "_sqlite3", "psycopg", "psycopg2", "pymysql",
+                               "MySQLdb", "mysql", "mariadb", "asyncpg", "pg8000"})
+
+
+def _from_the_bind(exc: BaseException) -> bool:
+    """Whether an error may come from the recording bind (a database's refusal of a write, an
+    empty result's missing row) rather than from the revision's own logic."""
+    root = type(exc).__module__.split(".")[0]
+    return isinstance(exc, (TypeError, AttributeError, LookupError)) or root in _DATABASE_MODULES
 
 
 def _upgrade_functions(module: Any) -> list[Callable[[], Any]]:

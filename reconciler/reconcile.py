@@ -97,6 +97,7 @@ class Status:
     drift: drift.DriftReport | None = None  # the fleet's last drift compare, when enabled
     audit: checksums.Audit = field(default_factory=checksums.Audit)
     baseline: bool = False
+    guard: dict[str, Any] | None = None  # the guard's last analysis of these pending revisions
 
     @property
     def foreign(self) -> tuple[str, ...]:
@@ -156,6 +157,8 @@ class Status:
             out["checksum_mismatch"] = [m.as_dict() for m in self.audit.mismatches]
         if self.foreign:
             out["foreign_writes"] = list(self.foreign)
+        if self.guard:
+            out["guard"] = self.guard
         return out
 
 
@@ -192,6 +195,7 @@ class Reconciler:
         self.check_files = True  # stat the revision files each run (the daemon turns it off while it watches)
         self.guard = True  # the destructive-change guard ([safety]); dev mode has its own
         self._refusal: tuple[tuple[str, tuple[str, ...]], str] | None = None  # (graph, pending), message
+        self._guard_info: tuple[tuple[str, tuple[str, ...]], dict[str, Any]] | None = None
 
     # --- connections -------------------------------------------------------------------------
     @property
@@ -287,7 +291,15 @@ class Reconciler:
             cached.drift,
             cached.audit,
             cached.baseline,
+            self._guard_for(graph, decision.pending),
         )
+
+    def _guard_for(self, graph: RevisionGraph, pending: tuple[str, ...]) -> dict[str, Any] | None:
+        """The guard's last analysis, while the same revision files are pending."""
+        if self._guard_info is None or not pending:
+            return None
+        key, info = self._guard_info
+        return info if key == (graph.fingerprint, pending) else None
 
     def _refusal_for(self, graph: RevisionGraph, pending: tuple[str, ...]) -> str | None:
         """The guard's last refusal, while the same revision files are pending."""
@@ -296,10 +308,13 @@ class Reconciler:
         key, message = self._refusal
         return message if key == (graph.fingerprint, pending) else None
 
-    def check_pending(self, worker: Worker, graph: RevisionGraph, pending: tuple[str, ...]) -> guard.Analysis:
-        """Analyse the pending revisions; remember an unacknowledged data loss (status condition)."""
-        analysis = guard.analyse(worker, graph, pending, self.backend, self.settings)
-        loss = guard.data_loss_pending(analysis, self.settings)
+    def check_pending(self, worker: Worker, graph: RevisionGraph, pending: tuple[str, ...],
+                      empty: bool = False) -> guard.Analysis:
+        """Analyse the pending revisions (`empty`: from an empty database); remember what would
+        refuse them (the `destructive_pending` condition)."""
+        analysis = guard.analyse(worker, graph, pending, self.backend, self.settings, empty)
+        loss = guard.pending_refusals(analysis, self.settings)
+        self._guard_info = ((graph.fingerprint, pending), guard.summary(analysis, self.settings))
         if loss:
             self._refusal = ((graph.fingerprint, pending), safety.refusal_message(self.target, loss))
         elif self._refusal and self._refusal[0] == (graph.fingerprint, pending):
@@ -624,7 +639,8 @@ class Reconciler:
         """Apply the pending revisions; count a failure fleet-wide, block it when it repeats."""
         try:
             applied = self._run_pending(
-                conn, graph, status.decision.pending, trigger, progress, should_stop
+                conn, graph, status.decision.pending, trigger, progress, should_stop,
+                empty=status.sync_state == "uninitialized_empty",
             )
         except RevisionFailed as exc:
             self._count_failure(conn, graph, exc)
@@ -683,11 +699,14 @@ class Reconciler:
         trigger: str,
         progress: ProgressFn | None,
         should_stop: Callable[[], bool] | None = None,
+        empty: bool = False,
     ) -> tuple[tuple[str, float], ...]:
         done: list[tuple[str, float]] = []
         with self.start_worker(conn) as worker:
             if self.guard:
-                guard.enforce(self.check_pending(worker, graph, pending), self.settings, self.target)
+                analysis = self.check_pending(worker, graph, pending, empty)
+                verdict = guard.enforce(analysis, self.settings, self.target)
+                worker.check_operations({rev: c.payload() for rev, c in verdict.live.items()})
             for index, rev in enumerate(pending, start=1):
                 if should_stop and should_stop():
                     log.info("apply_stopped", target=self.target, before=rev, applied=len(done))
@@ -695,7 +714,11 @@ class Reconciler:
                 revision = graph.revisions[rev]
                 if progress:
                     progress(index, len(pending), rev, revision.message)
-                seconds = self._apply_retrying(conn, worker, rev, graph, trigger)
+                try:
+                    seconds = self._apply_retrying(conn, worker, rev, graph, trigger)
+                except Refused as exc:  # refused as it ran: say so until the files change
+                    self._refusal = ((graph.fingerprint, pending[index - 1:]), str(exc))
+                    raise
                 done.append((rev, seconds))
         return tuple(done)
 
@@ -776,6 +799,11 @@ class Reconciler:
             step = worker.upgrade(rev)
         except RevisionFailed as exc:
             self._record_failure(conn, row, rev, exc, int((time.monotonic() - began) * 1000))
+            raise
+        except Refused as exc:  # the guard's per-operation check: the revision was rolled back
+            journal.record_finished(conn, self.journal, row, outcome="refused",
+                                    duration_ms=int((time.monotonic() - began) * 1000))
+            log.error("destructive_refused", target=self.target, revisions=[rev], findings=[str(exc)])
             raise
         ms = int(step.seconds * 1000)
         if rev not in step.revisions:

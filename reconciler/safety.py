@@ -12,7 +12,13 @@ order; see `migrations.record_revision`). Output: `Finding`s, each with its revi
 - **unanalysable**: the revision's upgrade() could not be recorded.
 
 Objects created earlier in the same pending plan are exempt: replaying a history from empty drops
-tables that only ever held the plan's own (no) rows, and nobody else waits on their locks.
+tables that only ever held the plan's own (no) rows, and nobody else waits on their locks. On an
+empty database (`empty=True`: no tables besides the version and journal tables) every object the
+plan touches is the plan's own and nobody waits on its locks, so nothing is refused there: the
+findings are kept as notes (`exempt`). A constraint dropped and re-created by the same revision (a foreign
+key given another `ondelete`) guards the data again: not data loss. A type change whose revision
+names no `existing_type` is judged against the live column's type when the worker could reflect
+it (`existing_type_from` "database").
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ LOCK_RISK = "lock-risk"
 UNANALYSABLE = "unanalysable"
 FAILS = "fails"  # the revision raises by itself: the run reports that failure, the guard does not
 CLASSES = (DATA_LOSS, LOCK_RISK)
+EMPTY_DATABASE = "nothing to lose: the database is empty"
 
 _RAW_LOSS = re.compile(
     r"\b(DROP\s+(TABLE|COLUMN|SCHEMA|DATABASE)|TRUNCATE|DELETE\s+FROM|ALTER\s+TABLE\s+\S+\s+DROP)\b",
@@ -51,6 +58,7 @@ class Finding:
     rule: str
     message: str
     acknowledged: bool = False  # the revision file says `allow_destructive = True`
+    exempt: str = ""  # why it cannot refuse even so (the database is empty)
 
     @property
     def where(self) -> str:
@@ -60,7 +68,7 @@ class Finding:
         return {**asdict(self), "where": self.where}
 
     def text(self) -> str:
-        ack = " (acknowledged)" if self.acknowledged else ""
+        ack = " (acknowledged)" if self.acknowledged else f" ({self.exempt})" if self.exempt else ""
         return f"{self.revision} {self.where} {self.kind} [{self.rule}] {self.message}{ack}"
 
 
@@ -143,6 +151,36 @@ class _Created:
             self.columns.add((table, str(op["new_name"])))
 
 
+def _constraint_key(op: Mapping[str, Any]) -> tuple[str, str]:
+    return _table_key(op), str(op.get("name") or "")
+
+
+_RECREATES = frozenset({"CreateForeignKeyOp", "CreateUniqueConstraintOp", "CreateCheckConstraintOp",
+                        "CreatePrimaryKeyOp"})
+
+
+def _recreated(ops: Sequence[Mapping[str, Any]]) -> set[tuple[str, str]]:
+    """(table, name) of the constraints this revision creates, by name and, for foreign keys, by
+    (table, columns): a drop of one of them is a re-creation."""
+    keys: set[tuple[str, str]] = set()
+    for op in ops:
+        if op.get("op") in _RECREATES:
+            if op.get("name"):
+                keys.add(_constraint_key(op))
+            if op.get("columns") and op.get("constraint_type") == "foreignkey":
+                keys.add((_table_key(op), "fk:" + ",".join(map(str, op["columns"]))))
+    return keys
+
+
+def _is_recreated(op: Mapping[str, Any], later: Sequence[Mapping[str, Any]]) -> bool:
+    if op.get("op") != "DropConstraintOp":
+        return False
+    keys = _recreated(later)
+    columns = op.get("columns")
+    by_columns = bool(columns) and (_table_key(op), "fk:" + ",".join(map(str, columns or ()))) in keys
+    return (bool(op.get("name")) and _constraint_key(op) in keys) or by_columns
+
+
 # --- rules ------------------------------------------------------------------------------------
 
 Hit = tuple[str, str, str]  # kind, rule, message
@@ -162,9 +200,10 @@ def _data_loss(op: Mapping[str, Any]) -> list[Hit]:
                      f"change column {table}.{column} type to {new.get('text')}: the old type is not "
                      "known (no existing_type=), so it may narrow; add existing_type= to the revision")]
         reason = narrowing(old, new)
+        live = " (the old type as the database has it)" if op.get("existing_type_from") else ""
         if reason:
             return [(DATA_LOSS, "type-narrowing", f"change column {table}.{column} type "
-                     f"{old.get('text')} -> {new.get('text')}: {reason}")]
+                     f"{old.get('text')} -> {new.get('text')}{live}: {reason}")]
     if kind == "DropConstraintOp":
         noun = _CONSTRAINTS.get(str(op.get("constraint_type") or ""), "constraint (of unknown type)")
         return [(DATA_LOSS, "drop-constraint", f"drop {noun} {op.get('name') or ''} on {table}: the "
@@ -220,46 +259,99 @@ def classify(
     dialect: str,
     acknowledged: Collection[str] = (),
     external: External | None = None,
+    empty: bool = False,
 ) -> list[Finding]:
     """Findings of the pending plan (revisions in plan order). `acknowledged`: revisions whose file
     says `allow_destructive = True`. `external`: an external linter's lock findings per
-    (revision, operation index), replacing the built-in lock rules when given."""
+    (revision, operation index), replacing the built-in lock rules when given. `empty`: the
+    database holds no tables yet, so no data can be lost (findings marked `exempt`)."""
     created = _Created()
     findings: list[Finding] = []
     for revision in recorded:
         rev, path = str(revision["revision"]), str(revision.get("path") or "")
         ack = rev in acknowledged
-        for index, op in enumerate(revision.get("ops") or ()):
+        ops = list(revision.get("ops") or ())
+        for index, op in enumerate(ops):
             if not created.fresh(op) and op.get("op") != "CreateTableOp":
-                hits = _data_loss(op)
+                hits = [] if _is_recreated(op, ops[index + 1:]) else _data_loss(op)
                 if external is None:
                     hits += _lock_risk(op, dialect)
                 else:
                     hits += [(LOCK_RISK, rule, f"{message} ({op.get('text')})")
                              for rule, message in external.get((rev, index), ())]
                 findings += [Finding(rev, path, int(op.get("line") or 0), kind, rule, message,
-                                     ack and kind != LOCK_RISK) for kind, rule, message in hits]
+                                     ack and kind != LOCK_RISK, _exempt(kind, empty))
+                             for kind, rule, message in hits]
             created.note(op)
         if revision.get("error"):
-            findings.append(_error_finding(revision, rev, path, ack))
+            findings.append(_error_finding(revision, rev, path, ack, empty))
     return findings
 
 
-def _error_finding(revision: Mapping[str, Any], rev: str, path: str, ack: bool) -> Finding:
+def _exempt(kind: str, empty: bool) -> str:
+    return EMPTY_DATABASE if empty and kind in (DATA_LOSS, UNANALYSABLE, LOCK_RISK) else ""
+
+
+def created_by(recorded: Iterable[Mapping[str, Any]], before: str) -> list[str]:
+    """The tables the plan's recorded operations create before revision `before` (for the
+    per-operation check of a revision the recording could not follow)."""
+    created = _Created()
+    for revision in recorded:
+        if str(revision["revision"]) == before:
+            break
+        for op in revision.get("ops") or ():
+            created.note(op)
+    return sorted(created.tables)
+
+
+def _error_finding(revision: Mapping[str, Any], rev: str, path: str, ack: bool,
+                   empty: bool = False) -> Finding:
     line, error = int(revision.get("error_line") or 0), revision["error"]
     if revision.get("error_kind") == FAILS:
         return Finding(rev, path, line, FAILS, "raises", f"its upgrade() raises without depending on "
                        f"the database, so applying it fails: {error}")
     rest = " (the operations after it are not known)" if revision.get("ops") else ""
     return Finding(rev, path, line, UNANALYSABLE, "unanalysable",
-                   f"its upgrade() could not be analysed{rest}: {error}", ack)
+                   f"its upgrade() could not be analysed{rest}: {error}", ack,
+                   _exempt(UNANALYSABLE, empty))
+
+
+class OperationCheck:
+    """The data-loss rules applied to one revision's operations as they run (the per-operation
+    check of a revision the recording could not follow). A dropped constraint is judged when the
+    revision's upgrade() ends: re-created by then, it lost nothing."""
+
+    def __init__(self, created_tables: Iterable[str] = ()) -> None:
+        self._created = _Created(set(created_tables))
+        self._dropped: list[Mapping[str, Any]] = []
+        self._seen: list[Mapping[str, Any]] = []
+
+    def before(self, op: Mapping[str, Any]) -> list[str]:
+        """Why `op`, about to run, loses data ([] when it does not)."""
+        reasons: list[str] = []
+        if not self._created.fresh(op) and op.get("op") != "CreateTableOp":
+            if op.get("op") == "DropConstraintOp":
+                self._dropped.append(op)
+            else:
+                reasons = [message for kind, _rule, message in _data_loss(op) if kind == DATA_LOSS]
+        self._created.note(op)
+        self._seen.append(op)
+        return reasons
+
+    def at_end(self) -> list[Mapping[str, Any]]:
+        """The dropped constraints the revision did not re-create."""
+        return [op for op in self._dropped if not _is_recreated(op, self._seen)]
+
+    @staticmethod
+    def reasons(op: Mapping[str, Any]) -> list[str]:
+        return [message for kind, _rule, message in _data_loss(op) if kind == DATA_LOSS]
 
 
 def refused(findings: Iterable[Finding], policy: Policy) -> list[Finding]:
     """The findings that stop the plan under `policy`."""
     out = []
     for finding in findings:
-        if finding.acknowledged:
+        if finding.acknowledged or finding.exempt:
             continue
         if (finding.kind == DATA_LOSS and not policy.allow_destructive) or (
             finding.kind == LOCK_RISK and policy.strict_locking

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def lint(binary: str, statements: Sequence[tuple[Hashable, str]]) -> dict[Hashab
         if not sql.strip():
             continue
         start = len(lines)
-        lines.extend(sql.strip().splitlines())
+        lines.extend(lintable(sql).splitlines())
         spans.append((start, len(lines) - 1, key))
         lines.append("")
     if not spans:
@@ -72,6 +73,17 @@ def lint(binary: str, statements: Sequence[tuple[Hashable, str]]) -> dict[Hashab
             advice = str(report.get("help") or "")
             found.setdefault(key, []).append((rule, f"{message} {advice}".strip()))
     return found
+
+
+_PLACEHOLDER = re.compile(r"%\(\w+\)s|%s|\?|(?<![:\w]):\w+")
+
+
+def lintable(sql: str) -> str:
+    """A statement as squawk can parse it: DB-API placeholders (statements recorded from the
+    bind carry them) as NULL, and ended by a semicolon, so one statement never swallows the next
+    and hides its findings behind a syntax error."""
+    text = _PLACEHOLDER.sub("NULL", sql.strip())
+    return text if text.endswith(";") else text + ";"
 
 
 def _run(binary: str, path: str) -> list[dict[str, Any]]:

@@ -472,7 +472,9 @@ class Runner:
     def op_upgrade(self, request: dict[str, Any]) -> dict[str, Any]:
         self._prepare_env()
         started = time.monotonic()
-        applied = self._migrations().upgrade(str(request["revision"]))
+        check = request.get("check")  # the guard's per-operation check of this revision
+        applied = self._migrations().upgrade(str(request["revision"]),
+                                             dict(check) if isinstance(check, dict) else None)
         return {"duration_ms": _ms_since(started), "revisions": applied}
 
     def op_downgrade(self, request: dict[str, Any]) -> dict[str, Any]:

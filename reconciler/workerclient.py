@@ -264,6 +264,7 @@ class Worker:
         self._process = process
         self._on_log = on_log
         self._timeout = timeout
+        self._checks: dict[str, dict[str, Any]] = {}  # revision: the guard's per-operation check
         self._replies: queue.Queue[bytes | None] = queue.Queue()
         self._stderr: collections.deque[str] = collections.deque(maxlen=_STDERR_KEPT)
         self._lock = threading.Lock()
@@ -332,9 +333,15 @@ class Worker:
 
     # requests
 
+    def check_operations(self, checks: Mapping[str, Mapping[str, Any]]) -> None:
+        """Upgrade these revisions with the guard's per-operation check (its input per revision)."""
+        self._checks = {rev: dict(check) for rev, check in checks.items()}
+
     def upgrade(self, revision: str) -> StepResult:
         """Apply one revision (one step from the database's heads): what ran, and how long."""
-        reply = self._request("upgrade", revision=revision)
+        check = self._checks.get(revision)
+        fields: dict[str, Any] = {"check": check} if check is not None else {}
+        reply = self._request("upgrade", revision=revision, **fields)
         ran = tuple(str(r) for r in reply.get("revisions") or ())
         return StepResult(float(reply.get("duration_ms", 0)) / 1000.0, ran)
 

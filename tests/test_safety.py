@@ -288,8 +288,20 @@ BIND_AND_BATCH = '''conn = op.get_bind()
 conn.execute(sa.text("UPDATE acct SET note = 'x'"))
 with op.batch_alter_table("acct") as batch:
     batch.drop_column("note")'''
-NEEDS_DATABASE = '''columns = sa.inspect(op.get_bind()).get_columns("acct")
+NEEDS_DATABASE = '''session = Session(bind=op.get_bind())
+session.add(Acct(note="new"))
+session.flush()  # the recording wrote nothing: the ORM gets no new key, the revision is unanalysable
 op.add_column("acct", sa.Column("extra", sa.Integer))'''
+ORM_MODEL = '''from sqlalchemy.orm import Session, declarative_base
+
+Base = declarative_base()
+
+
+class Acct(Base):
+    __tablename__ = "acct"
+    id = sa.Column(sa.Integer, primary_key=True)
+    note = sa.Column(sa.String(200))
+'''
 
 
 @pytest.mark.slow
@@ -305,12 +317,17 @@ def test_get_bind_and_batch_mode_are_analysed(tmp_path: Path, sqlite_url: str) -
 
 
 @pytest.mark.slow
-def test_unanalysable_revision_is_refused_or_warned_per_setting(tmp_path: Path, sqlite_url: str) -> None:
+@pytest.mark.mysql
+def test_unanalysable_revision_is_refused_or_warned_per_setting(tmp_path: Path, mysql_url: str) -> None:
+    """Where DDL commits implicitly (MySQL) the recording is the only check: refused up front."""
+    sqlite_url = mysql_url
     project = acct_project(tmp_path, sqlite_url)
-    project.revision("d2", "a1", upgrade=NEEDS_DATABASE, message="inspects")
+    project.revision("d2", "a1", upgrade=NEEDS_DATABASE, message="inspects", extra=ORM_MODEL)
+    status = json.loads(cli(project, "status", "--json").stdout)
+    assert status["state"] == "destructive_pending" and "could not be analysed" in status["message"]
     refused = cli(project, "apply")
     assert refused.returncode == 6 and "could not be analysed" in refused.stderr
-    assert "d2_inspects.py:20" in refused.stderr
+    assert "d2_inspects.py:" in refused.stderr
     assert db_heads(sqlite_url) == {"a1"}
     # negative control: on_unanalysable = "warn" applies it
     project.write_config('[safety]\non_unanalysable = "warn"\n', models="myapp.models:db")
@@ -406,3 +423,30 @@ def test_prod_daemon_refuses_alerts_once_and_applies_after_the_marker(tmp_path: 
         wait_until(lambda: hooks.events("recovered"), 10, "the recovered alert")
     finally:
         hooks.close()
+
+
+def test_a_foreign_key_re_created_in_the_same_revision_is_not_data_loss() -> None:
+    drop = op("DropConstraintOp", table="child", name="fk_c", constraint_type="foreignkey")
+    create = op("CreateForeignKeyOp", table="child", name="fk_c", constraint_type="foreignkey",
+                columns=["acct_id"], ondelete="CASCADE")
+    assert kinds(safety.classify([rev("r1", drop, create)], "sqlite")) == []
+    # negative control: dropped without the re-creation, it is data loss
+    assert kinds(safety.classify([rev("r1", drop)], "sqlite")) == [("r1", "data-loss", "drop-constraint")]
+
+
+def test_a_type_change_is_judged_against_the_live_type_when_the_revision_does_not_say() -> None:
+    live = type_info(sa.String(128))
+    widen = op("AlterColumnOp", column="c", existing_type=live, existing_type_from="database",
+               new_type=type_info(sa.String(256)))
+    narrow = {**widen, "new_type": type_info(sa.String(64))}
+    assert kinds(safety.classify([rev("r1", widen)], "sqlite")) == []
+    assert kinds(safety.classify([rev("r1", narrow)], "sqlite")) == [("r1", "data-loss", "type-narrowing")]
+
+
+def test_nothing_refuses_on_an_empty_database() -> None:
+    plan = [rev("r1", op("DropColumnOp", column="c")), rev("r2", error="NoResultFound: ...")]
+    found = safety.classify(plan, "postgresql", empty=True)
+    assert [f.exempt for f in found] == [safety.EMPTY_DATABASE] * 2
+    assert safety.refused(found, safety.Policy()) == []
+    # negative control: the same plan against a database with tables is refused
+    assert len(safety.refused(safety.classify(plan, "postgresql"), safety.Policy())) == 2
