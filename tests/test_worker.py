@@ -69,7 +69,11 @@ def create_app():
 
 PLAIN_MODELS = """\
 import sqlalchemy as sa
-from sqlalchemy.orm import declarative_base
+
+try:
+    from sqlalchemy.orm import declarative_base
+except ImportError:  # SQLAlchemy 1.3
+    from sqlalchemy.ext.declarative import declarative_base
 
 Base = declarative_base()
 
@@ -899,7 +903,8 @@ def canary_url(request: pytest.FixtureRequest) -> str:
 
 LEAKY = '''\
 import logging
-url = op.get_bind().engine.url.render_as_string(hide_password=False)
+bound = op.get_bind().engine.url
+url = bound.render_as_string(hide_password=False) if hasattr(bound, "set") else str(bound)
 print("stdout:", url)
 logging.getLogger("alembic").warning("log: %s", url)
 raise RuntimeError("cannot go on with " + url + " password " + op.get_bind().engine.url.password)'''
@@ -923,3 +928,78 @@ def test_canary_password_appears_in_no_reply_or_log(proj: Proj, canary_url: str)
     assert any("log:" in line for line in proj.logs)
     texts.append(repr(proj.job(canary_url)))
     dbs.assert_no_canary(*texts, *proj.logs)
+
+
+# --- errors name the right place ---------------------------------------------------------------
+
+RAISES_IN_UPGRADE = 'raise RuntimeError("c3 broke in upgrade")'
+RAISES_AT_IMPORT = 'raise RuntimeError("c3 broke at import")'
+
+
+def _line_of(path: Path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+@pytest.mark.core
+def test_a_revision_failing_in_offline_sql_names_its_file_and_line(
+    proj: Proj, sqlite_url: str
+) -> None:
+    """`plan --sql` runs the revisions' upgrade() offline: a raise there is the revision's, not
+    'outside any revision (env.py?)'."""
+    path = proj.revision("c3", "b2", RAISES_IN_UPGRADE)
+    with proj.start(sqlite_url) as worker, pytest.raises(RevisionFailed) as caught:
+        worker.sql(None, "c3")
+    err = caught.value
+    assert err.revision == "c3" and err.exit_code == 1
+    assert f"{path}:{_line_of(path, 'c3 broke')}" in str(err)
+    assert "outside any revision" not in str(err) and "c3 broke in upgrade" in str(err)
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("op", ["sql", "upgrade", "generate", "stamp"])
+def test_a_revision_raising_at_import_is_exit_1_naming_its_line_in_every_request(
+    proj: Proj, sqlite_url: str, op: str
+) -> None:
+    """The same failure (a revision module that raises when Alembic loads it) is one kind in every
+    request: exit 1, the revision, its file and line."""
+    path = proj.revision("c3", "b2", "pass", extra=RAISES_AT_IMPORT)
+    with proj.start(sqlite_url) as worker, pytest.raises(RevisionFailed) as caught:
+        if op == "sql":
+            worker.sql(None, "c3")
+        elif op == "upgrade":
+            worker.upgrade("a1")
+        elif op == "generate":
+            worker.generate(message="next")
+        else:
+            worker.stamp("b2")
+    err = caught.value
+    assert err.revision == "c3" and err.exit_code == 1
+    assert f"{path}:{_line_of(path, 'c3 broke')}" in str(err)
+    assert "c3 broke at import" in str(err)
+    assert not list((proj.migrations / "versions").glob("*next*")), "a generation wrote a file"
+
+
+@pytest.mark.core
+def test_a_revision_whose_headers_the_worker_reads_names_its_line_too(
+    proj: Proj, sqlite_url: str
+) -> None:
+    path = proj.revision("c3", "b2", "pass", extra=RAISES_AT_IMPORT)
+    with proj.start(sqlite_url) as worker, pytest.raises(RevisionFailed) as caught:
+        worker.headers([path])
+    assert caught.value.exit_code == 1 and caught.value.revision == "c3"
+    assert f"{path}:{_line_of(path, 'c3 broke')}" in str(caught.value)
+
+
+@pytest.mark.core
+def test_no_message_names_the_workers_private_package_link(proj: Proj, sqlite_url: str) -> None:
+    """The worker imports our package through a link in a temporary folder; an error mentioning
+    one of our files names the installed package instead."""
+    import reconciler
+
+    path = proj.revision("c3", "b2", "pass", extra="from reconciler.hooks import no_such_helper")
+    with proj.start(sqlite_url) as worker, pytest.raises(RevisionFailed) as caught:
+        worker.sql(None, "c3")
+    message = str(caught.value)
+    assert "no_such_helper" in message and f"{path}:" in message
+    assert "reconciler-worker-" not in message
+    assert str(Path(reconciler.__file__).resolve().parent / "hooks.py") in message
