@@ -169,6 +169,7 @@ class ConnectionGuard:
         self.expected = expected_identity(job)
         self.refusal: str | None = None
         self.connecting = False
+        self.connections = 0  # opened so far (a worker that connected cannot be re-bound)
 
     def install(self) -> None:
         from sqlalchemy import event
@@ -208,6 +209,7 @@ class ConnectionGuard:
 
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         self.connecting = False
+        self.connections += 1
         dialect = self._dialect_of(dbapi_connection, record)
         self._check_identity(dbapi_connection, dialect)
         if dialect == "sqlite" and type(dbapi_connection).__module__.startswith("sqlite3"):
@@ -445,6 +447,7 @@ class Runner:
             "record": self.op_record,
             "compare": self.op_compare,
             "headers": self.op_headers,
+            "bind": self.op_bind,
             "init_dir": self.op_init_dir,
             "generate": self.op_generate,
             "exit": lambda _r: {},
@@ -613,6 +616,27 @@ class Runner:
 
         paths = [Path(p) for p in request.get("paths") or ()]
         return {"headers": self._migrations().headers(paths, on_error)}
+
+    def op_bind(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Take on the control plane's database identity and journal tables: a worker started to
+        read headers is then the one that analyses and applies (one interpreter start). Refused
+        (`bound` False) once anything connected, as those connections were checked against the
+        URL's identity only."""
+        job, guard = self._job(), self.guard
+        if guard is None or guard.connections:
+            return {"bound": False}
+        expected = request.get("expected_identity")
+        job = dataclasses.replace(
+            job,
+            expected_identity=tuple(sorted(expected.items())) if expected else job.expected_identity,
+            exclude_tables=frozenset(str(t) for t in request.get("exclude_tables") or ()),
+        )
+        self.job = guard.job = job
+        guard.expected = expected_identity(job)
+        migrations.install_configure_guard(
+            migrations.Guard(job.exclude_tables, job.version_table, job.version_table_schema)
+        )
+        return {"bound": True}
 
     def op_init_dir(self, request: dict[str, Any]) -> dict[str, Any]:
         job = self._job()

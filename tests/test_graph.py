@@ -715,3 +715,28 @@ def test_a_truly_dynamic_header_still_reads_through_the_worker(tmp_path: Path, s
     assert result.returncode == 0, result.stderr
     assert '"in_sync"' in result.stdout
     assert marker.exists()
+
+
+def test_apply_reads_dynamic_headers_and_applies_with_one_worker_start(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """When a header truly needs the worker, the worker that read it is the one the guard and the
+    apply use: the slow models module is imported by one process only."""
+    from tests.builders import db_heads
+    from tests.cli import run_cli
+
+    config, marker = _slow_models_project(tmp_path / "p", sqlite_url)
+    dynamic = config.parent / "migrations" / "versions" / "c0_dynamic.py"
+    dynamic.write_text(
+        "from alembic import op\nimport sqlalchemy as sa\n"
+        "from myapp import models  # noqa: F401\n"
+        'revision = "c" + "0"\ndown_revision = "b0"\n'
+        'def upgrade():\n    op.create_table("t_c0", sa.Column("id", sa.Integer))\n\n'
+        "def downgrade():\n    pass\n",
+        encoding="utf-8",
+    )
+    result = run_cli(["--config", str(config), "apply"], cwd=config.parent)
+    assert result.returncode == 0, result.stderr
+    assert db_heads(sqlite_url) == {"c0"}
+    importers = set(marker.read_text().split())
+    assert len(importers) == 1, f"the models were imported by {len(importers)} processes"

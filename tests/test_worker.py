@@ -1003,3 +1003,53 @@ def test_no_message_names_the_workers_private_package_link(proj: Proj, sqlite_ur
     assert "no_such_helper" in message and f"{path}:" in message
     assert "reconciler-worker-" not in message
     assert str(Path(reconciler.__file__).resolve().parent / "hooks.py") in message
+
+
+def test_an_sqlalchemy_older_than_supported_is_refused_naming_both_versions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reconciler import worker as worker_module
+
+    monkeypatch.setattr(sa, "__version__", "1.2.19")
+    with pytest.raises(ConfigError) as caught:
+        worker_module.require_supported_sqlalchemy()
+    assert "SQLAlchemy 1.2.19" in str(caught.value) and "(1.3)" in str(caught.value)
+    monkeypatch.setattr(sa, "__version__", "1.3.24")
+    worker_module.require_supported_sqlalchemy()  # the oldest supported passes
+
+
+# --- one worker for headers, guard and apply ---------------------------------------------------
+
+
+@pytest.mark.core
+@pytest.mark.postgres
+def test_a_headers_worker_bound_to_the_identity_enforces_it(
+    alembic_proj: Proj, pg_url: str, inspect_db: Any
+) -> None:
+    """A worker started to read headers takes on the control plane's identity before it applies:
+    a wrong one is still refused after binding (the safeguard moves with the worker)."""
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        identity = dbsession.identity_from_dbapi(conn.connection, "postgresql")
+    engine.dispose()
+    path = alembic_proj.migrations / "versions" / "a1.py"
+    wrong = {**identity, "database": "some_other_database"}
+    with alembic_proj.start(pg_url) as worker:
+        assert worker.headers([path])[0]["revision"] == "a1"
+        assert worker.bind(wrong, ["reconciler_journal"], None, 60.0)
+        with pytest.raises(ConfigError, match="somewhere else"):
+            worker.upgrade("a1")
+    with alembic_proj.start(pg_url) as worker:
+        worker.headers([path])
+        assert worker.bind(identity, ["reconciler_journal"], None, 60.0)
+        worker.upgrade("a1")
+    assert inspect_db(pg_url)[0] == {"a1"}
+
+
+@pytest.mark.core
+def test_a_worker_that_connected_refuses_to_be_bound(alembic_proj: Proj, sqlite_url: str) -> None:
+    """Connections opened before a bind were checked against the URL's identity only: such a
+    worker is not reused (the caller starts a fresh one)."""
+    with alembic_proj.start(sqlite_url) as worker:
+        worker.upgrade("a1")
+        assert not worker.bind(None, ["reconciler_journal"], None, 60.0)
