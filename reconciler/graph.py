@@ -10,7 +10,9 @@ Parsing one file (`parse_revision_file`) has four outcomes:
 
 - a `Revision`;
 - `None`: a header (or `allow_destructive` / `draft`) is bound to something other than a literal,
-  or bound anywhere else than a plain module-level assignment: the worker must execute the file;
+  or bound in the module's namespace anywhere else than a top-level assignment (inside `if`,
+  `try`, `for`..., by an import, or through `global`): the worker must execute the file. A class
+  attribute or a function's local of the same name is no header and changes nothing;
 - `NotARevisionFile`: the file binds no `revision` at all (Alembic refuses such a file too);
 - `RevisionSyntaxError`: the file does not parse; it carries the line and the raw-bytes hash.
 
@@ -195,37 +197,118 @@ def _read(path: Path) -> bytes:
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise ConfigError(
-            f"cannot read revision file {path}: {exc.strerror}; check its permissions"
-        ) from exc
+        raise ConfigError(f"cannot read revision file {path}: {exc.strerror}; check its permissions") from exc
 
 
-def _bindings(dump: str, name: str) -> int:
-    """How often `name` is bound anywhere in the module, counted on the normalised dump.
+def _is_type_checking(test: ast.expr) -> bool:
+    """`if TYPE_CHECKING:` / `if typing.TYPE_CHECKING:`: a body that never runs."""
+    if isinstance(test, ast.Name):
+        return test.id == "TYPE_CHECKING"
+    return isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
 
-    Counts assignment / for / with / walrus / del targets, imports, def / class names, except and
-    match captures and `global` / `nonlocal` statements. A string constant that happens to look
-    like one of these only over-counts, which sends the file to the worker: safe, just slower.
+
+class _ModuleBindings(ast.NodeVisitor):
+    """Counts the bindings of the names we read that land in the module's namespace.
+
+    Module scope is the module's statements and every block nested in them that opens no scope
+    (`if`, `try`, `for`, `with`, `while`, `match`), so a header bound there is conditional and
+    needs the worker. A function, class or lambda body is a scope of its own: a `revision`
+    attribute of a class, or a local of a function, is no header; only a `global` declaration of
+    a header name inside one reaches the module (counted, so the file goes to the worker). The body
+    of `if TYPE_CHECKING:` never runs. A comprehension's targets are its own; a walrus in it binds
+    in the module. `from x import *` is not followed (as Alembic's own templates never do).
     """
-    quoted = repr(name)
-    if quoted not in dump:
-        return 0
-    count = dump.count(f"id{quoted},ctxStore") + dump.count(f"id{quoted},ctxDel")
-    count += dump.count(f"name{quoted}") + dump.count(f"rest{quoted}")
-    if "Global(" in dump or "Nonlocal(" in dump:
-        count += len(re.findall(r"(?:Global|Nonlocal)\(names\[[^\]]*" + re.escape(quoted), dump))
-    return count
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(_READ_NAMES, 0)
+
+    def _bind(self, name: str | None) -> None:
+        if name in self.counts:
+            self.counts[name] += 1
+
+    def _nested_scope(self, body: Iterable[ast.AST]) -> None:
+        for stmt in body:
+            for node in ast.walk(stmt):
+                if isinstance(node, ast.Global):
+                    for name in node.names:
+                        self._bind(name)
+
+    def _visit_all(self, nodes: Iterable[ast.AST | None]) -> None:
+        for node in nodes:
+            if node is not None:
+                self.visit(node)
+
+    def visit_Name(self, node: ast.Name) -> None:
+        if isinstance(node.ctx, (ast.Store, ast.Del)):
+            self._bind(node.id)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:  # `revision: str` alone binds nothing
+            self._visit_all([node.target, node.value])
+        self.visit(node.annotation)
+
+    def visit_alias(self, node: ast.alias) -> None:
+        if node.name != "*":
+            self._bind((node.asname or node.name).split(".")[0])
+
+    def _visit_function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        self._bind(node.name)
+        self._visit_all([*node.decorator_list, node.args, node.returns])
+        self._nested_scope(node.body)
+
+    visit_FunctionDef = _visit_function
+    visit_AsyncFunctionDef = _visit_function
+
+    def visit_arguments(self, node: ast.arguments) -> None:  # defaults and annotations only
+        self._visit_all([*node.defaults, *node.kw_defaults])
+        for arg in (*node.posonlyargs, *node.args, *node.kwonlyargs, node.vararg, node.kwarg):
+            if arg is not None and arg.annotation is not None:
+                self.visit(arg.annotation)
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self._bind(node.name)
+        self._visit_all([*node.decorator_list, *node.bases, *node.keywords])
+        self._nested_scope(node.body)
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        self.visit(node.args)
+
+    def visit_comprehension(self, node: ast.comprehension) -> None:
+        self._visit_all([node.iter, *node.ifs])
+
+    def visit_If(self, node: ast.If) -> None:
+        self.visit(node.test)
+        if not _is_type_checking(node.test):
+            self._visit_all(node.body)
+        self._visit_all(node.orelse)
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
+        self._bind(node.name)
+        self.generic_visit(node)
+
+    def visit_MatchAs(self, node: ast.MatchAs) -> None:
+        self._bind(node.name)
+        self.generic_visit(node)
+
+    def visit_MatchStar(self, node: ast.MatchStar) -> None:
+        self._bind(node.name)
+        self.generic_visit(node)
+
+    def visit_MatchMapping(self, node: ast.MatchMapping) -> None:
+        self._bind(node.rest)
+        self.generic_visit(node)
 
 
-def _bare_annotation(stmt: ast.stmt) -> str:
-    """The name an annotation-only statement (`name: type`) declares, else ""."""
-    if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-        return stmt.target.id
-    return ""
+def _module_bindings(tree: ast.Module) -> dict[str, int]:
+    """How often each name we read is bound in the module's namespace (see `_ModuleBindings`)."""
+    visitor = _ModuleBindings()
+    visitor.visit(tree)
+    return visitor.counts
 
 
-def _header_values(tree: ast.Module, dump: str) -> dict[str, tuple[object, int]] | None:
-    """name -> (literal value, line) for the names we read; None when any is not a literal."""
+def _header_values(tree: ast.Module) -> dict[str, tuple[object, int]] | None:
+    """name -> (literal value, line) for the names we read; None when any is not a literal, or
+    is bound in the module's namespace anywhere else than a top-level assignment."""
     values: dict[str, tuple[object, int]] = {}
     accepted = dict.fromkeys(_READ_NAMES, 0)
     for stmt in tree.body:
@@ -234,8 +317,6 @@ def _header_values(tree: ast.Module, dump: str) -> dict[str, tuple[object, int]]
         elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
             targets, node = [stmt.target], stmt.value
         else:
-            if _bare_annotation(stmt) in accepted:  # `revision: str` alone binds nothing
-                accepted[_bare_annotation(stmt)] += 1
             continue
         names = [t.id for t in targets if isinstance(t, ast.Name) and t.id in accepted]
         if not names:
@@ -247,7 +328,11 @@ def _header_values(tree: ast.Module, dump: str) -> dict[str, tuple[object, int]]
         for name in names:
             values[name] = (value, stmt.lineno)
             accepted[name] += 1
-    if any(_bindings(dump, name) > accepted[name] for name in _READ_NAMES):
+    try:
+        bound = _module_bindings(tree)
+    except RecursionError:  # absurdly deep nesting: let the worker deal with it
+        return None
+    if any(bound[name] > accepted[name] for name in _READ_NAMES):
         return None
     return values
 
@@ -281,8 +366,7 @@ def _ids(value: object, name: str, path: Path, line: int | None) -> tuple[str, .
 def _revision_id(value: object, path: Path, line: int | None) -> str:
     if not isinstance(value, str) or not value:
         raise RevisionFileError(
-            f"{_where(path, line)}: revision = {value!r} must be a non-empty string; "
-            "fix the header",
+            f"{_where(path, line)}: revision = {value!r} must be a non-empty string; fix the header",
             path,
             line,
         )
@@ -332,7 +416,7 @@ def parse_revision_source(source: bytes, path: Path) -> Revision | None:
     dump = _normalised(tree)
     if dump is None:  # absurdly deep nesting: let the worker deal with it
         return None
-    values = _header_values(tree, dump)
+    values = _header_values(tree)
     if values is None:
         return None
     if "revision" not in values:
@@ -391,8 +475,7 @@ def revision_from_headers(headers: Mapping[str, object]) -> Revision:
         file_hash = source_hash(_read(path))
     except FileNotFoundError as exc:
         raise MissingRevision(
-            f"revision file {path} disappeared while it was being read; it is read again on the "
-            "next change",
+            f"revision file {path} disappeared while it was being read; it is read again on the next change",
             path,
             str(headers.get("revision", "")),
             str(headers.get("revision", "")),
@@ -652,7 +735,7 @@ def _cycle_error(
     while rev not in path:
         path.append(rev)
         rev = min(p for p in parents[rev] if p in left)
-    cycle = [*path[path.index(rev):], rev]
+    cycle = [*path[path.index(rev) :], rev]
     files = ", ".join(str(revisions[r].path) for r in cycle[:-1])
     return GraphError(
         f"revision cycle {' -> '.join(cycle)} (each names the next as down_revision or "
@@ -828,9 +911,7 @@ def _read_ini(alembic_ini: Path) -> configparser.ConfigParser:
         with alembic_ini.open(encoding="utf-8") as handle:
             parser.read_file(handle)
     except OSError as exc:
-        raise ConfigError(
-            f"cannot read {alembic_ini}: {exc.strerror}; fix [target] alembic_ini"
-        ) from exc
+        raise ConfigError(f"cannot read {alembic_ini}: {exc.strerror}; fix [target] alembic_ini") from exc
     except configparser.Error as exc:
         raise ConfigError(f"{alembic_ini} is not a valid ini file: {exc}; fix it") from exc
     return parser
@@ -860,9 +941,7 @@ def _split_locations(value: str, parser: configparser.ConfigParser, ini: Path) -
     return [part.strip() for part in value.split(_SEPARATORS[sep_name]) if part.strip()]
 
 
-def versions_dirs(
-    migrations_dir: Path, alembic_ini: Path | None, root: Path
-) -> tuple[list[Path], bool]:
+def versions_dirs(migrations_dir: Path, alembic_ini: Path | None, root: Path) -> tuple[list[Path], bool]:
     """The directories holding the revision files, and whether to walk them recursively.
 
     Default: `<migrations_dir>/versions`. alembic.ini's `[alembic]` section may set

@@ -114,7 +114,7 @@ def _query(
     began = not conn.in_transaction()
     try:
         result = conn.execute(sa.text(sql), dict(params))
-        rows = [dict(r) for r in result.mappings().all()] if result.returns_rows else []
+        rows = _mappings(result) if result.returns_rows else []
     except sa.exc.DBAPIError as err:
         if began:
             _quietly_rollback(conn)
@@ -128,6 +128,14 @@ def _query(
         if commit is not None:
             commit()
     return rows
+
+
+def _mappings(result: Any) -> list[dict[str, Any]]:
+    """The rows as dicts; SQLAlchemy 1.3 (an app's env.py calling `hooks.migration_lock`) has no
+    `mappings()`, and its rows are mappings themselves."""
+    if hasattr(result, "mappings"):
+        return [dict(r) for r in result.mappings().all()]
+    return [dict(r) for r in result.fetchall()]
 
 
 def _quietly_rollback(conn: sa.engine.Connection) -> None:

@@ -320,7 +320,7 @@ class Migrations:
         self._run(fn, dont_mutate=True)
         return found
 
-    def headers(self, paths: Iterable[Path], on_error: Callable[[BaseException, Path], Exception]
+    def headers(self, paths: Iterable[Path], on_error: Callable[[BaseException, Path], BaseException]
                 ) -> list[dict[str, Any]]:
         """Execute revision files and return their identifiers (for non-literal headers)."""
         from alembic.util import load_python_file
@@ -438,6 +438,10 @@ class Migrations:
                 f"directory's heads ({', '.join(repo) or 'none'}); bring it to the heads first "
                 "(upgrade it, or downgrade it when it is ahead)"
             )
+
+    def revision_files(self) -> set[Path]:
+        """Every `*.py` under the versions directories."""
+        return self._revision_files()
 
     def _revision_files(self) -> set[Path]:
         try:

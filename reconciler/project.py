@@ -2,17 +2,27 @@
 
 The graph is read from the files' headers (never executing them) and kept until the versions
 directories change (a stat fingerprint), so a no-op run costs no file parsing. Files whose headers
-are not literal are read by a worker, once per change.
+are not literal are read by a worker, once per change; that worker is kept (`take_worker`) so
+the guard and the apply that follow need no second interpreter start.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler import graph as graphs
 from reconciler.config import Settings
 from reconciler.graph import Revision, RevisionGraph
+
+if TYPE_CHECKING:
+    from reconciler.workerclient import Worker
+
+# A worker that read headers is kept this long for the apply that follows, then closed.
+KEEP_HEADERS_WORKER = 60.0
 
 
 def alembic_ini_path(settings: Settings) -> Path | None:
@@ -34,6 +44,7 @@ class Project:
     _generation: int = field(default=0, init=False)  # counts invalidate() calls
     _dirs: tuple[list[Path], bool] | None = field(default=None, init=False)
     _cache: graphs.ParseCache = field(default_factory=graphs.ParseCache, init=False)
+    _kept: tuple[Worker, float, int] | None = field(default=None, init=False)  # (worker, since, thread)
 
     @property
     def version_dirs(self) -> tuple[list[Path], bool]:
@@ -74,9 +85,36 @@ class Project:
         return graphs.build_graph([*graph.revisions.values(), *extra])
 
     def _headers_from_worker(self, paths: list[Path]) -> list[Revision]:
-        from reconciler.workerclient import Worker, WorkerJob
+        from reconciler.workerclient import Worker, WorkerJob  # the worker client only when needed
 
+        self.close_worker()
         job = WorkerJob.from_settings(self.settings)
-        with Worker.start(job, python=self.settings.target.python or None) as worker:
+        worker = Worker.start(job, python=self.settings.target.python or None)
+        try:
             found = worker.headers(paths)
+        except BaseException:
+            worker.close()
+            raise
+        # kept for the guard and the apply that usually follow: one interpreter start per load
+        self._kept = (worker, time.monotonic(), threading.get_ident())
         return [graphs.revision_from_headers(item) for item in found]
+
+    def take_worker(self) -> Worker | None:
+        """The worker that read this graph's headers, if one is still fresh; the caller owns it.
+
+        Only on the thread that started it: a worker dies with its starting thread
+        (PR_SET_PDEATHSIG), so one started on a short-lived thread must never apply."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        worker, since, thread = kept
+        if time.monotonic() - since > KEEP_HEADERS_WORKER or thread != threading.get_ident():
+            worker.close()
+            return None
+        return worker
+
+    def close_worker(self) -> None:
+        """Close a worker kept after reading headers that nobody took."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept[0].close()

@@ -54,7 +54,7 @@ from reconciler.redact import redact
 from reconciler.state import CONDITIONS, DbSnapshot, Decision, decide
 
 if TYPE_CHECKING:
-    from reconciler.workerclient import Worker
+    from reconciler.workerclient import Worker, WorkerJob
 
 log = logs.get("reconciler.reconcile")
 
@@ -219,6 +219,7 @@ class Reconciler:
         return redact(self.engine.url.render_as_string(hide_password=True))
 
     def close(self) -> None:
+        self.project.close_worker()
         for engine in (self._engine, self._lock_engine, self._probe_engine):
             if engine is not None:
                 engine.dispose()
@@ -553,6 +554,7 @@ class Reconciler:
         status = self._retrying(lambda: self._first_look(graph, fast))
         self._refuse(status)
         if status.sync_state == "in_sync" and not status.needs_recording:
+            self.project.close_worker()  # nothing to apply: a worker kept from the headers goes
             return self._finish("noop", (), status, 0.0, started)
         if self.guard and "destructive_pending" in status.conditions:
             raise Refused(status.messages["destructive_pending"])  # nothing changed since it was refused
@@ -747,7 +749,7 @@ class Reconciler:
             expected_identity=dbsession.identity_from_dbapi(conn.connection, self.backend),
             exclude_tables=list(self.journal.names),
         )
-        worker = Worker.start(
+        worker = self._headers_worker(job) or Worker.start(
             job,
             python=self.settings.target.python or None,
             on_log=self._on_worker_log,
@@ -759,6 +761,18 @@ class Reconciler:
         finally:
             self.current_worker = None
             worker.close()
+
+    def _headers_worker(self, job: WorkerJob) -> Worker | None:
+        """The worker that read the graph's headers, bound to this job: no second start."""
+        worker = self.project.take_worker()
+        if worker is None:
+            return None
+        identity = dict(job.expected_identity) if job.expected_identity else None
+        timeout = self.settings.target.worker_timeout
+        if worker.bind(identity, job.exclude_tables, self._on_worker_log, timeout):
+            return worker
+        worker.close()
+        return None
 
     def _apply_retrying(
         self, conn: sa.engine.Connection, worker: Worker, rev: str, graph: RevisionGraph, trigger: str

@@ -23,6 +23,10 @@ from reconciler.errors import ConfigError
 from reconciler.redact import redact
 
 _OWN_PACKAGE = Path(__file__).resolve().parent
+# In the worker our package is imported through a link in a private temporary folder (see
+# workerclient), so tracebacks name that folder: messages name the real package instead.
+_OWN_LINK = os.path.join(os.path.abspath(os.path.dirname(__file__)), "")
+_OWN_FORMS = tuple(dict.fromkeys((_OWN_LINK, os.path.join(str(_OWN_PACKAGE), ""))))
 _MAX_MESSAGE = 1500
 
 
@@ -127,21 +131,35 @@ def is_flask_db(obj: Any) -> bool:
     return hasattr(obj, "Model") and hasattr(obj, "init_app") and hasattr(obj, "metadata")
 
 
+def real_paths(text: str) -> str:
+    """`text` with our package's temporary link folder replaced by the package's real path."""
+    real = os.path.join(str(_OWN_PACKAGE), "")
+    return text.replace(_OWN_LINK, real)
+
+
 def _short(text: str) -> str:
-    text = redact(text)
+    text = real_paths(redact(text))
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
 
 
+def is_own_file(filename: str) -> bool:
+    """True for a file of our package, through its real path or the worker's link to it."""
+    return os.path.abspath(filename).startswith(_OWN_FORMS)
+
+
 def _user_frame(exc: BaseException, root: Path) -> traceback.FrameSummary | None:
-    """The frame to blame: the deepest one in the project's files, else the deepest non-import one."""
+    """The frame to blame: the deepest one in the project's files, else the deepest non-import one
+    outside our package, else the deepest of ours (by its real path)."""
     frames = traceback.extract_tb(exc.__traceback__)
     root_text = str(root.resolve())
-    own = str(_OWN_PACKAGE)
-    ours = [f for f in frames if f.filename.startswith(root_text) and not f.filename.startswith(own)]
+    ours = [f for f in frames if f.filename.startswith(root_text) and not is_own_file(f.filename)]
     if ours:
         return ours[-1]
-    other = [f for f in frames if not f.filename.startswith(("<frozen", own))]
-    return other[-1] if other else None
+    other = [f for f in frames if not f.filename.startswith("<frozen") and not is_own_file(f.filename)]
+    if other:
+        return other[-1]
+    own = [f for f in frames if is_own_file(f.filename)]
+    return own[-1] if own else None
 
 
 def user_error(exc: BaseException, what: str, root: Path) -> ConfigError:
@@ -344,7 +362,7 @@ def _class_tables(cls: type, table_type: type) -> set[str]:
 
 def _sqlite_absolute(url: str, root: Path) -> str:
     """Flask-SQLAlchemy 3 puts relative SQLite paths into the instance folder: never let it."""
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine.url import make_url
 
     parsed = make_url(url)
     database = parsed.database or ""
@@ -352,7 +370,19 @@ def _sqlite_absolute(url: str, root: Path) -> str:
         return url
     if database.startswith("file:") or os.path.isabs(database):
         return url
-    return parsed.set(database=str(root / database)).render_as_string(hide_password=False)
+    return _url_with_database(parsed, str(root / database))
+
+
+def _url_with_database(parsed: Any, database: str) -> str:
+    """`url.set(database=...)` rendered with its password: SQLAlchemy 1.4+, and 1.3's mutable
+    URL (no `set`, no `render_as_string`)."""
+    if hasattr(parsed, "set"):
+        return str(parsed.set(database=database).render_as_string(hide_password=False))
+    import copy  # only SQLAlchemy 1.3 gets here
+
+    changed = copy.copy(parsed)
+    changed.database = database
+    return str(changed.__to_string__(hide_password=False))
 
 
 def _flask_side(spec: ProjectSpec, project: Project) -> None:

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -120,7 +121,7 @@ class Job:
 
 
 def _register_url_password(url: str) -> None:
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine.url import make_url
 
     with contextlib.suppress(Exception):
         password = make_url(url).password
@@ -149,7 +150,7 @@ def expected_identity(job: Job) -> dict[str, str]:
     """The identity to insist on: the control plane's, else what the URL itself says."""
     if job.expected_identity is not None:
         return dict(job.expected_identity)
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine.url import make_url
 
     url = make_url(job.url)
     dialect = _normal_dialect(url.get_backend_name())
@@ -168,6 +169,7 @@ class ConnectionGuard:
         self.expected = expected_identity(job)
         self.refusal: str | None = None
         self.connecting = False
+        self.connections = 0  # opened so far (a worker that connected cannot be re-bound)
 
     def install(self) -> None:
         from sqlalchemy import event
@@ -207,6 +209,7 @@ class ConnectionGuard:
 
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         self.connecting = False
+        self.connections += 1
         dialect = self._dialect_of(dbapi_connection, record)
         self._check_identity(dbapi_connection, dialect)
         if dialect == "sqlite" and type(dbapi_connection).__module__.startswith("sqlite3"):
@@ -241,28 +244,39 @@ class ConnectionGuard:
         if info.get(_SQLITE_BEGIN):
             # foreign keys off before BEGIN: the pragma is a no-op inside a transaction, and
             # batch-mode table copies would cascade-delete
-            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-            connection.exec_driver_sql("BEGIN")
+            run = _driver_sql(connection)
+            run("PRAGMA foreign_keys=OFF")
+            run("BEGIN")
+
+
+def _driver_sql(connection: Any) -> Callable[[str], Any]:
+    """`exec_driver_sql` (SQLAlchemy 1.4+), else 1.3's `execute` of a plain string (no parsing)."""
+    method = getattr(connection, "exec_driver_sql", None)
+    return method if callable(method) else connection.execute  # type: ignore[no-any-return]
 
 
 def lossless_url_rendering() -> None:
-    """SQLAlchemy 1.4 renders a password containing '%' so that parsing it back changes it.
+    """SQLAlchemy 1.3 and 1.4 render a password containing '%' so that parsing it back changes it.
 
     Flask-Migrate 2.x's env.py does exactly that round trip (`str(db.engine.url)` into
-    `sqlalchemy.url`); escape '%' too, as SQLAlchemy 2 does, so such env.py files connect.
+    `sqlalchemy.url`); escape '%' too, as SQLAlchemy 2 does, so such env.py files connect. The
+    quoting function is `_sqla_url_quote` in 1.4, `_rfc_1738_quote` in 1.3.
     """
     import re
 
     import sqlalchemy
     from sqlalchemy.engine import url as url_module
 
-    if not sqlalchemy.__version__.startswith("1.") or not hasattr(url_module, "_sqla_url_quote"):
+    if not sqlalchemy.__version__.startswith("1."):
         return
 
     def quote(text: str) -> str:
         return re.sub(r"[:@/%]", lambda m: f"%{ord(m.group(0)):X}", text)
 
-    url_module._sqla_url_quote = quote
+    for name in ("_sqla_url_quote", "_rfc_1738_quote"):
+        if hasattr(url_module, name):
+            setattr(url_module, name, quote)
+            return
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -270,7 +284,7 @@ def lossless_url_rendering() -> None:
 
 def _clean(text: str) -> str:
     lines = [ln for ln in text.splitlines() if not ln.startswith("(Background on this error")]
-    out = redact(" ".join(ln.strip() for ln in lines if ln.strip()))
+    out = target.real_paths(redact(" ".join(ln.strip() for ln in lines if ln.strip())))
     return out if len(out) <= _MAX_MESSAGE else out[:_MAX_MESSAGE] + "..."
 
 
@@ -302,15 +316,65 @@ def _is_database_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError)
 
 
+@dataclass(frozen=True)
+class RevisionPlace:
+    """Where in a revision file an exception was raised: the file, the line, and its id."""
+
+    path: str
+    line: int
+    revision: str | None
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return out
+
+
+def revision_place(exc: BaseException, files: Callable[[], set[str]]) -> RevisionPlace | None:
+    """The deepest frame in a revision file of `exc`'s traceback (or of the exceptions it was
+    raised from); `files` gives the revision files' real paths."""
+    frames = [f for e in _chain(exc) for f in reversed(traceback.extract_tb(e.__traceback__))]
+    if not frames:
+        return None
+    known = files()
+    for frame in frames:
+        if os.path.realpath(frame.filename) in known:
+            return RevisionPlace(frame.filename, frame.lineno or 0, _revision_id_of(frame.filename))
+    return None
+
+
+def _revision_id_of(path: str) -> str | None:
+    from reconciler import graph  # standard library only: reads the header, runs nothing
+
+    try:
+        parsed = graph.parse_revision_file(Path(path))
+    except Exception:  # not readable or not a literal header: the file still names the place
+        return None
+    return parsed.revision if parsed is not None else None
+
+
 def error_payload(exc: BaseException, op: str, job: Job | None,
-                  guard: ConnectionGuard | None, env_ran: bool = True) -> dict[str, Any]:
+                  guard: ConnectionGuard | None, env_ran: bool = True,
+                  place: RevisionPlace | None = None) -> dict[str, Any]:
     """The `error` object of a failed reply.
 
     `env_ran` is False when env.py failed before reaching `context.run_migrations()`: its own
     code, or the models it imports, raised — a configuration error (exit 2) with file and line.
+    `place`: where in a revision file it was raised; any exception raised by a revision's code
+    (its upgrade, or its module while Alembic loads it, in any request) is exit 1 and names the
+    file and line. A revision file that does not parse is exit 2, as the control plane says.
     """
     revision = exc.revision if isinstance(exc, migrations.RevisionError) else None
     original = exc.original if isinstance(exc, migrations.RevisionError) else exc
+    if place is not None and isinstance(original, SyntaxError):
+        place = None
+    revision = revision or (place.revision if place is not None else None)
     name = type(original).__name__
     if guard is not None and guard.refusal:
         name, code, message = "ConfigError", 2, guard.refusal
@@ -319,14 +383,17 @@ def error_payload(exc: BaseException, op: str, job: Job | None,
     elif guard is not None and (guard.connecting or _is_disconnect(original)):
         code = 5
         message = _clean(f"cannot reach the database: {name}: {original}")
-    elif revision is not None:
+    elif revision is not None or place is not None:
         code = 1
-        message = _clean(f"revision {revision} failed: {name}: {original}")
+        which = f"revision {revision}" if revision else f"revision file {place.path}"  # type: ignore[union-attr]
+        where = f" at {place}" if place is not None else ""
+        message = _clean(f"{which} failed{where}: {name}: {original}")
     elif isinstance(original, (SyntaxError, ImportError)) or (
         not env_ran and not _is_database_error(original)
     ):
         root = job.root if job else Path.cwd()
-        code, message = 2, str(target.user_error(original, f"{op}: running env.py", root))
+        what = "starting the worker" if op == "init" else "running env.py"
+        code, message = 2, str(target.user_error(original, f"{op}: {what}", root))
     elif type(original).__module__.startswith("alembic"):
         code, message = 2, _clean(f"{op}: Alembic: {original}")
     else:
@@ -344,7 +411,7 @@ def error_payload(exc: BaseException, op: str, job: Job | None,
 def _debug_traceback(exc: BaseException, job: Job | None) -> None:
     if job is None or job.log_level != "debug":
         return
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = target.real_paths("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     for line in text.splitlines():
         log("debug", line)
 
@@ -380,6 +447,7 @@ class Runner:
             "record": self.op_record,
             "compare": self.op_compare,
             "headers": self.op_headers,
+            "bind": self.op_bind,
             "init_dir": self.op_init_dir,
             "generate": self.op_generate,
             "exit": lambda _r: {},
@@ -401,7 +469,8 @@ class Runner:
         except BaseException as exc:  # user code may raise anything, SystemExit included
             _debug_traceback(exc, self.job)
             env_ran = self.migrations.env_ran if self.migrations is not None else True
-            reply = {"ok": False, "error": error_payload(exc, op, self.job, self.guard, env_ran)}
+            place = revision_place(exc, self._revision_files)
+            reply = {"ok": False, "error": error_payload(exc, op, self.job, self.guard, env_ran, place)}
         return dict(_redact_all(reply))
 
     # init and lazy loading
@@ -409,6 +478,7 @@ class Runner:
     def op_init(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.job is not None:
             raise ConfigError("the worker was already initialised; start a new one per job")
+        require_supported_sqlalchemy()
         job = Job.from_dict(dict(request.get("job") or {}))
         self.job = job
         try:
@@ -445,6 +515,15 @@ class Runner:
     def _job(self) -> Job:
         assert self.job is not None
         return self.job
+
+    def _revision_files(self) -> set[str]:
+        """The real paths of the revision files (to name the one an exception came from)."""
+        if self.migrations is None:
+            return set()
+        try:
+            return {os.path.realpath(p) for p in self.migrations.revision_files()}
+        except Exception:  # a missing versions directory: no revision to name
+            return set()
 
     def _migrations(self) -> migrations.Migrations:
         assert self.migrations is not None
@@ -533,11 +612,34 @@ class Runner:
     def op_headers(self, request: dict[str, Any]) -> dict[str, Any]:
         job = self._job()
 
-        def on_error(exc: BaseException, path: Path) -> Exception:
-            return target.user_error(exc, f"reading revision file {path}", job.root)
+        def on_error(exc: BaseException, path: Path) -> BaseException:
+            if isinstance(exc, SyntaxError):
+                return target.user_error(exc, f"reading revision file {path}", job.root)
+            return exc  # raised again with its traceback: the reply names the revision's line
 
         paths = [Path(p) for p in request.get("paths") or ()]
         return {"headers": self._migrations().headers(paths, on_error)}
+
+    def op_bind(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Take on the control plane's database identity and journal tables: a worker started to
+        read headers is then the one that analyses and applies (one interpreter start). Refused
+        (`bound` False) once anything connected, as those connections were checked against the
+        URL's identity only."""
+        job, guard = self._job(), self.guard
+        if guard is None or guard.connections:
+            return {"bound": False}
+        expected = request.get("expected_identity")
+        job = dataclasses.replace(
+            job,
+            expected_identity=tuple(sorted(expected.items())) if expected else job.expected_identity,
+            exclude_tables=frozenset(str(t) for t in request.get("exclude_tables") or ()),
+        )
+        self.job = guard.job = job
+        guard.expected = expected_identity(job)
+        migrations.install_configure_guard(
+            migrations.Guard(job.exclude_tables, job.version_table, job.version_table_schema)
+        )
+        return {"bound": True}
 
     def op_init_dir(self, request: dict[str, Any]) -> dict[str, Any]:
         job = self._job()
@@ -564,7 +666,7 @@ class Runner:
 def _load_driver(url: str) -> None:
     """Import the URL's dialect and DBAPI driver now, so the first request does not pay for it."""
     with contextlib.suppress(Exception):  # a missing driver is reported when connecting
-        from sqlalchemy.engine import make_url
+        from sqlalchemy.engine.url import make_url
 
         dialect = make_url(url).get_dialect()
         loader = getattr(dialect, "import_dbapi", None) or getattr(dialect, "dbapi", None)
@@ -599,6 +701,24 @@ def _flask_migrate_templates() -> Path:
 
 def _ms_since(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
+
+
+MINIMUM_SQLALCHEMY = (1, 3)
+
+
+def require_supported_sqlalchemy() -> None:
+    """Refuse, naming both versions, an interpreter whose SQLAlchemy is older than we support."""
+    import sqlalchemy
+
+    version = str(sqlalchemy.__version__)
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if numbers < MINIMUM_SQLALCHEMY:
+        minimum = ".".join(map(str, MINIMUM_SQLALCHEMY))
+        raise ConfigError(
+            f"SQLAlchemy {version} in {sys.executable} is older than the oldest the worker "
+            f"supports ({minimum}); upgrade SQLAlchemy there to {minimum} or later, or point "
+            "[target] python at another interpreter"
+        )
 
 
 def _versions() -> dict[str, str]:

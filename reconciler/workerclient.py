@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -366,6 +367,27 @@ class Worker:
         """Differences between the models and the database: [{kind, key, text}] sorted by key."""
         differences = self._request("compare").get("differences") or []
         return [{str(k): str(v) for k, v in d.items()} for d in differences]
+
+    def bind(
+        self,
+        expected_identity: dict[str, str] | None,
+        exclude_tables: Sequence[str],
+        on_log: Callable[[str], None] | None,
+        timeout: float,
+    ) -> bool:
+        """Give a worker started for the headers the apply's identity and journal tables (and
+        log sink and timeout); False when it cannot take them (it connected already)."""
+        reply = self._request(
+            "bind", expected_identity=expected_identity, exclude_tables=list(exclude_tables)
+        )
+        if not reply.get("bound"):
+            return False
+        if self.job is not None:
+            self.job = dataclasses.replace(
+                self.job, expected_identity=expected_identity, exclude_tables=list(exclude_tables)
+            )
+        self._on_log, self._timeout = on_log, timeout or self._timeout
+        return True
 
     def headers(self, paths: list[Path]) -> list[dict[str, Any]]:
         """Revision identifiers of files whose headers are not literal (executes them)."""

@@ -27,7 +27,11 @@ class User(db.Model):
 
 PLAIN_MODELS = '''\
 import sqlalchemy as sa
-from sqlalchemy.orm import declarative_base
+
+try:
+    from sqlalchemy.orm import declarative_base
+except ImportError:  # SQLAlchemy 1.3
+    from sqlalchemy.ext.declarative import declarative_base
 
 Base = declarative_base()
 

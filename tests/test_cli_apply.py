@@ -92,7 +92,9 @@ def test_password_never_in_output(
     project = flask_project(tmp_path / "p", url)
     project.chain(2)
     project.revision("bad1", "r0001", upgrade=(
-        'raise RuntimeError("cannot use " + op.get_bind().engine.url.render_as_string(False))'
+        "u = op.get_bind().engine.url\n"  # SQLAlchemy 1.3's str() shows the password
+        'raise RuntimeError("cannot use " + (u.render_as_string(False) '
+        'if hasattr(u, "render_as_string") else str(u)))'
     ))
     # run_cli asserts the canary (raw, URL-encoded, double-encoded) is in no output.
     run_cli(["--config", str(project.config), "status", "--json"], cwd=project.root)

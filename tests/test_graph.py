@@ -103,8 +103,9 @@ def rev_file(directory: Path, rev: str, down: str | tuple[str, ...] | None, **kw
     return write(directory, f"{rev}_rev.py", source)
 
 
-def rev(name: str, down: tuple[str, ...] = (), labels: tuple[str, ...] = (),
-        deps: tuple[str, ...] = ()) -> Revision:
+def rev(
+    name: str, down: tuple[str, ...] = (), labels: tuple[str, ...] = (), deps: tuple[str, ...] = ()
+) -> Revision:
     return Revision(name, down, labels, deps, Path(f"{name}.py"), name, "0" * 64)
 
 
@@ -169,8 +170,7 @@ def test_down_revision_forms(tmp_path: Path, down: str, expected: tuple[str, ...
         "def f():\n    global down_revision\n    down_revision = 'x'",
         "draft = DRAFT",
     ],
-    ids=["name", "fstring", "binop", "import", "conditional", "unpacking", "for", "global",
-         "flag"],
+    ids=["name", "fstring", "binop", "import", "conditional", "unpacking", "for", "global", "flag"],
 )
 def test_non_literal_header_falls_back_to_worker(tmp_path: Path, header: str) -> None:
     source = f'"""dynamic"""\nPREVIOUS = "a0"\nDRAFT = False\nrevision = "r1"\n{header}\n'
@@ -203,24 +203,111 @@ def test_bare_annotation_is_not_a_binding(tmp_path: Path) -> None:
     assert revision is not None and revision.revision == "r1"
 
 
-def test_string_that_looks_like_a_binding_is_only_conservative(tmp_path: Path) -> None:
+def test_string_that_looks_like_a_binding_is_no_binding(tmp_path: Path) -> None:
     source = 'revision = "r1"\ndown_revision = None\nNOTE = "id\'revision\',ctxStore"\n'
-    assert g.parse_revision_file(write(tmp_path, "r1.py", source)) is None
+    revision = g.parse_revision_file(write(tmp_path, "r1.py", source))
+    assert revision is not None and revision.revision == "r1"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "class Snapshot:\n    revision = compute()\n    down_revision: str = other()",
+        "class Outer:\n    class Inner:\n        revision = compute()",
+        "def helper():\n    revision = compute()\n    return revision",
+        "async def helper():\n    for revision in compute():\n        pass",
+        "def helper(revision=None):\n    down_revision = revision\n    return down_revision",
+        "helper = lambda revision: revision",
+        "names = [revision for revision in compute()]",
+        "if TYPE_CHECKING:\n    from .types import revision",
+        "if typing.TYPE_CHECKING:\n    revision: str = compute()",
+        "def helper():\n    def inner():\n        nonlocal_value = 1\n    revision = inner",
+    ],
+    ids=[
+        "class-attribute",
+        "nested-class",
+        "function-local",
+        "async-loop",
+        "argument",
+        "lambda",
+        "comprehension",
+        "type-checking-import",
+        "type-checking-assign",
+        "nested-function",
+    ],
+)
+def test_a_name_outside_the_module_namespace_is_no_header(tmp_path: Path, extra: str) -> None:
+    """A class attribute or a local named `revision` is not the module's: the headers stay
+    literal, so the control plane never starts a worker for this file."""
+    source = f'"""scoped"""\nrevision = "r1"\ndown_revision = "a0"\n{extra}\n'
+    path = write(tmp_path / "versions", "r1_scoped.py", source)
+    rev_file(tmp_path / "versions", "a0", None)
+    revision = g.parse_revision_file(path)
+    assert revision is not None
+    assert (revision.revision, revision.down_revisions) == ("r1", ("a0",))
+    graph, fallback = g.load_graph([tmp_path / "versions"])
+    assert fallback == [] and graph.complete and graph.heads == ("r1",)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "try:\n    down_revision = compute()\nexcept ImportError:\n    pass",
+        "with open(__file__) as down_revision:\n    pass",
+        "while False:\n    down_revision = compute()",
+        "if TYPE_CHECKING:\n    pass\nelse:\n    down_revision = compute()",
+        "(down_revision := compute())",
+        "names = [(down_revision := n) for n in compute()]",
+        "class Snapshot:\n    def fix(self):\n        global down_revision\n        down_revision = 'x'",
+        "import something as down_revision",
+        "try:\n    pass\nexcept Exception as down_revision:\n    pass",
+        "match compute():\n    case down_revision:\n        pass",
+        "down_revision += 'x'",
+        "del down_revision",
+        "def down_revision():\n    pass",
+        "class down_revision:\n    pass",
+        "down_revision: str = compute()",
+    ],
+    ids=[
+        "try",
+        "with",
+        "while",
+        "type-checking-else",
+        "walrus",
+        "walrus-in-comprehension",
+        "global-in-method",
+        "import-as",
+        "except-as",
+        "match-capture",
+        "augmented",
+        "del",
+        "def",
+        "class",
+        "annotated-non-literal",
+    ],
+)
+def test_a_module_level_binding_anywhere_still_needs_the_worker(tmp_path: Path, extra: str) -> None:
+    """Negative control: a header bound in the module's namespace beside the literal (in a
+    block, by an import, through `global`) may change it at run time, so the worker reads it."""
+    source = f'"""dynamic"""\nrevision = "r1"\ndown_revision = "a0"\n{extra}\n'
+    path = write(tmp_path / "versions", "r1_dynamic.py", source)
+    rev_file(tmp_path / "versions", "a0", None)
+    assert g.parse_revision_file(path) is None
+    graph, fallback = g.load_graph([tmp_path / "versions"])
+    assert fallback == [path] and not graph.complete
 
 
 @pytest.mark.parametrize(
     ("source", "fragment"),
     [
-        ('revision = 5\n', "revision = 5 must be a non-empty string"),
+        ("revision = 5\n", "revision = 5 must be a non-empty string"),
         ('revision = "a-b"\n', "Alembic does not allow"),
         ('revision = "r1"\ndown_revision = 7\n', "down_revision = 7"),
         ('revision = "r1"\ndraft = "yes"\n', "draft = 'yes' must be True or False"),
     ],
     ids=["int-id", "illegal-char", "int-down", "str-flag"],
 )
-def test_literal_of_wrong_type_names_file_and_line(
-    tmp_path: Path, source: str, fragment: str
-) -> None:
+def test_literal_of_wrong_type_names_file_and_line(tmp_path: Path, source: str, fragment: str) -> None:
     path = write(tmp_path, "bad.py", source)
     with pytest.raises(g.RevisionFileError) as info:
         g.parse_revision_file(path)
@@ -289,8 +376,10 @@ def test_hash_ignores_what_formatters_do_to_docstrings() -> None:
     assert g.source_hash(formatted.encode()) == g.source_hash(with_doc.encode())
     reworded = formatted.replace("Indented.", "Indented differently.")
     assert g.source_hash(reworded.encode()) != g.source_hash(formatted.encode())
-    sql = [revision_source("a0", None, body, "pass", "m", None, None)
-           for body in ('op.execute("SELECT 1 ")', 'op.execute("SELECT 1")')]
+    sql = [
+        revision_source("a0", None, body, "pass", "m", None, None)
+        for body in ('op.execute("SELECT 1 ")', 'op.execute("SELECT 1")')
+    ]
     assert g.source_hash(sql[0].encode()) != g.source_hash(sql[1].encode())
 
 
@@ -387,17 +476,14 @@ def test_versions_dirs_default(tmp_path: Path) -> None:
     [("path_separator = os\n", os.pathsep), ("version_path_separator = ;\n", ";"), ("", " ")],
     ids=["path-separator-os", "legacy-key", "no-separator"],
 )
-def test_version_locations_and_recursive_from_ini(
-    tmp_path: Path, separator: str, joiner: str
-) -> None:
+def test_version_locations_and_recursive_from_ini(tmp_path: Path, separator: str, joiner: str) -> None:
     migrations = tmp_path / "migrations"
     root = tmp_path / "project"
     locations = joiner.join(["%(here)s/versions", "shared/versions"])
     ini = write(
         migrations,
         "alembic.ini",
-        f"[alembic]\n{separator}version_locations = {locations}\n"
-        "recursive_version_locations = true\n",
+        f"[alembic]\n{separator}version_locations = {locations}\nrecursive_version_locations = true\n",
     )
     dirs, recursive = g.versions_dirs(migrations, ini, root)
     assert dirs == [migrations.resolve() / "versions", root / "shared/versions"]
@@ -450,13 +536,18 @@ def test_heads_and_version_rows_match_alembic(tmp_path: Path) -> None:
         "print(' '.join(sorted(ScriptDirectory.from_config(Config('alembic.ini')).get_heads())))"
     )
     heads = subprocess.run(
-        [sys.executable, "-c", code], cwd=project.root, capture_output=True, text=True,
-        check=True, timeout=60,
+        [sys.executable, "-c", code],
+        cwd=project.root,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout.split()
     assert tuple(heads) == graph.heads == ("a2", "b2")
     alembic = Path(sys.executable).parent / "alembic"
-    subprocess.run([str(alembic), "upgrade", "heads"], cwd=project.root, check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [str(alembic), "upgrade", "heads"], cwd=project.root, check=True, capture_output=True, timeout=60
+    )
     assert tuple(sorted(db_heads(url))) == graph.version_heads == ("b2",)
 
 
@@ -543,3 +634,109 @@ def test_an_invalidation_during_a_read_is_not_lost(tmp_path: Path) -> None:
     assert repository.graph(check=False).heads == ("a0",)
     repository._load = real_load  # type: ignore[method-assign]
     assert repository.graph(check=False).heads == ("b0",)
+
+
+# --- the control plane reads headers without a worker ------------------------------------------
+
+SLOW_MODELS_PREFIX = """\
+import os
+import pathlib
+import time
+
+# the fixture's stand-in for an app that builds itself at import: it says it was imported
+with open(pathlib.Path(__file__).with_name("imported.marker"), "a") as marker:
+    marker.write(f"{os.getpid()}\\n")
+time.sleep(3)
+"""
+
+CLASS_ATTRIBUTE = '''
+from myapp import models  # noqa: F401  (real revisions import the app for enums and helpers)
+
+
+class Snapshot:
+    """A helper class whose attribute happens to be called `revision`."""
+
+    revision = models.__name__
+'''
+
+
+def _slow_models_project(root: Path, url: str) -> tuple[Path, Path]:
+    from tests.builders import FLASK_MODELS, flask_project
+
+    project = flask_project(root, url, models=SLOW_MODELS_PREFIX + FLASK_MODELS)
+    project.revision("a0", None, upgrade='op.create_table("t_a0", sa.Column("id", sa.Integer))')
+    project.revision("b0", "a0", extra=CLASS_ATTRIBUTE)
+    return project.config, root / "myapp" / "imported.marker"
+
+
+def _stamp_directly(url: str, head: str) -> None:
+    """The database at head without running anything of the project's."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+            conn.execute(sa.text("INSERT INTO alembic_version VALUES (:v)"), {"v": head})
+    finally:
+        engine.dispose()
+
+
+def test_status_at_head_starts_no_worker_for_a_class_attribute_named_revision(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A revision with `class X: revision = ...` that imports a slow app: `status` at head reads
+    every header itself; the slow models module (which writes a marker at import) never runs."""
+    from tests.cli import run_cli
+
+    config, marker = _slow_models_project(tmp_path / "p", sqlite_url)
+    _stamp_directly(sqlite_url, "b0")
+    result = run_cli(["--config", str(config), "status", "--json"], cwd=config.parent)
+    assert result.returncode == 0, result.stderr
+    assert '"in_sync"' in result.stdout
+    assert not marker.exists(), "status started a worker that imported the models"
+
+
+def test_a_truly_dynamic_header_still_reads_through_the_worker(tmp_path: Path, sqlite_url: str) -> None:
+    """Negative control for the test above: the marker does show a worker start, when a header
+    really is computed at run time."""
+    from tests.cli import run_cli
+
+    config, marker = _slow_models_project(tmp_path / "p", sqlite_url)
+    dynamic = config.parent / "migrations" / "versions" / "c0_dynamic.py"
+    dynamic.write_text(
+        "from myapp import models  # noqa: F401\n"
+        'revision = "c" + "0"\ndown_revision = "b0"\n'
+        "def upgrade():\n    pass\n\ndef downgrade():\n    pass\n",
+        encoding="utf-8",
+    )
+    _stamp_directly(sqlite_url, "c0")
+    result = run_cli(["--config", str(config), "status", "--json"], cwd=config.parent)
+    assert result.returncode == 0, result.stderr
+    assert '"in_sync"' in result.stdout
+    assert marker.exists()
+
+
+def test_apply_reads_dynamic_headers_and_applies_with_one_worker_start(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """When a header truly needs the worker, the worker that read it is the one the guard and the
+    apply use: the slow models module is imported by one process only."""
+    from tests.builders import db_heads
+    from tests.cli import run_cli
+
+    config, marker = _slow_models_project(tmp_path / "p", sqlite_url)
+    dynamic = config.parent / "migrations" / "versions" / "c0_dynamic.py"
+    dynamic.write_text(
+        "from alembic import op\nimport sqlalchemy as sa\n"
+        "from myapp import models  # noqa: F401\n"
+        'revision = "c" + "0"\ndown_revision = "b0"\n'
+        'def upgrade():\n    op.create_table("t_c0", sa.Column("id", sa.Integer))\n\n'
+        "def downgrade():\n    pass\n",
+        encoding="utf-8",
+    )
+    result = run_cli(["--config", str(config), "apply"], cwd=config.parent)
+    assert result.returncode == 0, result.stderr
+    assert db_heads(sqlite_url) == {"c0"}
+    importers = set(marker.read_text().split())
+    assert len(importers) == 1, f"the models were imported by {len(importers)} processes"

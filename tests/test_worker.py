@@ -69,7 +69,11 @@ def create_app():
 
 PLAIN_MODELS = """\
 import sqlalchemy as sa
-from sqlalchemy.orm import declarative_base
+
+try:
+    from sqlalchemy.orm import declarative_base
+except ImportError:  # SQLAlchemy 1.3
+    from sqlalchemy.ext.declarative import declarative_base
 
 Base = declarative_base()
 
@@ -899,7 +903,8 @@ def canary_url(request: pytest.FixtureRequest) -> str:
 
 LEAKY = '''\
 import logging
-url = op.get_bind().engine.url.render_as_string(hide_password=False)
+bound = op.get_bind().engine.url
+url = bound.render_as_string(hide_password=False) if hasattr(bound, "set") else str(bound)
 print("stdout:", url)
 logging.getLogger("alembic").warning("log: %s", url)
 raise RuntimeError("cannot go on with " + url + " password " + op.get_bind().engine.url.password)'''
@@ -923,3 +928,128 @@ def test_canary_password_appears_in_no_reply_or_log(proj: Proj, canary_url: str)
     assert any("log:" in line for line in proj.logs)
     texts.append(repr(proj.job(canary_url)))
     dbs.assert_no_canary(*texts, *proj.logs)
+
+
+# --- errors name the right place ---------------------------------------------------------------
+
+RAISES_IN_UPGRADE = 'raise RuntimeError("c3 broke in upgrade")'
+RAISES_AT_IMPORT = 'raise RuntimeError("c3 broke at import")'
+
+
+def _line_of(path: Path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+@pytest.mark.core
+def test_a_revision_failing_in_offline_sql_names_its_file_and_line(
+    proj: Proj, sqlite_url: str
+) -> None:
+    """`plan --sql` runs the revisions' upgrade() offline: a raise there is the revision's, not
+    'outside any revision (env.py?)'."""
+    path = proj.revision("c3", "b2", RAISES_IN_UPGRADE)
+    with proj.start(sqlite_url) as worker, pytest.raises(RevisionFailed) as caught:
+        worker.sql(None, "c3")
+    err = caught.value
+    assert err.revision == "c3" and err.exit_code == 1
+    assert f"{path}:{_line_of(path, 'c3 broke')}" in str(err)
+    assert "outside any revision" not in str(err) and "c3 broke in upgrade" in str(err)
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("op", ["sql", "upgrade", "generate", "stamp"])
+def test_a_revision_raising_at_import_is_exit_1_naming_its_line_in_every_request(
+    proj: Proj, sqlite_url: str, op: str
+) -> None:
+    """The same failure (a revision module that raises when Alembic loads it) is one kind in every
+    request: exit 1, the revision, its file and line."""
+    path = proj.revision("c3", "b2", "pass", extra=RAISES_AT_IMPORT)
+    with proj.start(sqlite_url) as worker, pytest.raises(RevisionFailed) as caught:
+        if op == "sql":
+            worker.sql(None, "c3")
+        elif op == "upgrade":
+            worker.upgrade("a1")
+        elif op == "generate":
+            worker.generate(message="next")
+        else:
+            worker.stamp("b2")
+    err = caught.value
+    assert err.revision == "c3" and err.exit_code == 1
+    assert f"{path}:{_line_of(path, 'c3 broke')}" in str(err)
+    assert "c3 broke at import" in str(err)
+    assert not list((proj.migrations / "versions").glob("*next*")), "a generation wrote a file"
+
+
+@pytest.mark.core
+def test_a_revision_whose_headers_the_worker_reads_names_its_line_too(
+    proj: Proj, sqlite_url: str
+) -> None:
+    path = proj.revision("c3", "b2", "pass", extra=RAISES_AT_IMPORT)
+    with proj.start(sqlite_url) as worker, pytest.raises(RevisionFailed) as caught:
+        worker.headers([path])
+    assert caught.value.exit_code == 1 and caught.value.revision == "c3"
+    assert f"{path}:{_line_of(path, 'c3 broke')}" in str(caught.value)
+
+
+@pytest.mark.core
+def test_no_message_names_the_workers_private_package_link(proj: Proj, sqlite_url: str) -> None:
+    """The worker imports our package through a link in a temporary folder; an error mentioning
+    one of our files names the installed package instead."""
+    import reconciler
+
+    path = proj.revision("c3", "b2", "pass", extra="from reconciler.hooks import no_such_helper")
+    with proj.start(sqlite_url) as worker, pytest.raises(RevisionFailed) as caught:
+        worker.sql(None, "c3")
+    message = str(caught.value)
+    assert "no_such_helper" in message and f"{path}:" in message
+    assert "reconciler-worker-" not in message
+    assert str(Path(reconciler.__file__).resolve().parent / "hooks.py") in message
+
+
+def test_an_sqlalchemy_older_than_supported_is_refused_naming_both_versions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reconciler import worker as worker_module
+
+    monkeypatch.setattr(sa, "__version__", "1.2.19")
+    with pytest.raises(ConfigError) as caught:
+        worker_module.require_supported_sqlalchemy()
+    assert "SQLAlchemy 1.2.19" in str(caught.value) and "(1.3)" in str(caught.value)
+    monkeypatch.setattr(sa, "__version__", "1.3.24")
+    worker_module.require_supported_sqlalchemy()  # the oldest supported passes
+
+
+# --- one worker for headers, guard and apply ---------------------------------------------------
+
+
+@pytest.mark.core
+@pytest.mark.postgres
+def test_a_headers_worker_bound_to_the_identity_enforces_it(
+    alembic_proj: Proj, pg_url: str, inspect_db: Any
+) -> None:
+    """A worker started to read headers takes on the control plane's identity before it applies:
+    a wrong one is still refused after binding (the safeguard moves with the worker)."""
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        identity = dbsession.identity_from_dbapi(conn.connection, "postgresql")
+    engine.dispose()
+    path = alembic_proj.migrations / "versions" / "a1.py"
+    wrong = {**identity, "database": "some_other_database"}
+    with alembic_proj.start(pg_url) as worker:
+        assert worker.headers([path])[0]["revision"] == "a1"
+        assert worker.bind(wrong, ["reconciler_journal"], None, 60.0)
+        with pytest.raises(ConfigError, match="somewhere else"):
+            worker.upgrade("a1")
+    with alembic_proj.start(pg_url) as worker:
+        worker.headers([path])
+        assert worker.bind(identity, ["reconciler_journal"], None, 60.0)
+        worker.upgrade("a1")
+    assert inspect_db(pg_url)[0] == {"a1"}
+
+
+@pytest.mark.core
+def test_a_worker_that_connected_refuses_to_be_bound(alembic_proj: Proj, sqlite_url: str) -> None:
+    """Connections opened before a bind were checked against the URL's identity only: such a
+    worker is not reused (the caller starts a fresh one)."""
+    with alembic_proj.start(sqlite_url) as worker:
+        worker.upgrade("a1")
+        assert not worker.bind(None, ["reconciler_journal"], None, 60.0)
