@@ -228,12 +228,11 @@ def _print_plan(steps: list[Any], findings: tuple[Any, ...]) -> None:
 def apply(ctx: Context) -> int:
     """One reconcile: take the lock, upgrade to the heads, verify."""
     progress = _progress if sys.stderr.isatty() else None
+    from reconciler.reconcile import summary
+
     with _reconciler(ctx) as rec:
         result = rec.apply(trigger="apply", progress=progress)
-    if result.outcome == "noop":
-        click.echo(f"in sync at {', '.join(result.status.decision.db_heads) or 'base'}", err=True)
-    else:
-        click.echo(f"applied {len(result.applied)} revision(s); in sync", err=True)
+    click.echo(summary(result), err=True)
     return EXIT_OK
 
 

@@ -566,11 +566,14 @@ class Reconciler:
         self._refuse(status)
         if status.sync_state == "in_sync":  # another replica did the work meanwhile
             return self._finish("noop", (), status, waited, started)
-        applied = self._apply_counted(conn, graph, status, trigger, progress, should_stop)
+        steps = self._apply_counted(conn, graph, status, trigger, progress, should_stop)
         final = self._status(conn, graph)
-        if len(applied) == len(status.decision.pending):
+        if len(steps) == len(status.decision.pending):
             verify(final)
-        return self._finish("applied", applied, final, waited, started)
+        # A step Alembic found already done (an app factory upgrading inside the worker) was
+        # journaled `skipped`: it is the other writer's, never counted as applied by us.
+        ours = tuple(step for step in steps if step[0] not in self._foreign)
+        return self._finish("applied", ours, final, waited, started)
 
     def _refuse(self, status: Status) -> None:
         """`refuse_unless_applicable`, saying `checksum_mismatch` once per distinct mismatch."""
@@ -846,6 +849,8 @@ class Reconciler:
             outcome=outcome,
             state=status.state,
             applied=[rev for rev, _ in applied],
+            foreign=list(self._foreign),
+            summary=summary(ApplyResult(outcome, applied, status, foreign=tuple(self._foreign))),
             lock_wait_ms=int(waited * 1000),
             duration_ms=int(duration * 1000),
         )
@@ -872,6 +877,24 @@ class Reconciler:
                     f"{status.state} ({status.message}); run `reconciler apply` or raise --timeout"
                 )
             time.sleep(min(poll, remaining))
+
+
+def summary(result: ApplyResult) -> str:
+    """One line that says what this run did, as the journal records it: revisions we applied,
+    and apart from them the ones another writer applied meanwhile (journaled `skipped`)."""
+    state = "in sync" if result.status.sync_state == "in_sync" else result.status.state
+    foreign = result.foreign
+    if not foreign:
+        if result.outcome == "noop":
+            return f"in sync at {', '.join(sorted(result.status.decision.db_heads)) or 'base'}"
+        return f"applied {len(result.applied)} revision(s); {state}"
+    others = (
+        f"{len(foreign)} {'was' if len(foreign) == 1 else 'were'} applied by another writer "
+        f"{'during' if result.outcome == 'applied' else 'before'} the run "
+        f"(foreign_writer: {', '.join(foreign)}); an app upgrading itself at "
+        "start-up? switch that off or take reconciler.hooks.migration_lock"
+    )
+    return f"{len(result.applied)} applied by the reconciler; {others}; {state}"
 
 
 def refuse_unless_applicable(status: Status) -> None:
@@ -968,5 +991,6 @@ __all__ = [
     "ReconcilerError",
     "Status",
     "refuse_unless_applicable",
+    "summary",
     "verify",
 ]
