@@ -273,7 +273,7 @@ def stamp(rec: Reconciler, revision: str, force: bool) -> tuple[str, ...]:
                     f"would record a schema it does not have:\n{_listing(found)}\n"
                     "align them first, or pass --force"
                 )
-        journal.ensure(conn, rec.journal)
+        rec.ensure_journal(conn)
         graph = rec.graph()
         rows = [
             journal.record_started(
@@ -371,7 +371,7 @@ def downgrade(rec: Reconciler, revision: str, confirm: Confirm) -> tuple[str, li
             return target, undo
         if not confirm(target, undo):
             raise Refused("downgrade not confirmed; nothing was changed")
-        journal.ensure(conn, rec.journal)
+        rec.ensure_journal(conn)
         with rec.start_worker(conn) as worker:
             for rev in undo:
                 _downgrade_one(rec, conn, worker, rev)
@@ -413,7 +413,7 @@ def resolve(rec: Reconciler, revision: str, outcome: str) -> str:
     with connection.connect(rec.engine) as conn, rec.locked(
         conn, rec.settings.apply.lock_acquire_timeout
     ):
-        journal.ensure(conn, rec.journal)
+        rec.ensure_journal(conn)
         status = rec.status()
         settled = journal.settle_interrupted(
             conn, rec.journal, _applied(graph, status), rec.backend
@@ -471,7 +471,7 @@ def suspend(rec: Reconciler, reason: str) -> None:
     with connection.connect(rec.engine) as conn:
         if not journal.exists(conn, rec.journal):
             with rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
-                journal.ensure(conn, rec.journal)
+                rec.ensure_journal(conn)
         fleet.put(conn, rec.journal, fleet.suspended_key(rec.target), value)
     log.info("suspended", target=rec.target, reason=reason)
 

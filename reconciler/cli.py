@@ -177,8 +177,17 @@ def _print_status(data: dict[str, Any]) -> None:
     click.echo(f"repo heads: {', '.join(data['repo_heads']) or '(none)'}")
     if data["pending"]:
         click.echo(f"pending:    {len(data['pending'])}: {', '.join(data['pending'])}")
+    for chain in data.get("chains") or ():
+        _print_chain(chain)
     if data["state"] != "in_sync":
         click.echo(data["message"])
+
+
+def _print_chain(chain: dict[str, Any]) -> None:
+    """One line per chain when the database has several (`[[target.chains]]`)."""
+    pending = f"; {len(chain['pending'])} pending" if chain["pending"] else ""
+    heads = ", ".join(chain["db_heads"]) or "(none)"
+    click.echo(f"chain {chain['chain']} ({chain['version_table']}): {chain['state']} at {heads}{pending}")
 
 
 @main.command()

@@ -324,6 +324,11 @@ class Worker:
 
     # requests
 
+    def probe(self) -> None:
+        """Run env.py without applying or creating anything: a ConfigError when it connects to
+        another database than the target or configures another version table."""
+        self._request("probe")
+
     def upgrade(self, revision: str) -> StepResult:
         """Apply one revision (one step from the database's heads): what ran, and how long."""
         reply = self._request("upgrade", revision=revision)
