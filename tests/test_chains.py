@@ -13,6 +13,7 @@ import pytest
 from tests.builders import Project, alembic_project, create_table, db_heads, journal_rows, table_names
 from tests.cli import run_cli
 from tests.pgcluster import wait_until
+from tests.test_daemon import daemon
 
 pytestmark = pytest.mark.core
 
@@ -162,9 +163,6 @@ def test_a_chain_whose_env_py_uses_another_version_table_writes_nothing(
 
 @pytest.mark.slow
 def test_the_daemon_applies_and_reports_every_chain(tmp_path: Path, pg_url: str) -> None:
-    from tests.test_daemon import (
-        daemon,
-    )  # its daemon fixture; importing it at the top would collect its tests here
 
     project = two_chains(tmp_path, pg_url)
     project.write_config(
