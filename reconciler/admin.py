@@ -135,7 +135,8 @@ def _applied(graph: RevisionGraph, status: Status) -> frozenset[str]:
 # --- worker helpers ------------------------------------------------------------------------------
 @contextmanager
 def _worker(rec: Reconciler) -> Iterator[Any]:
-    with connection.connect(rec.engine) as conn, rec.start_worker(conn) as worker:
+    """A worker that only reads (analysis, offline SQL, compares)."""
+    with connection.connect(rec.engine) as conn, rec.start_worker(conn, role="read") as worker:
         yield worker
 
 
@@ -274,7 +275,7 @@ def stamp(rec: Reconciler, revision: str, force: bool) -> tuple[str, ...]:
                     f"would record a schema it does not have:\n{_listing(found)}\n"
                     "align them first, or pass --force"
                 )
-        journal.ensure(conn, rec.journal)
+        rec.ensure_journal(conn)
         graph = rec.graph()
         rows = [
             journal.record_started(
@@ -372,7 +373,7 @@ def downgrade(rec: Reconciler, revision: str, confirm: Confirm) -> tuple[str, li
             return target, undo
         if not confirm(target, undo):
             raise Refused("downgrade not confirmed; nothing was changed")
-        journal.ensure(conn, rec.journal)
+        rec.ensure_journal(conn)
         with rec.start_worker(conn) as worker:
             for rev in undo:
                 _downgrade_one(rec, conn, worker, rev)
@@ -414,7 +415,7 @@ def resolve(rec: Reconciler, revision: str, outcome: str) -> str:
     with connection.connect(rec.engine) as conn, rec.locked(
         conn, rec.settings.apply.lock_acquire_timeout
     ):
-        journal.ensure(conn, rec.journal)
+        rec.ensure_journal(conn)
         status = rec.status()
         settled = journal.settle_interrupted(
             conn, rec.journal, _applied(graph, status), rec.backend
@@ -472,7 +473,7 @@ def suspend(rec: Reconciler, reason: str) -> None:
     with connection.connect(rec.engine) as conn:
         if not journal.exists(conn, rec.journal):
             with rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
-                journal.ensure(conn, rec.journal)
+                rec.ensure_journal(conn)
         fleet.put(conn, rec.journal, fleet.suspended_key(rec.target), value)
     log.info("suspended", target=rec.target, reason=reason)
 

@@ -177,11 +177,20 @@ def _print_status(data: dict[str, Any]) -> None:
     click.echo(f"repo heads: {', '.join(data['repo_heads']) or '(none)'}")
     if data["pending"]:
         click.echo(f"pending:    {len(data['pending'])}: {', '.join(data['pending'])}")
+    for chain in data.get("chains") or ():
+        _print_chain(chain)
     if data["state"] != "in_sync":
         click.echo(data["message"])
     checked = (data.get("guard") or {}).get("checked_per_operation")
     if checked:
         click.echo(f"guard:      checked operation by operation as they run: {', '.join(checked)}")
+
+
+def _print_chain(chain: dict[str, Any]) -> None:
+    """One line per chain when the database has several (`[[target.chains]]`)."""
+    pending = f"; {len(chain['pending'])} pending" if chain["pending"] else ""
+    heads = ", ".join(chain["db_heads"]) or "(none)"
+    click.echo(f"chain {chain['chain']} ({chain['version_table']}): {chain['state']} at {heads}{pending}")
 
 
 @main.command()
@@ -231,12 +240,11 @@ def _print_plan(steps: list[Any], findings: tuple[Any, ...]) -> None:
 def apply(ctx: Context) -> int:
     """One reconcile: take the lock, upgrade to the heads, verify."""
     progress = _progress if sys.stderr.isatty() else None
+    from reconciler.reconcile import summary
+
     with _reconciler(ctx) as rec:
         result = rec.apply(trigger="apply", progress=progress)
-    if result.outcome == "noop":
-        click.echo(f"in sync at {', '.join(result.status.decision.db_heads) or 'base'}", err=True)
-    else:
-        click.echo(f"applied {len(result.applied)} revision(s); in sync", err=True)
+    click.echo(summary(result), err=True)
     return EXIT_OK
 
 

@@ -89,6 +89,24 @@ class TargetSettings:
 
 
 @dataclass(frozen=True)
+class ChainSettings:
+    """A second, independent migrations directory for the same database (`[[target.chains]]`)."""
+
+    migrations: str = field(
+        default="", metadata={"doc": "its migrations directory (a plugin's); required"}
+    )
+    version_table: str = field(
+        default="", metadata={"doc": "its own version table, the one its env.py passes; required"}
+    )
+    name: str = field(
+        default="", metadata={"doc": "its name in status, logs and the journal; default: the folder's"}
+    )
+    alembic_ini: str = field(
+        default="", metadata={"doc": "its alembic.ini; default: <migrations>/alembic.ini, else [target]'s"}
+    )
+
+
+@dataclass(frozen=True)
 class ApplySettings:
     lock_acquire_timeout: float = field(
         default=300.0, metadata={"doc": "seconds to wait for the advisory lock"}
@@ -269,6 +287,7 @@ class Settings:
     safety: SafetySettings = SafetySettings()
     alerts: tuple[AlertSink, ...] = ()
     unsafe: frozenset[str] = frozenset()  # safeguards switched off, for negative-control tests only
+    chains: tuple[ChainSettings, ...] = ()  # [[target.chains]]: more chains of the same database
 
     @property
     def migrations_dir(self) -> Path:
@@ -291,6 +310,8 @@ SECTIONS: dict[str, type] = {
     "safety": SafetySettings,
 }
 LIST_SECTIONS: dict[str, type] = {"alerts": AlertSink}
+NESTED_LISTS: dict[str, type] = {"target.chains": ChainSettings}  # [[target.chains]] tables
+MAIN_CHAIN = "main"  # the name of [target]'s own migrations directory among the chains
 
 ENV_KEYS: dict[str, tuple[str, str]] = {
     "RECONCILER_URL": ("target", "url"),
@@ -368,11 +389,27 @@ def _read_file(path: Path) -> _Source:
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
         values[section] = dict(body)
-        for key in body:
+        if section == "target" and "chains" in body:
+            _read_chains(path, values[section].pop("chains"), values, origin)
+        for key in values[section]:
             line_no = _line_of(text, section, key)
             where = f"{path}:{line_no}" if line_no else str(path)
             origin[(section, key)] = where
     return _Source(values, origin)
+
+
+def _read_chains(
+    path: Path, body: Any, values: dict[str, Any], origin: dict[tuple[str, str], str]
+) -> None:
+    if not isinstance(body, list) or not all(isinstance(b, dict) for b in body):
+        raise ConfigError(
+            f"{path}: more chains are written as [[target.chains]] tables, each with "
+            "migrations and version_table"
+        )
+    values["target.chains"] = [dict(b) for b in body]
+    for index, item in enumerate(body):
+        for key in item:
+            origin[(f"target.chains#{index}", key)] = f"{path} [[target.chains]] #{index + 1}"
 
 
 def _section_line(text: str, section: str) -> str:
@@ -471,7 +508,7 @@ def load_settings(
     path = _config_path(config, environ, cwd)
     source = _read_file(path) if path else _Source({}, {})
     raw: dict[str, dict[str, Any]] = {
-        k: dict(v) for k, v in source.values.items() if k not in LIST_SECTIONS
+        k: dict(v) for k, v in source.values.items() if k not in LIST_SECTIONS and k not in NESTED_LISTS
     }
     origin = dict(source.origin)
     for env_name, (section, key) in ENV_KEYS.items():
@@ -504,9 +541,55 @@ def load_settings(
             source.values.get("alerts", []), origin, environ, base_dir, resolve_alerts
         ),
         unsafe=_unsafe(environ),
+        chains=_chains(source.values.get("target.chains", []), origin),
     )
     _validate(settings, origin, require_migrations)
     return settings
+
+
+_CHAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def _chains(items: list[dict[str, Any]], origin: dict[tuple[str, str], str]) -> tuple[ChainSettings, ...]:
+    """The [[target.chains]] tables, each complete (keys, names; directories are `_validate`'s)."""
+    chains = []
+    for index, item in enumerate(items):
+        section = f"target.chains#{index}"
+        where = f"[[target.chains]] #{index + 1}"
+        chain: ChainSettings = _build_section(section, item, origin, ChainSettings)
+        where = origin.get((section, "migrations"), where)
+        for key in ("migrations", "version_table"):
+            if not getattr(chain, key):
+                raise ConfigError(
+                    f"{where}: a chain needs {key} (its migrations directory and the version "
+                    "table its env.py passes), e.g. migrations = \"plugin_migrations\", "
+                    "version_table = \"plugin_version\""
+                )
+        if not _TABLE_NAME.match(chain.version_table):
+            raise ConfigError(
+                f"{where}: version_table must be a plain table name, got {chain.version_table!r}"
+            )
+        name = chain.name or Path(chain.migrations).name
+        if not _CHAIN_NAME.match(name) or name == MAIN_CHAIN:
+            raise ConfigError(
+                f"{where}: chain name {name!r} must be 1-40 letters, digits, _ . - and not "
+                f"{MAIN_CHAIN!r} (the name of [target]'s own directory); set name"
+            )
+        chains.append(dataclasses.replace(chain, name=name))
+    return tuple(chains)
+
+
+def chain_settings(settings: Settings, chain: ChainSettings) -> Settings:
+    """The settings of one more chain: [target] with its directory, version table and ini."""
+    target = dataclasses.replace(
+        settings.target,
+        migrations=chain.migrations,
+        version_table=chain.version_table,
+        alembic_ini=chain.alembic_ini,
+        known_differences="",
+    )
+    return dataclasses.replace(settings, target=target, chains=())
 
 
 ALERT_KINDS = ("webhook", "slack")
@@ -675,6 +758,7 @@ def _validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: 
             f"{where('migrations')}: migrations directory {settings.migrations_dir} does not exist; "
             "point [target] migrations / --migrations at it, or create one with `reconciler init`"
         )
+    _validate_chains(settings, origin, need_dir)
     for key in ("models", "app", "migrate"):
         value = getattr(target, key)
         if value:
@@ -700,6 +784,37 @@ def _validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: 
     _validate_safety(settings.safety, origin)
     if target.python and not Path(target.python).exists():
         raise ConfigError(f"{where('python')}: interpreter {target.python} does not exist")
+
+
+def _validate_chains(settings: Settings, origin: dict[tuple[str, str], str], need_dir: bool) -> None:
+    """Every chain names an existing directory of its own and a version table of its own."""
+    tables = {settings.target.version_table: f"[target] version_table ({MAIN_CHAIN})"}
+    dirs = {settings.migrations_dir: MAIN_CHAIN}
+    names = {MAIN_CHAIN}
+    for index, chain in enumerate(settings.chains):
+        where = origin.get((f"target.chains#{index}", "migrations"), f"[[target.chains]] #{index + 1}")
+        directory = _resolve_path(settings.base_dir, chain.migrations)
+        if need_dir and not directory.is_dir():
+            raise ConfigError(
+                f"{where}: chain {chain.name!r}: migrations directory {directory} does not exist; "
+                "point its migrations at the directory that holds its env.py"
+            )
+        if directory in dirs:
+            raise ConfigError(
+                f"{where}: chain {chain.name!r} uses the migrations directory {directory}, which "
+                f"chain {dirs[directory]!r} uses already; each chain has a directory of its own"
+            )
+        if chain.version_table in tables:
+            raise ConfigError(
+                f"{where}: chain {chain.name!r} has version_table {chain.version_table!r}, like "
+                f"{tables[chain.version_table]}; two chains in one version table would read each "
+                "other's revisions as unknown: give each its own (what its env.py passes)"
+            )
+        if chain.name in names:
+            raise ConfigError(f"{where}: two chains are named {chain.name!r}; set name on one")
+        tables[chain.version_table] = f"chain {chain.name!r}"
+        dirs[directory] = chain.name
+        names.add(chain.name)
 
 
 _ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$.-]{0,62}$")
@@ -793,13 +908,13 @@ def _sys_path_dirs() -> list[Path]:
 
 def setting_keys() -> dict[str, list[str]]:
     """Every section and key (used to check config.example.toml)."""
-    every = {**SECTIONS, **LIST_SECTIONS}
+    every = {**SECTIONS, **LIST_SECTIONS, **NESTED_LISTS}
     return {name: [f.name for f in dataclasses.fields(cls)] for name, cls in every.items()}
 
 
 def setting_defaults() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for name, cls in {**SECTIONS, **LIST_SECTIONS}.items():
+    for name, cls in {**SECTIONS, **LIST_SECTIONS, **NESTED_LISTS}.items():
         instance = cls()
         out[name] = {f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)}
     return out

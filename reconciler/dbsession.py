@@ -1,11 +1,12 @@
 """Per-connection session settings and database identity, shared by the control plane and the worker.
 
 Imports nothing but the standard library and SQLAlchemy, so the worker can use it inside the
-project's own interpreter (SQLAlchemy 1.4 or 2.x).
+project's own interpreter (SQLAlchemy 1.3 to 2.x).
 
 - `application_name(target, role, replica)`: how our sessions show up in `pg_stat_activity`;
-  `role` is `ctl` for the control plane and `apply` for a worker that runs revisions. The orphan
-  wait looks for `apply` sessions of one target.
+  `role` is `ctl` for the control plane, `apply` for a worker that runs revisions and `read` for
+  one that only reads (the guard's analysis for `status` and `plan`, compares). The orphan wait
+  looks for `apply` sessions of one target, so a status read never holds it up.
 - `session_statements(...)`: the SQL run on every new DBAPI connection (application name, DDL lock
   timeout, statement timeout).
 - `identity(conn)`: what makes "the same database" (server + database), so a worker can refuse when

@@ -245,14 +245,17 @@ def steps(
     conn: sa.engine.Connection,
     jt: JournalTables,
     *,
-    target: str | None = None,
+    target: str | Iterable[str] | None = None,
     revision: str | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
-    """The newest `limit` steps, oldest first (none when there is no journal yet)."""
+    """The newest `limit` steps, oldest first (none when there is no journal yet); of `target`
+    (a name, or several: every chain's) when given."""
     query = sa.select(jt.steps).order_by(jt.steps.c.id.desc()).limit(max(1, limit))
-    if target is not None:
+    if isinstance(target, str):
         query = query.where(jt.steps.c.target == target[:64])
+    elif target is not None:
+        query = query.where(jt.steps.c.target.in_([t[:64] for t in target]))
     if revision is not None:
         query = query.where(jt.steps.c.revision == revision)
     try:
@@ -270,27 +273,33 @@ def _rollback(conn: sa.engine.Connection) -> None:
 
 
 def rows_with_outcome(
-    conn: sa.engine.Connection, jt: JournalTables, outcome: str
+    conn: sa.engine.Connection, jt: JournalTables, outcome: str, target: str | None = None
 ) -> list[Mapping[str, Any]]:
-    """Steps whose outcome is `outcome`, oldest first (none when there is no journal yet)."""
+    """Steps whose outcome is `outcome`, oldest first (none when there is no journal yet); only
+    those of `target` (a chain's journal target) when given."""
+    query = sa.select(jt.steps).where(jt.steps.c.outcome == outcome).order_by(jt.steps.c.id)
+    if target is not None:
+        query = query.where(jt.steps.c.target == target[:64])
     try:
-        rows = conn.execute(
-            sa.select(jt.steps).where(jt.steps.c.outcome == outcome).order_by(jt.steps.c.id)
-        ).mappings().fetchall()
+        rows = conn.execute(query).mappings().fetchall()
     except sa.exc.DBAPIError:
         _rollback(conn)
         return []
     return [dict(r) for r in rows]
 
 
-def open_rows(conn: sa.engine.Connection, jt: JournalTables) -> list[Mapping[str, Any]]:
+def open_rows(
+    conn: sa.engine.Connection, jt: JournalTables, target: str | None = None
+) -> list[Mapping[str, Any]]:
     """Steps that started and never completed."""
-    return rows_with_outcome(conn, jt, "started")
+    return rows_with_outcome(conn, jt, "started", target)
 
 
-def dirty_rows(conn: sa.engine.Connection, jt: JournalTables) -> list[Mapping[str, Any]]:
+def dirty_rows(
+    conn: sa.engine.Connection, jt: JournalTables, target: str | None = None
+) -> list[Mapping[str, Any]]:
     """Steps already judged `dirty`: possibly half-applied, waiting for an operator."""
-    return rows_with_outcome(conn, jt, "dirty")
+    return rows_with_outcome(conn, jt, "dirty", target)
 
 
 def settle_interrupted(
@@ -298,9 +307,11 @@ def settle_interrupted(
     jt: JournalTables,
     applied: frozenset[str],
     dialect: str,
+    target: str | None = None,
 ) -> list[Mapping[str, Any]]:
-    """Judge interrupted steps (under the lock); return the ones that are now `dirty`."""
-    for row in open_rows(conn, jt):
+    """Judge interrupted steps (under the lock); return the ones that are now `dirty`. With
+    `target`, only that chain's steps: `applied` is what its own version table says."""
+    for row in open_rows(conn, jt, target):
         if row["operation"] == "upgrade" and row["revision"] in applied:
             outcome = "applied"
         elif dialect in TRANSACTIONAL_DDL:
@@ -309,7 +320,7 @@ def settle_interrupted(
             outcome = "dirty"
         conn.execute(jt.steps.update().where(jt.steps.c.id == row["id"]).values(outcome=outcome))
         _commit(conn)
-    return dirty_rows(conn, jt)
+    return dirty_rows(conn, jt, target)
 
 
 def resolve_dirty(conn: sa.engine.Connection, jt: JournalTables, revision: str, outcome: str) -> int:

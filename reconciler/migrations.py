@@ -240,6 +240,11 @@ class Migrations:
         finally:
             self._running = None
 
+    def probe(self) -> None:
+        """Run env.py once applying nothing and creating nothing (not even the version table):
+        its connection and configure() call are checked before the control plane writes."""
+        self._run(lambda _heads, _context: [], dont_mutate=True)
+
     def upgrade(self, revision: str, check: Mapping[str, Any] | None = None) -> list[str]:
         """Apply exactly one step from the database's heads to `revision`; the ids applied.
         `check`: the guard's per-operation check for this revision (`checking_operations`)."""

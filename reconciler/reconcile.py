@@ -36,7 +36,7 @@ from reconciler import (
     roles,
     safety,
 )
-from reconciler.config import Settings
+from reconciler.config import MAIN_CHAIN, Settings, chain_settings
 from reconciler.errors import (
     Blocked,
     LockTimeout,
@@ -60,6 +60,9 @@ log = logs.get("reconciler.reconcile")
 
 APPLICABLE = ("behind", "uninitialized_empty")
 CONDITION_ORDER = CONDITIONS
+# The worst first: the overall sync state of several chains is the first one of them in this list.
+SYNC_SEVERITY = ("unknown", "diverged", "multiple_heads", "ahead", "uninitialized_with_tables",
+                 "behind", "uninitialized_empty", "in_sync")
 
 ProgressFn = Callable[[int, int, str, str], None]
 T = TypeVar("T")
@@ -98,20 +101,44 @@ class Status:
     audit: checksums.Audit = field(default_factory=checksums.Audit)
     baseline: bool = False
     guard: dict[str, Any] | None = None  # the guard's last analysis of these pending revisions
+    chain: str = ""  # "" for [target]'s own migrations directory, else a [[target.chains]] name
+    version_table: str = ""
+    chains: tuple[Status, ...] = ()  # the statuses of the other chains, in config order
+
+    @property
+    def every_chain(self) -> tuple[Status, ...]:
+        return (self, *self.chains)
+
+    @property
+    def chain_name(self) -> str:
+        return self.chain or MAIN_CHAIN
 
     @property
     def foreign(self) -> tuple[str, ...]:
         """Applied revisions without a journal row, after hashes were first recorded."""
-        return self.audit.unrecorded if self.baseline else ()
+        own = self.audit.unrecorded if self.baseline else ()
+        return tuple(dict.fromkeys((*own, *(r for c in self.chains for r in c.foreign))))
 
     @property
     def needs_recording(self) -> bool:
         """Hashes to record under the lock, or the checksum baseline still to set."""
-        return bool(self.audit.unrecorded or self.audit.sealed) or not self.baseline
+        own = bool(self.audit.unrecorded or self.audit.sealed) or not self.baseline
+        return own or any(c.needs_recording for c in self.chains)
 
     @property
     def sync_state(self) -> str:
-        return self.decision.sync_state
+        """The worst sync state of every chain (the only one's, with a single chain)."""
+        return self._worst_chain().decision.sync_state
+
+    def _worst_chain(self) -> Status:
+        states = [c.decision.sync_state for c in self.every_chain]
+        worst = min(states, key=lambda s: SYNC_SEVERITY.index(s) if s in SYNC_SEVERITY else 0)
+        return self.every_chain[states.index(worst)]
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """The revisions to apply, every chain's, in the order apply takes them."""
+        return tuple(r for c in self.every_chain for r in c.decision.pending)
 
     @property
     def state(self) -> str:
@@ -123,10 +150,28 @@ class Status:
         for condition in CONDITION_ORDER:
             if condition in self.conditions and condition in self.messages:
                 return self.messages[condition]
-        return self.decision.message
+        worst = self._worst_chain()
+        if worst is self:
+            return self.decision.message
+        return f"chain {worst.chain_name}: {worst.decision.message}"
+
+    def chain_dict(self) -> dict[str, Any]:
+        """This chain alone: what `status --json` lists under `chains`."""
+        own = [c for c in CONDITION_ORDER if c in self.conditions]
+        return {
+            "chain": self.chain_name,
+            "version_table": self.version_table,
+            "state": own[0] if own else self.decision.sync_state,
+            "sync_state": self.decision.sync_state,
+            "conditions": own,
+            "db_heads": sorted(self.decision.db_heads),
+            "repo_heads": sorted(self.decision.repo_heads),
+            "pending": list(self.decision.pending),
+            "message": self.messages.get(own[0], self.decision.message) if own else self.decision.message,
+        }
 
     def as_dict(self, graph: RevisionGraph | None = None) -> dict[str, Any]:
-        pending = list(self.decision.pending)
+        pending = list(self.pending)
         out: dict[str, Any] = {
             "target": self.target,
             "url": self.url,
@@ -159,7 +204,26 @@ class Status:
             out["foreign_writes"] = list(self.foreign)
         if self.guard:
             out["guard"] = self.guard
+        if self.chains:  # several chains: each one's state (the top-level heads are [target]'s)
+            out["chains"] = [c.chain_dict() for c in self.every_chain]
         return out
+
+
+def with_chains(main: Status, others: tuple[Status, ...]) -> Status:
+    """[target]'s status with the other chains': conditions and messages of them all (a chain's
+    message says its name), so refusals, `wait` and the overall state see every chain."""
+    if not others:
+        return main
+    every = (main, *others)
+    names = tuple(c for c in CONDITION_ORDER if any(c in s.conditions for s in every))
+    messages: dict[str, str] = {}
+    for one in every:
+        for key, text in one.messages.items():
+            messages.setdefault(key, text if one is main else f"chain {one.chain_name}: {text}")
+    dirty = tuple(dict.fromkeys(r for s in every for r in s.dirty))
+    blocked = next((s.blocked for s in every if s.blocked), None)
+    return dataclasses.replace(main, conditions=names, messages=messages, dirty=dirty,
+                               blocked=blocked, chains=others)
 
 
 @dataclass(frozen=True)
@@ -175,8 +239,16 @@ class ApplyResult:
 class Reconciler:
     """The control plane for one target."""
 
-    def __init__(self, settings: Settings, on_worker_log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        on_worker_log: Callable[[str], None] | None = None,
+        chain: str = "",
+        parent: Reconciler | None = None,
+    ):
         self.settings = settings
+        self.chain = chain  # "" for [target]'s own directory; else a [[target.chains]] name
+        self._parent = parent  # the main chain's reconciler: its engine, its lock
         self.project = Project(settings)
         self.journal = journal.tables(
             settings.journal.table, settings.target.version_table_schema or None
@@ -196,6 +268,15 @@ class Reconciler:
         self.guard = True  # the destructive-change guard ([safety]); dev mode has its own
         self._refusal: tuple[tuple[str, tuple[str, ...]], str] | None = None  # (graph, pending), message
         self._guard_info: tuple[tuple[str, tuple[str, ...]], dict[str, Any]] | None = None
+        self._announcement: str | None = None  # the lock holder's note, until the journal exists
+        # The other chains of the database ([[target.chains]]): reconciled under our lock, after us.
+        self.extra: tuple[Reconciler, ...] = () if parent else tuple(
+            Reconciler(chain_settings(settings, c), on_worker_log, chain=c.name, parent=self)
+            for c in settings.chains
+        )
+        main = parent.settings if parent else settings
+        tables = (main.target.version_table, *(c.version_table for c in main.chains))
+        self._other_version_tables = tuple(t for t in tables if t != settings.target.version_table)
 
     # --- connections -------------------------------------------------------------------------
     @property
@@ -203,7 +284,23 @@ class Reconciler:
         return self.settings.target.name
 
     @property
+    def journal_target(self) -> str:
+        """The journal's `target` for this chain's rows and flags: the target's name, and for
+        another chain `<target>/<chain>` (so its hashes, failures and blocks are its own)."""
+        return f"{self.target}/{self.chain}"[:64] if self.chain else self.target
+
+    def journal_targets(self) -> tuple[str, ...]:
+        """Every chain's journal target, [target]'s first."""
+        return (self.journal_target, *(c.journal_target for c in self.extra))
+
+    def _row_target(self) -> str | None:
+        """Which journal rows are this chain's: all of them with a single chain (as always)."""
+        return self.journal_target if self.chain or self.extra else None
+
+    @property
     def engine(self) -> sa.engine.Engine:
+        if self._parent is not None:
+            return self._parent.engine  # one database, one pooled connection
         if self._engine is None:
             self._engine = connection.make_engine(
                 self.settings.target.url, self.target, self.settings.apply.connect_timeout
@@ -220,6 +317,8 @@ class Reconciler:
 
     def close(self) -> None:
         self.project.close_worker()
+        for chain in self.extra:
+            chain.close()
         for engine in (self._engine, self._lock_engine, self._probe_engine):
             if engine is not None:
                 engine.dispose()
@@ -242,7 +341,12 @@ class Reconciler:
 
     def _read_status(self, graph: RevisionGraph) -> Status:
         with connection.connect(self.engine) as conn:
-            return self._status(conn, graph)
+            return self._status_all(conn, graph)
+
+    def _status_all(self, conn: sa.engine.Connection, graph: RevisionGraph, fresh: bool = True) -> Status:
+        """Every chain's status, [target]'s carrying the others' (see `with_chains`)."""
+        main = self._status(conn, graph, fresh)
+        return with_chains(main, tuple(c._status(conn, c.graph(), fresh) for c in self.extra))
 
     def _retrying(self, read: Callable[[], T]) -> T:
         """Run `read`; once more if the pooled connection turned out dead (server restart, idle
@@ -263,8 +367,12 @@ class Reconciler:
         schema = self.settings.target.version_table_schema or None
         try:
             snap = connection.snapshot(
-                conn, self.settings.target.version_table, schema, self.journal.names
+                conn, self.settings.target.version_table, schema,
+                (*self.journal.names, *self._other_version_tables),
             )
+            if self.chain and not snap.version_table_exists:
+                # Another chain's tables are no reason to adopt: this chain starts from base.
+                snap = dataclasses.replace(snap, has_user_tables=False)
             ancestry = self._ancestry(conn, snap.db_heads, graph)
             decision = self._decide(snap, graph, ancestry)
             inputs = (snap.db_heads, graph.fingerprint)
@@ -293,6 +401,8 @@ class Reconciler:
             cached.audit,
             cached.baseline,
             self._guard_for(graph, decision.pending),
+            self.chain,
+            self.settings.target.version_table,
         )
 
     def _guard_for(self, graph: RevisionGraph, pending: tuple[str, ...]) -> dict[str, Any] | None:
@@ -356,10 +466,10 @@ class Reconciler:
         if dirty:
             names.append("dirty")
             messages["dirty"] = _dirty_message(dirty)
-        keys = [fleet.suspended_key(self.target), fleet.blocked_key(self.target),
-                fleet.checksums_key(self.target), drift.flag_key(self.target)]
+        keys = [fleet.suspended_key(self.target), fleet.blocked_key(self.journal_target),
+                fleet.checksums_key(self.journal_target), drift.flag_key(self.target)]
         flags = fleet.read(conn, self.journal, keys)
-        held = journal.recorded_hashes(conn, self.journal, self.target)
+        held = journal.recorded_hashes(conn, self.journal, self.journal_target)
         audit = checksums.audit(graph, inputs[0], held, ancestry)
         if audit.mismatches and "checksums" not in self.settings.unsafe:
             names.append("checksum_mismatch")
@@ -382,8 +492,8 @@ class Reconciler:
                           keys[2] in flags, inputs)
 
     def _drift_report(self, value: str | None) -> drift.DriftReport | None:
-        if self.settings.drift.interval <= 0:
-            return None
+        if self.settings.drift.interval <= 0 or self.chain:
+            return None  # one compare for the database, reported with [target]'s chain
         report = drift.DriftReport.loads(value)
         return report.filtered(self.settings.drift.ignore) if report else None
 
@@ -392,9 +502,9 @@ class Reconciler:
         self._conditions = None
 
     def _dirty(self, conn: sa.engine.Connection) -> tuple[str, ...]:
-        rows = list(journal.dirty_rows(conn, self.journal))
+        rows = list(journal.dirty_rows(conn, self.journal, self._row_target()))
         if self.backend not in journal.TRANSACTIONAL_DDL:
-            open_rows = journal.open_rows(conn, self.journal)
+            open_rows = journal.open_rows(conn, self.journal, self._row_target())
             if open_rows and self._lock_holder(conn) is None:
                 rows += open_rows  # interrupted, and nobody is applying it now
         return tuple(dict.fromkeys(str(r["revision"]) for r in rows))
@@ -409,6 +519,8 @@ class Reconciler:
 
     # --- locking -----------------------------------------------------------------------------
     def lock_key(self) -> locks.LockKey:
+        if self._parent is not None:
+            return self._parent.lock_key()  # every chain of the database under [target]'s lock
         url = self.engine.url
         database = url.database or ""
         return locks.lock_key(
@@ -454,6 +566,7 @@ class Reconciler:
             lock_conn = conn if engine is self.engine else stack.enter_context(connection.connect(engine))
             lock = locks.AdvisoryLock(lock_conn, self.lock_key(), self._sqlite_path())
             stack.callback(lock.release)
+            stack.callback(self._forget_announcement)
             started = time.monotonic()
             if lock.dialect == "postgresql" and "affinity" not in unsafe:
                 self._prove_affinity(lock_conn, engine)
@@ -492,19 +605,36 @@ class Reconciler:
 
     def _announce_holder(self, conn: sa.engine.Connection, lock_conn: sa.engine.Connection) -> None:
         """Record, under the lock, which process and database session hold it: MariaDB's holder
-        report has no pid, and PostgreSQL's names the backend, not our process."""
+        report has no pid, and PostgreSQL's names the backend, not our process. Into an existing
+        journal at once; else when `ensure_journal` creates it (nothing is created before then)."""
         sql = _SESSION_ID_SQL.get(self.backend)
         if sql is None:
             return  # SQLite: the lock file already says pid and host
-        journal.ensure(conn, self.journal)
-        self._journal_seen = True
         session = lock_conn.execute(sa.text(sql)).scalar()
         if lock_conn.in_transaction():
             lock_conn.commit()
         replica = dbsession.replica_id()
         value = {"replica": replica, "replica_host": replica.rsplit(":", 1)[0],
                  "replica_pid": os.getpid(), "session": int(session or 0)}
-        fleet.put(conn, self.journal, fleet.holder_key(self.target), json.dumps(value))
+        self._announcement = json.dumps(value)
+        if self._journal_exists(conn):
+            self._announce(conn)
+
+    def _announce(self, conn: sa.engine.Connection) -> None:
+        if self._announcement is not None:
+            fleet.put(conn, self.journal, fleet.holder_key(self.target), self._announcement)
+            self._announcement = None
+
+    def _forget_announcement(self) -> None:
+        self._announcement = None
+
+    def ensure_journal(self, conn: sa.engine.Connection) -> None:
+        """Create the journal tables if missing, and announce the lock holder there (under the
+        lock). Called only once what is about to be written was validated: a command that ends
+        in a configuration error (exit 2) leaves the database as it found it."""
+        journal.ensure(conn, self.journal)
+        self._journal_seen = True
+        self._announce(conn)
 
     def _announced(self, conn: sa.engine.Connection, holder: dict[str, object]) -> dict[str, object]:
         """The announcement of the process behind `holder`'s session, if it made one."""
@@ -573,21 +703,61 @@ class Reconciler:
         started: float | None = None,
     ) -> ApplyResult:
         """`apply`'s work under the lock, for a caller that holds it on `conn` (`locked`): the
-        state is read again there, so what another applier did meanwhile counts."""
+        state is read again there, so what another applier did meanwhile counts. Every chain
+        of the database, in config order; each one's worker is started and checked before
+        anything is written for any of them."""
         started = time.monotonic() if started is None else started
-        journal.ensure(conn, self.journal)
-        self._journal_seen = True
-        status = self._settled_status(conn, graph)
-        if self._record_hashes(conn, graph, status):
+        chains = (self, *self.extra)
+        results: list[tuple[str, tuple[tuple[str, float], ...], Status]] = []
+        with ExitStack() as stack:
+            plans = []
+            for chain in chains:
+                chain._foreign = []
+                chain.guard = self.guard  # its files are stat'ed each run: nothing watches them
+                chain_graph = graph if chain is self else chain.graph()
+                before = chain._settled_status(conn, chain_graph)
+                worker = stack.enter_context(chain._validated(conn, before))
+                plans.append((chain, chain_graph, before, worker))
+            for chain, chain_graph, before, worker in plans:
+                results.append(chain._apply_chain(
+                    conn, chain_graph, before, worker, trigger, progress, should_stop))
+        if not self.extra:
+            outcome, applied, final = results[0]
+            return self._finish(outcome, applied, final, waited, started)
+        self._foreign = [rev for chain in chains for rev in chain._foreign]
+        outcome = "applied" if any(r[0] == "applied" for r in results) else "noop"
+        applied = tuple(step for r in results for step in r[1])
+        return self._finish(outcome, applied, self._status_all(conn, graph), waited, started)
+
+    def _apply_chain(
+        self,
+        conn: sa.engine.Connection,
+        graph: RevisionGraph,
+        before: Status,
+        worker: Worker | None,
+        trigger: str,
+        progress: ProgressFn | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> tuple[str, tuple[tuple[str, float], ...], Status]:
+        """This chain's part of `apply_locked`: (outcome, revisions we applied, its status)."""
+        # Why here: the worker and env.py's connection were checked; writing starts.
+        self.ensure_journal(conn)
+        # env.py ran in the worker: an app factory may have migrated the database meanwhile.
+        status = before if worker is None else self._status(conn, graph)
+        during = _applied(graph, status) - _applied(graph, before)
+        if self._record_hashes(conn, graph, status, during):
             status = self._status(conn, graph)
         self._refuse(status)
-        if status.sync_state == "in_sync":  # another replica did the work meanwhile
-            return self._finish("noop", (), status, waited, started)
-        applied = self._apply_counted(conn, graph, status, trigger, progress, should_stop)
+        if status.sync_state == "in_sync" or worker is None:  # another replica did the work
+            return ("applied" if during else "noop"), (), status  # "applied": moved, not by us
+        steps = self._apply_counted(conn, worker, graph, status, trigger, progress, should_stop)
         final = self._status(conn, graph)
-        if len(applied) == len(status.decision.pending):
+        if len(steps) == len(status.decision.pending):
             verify(final)
-        return self._finish("applied", applied, final, waited, started)
+        # A step Alembic found already done (an app factory upgrading inside the worker) was
+        # journaled `skipped`: it is the other writer's, never counted as applied by us.
+        ours = tuple(step for step in steps if step[0] not in self._foreign)
+        return "applied", ours, final
 
     def _refuse(self, status: Status) -> None:
         """`refuse_unless_applicable`, saying `checksum_mismatch` once per distinct mismatch."""
@@ -599,39 +769,69 @@ class Reconciler:
         self._mismatch_logged = found
         refuse_unless_applicable(status)
 
-    def _record_hashes(self, conn: sa.engine.Connection, graph: RevisionGraph, status: Status) -> bool:
+    def _record_hashes(
+        self,
+        conn: sa.engine.Connection,
+        graph: RevisionGraph,
+        status: Status,
+        during: frozenset[str] = frozenset(),
+    ) -> bool:
         """Under the lock: record the hashes of applied revisions we hold none for (first sight,
-        or a foreign writer's) and of sealed drafts. True when something was recorded."""
+        or a foreign writer's: after the baseline, or applied `during` this run) and of sealed
+        drafts. True when something was recorded."""
         audit = status.audit
+        foreign = [r for r in audit.unrecorded if status.baseline or r in during]
         for rev in (*audit.unrecorded, *audit.sealed):
             revision = graph.revisions[rev]
-            trigger = "seal" if rev in audit.sealed else "foreign" if status.baseline else "first_sight"
-            journal.record_hash(conn, self.journal, target=self.target, operation=journal.RECORD,
+            trigger = "seal" if rev in audit.sealed else "foreign" if rev in foreign else "first_sight"
+            journal.record_hash(conn, self.journal, target=self.journal_target, operation=journal.RECORD,
                                 revision=rev, file_hash=revision.file_hash,
                                 down_revisions=revision.down_revisions, trigger=trigger)
         if audit.sealed:
             log.info("checksum_recorded_after_seal", target=self.target, revisions=list(audit.sealed))
-        if audit.unrecorded and status.baseline:
-            self._foreign.extend(audit.unrecorded)
-            log.warning("foreign_writer", target=self.target, revisions=list(audit.unrecorded),
+        if foreign:
+            self._foreign.extend(foreign)
+            log.warning("foreign_writer", target=self.target, revisions=foreign,
                         hint="applied without reconciler (an app upgrading itself at start-up?): "
                         "switch that off, or take our lock with reconciler.hooks.migration_lock")
-        elif audit.unrecorded:
-            log.info("checksum_recorded_first_sight", target=self.target,
-                     revisions=list(audit.unrecorded),
+        first_sight = [r for r in audit.unrecorded if r not in foreign]
+        if first_sight:
+            log.info("checksum_recorded_first_sight", target=self.target, revisions=first_sight,
                      detail="applied before the journal recorded hashes; trusted as they are now")
         if not status.baseline:
-            fleet.put(conn, self.journal, fleet.checksums_key(self.target), journal.now_iso())
+            fleet.put(conn, self.journal, fleet.checksums_key(self.journal_target), journal.now_iso())
         self._conditions = None
         return status.needs_recording
 
+    @contextmanager
+    def _validated(self, conn: sa.engine.Connection, status: Status) -> Iterator[Worker | None]:
+        """The worker that will apply `status`'s pending revisions, once everything that can
+        refuse as a configuration error (exit 2) was checked: the role, the worker's start, the
+        models, env.py's connection and version table (a run of env.py that applies and creates
+        nothing). None when nothing is to be applied (or a refusal follows anyway). The guard
+        comes later: its refusal is no configuration error, and is claimed in the journal."""
+        try:
+            refuse_unless_applicable(status)
+        except ReconcilerError:
+            yield None
+            return
+        if status.sync_state not in APPLICABLE:
+            yield None
+            return
+        lent = self._lent is not None  # dev mode's worker already ran env.py for its generation
+        with self.start_worker(conn) as worker:
+            if not lent:
+                worker.probe()
+            yield worker
+
     def _first_look(self, graph: RevisionGraph, fast: bool) -> Status:
         with connection.connect(self.engine) as conn:
-            return self._status(conn, graph, fresh=not fast)
+            return self._status_all(conn, graph, fresh=not fast)
 
     def _apply_counted(
         self,
         conn: sa.engine.Connection,
+        worker: Worker,
         graph: RevisionGraph,
         status: Status,
         trigger: str,
@@ -641,13 +841,13 @@ class Reconciler:
         """Apply the pending revisions; count a failure fleet-wide, block it when it repeats."""
         try:
             applied = self._run_pending(
-                conn, graph, status.decision.pending, trigger, progress, should_stop,
+                conn, worker, graph, status.decision.pending, trigger, progress, should_stop,
                 empty=status.sync_state == "uninitialized_empty",
             )
         except RevisionFailed as exc:
             self._count_failure(conn, graph, exc)
             raise
-        fleet.clear_failures(conn, self.journal, self.target)
+        fleet.clear_failures(conn, self.journal, self.journal_target)
         return applied
 
     def failure_of(self, exc: RevisionFailed, graph: RevisionGraph | None = None) -> fleet.Failure:
@@ -668,7 +868,7 @@ class Reconciler:
             return
         failure = self.failure_of(exc, graph)
         counted = fleet.record_failure(
-            conn, self.journal, self.target, failure, self.settings.daemon.blocked_after
+            conn, self.journal, self.journal_target, failure, self.settings.daemon.blocked_after
         )
         self._conditions = None
         if counted.count >= self.settings.daemon.blocked_after > 0:
@@ -676,26 +876,29 @@ class Reconciler:
                       failures=counted.count, error_class=counted.error_class)
 
     def _settled_status(self, conn: sa.engine.Connection, graph: RevisionGraph) -> Status:
+        if not self._journal_exists(conn):
+            return self._status(conn, graph)  # nothing to settle, and nothing is created here
         self._unblock_if_changed(conn, graph)
         status = self._status(conn, graph)
         applied = graph.closure(h for h in status.decision.db_heads if h in graph.revisions)
-        dirty = journal.settle_interrupted(conn, self.journal, applied, self.backend)
+        dirty = journal.settle_interrupted(conn, self.journal, applied, self.backend, self._row_target())
         if dirty:
             return self._status(conn, graph)
         return status
 
     def _unblock_if_changed(self, conn: sa.engine.Connection, graph: RevisionGraph) -> None:
-        key = fleet.blocked_key(self.target)
+        key = fleet.blocked_key(self.journal_target)
         blocked = fleet.Failure.loads(fleet.read(conn, self.journal, [key]).get(key))
         if blocked and not still_blocked(blocked, graph):
             fleet.delete(conn, self.journal, key)
-            fleet.clear_failures(conn, self.journal, self.target)
+            fleet.clear_failures(conn, self.journal, self.journal_target)
             log.info("revision_unblocked", target=self.target, revision=blocked.revision,
                      reason="its file changed")
 
     def _run_pending(
         self,
         conn: sa.engine.Connection,
+        worker: Worker,
         graph: RevisionGraph,
         pending: tuple[str, ...],
         trigger: str,
@@ -704,24 +907,23 @@ class Reconciler:
         empty: bool = False,
     ) -> tuple[tuple[str, float], ...]:
         done: list[tuple[str, float]] = []
-        with self.start_worker(conn) as worker:
-            if self.guard:
-                analysis = self.check_pending(worker, graph, pending, empty)
-                verdict = guard.enforce(analysis, self.settings, self.target)
-                worker.check_operations({rev: c.payload() for rev, c in verdict.live.items()})
-            for index, rev in enumerate(pending, start=1):
-                if should_stop and should_stop():
-                    log.info("apply_stopped", target=self.target, before=rev, applied=len(done))
-                    break
-                revision = graph.revisions[rev]
-                if progress:
-                    progress(index, len(pending), rev, revision.message)
-                try:
-                    seconds = self._apply_retrying(conn, worker, rev, graph, trigger)
-                except Refused as exc:  # refused as it ran: say so until the files change
-                    self._refusal = ((graph.fingerprint, pending[index - 1:]), str(exc))
-                    raise
-                done.append((rev, seconds))
+        if self.guard:
+            analysis = self.check_pending(worker, graph, pending, empty)
+            verdict = guard.enforce(analysis, self.settings, self.target)
+            worker.check_operations({rev: c.payload() for rev, c in verdict.live.items()})
+        for index, rev in enumerate(pending, start=1):
+            if should_stop and should_stop():
+                log.info("apply_stopped", target=self.target, before=rev, applied=len(done))
+                break
+            revision = graph.revisions[rev]
+            if progress:
+                progress(index, len(pending), rev, revision.message)
+            try:
+                seconds = self._apply_retrying(conn, worker, rev, graph, trigger)
+            except Refused as exc:  # refused as it ran: say so until the files change
+                self._refusal = ((graph.fingerprint, pending[index - 1:]), str(exc))
+                raise
+            done.append((rev, seconds))
         return tuple(done)
 
     @contextmanager
@@ -735,7 +937,9 @@ class Reconciler:
             self._lent = None
 
     @contextmanager
-    def start_worker(self, conn: sa.engine.Connection) -> Iterator[Worker]:
+    def start_worker(self, conn: sa.engine.Connection, role: str = "apply") -> Iterator[Worker]:
+        """A worker checked against `conn`'s database. `role` "read" for one that applies
+        nothing: its sessions are not the orphan wait's (see dbsession.application_name)."""
         from reconciler.workerclient import Worker, WorkerJob
 
         roles.check(conn, self.backend, self.settings.apply.role)
@@ -743,13 +947,15 @@ class Reconciler:
             yield self._lent
             return
 
-        job = WorkerJob.from_settings(self.settings)
+        job = WorkerJob.from_settings(self.settings, role=role)
         job = dataclasses.replace(
             job,
             expected_identity=dbsession.identity_from_dbapi(conn.connection, self.backend),
-            exclude_tables=list(self.journal.names),
+            exclude_tables=[*self.journal.names, *self._other_version_tables],
         )
-        worker = self._headers_worker(job) or Worker.start(
+        # the headers worker's sessions are named `apply`: it is kept for the apply only
+        kept = self._headers_worker(job) if role == "apply" else None
+        worker = kept or Worker.start(
             job,
             python=self.settings.target.python or None,
             on_log=self._on_worker_log,
@@ -801,7 +1007,7 @@ class Reconciler:
         row = journal.record_started(
             conn,
             self.journal,
-            target=self.target,
+            target=self.journal_target,
             operation="upgrade",
             revision=rev,
             down_revisions=revision.down_revisions,
@@ -888,6 +1094,8 @@ class Reconciler:
             outcome=outcome,
             state=status.state,
             applied=[rev for rev, _ in applied],
+            foreign=list(self._foreign),
+            summary=summary(ApplyResult(outcome, applied, status, foreign=tuple(self._foreign))),
             lock_wait_ms=int(waited * 1000),
             duration_ms=int(duration * 1000),
         )
@@ -914,6 +1122,39 @@ class Reconciler:
                     f"{status.state} ({status.message}); run `reconciler apply` or raise --timeout"
                 )
             time.sleep(min(poll, remaining))
+
+
+def summary(result: ApplyResult) -> str:
+    """One line that says what this run did, as the journal records it: revisions we applied,
+    and apart from them the ones another writer applied meanwhile (journaled `skipped`)."""
+    state = "in sync" if result.status.sync_state == "in_sync" else result.status.state
+    foreign = result.foreign
+    if not foreign:
+        if result.outcome == "noop":
+            return f"in sync at {_heads_text(result.status)}"
+        return f"applied {len(result.applied)} revision(s); {state}"
+    others = (
+        f"{len(foreign)} {'was' if len(foreign) == 1 else 'were'} applied by another writer "
+        f"{'during' if result.outcome == 'applied' else 'before'} the run "
+        f"(foreign_writer: {', '.join(foreign)}); an app upgrading itself at "
+        "start-up? switch that off or take reconciler.hooks.migration_lock"
+    )
+    return f"{len(result.applied)} applied by the reconciler; {others}; {state}"
+
+
+def _applied(graph: RevisionGraph, status: Status) -> frozenset[str]:
+    """The revisions of `graph` the database heads of `status` include."""
+    return frozenset(graph.closure(h for h in status.decision.db_heads if h in graph.revisions))
+
+
+def _heads_text(status: Status) -> str:
+    """The database heads; with several chains, each chain's, named."""
+    def heads(one: Status) -> str:
+        return ", ".join(sorted(one.decision.db_heads)) or "base"
+
+    if not status.chains:
+        return heads(status)
+    return "; ".join(f"{heads(c)} ({c.chain_name})" for c in status.every_chain)
 
 
 def refuse_unless_applicable(status: Status) -> None:
@@ -1008,5 +1249,6 @@ __all__ = [
     "ReconcilerError",
     "Status",
     "refuse_unless_applicable",
+    "summary",
     "verify",
 ]

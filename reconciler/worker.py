@@ -440,6 +440,7 @@ class Runner:
         self.flask_env = False
         self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "init": self.op_init,
+            "probe": self.op_probe,
             "upgrade": self.op_upgrade,
             "downgrade": self.op_downgrade,
             "stamp": self.op_stamp,
@@ -547,6 +548,11 @@ class Runner:
             self._load_project(True)
 
     # operations
+
+    def op_probe(self, _request: dict[str, Any]) -> dict[str, Any]:
+        self._prepare_env()
+        self._migrations().probe()
+        return {}
 
     def op_upgrade(self, request: dict[str, Any]) -> dict[str, Any]:
         self._prepare_env()

@@ -338,6 +338,11 @@ class Worker:
         """Upgrade these revisions with the guard's per-operation check (its input per revision)."""
         self._checks = {rev: dict(check) for rev, check in checks.items()}
 
+    def probe(self) -> None:
+        """Run env.py without applying or creating anything: a ConfigError when it connects to
+        another database than the target or configures another version table."""
+        self._request("probe")
+
     def upgrade(self, revision: str) -> StepResult:
         """Apply one revision (one step from the database's heads): what ran, and how long."""
         check = self._checks.get(revision)

@@ -32,6 +32,9 @@ def _example() -> dict[str, object]:
     uncommented = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
     example = tomllib.loads(text)
     example["alerts"] = tomllib.loads(uncommented)["alerts"][0]
+    chains = text[text.index("# [[target.chains]]"):].split("\n\n", 1)[0]
+    uncommented = "\n".join(line[2:] for line in chains.splitlines() if line.startswith("# "))
+    example["target.chains"] = tomllib.loads(uncommented)["target"]["chains"][0]
     return example
 
 
@@ -215,3 +218,61 @@ def test_cli_config_error_exit_2_without_connecting(tmp_path: Path, extra: str) 
     assert "Traceback" not in result.stderr
     assert str(path) in result.stderr
     assert listener.accepted == 0
+
+
+# --------------------------------------------------------------------------- [[target.chains]]
+CHAIN = '[[target.chains]]\nmigrations = "{dir}"\nversion_table = "{table}"\n'
+
+
+def chains_config(tmp_path: Path, *chains: tuple[str, str], extra: str = "") -> Path:
+    body = '[target]\nurl = "sqlite:///a.db"\n' + extra
+    for directory, table in chains:
+        (tmp_path / directory).mkdir(exist_ok=True)
+        body += CHAIN.format(dir=directory, table=table)
+    return write(tmp_path, body)
+
+
+def test_chains_are_read_in_order_with_their_names(tmp_path: Path) -> None:
+    path = chains_config(tmp_path, ("plugin_migrations", "plugin_version"), ("b", "b_version"))
+    settings = load_settings(str(path), environ={})
+    assert [(c.name, c.migrations, c.version_table) for c in settings.chains] == [
+        ("plugin_migrations", "plugin_migrations", "plugin_version"), ("b", "b", "b_version")]
+    assert load_settings(str(write(tmp_path, '[target]\nurl = "sqlite:///a.db"\n')), environ={}).chains == ()
+
+
+def test_a_chain_key_is_checked_like_any_other(tmp_path: Path) -> None:
+    path = chains_config(tmp_path, ("p", "p_version"))
+    path.write_text(path.read_text() + 'version_tabel = "x"\n')
+    expected = r"\[\[target.chains\]\] #1.*unknown key 'version_tabel'.*did you mean 'version_table'"
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(str(path), environ={})
+
+
+@pytest.mark.parametrize(
+    ("chains", "message"),
+    [
+        ([("p", "alembic_version")], r"version_table 'alembic_version', like \[target\] version_table"),
+        ([("p", "v1"), ("q", "v1")], r"chain 'q' has version_table 'v1', like chain 'p'"),
+        ([("p", "")], r"a chain needs version_table"),
+        ([("migrations", "v1")], r"uses the migrations directory .* which chain 'main' uses"),
+        ([("main", "v1")], r"chain name 'main' must be"),
+    ],
+)
+def test_chains_that_would_mix_up_are_refused(
+    tmp_path: Path, chains: list[tuple[str, str]], message: str
+) -> None:
+    path = chains_config(tmp_path, *chains)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(str(path), environ={})
+
+
+def test_a_chain_directory_must_exist(tmp_path: Path) -> None:
+    path = write(tmp_path, '[target]\nurl = "sqlite:///a.db"\n' + CHAIN.format(dir="gone", table="g_v"))
+    with pytest.raises(ConfigError, match=r"chain 'gone': migrations directory .*gone does not exist"):
+        load_settings(str(path), environ={})
+
+
+def test_chains_must_be_tables(tmp_path: Path) -> None:
+    path = write(tmp_path, '[target]\nurl = "sqlite:///a.db"\nchains = "plugin"\n')
+    with pytest.raises(ConfigError, match=r"\[\[target.chains\]\] tables"):
+        load_settings(str(path), environ={})

@@ -273,3 +273,25 @@ def test_statements_recorded_from_the_bind_are_lintable() -> None:
         "UPDATE acct SET note = NULL WHERE id = NULL;"
     )
     assert lintable("CREATE INDEX ix ON t (a);\n") == "CREATE INDEX ix ON t (a);"
+
+
+NAMED = """name = op.get_bind().execute(sa.text("SELECT current_setting('application_name')")).scalar()
+if "/apply/" in name:
+    raise RuntimeError("connected as " + name)
+op.create_table("named", sa.Column("id", sa.Integer, primary_key=True))"""
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_status_analysis_reads_as_read_never_as_an_applier(tmp_path: Path, pg_url: str) -> None:
+    """The orphan wait waits on `apply` sessions: the guard's analysis for `status` / `plan` runs
+    in a worker named `read`, so another replica's status read never holds an apply up."""
+    project = project_at_seed(tmp_path, pg_url)
+    assert cli(project, "apply").returncode == 0
+    project.revision("a3", "a2", upgrade=NAMED, message="named")
+    assert false_findings(plan_findings(project)) == []
+    status = json.loads(cli(project, "status", "--json").stdout)
+    assert status["state"] == "behind" and "destructive_pending" not in status["conditions"]
+    # control: the worker that applies is named `apply` (what the orphan wait looks for)
+    applied = cli(project, "apply")
+    assert applied.returncode == 1 and "/apply/" in applied.stderr, applied.stderr
