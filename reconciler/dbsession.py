@@ -9,6 +9,7 @@ project's own interpreter (SQLAlchemy 1.3 to 2.x).
   looks for `apply` sessions of one target, so a status read never holds it up.
 - `session_statements(...)`: the SQL run on every new DBAPI connection (application name, DDL lock
   timeout, statement timeout).
+- `driver_sql(conn)`: run a plain SQL string on a SQLAlchemy connection, on 1.3 to 2.x.
 - `identity(conn)`: what makes "the same database" (server + database), so a worker can refuse when
   env.py connected somewhere else than the target.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Callable
 from typing import Any
 
 APP_PREFIX = "reconciler"
@@ -138,3 +140,9 @@ def backend_name(url: str) -> str:
     """'postgresql', 'mysql', 'mariadb', 'sqlite'... from a URL, without parsing credentials."""
     scheme = re.split(r"[+:]", url, maxsplit=1)[0].lower()
     return {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)
+
+
+def driver_sql(connection: Any) -> Callable[[str], Any]:
+    """`exec_driver_sql` (SQLAlchemy 1.4+), else 1.3's `execute` of a plain string (no parsing)."""
+    method = getattr(connection, "exec_driver_sql", None)
+    return method if callable(method) else connection.execute  # type: ignore[no-any-return]

@@ -35,6 +35,7 @@ from alembic.operations import BatchOperations, Operations
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 
+from reconciler.dbsession import driver_sql
 from reconciler.errors import ConfigError, ReconcilerError, Refused, StateError
 from reconciler.redact import redact
 from reconciler.target import tables_of_files
@@ -1540,13 +1541,14 @@ class _RecordingConnection:
         """The transaction, read-only where the database can say so: a write that slips past
         the interception (a raw DB-API cursor) fails instead of running."""
         conn, dialect = self.connection, self.engine.dialect.name
+        run = driver_sql(conn)
         transaction = conn.begin()
         if dialect == "postgresql":
-            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+            run("SET TRANSACTION READ ONLY")
         elif dialect == "sqlite":
-            conn.exec_driver_sql("PRAGMA query_only = ON")
+            run("PRAGMA query_only = ON")
         elif dialect in ("mysql", "mariadb"):
-            conn.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
+            run("SET SESSION TRANSACTION READ ONLY")
             transaction.rollback()  # it applies from the next transaction on
             transaction = conn.begin()
         return transaction

@@ -244,15 +244,9 @@ class ConnectionGuard:
         if info.get(_SQLITE_BEGIN):
             # foreign keys off before BEGIN: the pragma is a no-op inside a transaction, and
             # batch-mode table copies would cascade-delete
-            run = _driver_sql(connection)
+            run = dbsession.driver_sql(connection)
             run("PRAGMA foreign_keys=OFF")
             run("BEGIN")
-
-
-def _driver_sql(connection: Any) -> Callable[[str], Any]:
-    """`exec_driver_sql` (SQLAlchemy 1.4+), else 1.3's `execute` of a plain string (no parsing)."""
-    method = getattr(connection, "exec_driver_sql", None)
-    return method if callable(method) else connection.execute  # type: ignore[no-any-return]
 
 
 def lossless_url_rendering() -> None:
