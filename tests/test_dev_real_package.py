@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from tests.builders import Project, _alembic_init, _template_dir, flask_project, journal_rows, table_names
 from tests.pgcluster import wait_until
-from tests.test_devloop import columns, dev, later, save
+from tests.test_devloop import CREATE_USER, columns, dev, later, save
 
 pytestmark = pytest.mark.slow
 
@@ -143,15 +143,7 @@ def nested_project(root: Path, url: str) -> NestedProject:
         "base0001",
         None,
         message="create user table",
-        upgrade="""op.create_table(
-    "user",
-    sa.Column("id", sa.Integer(), nullable=False),
-    sa.Column("username", sa.String(length=80), nullable=False),
-    sa.Column("email", sa.String(length=120), nullable=False),
-    sa.PrimaryKeyConstraint("id"),
-    sa.UniqueConstraint("email"),
-    sa.UniqueConstraint("username"),
-)""",
+        upgrade=CREATE_USER,
     )
     assert base.versions != project.versions
     return project

@@ -101,10 +101,7 @@ def dev_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def baseline_project(tmp_path: Path, url: str) -> Project:
-    """The tutorial: a User model, and its first revision (as `flask db migrate` made it)."""
-    project = flask_project(tmp_path / "p", url, models=BASE)
-    project.revision("base0001", None, message="create user table", upgrade='''op.create_table(
+CREATE_USER = """op.create_table(
     "user",
     sa.Column("id", sa.Integer(), nullable=False),
     sa.Column("username", sa.String(length=80), nullable=False),
@@ -112,7 +109,13 @@ def baseline_project(tmp_path: Path, url: str) -> Project:
     sa.PrimaryKeyConstraint("id"),
     sa.UniqueConstraint("email"),
     sa.UniqueConstraint("username"),
-)''')
+)"""  # the tutorial's first revision, as `flask db migrate` wrote it
+
+
+def baseline_project(tmp_path: Path, url: str) -> Project:
+    """The tutorial: a User model, and its first revision (as `flask db migrate` made it)."""
+    project = flask_project(tmp_path / "p", url, models=BASE)
+    project.revision("base0001", None, message="create user table", upgrade=CREATE_USER)
     return project
 
 
