@@ -164,6 +164,7 @@ class Migrations:
         x = [f"{key}={value}" for key, value in (x_args or {}).items()]
         self.config.cmd_opts = argparse.Namespace(x=x)
         self._script: ScriptDirectory | None = None
+        self._engines: list[Any] = []  # the engines env.py connected with, in this worker
         self._running: str | None = None
         self.env_ran = True  # False while env.py runs up to context.run_migrations()
 
@@ -225,11 +226,26 @@ class Migrations:
 
         def reached(heads: Any, context: Any) -> Any:
             self.env_ran = True
+            self._note_engine(context)
             return fn(heads, context)
 
         self.env_ran = False
         with EnvironmentContext(self.config, script, fn=reached, **options):
             script.run_env()
+
+    def _note_engine(self, context: Any) -> None:
+        """Remember the engine env.py connected with (see release_connections)."""
+        engine = getattr(getattr(context, "connection", None), "engine", None)
+        if engine is not None and all(engine is not seen for seen in self._engines):
+            self._engines.append(engine)
+
+    def release_connections(self) -> None:
+        """Close the idle connections env.py's engines keep pooled (Flask-SQLAlchemy's
+        `db.engine` keeps one after each run). Behind a session-mode pooler every open client
+        holds a server connection: the guard's recording connection must not wait for one that
+        an idle pooled connection of ours keeps."""
+        for engine in self._engines:
+            engine.dispose()
 
     def _run_steps(self, direction: str, fn: Callable[[Any, Any], Any], **options: Any) -> None:
         try:
@@ -358,6 +374,7 @@ class Migrations:
         if not wanted:
             return []
         environment = EnvironmentContext(self.config, self.script)  # op.get_context().config
+        self.release_connections()  # the recording connection is one more client: no idle extra
         recording = _RecordingConnection(url)
         try:
             out = []
