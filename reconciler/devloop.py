@@ -526,7 +526,12 @@ def _acknowledged(path: Path) -> bool:
 
 # --- seal and confirm -------------------------------------------------------------------------
 def seal(settings: Settings, message: str) -> Path:
-    """Turn the draft revision into a normal one: drop its marker, set its message and file name."""
+    """Turn the draft revision into a normal one: drop its marker, set its message and file name.
+
+    The result is what `flask db migrate -m MESSAGE` writes for the same change, byte for byte
+    apart from the id and the date: only the `draft = True` line goes (never the blank lines
+    around it), the message replaces the docstring's first line, and the file name's slug is
+    Alembic's for the new message."""
     rec = Reconciler(settings)
     try:
         graph = rec.graph()
@@ -535,22 +540,66 @@ def seal(settings: Settings, message: str) -> Path:
             raise StateError("there is no draft revision to seal")
         draft = drafts[0]
         text = draft.path.read_text(encoding="utf-8")
-        text = re.sub(r"(?m)^draft\s*(:\s*bool)?\s*=\s*True\s*\n", "", text)
+        text = DRAFT_LINE.sub("", text, count=1)
         text = _replace_message(text, draft.message, message)
-        slug = re.sub(r"[^a-z0-9]+", "_", message.lower()).strip("_")[:40] or "sealed"
-        target = draft.path.with_name(f"{draft.revision}_{slug}.py")
-        tmp = target.with_suffix(".py.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(target)
-        if target != draft.path:
-            draft.path.unlink()
+        target = draft.path.with_name(sealed_name(draft.path.name, draft.revision, draft.message,
+                                                  message, _slug_length(settings)))
+        _write_replacing(draft.path, target, text)
         log.info("sealed", revision=draft.revision, path=str(target), message=message)
         return target
     finally:
         rec.close()
 
 
+# the marker line alone: `[ \t]*` not `\s*`, which would eat the blank lines after it (E302)
+DRAFT_LINE = re.compile(r"(?m)^draft[ \t]*(:[ \t]*bool)?[ \t]*=[ \t]*True[ \t]*(#[^\n]*)?\r?\n")
+_WORDS = re.compile(r"\w+")
+
+
+def alembic_slug(message: str, length: int = 40) -> str:
+    """The slug Alembic puts in a revision's file name (`ScriptDirectory._rev_path`)."""
+    slug = "_".join(_WORDS.findall(message or "")).lower()
+    if len(slug) > length:
+        slug = slug[:length].rsplit("_", 1)[0] + "_"
+    return slug
+
+
+def sealed_name(name: str, revision: str, old: str, new: str, length: int = 40) -> str:
+    """The draft's file name with its slug for the new message; the rest of the name (alembic.ini's
+    `file_template`: dates, epoch) is kept. A name without the old slug becomes `REV_SLUG.py`."""
+    old_slug, new_slug = alembic_slug(old, length), alembic_slug(new, length)
+    stem = name[:-3] if name.endswith(".py") else name
+    if old_slug and stem.endswith(old_slug):
+        return f"{stem[: len(stem) - len(old_slug)]}{new_slug}.py"
+    return f"{revision}_{new_slug}.py"
+
+
+def _slug_length(settings: Settings) -> int:
+    """alembic.ini's `truncate_slug_length` (Alembic's default 40)."""
+    from reconciler.graph import _option, _read_ini
+    from reconciler.project import alembic_ini_path
+
+    ini = alembic_ini_path(settings)
+    value = _option(_read_ini(ini), "truncate_slug_length", ini) if ini is not None else None
+    try:
+        return int(value) if value else 40
+    except ValueError:
+        return 40
+
+
+def _write_replacing(old: Path, target: Path, text: str) -> None:
+    tmp = target.with_suffix(".py.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    tmp.replace(target)
+    if target != old:
+        old.unlink()
+
+
 def _replace_message(text: str, old: str, new: str) -> str:
+    """The docstring's first line is the message (the template's `\"\"\"${message}`)."""
+    for quote in ('"""', "'''"):
+        if old and text.startswith(quote + old):
+            return quote + new + text[len(quote + old):]
     if old and old in text:
         return text.replace(old, new, 1)
     return text
