@@ -252,15 +252,20 @@ def tutorial_pair(tmp_path: Path, url: str) -> tuple[Gen, Path]:
     return ours, theirs
 
 
-def flask_db(project: Path, url: str, *args: str) -> Path:
-    """Run `flask db ARGS` in `project`; the revision file it wrote."""
+def flask_run(project: Path, url: str, *args: str) -> None:
+    """Run `flask db ARGS` in `project` (the app of `APP`, on `url`)."""
     env = {**os.environ, "DATABASE_URL": url}
     env.pop("PYTHONPATH", None)
-    versions = project / "migrations" / "versions"
-    before = set(versions.glob("*.py"))
     done = subprocess.run([flask_tool(), "--app", "myapp.app", "db", *args], cwd=project,
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def flask_db(project: Path, url: str, *args: str) -> Path:
+    """Run `flask db ARGS` in `project`; the revision file it wrote."""
+    versions = project / "migrations" / "versions"
+    before = set(versions.glob("*.py"))
+    flask_run(project, url, *args)
     [written] = set(versions.glob("*.py")) - before
     return written
 
