@@ -36,8 +36,9 @@ def ok(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
 def assert_same_file(ours: Path, theirs: Path) -> None:
     """The same name and text apart from the revision id and the Create Date (a diff if not)."""
     (our_name, our_text), (their_name, their_text) = normalised(ours), normalised(theirs)
-    diff = "".join(difflib.unified_diff(their_text.splitlines(True), our_text.splitlines(True),
-                                        "flask db", "reconciler"))
+    diff = "".join(
+        difflib.unified_diff(their_text.splitlines(True), our_text.splitlines(True), "flask db", "reconciler")
+    )
     assert (our_name, diff) == (their_name, "")
 
 
@@ -73,7 +74,8 @@ def heads_of(project: Project) -> tuple[str, ...]:
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_the_tutorial_with_our_verbs_gives_flask_db_migrates_files(
-        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """migrate -m, upgrade, change the model, revision --autogenerate -m: each file is the one
     `flask db migrate -m` writes for the same change on a copy of the project (with its own
     database, taken through the same steps by `flask db upgrade`)."""
@@ -180,9 +182,13 @@ def test_upgrade_and_current_are_apply_and_status(tmp_path: Path, sqlite_url: st
 def test_downgrade_minus_one_steps_down_and_still_asks(tmp_path: Path, sqlite_url: str) -> None:
     project = tutorial(tmp_path / "p", sqlite_url)
     for n, down in enumerate((None, "r1", "r2"), start=1):
-        project.revision(f"r{n}", down, message=f"step {n}", upgrade=f'op.create_table("t{n}", '
-                         'sa.Column("id", sa.Integer, primary_key=True))',
-                         downgrade=f'op.drop_table("t{n}")')
+        project.revision(
+            f"r{n}",
+            down,
+            message=f"step {n}",
+            upgrade=f'op.create_table("t{n}", sa.Column("id", sa.Integer, primary_key=True))',
+            downgrade=f'op.drop_table("t{n}")',
+        )
     ok(project, "upgrade")
     refused = cli(project, "downgrade")  # `flask db downgrade`: -1, but never without a yes
     assert refused.returncode == 2 and "--yes" in refused.stderr

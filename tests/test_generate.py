@@ -274,7 +274,8 @@ def pep8_blank_lines(path: Path) -> str:
     """ruff's E302/E303 (blank lines around top-level definitions) on one file: its report."""
     ruff = Path(sys.executable).parent / "ruff"
     done = subprocess.run([str(ruff), "check", "--no-cache", "--isolated", "--preview",
-                           "--output-format", "concise", "--select", "E302,E303", str(path)], capture_output=True, text=True)
+                           "--output-format", "concise", "--select", "E302,E303", str(path)],
+                          capture_output=True, text=True)
     return "" if done.returncode == 0 else done.stdout + done.stderr
 
 
