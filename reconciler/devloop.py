@@ -267,7 +267,12 @@ class DevLoop:
                 f"{point}`, check this branch out again, and save"
             )
         if state == "multiple_heads":
-            raise StopGenerating(f"{status.message}; then save again")
+            found = self._draft_to_reparent(status)
+            if found is None:
+                raise StopGenerating(f"{status.message} (`reconciler merge` writes the merge "
+                                     "revision); then save again")
+            self._reparent_draft(*found)
+            return
         if state in ("behind", "uninitialized_empty"):
             if self._held_back(status.decision.pending):
                 return
@@ -427,6 +432,58 @@ class DevLoop:
                 self._apply(DRAFT_TRIGGER)
             raise
 
+    def _draft_to_reparent(self, status: Any) -> tuple[Revision, str] | None:
+        """Our applied draft and the one other head when the fork is only that: a teammate's
+        revision arrived on the draft's parent (a pull). A draft is ours to rebuild, so it moves
+        onto their head instead of asking for a merge; anything else is a real fork."""
+        if not self.settings.dev.draft:
+            return None
+        graph = self.rec.graph()
+        fork = [graph.revisions[h] for h in status.decision.fork if h in graph.revisions]
+        drafts = [r for r in fork if r.draft]
+        others = [r.revision for r in fork if not r.draft]
+        if len(drafts) != 1 or len(others) != 1:
+            return None
+        draft, head = drafts[0], others[0]
+        if set(status.decision.db_heads) != {draft.revision} or not self._applied_as_draft(draft.revision):
+            return None
+        if not set(draft.down_revisions) <= graph.ancestors(head):
+            return None  # their head does not build on the draft's parent
+        return draft, head
+
+    def _reparent_draft(self, draft: Revision, head: str) -> None:
+        """Move the draft onto `head`: downgrade it, rewrite its parent (down_revision and the
+        "Revises:" line), apply the teammate's revisions, regenerate the draft (same id) from the
+        models against them and apply it — as an amend does, under one hold of the lock. The
+        compare is a full one: what the draft holds now is what their revisions do not."""
+        backup = Path(tempfile.mkdtemp(prefix="reconciler-draft-")) / draft.path.name
+        scope = Scope(None, {}, {p: read_digest(p) for p in self.model_watcher.files()})
+        try:
+            with self._warm.take() as worker, self.rec.lending(worker), connection.connect(
+                self.rec.engine
+            ) as conn, self.rec.locked(conn, self.settings.apply.lock_acquire_timeout):
+                self._downgrade_draft(conn, draft)
+                _write_text(draft.path, reparented(draft.path.read_text(encoding="utf-8"), head))
+                shutil.move(str(draft.path), backup)
+                self.rec.project.invalidate()
+                self.rec.apply_locked(conn, self.rec.graph(), trigger="dev")  # theirs first
+                result = self._generate(worker, draft=True, rev_id=draft.revision, rescan=True)
+                self._log_compared(result, scope)
+                log.info("draft_reparented", revision=draft.revision,
+                         was=list(draft.down_revisions), onto=head)
+                if result.path is None:
+                    log.info("draft_removed", revision=draft.revision,
+                             reason=f"{head} already makes every change the draft made")
+                else:
+                    self._after_generate(result, rebuilt=True, locked=conn)
+        except ReconcilerError:
+            if backup.exists():  # the models do not import: the old draft, on their head
+                shutil.move(str(backup), draft.path)
+                self.rec.project.invalidate()
+                self._apply(DRAFT_TRIGGER)
+            raise
+        self._remember(scope)
+
     def _downgrade_draft(self, conn: sa.engine.Connection, draft: Revision) -> None:
         """Under the lock, held on `conn`."""
         parent = draft.down_revisions[0] if draft.down_revisions else "base"
@@ -514,6 +571,26 @@ class RevisionsChanged(ReconcilerError):
 def _tables_of(result: Any) -> frozenset[str]:
     """The tables a generated revision's operations touch."""
     return frozenset(op["table"] for op in result.operations if op.get("table"))
+
+
+_DOWN_REVISION = re.compile(r"(?m)^(down_revision\s*(?::[^=\n]*)?=[ \t]*)[^\n]*?([ \t]*#[^\n]*)?$")
+_REVISES = re.compile(r"(?m)^Revises:[^\n]*$")
+
+
+def reparented(text: str, head: str) -> str:
+    """A revision file's text with its parent set to `head`: the `down_revision` assignment and
+    the docstring's "Revises:" line, as the template renders them."""
+    text, count = _DOWN_REVISION.subn(lambda m: f"{m.group(1)}{head!r}{m.group(2) or ''}", text, count=1)
+    if count != 1:
+        raise ConfigError("the draft has no literal `down_revision = ...` line to re-parent; "
+                          "seal it and run `reconciler merge`")
+    return _REVISES.sub(f"Revises: {head}", text, count=1)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".py.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    tmp.replace(path)
 
 
 def _acknowledged(path: Path) -> bool:
