@@ -199,26 +199,9 @@ def flask_tool() -> str:
 def test_tutorial_change_gives_what_flask_db_migrate_gives(kind: str, tmp_path: Path,
                                                          request: pytest.FixtureRequest) -> None:
     url = request.getfixturevalue(URL_FIXTURES[kind])
-    ours = flask_gen(tmp_path / "ours", url, builders.FLASK_MODELS)
-    ours.baseline()
-    theirs = tmp_path / "theirs"
-    shutil.copytree(ours.project.root, theirs, ignore=shutil.ignore_patterns("__pycache__"))
-    (theirs / "myapp" / "app.py").write_text(APP, encoding="utf-8")
-    tutorial = ("    email = db.Column(db.String(120), unique=True, nullable=False)\n",
-                "    email = db.Column(db.String(120), unique=True, nullable=False)\n"
-                "    password_hash = db.Column(db.String(128))\n")
-    ours.edit_models(*tutorial)
-    (theirs / "myapp" / "models.py").write_text(ours.models_file.read_text(), encoding="utf-8")
-
+    ours, theirs = tutorial_pair(tmp_path, url)
     result = ours.generate()
-    env = {**os.environ, "DATABASE_URL": url}
-    env.pop("PYTHONPATH", None)
-    versions = theirs / "migrations" / "versions"
-    before = set(versions.glob("*.py"))
-    done = subprocess.run([flask_tool(), "--app", "myapp.app", "db", "migrate"], cwd=theirs,
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    [theirs_file] = set(versions.glob("*.py")) - before
+    theirs_file = flask_db(theirs, url, "migrate")
 
     assert result.path is not None and result.message == "add_column_user_password_hash"
     assert ops_of(result) == [("add_column", "user", "password_hash")]
