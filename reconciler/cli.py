@@ -336,14 +336,17 @@ def history(ctx: Context) -> int:
     return EXIT_OK
 
 
-@main.command()
-@click.argument("revision")
+@main.command(context_settings={"ignore_unknown_options": True})  # `-1` is a value, not an option
+@click.argument("revision", default="-1")
 @click.option("--yes", is_flag=True, help="do not ask (needed when not on a terminal)")
 @command
 def downgrade(ctx: Context, revision: str, yes: bool) -> int:
-    """Undo revisions down to REVISION (a person's decision: shows what it undoes, asks)."""
+    """Undo revisions down to REVISION: an id, `base`, or `-N` steps down (default -1, as `flask
+    db downgrade`). A person's decision: shows what it undoes, asks."""
     from reconciler import admin
 
+    if revision.startswith("--") or (revision.startswith("-") and not revision[1:].isdigit()):
+        raise ConfigError(f"no such option: {revision} (see `reconciler downgrade --help`)")
     with _reconciler(ctx) as rec:
 
         def confirm(target: str, undo: list[str]) -> bool:
@@ -498,3 +501,99 @@ def confirm(ctx: Context, revision: str) -> int:
     path = confirm_revision(ctx.settings(), revision)
     click.echo(f"confirmed {path}; dev mode applies it now", err=True)
     return EXIT_OK
+
+
+# --- the Flask-Migrate authoring verbs, and the names a Flask-Migrate user types ------------------
+@main.command()
+@click.option("-m", "--message", default=None, help="the revision's message (autogenerate: "
+              "derived from the operations when not given)")
+@click.option("--autogenerate", is_flag=True, help="compare the models with the database, as "
+              "`flask db migrate` does (no file when nothing differs)")
+@click.option("--rev-id", "rev_id", default=None, help="the new revision's id (default: a new one)")
+@command
+def revision(ctx: Context, message: str | None, autogenerate: bool, rev_id: str | None) -> int:
+    """Write a revision file: empty (`flask db revision`), or --autogenerate'd from the models
+    (`flask db migrate`: the same file, through your env.py)."""
+    from reconciler import admin
+
+    if not autogenerate:
+        written = admin.empty_revision(ctx.settings(require_url=False), message, rev_id)
+    else:
+        with _reconciler(ctx) as rec:
+            written = admin.generate_revision(rec, message, rev_id)
+    _print_written(written)
+    return EXIT_OK
+
+
+def _print_written(written: Any) -> None:
+    if written.path is None:
+        click.echo("No changes in schema detected.", err=True)
+        return
+    click.echo(f"Generating {written.path} ... done", err=True)
+    for operation in written.operations:
+        click.echo(f"  - {operation['text']}", err=True)
+    for line in written.destructive:
+        click.echo(f"  ! {line}", err=True)
+    if written.destructive:
+        click.echo(f"review it: applying refuses data loss until the file says it is meant "
+                   f"(`reconciler confirm {written.revision}` writes `allow_destructive = True`)",
+                   err=True)
+    for failure in written.hook_failures:
+        click.echo(f"  post-write hook {failure.get('hook', '?')} failed (the revision is kept): "
+                   f"{failure.get('output', '')}".rstrip(), err=True)
+
+
+@main.command()
+@click.option("-m", "--message", default=None, help="the merge revision's message")
+@click.option("--rev-id", "rev_id", default=None, help="the new revision's id (default: a new one)")
+@click.argument("revisions", nargs=-1)
+@command
+def merge(ctx: Context, message: str | None, rev_id: str | None, revisions: tuple[str, ...]) -> int:
+    """Write a merge revision of REVISIONS (default: every head), as `flask db merge` does."""
+    from reconciler import admin
+
+    written = admin.merge(ctx.settings(require_url=False), revisions, message, rev_id)
+    if written is None:
+        click.echo("nothing to merge: the repository has one head", err=True)
+        return EXIT_OK
+    _print_written(written)
+    return EXIT_OK
+
+
+def _alias(original: click.Command, name: str, flask_verb: str, fixed: dict[str, Any] | None = None,
+           extra: tuple[click.Parameter, ...] = (),
+           check: Callable[..., None] | None = None) -> click.Command:
+    """`name`, what a Flask-Migrate user types (`flask_verb`), running `original` with `fixed`
+    values; `extra` parameters are checked by `check` (errors: the documented exit codes)."""
+    fixed = fixed or {}
+
+    def callback(**kwargs: Any) -> None:
+        values = {p.name: kwargs.pop(str(p.name)) for p in extra}
+        if check is not None:
+            code = run_guarded(lambda: check(**values))
+            if code:
+                sys.exit(code)
+        original.callback(**kwargs, **fixed)  # type: ignore[misc]
+
+    params = [p for p in original.params if p.name not in fixed] + list(extra)
+    return click.Command(name, callback=callback, params=params,
+                         help=f"`{flask_verb}`: the same as `reconciler {original.name}"
+                              f"{' --autogenerate' if fixed.get('autogenerate') else ''}`. "
+                              f"{original.help or ''}",
+                         short_help=f"`{flask_verb}`: same as `{original.name}"
+                                    f"{' --autogenerate' if fixed.get('autogenerate') else ''}`",
+                         context_settings=original.context_settings)
+
+
+def _upgrade_target(revision: str) -> None:
+    if revision not in ("head", "heads"):
+        raise ConfigError(
+            f"upgrade goes to the repository's heads only, not to {revision!r}: the reconciler "
+            "applies every pending revision, one journaled step each; run `reconciler upgrade`"
+        )
+
+
+main.add_command(_alias(apply, "upgrade", "flask db upgrade",
+                        extra=(click.Argument(["revision"], default="head"),), check=_upgrade_target))
+main.add_command(_alias(status, "current", "flask db current"))
+main.add_command(_alias(revision, "migrate", "flask db migrate", fixed={"autogenerate": True}))

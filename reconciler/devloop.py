@@ -267,7 +267,12 @@ class DevLoop:
                 f"{point}`, check this branch out again, and save"
             )
         if state == "multiple_heads":
-            raise StopGenerating(f"{status.message}; then save again")
+            found = self._draft_to_reparent(status)
+            if found is None:
+                raise StopGenerating(f"{status.message} (`reconciler merge` writes the merge "
+                                     "revision); then save again")
+            self._reparent_draft(*found)
+            return
         if state in ("behind", "uninitialized_empty"):
             if self._held_back(status.decision.pending):
                 return
@@ -427,6 +432,58 @@ class DevLoop:
                 self._apply(DRAFT_TRIGGER)
             raise
 
+    def _draft_to_reparent(self, status: Any) -> tuple[Revision, str] | None:
+        """Our applied draft and the one other head when the fork is only that: a teammate's
+        revision arrived on the draft's parent (a pull). A draft is ours to rebuild, so it moves
+        onto their head instead of asking for a merge; anything else is a real fork."""
+        if not self.settings.dev.draft:
+            return None
+        graph = self.rec.graph()
+        fork = [graph.revisions[h] for h in status.decision.fork if h in graph.revisions]
+        drafts = [r for r in fork if r.draft]
+        others = [r.revision for r in fork if not r.draft]
+        if len(drafts) != 1 or len(others) != 1:
+            return None
+        draft, head = drafts[0], others[0]
+        if set(status.decision.db_heads) != {draft.revision} or not self._applied_as_draft(draft.revision):
+            return None
+        if not set(draft.down_revisions) <= graph.ancestors(head):
+            return None  # their head does not build on the draft's parent
+        return draft, head
+
+    def _reparent_draft(self, draft: Revision, head: str) -> None:
+        """Move the draft onto `head`: downgrade it, rewrite its parent (down_revision and the
+        "Revises:" line), apply the teammate's revisions, regenerate the draft (same id) from the
+        models against them and apply it — as an amend does, under one hold of the lock. The
+        compare is a full one: what the draft holds now is what their revisions do not."""
+        backup = Path(tempfile.mkdtemp(prefix="reconciler-draft-")) / draft.path.name
+        scope = Scope(None, {}, {p: read_digest(p) for p in self.model_watcher.files()})
+        try:
+            with self._warm.take() as worker, self.rec.lending(worker), connection.connect(
+                self.rec.engine
+            ) as conn, self.rec.locked(conn, self.settings.apply.lock_acquire_timeout):
+                self._downgrade_draft(conn, draft)
+                _write_text(draft.path, reparented(draft.path.read_text(encoding="utf-8"), head))
+                shutil.move(str(draft.path), backup)
+                self.rec.project.invalidate()
+                self.rec.apply_locked(conn, self.rec.graph(), trigger="dev")  # theirs first
+                result = self._generate(worker, draft=True, rev_id=draft.revision, rescan=True)
+                self._log_compared(result, scope)
+                log.info("draft_reparented", revision=draft.revision,
+                         was=list(draft.down_revisions), onto=head)
+                if result.path is None:
+                    log.info("draft_removed", revision=draft.revision,
+                             reason=f"{head} already makes every change the draft made")
+                else:
+                    self._after_generate(result, rebuilt=True, locked=conn)
+        except ReconcilerError:
+            if backup.exists():  # the models do not import: the old draft, on their head
+                shutil.move(str(backup), draft.path)
+                self.rec.project.invalidate()
+                self._apply(DRAFT_TRIGGER)
+            raise
+        self._remember(scope)
+
     def _downgrade_draft(self, conn: sa.engine.Connection, draft: Revision) -> None:
         """Under the lock, held on `conn`."""
         parent = draft.down_revisions[0] if draft.down_revisions else "base"
@@ -516,6 +573,26 @@ def _tables_of(result: Any) -> frozenset[str]:
     return frozenset(op["table"] for op in result.operations if op.get("table"))
 
 
+_DOWN_REVISION = re.compile(r"(?m)^(down_revision\s*(?::[^=\n]*)?=[ \t]*)[^\n]*?([ \t]*#[^\n]*)?$")
+_REVISES = re.compile(r"(?m)^Revises:[^\n]*$")
+
+
+def reparented(text: str, head: str) -> str:
+    """A revision file's text with its parent set to `head`: the `down_revision` assignment and
+    the docstring's "Revises:" line, as the template renders them."""
+    text, count = _DOWN_REVISION.subn(lambda m: f"{m.group(1)}{head!r}{m.group(2) or ''}", text, count=1)
+    if count != 1:
+        raise ConfigError("the draft has no literal `down_revision = ...` line to re-parent; "
+                          "seal it and run `reconciler merge`")
+    return _REVISES.sub(f"Revises: {head}", text, count=1)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".py.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    tmp.replace(path)
+
+
 def _acknowledged(path: Path) -> bool:
     try:
         parsed = parse_revision_file(path)
@@ -526,7 +603,12 @@ def _acknowledged(path: Path) -> bool:
 
 # --- seal and confirm -------------------------------------------------------------------------
 def seal(settings: Settings, message: str) -> Path:
-    """Turn the draft revision into a normal one: drop its marker, set its message and file name."""
+    """Turn the draft revision into a normal one: drop its marker, set its message and file name.
+
+    The result is what `flask db migrate -m MESSAGE` writes for the same change, byte for byte
+    apart from the id and the date: only the `draft = True` line goes (never the blank lines
+    around it), the message replaces the docstring's first line, and the file name's slug is
+    Alembic's for the new message."""
     rec = Reconciler(settings)
     try:
         graph = rec.graph()
@@ -535,22 +617,66 @@ def seal(settings: Settings, message: str) -> Path:
             raise StateError("there is no draft revision to seal")
         draft = drafts[0]
         text = draft.path.read_text(encoding="utf-8")
-        text = re.sub(r"(?m)^draft\s*(:\s*bool)?\s*=\s*True\s*\n", "", text)
+        text = DRAFT_LINE.sub("", text, count=1)
         text = _replace_message(text, draft.message, message)
-        slug = re.sub(r"[^a-z0-9]+", "_", message.lower()).strip("_")[:40] or "sealed"
-        target = draft.path.with_name(f"{draft.revision}_{slug}.py")
-        tmp = target.with_suffix(".py.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(target)
-        if target != draft.path:
-            draft.path.unlink()
+        target = draft.path.with_name(sealed_name(draft.path.name, draft.revision, draft.message,
+                                                  message, _slug_length(settings)))
+        _write_replacing(draft.path, target, text)
         log.info("sealed", revision=draft.revision, path=str(target), message=message)
         return target
     finally:
         rec.close()
 
 
+# the marker line alone: `[ \t]*` not `\s*`, which would eat the blank lines after it (E302)
+DRAFT_LINE = re.compile(r"(?m)^draft[ \t]*(:[ \t]*bool)?[ \t]*=[ \t]*True[ \t]*(#[^\n]*)?\r?\n")
+_WORDS = re.compile(r"\w+")
+
+
+def alembic_slug(message: str, length: int = 40) -> str:
+    """The slug Alembic puts in a revision's file name (`ScriptDirectory._rev_path`)."""
+    slug = "_".join(_WORDS.findall(message or "")).lower()
+    if len(slug) > length:
+        slug = slug[:length].rsplit("_", 1)[0] + "_"
+    return slug
+
+
+def sealed_name(name: str, revision: str, old: str, new: str, length: int = 40) -> str:
+    """The draft's file name with its slug for the new message; the rest of the name (alembic.ini's
+    `file_template`: dates, epoch) is kept. A name without the old slug becomes `REV_SLUG.py`."""
+    old_slug, new_slug = alembic_slug(old, length), alembic_slug(new, length)
+    stem = name[:-3] if name.endswith(".py") else name
+    if old_slug and stem.endswith(old_slug):
+        return f"{stem[: len(stem) - len(old_slug)]}{new_slug}.py"
+    return f"{revision}_{new_slug}.py"
+
+
+def _slug_length(settings: Settings) -> int:
+    """alembic.ini's `truncate_slug_length` (Alembic's default 40)."""
+    from reconciler.graph import _option, _read_ini
+    from reconciler.project import alembic_ini_path
+
+    ini = alembic_ini_path(settings)
+    value = _option(_read_ini(ini), "truncate_slug_length", ini) if ini is not None else None
+    try:
+        return int(value) if value else 40
+    except ValueError:
+        return 40
+
+
+def _write_replacing(old: Path, target: Path, text: str) -> None:
+    tmp = target.with_suffix(".py.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    tmp.replace(target)
+    if target != old:
+        old.unlink()
+
+
 def _replace_message(text: str, old: str, new: str) -> str:
+    """The docstring's first line is the message (the template's `\"\"\"${message}`)."""
+    for quote in ('"""', "'''"):
+        if old and text.startswith(quote + old):
+            return quote + new + text[len(quote + old):]
     if old and old in text:
         return text.replace(old, new, 1)
     return text

@@ -500,6 +500,44 @@ class Migrations:
             hook_failures=hooks.failures,
         )
 
+    def empty_revision(self, message: str | None, head: str = "head", rev_id: str | None = None
+                       ) -> GenerateOutcome:
+        """An empty revision from the directory's template, as `flask db revision` writes it
+        (Alembic's `revision` without autogenerate: env.py runs only with `revision_environment`)."""
+        from alembic import command
+
+        return self._written(lambda: command.revision(self.config, message=message, head=head,
+                                                      rev_id=rev_id), message)
+
+    def merge(self, revisions: list[str], message: str | None, rev_id: str | None = None
+              ) -> GenerateOutcome:
+        """A merge revision of `revisions` (`heads`: all of them), as `flask db merge` writes it."""
+        from alembic import command
+
+        return self._written(lambda: command.merge(self.config, revisions, message=message,
+                                                   rev_id=rev_id), message)
+
+    def _written(self, write: Callable[[], Any], message: str | None) -> GenerateOutcome:
+        """Run one of Alembic's writing commands with the post-write hooks named on failure."""
+        before = self._revision_files()
+        hooks = HookRuns()
+        try:
+            with hooks.installed():
+                written = write()
+        except BaseException:
+            for path in self._revision_files() - before:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        self.rescan()
+        script = written[0] if isinstance(written, list) else written
+        return GenerateOutcome(
+            path=str(script.path) if script is not None else None,
+            revision=str(script.revision) if script is not None else None,
+            message=str(getattr(script, "doc", None) or message or ""),
+            hook_failures=hooks.failures,
+        )
+
     def init_dir(
         self,
         template: str,

@@ -445,6 +445,8 @@ class Runner:
             "bind": self.op_bind,
             "init_dir": self.op_init_dir,
             "generate": self.op_generate,
+            "revision": self.op_revision,
+            "merge": self.op_merge,
             "exit": lambda _r: {},
         }
 
@@ -609,6 +611,28 @@ class Runner:
         outcome = self._migrations().generate(generate, project.metadata)
         return {**dataclasses.asdict(outcome), "duration_ms": _ms_since(started)}
 
+    def op_revision(self, request: dict[str, Any]) -> dict[str, Any]:
+        """An empty revision (`flask db revision`): no models, no database, unless alembic.ini
+        sets `revision_environment` (env.py runs then, so a Flask env.py gets its app)."""
+        self._prepare_revision_env()
+        outcome = self._migrations().empty_revision(
+            _text_or_none(request.get("message")), str(request.get("head") or "head"),
+            _text_or_none(request.get("rev_id")))
+        return dataclasses.asdict(outcome)
+
+    def op_merge(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A merge revision of the named revisions (`flask db merge`)."""
+        self._prepare_revision_env()
+        revisions = [str(r) for r in request.get("revisions") or ("heads",)]
+        outcome = self._migrations().merge(revisions, _text_or_none(request.get("message")),
+                                           _text_or_none(request.get("rev_id")))
+        return dataclasses.asdict(outcome)
+
+    def _prepare_revision_env(self) -> None:
+        value = self._migrations().config.get_main_option("revision_environment") or ""
+        if value.strip().lower() in ("true", "1", "yes", "on"):
+            self._prepare_env()
+
     def op_headers(self, request: dict[str, Any]) -> dict[str, Any]:
         job = self._job()
 
@@ -661,6 +685,10 @@ class Runner:
         self.project = None
         self._build_migrations()
         return {"template": template, "alembic_ini": str(ini)}
+
+
+def _text_or_none(value: Any) -> str | None:
+    return str(value) if value else None
 
 
 def _load_driver(url: str) -> None:

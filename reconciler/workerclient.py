@@ -253,6 +253,18 @@ def error_from_reply(error: Mapping[str, Any]) -> ReconcilerError:
     return WorkerError(message)
 
 
+def _written(reply: Mapping[str, Any]) -> Generated:
+    """A reply naming a written revision file (no operations: nothing was compared)."""
+    path, revision = reply.get("path"), reply.get("revision")
+    return Generated(
+        path=str(path) if path else None,
+        revision=str(revision) if revision else None,
+        message=str(reply.get("message") or ""),
+        operations=[], destructive=[], renames=[],
+        hook_failures=[{str(k): str(v) for k, v in f.items()} for f in reply.get("hook_failures") or ()],
+    )
+
+
 class Worker:
     """A running worker process for one job; use as a context manager. Not thread-safe."""
 
@@ -454,6 +466,17 @@ class Worker:
             compared=[str(t) for t in compared] if compared is not None else None,
             hook_failures=[{str(k): str(v) for k, v in f.items()} for f in reply.get("hook_failures") or ()],
         )
+
+    def revision(self, message: str | None = None, head: str = "head",
+                 rev_id: str | None = None) -> Generated:
+        """An empty revision from the migrations directory's template (`flask db revision`)."""
+        return _written(self._request("revision", message=message, head=head, rev_id=rev_id))
+
+    def merge(self, revisions: Sequence[str] = ("heads",), message: str | None = None,
+              rev_id: str | None = None) -> Generated:
+        """A merge revision of `revisions` (`flask db merge`; `heads`: every head)."""
+        return _written(self._request("merge", revisions=list(revisions), message=message,
+                                      rev_id=rev_id))
 
     def _known_keys(self) -> differences.Known:
         if self.job is None or not self.job.known_differences:

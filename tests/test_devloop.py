@@ -400,3 +400,58 @@ def test_a_save_compares_only_the_classes_it_changed(tmp_path: Path, dev_url: st
         wait_until(lambda: "destructive_held_back" in log.text(), 30, "the note difference found")
     held = [json.loads(line) for line in log.text().splitlines() if "destructive_held_back" in line]
     assert held and any("extra" in drop for drop in held[0]["would_drop"])
+
+
+NICKNAME = "    nickname = db.Column(db.String(40))\n"
+
+
+def parent_of(path: Path) -> tuple[str, ...]:
+    from reconciler.graph import parse_revision_file
+
+    parsed = parse_revision_file(path)
+    return parsed.down_revisions if parsed is not None else ()
+
+
+def test_a_teammates_revision_re_parents_the_draft(tmp_path: Path, dev_url: str) -> None:
+    """The unsealed draft and a teammate's revision on the same parent: the draft is ours to
+    rebuild, so it moves onto their revision (no merge revision, no pause), and seals as usual."""
+    project = baseline_project(tmp_path, dev_url)
+    with dev(project) as log:
+        started(project, dev_url)
+        save(project, BASE + NICKNAME)
+        wait_until(lambda: "nickname" in columns(dev_url, "user"), 30, "the draft applied")
+        [draft] = [p for p in revision_files(project) if "base0001" not in p.name]
+        draft_id = draft.name.split("_")[0]
+        teammates_revision(project)  # a pull: their revision and their model
+        save(project, BASE + NICKNAME + TEAM)
+        wait_until(lambda: "draft_reparented" in log.text() and db_heads(dev_url) == {draft_id}, 60,
+                   "the draft re-parented and applied again")
+        wait_until(lambda: "team" in table_names(dev_url), 30, "their revision applied")
+        assert parent_of(draft) == ("team0001",)
+        assert "Revises: team0001\n" in draft.read_text() and "draft = True" in draft.read_text()
+        assert "nickname" in columns(dev_url, "user")
+        assert "create_table" not in draft.read_text()  # their table stays theirs
+    assert "merge" not in log.text() and "dev_paused" not in log.text()
+    result = run_cli(["--config", str(project.config), "seal", "-m", "add nickname"], cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    status = run_cli(["--config", str(project.config), "status", "--json"], cwd=project.root)
+    data = json.loads(status.stdout)
+    assert data["state"] == "in_sync" and data["repo_heads"] == [draft_id]
+
+
+def test_a_normal_revision_and_a_teammates_still_need_a_merge(tmp_path: Path, sqlite_url: str) -> None:
+    """Negative control: a revision that is not a draft (sealed, committed) is never rewritten;
+    the fork stops generation and names the merge."""
+    project = baseline_project(tmp_path, sqlite_url)
+    with dev(project, "draft = false") as log:
+        started(project, sqlite_url)
+        save(project, BASE + NICKNAME)
+        wait_until(lambda: "nickname" in columns(sqlite_url, "user"), 30, "our revision applied")
+        [ours] = [p for p in revision_files(project) if "base0001" not in p.name]
+        before = ours.read_text()
+        teammates_revision(project)
+        save(project, BASE + NICKNAME + TEAM)
+        wait_until(lambda: "dev_paused" in log.text(), 30, "the pause at the fork")
+        assert "reconciler merge" in log.text() and "draft_reparented" not in log.text()
+    assert ours.read_text() == before and parent_of(ours) == ("base0001",)
+    assert "team" not in table_names(sqlite_url)

@@ -199,32 +199,122 @@ def flask_tool() -> str:
 def test_tutorial_change_gives_what_flask_db_migrate_gives(kind: str, tmp_path: Path,
                                                          request: pytest.FixtureRequest) -> None:
     url = request.getfixturevalue(URL_FIXTURES[kind])
-    ours = flask_gen(tmp_path / "ours", url, builders.FLASK_MODELS)
-    ours.baseline()
-    theirs = tmp_path / "theirs"
-    shutil.copytree(ours.project.root, theirs, ignore=shutil.ignore_patterns("__pycache__"))
-    (theirs / "myapp" / "app.py").write_text(APP, encoding="utf-8")
-    tutorial = ("    email = db.Column(db.String(120), unique=True, nullable=False)\n",
-                "    email = db.Column(db.String(120), unique=True, nullable=False)\n"
-                "    password_hash = db.Column(db.String(128))\n")
-    ours.edit_models(*tutorial)
-    (theirs / "myapp" / "models.py").write_text(ours.models_file.read_text(), encoding="utf-8")
-
+    ours, theirs = tutorial_pair(tmp_path, url)
     result = ours.generate()
-    env = {**os.environ, "DATABASE_URL": url}
-    env.pop("PYTHONPATH", None)
-    versions = theirs / "migrations" / "versions"
-    before = set(versions.glob("*.py"))
-    done = subprocess.run([flask_tool(), "--app", "myapp.app", "db", "migrate"], cwd=theirs,
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    [theirs_file] = set(versions.glob("*.py")) - before
+    theirs_file = flask_db(theirs, url, "migrate")
 
     assert result.path is not None and result.message == "add_column_user_password_hash"
     assert ops_of(result) == [("add_column", "user", "password_hash")]
     assert result.operations[0]["text"] == "add column user.password_hash VARCHAR(128)"
     assert upgrade_calls(Path(result.path)) == upgrade_calls(theirs_file)
     assert [c[0] for c in upgrade_calls(theirs_file)] == ["add_column"]  # the comparison has teeth
+
+
+def normalised(path: Path) -> tuple[str, str]:
+    """A revision's file name and text with its own id and its Create Date replaced."""
+    text = path.read_text(encoding="utf-8")
+    found = re.search(r"(?m)^revision = '([0-9a-f]+)'$", text)
+    assert found, text
+    rev = found.group(1)
+    text = re.sub(r"(?m)^Create Date: .*$", "Create Date: <date>", text.replace(rev, "<rev>"))
+    return path.name.replace(rev, "<rev>"), text
+
+
+def tutorial_pair(tmp_path: Path, url: str) -> tuple[Gen, Path]:
+    """The tutorial's project at its first revision (ours) and an identical copy run by Flask
+    (theirs, with the app Flask-Migrate needs), both with the password_hash column added."""
+    ours = flask_gen(tmp_path / "ours", url, builders.FLASK_MODELS)
+    ours.baseline()
+    theirs = tmp_path / "theirs"
+    shutil.copytree(ours.project.root, theirs, ignore=shutil.ignore_patterns("__pycache__"))
+    (theirs / "myapp" / "app.py").write_text(APP, encoding="utf-8")
+    ours.edit_models("    email = db.Column(db.String(120), unique=True, nullable=False)\n",
+                     "    email = db.Column(db.String(120), unique=True, nullable=False)\n"
+                     "    password_hash = db.Column(db.String(128))\n")
+    (theirs / "myapp" / "models.py").write_text(ours.models_file.read_text(), encoding="utf-8")
+    return ours, theirs
+
+
+def flask_run(project: Path, url: str, *args: str) -> None:
+    """Run `flask db ARGS` in `project` (the app of `APP`, on `url`)."""
+    env = {**os.environ, "DATABASE_URL": url}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([flask_tool(), "--app", "myapp.app", "db", *args], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def flask_db(project: Path, url: str, *args: str) -> Path:
+    """Run `flask db ARGS` in `project`; the revision file it wrote."""
+    versions = project / "migrations" / "versions"
+    before = set(versions.glob("*.py"))
+    flask_run(project, url, *args)
+    [written] = set(versions.glob("*.py")) - before
+    return written
+
+
+def pep8_blank_lines(path: Path) -> str:
+    """ruff's E302/E303 (blank lines around top-level definitions) on one file: its report."""
+    ruff = Path(sys.executable).parent / "ruff"
+    done = subprocess.run([str(ruff), "check", "--no-cache", "--isolated", "--preview",
+                           "--output-format", "concise", "--select", "E302,E303", str(path)],
+                          capture_output=True, text=True)
+    return "" if done.returncode == 0 else done.stdout + done.stderr
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_generate_writes_the_file_flask_db_migrate_writes(kind: str, tmp_path: Path,
+                                                          request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue(URL_FIXTURES[kind])
+    ours, theirs = tutorial_pair(tmp_path, url)
+    result = ours.generate(message="add password")
+    theirs_file = flask_db(theirs, url, "migrate", "-m", "add password")
+    assert result.path is not None
+    assert normalised(Path(result.path)) == normalised(theirs_file)
+    assert "add_column(sa.Column('password_hash'" in theirs_file.read_text()  # it has teeth
+
+
+@pytest.mark.core
+def test_a_sealed_draft_is_the_file_flask_db_migrate_writes(tmp_path: Path, sqlite_url: str) -> None:
+    """The draft dev mode writes (derived message, `draft = True`), sealed with the message the
+    user gives flask db migrate: the same file apart from id and date, and PEP 8 clean."""
+    from reconciler.config import load_settings
+    from reconciler.devloop import seal
+
+    ours, theirs = tutorial_pair(tmp_path, sqlite_url)
+    draft = ours.generate(draft=True)
+    assert draft.path is not None and "draft = True" in Path(draft.path).read_text()
+    settings = load_settings(str(ours.project.config), {}, require_url=True, require_migrations=True)
+    sealed = seal(settings, "Add password_hash to user table")
+    theirs_file = flask_db(theirs, sqlite_url, "migrate", "-m", "Add password_hash to user table")
+    assert normalised(sealed) == normalised(theirs_file)
+    assert sealed.name.endswith("_add_password_hash_to_user_table.py")
+    assert pep8_blank_lines(sealed) == ""
+
+
+def test_the_blank_line_check_has_teeth(tmp_path: Path) -> None:
+    """Negative control: the old seal's output (the blank lines before `def upgrade():` eaten)."""
+    path = tmp_path / "r1_x.py"
+    path.write_text(builders.revision_source("r1", None, "pass", "pass", "x", None, None)
+                    .replace("depends_on = None\n\n\n", "depends_on = None\n"))
+    assert "Expected 2 blank lines, found 0" in pep8_blank_lines(path)  # E302
+
+
+@pytest.mark.parametrize(("message", "slug"), [
+    ("add password", "add_password"),
+    ("Add password_hash to user table", "add_password_hash_to_user_table"),
+    ("user's e-mail: unique!", "user_s_e_mail_unique"),
+    ("a very long message that goes on past the forty characters", "a_very_long_message_that_goes_on_past_"),
+])
+def test_sealed_names_use_alembic_slugs(message: str, slug: str) -> None:
+    from reconciler.devloop import sealed_name
+
+    assert sealed_name("abc123_add_column_user_x.py", "abc123", "add_column_user_x", message) == \
+        f"abc123_{slug}.py"
+    # alembic.ini's file_template (a date before the id) is kept
+    assert sealed_name("2026_12_02_abc123_add_column_user_x.py", "abc123", "add_column_user_x",
+                       message) == f"2026_12_02_abc123_{slug}.py"
 
 
 # --- one revision per kind of change ------------------------------------------------------------
