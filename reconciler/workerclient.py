@@ -83,6 +83,14 @@ class Generated:
 
 
 @dataclass(frozen=True)
+class AppUrl:
+    """A Flask app's `SQLALCHEMY_DATABASE_URI` as the app resolves it (`db.engine.url`)."""
+
+    url: str = field(repr=False)
+    where: str  # the app it came from: "app:app (/srv/app.py)"
+
+
+@dataclass(frozen=True)
 class WorkerJob:
     """Everything a worker needs for one target. `python` and `timeout` stay on this side."""
 
@@ -461,6 +469,15 @@ class Worker:
         return differences.load(Path(self.job.known_differences),
                                 differences.dialect_of(self.job.url))
 
+    def app_url(self) -> AppUrl | None:
+        """The Flask app's database URL as the app resolves it; None when there is no app."""
+        found = self._request("app_url").get("app_url")
+        if not isinstance(found, dict) or not found.get("url"):
+            return None
+        url = str(found["url"])
+        register_secret(_password(url))
+        return AppUrl(url, str(found.get("where") or "the Flask app"))
+
     def init_dir(self, template: str | None = None) -> None:
         """Create the migrations directory (Flask-Migrate's template for a Flask-SQLAlchemy db)."""
         self._request("init_dir", template=template)
@@ -717,3 +734,29 @@ class WarmWorker:
         for worker in self._started:  # they die with this thread: outlive them
             with contextlib.suppress(OSError):
                 worker._process.wait()
+
+
+_app_urls: dict[tuple[Any, ...], AppUrl | None] = {}
+_app_urls_lock = threading.Lock()
+
+
+def resolve_app_url(settings: Settings) -> AppUrl | None:
+    """The project's Flask app's database URL, asked of a worker once per process and setting.
+
+    Cached per process, not on disk: an app's URI often comes from its environment or from files
+    anywhere in the project, and a stale answer would migrate the wrong database. A one-shot
+    command asks once; the daemon asks once at start. The worker gets no database URL (an
+    in-memory SQLite one satisfies its job) and nothing connects.
+    """
+    t = settings.target
+    key = (t.python, str(settings.root_dir), str(settings.migrations_dir), t.models, t.app,
+           tuple(t.imports))
+    with _app_urls_lock:
+        if key in _app_urls:
+            return _app_urls[key]
+        job = WorkerJob.from_settings(settings, url="sqlite://", role="config")
+        job = dataclasses.replace(job, alembic_ini=None, known_differences="")
+        with Worker.start(job, python=t.python or None) as worker:
+            found = worker.app_url()
+        _app_urls[key] = found
+        return found
