@@ -6,7 +6,9 @@ them ever changes the database without the target's advisory lock.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -445,8 +447,23 @@ def _dirty_revision_id(graph: RevisionGraph, revision: str, outcome: str) -> str
 
 
 # --- init ----------------------------------------------------------------------------------
-def init(settings: Settings) -> Path:
-    """Create a migrations directory in the layout `flask db init` makes."""
+@dataclass(frozen=True)
+class InitResult:
+    """What `init` created, from which template, and why that one."""
+
+    directory: Path
+    template: str  # "flask" (what `flask db init` writes) or "generic" (what `alembic init` writes)
+    reason: str
+    alembic_ini: Path
+
+
+def init(settings: Settings, flask_app: str = "") -> InitResult:
+    """Create a migrations directory: Flask-Migrate's layout for a Flask project, else Alembic's.
+
+    A Flask project is one whose `models` is a Flask-SQLAlchemy db (the worker tells), or, without
+    `models`, whose app module (`flask_app`, as FLASK_APP names it, else wsgi.py / app.py, where
+    Flask looks) creates a `Migrate(...)` object: found by reading the source, never importing it.
+    """
     directory = settings.migrations_dir
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise ConfigError(
@@ -455,12 +472,120 @@ def init(settings: Settings) -> Path:
         )
     from reconciler.workerclient import Worker, WorkerJob
 
+    template, reason = None, ""
+    if not settings.target.models:
+        template, reason = _template_without_models(settings.root_dir, flask_app)
     # The layout needs no database; an in-memory one satisfies the worker's job.
     job = WorkerJob.from_settings(settings, url=settings.target.url or "sqlite://")
     with Worker.start(job, python=settings.target.python or None) as worker:
-        worker.init_dir(None)
-    log.info("initialized", migrations=redact(str(directory)))
-    return directory
+        made = worker.init_dir(template)
+    chosen = str(made.get("template") or template or "generic")
+    reason = reason or _models_reason(settings.target.models, chosen)
+    ini = Path(str(made.get("alembic_ini") or directory / "alembic.ini"))
+    log.info("initialized", migrations=redact(str(directory)), template=chosen, reason=reason)
+    return InitResult(directory, chosen, reason, ini)
+
+
+def _models_reason(models: str, template: str) -> str:
+    if template.startswith("flask"):
+        return f"[target] models {models!r} is a Flask-SQLAlchemy db"
+    return f"[target] models {models!r} is not a Flask-SQLAlchemy db (a declarative base or MetaData)"
+
+
+def _template_without_models(root: Path, flask_app: str) -> tuple[str, str]:
+    found = find_flask_migrate(root, flask_app)
+    if found is not None:
+        where, origin = found
+        return "flask", f"{where} creates Migrate(...) ({origin})"
+    looked = f"FLASK_APP={flask_app}" if flask_app else "wsgi.py and app.py"
+    return "generic", (
+        f"no Flask app creating Migrate(...) was found in {looked} and no models are set; for the "
+        "layout `flask db init` makes, pass --models pkg.module:db (or set FLASK_APP)"
+    )
+
+
+def find_flask_migrate(root: Path, flask_app: str = "") -> tuple[str, str] | None:
+    """`(file:line, why that file)` of a `Migrate(...)` call in the Flask app's module or in a
+    project module it imports (one level: `from .extensions import migrate`); read with ast."""
+    for path, origin in _app_module_files(root, flask_app):
+        for source in (path, *_imported_project_files(path, root)):
+            line = _migrate_call_line(source)
+            if line is not None:
+                return f"{_relative(source, root)}:{line}", origin
+    return None
+
+
+def _app_module_files(root: Path, flask_app: str) -> list[tuple[Path, str]]:
+    """The files Flask would load the app from: FLASK_APP's module, else wsgi.py, then app.py."""
+    if flask_app:
+        module = flask_app.split(":", 1)[0].strip()
+        module = module[:-3] if module.endswith(".py") else module
+        path = _module_path(root, module.replace("/", ".").replace(os.sep, "."))
+        return [(path, f"FLASK_APP={flask_app}")] if path else []
+    out = []
+    for name in ("wsgi", "app"):
+        path = _module_path(root, name)
+        if path is not None:
+            out.append((path, "where Flask looks for the app when FLASK_APP is not set"))
+    return out
+
+
+def _module_path(root: Path, module: str) -> Path | None:
+    base = root.joinpath(*[part for part in module.split(".") if part])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _parse(path: Path) -> ast.Module | None:
+    try:
+        return ast.parse(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def _migrate_call_line(path: Path) -> int | None:
+    tree = _parse(path)
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name == "Migrate":
+                return int(node.lineno)
+    return None
+
+
+def _imported_project_files(path: Path, root: Path) -> list[Path]:
+    """The project files `path` imports (absolute or relative imports), that exist under root."""
+    tree = _parse(path)
+    package = path.parent  # what a relative import is relative to (a module's or __init__'s)
+    out: list[Path] = []
+    for node in ast.walk(tree) if tree is not None else ():
+        names: list[str] = []
+        base = root
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.parent
+            prefix = node.module or ""
+            names = [prefix] if prefix else []
+            names += [f"{prefix}.{a.name}" if prefix else a.name for a in node.names]
+        for name in names:
+            found = _module_path(base, name)
+            if found is not None and found != path and found not in out:
+                out.append(found)
+    return out
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 # --- suspend / resume ----------------------------------------------------------------------

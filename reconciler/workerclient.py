@@ -478,9 +478,10 @@ class Worker:
         register_secret(_password(url))
         return AppUrl(url, str(found.get("where") or "the Flask app"))
 
-    def init_dir(self, template: str | None = None) -> None:
-        """Create the migrations directory (Flask-Migrate's template for a Flask-SQLAlchemy db)."""
-        self._request("init_dir", template=template)
+    def init_dir(self, template: str | None = None) -> dict[str, Any]:
+        """Create the migrations directory (default: Flask-Migrate's template for a Flask-SQLAlchemy
+        db, else Alembic's generic one); the reply names the template and the alembic.ini."""
+        return self._request("init_dir", template=template)
 
     def close(self) -> None:
         """Send exit, wait briefly, kill if needed."""
