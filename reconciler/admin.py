@@ -6,9 +6,7 @@ them ever changes the database without the target's advisory lock.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -18,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import connection, differences, guard, journal, logs, safety
+from reconciler import appsource, connection, differences, guard, journal, logs, safety
 from reconciler.config import Settings
 from reconciler.errors import (
     ConfigError,
@@ -493,7 +491,7 @@ def _models_reason(models: str, template: str) -> str:
 
 
 def _template_without_models(root: Path, flask_app: str) -> tuple[str, str]:
-    found = find_flask_migrate(root, flask_app)
+    found = appsource.find_flask_migrate(root, flask_app)
     if found is not None:
         where, origin = found
         return "flask", f"{where} creates Migrate(...) ({origin})"
@@ -502,90 +500,6 @@ def _template_without_models(root: Path, flask_app: str) -> tuple[str, str]:
         f"no Flask app creating Migrate(...) was found in {looked} and no models are set; for the "
         "layout `flask db init` makes, pass --models pkg.module:db (or set FLASK_APP)"
     )
-
-
-def find_flask_migrate(root: Path, flask_app: str = "") -> tuple[str, str] | None:
-    """`(file:line, why that file)` of a `Migrate(...)` call in the Flask app's module or in a
-    project module it imports (one level: `from .extensions import migrate`); read with ast."""
-    for path, origin in _app_module_files(root, flask_app):
-        for source in (path, *_imported_project_files(path, root)):
-            line = _migrate_call_line(source)
-            if line is not None:
-                return f"{_relative(source, root)}:{line}", origin
-    return None
-
-
-def _app_module_files(root: Path, flask_app: str) -> list[tuple[Path, str]]:
-    """The files Flask would load the app from: FLASK_APP's module, else wsgi.py, then app.py."""
-    if flask_app:
-        module = flask_app.split(":", 1)[0].strip()
-        module = module[:-3] if module.endswith(".py") else module
-        path = _module_path(root, module.replace("/", ".").replace(os.sep, "."))
-        return [(path, f"FLASK_APP={flask_app}")] if path else []
-    out = []
-    for name in ("wsgi", "app"):
-        path = _module_path(root, name)
-        if path is not None:
-            out.append((path, "where Flask looks for the app when FLASK_APP is not set"))
-    return out
-
-
-def _module_path(root: Path, module: str) -> Path | None:
-    base = root.joinpath(*[part for part in module.split(".") if part])
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def _parse(path: Path) -> ast.Module | None:
-    try:
-        return ast.parse(path.read_text(encoding="utf-8", errors="replace"), str(path))
-    except (OSError, SyntaxError, ValueError):
-        return None
-
-
-def _migrate_call_line(path: Path) -> int | None:
-    tree = _parse(path)
-    for node in ast.walk(tree) if tree is not None else ():
-        if isinstance(node, ast.Call):
-            func = node.func
-            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
-            if name == "Migrate":
-                return int(node.lineno)
-    return None
-
-
-def _imported_project_files(path: Path, root: Path) -> list[Path]:
-    """The project files `path` imports (absolute or relative imports), that exist under root."""
-    tree = _parse(path)
-    package = path.parent  # what a relative import is relative to (a module's or __init__'s)
-    out: list[Path] = []
-    for node in ast.walk(tree) if tree is not None else ():
-        names: list[str] = []
-        base = root
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package
-                for _ in range(node.level - 1):
-                    base = base.parent
-            prefix = node.module or ""
-            names = [prefix] if prefix else []
-            names += [f"{prefix}.{a.name}" if prefix else a.name for a in node.names]
-        for name in names:
-            found = _module_path(base, name)
-            if found is not None and found != path and found not in out:
-                out.append(found)
-    return out
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 # --- suspend / resume ----------------------------------------------------------------------

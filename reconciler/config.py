@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_origin, get_type_hints
 
+from reconciler import appsource
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.redact import redact, register_secret
 
@@ -715,13 +716,16 @@ def settle_url(
 
     Without `url`, a Flask project's app is asked (through a worker) for the database it uses;
     with both, they must name the same database, or nothing runs (exit 2, both named). A project
-    without `models` or `app` is not asked: there is no app to find.
+    without `models` or `app` is not asked: there is no app to find; nor, when `url` is given, one
+    whose models create no Flask app at import (an app factory's app exists only when called).
     """
     target = settings.target
-    if not _may_have_flask_app(settings):
+    if not (target.models or target.app):
         if not target.url:
             raise ConfigError(NO_URL)
         return settings
+    if target.url and not _may_have_flask_app(settings):
+        return settings  # no app is made at import: nothing to compare with (and no worker to pay)
     if app_url is None:
         from reconciler.workerclient import resolve_app_url  # the worker side: imports config
 
@@ -763,20 +767,14 @@ def settle_url(
 
 
 def _may_have_flask_app(settings: Settings) -> bool:
-    """`[target] app` is set, or the models module's source mentions Flask (read, not imported):
-    only then is there an app whose URI a worker could report."""
+    """`[target] app` is set, or importing the models creates a Flask app (their source read, not
+    imported): only then is there an app whose URI a worker could report."""
     target = settings.target
     if target.app:
         return True
     if not target.models:
         return False
-    path = find_module_file(target.models.partition(":")[0], settings)
-    if path is None or path.is_dir():
-        return True  # a namespace package: let the worker look
-    try:
-        return "flask" in path.read_text(encoding="utf-8", errors="replace").lower()
-    except OSError:
-        return True
+    return appsource.creates_app_at_import(settings.root_dir, target.models.partition(":")[0])
 
 
 _LOCAL = {"localhost", "127.0.0.1", "::1", ""}

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from reconciler import appsource
 from reconciler.config import load_settings
 from reconciler.errors import ConfigError
 from tests import dbs
 from tests.builders import flask_project, table_names
 from tests.cli import run_cli
+from tests.tutorial import APP as APP_SOURCE
 from tests.tutorial import app_view, quickstart, tutorial_app, write_quickstart_config
 
 pytestmark = pytest.mark.core
@@ -133,3 +135,40 @@ def test_the_apps_url_is_asked_once_per_process(tmp_path: Path) -> None:
     assert sa.engine.make_url(first.target.url).database == app_view(root)["url"]
     with pytest.raises(ConfigError, match="no database URL"):
         load_settings(str(config), environ={}, app_url=lambda _settings: None)
+
+
+FACTORY = "from flask import Flask\n\n\ndef create_app():\n    return Flask(__name__)\n"
+AT_IMPORT = "from flask import Flask\n\napp = Flask(__name__)\n"
+
+
+@pytest.mark.parametrize(
+    "files, module, expected",
+    [
+        ({"app.py": APP_SOURCE}, "app", True),  # the tutorial
+        ({"shop/__init__.py": FACTORY, "shop/models.py": "db = 1\n"}, "shop.models", False),
+        ({"shop/__init__.py": AT_IMPORT, "shop/models.py": "db = 1\n"}, "shop.models", True),
+        (
+            {"shop/__init__.py": "", "shop/app.py": AT_IMPORT, "shop/models.py": "from .app import x\n"},
+            "shop.models",
+            True,
+        ),
+    ],
+)
+def test_whether_importing_the_models_creates_a_flask_app_is_read_from_source(
+    tmp_path: Path, files: dict[str, str], module: str, expected: bool
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    assert appsource.creates_app_at_import(tmp_path, module) is expected
+
+
+def test_a_given_url_with_an_app_factory_asks_no_worker(tmp_path: Path) -> None:
+    """The factory pattern (the builders' projects): no app exists at import, nothing to compare."""
+    project = flask_project(tmp_path / "p", "sqlite:///given.db")
+
+    def no_worker(_settings: object) -> None:
+        raise AssertionError("a worker was asked for the app's URL")
+
+    settings = load_settings(str(project.config), environ={}, app_url=no_worker)
+    assert settings.target.url.endswith("given.db")
