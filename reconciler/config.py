@@ -750,7 +750,7 @@ def settle_url(
                 "when [target] app names it)"
             )
         return settings
-    where = f"the Flask app's SQLALCHEMY_DATABASE_URI ({found.where})"
+    where = f"SQLALCHEMY_DATABASE_URI of the Flask app {found.where}"
     app_db = normalize_url(found.url, settings.root_dir, where)
     if not target.url:
         origin[("target", "url")] = where

@@ -412,7 +412,7 @@ def app_database_url(spec: ProjectSpec, project: Project) -> dict[str, str] | No
 
 
 def _named_app(spec: ProjectSpec) -> tuple[Any, str]:
-    return _load_app(spec), f"the app of [target] app {spec.app!r}"
+    return _load_app(spec), f"{spec.app} ([target] app)"
 
 
 def _module_app(spec: ProjectSpec, project: Project, flask_type: type) -> tuple[Any, str] | None:

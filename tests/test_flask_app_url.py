@@ -5,6 +5,8 @@ is refused before anything connects. The README's quickstart, verbatim, on the t
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from reconciler import appsource
 from reconciler.config import load_settings
 from reconciler.errors import ConfigError
 from tests import dbs
-from tests.builders import flask_project, table_names
+from tests.builders import flask_project, table_names, worker_python
 from tests.cli import run_cli
 from tests.tutorial import APP as APP_SOURCE
 from tests.tutorial import app_view, quickstart, tutorial_app, write_quickstart_config
@@ -172,3 +174,47 @@ def test_a_given_url_with_an_app_factory_asks_no_worker(tmp_path: Path) -> None:
 
     settings = load_settings(str(project.config), environ={}, app_url=no_worker)
     assert settings.target.url.endswith("given.db")
+
+
+FACTORY_APP = """\
+from flask import Flask
+
+from myapp.models import db
+
+
+def create_app():
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite:///factory.db"
+    db.init_app(app)
+    return app
+"""
+
+
+def test_a_factory_named_by_target_app_gives_its_url(tmp_path: Path) -> None:
+    """`[target] app` names the factory: it is called, and its relative SQLite path resolved
+    the way the app resolves it (instance folder in Flask-SQLAlchemy 3, app root in 2.5)."""
+    project = flask_project(tmp_path / "p", "sqlite:///unused.db")
+    (project.root / "myapp" / "factory.py").write_text(FACTORY_APP, encoding="utf-8")
+    python = f'python = "{worker_python()}"\n' if worker_python() else ""
+    project.config.write_text(
+        f'[target]\nmodels = "myapp.models:db"\napp = "myapp.factory:create_app"\n{python}',
+        encoding="utf-8",
+    )
+
+    settings = load_settings(str(project.config), environ={})
+
+    database = sa.engine.make_url(settings.target.url).database
+    assert database == factory_database(project.root) and Path(str(database)).name == "factory.db"
+
+
+def factory_database(root: Path) -> str:
+    """The database file the factory's app itself uses (asked in the project's interpreter)."""
+    code = (
+        "from myapp.factory import create_app\nfrom myapp.models import db\napp = create_app()\n"
+        "with app.app_context():\n    print(db.engine.url.database)\n"
+    )
+    result = subprocess.run(
+        [worker_python() or sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
