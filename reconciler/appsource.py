@@ -122,3 +122,21 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
+
+
+def suggested_models(root: Path) -> str | None:
+    """'module:name' of the Flask-SQLAlchemy db that the app module Flask finds (wsgi.py / app.py)
+    assigns at module level (`db = SQLAlchemy(app)`), when that module also creates Migrate(...)."""
+    found = find_flask_migrate(root)
+    if found is None:
+        return None
+    for path, _origin in _app_module_files(root, ""):
+        tree = _parse(path)
+        for node in tree.body if tree is not None else ():
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+                func = node.value.func
+                name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+                targets = [t.id for t in node.targets if isinstance(t, ast.Name)]
+                if name == "SQLAlchemy" and targets:
+                    return f"{path.stem}:{targets[0]}"
+    return None

@@ -722,7 +722,7 @@ def settle_url(
     target = settings.target
     if not (target.models or target.app):
         if not target.url:
-            raise ConfigError(NO_URL)
+            raise ConfigError(NO_URL + _models_hint(settings.root_dir))
         return settings
     if target.url and not _may_have_flask_app(settings):
         return settings  # no app is made at import: nothing to compare with (and no worker to pay)
@@ -764,6 +764,16 @@ def settle_url(
             "Remove [target] url to use the app's, or make the two name the same database"
         )
     return settings
+
+
+def _models_hint(root: Path) -> str:
+    models = appsource.suggested_models(root)
+    if not models:
+        return ""
+    return (
+        f"; or, to use the Flask app's SQLALCHEMY_DATABASE_URI, name its db: [target] models = "
+        f'"{models}" (or --models {models})'
+    )
 
 
 def _may_have_flask_app(settings: Settings) -> bool:

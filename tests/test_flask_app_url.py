@@ -218,3 +218,26 @@ def factory_database(root: Path) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
+
+
+def test_without_a_config_the_error_names_the_models_setting_that_gives_the_apps_url(
+    tmp_path: Path,
+) -> None:
+    root = tutorial_app(tmp_path / "tutorial")
+    python = ["--config", str(write_python_only(root))] if worker_python() else []
+
+    code, output = reconciler(root, *python, "status")
+    assert code == 2 and '[target] models = "app:db"' in output and "--models app:db" in output, output
+
+    code, output = reconciler(root, *python, "--models", "app:db", "status")
+    assert code == 0 and str(app_view(root)["url"]) in output, output
+
+
+def write_python_only(root: Path) -> Path:
+    """CI's oldest-versions run: only the worker's interpreter is configured."""
+    config = root.parent / "python-only.toml"
+    config.write_text(
+        f'[target]\nroot = "{root}"\nmigrations = "{root / "migrations"}"\npython = "{worker_python()}"\n',
+        encoding="utf-8",
+    )
+    return config
