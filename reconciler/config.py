@@ -687,9 +687,12 @@ def _resolve_target(
                 "which is not set or empty; set it or give [target] url"
             )
         origin[("target", "url")] = f"environment variable {target.url_env} (from url_env)"
-    if not url:  # a Flask project's default: its app's URI (`settle_url`, after validation)
+    if url:
+        url = normalize_url(url, base_dir, origin.get(("target", "url"), "the database URL"))
+    elif not require_url:
         return dataclasses.replace(target, url="")
-    url = normalize_url(url, base_dir, origin.get(("target", "url"), "the database URL"))
+    # Without a URL yet, a Flask project's default is its app's (`settle_url`, after validation);
+    # lock_url is resolved here all the same.
     lock_url = target.lock_url or (environ.get(target.lock_url_env, "") if target.lock_url_env else "")
     if target.lock_url_env and not lock_url:
         raise ConfigError(
@@ -698,7 +701,7 @@ def _resolve_target(
         )
     if lock_url:
         lock_url = normalize_url(lock_url, base_dir, origin.get(("target", "lock_url"), "lock_url"))
-    name = target.name or default_target_name(url)
+    name = target.name or (default_target_name(url) if url else "")
     return dataclasses.replace(target, url=url, lock_url=lock_url, name=name)
 
 

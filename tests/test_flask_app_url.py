@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from reconciler import appsource
+from reconciler import appsource, workerclient
 from reconciler.config import load_settings
 from reconciler.errors import ConfigError
 from tests import dbs
@@ -241,3 +241,17 @@ def write_python_only(root: Path) -> Path:
         encoding="utf-8",
     )
     return config
+
+
+def test_the_apps_url_keeps_the_configured_lock_url(tmp_path: Path) -> None:
+    root = tutorial_app(tmp_path / "tutorial", revision=False)
+    (root / "migrations").mkdir()
+    config = write_quickstart_config(root, 'lock_url = "postgresql://app@db-direct:5432/app"\n')
+    app_db = f"postgresql://app@db:6432/app?from={root.name}"
+
+    settings = load_settings(
+        str(config), environ={}, app_url=lambda _s: workerclient.AppUrl(app_db, "app:app")
+    )
+
+    assert settings.target.url == app_db and settings.target.name == "app"
+    assert settings.target.lock_url == "postgresql://app@db-direct:5432/app"
