@@ -557,7 +557,9 @@ def load_settings(
         chains=_chains(source.values.get("target.chains", []), origin),
     )
     _validate(settings, origin, require_migrations)
-    return settle_url(settings, origin, app_url) if require_url else settings
+    if not require_url:
+        return settings
+    return settle_url(settings, origin, app_url or _app_url_in(environ))
 
 
 _CHAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
@@ -730,9 +732,7 @@ def settle_url(
     if target.url and not _may_have_flask_app(settings):
         return settings  # no app is made at import: nothing to compare with (and no worker to pay)
     if app_url is None:
-        from reconciler.workerclient import resolve_app_url  # the worker side: imports config
-
-        app_url = resolve_app_url
+        app_url = _app_url_in(os.environ)
     try:
         found = app_url(settings)
     except ReconcilerError as exc:
@@ -767,6 +767,17 @@ def settle_url(
             "Remove [target] url to use the app's, or make the two name the same database"
         )
     return settings
+
+
+def _app_url_in(environ: Mapping[str, str]) -> Callable[[Settings], AppUrl | None]:
+    """The worker's lookup of the app's URL, in the environment the settings came from."""
+
+    def lookup(settings: Settings) -> AppUrl | None:
+        from reconciler.workerclient import resolve_app_url  # the worker side: imports config
+
+        return resolve_app_url(settings, environ)
+
+    return lookup
 
 
 def _models_hint(root: Path) -> str:

@@ -255,3 +255,14 @@ def test_the_apps_url_keeps_the_configured_lock_url(tmp_path: Path) -> None:
 
     assert settings.target.url == app_db and settings.target.name == "app"
     assert settings.target.lock_url == "postgresql://app@db-direct:5432/app"
+
+
+def test_the_app_is_asked_in_the_environment_the_settings_came_from(tmp_path: Path) -> None:
+    """The app reads DATABASE_URL: the worker that asks it gets the settings' environment."""
+    root = tutorial_app(tmp_path / "tutorial", uri_from_env=True)
+    config = write_quickstart_config(root)
+    wanted = f"sqlite:///{tmp_path / 'from-env.db'}"
+
+    settings = load_settings(str(config), environ={"DATABASE_URL": wanted})
+
+    assert settings.target.url == wanted
