@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from reconciler import connection, differences, guard, journal, logs, safety
+from reconciler import appsource, connection, differences, guard, journal, logs, safety
 from reconciler.config import Settings
 from reconciler.errors import (
     ConfigError,
@@ -560,8 +560,23 @@ def _plain_worker(settings: Settings) -> Iterator[Any]:
 
 
 # --- init ----------------------------------------------------------------------------------
-def init(settings: Settings) -> Path:
-    """Create a migrations directory in the layout `flask db init` makes."""
+@dataclass(frozen=True)
+class InitResult:
+    """What `init` created, from which template, and why that one."""
+
+    directory: Path
+    template: str  # "flask" (what `flask db init` writes) or "generic" (what `alembic init` writes)
+    reason: str
+    alembic_ini: Path
+
+
+def init(settings: Settings, flask_app: str = "") -> InitResult:
+    """Create a migrations directory: Flask-Migrate's layout for a Flask project, else Alembic's.
+
+    A Flask project is one whose `models` is a Flask-SQLAlchemy db (the worker tells), or, without
+    `models`, whose app module (`flask_app`, as FLASK_APP names it, else wsgi.py / app.py, where
+    Flask looks) creates a `Migrate(...)` object: found by reading the source, never importing it.
+    """
     directory = settings.migrations_dir
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise ConfigError(
@@ -570,12 +585,36 @@ def init(settings: Settings) -> Path:
         )
     from reconciler.workerclient import Worker, WorkerJob
 
+    template, reason = None, ""
+    if not settings.target.models:
+        template, reason = _template_without_models(settings.root_dir, flask_app)
     # The layout needs no database; an in-memory one satisfies the worker's job.
     job = WorkerJob.from_settings(settings, url=settings.target.url or "sqlite://")
     with Worker.start(job, python=settings.target.python or None) as worker:
-        worker.init_dir(None)
-    log.info("initialized", migrations=redact(str(directory)))
-    return directory
+        made = worker.init_dir(template)
+    chosen = str(made.get("template") or template or "generic")
+    reason = reason or _models_reason(settings.target.models, chosen)
+    ini = Path(str(made.get("alembic_ini") or directory / "alembic.ini"))
+    log.info("initialized", migrations=redact(str(directory)), template=chosen, reason=reason)
+    return InitResult(directory, chosen, reason, ini)
+
+
+def _models_reason(models: str, template: str) -> str:
+    if template.startswith("flask"):
+        return f"[target] models {models!r} is a Flask-SQLAlchemy db"
+    return f"[target] models {models!r} is not a Flask-SQLAlchemy db (a declarative base or MetaData)"
+
+
+def _template_without_models(root: Path, flask_app: str) -> tuple[str, str]:
+    found = appsource.find_flask_migrate(root, flask_app)
+    if found is not None:
+        where, origin = found
+        return "flask", f"{where} creates Migrate(...) ({origin})"
+    looked = f"FLASK_APP={flask_app}" if flask_app else "wsgi.py and app.py"
+    return "generic", (
+        f"no Flask app creating Migrate(...) was found in {looked} and no models are set; for the "
+        "layout `flask db init` makes, pass --models pkg.module:db (or set FLASK_APP)"
+    )
 
 
 # --- suspend / resume ----------------------------------------------------------------------

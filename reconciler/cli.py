@@ -311,13 +311,16 @@ def baseline(ctx: Context, scratch: bool) -> int:
 
 
 @main.command()
+@click.option("--flask-app", "flask_app", envvar="FLASK_APP", default="",
+              help="the Flask app's module, as FLASK_APP (default: FLASK_APP, else wsgi.py / app.py)")
 @command
-def init(ctx: Context) -> int:
-    """Create a migrations directory, in the layout `flask db init` makes."""
+def init(ctx: Context, flask_app: str) -> int:
+    """Create a migrations directory: `flask db init`'s layout for a Flask project, else Alembic's."""
     from reconciler import admin
 
-    directory = admin.init(ctx.settings(require_url=False, require_migrations=False))
-    click.echo(f"created {directory}", err=True)
+    made = admin.init(ctx.settings(require_url=False, require_migrations=False), flask_app)
+    click.echo(f"created {made.directory} and {made.alembic_ini} from the {made.template} "
+               f"template: {made.reason}", err=True)
     return EXIT_OK
 
 

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, get_origin, get_type_hints
 
-from reconciler.errors import ConfigError
+from reconciler import appsource
+from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.redact import redact, register_secret
+
+if TYPE_CHECKING:
+    from reconciler.workerclient import AppUrl
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,7 +35,10 @@ DEFAULT_CONFIG_NAME = "reconciler.toml"
 
 @dataclass(frozen=True)
 class TargetSettings:
-    url: str = field(default="", metadata={"doc": "database URL (SQLAlchemy form); required"})
+    url: str = field(
+        default="",
+        metadata={"doc": "database URL (SQLAlchemy form); default: the Flask app's SQLALCHEMY_DATABASE_URI"},
+    )
     url_env: str = field(
         default="", metadata={"doc": "name of an environment variable holding the URL instead"}
     )
@@ -501,8 +509,13 @@ def load_settings(
     require_url: bool = True,
     require_migrations: bool = True,
     resolve_alerts: bool = False,
+    app_url: Callable[[Settings], AppUrl | None] | None = None,
 ) -> Settings:
-    """Resolve the settings once: defaults < file < environment < flags; validate everything."""
+    """Resolve the settings once: defaults < file < environment < flags; validate everything.
+
+    With `require_url`, the database URL is settled too: a Flask project's default is its app's
+    `SQLALCHEMY_DATABASE_URI` as the app resolves it, asked of a worker through `app_url`
+    (default: `workerclient.resolve_app_url`); nothing is connected before this is settled."""
     environ = os.environ if environ is None else environ
     cwd = (cwd or Path.cwd()).resolve()
     path = _config_path(config, environ, cwd)
@@ -544,7 +557,9 @@ def load_settings(
         chains=_chains(source.values.get("target.chains", []), origin),
     )
     _validate(settings, origin, require_migrations)
-    return settings
+    if not require_url:
+        return settings
+    return settle_url(settings, origin, app_url or _app_url_in(environ))
 
 
 _CHAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
@@ -674,14 +689,12 @@ def _resolve_target(
                 "which is not set or empty; set it or give [target] url"
             )
         origin[("target", "url")] = f"environment variable {target.url_env} (from url_env)"
-    if not url:
-        if require_url:
-            raise ConfigError(
-                "no database URL: give --url, RECONCILER_URL, or [target] url / url_env "
-                "in reconciler.toml"
-            )
+    if url:
+        url = normalize_url(url, base_dir, origin.get(("target", "url"), "the database URL"))
+    elif not require_url:
         return dataclasses.replace(target, url="")
-    url = normalize_url(url, base_dir, origin.get(("target", "url"), "the database URL"))
+    # Without a URL yet, a Flask project's default is its app's (`settle_url`, after validation);
+    # lock_url is resolved here all the same.
     lock_url = target.lock_url or (environ.get(target.lock_url_env, "") if target.lock_url_env else "")
     if target.lock_url_env and not lock_url:
         raise ConfigError(
@@ -690,8 +703,129 @@ def _resolve_target(
         )
     if lock_url:
         lock_url = normalize_url(lock_url, base_dir, origin.get(("target", "lock_url"), "lock_url"))
-    name = target.name or default_target_name(url)
+    name = target.name or (default_target_name(url) if url else "")
     return dataclasses.replace(target, url=url, lock_url=lock_url, name=name)
+
+
+NO_URL = (
+    "no database URL: give --url, RECONCILER_URL, or [target] url / url_env in reconciler.toml"
+)
+
+
+def settle_url(
+    settings: Settings,
+    origin: dict[tuple[str, str], str],
+    app_url: Callable[[Settings], AppUrl | None] | None = None,
+) -> Settings:
+    """The target's URL, settled against the Flask app's own (`[target] url` defaults to it).
+
+    Without `url`, a Flask project's app is asked (through a worker) for the database it uses;
+    with both, they must name the same database, or nothing runs (exit 2, both named). A project
+    without `models` or `app` is not asked: there is no app to find; nor, when `url` is given, one
+    whose models create no Flask app at import (an app factory's app exists only when called).
+    """
+    target = settings.target
+    if not (target.models or target.app):
+        if not target.url:
+            raise ConfigError(NO_URL + _models_hint(settings.root_dir))
+        return settings
+    if target.url and not _may_have_flask_app(settings):
+        return settings  # no app is made at import: nothing to compare with (and no worker to pay)
+    if app_url is None:
+        app_url = _app_url_in(os.environ)
+    try:
+        found = app_url(settings)
+    except ReconcilerError as exc:
+        if not target.url:
+            raise
+        # The URL is given: commands that never run user code (status, history) keep working
+        # while the models do not import; every worker job reports the models' error itself.
+        # Logged through the standard library: structlog is set up only once settings exist.
+        logging.getLogger("reconciler.config").warning(
+            "app_url_unknown: the Flask app's database URL could not be compared with [target] "
+            "url: %s", redact(str(exc)))
+        return settings
+    if found is None:
+        if not target.url:
+            raise ConfigError(
+                f"{NO_URL}; no Flask app holding [target] models {target.models or target.app!r} "
+                "was found to take SQLALCHEMY_DATABASE_URI from (an app factory is called only "
+                "when [target] app names it)"
+            )
+        return settings
+    where = f"SQLALCHEMY_DATABASE_URI of the Flask app {found.where}"
+    app_db = normalize_url(found.url, settings.root_dir, where)
+    if not target.url:
+        origin[("target", "url")] = where
+        name = target.name or default_target_name(app_db)
+        return dataclasses.replace(settings, target=dataclasses.replace(target, url=app_db, name=name))
+    if not same_database(target.url, app_db):
+        configured = origin.get(("target", "url"), "[target] url")
+        raise ConfigError(
+            f"{configured} names the database {redact(target.url)}, but {where} is "
+            f"{redact(app_db)}: the reconciler would migrate a database the app does not use. "
+            "Remove [target] url to use the app's, or make the two name the same database"
+        )
+    return settings
+
+
+def _app_url_in(environ: Mapping[str, str]) -> Callable[[Settings], AppUrl | None]:
+    """The worker's lookup of the app's URL, in the environment the settings came from."""
+
+    def lookup(settings: Settings) -> AppUrl | None:
+        from reconciler.workerclient import resolve_app_url  # the worker side: imports config
+
+        return resolve_app_url(settings, environ)
+
+    return lookup
+
+
+def _models_hint(root: Path) -> str:
+    models = appsource.suggested_models(root)
+    if not models:
+        return ""
+    return (
+        f"; or, to use the Flask app's SQLALCHEMY_DATABASE_URI, name its db: [target] models = "
+        f'"{models}" (or --models {models})'
+    )
+
+
+def _may_have_flask_app(settings: Settings) -> bool:
+    """`[target] app` is set, or importing the models creates a Flask app (their source read, not
+    imported): only then is there an app whose URI a worker could report."""
+    target = settings.target
+    if target.app:
+        return True
+    if not target.models:
+        return False
+    return appsource.creates_app_at_import(settings.root_dir, target.models.partition(":")[0])
+
+
+_LOCAL = {"localhost", "127.0.0.1", "::1", ""}
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
+
+
+def same_database(first: str, second: str) -> bool:
+    """Whether two URLs name one database: the same backend, server, user and database (SQLite:
+    the same file). Drivers and passwords may differ."""
+    from sqlalchemy.engine import make_url
+
+    a, b = make_url(first), make_url(second)
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    if a.get_backend_name() == "sqlite":
+        return _sqlite_file(a.database) == _sqlite_file(b.database)
+    host_a, host_b = (a.host or "").lower(), (b.host or "").lower()
+    same_host = host_a == host_b or (host_a in _LOCAL and host_b in _LOCAL)
+    default = _DEFAULT_PORTS.get(a.get_backend_name())
+    same_port = (a.port or default) == (b.port or default)
+    return same_host and same_port and a.database == b.database and a.username == b.username
+
+
+def _sqlite_file(database: str | None) -> str:
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return database or ":memory:"
+    return os.path.realpath(database)
 
 
 def normalize_url(url: str, base_dir: Path, where: str) -> str:

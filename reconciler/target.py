@@ -385,6 +385,69 @@ def _url_with_database(parsed: Any, database: str) -> str:
     return str(changed.__to_string__(hide_password=False))
 
 
+def app_database_url(spec: ProjectSpec, project: Project) -> dict[str, str] | None:
+    """The URL of the Flask app's engine (`db.engine.url`), resolved as the app resolves it, or
+    None when there is no Flask app to ask.
+
+    Flask-SQLAlchemy resolves `SQLALCHEMY_DATABASE_URI` itself: a relative SQLite path goes into
+    the app's instance folder (3.x) or under the app's root path (2.5). Asking the engine gives
+    exactly the database the app uses. Creating an engine does not connect. The app is the one
+    `[target] app` names (a factory is called, as for any job with `app`), else a module-level
+    Flask app of the project whose Flask-SQLAlchemy extension is the models' db.
+    """
+    try:
+        from flask import Flask
+    except ImportError:
+        return None
+    found = _named_app(spec) if spec.app else _module_app(spec, project, Flask)
+    if found is None:
+        return None
+    app, where = found
+    db = _app_db(app)
+    if db is None:
+        return None
+    with app.app_context():
+        url = db.engine.url
+    return {"url": _render_url(url), "where": where}
+
+
+def _named_app(spec: ProjectSpec) -> tuple[Any, str]:
+    return _load_app(spec), f"{spec.app} ([target] app)"
+
+
+def _module_app(spec: ProjectSpec, project: Project, flask_type: type) -> tuple[Any, str] | None:
+    """The project's module-level Flask app holding the models' db (the models' module first)."""
+    candidates: list[tuple[Any, str]] = []
+    modules = [project.models_module] if project.models_module is not None else []
+    modules += [m for m in list(sys.modules.values()) if _in_project(m, spec.root)]
+    seen: set[int] = set()
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            if not isinstance(value, flask_type) or id(value) in seen:
+                continue
+            seen.add(id(value))
+            db = _app_db(value)
+            if db is None or (project.db is not None and db is not project.db):
+                continue
+            where = f"{module.__name__}:{name} ({getattr(module, '__file__', '?')})"
+            candidates.append((value, where))
+    return candidates[0] if candidates else None
+
+
+def _in_project(module: Any, root: Path) -> bool:
+    path = getattr(module, "__file__", None)
+    if not isinstance(path, str) or "site-packages" in path or "dist-packages" in path:
+        return False
+    return os.path.realpath(path).startswith(os.path.join(os.path.realpath(str(root)), ""))
+
+
+def _render_url(url: Any) -> str:
+    """A URL object as text with its password (SQLAlchemy 1.4+, and 1.3's `__to_string__`)."""
+    if hasattr(url, "render_as_string"):
+        return str(url.render_as_string(hide_password=False))
+    return str(url.__to_string__(hide_password=False))
+
+
 def _flask_side(spec: ProjectSpec, project: Project) -> None:
     try:
         import flask  # noqa: F401

@@ -444,6 +444,7 @@ class Runner:
             "headers": self.op_headers,
             "bind": self.op_bind,
             "init_dir": self.op_init_dir,
+            "app_url": self.op_app_url,
             "generate": self.op_generate,
             "revision": self.op_revision,
             "merge": self.op_merge,
@@ -664,6 +665,17 @@ class Runner:
             migrations.Guard(job.exclude_tables, job.version_table, job.version_table_schema)
         )
         return {"bound": True}
+
+    def op_app_url(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """The Flask app's database URL as the app resolves it (None: no Flask app found).
+        The URL keeps its password: the control plane registers it as a secret on receipt."""
+        job = self._job()
+        spec = target.ProjectSpec(
+            root=job.root, url=job.url, migrations_dir=job.migrations_dir,
+            models=job.models, app=job.app, migrate=job.migrate, imports=job.imports,
+        )
+        project = self._load_project(False)
+        return {"app_url": target.app_database_url(spec, project)}
 
     def op_init_dir(self, request: dict[str, Any]) -> dict[str, Any]:
         job = self._job()

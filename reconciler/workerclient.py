@@ -83,6 +83,14 @@ class Generated:
 
 
 @dataclass(frozen=True)
+class AppUrl:
+    """A Flask app's `SQLALCHEMY_DATABASE_URI` as the app resolves it (`db.engine.url`)."""
+
+    url: str = field(repr=False)
+    where: str  # the app it came from: "app:app (/srv/app.py)"
+
+
+@dataclass(frozen=True)
 class WorkerJob:
     """Everything a worker needs for one target. `python` and `timeout` stay on this side."""
 
@@ -215,11 +223,13 @@ def _package_path() -> str:
         return folder
 
 
-def _child_env(interpreter: str) -> dict[str, str]:
-    """Our environment minus RECONCILER_* (the URL may be there), our package on PYTHONPATH, and
-    the interpreter's directory first on PATH, as an activated virtualenv has it: alembic.ini's
-    post-write hooks (`ruff`, `black`) and env.py's subprocesses find the project's tools."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+def _child_env(interpreter: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Our environment (or `environ`, the one the settings were resolved in) minus RECONCILER_*
+    (the URL may be there), our package on PYTHONPATH, and the interpreter's directory first on
+    PATH, as an activated virtualenv has it: alembic.ini's post-write hooks (`ruff`, `black`) and
+    env.py's subprocesses find the project's tools."""
+    base = os.environ if environ is None else environ
+    env = {k: v for k, v in base.items() if not k.startswith("RECONCILER_")}
     located = interpreter if os.sep in interpreter else shutil.which(interpreter)
     if located:  # not resolved: a virtualenv's python is a link to the base interpreter
         bin_dir = os.path.dirname(os.path.abspath(located))
@@ -299,10 +309,12 @@ class Worker:
         on_log: Callable[[str], None] | None = None,
         timeout: float | None = None,
         preload: bool = False,
+        environ: Mapping[str, str] | None = None,
     ) -> Worker:
         """Start a worker in `python` (default: the job's, else ours) and send it the job.
 
         `preload`: the worker imports Flask and friends before the job arrives (a warm spare).
+        `environ`: the worker's environment instead of ours (the one the settings came from).
         """
         for secret in (*job.secrets, _password(job.url)):
             register_secret(secret)
@@ -317,7 +329,7 @@ class Worker:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=job.root,
-                env=_child_env(interpreter),
+                env=_child_env(interpreter, environ),
                 close_fds=True,
             )
         except OSError as exc:
@@ -484,9 +496,19 @@ class Worker:
         return differences.load(Path(self.job.known_differences),
                                 differences.dialect_of(self.job.url))
 
-    def init_dir(self, template: str | None = None) -> None:
-        """Create the migrations directory (Flask-Migrate's template for a Flask-SQLAlchemy db)."""
-        self._request("init_dir", template=template)
+    def app_url(self) -> AppUrl | None:
+        """The Flask app's database URL as the app resolves it; None when there is no app."""
+        found = self._request("app_url").get("app_url")
+        if not isinstance(found, dict) or not found.get("url"):
+            return None
+        url = str(found["url"])
+        register_secret(_password(url))
+        return AppUrl(url, str(found.get("where") or "the Flask app"))
+
+    def init_dir(self, template: str | None = None) -> dict[str, Any]:
+        """Create the migrations directory (default: Flask-Migrate's template for a Flask-SQLAlchemy
+        db, else Alembic's generic one); the reply names the template and the alembic.ini."""
+        return self._request("init_dir", template=template)
 
     def close(self) -> None:
         """Send exit, wait briefly, kill if needed."""
@@ -740,3 +762,31 @@ class WarmWorker:
         for worker in self._started:  # they die with this thread: outlive them
             with contextlib.suppress(OSError):
                 worker._process.wait()
+
+
+_app_urls: dict[tuple[Any, ...], AppUrl | None] = {}
+_app_urls_lock = threading.Lock()
+
+
+def resolve_app_url(settings: Settings, environ: Mapping[str, str] | None = None) -> AppUrl | None:
+    """The project's Flask app's database URL, asked of a worker once per process and setting.
+
+    Cached per process, not on disk: an app's URI often comes from its environment or from files
+    anywhere in the project, and a stale answer would migrate the wrong database. A one-shot
+    command asks once; the daemon asks once at start. The worker gets no database URL (an
+    in-memory SQLite one satisfies its job) and nothing connects. The app runs in `environ` (the
+    environment the settings were resolved in; default: ours): its URI may come from there.
+    """
+    t = settings.target
+    env = dict(os.environ if environ is None else environ)
+    key = (t.python, str(settings.root_dir), str(settings.migrations_dir), t.models, t.app,
+           tuple(t.imports), tuple(sorted(env.items())))
+    with _app_urls_lock:
+        if key in _app_urls:
+            return _app_urls[key]
+        job = WorkerJob.from_settings(settings, url="sqlite://", role="config")
+        job = dataclasses.replace(job, alembic_ini=None, known_differences="")
+        with Worker.start(job, python=t.python or None, environ=env) as worker:
+            found = worker.app_url()
+        _app_urls[key] = found
+        return found

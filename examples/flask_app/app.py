@@ -7,9 +7,12 @@ from flask_sqlalchemy import SQLAlchemy
 basedir = os.path.abspath(os.path.dirname(__file__))
 
 app = Flask(__name__)
-# An absolute path, so Flask-SQLAlchemy 2.x and 3.x (which would otherwise use the instance
-# folder), `flask db` and reconciler.toml all mean the same file.
-app.config['SQLALCHEMY_DATABASE_URI'] = 'sqlite:///' + os.path.join(basedir, 'site.db')
+# DATABASE_URL when set (a container's), else an absolute path, so Flask-SQLAlchemy 2.x and 3.x
+# (which would otherwise use the instance folder), `flask db` and reconciler.toml all mean the
+# same file.
+app.config['SQLALCHEMY_DATABASE_URI'] = (
+    os.environ.get('DATABASE_URL') or 'sqlite:///' + os.path.join(basedir, 'site.db')
+)
 db = SQLAlchemy(app)
 migrate = Migrate(app, db)
 
