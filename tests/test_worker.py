@@ -817,11 +817,14 @@ def test_a_worker_that_dies_reports_its_last_log_lines(proj: Proj, sqlite_url: s
     assert "about to vanish" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_request_past_its_deadline_kills_the_worker(alembic_proj: Proj, sqlite_url: str) -> None:
-    alembic_proj.revision("a1", None, "import time\ntime.sleep(60)")
-    worker = alembic_proj.start(sqlite_url, timeout=2.0)
+    # The deadline covers the worker's start-up too: generous for a loaded machine, and far below
+    # the revision's ten minutes, so only the deadline can end the request.
+    alembic_proj.revision("a1", None, "import time\ntime.sleep(600)")
+    worker = alembic_proj.start(sqlite_url, timeout=15.0)
     try:
-        with pytest.raises(WorkerError, match="did not finish upgrade within 2s"):
+        with pytest.raises(WorkerError, match="did not finish upgrade within 15s"):
             worker.upgrade("a1")
         assert worker._process.poll() is not None
     finally:
