@@ -59,7 +59,9 @@ def plan(rec: Reconciler) -> tuple[Status, list[PlanStep]]:
 def plan_findings(rec: Reconciler, status: Status) -> guard.Analysis:
     """What the destructive-change guard finds in the pending revisions (each with its line)."""
     pending = status.decision.pending
-    if not pending:
+    # A SQLite file that does not exist yet is an empty database, where nothing is refused (nothing
+    # can be lost); starting a worker would connect, and create the file.
+    if not pending or rec.missing_database_file() is not None:
         return guard.Analysis((), "built-in")
     with _worker(rec) as worker:
         return rec.check_pending(worker, rec.graph(), pending,

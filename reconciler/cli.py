@@ -310,6 +310,22 @@ def baseline(ctx: Context, scratch: bool) -> int:
     return EXIT_OK
 
 
+@main.command("config")
+@click.option("--example", is_flag=True, help="print every key with its default and a comment")
+@command
+def config_command(ctx: Context, example: bool) -> int:
+    """With --example: print config.example.toml, every key with its default and a comment."""
+    from reconciler.config import example_config
+
+    if not example:
+        raise ConfigError(
+            "`reconciler config` needs an option: --example prints every key with its default "
+            "(save it as reconciler.toml and edit)"
+        )
+    click.echo(example_config(), nl=False)
+    return EXIT_OK
+
+
 @main.command()
 @click.option("--flask-app", "flask_app", envvar="FLASK_APP", default="",
               help="the Flask app's module, as FLASK_APP (default: FLASK_APP, else wsgi.py / app.py)")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_origin, get_type_hints
 
-from reconciler import appsource
+from reconciler import appsource, envsettings
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.redact import redact, register_secret
 
@@ -321,14 +321,7 @@ LIST_SECTIONS: dict[str, type] = {"alerts": AlertSink}
 NESTED_LISTS: dict[str, type] = {"target.chains": ChainSettings}  # [[target.chains]] tables
 MAIN_CHAIN = "main"  # the name of [target]'s own migrations directory among the chains
 
-ENV_KEYS: dict[str, tuple[str, str]] = {
-    "RECONCILER_URL": ("target", "url"),
-    "RECONCILER_MIGRATIONS": ("target", "migrations"),
-    "RECONCILER_MODELS": ("target", "models"),
-    "RECONCILER_MODE": ("daemon", "mode"),
-    "RECONCILER_INTERVAL": ("daemon", "interval"),
-    "RECONCILER_HTTP": ("daemon", "http"),
-}
+ENV_KEYS = envsettings.LEGACY  # the six short names of before; every key has RECONCILER_<SECTION>_<KEY>
 
 UNSAFE_ENV = "RECONCILER_UNSAFE_DISABLE"
 UNSAFE_SWITCHES = ("lock", "orphan_wait", "dirty", "affinity", "drift_once", "checksums", "dev_recheck")
@@ -486,7 +479,7 @@ def _build_section(
         if key not in known:
             raise ConfigError(
                 f"{where}: unknown key '{key}' in [{section}]{_did_you_mean(key, sorted(known))}; "
-                "see config.example.toml for every key"
+                "`reconciler config --example` prints every key"
             )
         kwargs[key] = _coerce(value, hints[key], where, f"[{section}] {key}")
     return cls(**kwargs)
@@ -499,6 +492,27 @@ def _config_path(flag: str | None, environ: Mapping[str, str], cwd: Path) -> Pat
         return Path(environ["RECONCILER_CONFIG"]).expanduser().resolve()
     default = cwd / DEFAULT_CONFIG_NAME
     return default if default.is_file() else None
+
+
+def _with_environment(
+    source: _Source,
+    raw: dict[str, dict[str, Any]],
+    origin: dict[tuple[str, str], str],
+    environ: Mapping[str, str],
+) -> dict[str, list[dict[str, Any]]]:
+    """Lay the RECONCILER_* variables over the file's values (in `raw` and `origin`); return the
+    lists of tables ([[alerts]], [[target.chains]]), a variable's replacing the file's."""
+    schema = {name: get_type_hints(cls) for name, cls in SECTIONS.items()}
+    env = envsettings.read_environment(environ, schema, [*LIST_SECTIONS, *NESTED_LISTS])
+    for section, body in env.values.items():
+        raw.setdefault(section, {}).update(body)
+    tables = {name: source.values.get(name, []) for name in (*LIST_SECTIONS, *NESTED_LISTS)}
+    for name, items in env.tables.items():
+        for stale in [k for k in origin if k[0].startswith(f"{name}#")]:
+            del origin[stale]
+        tables[name] = items
+    origin.update(env.origin)
+    return tables
 
 
 def load_settings(
@@ -524,10 +538,7 @@ def load_settings(
         k: dict(v) for k, v in source.values.items() if k not in LIST_SECTIONS and k not in NESTED_LISTS
     }
     origin = dict(source.origin)
-    for env_name, (section, key) in ENV_KEYS.items():
-        if environ.get(env_name):
-            raw.setdefault(section, {})[key] = environ[env_name]
-            origin[(section, key)] = f"environment variable {env_name}"
+    tables = _with_environment(source, raw, origin, environ)
     for section, body in (overrides or {}).items():
         for key, value in body.items():
             if value is None:
@@ -550,11 +561,9 @@ def load_settings(
         alerting=sections["alerting"],
         drift=sections["drift"],
         safety=sections["safety"],
-        alerts=_alert_sinks(
-            source.values.get("alerts", []), origin, environ, base_dir, resolve_alerts
-        ),
+        alerts=_alert_sinks(tables.get("alerts", []), origin, environ, base_dir, resolve_alerts),
         unsafe=_unsafe(environ),
-        chains=_chains(source.values.get("target.chains", []), origin),
+        chains=_chains(tables.get("target.chains", []), origin),
     )
     _validate(settings, origin, require_migrations)
     if not require_url:
@@ -625,7 +634,7 @@ def _alert_sinks(
     for index, item in enumerate(items):
         keyed = {("alerts", key): where for (sec, key), where in origin.items() if sec == f"alerts#{index}"}
         sink: AlertSink = _build_section("alerts", item, keyed, AlertSink)
-        where = f"[[alerts]] #{index + 1}"
+        where = next(iter(keyed.values()), f"[[alerts]] #{index + 1}")  # the file's, or RECONCILER_ALERTS
         if sink.kind not in ALERT_KINDS:
             raise ConfigError(f"{where}: kind must be one of {', '.join(ALERT_KINDS)}, got {sink.kind!r}")
         if not resolve:
@@ -1053,3 +1062,25 @@ def setting_defaults() -> dict[str, dict[str, Any]]:
         out[name] = {f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)}
     return out
 
+
+
+EXAMPLE_NAME = "config.example.toml"
+
+
+def example_config() -> str:
+    """config.example.toml: every key with its default and a comment.
+
+    A wheel carries it inside the package (setup.py copies the repository's file in at build
+    time); a checkout or an editable install reads the repository's own, beside the package."""
+    from importlib import resources
+
+    packaged = resources.files("reconciler").joinpath(EXAMPLE_NAME)
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    checkout = Path(__file__).resolve().parent.parent / EXAMPLE_NAME
+    if checkout.is_file():
+        return checkout.read_text(encoding="utf-8")
+    raise ConfigError(
+        f"{EXAMPLE_NAME} is missing from this installation (looked in {packaged} and {checkout}); "
+        "reinstall schema-reconciler from a wheel or a complete checkout"
+    )

@@ -237,6 +237,8 @@ class Daemon:
     def _mark_prod(self) -> None:
         """Record in the journal that a prod reconciler owns this database: dev mode refuses it."""
         key = fleet.environment_key(self.target)
+        if self.rec.missing_database_file() is not None:
+            return  # an observer on a SQLite file not made yet: connecting would create it
         try:
             with connection.connect(self.rec.engine) as conn:
                 if not journal.exists(conn, self.rec.journal):
@@ -420,6 +422,8 @@ class Daemon:
         """The first replica to record this transition in the journal sends it. A recovery is
         recorded under the event it ends, so a later return of the same episode is claimable."""
         event = str(alert.details.get("recovered_from") or alert.event)
+        if self.rec.missing_database_file() is not None:
+            return True  # no database, so no journal to coordinate in (and no file to create)
         try:
             with connection.connect(self.rec.engine) as conn:
                 if not journal.exists(conn, self.rec.journal):

@@ -25,6 +25,8 @@ def steps(rec: Reconciler, limit: int = 50, revision: str | None = None) -> list
     if limit < 1:
         raise ConfigError(f"--limit {limit} must be at least 1")
     wanted = _revision_id(rec, revision) if revision else None
+    if rec.missing_database_file() is not None:
+        return []  # no database yet, so no journal; connecting would create the file
     with connection.connect(rec.engine) as conn:
         rows = journal.steps(conn, rec.journal, target=rec.journal_targets(), revision=wanted, limit=limit)
     return [{name: _plain(row.get(name)) for name in FIELDS} for row in rows]

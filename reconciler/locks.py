@@ -5,6 +5,13 @@ MySQL / MariaDB `GET_LOCK(name, 0)`, SQLite an exclusive non-blocking `flock` on
 to the database (`<db file>.reconciler.lock`); all in a jittered loop with a deadline. A blocked
 waiter could deadlock against `CREATE INDEX CONCURRENTLY`; a polling one cannot.
 
+The SQLite side file sits beside the database file because every process that migrates that file
+(another replica, a `reconciler apply` in a second terminal, an app using `hooks.migration_lock`)
+must find the same one, and only the database's own folder is certain to be shared by all of
+them. It is not the database file itself: SQLite's own locks use it, and the holder's pid, host
+and since are written into the side file. It stays between runs (empty while free, so safe to
+leave or to delete when nothing runs) and is git-ignored by the pattern `*.reconciler.lock`.
+
 The lock is session level: it is held by the control-plane connection given to `AdvisoryLock`
 and survives the per-revision commits done by other connections (the worker's). That connection
 should come from an engine made with `isolation_level="AUTOCOMMIT"` (SQLAlchemy 1.4 with
@@ -260,8 +267,10 @@ class _FileLock:
             return os.open(self.path, flags, 0o644)
         except OSError as err:
             raise ConfigError(
-                f"cannot open the SQLite lock file {str(self.path)!r}: {err.strerror}; "
-                "make its directory writable by the reconciler"
+                f"cannot open the SQLite lock file {str(self.path)!r}: {err.strerror}; the "
+                "reconciler's advisory lock is this side file beside the database file (every "
+                "process that migrates the database must share it): make the folder "
+                f"{str(self.path.parent)!r} writable by the reconciler"
             ) from err
 
     def try_lock(self) -> bool:
@@ -471,7 +480,7 @@ def _describe(dialect: str, found: Holder | None) -> str:
         )
     return (
         f"pid {found.get('pid')} on host {found.get('host')} since {found.get('since')} "
-        f"(lock file {found.get('lock_file')})"
+        f"(lock file {found.get('lock_file')}, beside the database file)"
     )
 
 
@@ -485,7 +494,10 @@ def _next_step(dialect: str, found: Holder | None) -> str:
     if dialect in _MYSQL_DIALECTS:
         stop = f"KILL {found.get('connection_id')}"
         return f"{start}, or if that connection is stuck end it with {stop}."
-    return f"{start}, or if that process is stuck stop it (its lock goes with it)."
+    return (
+        f"{start}, or if that process is stuck stop it: its lock goes with it (the lock file "
+        "itself may stay; it is free when no process holds it)."
+    )
 
 
 # --------------------------------------------------------------------------- orphan wait

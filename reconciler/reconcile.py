@@ -331,6 +331,9 @@ class Reconciler:
     def status(self) -> Status:
         """The state of the target; `unknown` (not an exception) when the database is unreachable."""
         graph = self.graph()
+        missing = self.missing_database_file()
+        if missing is not None:
+            return self._status_of_missing_file(graph, missing)
         try:
             return self._retrying(lambda: self._read_status(graph))
         except UnreachableError as exc:
@@ -338,6 +341,34 @@ class Reconciler:
             return Status(
                 self.target, self.redacted_url, dataclasses.replace(decision, message=str(exc))
             )
+
+    def missing_database_file(self) -> Path | None:
+        """A SQLite target whose file does not exist yet, in a folder that does. Reading must not
+        connect to it: sqlite3 creates a missing file on connect, and a `status` would leave an
+        empty database behind (in the wrong folder, if the path was wrong). `apply` creates it.
+        A missing folder is no such case: connecting fails there (`unknown`), creating nothing."""
+        path = self._sqlite_path()
+        if path is None or path.exists() or not path.parent.is_dir():
+            return None
+        return path
+
+    def _status_of_missing_file(self, graph: RevisionGraph, path: Path) -> Status:
+        """Every chain as on an empty database (all pending), saying the file does not exist. The
+        guard has nothing to refuse there (nothing can be lost), so no worker is started for it."""
+        empty = DbSnapshot(
+            reachable=True, version_table_exists=False, db_heads=frozenset(), has_user_tables=False
+        )
+        note = f"; the database file {path} does not exist yet (`reconciler apply` creates it)"
+        nothing = guard.summary(guard.Analysis((), "built-in"), self.settings)
+
+        def one(rec: Reconciler, chain_graph: RevisionGraph) -> Status:
+            decision = decide(empty, chain_graph)
+            decision = dataclasses.replace(decision, message=decision.message + note)
+            return Status(rec.target, rec.redacted_url, decision, chain=rec.chain,
+                          version_table=rec.settings.target.version_table,
+                          guard=nothing if decision.pending else None)
+
+        return with_chains(one(self, graph), tuple(one(c, c.graph()) for c in self.extra))
 
     def _read_status(self, graph: RevisionGraph) -> Status:
         with connection.connect(self.engine) as conn:

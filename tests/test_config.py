@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import threading
@@ -276,3 +277,244 @@ def test_chains_must_be_tables(tmp_path: Path) -> None:
     path = write(tmp_path, '[target]\nurl = "sqlite:///a.db"\nchains = "plugin"\n')
     with pytest.raises(ConfigError, match=r"\[\[target.chains\]\] tables"):
         load_settings(str(path), environ={})
+
+
+# --------------------------------------------------------------------------- RECONCILER_<SECTION>_<KEY>
+# A non-default value per key, valid under each key's own checks. Keys absent here get one by type.
+ENV_SAMPLES: dict[tuple[str, str], object] = {
+    ("target", "url"): "sqlite:///from_env.db",
+    ("target", "models"): "myapp.models:db",
+    ("target", "app"): "myapp.models:app",
+    ("target", "migrate"): "myapp.models:migrate",
+    ("target", "python"): sys.executable,
+    ("target", "lock_url"): "sqlite:///lock.db",
+    ("target", "lock_url_env"): "LOCK_DB_URL",
+    ("target", "imports"): ["myapp", "myapp.models"],
+    ("apply", "role"): "app_owner",
+    ("journal", "table"): "my_journal",
+    ("logging", "level"): "debug",
+    ("logging", "format"): "json",
+    ("daemon", "mode"): "dev",
+    ("daemon", "http"): "0.0.0.0:9000",
+    ("daemon", "ready_when"): "in_sync",
+    ("drift", "ignore"): ["table:audit_*", "index:*"],
+    ("safety", "on_unanalysable"): "warn",
+    ("safety", "squawk"): "off",
+}
+BY_TYPE: dict[type, object] = {
+    str: "sample_value", float: 7.5, int: 7, list: ["a", "b"], dict: {"tenant": "acme"}
+}
+OTHER_ENV = {"LOCK_DB_URL": "sqlite:///lock_from_env.db"}
+
+
+def _sample(section: str, key: str, default: object) -> object:
+    if (section, key) in ENV_SAMPLES:
+        return ENV_SAMPLES[(section, key)]
+    if isinstance(default, bool):
+        return not default
+    return BY_TYPE[type(default)]
+
+
+def _as_env(value: object) -> str:
+    """How a person writes the value in a variable: strings bare, lists and tables as literals."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _as_toml(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (str, list)):
+        return json.dumps(value)
+    return _as_env(value)
+
+
+def _env_project(tmp_path: Path) -> Path:
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (tmp_path / "myapp" / "models.py").write_text("db = app = migrate = None\n")
+    return write(tmp_path, '[target]\nurl = "sqlite:///from_file.db"\n')
+
+
+def _every_key() -> list[tuple[str, str]]:
+    from reconciler.config import SECTIONS
+
+    return [(s, k) for s in SECTIONS for k in setting_keys()[s]]
+
+
+@pytest.mark.parametrize(("section", "key"), _every_key(), ids=lambda v: str(v))
+def test_every_key_reads_from_its_variable_as_from_the_file(tmp_path: Path, section: str, key: str) -> None:
+    """RECONCILER_<SECTION>_<KEY> gives the key the value the file's line would give it."""
+    base = _env_project(tmp_path)
+    default = setting_defaults()[section][key]
+    value = _sample(section, key, default)
+    variable = f"RECONCILER_{section.upper()}_{key.upper()}"
+    from_env = load_settings(str(base), environ={variable: _as_env(value), **OTHER_ENV},
+                             require_migrations=False)
+    text = base.read_text()
+    line = f"{key} = {_as_toml(value)}\n"
+    text = text.replace("[target]\n", f"[target]\n{line}") if section == "target" else (
+        f"{text}[{section}]\n{line}")
+    if (section, key) == ("target", "url"):
+        text = text.replace('url = "sqlite:///from_file.db"\n', "")
+    with_line = tmp_path / "with_line.toml"
+    with_line.write_text(text, encoding="utf-8")
+    from_file = load_settings(str(with_line), environ=OTHER_ENV, require_migrations=False)
+    got = getattr(getattr(from_env, section), key)
+    assert got == getattr(getattr(from_file, section), key)
+    assert got != getattr(getattr(load_settings(str(base), environ=OTHER_ENV, require_migrations=False),
+                                  section), key)
+
+
+def _env_error(tmp_path: Path, environ: dict[str, str]) -> str:
+    path = write(tmp_path, '[target]\nurl = "sqlite:///a.db"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(path), environ=environ)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "fragments"),
+    [
+        ({"RECONCILER_DAEMON_INTERVAL": "abc"},
+         ["RECONCILER_DAEMON_INTERVAL", "interval must be a number", "'abc'"]),
+        ({"RECONCILER_DAEMON_BLOCKED_AFTER": "2.5"}, ["RECONCILER_DAEMON_BLOCKED_AFTER", "whole number"]),
+        ({"RECONCILER_SAFETY_ALLOW_DESTRUCTIVE": "maybe"},
+         ["RECONCILER_SAFETY_ALLOW_DESTRUCTIVE", "true or false", "'maybe'"]),
+        ({"RECONCILER_DEV_WATCH": "[1, 2]"}, ["RECONCILER_DEV_WATCH", "list of strings"]),
+        ({"RECONCILER_DEV_WATCH": '["app", '}, ["RECONCILER_DEV_WATCH", "neither JSON nor TOML"]),
+        ({"RECONCILER_TARGET_X_ARGS": "tenant=acme"}, ["RECONCILER_TARGET_X_ARGS", "{tenant = \"acme\"}"]),
+        ({"RECONCILER_DAEMON_MODE": "fast"}, ["RECONCILER_DAEMON_MODE", "prod or dev", "'fast'"]),
+        ({"RECONCILER_DAEMON_HTTP": "8089"}, ["RECONCILER_DAEMON_HTTP", "HOST:PORT"]),
+    ],
+    ids=["number", "whole", "bool", "list-type", "list-syntax", "table", "choice", "http"],
+)
+def test_a_wrong_variable_is_refused_naming_it(
+    tmp_path: Path, environ: dict[str, str], fragments: list[str]
+) -> None:
+    message = _env_error(tmp_path, environ)
+    assert message.startswith("environment variable ")
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize(
+    ("name", "suggestion"),
+    [
+        ("RECONCILER_DAEMON_INTERVALL", "RECONCILER_DAEMON_INTERVAL"),  # a key's typo, in its section
+        ("RECONCILER_SAFETY_ALLOW_DESTRUCTIV", "RECONCILER_SAFETY_ALLOW_DESTRUCTIVE"),
+        ("RECONCILER_DEAMON_INTERVAL", "RECONCILER_DAEMON_INTERVAL"),  # the section's typo
+        ("RECONCILER_CONFG", "RECONCILER_CONFIG"),  # the tool's own variable, misspelt
+        ("RECONCILER_TARGET_NOSUCHKEY", None),  # under a section: an error even with no suggestion
+        ("RECONCILER_ALERTS_URL", None),  # the sinks are one variable
+    ],
+)
+def test_an_unknown_variable_is_refused_with_a_suggestion(
+    tmp_path: Path, name: str, suggestion: str | None
+) -> None:
+    message = _env_error(tmp_path, {name: "5"})
+    assert message.startswith(f"environment variable {name}:"), message
+    assert "reconciler config --example" in message
+    if suggestion:
+        assert f"did you mean {suggestion}?" in message
+    else:
+        assert "did you mean" not in message
+
+
+def test_the_tools_own_and_unrelated_variables_are_left_alone(tmp_path: Path) -> None:
+    """Negative control of the unknown-variable check: names it must not take for settings."""
+    path = write(tmp_path, '[target]\nurl = "sqlite:///a.db"\n')
+    environ = {
+        "RECONCILER_CONFIG": str(path),
+        "RECONCILER_UNSAFE_DISABLE": "lock",
+        "RECONCILER_PYTHON": "python3",
+        "RECONCILER_TEST_WORKER_PYTHON": "/usr/bin/python3",
+        "RECONCILER_TEST_JOBS": "0",
+        "RECONCILER_BUILD_ID": "1234",  # someone else's: far from every known name
+        "RECONCILER_DAEMON_INTERVAL": "",  # empty: unset
+    }
+    settings = load_settings(None, environ=environ)
+    assert settings.config_file == path and settings.unsafe == frozenset({"lock"})
+    assert settings.daemon.interval == 30.0
+
+
+def test_short_and_long_names_agree_or_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, '[target]\nurl = "sqlite:///a.db"\n')
+    same = {"RECONCILER_INTERVAL": "12", "RECONCILER_DAEMON_INTERVAL": "12"}
+    assert load_settings(str(path), environ=same).daemon.interval == 12.0
+    assert load_settings(str(path), environ={"RECONCILER_MODE": "dev"}).daemon.mode == "dev"
+    message = _env_error(tmp_path, {"RECONCILER_URL": "sqlite:///one.db", "RECONCILER_TARGET_URL": "sqlite:///two.db"})
+    assert "RECONCILER_TARGET_URL and RECONCILER_URL" in message and "unset the other" in message
+
+
+def test_precedence_file_then_variable_then_flag_for_every_name(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, '[target]\nurl = "sqlite:///a.db"\n[daemon]\ninterval = 10\n[dev]\nwatch = ["f"]\n'
+    )
+    env = {"RECONCILER_DAEMON_INTERVAL": "20", "RECONCILER_DEV_WATCH": "app, lib"}
+    assert load_settings(str(path), environ={}).daemon.interval == 10.0
+    from_env = load_settings(str(path), environ=env)
+    assert (from_env.daemon.interval, from_env.dev.watch) == (20.0, ["app", "lib"])
+    assert load_settings(str(path), {"daemon": {"interval": 30.0}}, environ=env).daemon.interval == 30.0
+
+
+def test_alert_sinks_and_chains_from_one_variable_each_replace_the_files(tmp_path: Path) -> None:
+    (tmp_path / "plugin").mkdir()
+    path = write(tmp_path, '[target]\nurl = "sqlite:///a.db"\n[[alerts]]\nkind = "webhook"\n'
+                           'url = "https://file.example/hook"\n')
+    env = {
+        "RECONCILER_ALERTS": '[{"kind": "slack", "url_env": "SLACK_URL", "name": "ops"}]',
+        "RECONCILER_TARGET_CHAINS": '[{migrations = "plugin", version_table = "plugin_version"}]',
+        "SLACK_URL": "https://hooks.example/T000/B000/s3cr3t",
+    }
+    settings = load_settings(str(path), environ=env, resolve_alerts=True)
+    assert [(s.kind, s.name, s.url) for s in settings.alerts] == [("slack", "ops", env["SLACK_URL"])]
+    assert [(c.name, c.version_table) for c in settings.chains] == [("plugin", "plugin_version")]
+
+    bad = {"RECONCILER_ALERTS": '[{kind = "slack", ur = "https://hooks.example/T000/B000/s3cr3t"}]'}
+    message = _env_error(tmp_path, bad)
+    assert "RECONCILER_ALERTS #1" in message and "did you mean 'url'" in message
+    message = _env_error(tmp_path, {"RECONCILER_ALERTS": '{url = "https://hooks.example/s3cr3t"}'})
+    assert "RECONCILER_ALERTS" in message and "array of tables" in message and "s3cr3t" not in message
+
+
+def test_example_config_documents_the_variables() -> None:
+    text = (ROOT / "config.example.toml").read_text(encoding="utf-8")
+    assert "RECONCILER_<SECTION>_<KEY>" in text and "RECONCILER_ALERTS" in text
+    assert "RECONCILER_TARGET_CHAINS" in text and "reconciler config --example" in text
+
+
+def test_unknown_key_points_at_the_config_example_command(tmp_path: Path) -> None:
+    path = write(tmp_path, '[daemon]\nintervall = 3\n')
+    message = _env_error_from_file(path)
+    assert "did you mean 'interval'" in message and "`reconciler config --example`" in message
+    assert "config.example.toml" not in message  # a pip user has no such file
+
+
+def _env_error_from_file(path: Path) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(path), environ={"RECONCILER_URL": "sqlite:///a.db"})
+    return str(err.value)
+
+
+def test_cli_reads_the_real_environment_and_refuses_a_misspelt_variable(tmp_path: Path) -> None:
+    """Through a real process and its real environment: a sidecar configured by variables only."""
+    from tests.cli import run_cli
+
+    (tmp_path / "migrations" / "versions").mkdir(parents=True)
+    env = {"RECONCILER_TARGET_URL": f"sqlite:///{tmp_path / 'app.db'}",
+           "RECONCILER_TARGET_MIGRATIONS": str(tmp_path / "migrations")}
+    misspelt = run_cli(["status"], cwd=tmp_path, env={**env, "RECONCILER_DAEMON_INTERVALL": "5"})
+    assert misspelt.returncode == 2, misspelt.stderr
+    assert "RECONCILER_DAEMON_INTERVALL" in misspelt.stderr
+    assert "did you mean RECONCILER_DAEMON_INTERVAL?" in misspelt.stderr
+    wrong = run_cli(["status"], cwd=tmp_path, env={**env, "RECONCILER_DAEMON_INTERVAL": "abc"})
+    assert wrong.returncode == 2 and "RECONCILER_DAEMON_INTERVAL" in wrong.stderr and "'abc'" in wrong.stderr
+    fine = run_cli(["status", "--json"], cwd=tmp_path, env={**env, "RECONCILER_DAEMON_INTERVAL": "5"})
+    assert fine.returncode == 0, fine.stderr
+    assert json.loads(fine.stdout)["url"] == f"sqlite:///{tmp_path / 'app.db'}"
