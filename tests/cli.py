@@ -57,3 +57,48 @@ def start_cli(
         stdin=subprocess.DEVNULL,
         text=True,
     )
+
+
+def run_in_pty(
+    args: Sequence[str],
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+) -> tuple[int, str]:
+    """Run `reconciler` with stdout and stderr on a pseudo-terminal, as a person at a terminal
+    runs it: (exit code, everything it wrote, escape sequences and carriage returns included)."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        cli_command(args), cwd=cwd, env=cli_env({"TERM": "xterm", "COLUMNS": "120", **(env or {})}),
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its side
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert_no_canary(text)
+    return code, text
