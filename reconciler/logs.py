@@ -22,8 +22,7 @@ import structlog
 from reconciler import terminal
 from reconciler.redact import redact
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def _redact_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -166,8 +165,7 @@ def _summarise_ids(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str,
         value = event[key]
         if isinstance(value, (list, tuple)) and len(value) > LIST_LIMIT:
             del event[key]
-            event.update({f"{key}_count": len(value), f"{key}_first": value[0],
-                          f"{key}_last": value[-1]})
+            event.update({f"{key}_count": len(value), f"{key}_first": value[0], f"{key}_last": value[-1]})
     return event
 
 

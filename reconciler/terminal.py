@@ -17,13 +17,28 @@ _ERASE = "\r\x1b[K"  # back to the line's start, erase to its end
 
 # A state or condition, by how much it asks of the reader: fine, wait for it, act on it.
 STATE_STYLES = {
-    "in_sync": "green", "behind": "yellow", "ahead": "cyan", "unknown": "red",
-    "diverged": "red", "multiple_heads": "red", "dirty": "red", "checksum_mismatch": "red",
-    "blocked": "red", "suspended": "yellow", "drift": "yellow", "destructive_pending": "red",
+    "in_sync": "green",
+    "behind": "yellow",
+    "ahead": "cyan",
+    "unknown": "red",
+    "diverged": "red",
+    "multiple_heads": "red",
+    "dirty": "red",
+    "checksum_mismatch": "red",
+    "blocked": "red",
+    "suspended": "yellow",
+    "drift": "yellow",
+    "destructive_pending": "red",
 }
 OUTCOME_STYLES = {
-    "applied": "green", "resolved_applied": "green", "skipped": "yellow", "lock_timeout": "yellow",
-    "resolved_rolled_back": "yellow", "failed": "red", "dirty": "red", "refused": "red",
+    "applied": "green",
+    "resolved_applied": "green",
+    "skipped": "yellow",
+    "lock_timeout": "yellow",
+    "resolved_rolled_back": "yellow",
+    "failed": "red",
+    "dirty": "red",
+    "refused": "red",
     "running": "cyan",
 }
 _HISTORY_MARKS = {"[applied]": "green", "[pending]": "yellow"}
