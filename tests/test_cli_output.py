@@ -83,6 +83,20 @@ def test_log_format_json_gives_json_lines_errors_included(project: Project) -> N
     assert [e["event"] for e in json_lines(early.stderr)] == ["command_failed"], early.stderr
 
 
+def test_logging_format_in_the_config_file_is_the_default_of_the_flag(project: Project) -> None:
+    project.write_config(extra='[logging]\nformat = "json"\n', models="myapp.models:db")
+    events = json_lines(cli(project, "apply").stderr)
+    assert "reconcile_finished" in [e["event"] for e in events]
+    text = cli(project, "--log-format", "text", "wait", "--timeout", "0")  # the flag wins
+    assert not json_lines(text.stderr) and "Error: " not in text.stderr  # in sync: no error
+    project.write_config(extra='[logging]\nformat = "console"\n', models="myapp.models:db")
+    old_name = cli(project, "wait", "--timeout", "0")
+    assert old_name.returncode == 0 and not json_lines(old_name.stderr)
+    project.write_config(extra='[logging]\nformat = "yaml"\n', models="myapp.models:db")
+    bad = cli(project, "status")
+    assert bad.returncode == 2 and "auto, text, json, got 'yaml'" in bad.stderr, bad.stderr
+
+
 # --------------------------------------------------------------------------- -q and -v
 
 
