@@ -1,7 +1,10 @@
 """click commands: each a few lines calling the library; errors become the documented exit codes.
 
-Global options (`--config`, `--url`, `--migrations`, `--models`) are accepted before and after the
-command name. Machine output (`--json`) goes to stdout, logs go to stderr.
+Global options (`--config`, `--url`, `--migrations`, `--models`, `-q`, `-v`, `--log-format`,
+`--no-color`) are accepted before and after the command name. Machine output (`--json`) goes to
+stdout, logs go to stderr: text lines for a one-shot command (a shell or a CI log reads them), and
+for the daemon (`run`) JSON lines unless on a terminal; `--log-format json` asks for JSON lines
+everywhere, errors included.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from reconciler import __version__, logs
-from reconciler.config import Settings, load_settings
+from reconciler import __version__, logs, terminal
+from reconciler.config import Settings, colour_disabled, load_settings
 from reconciler.errors import (
     EXIT_OK,
     EXIT_REVISION_FAILED,
@@ -31,7 +34,9 @@ if TYPE_CHECKING:
     from reconciler.reconcile import Reconciler
 
 F = TypeVar("F", bound=Callable[..., Any])
-GLOBAL_KEYS = ("config", "url", "migrations", "models")
+GLOBAL_KEYS = ("config", "url", "migrations", "models", "log_format")
+GLOBAL_FLAGS = ("quiet", "verbose", "no_color")
+DAEMON_COMMANDS = frozenset({"run"})  # long-running: logs for a collector when not on a terminal
 log = logs.get("reconciler.cli")
 
 
@@ -41,6 +46,14 @@ def _global_options(func: F) -> F:
         click.option("--url", "url", help="database URL (overrides [target] url)"),
         click.option("--migrations", "migrations", help="migrations directory"),
         click.option("--models", "models", help="models as pkg.module:attr"),
+        click.option("-q", "--quiet", "quiet", is_flag=True, default=None,
+                     help="errors and the final summary only"),
+        click.option("-v", "--verbose", "verbose", is_flag=True, default=None,
+                     help="debug logs, every revision id in summaries"),
+        click.option("--log-format", "log_format", type=click.Choice(logs.FORMATS),
+                     help="auto (text; JSON lines for `run` when not on a terminal), text or json"),
+        click.option("--no-color", "no_color", is_flag=True, default=None,
+                     help="no colour (also when NO_COLOR is set or output is not a terminal)"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -52,7 +65,36 @@ class Context:
 
     def __init__(self) -> None:
         self.options: dict[str, str | None] = dict.fromkeys(GLOBAL_KEYS)
+        self.flags: set[str] = set()
         self.daemon_overrides: dict[str, Any] = {}
+        self.daemon = False  # the command is `run`
+        self.log_format = "auto"  # as resolved with the settings (`--log-format`, [logging] format)
+
+    @property
+    def verbose(self) -> bool:
+        return "verbose" in self.flags
+
+    @property
+    def quiet(self) -> bool:
+        return "quiet" in self.flags
+
+    def level(self) -> str | None:
+        """The log level the flags ask for: -q errors only, -v debug; None leaves [logging] level."""
+        if self.quiet and self.verbose:
+            raise click.UsageError("-q and -v contradict each other: pass one of them")
+        return "error" if self.quiet else "debug" if self.verbose else None
+
+    def colour(self, stream: Any) -> bool:
+        """Colour on `stream`: a terminal, and neither --no-color nor NO_COLOR."""
+        return "no_color" not in self.flags and not colour_disabled() and stream.isatty()
+
+    def json_logs(self) -> bool:
+        return not logs.use_text(self.options["log_format"] or self.log_format, sys.stderr, self.daemon)
+
+    def setup_logs(self, level: str | None = None, fmt: str | None = None) -> None:
+        self.log_format = fmt or self.options["log_format"] or "auto"
+        logs.setup(level or self.level() or "info", self.log_format, daemon=self.daemon,
+                   colour=self.colour(sys.stderr))
 
     def settings(
         self, require_url: bool = True, require_migrations: bool = True, resolve_alerts: bool = False
@@ -64,6 +106,7 @@ class Context:
                 "models": self.options["models"],
             },
             "daemon": self.daemon_overrides,
+            "logging": {"level": self.level(), "format": self.options["log_format"]},
         }
         settings = load_settings(
             self.options["config"],
@@ -72,7 +115,7 @@ class Context:
             require_migrations=require_migrations,
             resolve_alerts=resolve_alerts,
         )
-        logs.setup(settings.logging.level, settings.logging.format)
+        self.setup_logs(settings.logging.level, settings.logging.format)
         return settings
 
 
@@ -81,30 +124,36 @@ def command(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        ctx: Context = click.get_current_context().ensure_object(Context)
+        click_ctx = click.get_current_context()
+        ctx: Context = click_ctx.ensure_object(Context)
         for key in GLOBAL_KEYS:
             value = kwargs.pop(key, None)
             if value is not None:
                 ctx.options[key] = value
-        code = run_guarded(lambda: func(ctx, *args, **kwargs))
+        ctx.flags.update(key for key in GLOBAL_FLAGS if kwargs.pop(key, None))
+        ctx.daemon = click_ctx.info_name in DAEMON_COMMANDS
+        code = run_guarded(lambda: func(ctx, *args, **kwargs), ctx)
         sys.exit(code)
 
     return _global_options(wrapper)  # type: ignore[return-value]
 
 
-def run_guarded(body: Callable[[], int | None]) -> int:
+def run_guarded(body: Callable[[], int | None], ctx: Context) -> int:
     try:
         return body() or EXIT_OK
+    except click.UsageError:
+        raise
     except ReconcilerError as exc:
-        report_error(str(exc), exc.exit_code, exc.__class__.__name__)
+        report_error(ctx, str(exc), exc.exit_code, exc.__class__.__name__)
         return exc.exit_code
     except KeyboardInterrupt:
-        report_error("interrupted", 130, "KeyboardInterrupt")
+        report_error(ctx, "interrupted", 130, "KeyboardInterrupt")
         return 130
     except Exception as exc:  # a bug of ours: say so, with a redacted traceback and no locals
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         sys.stderr.write(redact(text))
         report_error(
+            ctx,
             f"internal error {exc.__class__.__name__}: {redact(str(exc))}; please report it",
             EXIT_REVISION_FAILED,
             exc.__class__.__name__,
@@ -112,18 +161,16 @@ def run_guarded(body: Callable[[], int | None]) -> int:
         return EXIT_REVISION_FAILED
 
 
-def report_error(message: str, code: int, kind: str) -> None:
+def report_error(ctx: Context, message: str, code: int, kind: str) -> None:
+    """The error as the user reads it: `Error: ...` in plain text (its lines as they are), or one
+    `command_failed` JSON line when JSON logs were asked for (or `run` logs for a collector)."""
     message = redact(message)
-    if logs.use_console("auto", sys.stderr) or not _logging_ready():
+    if not ctx.json_logs():
         click.echo(f"Error: {message}", err=True)
-    else:
-        log.error("command_failed", error=message, exit_code=code, kind=kind)
-
-
-def _logging_ready() -> bool:
-    import logging
-
-    return bool(logging.getLogger().handlers)
+        return
+    if not logs.ready():  # the error came before the settings were read
+        ctx.setup_logs(fmt="json")
+    log.error("command_failed", error=message, exit_code=code, kind=kind)
 
 
 def emit_json(data: Any) -> None:
@@ -137,7 +184,8 @@ def emit_json(data: Any) -> None:
 def main(ctx: click.Context, /, **options: Any) -> None:
     """Keep a database schema in step with its models and Alembic / Flask-Migrate revisions."""
     state = ctx.ensure_object(Context)
-    state.options.update({k: v for k, v in options.items() if v is not None})
+    state.options.update({k: v for k, v in options.items() if v is not None and k in GLOBAL_KEYS})
+    state.flags.update(k for k in GLOBAL_FLAGS if options.get(k))
 
 
 @contextmanager
@@ -164,21 +212,21 @@ def status(ctx: Context, as_json: bool) -> int:
     if as_json:
         emit_json(result.as_dict())
     else:
-        _print_status(result.as_dict())
+        _print_status(result.as_dict(), ctx.colour(sys.stdout))
     return EXIT_UNREACHABLE if result.sync_state == "unknown" else EXIT_OK
 
 
-def _print_status(data: dict[str, Any]) -> None:
+def _print_status(data: dict[str, Any], colour: bool = False) -> None:
     click.echo(f"target:     {data['target']} ({data['url']})")
-    click.echo(f"state:      {data['state']}")
+    click.echo(f"state:      {terminal.state(data['state'], colour)}")
     if data["conditions"]:
-        click.echo(f"conditions: {', '.join(data['conditions'])}")
+        click.echo(f"conditions: {', '.join(terminal.state(c, colour) for c in data['conditions'])}")
     click.echo(f"db heads:   {', '.join(data['db_heads']) or '(none)'}")
     click.echo(f"repo heads: {', '.join(data['repo_heads']) or '(none)'}")
     if data["pending"]:
         click.echo(f"pending:    {len(data['pending'])}: {', '.join(data['pending'])}")
     for chain in data.get("chains") or ():
-        _print_chain(chain)
+        _print_chain(chain, colour)
     if data["state"] != "in_sync":
         click.echo(data["message"])
     checked = (data.get("guard") or {}).get("checked_per_operation")
@@ -186,11 +234,12 @@ def _print_status(data: dict[str, Any]) -> None:
         click.echo(f"guard:      checked operation by operation as they run: {', '.join(checked)}")
 
 
-def _print_chain(chain: dict[str, Any]) -> None:
+def _print_chain(chain: dict[str, Any], colour: bool = False) -> None:
     """One line per chain when the database has several (`[[target.chains]]`)."""
     pending = f"; {len(chain['pending'])} pending" if chain["pending"] else ""
     heads = ", ".join(chain["db_heads"]) or "(none)"
-    click.echo(f"chain {chain['chain']} ({chain['version_table']}): {chain['state']} at {heads}{pending}")
+    state = terminal.state(chain["state"], colour)
+    click.echo(f"chain {chain['chain']} ({chain['version_table']}): {state} at {heads}{pending}")
 
 
 @main.command()
@@ -239,17 +288,29 @@ def _print_plan(steps: list[Any], findings: tuple[Any, ...]) -> None:
 @command
 def apply(ctx: Context) -> int:
     """One reconcile: take the lock, upgrade to the heads, verify."""
-    progress = _progress if sys.stderr.isatty() else None
     from reconciler.reconcile import summary
 
-    with _reconciler(ctx) as rec:
+    with _reconciler(ctx) as rec, _progress_line(ctx) as progress:
         result = rec.apply(trigger="apply", progress=progress)
-    click.echo(summary(result), err=True)
+    click.echo(summary(result, ids=ctx.verbose), err=True)
     return EXIT_OK
 
 
-def _progress(index: int, total: int, revision: str, message: str) -> None:
-    click.echo(f"[{index}/{total}] {revision} {message}", err=True)
+@contextmanager
+def _progress_line(ctx: Context) -> Iterator[terminal.ProgressLine | None]:
+    """On a terminal, `n of N, revision` as one line rewritten in place, which replaces the
+    per-revision log lines; none when piped, quiet, verbose or logging JSON."""
+    if not sys.stderr.isatty() or ctx.quiet or ctx.verbose or ctx.json_logs():
+        yield None
+        return
+    line = terminal.ProgressLine(sys.stderr)
+    logs.hide("revision_applied", "reconcile_finished")  # the line, then the summary, say it
+    logs.set_status_line(line)
+    try:
+        yield line
+    finally:
+        logs.set_status_line(None)
+        line.close()
 
 
 @main.command()
@@ -348,8 +409,9 @@ def history(ctx: Context) -> int:
 
     with _reconciler(ctx) as rec:
         lines, reachable = admin.history(rec)
+    colour = ctx.colour(sys.stdout)
     for line in lines:
-        click.echo(line)
+        click.echo(terminal.history_line(line, colour))
     if not reachable:
         click.echo("(database unreachable: applied revisions not marked)", err=True)
     return EXIT_OK
@@ -433,7 +495,8 @@ def journal_command(ctx: Context, as_json: bool, limit: int, revision: str | Non
     elif not rows:
         click.echo("the journal has no steps for this target yet", err=True)
     else:
-        for line in journal_admin.table(rows):
+        table = journal_admin.table(rows)
+        for line in terminal.column(table, "outcome", terminal.OUTCOME_STYLES, ctx.colour(sys.stdout)):
             click.echo(line)
     return EXIT_OK
 

@@ -154,7 +154,10 @@ class JournalSettings:
 @dataclass(frozen=True)
 class LoggingSettings:
     level: str = field(default="info", metadata={"doc": "debug, info, warning or error"})
-    format: str = field(default="auto", metadata={"doc": "auto (console on a TTY), console, json"})
+    format: str = field(
+        default="auto",
+        metadata={"doc": "auto (text; JSON lines for `run` when not on a terminal), text or json"},
+    )
 
 
 @dataclass(frozen=True)
@@ -326,7 +329,7 @@ ENV_KEYS = envsettings.LEGACY  # the six short names of before; every key has RE
 UNSAFE_ENV = "RECONCILER_UNSAFE_DISABLE"
 UNSAFE_SWITCHES = ("lock", "orphan_wait", "dirty", "affinity", "drift_once", "checksums", "dev_recheck")
 _LEVELS = ("debug", "info", "warning", "error")
-_FORMATS = ("auto", "console", "json")
+_FORMATS = ("auto", "text", "json", "console")  # console: the former name of text
 _DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
 
@@ -513,6 +516,12 @@ def _with_environment(
         tables[name] = items
     origin.update(env.origin)
     return tables
+
+
+def colour_disabled(environ: Mapping[str, str] | None = None) -> bool:
+    """`NO_COLOR` set to anything but the empty string (https://no-color.org)."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get("NO_COLOR"))
 
 
 def load_settings(
@@ -917,7 +926,7 @@ def _validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: 
     if settings.logging.format not in _FORMATS:
         raise ConfigError(
             f"{origin.get(('logging', 'format'), '[logging] format')}: format must be one of "
-            f"{', '.join(_FORMATS)}, got {settings.logging.format!r}"
+            f"{', '.join(_FORMATS[:3])}, got {settings.logging.format!r}"
         )
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", settings.journal.table):
         raise ConfigError(f"[journal] table must be a plain table name, got {settings.journal.table!r}")

@@ -114,9 +114,11 @@ def _external(recorded: Sequence[Mapping[str, Any]], backend: str, settings: Set
 
 
 def _note_once(event: str, hint: str) -> None:
+    """A hint about the set-up, once per process and at debug (-v): it is not about this
+    database, and every analysis of a one-shot command would repeat it otherwise."""
     if event not in _noted:
         _noted.add(event)
-        log.info(event, hint=hint)
+        log.debug(event, hint=hint)
 
 
 def enforce(analysis: Analysis, settings: Settings, target: str) -> Verdict:

@@ -1,4 +1,8 @@
-"""structlog setup: console renderer on a terminal, JSON lines otherwise, always to stderr.
+"""structlog setup: text lines for a person, JSON lines for a collector, always to stderr.
+
+`auto` is text for a one-shot command (a shell or a CI log reads it) and, for the daemon (`run`),
+text on a terminal and JSON lines otherwise. Below debug, long revision-id lists are summarised
+and Alembic's own INFO lines are debug (`alembic_level`).
 
 Standard-library log records (SQLAlchemy, and anything else that logs in the control plane) go
 through the same processors, and every rendered line passes through `redact()` last, so a
@@ -7,16 +11,18 @@ registered secret cannot reach the output whatever event or library produced it.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import structlog
 
+from reconciler import terminal
 from reconciler.redact import redact
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def _redact_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +48,13 @@ class _RedactingStream:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        return self._stream.write(redact(text))
+        line = _status_line
+        if line is not None:
+            line.clear()
+        written = self._stream.write(redact(text))
+        if line is not None:
+            line.redraw()
+        return written
 
     def flush(self) -> None:
         self._stream.flush()
@@ -51,18 +63,36 @@ class _RedactingStream:
         return self._stream.isatty()
 
 
-def use_console(fmt: str, stream: TextIO) -> bool:
-    if fmt == "console":
+FORMATS = ("auto", "text", "json")
+_ALIASES = {"console": "text"}  # the former name of `text`, still accepted
+ID_LISTS = frozenset({"applied", "foreign", "revisions", "pending", "skipped"})
+LIST_LIMIT = 20  # an id list longer than this is logged as its count, first and last (not at debug)
+_hidden: set[str] = set()
+_status_line: Any = None
+
+
+def use_text(fmt: str, stream: TextIO, daemon: bool = False) -> bool:
+    """Whether to render lines as text: asked for; or `auto` and a person reads them (a terminal,
+    or a one-shot command, whose output is read in a shell or a CI log, not by a collector)."""
+    fmt = _ALIASES.get(fmt, fmt)
+    if fmt == "text":
         return True
     if fmt == "json":
         return False
-    return stream.isatty()
+    return stream.isatty() or not daemon
 
 
-def setup(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog and stdlib logging once, for the whole process."""
+def setup(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    daemon: bool = False,
+    colour: bool | None = None,
+) -> None:
+    """Configure structlog and stdlib logging once, for the whole process. `daemon`: `auto` is
+    JSON when not on a terminal; `colour`: None is "when the stream is a terminal"."""
     out = stream or sys.stderr
-    console = use_console(fmt, out)
+    text = use_text(fmt, out, daemon)
     numeric = _LEVELS.get(level, logging.INFO)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -70,18 +100,19 @@ def setup(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) 
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact_values,
     ]
+    if numeric > logging.DEBUG:
+        shared += [_drop_hidden, _summarise_ids]
     renderer: Any
-    if console:
-        renderer = structlog.dev.ConsoleRenderer(
-            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
-        )
+    if text:
+        on = out.isatty() if colour is None else colour
+        renderer = _TextRenderer(colour=on, clock=daemon)
     else:
         renderer = structlog.processors.JSONRenderer()
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            _identity if console else structlog.processors.format_exc_info,
+            structlog.processors.format_exc_info,
             renderer,
         ],
     )
@@ -103,29 +134,95 @@ def setup(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) 
     )
 
 
-# Alembic's INFO lines that say nothing a person acts on: env.py's set-up, and autogenerate's
-# running commentary (each difference it detects is reported by us, once, in our own words).
-_ALEMBIC_CHATTER = (
-    ("alembic.runtime.migration", ("Context impl", "Will assume")),
-    ("alembic.runtime.plugins", ("setting up autogenerate plugin", "setup plugin")),
-    ("alembic.ddl", ("Detected sequence",)),
-    ("alembic.autogenerate", ("Detected ",)),
-)
+def ready() -> bool:
+    """Whether `setup` ran (an error before the settings were read is reported without it)."""
+    return bool(logging.getLogger().handlers)
+
+
+def hide(*events: str) -> None:
+    """Leave these info events out below debug: something else shows them (the progress line
+    shows each `revision_applied`)."""
+    _hidden.update(events)
+
+
+def set_status_line(line: Any) -> None:
+    """A line rewritten in place on the same terminal (`terminal.ProgressLine`, or None): each
+    log line clears it first and redraws it after."""
+    global _status_line
+    _status_line = line
+
+
+def _drop_hidden(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    if event.get("event") in _hidden and event.get("level") in ("info", "debug"):
+        raise structlog.DropEvent
+    return event
+
+
+def _summarise_ids(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A list of more than LIST_LIMIT revision ids becomes `<key>_count`, `_first`, `_last`: a
+    200-revision apply's last line stays short; at debug (-v) the full list is logged."""
+    for key in [k for k in event if k in ID_LISTS]:
+        value = event[key]
+        if isinstance(value, (list, tuple)) and len(value) > LIST_LIMIT:
+            del event[key]
+            event.update({f"{key}_count": len(value), f"{key}_first": value[0], f"{key}_last": value[-1]})
+    return event
+
+
+def ids_text(ids: Sequence[str], full: bool = False) -> str:
+    """Revision ids for a sentence: all of them when few (or `full`), else count, first and last."""
+    if full or len(ids) <= LIST_LIMIT:
+        return ", ".join(ids)
+    return f"{len(ids)} revisions, {ids[0]} … {ids[-1]}"
+
+
+class _TextRenderer:
+    """`level event key=value ...` on one line: strings with spaces quoted, a multi-line value or
+    traceback continued on indented lines as it is (never `\\n` escapes); colour when asked."""
+
+    _STYLES = {"warning": "yellow", "error": "red", "critical": "red", "debug": "dim"}
+
+    def __init__(self, colour: bool, clock: bool) -> None:
+        self._colour = colour
+        self._clock = clock
+
+    def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> str:
+        level = str(event.pop("level", "info"))
+        name = str(event.pop("event", ""))
+        stamp = str(event.pop("timestamp", ""))
+        trace = event.pop("exception", None)
+        head = terminal.paint(f"{level:<7}", self._STYLES.get(level), self._colour)
+        parts = [head, terminal.paint(name, "bold", self._colour)]
+        if self._clock and stamp:
+            parts.insert(0, stamp[11:19])
+        parts += [f"{key}={_text_value(value)}" for key, value in sorted(event.items())]
+        line = " ".join(parts)
+        if trace:
+            line += "\n" + str(trace).rstrip()
+        return line
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_text_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    text = str(value)
+    if "\n" in text:
+        text = text.rstrip("\n").replace("\n", "\n    ")
+    if not text or any(c in text for c in " \t=\"'"):
+        return '"' + text.replace('"', "'") + '"'
+    return text
 
 
 def alembic_level(level: str, logger: str, message: str) -> str:
-    """The level to log one of Alembic's lines (relayed from the worker) at: its own, or debug
-    for chatter, so the console at info shows what ran ("Running upgrade ...") and no more."""
-    if level != "info":
-        return level
-    for prefix, starts in _ALEMBIC_CHATTER:
-        if (logger == prefix or logger.startswith(prefix + ".")) and message.startswith(starts):
-            return "debug"
+    """The level to log one of Alembic's lines (relayed from the worker) at: debug for its INFO
+    (env.py's set-up, autogenerate's commentary, "Running upgrade ...": each revision applied and
+    each difference found is reported by us, once, in our own words), its own for the others."""
+    del message  # kept in the signature: a caller passes the line, a rule may need it again
+    if level == "info" and (logger == "alembic" or logger.startswith("alembic.")):
+        return "debug"
     return level
-
-
-def _identity(_logger: Any, _name: str, event: Any) -> Any:
-    return event
 
 
 def get(name: str = "reconciler") -> Any:

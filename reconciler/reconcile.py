@@ -1155,22 +1155,24 @@ class Reconciler:
             time.sleep(min(poll, remaining))
 
 
-def summary(result: ApplyResult) -> str:
+def summary(result: ApplyResult, ids: bool = False) -> str:
     """One line that says what this run did, as the journal records it: revisions we applied,
-    and apart from them the ones another writer applied meanwhile (journaled `skipped`)."""
+    and apart from them the ones another writer applied meanwhile (journaled `skipped`). `ids`:
+    every revision id (-v); else a long list is its count, first and last."""
     state = "in sync" if result.status.sync_state == "in_sync" else result.status.state
     foreign = result.foreign
+    listed = f" ({', '.join(rev for rev, _ in result.applied)})" if ids and result.applied else ""
     if not foreign:
         if result.outcome == "noop":
             return f"in sync at {_heads_text(result.status)}"
-        return f"applied {len(result.applied)} revision(s); {state}"
+        return f"applied {len(result.applied)} revision(s){listed}; {state}"
     others = (
         f"{len(foreign)} {'was' if len(foreign) == 1 else 'were'} applied by another writer "
         f"{'during' if result.outcome == 'applied' else 'before'} the run "
-        f"(foreign_writer: {', '.join(foreign)}); an app upgrading itself at "
+        f"(foreign_writer: {logs.ids_text(foreign, full=ids)}); an app upgrading itself at "
         "start-up? switch that off or take reconciler.hooks.migration_lock"
     )
-    return f"{len(result.applied)} applied by the reconciler; {others}; {state}"
+    return f"{len(result.applied)} applied by the reconciler{listed}; {others}; {state}"
 
 
 def _applied(graph: RevisionGraph, status: Status) -> frozenset[str]:
