@@ -652,7 +652,8 @@ def _alias(original: click.Command, name: str, flask_verb: str, fixed: dict[str,
     def callback(**kwargs: Any) -> None:
         values = {p.name: kwargs.pop(str(p.name)) for p in extra}
         if check is not None:
-            code = run_guarded(lambda: check(**values))
+            ctx: Context = click.get_current_context().ensure_object(Context)
+            code = run_guarded(lambda: check(**values), ctx)
             if code:
                 sys.exit(code)
         original.callback(**kwargs, **fixed)  # type: ignore[misc]
