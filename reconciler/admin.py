@@ -206,6 +206,9 @@ def scratch_settings(settings: Settings) -> Iterator[Settings]:
                     {"n": name},
                 )
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted}"))
+            if backend in ("mysql", "mariadb"):  # the scratch journal's own database (journal.py)
+                side = admin.dialect.identifier_preparer.quote(journal.side_schema(backend, name))
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {side}"))
         admin.dispose()
 
 
@@ -471,7 +474,7 @@ def suspend(rec: Reconciler, reason: str) -> None:
 
     value = f"by {replica_id()} at {_utc_now()}" + (f": {reason}" if reason else "")
     with connection.connect(rec.engine) as conn:
-        if not journal.exists(conn, rec.journal):
+        if not rec.journal_exists(conn):
             with rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
                 rec.ensure_journal(conn)
         fleet.put(conn, rec.journal, fleet.suspended_key(rec.target), value)
@@ -484,7 +487,7 @@ def resume(rec: Reconciler) -> list[str]:
 
     cleared: list[str] = []
     with connection.connect(rec.engine) as conn:
-        if not journal.exists(conn, rec.journal):
+        if not rec.journal_exists(conn):
             return cleared
         for name, key in (
             ("suspended", fleet.suspended_key(rec.target)),

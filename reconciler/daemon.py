@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import __version__, connection, dbsession, fleet, journal, logs, signals
+from reconciler import __version__, connection, dbsession, fleet, logs, signals
 from reconciler.alerts import Alert, AlertDispatcher, AlertPolicy, Observation
 from reconciler.config import Settings, parse_http
 from reconciler.drift import DriftChecker
@@ -239,7 +239,7 @@ class Daemon:
         key = fleet.environment_key(self.target)
         try:
             with connection.connect(self.rec.engine) as conn:
-                if not journal.exists(conn, self.rec.journal):
+                if not self.rec.journal_exists(conn):
                     return  # nothing applied by us yet; marked once the journal exists
                 if fleet.read(conn, self.rec.journal, [key]).get(key) != "prod":
                     fleet.put(conn, self.rec.journal, key, "prod")
@@ -422,7 +422,7 @@ class Daemon:
         event = str(alert.details.get("recovered_from") or alert.event)
         try:
             with connection.connect(self.rec.engine) as conn:
-                if not journal.exists(conn, self.rec.journal):
+                if not self.rec.journal_exists(conn):
                     return True
                 return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, event), episode)
         except (ReconcilerError, sa.exc.DBAPIError):

@@ -71,7 +71,7 @@ def accept(rec: Reconciler, revision: str | None) -> list[checksums.Mismatch]:
     with connection.connect(rec.engine) as conn, rec.locked(
         conn, rec.settings.apply.lock_acquire_timeout
     ):
-        journal.ensure(conn, rec.journal)
+        rec.ensure_journal(conn)
         found = rec.status().audit.mismatches
         chosen = list(found) if revision is None else _chosen(rec, found, revision)
         graph = rec.graph()
