@@ -256,7 +256,10 @@ def journal_engine(url: str, table: str = "reconciler_journal") -> tuple[object,
         sa.event.listen(engine, "connect", lambda raw, _rec: place.attachment.attach(raw))  # type: ignore[union-attr]
     side = place.side.steps.schema if place.side is not None else None
     with engine.connect() as conn:
-        found = side is not None and journal.exists(conn, place.side)  # type: ignore[arg-type]
+        try:
+            found = side is not None and journal.exists(conn, place.side)  # type: ignore[arg-type]
+        except sa.exc.DBAPIError:  # MySQL: no right to look into the side database
+            found = False
     return engine, side if found else None
 
 

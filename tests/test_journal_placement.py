@@ -6,10 +6,13 @@ Real databases, the real CLI, the real `flask db migrate` of Flask-Migrate's own
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -114,3 +117,166 @@ def test_journal_in_the_target_schema_is_what_flask_db_migrate_would_drop(
     text = written.read_text(encoding="utf-8")
     assert "op.drop_table('reconciler_journal')" in text
     assert JOURNAL <= table_names(project.url)
+
+
+# --- where placement cannot hide it: init writes the filter, the refusal names the fix -----------
+@pytest.mark.parametrize("placement", ["side", "default"])
+def test_init_writes_the_journal_filter_only_where_placement_cannot_hide_the_journal(
+    placement: str, tmp_path: Path, sqlite_url: str
+) -> None:
+    project = flask_project(tmp_path / "proj", sqlite_url)
+    template = (project.migrations / "env.py").read_text(encoding="utf-8")  # what `flask db init` writes
+    shutil.rmtree(project.migrations)
+    (project.root / "myapp" / "app.py").write_text(APP, encoding="utf-8")
+    project.write_config(f'\n[journal]\nplacement = "{placement}"\n', models="myapp.models:db")
+
+    ok(project, "init")
+
+    env_py = (project.migrations / "env.py").read_text(encoding="utf-8")
+    if placement == "side":
+        assert env_py == template  # nothing to hide: the file `flask db init` writes
+        return
+    assert 'conf_args.setdefault("include_object", exclude_reconciler_tables)' in env_py
+    assert "import reconciler" not in env_py and "from reconciler" not in env_py  # no dependency
+    flask_db(project, "migrate", "-m", "users")
+    output, written = migrate_after_apply(project)
+    assert "No changes in schema detected" in output, output
+    assert written == []
+    assert JOURNAL <= table_names(project.url)  # beside the models, and filtered out
+
+
+@pytest.mark.parametrize("kind", DIALECTS)
+def test_a_revision_dropping_the_journal_is_refused_with_the_real_fix(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """What `flask db migrate` wrote next to the old placement: refused even when marked
+    `allow_destructive = True`, and the message names the fix, never allow_destructive."""
+    project = tutorial(tmp_path, request.getfixturevalue(URL_FIXTURES[kind]),
+                       '\n[journal]\nplacement = "default"\n')
+    _output, [written] = migrate_after_apply(project)
+    text = written.read_text(encoding="utf-8")
+    written.write_text(text.replace("depends_on = None", "depends_on = None\nallow_destructive = True"),
+                       encoding="utf-8")
+    applied = db_heads(project.url)
+
+    result = cli(project, "apply")
+
+    assert result.returncode == 6, result.stderr
+    assert "reconciler's own journal" in result.stderr
+    assert "include_object=exclude_reconciler_tables" in result.stderr
+    assert "allow_destructive" not in result.stderr.split("reconciler's own journal", 1)[1]
+    assert db_heads(project.url) == applied
+    assert journal_rows(project.url), "the journal is still there"
+
+
+# --- the previous release's journal, in the target's schema --------------------------------------
+@pytest.mark.parametrize("kind", DIALECTS)
+def test_upgrading_moves_the_previous_journal_with_its_rows_and_flags(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    project = tutorial(tmp_path, request.getfixturevalue(URL_FIXTURES[kind]),
+                       '\n[journal]\nplacement = "default"\n')  # journaled as the previous release did
+    ok(project, "apply")
+    ok(project, "suspend", "--reason", "before the upgrade")
+    old = journal_rows(project.url)
+    assert old and JOURNAL <= table_names(project.url)
+    project.write_config(models="myapp.models:db")  # the new release's default: the side place
+
+    status = json.loads(cli(project, "status", "--json").stdout)
+    assert "suspended" in status["conditions"], status  # read where it still is
+    assert JOURNAL <= table_names(project.url)  # reading moves nothing
+    ok(project, "resume")
+    project.revision("r2", _head(project), message="after")
+    ok(project, "apply")
+
+    assert not JOURNAL & table_names(project.url)
+    new = journal_rows(project.url)
+    assert [_step(r) for r in new[:len(old)]] == [_step(r) for r in old]  # ids and rows kept
+    assert new[-1]["revision"] == "r2" and new[-1]["id"] > old[-1]["id"]
+    flask_output = flask_db(project, "migrate", "-m", "after upgrade")
+    assert "No changes in schema detected" in flask_output.stdout + flask_output.stderr
+
+
+def test_an_interrupted_move_copies_no_step_twice(tmp_path: Path, sqlite_url: str) -> None:
+    """Copied, then killed before the old tables were dropped: the next move skips the copied steps
+    and keeps a newer row the old release wrote meanwhile."""
+    project = tutorial(tmp_path, sqlite_url)
+    ok(project, "apply")
+    engine, schema = builders.journal_engine(project.url)
+    assert isinstance(engine, sa.engine.Engine) and schema == "reconciler"
+    legacy, side = jtables(None), jtables(schema)
+    with engine.begin() as conn:
+        moved = [dict(r) for r in conn.execute(sa.select(side.steps).order_by(side.steps.c.id)).mappings()]
+        legacy.metadata.create_all(conn)
+        conn.execute(legacy.steps.insert(), moved)  # the copy of an interrupted move
+        late = {**moved[-1], "id": moved[-1]["id"] + 1, "operation": "upgrade", "outcome": "failed",
+                "revision": "late", "host": "old-release"}
+        conn.execute(legacy.steps.insert(), [late])
+        conn.execute(legacy.flags.insert(), [{"key": "suspended/x", "value": "v",
+                                              "updated_at": moved[0]["started_at"]}])
+    engine.dispose()
+    project.revision("r2", _head(project), message="after")
+
+    ok(project, "apply")
+
+    rows = journal_rows(project.url)
+    assert [r["revision"] for r in rows] == [r["revision"] for r in moved] + ["late", "r2"]
+    assert not JOURNAL & table_names(project.url)
+
+
+# --- MySQL / MariaDB without the right to create a database --------------------------------------
+@pytest.mark.mysql
+def test_without_create_privilege_the_journal_stays_beside_and_says_how_to_fix_it(
+    tmp_path: Path, mysql_url: str
+) -> None:
+    url = _limited_user(mysql_url)
+    project = tutorial(tmp_path, url)
+
+    result = ok(project, "apply")
+
+    assert "journal_in_target_schema" in result.stderr
+    assert "include_object=exclude_reconciler_tables" in result.stderr
+    assert JOURNAL <= table_names(mysql_url)
+    assert journal_rows(url)
+    assert db_heads(url)
+
+
+def _limited_user(url: str) -> str:
+    """A login user with every privilege on the test database only (no CREATE DATABASE)."""
+    parsed = sa.engine.make_url(url)
+    user = f"lim_{parsed.database}"[:32]
+    admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        for host in ("%", "localhost"):
+            conn.execute(sa.text(f"CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY 'pw'"))
+            conn.execute(sa.text(f"GRANT ALL PRIVILEGES ON `{parsed.database}`.* TO '{user}'@'{host}'"))
+    admin.dispose()
+    return parsed.set(username=user, password="pw").render_as_string(hide_password=False)
+
+
+def _head(project: Project) -> str:
+    return next(iter(db_heads(project.url)))
+
+
+def _step(row: dict[str, object]) -> tuple[object, ...]:
+    return tuple(row[k] for k in ("id", "target", "operation", "revision", "outcome", "file_hash"))
+
+
+def jtables(schema: str | None) -> Any:
+    from reconciler import journal
+
+    return journal.tables("reconciler_journal", schema)
+
+
+# --- the hooks, for an env.py with include_schemas=True -----------------------------------------
+def test_the_hooks_leave_out_our_tables_and_our_side_schema() -> None:
+    from reconciler.hooks import exclude_reconciler_table_names, exclude_reconciler_tables
+
+    side = sa.Table("anything", sa.MetaData(schema="reconciler"))
+    mine = sa.Table("user", sa.MetaData(schema="app"))
+    assert exclude_reconciler_tables(side, "anything", "table", True, None) is False
+    assert exclude_reconciler_tables(mine, "user", "table", True, None) is True
+    assert exclude_reconciler_table_names("reconciler", "schema", {}) is False
+    assert exclude_reconciler_table_names("shop_reconciler", "schema", {}) is False
+    assert exclude_reconciler_table_names("app", "schema", {}) is True
+    assert exclude_reconciler_table_names("x", "table", {"schema_name": "reconciler"}) is False
