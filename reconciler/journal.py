@@ -25,6 +25,7 @@ stops until an operator says what is true.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ log = logs.get("reconciler.journal")
 
 SCHEMA_VERSION = "1"
 SIDE_SCHEMA = "reconciler"  # PostgreSQL's schema and SQLite's attached name; MySQL: <db>_reconciler
+RELOCATE_AFTER = 60.0  # seconds: how long a replica reads the previous release's tables unchecked
 SIDE_FILE_SUFFIX = ".reconciler.sqlite"  # beside the lock's `<db file>.reconciler.lock"
 TRANSACTIONAL_DDL = ("postgresql", "sqlite")
 MAX_ERROR = 2000
@@ -147,18 +149,23 @@ class Place:
                 self.attachment = Attachment(str(self.side.steps.schema), side_file(database))
         self.tables = self.side or self.default
         self.located = self.side is None
-        self.fallback_reason = ""
+        self._located_at = 0.0
+        self.fallback_reason = ""  # why the side place could not be created (then: no more looks)
 
     def locate(self, conn: sa.engine.Connection) -> JournalTables:
         """Once: the side place when its tables exist or nothing exists yet; the target's schema
-        while only the previous release's tables are there (until `ensure` moves them)."""
-        if not self.located and self.side is not None:
+        while only the previous release's tables are there (until `ensure`, here or in another
+        replica, moves them: looked at again every RELOCATE_AFTER seconds while they are)."""
+        if self.side is None or self.fallback_reason:
+            return self.tables
+        stale = self.tables is self.default and time.monotonic() - self._located_at > RELOCATE_AFTER
+        if not self.located or stale:
             attachment = self.attachment
             if attachment is not None:
                 _with_dbapi(conn, attachment.attach)
-            if not _exists_quietly(conn, self.side) and _exists_quietly(conn, self.default):
-                self.tables = self.default
-            self.located = True
+            legacy_only = not _exists_quietly(conn, self.side) and _exists_quietly(conn, self.default)
+            self.tables = self.default if legacy_only else self.side
+            self.located, self._located_at = True, time.monotonic()
         return self.tables
 
     def ensure(self, conn: sa.engine.Connection) -> JournalTables:

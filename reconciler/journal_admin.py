@@ -26,7 +26,8 @@ def steps(rec: Reconciler, limit: int = 50, revision: str | None = None) -> list
         raise ConfigError(f"--limit {limit} must be at least 1")
     wanted = _revision_id(rec, revision) if revision else None
     with connection.connect(rec.engine) as conn:
-        rows = journal.steps(conn, rec.journal, target=rec.journal_targets(), revision=wanted, limit=limit)
+        where = rec.locate_journal(conn)  # the side place, or where the previous release left it
+        rows = journal.steps(conn, where, target=rec.journal_targets(), revision=wanted, limit=limit)
     return [{name: _plain(row.get(name)) for name in FIELDS} for row in rows]
 
 
