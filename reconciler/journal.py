@@ -130,10 +130,10 @@ def _quote_plain(name: str) -> str:
 
 
 class Place:
-    """Where this target's journal lives: the side place (`side`), and while tables the previous
-    release made are still in the target's schema, those (`legacy`). `tables` is where reads and
-    writes go; `locate` decides it once per process, `ensure` (under the lock) creates the side
-    place and moves the legacy tables into it."""
+    """Where this target's journal lives: the side place (`side`; None with `placement =
+    "default"`), or the target's schema (`default`: the previous release's placement). `tables` is
+    where reads and writes go; `locate` decides it once per process, `ensure` (under the lock)
+    creates the side place and moves the previous release's tables into it."""
 
     def __init__(self, table: str, url: str, placement: str = "side", schema: str = "",
                  target_schema: str | None = None):
@@ -180,6 +180,8 @@ class Place:
             ensure(conn, self.side)
         except sa.exc.DBAPIError as exc:
             _rollback(conn)
+            if not _denied(exc):
+                raise  # a lost connection or a timeout is no reason to move the journal
             self._fall_back(conn, exc)
             return self.tables
         if _exists_quietly(conn, self.default):
@@ -207,15 +209,41 @@ class Place:
         self.fallback_reason = reason[0] if reason else exc.__class__.__name__
         ensure(conn, self.default)
         self.tables = self.default
-        noun = "database" if self.backend in ("mysql", "mariadb") else "schema"
+        noun, grant = _FIX.get(self.backend, _FIX["sqlite"])
         log.warning(
             "journal_in_target_schema", side=str(self.side.steps.schema), error=self.fallback_reason,
             hint=f"the journal could not get its own {noun} {self.side.steps.schema}, so it is kept "
-                 f"beside your tables, where `flask db migrate` sees it: grant CREATE on the server "
-                 f"(or create the {noun} and grant its use), or set [journal] schema to an existing "
-                 "one; until then add include_object=exclude_reconciler_tables "
+                 f"beside your tables, where `flask db migrate` sees it: {grant}, or set [journal] "
+                 "schema to an existing one; until then add include_object=exclude_reconciler_tables "
                  "(reconciler.hooks) to env.py's context.configure",
         )
+
+
+_FIX = {  # backend → (what the side place is, how to let the login user make it)
+    "postgresql": ("schema", "GRANT CREATE ON DATABASE to the login user (or create the schema "
+                   "and GRANT USAGE, CREATE on it)"),
+    "mysql": ("database", "GRANT CREATE ON *.* to the login user (or create the database and GRANT "
+              "ALL on it)"),
+    "mariadb": ("database", "GRANT CREATE ON *.* to the login user (or create the database and "
+                "GRANT ALL on it)"),
+    "sqlite": ("file", "let the login user write in the database's folder"),
+}
+_DENIED_MYSQL = frozenset({1044, 1142, 1227})  # access denied to a database, a table, an operation
+
+
+def _denied(exc: sa.exc.DBAPIError) -> bool:
+    """A missing privilege (or, on SQLite, a side file that cannot be opened), not a failure."""
+    orig = exc.orig
+    if exc.connection_invalidated:
+        return False
+    module = type(orig).__module__
+    if module.startswith("sqlite3"):
+        return any(text in str(orig) for text in ("unable to open", "readonly"))
+    if module.startswith(("pymysql", "MySQLdb", "mysql", "mariadb")):
+        args = getattr(orig, "args", None) or (None,)
+        return args[0] in _DENIED_MYSQL
+    state = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    return str(state) == "42501"  # PostgreSQL: insufficient_privilege
 
 
 def _has_side_place(backend: str, database: str) -> bool:

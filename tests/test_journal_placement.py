@@ -243,20 +243,49 @@ def test_an_interrupted_move_copies_no_step_twice(tmp_path: Path, sqlite_url: st
 
 
 # --- MySQL / MariaDB without the right to create a database --------------------------------------
-@pytest.mark.mysql
+@pytest.mark.parametrize(
+    "kind",
+    [pytest.param("postgresql", marks=pytest.mark.postgres), pytest.param("mysql", marks=pytest.mark.mysql)],
+)
 def test_without_create_privilege_the_journal_stays_beside_and_says_how_to_fix_it(
-    tmp_path: Path, mysql_url: str
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    url = _limited_user(mysql_url)
+    admin_url = request.getfixturevalue(URL_FIXTURES[kind])
+    url = _limited_user(admin_url) if kind == "mysql" else _limited_pg_user(admin_url)
+    request.addfinalizer(lambda: _drop_user(admin_url, url))
     project = tutorial(tmp_path, url)
 
     result = ok(project, "apply")
 
     assert "journal_in_target_schema" in result.stderr
     assert "include_object=exclude_reconciler_tables" in result.stderr
-    assert table_names(mysql_url) >= JOURNAL
+    assert table_names(admin_url) >= JOURNAL
     assert journal_rows(url)
     assert db_heads(url)
+
+
+def _limited_pg_user(url: str) -> str:
+    """A login user that may create tables in `public` but no schema (no CREATE on the database)."""
+    parsed = sa.engine.make_url(url)
+    user = f"lim_{parsed.database}"[:63]
+    admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{user}" LOGIN'))
+        conn.execute(sa.text(f'GRANT USAGE, CREATE ON SCHEMA public TO "{user}"'))
+    admin.dispose()
+    return parsed.set(username=user).render_as_string(hide_password=False)
+
+
+def _drop_user(admin_url: str, url: str) -> None:
+    user = sa.engine.make_url(url).username
+    admin = sa.create_engine(admin_url, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        if admin.dialect.name == "postgresql":
+            conn.execute(sa.text(f'DROP OWNED BY "{user}"'))
+            conn.execute(sa.text(f'DROP ROLE "{user}"'))
+        else:
+            conn.execute(sa.text(f"DROP USER IF EXISTS '{user}'@'%', '{user}'@'localhost'"))
+    admin.dispose()
 
 
 def _limited_user(url: str) -> str:
@@ -298,3 +327,23 @@ def test_the_hooks_leave_out_our_tables_and_our_side_schema() -> None:
     assert exclude_reconciler_table_names("shop_reconciler", "schema", {}) is False
     assert exclude_reconciler_table_names("app", "schema", {}) is True
     assert exclude_reconciler_table_names("x", "table", {"schema_name": "reconciler"}) is False
+
+
+def test_sqlite_side_file_is_made_by_the_first_write_never_by_a_read(tmp_path: Path, sqlite_url: str) -> None:
+    project = tutorial(tmp_path, sqlite_url)
+    side = Path(sa.engine.make_url(sqlite_url).database + ".reconciler.sqlite")
+
+    assert cli(project, "status").returncode in (0, 4)
+    assert not side.exists()
+    ok(project, "apply")
+    assert side.is_file()
+
+
+def test_an_unknown_placement_is_a_configuration_error(tmp_path: Path, sqlite_url: str) -> None:
+    project = flask_project(tmp_path / "proj", sqlite_url)
+    project.write_config('\n[journal]\nplacement = "elsewhere"\n', models="myapp.models:db")
+
+    result = cli(project, "status")
+
+    assert result.returncode == 2, result.stderr
+    assert "placement must be one of side, default, got 'elsewhere'" in result.stderr
