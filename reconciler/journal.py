@@ -156,6 +156,10 @@ class Place:
         """Once: the side place when its tables exist or nothing exists yet; the target's schema
         while only the previous release's tables are there (until `ensure`, here or in another
         replica, moves them: looked at again every RELOCATE_AFTER seconds while they are)."""
+        if self.side is not None and self.side.steps.schema == (
+            self.default.steps.schema or conn.dialect.default_schema_name
+        ):  # [journal] schema names the target's own schema: one place, nothing to move
+            self.side, self.attachment, self.tables = None, None, self.default
         if self.side is None or self.fallback_reason:
             return self.tables
         stale = self.tables is self.default and time.monotonic() - self._located_at > RELOCATE_AFTER
@@ -172,7 +176,7 @@ class Place:
         """Create the journal (call under the lock): in the side place, with the previous release's
         rows moved there; in the target's schema when the side place cannot be created."""
         self.locate(conn)
-        if self.side is None:
+        if self.side is None:  # `placement = "default"`, or [journal] schema is the target's
             ensure(conn, self.default)
             return self.default
         try:

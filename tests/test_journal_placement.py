@@ -347,3 +347,21 @@ def test_an_unknown_placement_is_a_configuration_error(tmp_path: Path, sqlite_ur
 
     assert result.returncode == 2, result.stderr
     assert "placement must be one of side, default, got 'elsewhere'" in result.stderr
+
+
+@pytest.mark.postgres
+def test_a_side_schema_that_is_the_targets_own_is_one_place_and_nothing_is_moved(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """`[journal] schema = "public"`: the side and the old placement are the same tables; moving
+    them into themselves would copy and then drop them."""
+    project = tutorial(tmp_path, pg_url, '\n[journal]\nschema = "public"\n')
+    ok(project, "apply")
+    first = journal_rows(project.url)
+    project.revision("r2", _head(project), message="after")
+
+    ok(project, "apply")
+
+    rows = journal_rows(project.url)
+    assert [r["id"] for r in rows[: len(first)]] == [r["id"] for r in first] and len(rows) > len(first)
+    assert table_names(project.url) >= JOURNAL
