@@ -26,6 +26,7 @@ DIALECTS = [
     pytest.param("postgresql", marks=pytest.mark.postgres),
     pytest.param("mysql", marks=pytest.mark.mysql),
 ]
+ROOT = Path(__file__).resolve().parent.parent
 URL_FIXTURES = {"sqlite": "sqlite_url", "postgresql": "pg_url", "mysql": "mysql_url"}
 JOURNAL = {"reconciler_journal", "reconciler_journal_flags"}
 APP = """\
@@ -53,8 +54,7 @@ def flask_tool() -> str:
 
 def flask_db(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
     """`flask db ...` as the user runs it: the project's own app and its unchanged env.py."""
-    env = {**os.environ, "DATABASE_URL": project.url}
-    env.pop("PYTHONPATH", None)
+    env = {**os.environ, "DATABASE_URL": project.url, "PYTHONPATH": str(ROOT)}  # reconciler.hooks
     env.pop("RECONCILER_UNSAFE_DISABLE", None)
     done = subprocess.run(
         [flask_tool(), "--app", "myapp.app", "db", *args],
@@ -365,3 +365,26 @@ def test_a_side_schema_that_is_the_targets_own_is_one_place_and_nothing_is_moved
     rows = journal_rows(project.url)
     assert [r["id"] for r in rows[: len(first)]] == [r["id"] for r in first] and len(rows) > len(first)
     assert table_names(project.url) >= JOURNAL
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("hook", [True, False])
+def test_with_include_schemas_the_hook_keeps_our_schema_out(hook: bool, tmp_path: Path, pg_url: str) -> None:
+    """An env.py (here Flask-Migrate's configure args) with include_schemas=True reflects every
+    schema, ours too: `exclude_reconciler_tables` leaves it out; without it (the negative control)
+    `flask db migrate` would drop the side schema's tables."""
+    project = tutorial(tmp_path, pg_url)
+    extra = ", include_object=exclude_reconciler_tables" if hook else ""
+    app = APP.replace(
+        "migrate = Migrate(app, db)", f"migrate = Migrate(app, db, include_schemas=True{extra})"
+    )
+    app = "from reconciler.hooks import exclude_reconciler_tables\n" + app
+    (project.root / "myapp" / "app.py").write_text(app, encoding="utf-8")
+
+    output, written = migrate_after_apply(project)
+
+    if hook:
+        assert "No changes in schema detected" in output, output
+        assert written == []
+    else:
+        assert "op.drop_table('reconciler_journal', schema='reconciler')" in written[0].read_text()
