@@ -470,10 +470,13 @@ def init(settings: Settings) -> Path:
 
 JOURNAL_FILTER = '''
 
+RECONCILER_TABLES = {{{tables}}}
+
+
 def exclude_reconciler_tables(object, name, type_, reflected, compare_to):
-    """schema-reconciler's journal lives beside the models' tables ([journal] placement =
-    "default"): keep autogenerate from proposing to drop it (as reconciler.hooks does)."""
-    return not (type_ == "table" and name in {tables!r})
+    # schema-reconciler keeps its journal beside the models' tables
+    # ([journal] placement = "default"): autogenerate must leave it alone
+    return not (type_ == "table" and name in RECONCILER_TABLES)
 
 '''
 # (the template's text, the same with the filter) for Flask-Migrate's and Alembic's env.py
@@ -495,7 +498,7 @@ def _write_journal_filter(env_py: Path, table: str) -> None:
     text = env_py.read_text(encoding="utf-8")
     for old, new in _FILTER_EDITS:
         if old in text and "def run_migrations_offline" in text:
-            names = (table, f"{table}_flags")
+            names = ", ".join(repr(n) for n in (table, f"{table}_flags"))
             text = text.replace(old, new, 1).replace(
                 "\n\ndef run_migrations_offline", JOURNAL_FILTER.format(tables=names).rstrip("\n")
                 + "\n\n\ndef run_migrations_offline", 1)
