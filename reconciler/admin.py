@@ -80,12 +80,15 @@ def fail_on(analysis: guard.Analysis, kinds: Iterable[str]) -> None:
     wanted = set(kinds)
     if safety.DATA_LOSS in wanted:
         wanted.add(safety.UNANALYSABLE)
-    hits = [f for f in analysis.findings if f.kind in wanted and not f.acknowledged]
+    hits = [f for f in analysis.findings if f.kind in wanted
+            and (not f.acknowledged or f.rule == safety.DROP_JOURNAL)]
     if hits:
+        fix = (safety.JOURNAL_FIX if any(f.rule == safety.DROP_JOURNAL for f in hits) else
+               "fix the revisions, or acknowledge data loss with `allow_destructive = True` in the "
+               "revision file")
         raise Refused(
             f"the pending plan has {len(hits)} finding(s) of {', '.join(sorted(set(kinds)))}: "
-            f"{'; '.join(f'{f.revision} ({f.where}) {f.message}' for f in hits)} — fix the revisions, "
-            "or acknowledge data loss with `allow_destructive = True` in the revision file"
+            f"{'; '.join(f'{f.revision} ({f.where}) {f.message}' for f in hits)} — {fix}"
         )
 
 

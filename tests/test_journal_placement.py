@@ -176,6 +176,9 @@ def test_a_revision_dropping_the_journal_is_refused_with_the_real_fix(
     assert "allow_destructive" not in result.stderr.split("reconciler's own journal", 1)[1]
     assert db_heads(project.url) == applied
     assert journal_rows(project.url), "the journal is still there"
+    gate = cli(project, "plan", "--fail-on", "data-loss")  # the CI gate says the same
+    assert gate.returncode == 6, gate.stderr
+    assert "include_object=exclude_reconciler_tables" in gate.stderr
 
 
 # --- the previous release's journal, in the target's schema --------------------------------------
