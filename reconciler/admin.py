@@ -86,12 +86,15 @@ def fail_on(analysis: guard.Analysis, kinds: Iterable[str]) -> None:
     wanted = set(kinds)
     if safety.DATA_LOSS in wanted:
         wanted.add(safety.UNANALYSABLE)
-    hits = [f for f in analysis.findings if f.kind in wanted and not f.acknowledged]
+    hits = [f for f in analysis.findings if f.kind in wanted
+            and (not f.acknowledged or f.rule == safety.DROP_JOURNAL)]
     if hits:
+        fix = (safety.JOURNAL_FIX if any(f.rule == safety.DROP_JOURNAL for f in hits) else
+               "fix the revisions, or acknowledge data loss with `allow_destructive = True` in the "
+               "revision file")
         raise Refused(
             f"the pending plan has {len(hits)} finding(s) of {', '.join(sorted(set(kinds)))}: "
-            f"{'; '.join(f'{f.revision} ({f.where}) {f.message}' for f in hits)} — fix the revisions, "
-            "or acknowledge data loss with `allow_destructive = True` in the revision file"
+            f"{'; '.join(f'{f.revision} ({f.where}) {f.message}' for f in hits)} — {fix}"
         )
 
 
@@ -212,6 +215,9 @@ def scratch_settings(settings: Settings) -> Iterator[Settings]:
                     {"n": name},
                 )
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted}"))
+            if backend in ("mysql", "mariadb"):  # the scratch journal's own database (journal.py)
+                side = admin.dialect.identifier_preparer.quote(journal.side_schema(backend, name))
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {side}"))
         admin.dispose()
 
 
@@ -594,6 +600,8 @@ def init(settings: Settings, flask_app: str = "") -> InitResult:
     job = WorkerJob.from_settings(settings, url=settings.target.url or "sqlite://")
     with Worker.start(job, python=settings.target.python or None) as worker:
         made = worker.init_dir(template)
+    if settings.journal.placement == "default":
+        _write_journal_filter(directory / "env.py", settings.journal.table)
     chosen = str(made.get("template") or template or "generic")
     reason = reason or _models_reason(settings.target.models, chosen)
     ini = Path(str(made.get("alembic_ini") or directory / "alembic.ini"))
@@ -619,6 +627,49 @@ def _template_without_models(root: Path, flask_app: str) -> tuple[str, str]:
     )
 
 
+JOURNAL_FILTER = '''
+
+RECONCILER_TABLES = {{{tables}}}
+
+
+def exclude_reconciler_tables(object, name, type_, reflected, compare_to):
+    # schema-reconciler keeps its journal beside the models' tables
+    # ([journal] placement = "default"): autogenerate must leave it alone
+    return not (type_ == "table" and name in RECONCILER_TABLES)
+
+'''
+# (the template's text, the same with the filter) for Flask-Migrate's and Alembic's env.py
+_FILTER_EDITS = (
+    ('''        conf_args["process_revision_directives"] = process_revision_directives
+''', '''        conf_args["process_revision_directives"] = process_revision_directives
+    conf_args.setdefault("include_object", exclude_reconciler_tables)
+'''),
+    ("connection=connection, target_metadata=target_metadata\n",
+     "connection=connection, target_metadata=target_metadata,\n"
+     "            include_object=exclude_reconciler_tables,\n"),
+)
+
+
+def _write_journal_filter(env_py: Path, table: str) -> None:
+    """A new env.py gets the journal filter when the journal's placement cannot hide it from
+    autogenerate (`[journal] placement = "default"`): a function of its own, so env.py does not
+    import reconciler (an app image may not have it)."""
+    text = env_py.read_text(encoding="utf-8")
+    for old, new in _FILTER_EDITS:
+        if old in text and "def run_migrations_offline" in text:
+            names = ", ".join(repr(n) for n in (table, f"{table}_flags"))
+            text = text.replace(old, new, 1).replace(
+                "\n\ndef run_migrations_offline", JOURNAL_FILTER.format(tables=names).rstrip("\n")
+                + "\n\n\ndef run_migrations_offline", 1)
+            env_py.write_text(text, encoding="utf-8")
+            log.info("journal_filter_written", env_py=redact(str(env_py)),
+                     reason="[journal] placement = default keeps the journal beside the models' tables")
+            return
+    log.warning("journal_filter_not_written", env_py=redact(str(env_py)),
+                hint="add include_object=exclude_reconciler_tables (reconciler.hooks) to env.py's "
+                     "context.configure: this env.py has an unknown layout")
+
+
 # --- suspend / resume ----------------------------------------------------------------------
 def suspend(rec: Reconciler, reason: str) -> None:
     """Stop every replica of the target from applying until `resume` (a flag in the journal)."""
@@ -627,7 +678,7 @@ def suspend(rec: Reconciler, reason: str) -> None:
 
     value = f"by {replica_id()} at {_utc_now()}" + (f": {reason}" if reason else "")
     with connection.connect(rec.engine) as conn:
-        if not journal.exists(conn, rec.journal):
+        if not rec.journal_exists(conn):
             with rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
                 rec.ensure_journal(conn)
         fleet.put(conn, rec.journal, fleet.suspended_key(rec.target), value)
@@ -640,7 +691,7 @@ def resume(rec: Reconciler) -> list[str]:
 
     cleared: list[str] = []
     with connection.connect(rec.engine) as conn:
-        if not journal.exists(conn, rec.journal):
+        if not rec.journal_exists(conn):
             return cleared
         for name, key in (
             ("suspended", fleet.suspended_key(rec.target)),

@@ -144,10 +144,21 @@ class ApplySettings:
     )
 
 
+JOURNAL_PLACEMENTS = ("side", "default")
+
+
 @dataclass(frozen=True)
 class JournalSettings:
     table: str = field(
         default="reconciler_journal", metadata={"doc": "our side table (never alembic_version)"}
+    )
+    placement: str = field(
+        default="side",
+        metadata={"doc": "side (where autogenerate does not look) or default (the target's schema)"},
+    )
+    schema: str = field(
+        default="",
+        metadata={"doc": "the side schema / database; default: reconciler (MySQL: <db>_reconciler)"},
     )
 
 
@@ -930,12 +941,24 @@ def _validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: 
         )
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", settings.journal.table):
         raise ConfigError(f"[journal] table must be a plain table name, got {settings.journal.table!r}")
+    _validate_journal(settings.journal, origin)
     _validate_daemon(settings.daemon, origin)
     _validate_role(settings.apply.role, origin.get(("apply", "role"), "[apply] role"))
     _validate_drift(settings.drift, origin)
     _validate_safety(settings.safety, origin)
     if target.python and not Path(target.python).exists():
         raise ConfigError(f"{where('python')}: interpreter {target.python} does not exist")
+
+
+def _validate_journal(journal: JournalSettings, origin: dict[tuple[str, str], str]) -> None:
+    if journal.placement not in JOURNAL_PLACEMENTS:
+        where = origin.get(("journal", "placement"), "[journal] placement")
+        raise ConfigError(
+            f"{where}: placement must be one of {', '.join(JOURNAL_PLACEMENTS)}, got {journal.placement!r}"
+        )
+    if journal.schema and not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$", journal.schema):
+        where = origin.get(("journal", "schema"), "[journal] schema")
+        raise ConfigError(f"{where}: schema must be a plain schema or database name, got {journal.schema!r}")
 
 
 def _validate_chains(settings: Settings, origin: dict[tuple[str, str], str], need_dir: bool) -> None:

@@ -7,7 +7,7 @@ A failure to connect becomes `UnreachableError` with the password masked.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -46,9 +46,11 @@ def _connect_args(backend: str, driver: str, connect_timeout: float) -> dict[str
 
 
 def make_engine(
-    url: str, target: str, connect_timeout: float, role: str = "ctl", pooled: bool = True
+    url: str, target: str, connect_timeout: float, role: str = "ctl", pooled: bool = True,
+    on_connect: Callable[[Any], object] | None = None,
 ) -> sa.engine.Engine:
-    """`pooled` False: every connection is new and closed for good afterwards (a probe's)."""
+    """`pooled` False: every connection is new and closed for good afterwards (a probe's).
+    `on_connect` runs on each new DBAPI connection (SQLite: attach the journal's side file)."""
     parsed = sa.engine.make_url(url)
     backend = parsed.get_backend_name()
     connect_args = _connect_args(backend, parsed.get_driver_name(), connect_timeout)
@@ -80,6 +82,8 @@ def make_engine(
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbsession.run_session_statements(dbapi_connection, statements)
+        if on_connect is not None:
+            on_connect(dbapi_connection)
 
     return engine
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import __version__, connection, dbsession, fleet, journal, logs, signals
+from reconciler import __version__, connection, dbsession, fleet, logs, signals
 from reconciler.alerts import Alert, AlertDispatcher, AlertPolicy, Observation
 from reconciler.config import Settings, parse_http
 from reconciler.drift import DriftChecker
@@ -241,7 +241,7 @@ class Daemon:
             return  # an observer on a SQLite file not made yet: connecting would create it
         try:
             with connection.connect(self.rec.engine) as conn:
-                if not journal.exists(conn, self.rec.journal):
+                if not self.rec.journal_exists(conn):
                     return  # nothing applied by us yet; marked once the journal exists
                 if fleet.read(conn, self.rec.journal, [key]).get(key) != "prod":
                     fleet.put(conn, self.rec.journal, key, "prod")
@@ -426,7 +426,7 @@ class Daemon:
             return True  # no database, so no journal to coordinate in (and no file to create)
         try:
             with connection.connect(self.rec.engine) as conn:
-                if not journal.exists(conn, self.rec.journal):
+                if not self.rec.journal_exists(conn):
                     return True
                 return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, event), episode)
         except (ReconcilerError, sa.exc.DBAPIError):

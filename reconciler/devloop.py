@@ -73,7 +73,7 @@ def check_dev_target(settings: Settings, rec: Reconciler) -> None:
             "(compose service names), or set [dev] allow_remote = true"
         )
     with connection.connect(rec.engine) as conn:
-        if not journal.exists(conn, rec.journal):
+        if not rec.journal_exists(conn):
             return
         key = fleet.environment_key(rec.target)
         marker = fleet.read(conn, rec.journal, [key])

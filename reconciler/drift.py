@@ -237,23 +237,23 @@ class DriftChecker:
         return True
 
     def _read(self, conn: sa.engine.Connection) -> DriftReport | None:
-        from reconciler import fleet, journal
+        from reconciler import fleet
 
-        if not journal.exists(conn, self.rec.journal):
+        if not self.rec.journal_exists(conn):
             return None
         key = flag_key(self.rec.target)
         return DriftReport.loads(fleet.read(conn, self.rec.journal, [key]).get(key))
 
     def _compare(self, conn: sa.engine.Connection, heads: tuple[str, ...], last: DriftReport | None
                  ) -> None:
-        from reconciler import admin, fleet, journal
+        from reconciler import admin, fleet
         from reconciler.dbsession import replica_id
 
         started = time.monotonic()
         self._next = time.time() + self.settings.interval
         found = without_ignored(admin.compare(self.rec), self.settings.ignore)
         report = report_of(found, heads, replica_id(), time.monotonic() - started)
-        journal.ensure(conn, self.rec.journal)
+        self.rec.ensure_journal(conn)
         fleet.put(conn, self.rec.journal, flag_key(self.rec.target), report.dumps())
         self.rec.forget_conditions()
         log.info("drift_compared", target=self.rec.target, differences=report.count,

@@ -4,7 +4,11 @@
 Importing this module needs only the standard library (`migration_lock` imports SQLAlchemy and
 our lock code when called).
 
-Leave our bookkeeping tables alone (the worker already excludes them on its own):
+Leave our bookkeeping tables alone (the worker already excludes them on its own). By default the
+journal lives where autogenerate does not look (its own schema or database, an attached file on
+SQLite), so an unchanged env.py needs nothing; add the filter when env.py sets
+`include_schemas=True` (autogenerate then reflects our `reconciler` schema too), or when the
+journal sits beside your tables (`[journal] placement = "default"`, or no CREATE privilege):
 
     from reconciler.hooks import exclude_reconciler_tables
     context.configure(..., include_object=exclude_reconciler_tables)
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 RECONCILER_TABLES = frozenset({"reconciler_journal", "reconciler_journal_flags"})
+RECONCILER_SCHEMA = "reconciler"  # the journal's side schema; on MySQL / MariaDB `<db>_reconciler`
 _IN_WORKER = [False]  # set in reconciler's worker: its control plane already holds the lock
 
 
@@ -41,13 +46,26 @@ def exclude_reconciler_tables(
     reflected: bool,
     compare_to: Any,
 ) -> bool:
-    """Alembic `include_object` hook: False for our journal tables, True for everything else."""
-    return not (type_ == "table" and name in RECONCILER_TABLES)
+    """Alembic `include_object` hook: False for our journal tables (in any schema) and anything in
+    our side schema, True for everything else."""
+    if type_ == "table" and name in RECONCILER_TABLES:
+        return False
+    return not is_reconciler_schema(getattr(object, "schema", None))
 
 
 def exclude_reconciler_table_names(name: str | None, type_: str, parent_names: Any) -> bool:
-    """Alembic `include_name` hook: skip reflecting our journal tables at all."""
-    return not (type_ == "table" and name in RECONCILER_TABLES)
+    """Alembic `include_name` hook: skip reflecting our journal tables and our side schema at all."""
+    if type_ == "schema":
+        return not is_reconciler_schema(name)
+    if type_ == "table" and name in RECONCILER_TABLES:
+        return False
+    schema = parent_names.get("schema_name") if isinstance(parent_names, dict) else None
+    return not is_reconciler_schema(schema)
+
+
+def is_reconciler_schema(schema: str | None) -> bool:
+    """Our side schema: `reconciler` (PostgreSQL), `<database>_reconciler` (MySQL / MariaDB)."""
+    return bool(schema) and (schema == RECONCILER_SCHEMA or str(schema).endswith("_" + RECONCILER_SCHEMA))
 
 
 @contextmanager

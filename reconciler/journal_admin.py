@@ -28,7 +28,8 @@ def steps(rec: Reconciler, limit: int = 50, revision: str | None = None) -> list
     if rec.missing_database_file() is not None:
         return []  # no database yet, so no journal; connecting would create the file
     with connection.connect(rec.engine) as conn:
-        rows = journal.steps(conn, rec.journal, target=rec.journal_targets(), revision=wanted, limit=limit)
+        where = rec.locate_journal(conn)  # the side place, or where the previous release left it
+        rows = journal.steps(conn, where, target=rec.journal_targets(), revision=wanted, limit=limit)
     return [{name: _plain(row.get(name)) for name in FIELDS} for row in rows]
 
 
@@ -73,7 +74,7 @@ def accept(rec: Reconciler, revision: str | None) -> list[checksums.Mismatch]:
     with connection.connect(rec.engine) as conn, rec.locked(
         conn, rec.settings.apply.lock_acquire_timeout
     ):
-        journal.ensure(conn, rec.journal)
+        rec.ensure_journal(conn)
         found = rec.status().audit.mismatches
         chosen = list(found) if revision is None else _chosen(rec, found, revision)
         graph = rec.graph()

@@ -49,6 +49,8 @@ from reconciler.errors import (
     WaitTimeout,
 )
 from reconciler.graph import RevisionGraph
+from reconciler.journal import JournalTables
+from reconciler.journal import Place as JournalPlace
 from reconciler.project import Project
 from reconciler.redact import redact
 from reconciler.state import CONDITIONS, DbSnapshot, Decision, decide
@@ -250,8 +252,10 @@ class Reconciler:
         self.chain = chain  # "" for [target]'s own directory; else a [[target.chains]] name
         self._parent = parent  # the main chain's reconciler: its engine, its lock
         self.project = Project(settings)
-        self.journal = journal.tables(
-            settings.journal.table, settings.target.version_table_schema or None
+        # Where the journal lives (journal.Place): one place per database, shared by its chains.
+        self._place: JournalPlace = parent._place if parent else journal.Place(
+            settings.journal.table, settings.target.url, settings.journal.placement,
+            settings.journal.schema, settings.target.version_table_schema or None,
         )
         self._engine: sa.engine.Engine | None = None
         self._lock_engine: sa.engine.Engine | None = None
@@ -302,10 +306,26 @@ class Reconciler:
         if self._parent is not None:
             return self._parent.engine  # one database, one pooled connection
         if self._engine is None:
+            attachment = self._place.attachment
             self._engine = connection.make_engine(
-                self.settings.target.url, self.target, self.settings.apply.connect_timeout
+                self.settings.target.url, self.target, self.settings.apply.connect_timeout,
+                on_connect=attachment.attach if attachment else None,
             )
         return self._engine
+
+    @property
+    def journal(self) -> JournalTables:
+        """The journal's tables, where `locate_journal` found them (before that: the side place)."""
+        return self._place.tables
+
+    def locate_journal(self, conn: sa.engine.Connection) -> JournalTables:
+        """Find the journal (once per process): its side place, or the target's schema while the
+        previous release's tables are still there."""
+        return self._place.locate(conn)
+
+    def journal_exists(self, conn: sa.engine.Connection) -> bool:
+        self.locate_journal(conn)
+        return self._journal_exists(conn)
 
     @property
     def backend(self) -> str:
@@ -397,6 +417,7 @@ class Reconciler:
         flags are reused for up to CONDITIONS_TTL seconds (nothing would be applied anyway)."""
         schema = self.settings.target.version_table_schema or None
         try:
+            self.locate_journal(conn)
             snap = connection.snapshot(
                 conn, self.settings.target.version_table, schema,
                 (*self.journal.names, *self._other_version_tables),
@@ -543,6 +564,7 @@ class Reconciler:
     def _journal_exists(self, conn: sa.engine.Connection) -> bool:
         if not self._journal_seen:
             try:
+                self.locate_journal(conn)
                 self._journal_seen = journal.exists(conn, self.journal)
             except sa.exc.DBAPIError:
                 return False
@@ -663,7 +685,7 @@ class Reconciler:
         """Create the journal tables if missing, and announce the lock holder there (under the
         lock). Called only once what is about to be written was validated: a command that ends
         in a configuration error (exit 2) leaves the database as it found it."""
-        journal.ensure(conn, self.journal)
+        self._place.ensure(conn)
         self._journal_seen = True
         self._announce(conn)
 

@@ -35,6 +35,15 @@ UNANALYSABLE = "unanalysable"
 FAILS = "fails"  # the revision raises by itself: the run reports that failure, the guard does not
 CLASSES = (DATA_LOSS, LOCK_RISK)
 EMPTY_DATABASE = "nothing to lose: the database is empty"
+DROP_JOURNAL = "drop-journal"  # a revision that drops our own journal: refused whatever the policy
+JOURNAL_TABLES = frozenset({"reconciler_journal", "reconciler_journal_flags"})  # hooks.RECONCILER_TABLES
+JOURNAL_FIX = (
+    "delete the op.drop_table() of reconciler's journal from the revision (and the op.create_table() "
+    "of it from its downgrade), then keep autogenerate away from the journal: let it live in its "
+    "own schema or database ([journal] placement = \"side\", the default, needs the CREATE privilege "
+    "once), or add include_object=exclude_reconciler_tables (from reconciler.hooks) to env.py's "
+    "context.configure"
+)
 
 _RAW_LOSS = re.compile(
     r"\b(DROP\s+(TABLE|COLUMN|SCHEMA|DATABASE)|TRUNCATE|DELETE\s+FROM|ALTER\s+TABLE\s+\S+\s+DROP)\b",
@@ -188,6 +197,9 @@ Hit = tuple[str, str, str]  # kind, rule, message
 
 def _data_loss(op: Mapping[str, Any]) -> list[Hit]:
     kind, table, column = op.get("op"), _table_key(op), op.get("column")
+    if kind == "DropTableOp" and str(op.get("table") or "") in JOURNAL_TABLES:
+        return [(DATA_LOSS, DROP_JOURNAL, f"drop table {table}: it is reconciler's own journal, not "
+                 "one of your models' tables (autogenerate saw it beside them)")]
     if kind == "DropTableOp":
         return [(DATA_LOSS, "drop-table", f"drop table {table}: all its rows are lost")]
     if kind == "DropColumnOp":
@@ -351,6 +363,9 @@ def refused(findings: Iterable[Finding], policy: Policy) -> list[Finding]:
     """The findings that stop the plan under `policy`."""
     out = []
     for finding in findings:
+        if finding.rule == DROP_JOURNAL and not finding.exempt:
+            out.append(finding)  # never what the revision's author meant: no marker allows it
+            continue
         if finding.acknowledged or finding.exempt:
             continue
         if (finding.kind == DATA_LOSS and not policy.allow_destructive) or (
@@ -363,8 +378,8 @@ def refused(findings: Iterable[Finding], policy: Policy) -> list[Finding]:
 def refusal_message(target: str, refusals: Sequence[Finding]) -> str:
     """One message naming every refused finding and the ways forward."""
     listed = "; ".join(f"{f.revision} ({f.where}) {f.kind}: {f.message}" for f in refusals)
-    kinds = {f.kind for f in refusals}
-    steps = []
+    kinds = {f.kind for f in refusals if f.rule != DROP_JOURNAL}
+    steps = [JOURNAL_FIX] if any(f.rule == DROP_JOURNAL for f in refusals) else []
     if kinds & {DATA_LOSS, UNANALYSABLE}:
         steps.append("check the revision and add `allow_destructive = True` to its file, or set "
                      "[safety] allow_destructive = true")

@@ -243,15 +243,37 @@ def db_heads(url: str, table: str = "alembic_version") -> set[str]:
         engine.dispose()
 
 
+def journal_engine(url: str, table: str = "reconciler_journal") -> tuple[object, str | None]:
+    """An engine that sees the journal, and the schema it is in: its side place (journal.py) when
+    that exists, else the database's default schema (the previous release's placement)."""
+    import sqlalchemy as sa
+
+    from reconciler import journal
+
+    place = journal.Place(table, url)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    if place.attachment is not None:
+        sa.event.listen(engine, "connect", lambda raw, _rec: place.attachment.attach(raw))  # type: ignore[union-attr]
+    side = place.side.steps.schema if place.side is not None else None
+    with engine.connect() as conn:
+        try:
+            found = side is not None and journal.exists(conn, place.side)  # type: ignore[arg-type]
+        except sa.exc.DBAPIError:  # MySQL: no right to look into the side database
+            found = False
+    return engine, side if found else None
+
+
 def journal_rows(url: str, table: str = "reconciler_journal") -> list[dict[str, object]]:
     import sqlalchemy as sa
 
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    engine, schema = journal_engine(url, table)
+    assert isinstance(engine, sa.engine.Engine)
     try:
         with engine.connect() as conn:
-            if not sa.inspect(conn).has_table(table):
+            if not sa.inspect(conn).has_table(table, schema=schema):
                 return []
-            rows = conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY id")).mappings()
+            name = f"{schema}.{table}" if schema else table
+            rows = conn.execute(sa.text(f"SELECT * FROM {name} ORDER BY id")).mappings()
             return [dict(r) for r in rows]
     finally:
         engine.dispose()

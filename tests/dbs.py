@@ -107,6 +107,7 @@ def mysql_database(canary: bool = False) -> Iterator[str]:
                 with suppress(sa.exc.DBAPIError):
                     conn.execute(sa.text(f"KILL {int(pid)}"))
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}_reconciler`"))  # the journal's own
         admin.dispose()
 
 

@@ -169,8 +169,11 @@ def test_cli_drift_reports_hand_made_changes_and_never_the_journal(tmp_path: Pat
 
 @pytest.mark.slow
 def test_without_the_exclusion_the_journal_tables_would_be_drift(tmp_path: Path, sqlite_url: str) -> None:
-    """Negative control: the worker's compare without our exclusion lists the journal tables."""
+    """Negative control: the worker's compare without our exclusion lists the journal tables (kept
+    beside the models' tables, the placement where the exclusion is what hides them)."""
     project = drift_project(tmp_path / "p", sqlite_url)
+    with project.config.open("a", encoding="utf-8") as config:
+        config.write('\n[journal]\nplacement = "default"\n')
     assert cli(project, "apply").returncode == 0
     settings = load_settings(str(project.config), cwd=project.root)
     job = replace(WorkerJob.from_settings(settings), exclude_tables=[])

@@ -77,7 +77,8 @@ def _owners(url: str) -> dict[str, str]:
     try:
         with engine.connect() as conn:
             rows = conn.execute(
-                sa.text("SELECT tablename, tableowner FROM pg_tables WHERE schemaname = 'public'")
+                sa.text("SELECT tablename, tableowner FROM pg_tables "
+                        "WHERE schemaname IN ('public', 'reconciler')")  # the journal's own schema
             )
             return {str(r[0]): str(r[1]) for r in rows}
     finally:
