@@ -292,6 +292,7 @@ ENV_SAMPLES: dict[tuple[str, str], object] = {
     ("target", "imports"): ["myapp", "myapp.models"],
     ("apply", "role"): "app_owner",
     ("journal", "table"): "my_journal",
+    ("journal", "placement"): "default",
     ("logging", "level"): "debug",
     ("logging", "format"): "json",
     ("daemon", "mode"): "dev",
