@@ -298,7 +298,7 @@ def test_the_tutorial_walked_with_the_reconciler(
     out = me.flask("db", "migrate", "-m", "anything left?")
     assert "No changes in schema detected" in out, f"flask db migrate proposes our bookkeeping: {out}"
     assert me.revisions() == before
-    assert "reconciler" not in out, out
+    assert "reconciler_journal" not in out, out
 
 
 def _flask_migrate(walk: Walk, message: str) -> Path:
