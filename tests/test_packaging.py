@@ -65,6 +65,7 @@ def test_wheel_built_from_the_repository_carries_the_example_and_license(tmp_pat
     shutil.copytree(
         ROOT / "reconciler", src / "reconciler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
+    shutil.copytree(ROOT / "docs", src / "docs")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "wheels"), str(src)],
         capture_output=True,
