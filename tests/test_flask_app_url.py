@@ -25,7 +25,8 @@ pytestmark = pytest.mark.core
 
 
 def reconciler(root: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    result = run_cli(list(args), cwd=root, env=env)
+    """The CLI as a person runs it: the default output, not the JSON log lines."""
+    result = run_cli(list(args), cwd=root, env=env, log_format=None)
     return result.returncode, result.stdout + result.stderr
 
 
