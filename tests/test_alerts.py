@@ -424,6 +424,7 @@ def test_a_hung_sink_delays_no_other_sink() -> None:
     ) as d:
         for i in range(3):
             d.submit(alert(revision=f"r{i}"))
+        assert hung.wait("hits", 1, timeout=30.0)  # the hung sink's first delivery has begun
         assert good.wait("bodies", 3, timeout=30.0)
         # all three reached the good sink while the hung one's first delivery is still in flight
         assert hung.hits == 1 and not _delivery_failures(logged)

@@ -209,7 +209,7 @@ def test_cli_drift_refuses_a_database_behind_the_heads(tmp_path: Path, sqlite_ur
 def checked(daemon: Running, after: str = "") -> dict[str, Any]:
     """The next drift compare after `after` (a checked_at), as /status shows it."""
     status: dict[str, Any] = daemon.wait_status(
-        lambda s: (s.get("drift") or {}).get("checked_at", "") > after, 30, "a drift compare")
+        lambda s: (s.get("drift") or {}).get("checked_at", "") > after, 90, "a drift compare")
     return status
 
 
