@@ -7,30 +7,18 @@ from __future__ import annotations
 
 import difflib
 import shutil
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from reconciler import graph
 from tests import dbs
 from tests.builders import FLASK_MODELS, Project, db_heads, flask_project, table_names
-from tests.cli import run_cli
+from tests.test_cli_admin import cli, ok
 from tests.test_generate import APP, URL_FIXTURES, flask_db, flask_run, normalised
 
 EMAIL = "    email = db.Column(db.String(120), unique=True, nullable=False)\n"
 PASSWORD = EMAIL + "    password_hash = db.Column(db.String(128))\n"
-
-
-def cli(project: Project, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return run_cli(["--config", str(project.config), *args], cwd=project.root, **kwargs)
-
-
-def ok(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
-    result = cli(project, *args)
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def assert_same_file(ours: Path, theirs: Path) -> None:

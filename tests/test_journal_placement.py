@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from tests import builders
 from tests.builders import Project, db_heads, flask_project, journal_rows, table_names
-from tests.cli import run_cli
+from tests.test_cli_admin import cli, ok
 
 DIALECTS = [
     "sqlite",
@@ -66,16 +66,6 @@ def flask_db(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
     )
     assert done.returncode == 0, done.stderr
     return done
-
-
-def cli(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli(["--config", str(project.config), *args], cwd=project.root)
-
-
-def ok(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
-    result = cli(project, *args)
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def tutorial(tmp_path: Path, url: str, journal: str = "") -> Project:

@@ -9,7 +9,6 @@ disagree (values added or the type renamed in the models, never migrated), accep
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from reconciler.errors import ConfigError
 from reconciler.workerclient import Worker, WorkerJob
 from tests import dbs
 from tests.builders import Project, flask_project
-from tests.cli import run_cli
+from tests.test_cli_admin import cli, ok
 
 BILLING_MODELS = """\
 from flask_sqlalchemy import SQLAlchemy
@@ -66,16 +65,6 @@ def billing_project(root: Path, url: str, ondelete: str = "CASCADE") -> Project:
         message="create billing",
     )
     return project
-
-
-def cli(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli(["--config", str(project.config), *args], cwd=project.root)
-
-
-def ok(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
-    result = cli(project, *args)
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def drift_of(project: Project) -> list[dict[str, Any]]:
