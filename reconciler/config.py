@@ -182,6 +182,10 @@ class DaemonSettings:
     allowed_hosts: list[str] = field(
         default_factory=list, metadata={"doc": "extra Host header names accepted on a loopback bind"}
     )
+    http_header_timeout: float = field(
+        default=2.0,
+        metadata={"doc": "seconds an HTTP client has from connecting to the end of its request headers"},
+    )
     grace: float = field(
         default=25.0, metadata={"doc": "on SIGTERM, seconds an in-flight revision may take to finish"}
     )
@@ -338,7 +342,9 @@ MAIN_CHAIN = "main"  # the name of [target]'s own migrations directory among the
 ENV_KEYS = envsettings.LEGACY  # the six short names of before; every key has RECONCILER_<SECTION>_<KEY>
 
 UNSAFE_ENV = "RECONCILER_UNSAFE_DISABLE"
-UNSAFE_SWITCHES = ("lock", "orphan_wait", "dirty", "affinity", "drift_once", "checksums", "dev_recheck")
+UNSAFE_SWITCHES = (
+    "lock", "orphan_wait", "dirty", "affinity", "drift_once", "checksums", "dev_recheck", "http_shed",
+)
 _LEVELS = ("debug", "info", "warning", "error")
 _FORMATS = ("auto", "text", "json", "console")  # console: the former name of text
 _DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -1005,6 +1011,7 @@ def _validate_role(role: str, where: str) -> None:
 
 MODES = ("prod", "dev")
 READY_WHEN = ("started", "in_sync")
+HEADER_TIMEOUT_RANGE = (0.05, 60.0)  # below: a busy node's probe misses it; above: slowloris holds fds
 
 
 def _validate_daemon(daemon: DaemonSettings, origin: dict[tuple[str, str], str]) -> None:
@@ -1020,6 +1027,12 @@ def _validate_daemon(daemon: DaemonSettings, origin: dict[tuple[str, str], str])
     if daemon.interval < 0.01:
         raise ConfigError(f"{where('interval')}: interval must be at least 0.01 s, got {daemon.interval}")
     parse_http(daemon.http, where("http"))
+    if not HEADER_TIMEOUT_RANGE[0] <= daemon.http_header_timeout <= HEADER_TIMEOUT_RANGE[1]:
+        low, high = HEADER_TIMEOUT_RANGE
+        raise ConfigError(
+            f"{where('http_header_timeout')}: http_header_timeout must be between {low} and {high} "
+            f"seconds, got {daemon.http_header_timeout}; the default, 2, suits probes and scrapers"
+        )
 
 
 def _validate_drift(drift: DriftSettings, origin: dict[tuple[str, str], str]) -> None:

@@ -32,7 +32,7 @@ from reconciler.errors import (
     UnreachableError,
 )
 from reconciler.graph import MissingRevision
-from reconciler.http import HttpServer
+from reconciler.http import SHED_SWITCH, HttpServer
 from reconciler.metrics import Metrics
 from reconciler.reconcile import ApplyResult, Reconciler, Status, is_lock_timeout
 from reconciler.redact import redact
@@ -96,7 +96,10 @@ class Daemon:
         self.version_dirs = dirs
         self.watcher = DirWatcher(dirs, self._files_changed, debounce=daemon.debounce, suffixes=(".py",))
         host, port = parse_http(daemon.http)
-        self.http = HttpServer(host, port, self, self.metrics, daemon.allowed_hosts)
+        self.http = HttpServer(
+            host, port, self, self.metrics, daemon.allowed_hosts,
+            header_timeout=daemon.http_header_timeout, shed=SHED_SWITCH not in settings.unsafe,
+        )
         self.record = RunRecord()
         self._record_lock = threading.Lock()
         self._stopping = threading.Event()

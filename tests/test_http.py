@@ -348,8 +348,9 @@ def test_a_slow_client_is_cut_off_at_the_deadline(own_source: FakeSource, metric
         srv.stop()
 
 
-def test_connections_beyond_the_cap_get_503(own_source: FakeSource, metrics: Metrics) -> None:
-    srv = HttpServer("127.0.0.1", 0, own_source, metrics, max_connections=2, request_timeout=5)
+def test_unshed_connections_beyond_the_cap_get_503(own_source: FakeSource, metrics: Metrics) -> None:
+    """The unsafe server's cap (`shed=False`); the default one sheds instead (test_http_slowloris)."""
+    srv = HttpServer("127.0.0.1", 0, own_source, metrics, max_connections=2, request_timeout=5, shed=False)
     srv.start()
     idle = [socket.create_connection(srv.address, timeout=5) for _ in range(2)]
     try:
