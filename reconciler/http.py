@@ -294,6 +294,14 @@ class _Loop:
         return max(0.0, min([now + _WAKE_INTERVAL, *first]) - now)
 
     def _on_event(self, key: selectors.SelectorKey, events: int) -> None:
+        try:
+            self._handle(key, events)
+        except Exception as exc:  # one bad connection must not end the thread that answers /healthz
+            _log.warning("http_connection_failed", error=type(exc).__name__, detail=str(exc))
+            if isinstance(key.data, _Conn):
+                self._close(key.data)
+
+    def _handle(self, key: selectors.SelectorKey, events: int) -> None:
         if key.data == "accept":
             self._accept()
         elif key.data == "wake":

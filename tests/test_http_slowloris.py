@@ -158,3 +158,26 @@ def test_the_header_timeout_and_the_unsafe_switch_are_read(tmp_path: Path) -> No
     settings = load_settings(str(path), environ={"RECONCILER_UNSAFE_DISABLE": SHED_SWITCH})
     assert settings.daemon.http_header_timeout == 0.5
     assert settings.unsafe == {SHED_SWITCH}
+
+
+# --- bad requests -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"NONSENSE\r\n\r\n", 400),
+        (b"GET /healthz SPDY/3\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20000, 431),
+        (b"GET /healthz HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 150 + b"\r\n", 431),
+    ],
+    ids=["no-request-line", "not-http", "huge-header", "too-many-headers"],
+)
+def test_a_bad_request_is_answered_and_the_server_keeps_serving(
+    server: HttpServer, request_bytes: bytes, status: int
+) -> None:
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(request_bytes)
+        answer = sock.recv(4096)
+    assert answer.split(b" ", 2)[1] == str(status).encode()
+    assert call(server.address, "/healthz").status == 200
