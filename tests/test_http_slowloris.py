@@ -16,6 +16,7 @@ from reconciler.config import load_settings
 from reconciler.errors import ConfigError
 from reconciler.http import SHED_SWITCH, HttpServer
 from reconciler.metrics import Metrics
+from tests.builders import flask_project
 from tests.slowloris import Slowloris, burst, closed_by_peer, raise_fd_limit
 from tests.test_config import write
 from tests.test_http import TARGET, FakeSource, call, wait_until
@@ -181,3 +182,22 @@ def test_a_bad_request_is_answered_and_the_server_keeps_serving(
         answer = sock.recv(4096)
     assert answer.split(b" ", 2)[1] == str(status).encode()
     assert call(server.address, "/healthz").status == 200
+
+
+# --- the daemon ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("unsafe", "expected"), [(False, 200), (True, 503)], ids=["default", "negative-control"]
+)
+def test_the_daemons_healthz_under_slowloris(tmp_path: Path, unsafe: bool, expected: int) -> None:
+    """`reconciler run` as a process: 200 under the attack; 503 with RECONCILER_UNSAFE_DISABLE=http_shed."""
+    from tests.test_daemon import config, daemon
+
+    project = flask_project(tmp_path / "p", f"sqlite:///{tmp_path / 'app.db'}")
+    project.chain(1)
+    config(project, interval=60)
+    env = {"RECONCILER_UNSAFE_DISABLE": SHED_SWITCH} if unsafe else None
+    with daemon(project, env) as running, Slowloris(("127.0.0.1", running.port), HALF_OPEN):
+        assert running.get("/healthz")[0] == expected
