@@ -45,6 +45,7 @@ class Slowloris:
         self.opened = 0  # connected and partial request sent
         self.closed_by_server = 0
         self.answered = 0  # closed with an answer (a 503) rather than silently
+        self._open = 0
         self._selector = selectors.DefaultSelector()
         self._stop = threading.Event()
         self._started = threading.Event()
@@ -65,7 +66,7 @@ class Slowloris:
     @property
     def open(self) -> int:
         """Connections connected, partial request sent, not closed by the server."""
-        return sum(1 for key in self._selector.get_map().values() if key.events == selectors.EVENT_READ)
+        return self._open  # a counter: the selector's map changes under another thread
 
     def wait_open(self, deadline: float = 30.0) -> bool:
         end = time.monotonic() + deadline
@@ -94,6 +95,7 @@ class Slowloris:
             return
         self._selector.modify(sock, selectors.EVENT_READ, key.data)
         self.opened += 1
+        self._open += 1
 
     def _run(self) -> None:
         for n in range(self.count):
@@ -116,6 +118,7 @@ class Slowloris:
             data = b""
         self.answered += bool(data)
         self.closed_by_server += 1
+        self._open -= 1
         self._reopen(key)
 
     def _reopen(self, key: selectors.SelectorKey) -> None:
