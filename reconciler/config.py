@@ -186,10 +186,12 @@ class DaemonSettings:
         default=25.0, metadata={"doc": "on SIGTERM, seconds an in-flight revision may take to finish"}
     )
     backoff_max: float = field(
-        default=300.0, metadata={"doc": "cap of the exponential backoff after failed runs"}
+        default=300.0,
+        metadata={"doc": "cap of the backoff after failed runs (it starts at the interval)"},
     )
     blocked_after: int = field(
-        default=3, metadata={"doc": "the same revision failing the same way this often is blocked"}
+        default=3,
+        metadata={"doc": "the same revision failing the same way this many tries is blocked"},
     )
     apply: bool = field(default=True, metadata={"doc": "false makes this replica observe-only"})
     ready_when: str = field(
@@ -235,7 +237,8 @@ class DevSettings:
 @dataclass(frozen=True)
 class AlertingSettings:
     unreachable_after: int = field(
-        default=3, metadata={"doc": "consecutive failed runs before the unreachable alert"}
+        default=3,
+        metadata={"doc": "consecutive failed runs (retried no faster than the interval) before the alert"},
     )
     repeat_interval: float = field(
         default=3600.0, metadata={"doc": "seconds between reminders while a bad state lasts"}

@@ -2,7 +2,8 @@
 
 Each run is the reconcile of `reconcile.py`; this module turns its result (or its exception)
 into an outcome, metrics, a `/status` document, log lines and alert transitions, and decides when
-the next run happens (the interval, or a capped, jittered backoff after a failure).
+the next run happens (the interval, or after a failure a jittered backoff that grows from the
+interval to `backoff_max`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sqlalchemy as sa
 
 from reconciler import __version__, connection, dbsession, fleet, logs, signals
 from reconciler.alerts import Alert, AlertDispatcher, AlertPolicy, Observation
+from reconciler.backoff import backoff
 from reconciler.config import Settings, parse_http
 from reconciler.drift import DriftChecker
 from reconciler.errors import (
@@ -36,7 +38,7 @@ from reconciler.http import HttpServer
 from reconciler.metrics import Metrics
 from reconciler.reconcile import ApplyResult, Reconciler, Status, is_lock_timeout
 from reconciler.redact import redact
-from reconciler.scheduler import Loop, backoff
+from reconciler.scheduler import Loop
 from reconciler.watcher import DirWatcher, fingerprint
 
 log = logs.get("reconciler.daemon")
@@ -323,9 +325,10 @@ class Daemon:
             return self.settings.daemon.debounce
         if result.outcome not in TRANSIENT:
             return None
-        attempt = self.record.consecutive_failures
-        return backoff(attempt, base=1.0, cap=min(self.settings.daemon.backoff_max,
-                                                  max(1.0, self.settings.daemon.interval)))
+        # Never sooner than the interval (a failing replica must not query more than a healthy
+        # one), then growing to backoff_max: attempt 1 waits 1-2 intervals, attempt 2 2-4, ...
+        daemon = self.settings.daemon
+        return backoff(self.record.consecutive_failures, base=daemon.interval, cap=daemon.backoff_max)
 
     # --- reporting -----------------------------------------------------------------------------
     def _report(self, result: RunResult, seconds: float) -> None:
