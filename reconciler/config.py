@@ -205,7 +205,8 @@ class DaemonSettings:
         default=300.0, metadata={"doc": "seconds between info heartbeat lines while nothing changes"}
     )
     idle_disconnect_after: float = field(
-        default=30.0, metadata={"doc": "with a longer interval, close the connection between runs"}
+        default=10.0,
+        metadata={"doc": "close the connection between runs when the next is this far away or more"},
     )
 
 

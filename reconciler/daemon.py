@@ -3,7 +3,7 @@
 Each run is the reconcile of `reconcile.py`; this module turns its result (or its exception)
 into an outcome, metrics, a `/status` document, log lines and alert transitions, and decides when
 the next run happens (the interval, or after a failure a jittered backoff that grows from the
-interval to `backoff_max`).
+interval to `backoff_max`), and whether to keep the connection until then.
 """
 
 from __future__ import annotations
@@ -232,9 +232,16 @@ class Daemon:
         self._report(result, seconds)
         if result.outcome in ("noop", "applied") and not self._marked_prod:
             self._mark_prod()
-        if self.settings.daemon.interval > self.settings.daemon.idle_disconnect_after:
-            self.rec.close()  # 200 sidecars' idle connections cost server slots
-        return self._next_delay(result)
+        delay = self._next_delay(result)
+        self._release_if_idle(delay)
+        return delay
+
+    def _release_if_idle(self, delay: float | None) -> None:
+        """Close our connections when the next run is `idle_disconnect_after` or more away: 200
+        sidecars holding one idle backend each would take 200 server slots for nothing."""
+        daemon = self.settings.daemon
+        if (daemon.interval if delay is None else delay) >= daemon.idle_disconnect_after:
+            self.rec.release()
 
     def _mark_prod(self) -> None:
         """Record in the journal that a prod reconciler owns this database: dev mode refuses it."""

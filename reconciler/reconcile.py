@@ -336,6 +336,16 @@ class Reconciler:
     def redacted_url(self) -> str:
         return redact(self.engine.url.render_as_string(hide_password=True))
 
+    def release(self) -> None:
+        """Close every pooled connection, keeping the engines: the next run connects anew but,
+        its dialect already initialised, sends none of SQLAlchemy's first-connect queries."""
+        self.project.close_worker()
+        for chain in self.extra:
+            chain.release()
+        for engine in (self._engine, self._lock_engine, self._probe_engine):
+            if engine is not None:
+                engine.dispose()
+
     def close(self) -> None:
         self.project.close_worker()
         for chain in self.extra:
