@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from reconciler import __version__, connection, dbsession, fleet, logs, signals
 from reconciler.alerts import Alert, AlertDispatcher, AlertPolicy, Observation
 from reconciler.backoff import backoff
-from reconciler.config import Settings, parse_http
+from reconciler.config import DaemonSettings, Settings, parse_http
 from reconciler.drift import DriftChecker
 from reconciler.errors import (
     Blocked,
@@ -330,12 +330,7 @@ class Daemon:
     def _next_delay(self, result: RunResult) -> float | None:
         if result.outcome == "noop" and self.record.missing_revision_seen:
             return self.settings.daemon.debounce
-        if result.outcome not in TRANSIENT:
-            return None
-        # Never sooner than the interval (a failing replica must not query more than a healthy
-        # one), then growing to backoff_max: attempt 1 waits 1-2 intervals, attempt 2 2-4, ...
-        daemon = self.settings.daemon
-        return backoff(self.record.consecutive_failures, base=daemon.interval, cap=daemon.backoff_max)
+        return next_delay(result.outcome, self.record.consecutive_failures, self.settings.daemon)
 
     # --- reporting -----------------------------------------------------------------------------
     def _report(self, result: RunResult, seconds: float) -> None:
@@ -441,6 +436,19 @@ class Daemon:
                 return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, event), episode)
         except (ReconcilerError, sa.exc.DBAPIError):
             return True  # cannot coordinate: better twice than never
+
+
+def next_delay(outcome: str, failures: int, daemon: DaemonSettings) -> float | None:
+    """Seconds from the end of a run with `outcome` to the next run; None: the normal interval.
+
+    After a failure (the `failures`-th in a row) never sooner than the interval (a failing
+    replica must not query more than a healthy one), growing to backoff_max: 1-2 intervals, then
+    2-4, ... A busy lock is another replica applying, not a failure: look again at the interval,
+    so the replica sees the new heads within an interval of the applier finishing.
+    """
+    if outcome not in TRANSIENT or outcome == "lock_busy":
+        return None
+    return backoff(failures, base=daemon.interval, cap=daemon.backoff_max)
 
 
 def _drift_fields(status: Status | None) -> dict[str, tuple[str, ...]]:
