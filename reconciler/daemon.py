@@ -83,7 +83,6 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.rec = Reconciler(settings)
-        self.rec.failure_spacing = settings.daemon.interval  # blocked_after: tries an interval apart
         self.target = self.rec.target
         self.drift = DriftChecker(self.rec, settings.drift, settings.unsafe)
         self.metrics = Metrics(self.target, __version__)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,17 +136,13 @@ class Failure:
     sqlstate: str
     count: int = 1
     message: str = ""
-    at: float = 0.0  # epoch seconds of the last counted try; 0: not known (an older release's record)
 
     @property
     def signature(self) -> str:
         return f"{self.revision}:{self.file_hash[:12]}:{self.error_class}:{self.sqlstate}"
 
     def dumps(self) -> str:
-        data = dataclasses.asdict(self)
-        if not self.at:
-            del data["at"]  # the shape an older release reads (it refuses unknown keys)
-        return json.dumps(data, sort_keys=True)
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def loads(cls, text: str | None) -> Failure | None:
@@ -155,32 +150,21 @@ class Failure:
             return None
         try:
             data: dict[str, Any] = json.loads(text)
-            known = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (ValueError, TypeError, AttributeError):
+            return cls(**data)
+        except (ValueError, TypeError):
             return None
 
 
 def record_failure(
-    conn: sa.engine.Connection, jt: JournalTables, target: str, failure: Failure, blocked_after: int,
-    spacing: float = 0.0, now: float | None = None,
+    conn: sa.engine.Connection, jt: JournalTables, target: str, failure: Failure, blocked_after: int
 ) -> Failure:
-    """Count a failure (under the lock); block the revision when it repeats `blocked_after` times.
-
-    With `spacing` (the daemon's interval), a try within `spacing` seconds of the last counted
-    one of the same failure is not counted again: 200 replicas retrying in the same second are
-    one try, so `blocked_after` tries take at least `blocked_after - 1` intervals at any fleet
-    size. `now` is epoch seconds (default: the clock)."""
-    now = time.time() if now is None else now
+    """Count a failure (under the lock); block the revision when it repeats `blocked_after` times."""
     previous = Failure.loads(read(conn, jt, [failures_key(target)]).get(failures_key(target)))
-    same = previous is not None and previous.signature == failure.signature
-    if previous is not None and same and spacing > 0 and abs(now - previous.at) < spacing:
-        return previous
-    count = previous.count + 1 if previous is not None and same else 1
-    counted = dataclasses.replace(failure, count=count, at=now)
+    count = previous.count + 1 if previous and previous.signature == failure.signature else 1
+    counted = dataclasses.replace(failure, count=count)
     put(conn, jt, failures_key(target), counted.dumps())
     if blocked_after > 0 and count >= blocked_after:
-        put(conn, jt, blocked_key(target), dataclasses.replace(counted, at=0.0).dumps())
+        put(conn, jt, blocked_key(target), counted.dumps())
     return counted
 
 

@@ -270,9 +270,6 @@ class Reconciler:
         self._foreign: list[str] = []
         self._mismatch_logged: tuple[checksums.Mismatch, ...] = ()
         self.check_files = True  # stat the revision files each run (the daemon turns it off while it watches)
-        # a failure this close to the last counted one is not counted toward blocked_after again
-        # (the daemon sets its interval; a one-shot apply counts every try)
-        self.failure_spacing = 0.0
         self.guard = True  # the destructive-change guard ([safety]); dev mode has its own
         self._refusal: tuple[tuple[str, tuple[str, ...]], str] | None = None  # (graph, pending), message
         self._guard_info: tuple[tuple[str, tuple[str, ...]], dict[str, Any]] | None = None
@@ -935,8 +932,7 @@ class Reconciler:
             return
         failure = self.failure_of(exc, graph)
         counted = fleet.record_failure(
-            conn, self.journal, self.journal_target, failure, self.settings.daemon.blocked_after,
-            spacing=(self._parent or self).failure_spacing,
+            conn, self.journal, self.journal_target, failure, self.settings.daemon.blocked_after
         )
         self._conditions = None
         if counted.count >= self.settings.daemon.blocked_after > 0:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from reconciler import fleet, journal
 from reconciler.backoff import retry_window
 from reconciler.config import DaemonSettings
 from reconciler.daemon import next_delay
@@ -150,52 +149,3 @@ def test_next_delay_table(
     low, high = window
     assert all(d is not None and low <= d <= high for d in delays), delays
     assert low == high or len(set(delays)) > 1  # jittered
-
-
-FAILURE = fleet.Failure(revision="r1", file_hash="abc123", error_class="ZeroDivisionError", sqlstate="22012")
-
-
-def record(conn: sa.engine.Connection, jt: journal.JournalTables, at: float, spacing: float) -> int:
-    return fleet.record_failure(conn, jt, "app", FAILURE, 3, spacing=spacing, now=at).count
-
-
-def blocked(conn: sa.engine.Connection, jt: journal.JournalTables) -> dict[str, object] | None:
-    text = fleet.read(conn, jt, [fleet.blocked_key("app")]).get(fleet.blocked_key("app"))
-    return json.loads(text) if text else None
-
-
-def test_a_fleet_failing_in_the_same_second_counts_one_try_toward_blocked(tmp_path: Path) -> None:
-    """Ten replicas failing the same revision within 2 s are one try: blocked_after = 3 takes
-    three tries an interval (30 s) apart, however many replicas there are (a real journal)."""
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
-    jt = journal.tables("reconciler_journal")
-    with engine.connect() as conn:
-        journal.ensure(conn, jt)
-        assert [record(conn, jt, 1000 + t, 30) for t in (0, 0.1, 0.5, 1, 2)] == [1] * 5
-        assert [record(conn, jt, 1030 + t, 30) for t in (0, 1, 5)] == [2] * 3
-        assert blocked(conn, jt) is None
-        assert record(conn, jt, 1061, 30) == 3
-        doc = blocked(conn, jt)
-        assert doc is not None and doc["count"] == 3
-        assert "at" not in doc  # the blocked record keeps the shape older replicas read
-    engine.dispose()
-
-
-def test_negative_control_without_spacing_a_fleet_blocks_in_a_second(tmp_path: Path) -> None:
-    """Counting every try (a one-shot `apply`, and every replica before): three replicas failing
-    within half a second block the revision for the whole fleet."""
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
-    jt = journal.tables("reconciler_journal")
-    with engine.connect() as conn:
-        journal.ensure(conn, jt)
-        assert [record(conn, jt, 1000 + t, 0.0) for t in (0, 0.2, 0.5)] == [1, 2, 3]
-        assert blocked(conn, jt) is not None
-    engine.dispose()
-
-
-def test_a_failure_record_from_an_older_release_still_counts() -> None:
-    old = '{"count": 2, "error_class": "E", "file_hash": "h", "message": "", "revision": "r", "sqlstate": ""}'
-    loaded = fleet.Failure.loads(old)
-    assert loaded is not None and loaded.count == 2 and loaded.at == 0.0
-    newer = fleet.Failure.loads(old.replace('"count"', '"later_field": 1, "count"'))
-    assert newer is not None and newer.count == 2  # unknown keys of a later release are ignored
