@@ -190,10 +190,12 @@ class DaemonSettings:
         default=25.0, metadata={"doc": "on SIGTERM, seconds an in-flight revision may take to finish"}
     )
     backoff_max: float = field(
-        default=300.0, metadata={"doc": "cap of the exponential backoff after failed runs"}
+        default=300.0,
+        metadata={"doc": "cap of the backoff after failed runs (it starts at the interval)"},
     )
     blocked_after: int = field(
-        default=3, metadata={"doc": "the same revision failing the same way this often is blocked"}
+        default=3,
+        metadata={"doc": "the same revision failing the same way this many tries is blocked"},
     )
     apply: bool = field(default=True, metadata={"doc": "false makes this replica observe-only"})
     ready_when: str = field(
@@ -207,7 +209,8 @@ class DaemonSettings:
         default=300.0, metadata={"doc": "seconds between info heartbeat lines while nothing changes"}
     )
     idle_disconnect_after: float = field(
-        default=30.0, metadata={"doc": "with a longer interval, close the connection between runs"}
+        default=10.0,
+        metadata={"doc": "close the connection between runs when the next is this far away or more"},
     )
 
 
@@ -239,7 +242,8 @@ class DevSettings:
 @dataclass(frozen=True)
 class AlertingSettings:
     unreachable_after: int = field(
-        default=3, metadata={"doc": "consecutive failed runs before the unreachable alert"}
+        default=3,
+        metadata={"doc": "consecutive failed runs (retried no faster than the interval) before the alert"},
     )
     repeat_interval: float = field(
         default=3600.0, metadata={"doc": "seconds between reminders while a bad state lasts"}

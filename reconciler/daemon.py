@@ -2,7 +2,8 @@
 
 Each run is the reconcile of `reconcile.py`; this module turns its result (or its exception)
 into an outcome, metrics, a `/status` document, log lines and alert transitions, and decides when
-the next run happens (the interval, or a capped, jittered backoff after a failure).
+the next run happens (the interval, or after a failure a jittered backoff that grows from the
+interval to `backoff_max`), and whether to keep the connection until then.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import sqlalchemy as sa
 
 from reconciler import __version__, connection, dbsession, fleet, logs, signals
 from reconciler.alerts import Alert, AlertDispatcher, AlertPolicy, Observation
-from reconciler.config import Settings, parse_http
+from reconciler.backoff import backoff
+from reconciler.config import DaemonSettings, Settings, parse_http
 from reconciler.drift import DriftChecker
 from reconciler.errors import (
     Blocked,
@@ -36,7 +38,7 @@ from reconciler.http import SHED_SWITCH, HttpServer
 from reconciler.metrics import Metrics
 from reconciler.reconcile import ApplyResult, Reconciler, Status, is_lock_timeout
 from reconciler.redact import redact
-from reconciler.scheduler import Loop, backoff
+from reconciler.scheduler import Loop
 from reconciler.watcher import DirWatcher, fingerprint
 
 log = logs.get("reconciler.daemon")
@@ -233,9 +235,16 @@ class Daemon:
         self._report(result, seconds)
         if result.outcome in ("noop", "applied") and not self._marked_prod:
             self._mark_prod()
-        if self.settings.daemon.interval > self.settings.daemon.idle_disconnect_after:
-            self.rec.close()  # 200 sidecars' idle connections cost server slots
-        return self._next_delay(result)
+        delay = self._next_delay(result)
+        self._release_if_idle(delay)
+        return delay
+
+    def _release_if_idle(self, delay: float | None) -> None:
+        """Close our connections when the next run is `idle_disconnect_after` or more away: 200
+        sidecars holding one idle backend each would take 200 server slots for nothing."""
+        daemon = self.settings.daemon
+        if (daemon.interval if delay is None else delay) >= daemon.idle_disconnect_after:
+            self.rec.release()
 
     def _mark_prod(self) -> None:
         """Record in the journal that a prod reconciler owns this database: dev mode refuses it."""
@@ -324,11 +333,7 @@ class Daemon:
     def _next_delay(self, result: RunResult) -> float | None:
         if result.outcome == "noop" and self.record.missing_revision_seen:
             return self.settings.daemon.debounce
-        if result.outcome not in TRANSIENT:
-            return None
-        attempt = self.record.consecutive_failures
-        return backoff(attempt, base=1.0, cap=min(self.settings.daemon.backoff_max,
-                                                  max(1.0, self.settings.daemon.interval)))
+        return next_delay(result.outcome, self.record.consecutive_failures, self.settings.daemon)
 
     # --- reporting -----------------------------------------------------------------------------
     def _report(self, result: RunResult, seconds: float) -> None:
@@ -434,6 +439,19 @@ class Daemon:
                 return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, event), episode)
         except (ReconcilerError, sa.exc.DBAPIError):
             return True  # cannot coordinate: better twice than never
+
+
+def next_delay(outcome: str, failures: int, daemon: DaemonSettings) -> float | None:
+    """Seconds from the end of a run with `outcome` to the next run; None: the normal interval.
+
+    After a failure (the `failures`-th in a row) never sooner than the interval (a failing
+    replica must not query more than a healthy one), growing to backoff_max: 1-2 intervals, then
+    2-4, ... A busy lock is another replica applying, not a failure: look again at the interval,
+    so the replica sees the new heads within an interval of the applier finishing.
+    """
+    if outcome not in TRANSIENT or outcome == "lock_busy":
+        return None
+    return backoff(failures, base=daemon.interval, cap=daemon.backoff_max)
 
 
 def _drift_fields(status: Status | None) -> dict[str, tuple[str, ...]]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +36,7 @@ from reconciler import (
     roles,
     safety,
 )
+from reconciler.backoff import backoff
 from reconciler.config import MAIN_CHAIN, Settings, chain_settings
 from reconciler.errors import (
     Blocked,
@@ -334,6 +335,16 @@ class Reconciler:
     @property
     def redacted_url(self) -> str:
         return redact(self.engine.url.render_as_string(hide_password=True))
+
+    def release(self) -> None:
+        """Close every pooled connection, keeping the engines: the next run connects anew but,
+        its dialect already initialised, sends none of SQLAlchemy's first-connect queries."""
+        self.project.close_worker()
+        for chain in self.extra:
+            chain.release()
+        for engine in (self._engine, self._lock_engine, self._probe_engine):
+            if engine is not None:
+                engine.dispose()
 
     def close(self) -> None:
         self.project.close_worker()
@@ -1047,8 +1058,7 @@ class Reconciler:
                 if not is_lock_timeout(exc) or attempt >= retries:
                     raise
                 attempt += 1
-                pause = self.settings.apply.lock_timeout_backoff * 2 ** (attempt - 1)
-                pause *= random.uniform(0.5, 1.5)
+                pause = backoff(attempt, base=self.settings.apply.lock_timeout_backoff, cap=math.inf)
                 log.warning("revision_lock_timeout_retry", target=self.target, revision=rev,
                             attempt=attempt, retries=retries, retry_in=round(pause, 3))
                 time.sleep(pause)

@@ -1,4 +1,4 @@
-"""The prod loop: an APScheduler 3.x interval job plus run-now triggers, and the retry backoff.
+"""The prod loop: an APScheduler 3.x interval job plus run-now triggers and follow-up delays.
 
 The only importer of APScheduler. One job runs the reconcile function:
 
@@ -6,7 +6,8 @@ The only importer of APScheduler. One job runs the reconcile function:
 - at once on `trigger()` (a revision file changed, a signal); a trigger that arrives during a run
   is not lost: that run is followed by exactly one more, however many triggers came in;
 - after a run that asked for another delay (backoff after a transient error), at that delay; the
-  normal interval resumes after the run it scheduled.
+  normal interval resumes after the run it scheduled. `reconciler.backoff` gives the daemon's:
+  never shorter than the interval, growing to `backoff_max`.
 
 The run function is never executed concurrently with itself: interval ticks, triggers and
 follow-ups share one job with `max_instances=1`, run by one worker thread. Ticks that fall due
@@ -20,11 +21,10 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import random
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 from apscheduler.executors.base import BaseExecutor, run_job
 from apscheduler.jobstores.base import JobLookupError
@@ -41,21 +41,6 @@ _MAX_DELAY = 365 * 24 * 3600.0  # a delay beyond a year is a bug; keep datetime 
 _SKIPPED = "maximum number of running instances"
 
 log = logs.get("reconciler.scheduler")
-
-
-class _Uniform(Protocol):
-    def uniform(self, a: float, b: float) -> float: ...
-
-
-def backoff(attempt: int, base: float, cap: float, rng: _Uniform = random) -> float:
-    """Seconds to wait before retry number `attempt` (1, 2, ...): exponential, full jitter, capped.
-
-    The ceiling doubles with each attempt (`base`, 2 * `base`, 4 * `base`, ...) up to `cap`; the
-    delay is drawn uniformly from [0, ceiling], so replicas that failed together retry apart.
-    """
-    exponent = min(max(attempt - 1, 0), 60)  # 2.0 ** 60 already exceeds any sensible cap
-    ceiling = min(max(cap, 0.0), max(base, 0.0) * 2.0**exponent)
-    return rng.uniform(0.0, ceiling)
 
 
 class _QuietSkips(logging.Filter):

@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from reconciler.backoff import backoff, retry_window
 from reconciler.errors import ConfigError
-from reconciler.scheduler import Loop, backoff
+from reconciler.scheduler import Loop
 
 DEADLINE = 5.0
 
@@ -288,17 +289,44 @@ class _Top:
         return b
 
 
-def test_backoff_grows_is_capped_and_jittered() -> None:
-    ceilings = [backoff(attempt, base=1.0, cap=30.0, rng=_Top()) for attempt in range(1, 9)]
-    assert ceilings == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
-    assert backoff(10_000, base=1.0, cap=30.0, rng=_Top()) == 30.0  # no overflow
+class _Bottom:
+    """Always draws the bottom of the range, to read the floor off."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+# attempt, base (the daemon's interval), cap (backoff_max) -> the range the delay is drawn from
+RETRY_WINDOWS = [
+    (1, 30.0, 300.0, (30.0, 60.0)),  # the defaults: the first retry waits 1-2 intervals
+    (2, 30.0, 300.0, (60.0, 120.0)),
+    (3, 30.0, 300.0, (120.0, 240.0)),
+    (4, 30.0, 300.0, (150.0, 300.0)),  # capped, still jittered over the cap's upper half
+    (50, 30.0, 300.0, (150.0, 300.0)),
+    (10_000, 30.0, 300.0, (150.0, 300.0)),  # no overflow
+    (1, 2.0, 300.0, (2.0, 4.0)),  # interval 2: never the 1 s retries of a half-interval mean
+    (1, 30.0, 5.0, (30.0, 30.0)),  # a cap below the interval: the interval, never less
+    (3, 30.0, 40.0, (30.0, 40.0)),  # half the cap is below the interval: the floor is the interval
+    (0, 1.0, 10.0, (1.0, 2.0)),  # attempt 0 reads as the first
+]
+
+
+@pytest.mark.parametrize(("attempt", "base", "cap", "window"), RETRY_WINDOWS)
+def test_retry_window_table(attempt: int, base: float, cap: float, window: tuple[float, float]) -> None:
+    assert retry_window(attempt, base, cap) == window
+    assert backoff(attempt, base, cap, rng=_Bottom()) == window[0]
+    assert backoff(attempt, base, cap, rng=_Top()) == window[1]
+
+
+def test_backoff_is_never_below_the_base_capped_and_jittered() -> None:
     rng = random.Random(7)
-    samples = [backoff(attempt, base=0.5, cap=10.0, rng=rng) for attempt in range(1, 200)]
-    assert all(0.0 <= s <= 10.0 for s in samples)
-    assert len(set(samples)) == len(samples)  # jittered
-    late = [backoff(50, base=0.5, cap=10.0, rng=rng) for _ in range(200)]
-    assert max(late) > 5.0  # full jitter spreads over the whole capped range
-    assert backoff(3, base=1.0, cap=10.0) <= 4.0  # the module's random by default
+    for base, cap in ((0.3, 2.4), (2.0, 300.0), (30.0, 300.0), (30.0, 5.0)):
+        samples = [backoff(attempt, base, cap, rng=rng) for attempt in range(1, 200)]
+        assert all(base <= s <= max(base, cap) for s in samples), (base, cap)
+    late = [backoff(50, base=2.0, cap=300.0, rng=rng) for _ in range(200)]
+    assert len(set(late)) == len(late)  # jittered: replicas that failed together retry apart
+    assert min(late) < 200.0 < max(late)  # spread over the cap's upper half
+    assert 2.0 <= backoff(1, base=2.0, cap=10.0) <= 4.0  # the module's random by default
 
 
 def test_no_trigger_is_lost_at_the_end_of_a_run(loops: list[Loop]) -> None:
