@@ -228,7 +228,7 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "failed": Rule(_failed, "revision {revision} failed: {error}", revision=True,
+    "failed": Rule(_failed, "{failure}", revision=True,
                    extras=("error", "signature", "consecutive_failures")),
     "blocked": Rule(_blocked,
                     "revision {revision} is blocked after failing the same way repeatedly: {error}; "
@@ -244,7 +244,7 @@ RULES: dict[str, Rule] = {
                   "it by hand, then run `reconciler resolve {first_dirty} --applied` or `--rolled-back`",
                   extras=("dirty",)),
     "lock_timeout": Rule(_lock_timeout, "revision {revision} gave up waiting for a table lock "
-                         "(ddl_lock_timeout) on every retry: {error}; it is retried with backoff. Look for "
+                         "(ddl_lock_timeout) on every retry: {cause}; it is retried with backoff. Look for "
                          "long transactions on the tables it alters", revision=True, extras=("error",)),
     "multiple_heads": Rule(_sync_state("multiple_heads", lambda o: _joined(o.heads)),
                            "the repository has unmerged heads ({heads}); merge them with "
@@ -270,6 +270,32 @@ RULES: dict[str, Rule] = {
                         local=True, extras=("error", "runs"), min_runs=lambda a: a.unreachable_after),
 }
 EVENTS: tuple[str, ...] = ("applied", *RULES, "recovered")
+
+
+def _cause(revision: str, error: str) -> str:
+    """The worker's error without its own `revision R failed[ at file:line]` prefix."""
+    if not error:
+        return "no error text"
+    prefix = f"revision {revision} failed"
+    if error.startswith(prefix):
+        rest = error[len(prefix):]
+        where, sep, cause = rest.partition(": ")
+        if sep and (not where or where.startswith(" at ")):
+            return cause
+    return error
+
+
+def _failure_text(revision: str, error: str) -> str:
+    """`revision R failed[ at file:line]: cause`, said once whoever wrote the prefix."""
+    if error.startswith(f"revision {revision} failed"):
+        return error
+    return f"revision {revision} failed: {_cause(revision, error)}"
+
+
+def _state_for(event: str, obs: Observation) -> str:
+    """The state an alert reports. Drift is reported, never gating: it names the state only in
+    its own alert (and its recovery), so a failed revision reads `behind`, not `drift`."""
+    return obs.sync_state if obs.state == "drift" and event != "drift" else obs.state
 
 
 def _duration(seconds: float) -> str:
@@ -388,16 +414,20 @@ class AlertPolicy:
     def _alert(self, event: str, obs: Observation, now: float, message: str, revision: str | None = None,
                details: Mapping[str, Any] | None = None) -> Alert:
         base = {"sync_state": obs.sync_state, "conditions": list(obs.conditions), "outcome": obs.outcome}
-        return Alert(event=event, state=obs.state, target=redact(self.target), message=redact(message),
+        return Alert(event=event, state=_state_for(event, obs), target=redact(self.target),
+                     message=redact(message),
                      revision=revision, timestamp=iso_utc(now),
                      details=_redacted({**base, **(details or {})}))
 
     @staticmethod
     def _fields(track: _Track, obs: Observation, now: float) -> dict[str, Any]:
         holder = dict(obs.lock_holder or {})
+        revision = obs.failed_revision or "-"
         return {
-            "revision": obs.failed_revision or "-",
+            "revision": revision,
             "error": obs.error or "no error text",
+            "failure": _failure_text(revision, obs.error),
+            "cause": _cause(revision, obs.error),
             "signature": obs.failure_signature,
             "consecutive_failures": obs.consecutive_failures,
             "heads": ", ".join(sorted(obs.heads)) or "-",
@@ -503,14 +533,22 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+@dataclass(frozen=True)
+class Counts:
+    """Where delivery results go (the metrics): each callback gets (event, sink name)."""
+
+    on_sent: Callable[[str, str], None] | None = None
+    on_failed: Callable[[str, str], None] | None = None
+    on_dropped: Callable[[str, str], None] | None = None
+
+
 class _SinkWorker:
     """One sink: a bounded queue and the thread that drains it."""
 
-    def __init__(self, sink: AlertSink, alerting: AlertingSettings,
-                 on_sent: Callable[[str, str], None] | None) -> None:
+    def __init__(self, sink: AlertSink, alerting: AlertingSettings, counts: Counts) -> None:
         self.sink = sink
         self.alerting = alerting
-        self.on_sent = on_sent
+        self.counts = counts
         self.queue: deque[Alert] = deque()
         self.size = max(1, alerting.queue_size)
         self.cond = threading.Condition()
@@ -525,14 +563,16 @@ class _SinkWorker:
         with self.cond:
             if self.closing:
                 self.dropped += 1
-                return False
-            lost = len(self.queue) >= self.size
-            if lost:
-                self.queue.popleft()
-                self.dropped += 1
-            self.queue.append(alert)
-            self.cond.notify()
-        return not lost
+                lost: Alert | None = alert
+            else:
+                lost = self.queue.popleft() if len(self.queue) >= self.size else None
+                if lost is not None:
+                    self.dropped += 1
+                self.queue.append(alert)
+                self.cond.notify()
+        if lost is not None:
+            self._count(self.counts.on_dropped, lost)
+        return lost is None
 
     def _next(self) -> Alert | None:
         with self.cond:
@@ -571,6 +611,7 @@ class _SinkWorker:
                 time.sleep(pause)
         log.warning("alert_delivery_failed", sink=self.sink.name, alert_event=alert.event,
                     attempts=tried, error=redact(error), timeout=self.alerting.send_timeout)
+        self._count(self.counts.on_failed, alert)
 
     def _attempt(self, body: bytes, timeout: float) -> str:
         """One POST cut at `timeout`; returns "" on a 2xx answer, else what went wrong (never the URL)."""
@@ -595,10 +636,14 @@ class _SinkWorker:
 
     def _sent(self, alert: Alert) -> None:
         log.debug("alert_sent", sink=self.sink.name, alert_event=alert.event)
-        if self.on_sent is None:
+        self._count(self.counts.on_sent, alert)
+
+    def _count(self, callback: Callable[[str, str], None] | None, alert: Alert) -> None:
+        """Tell the metrics what became of `alert`; a failing callback never stops delivery."""
+        if callback is None:
             return
         try:
-            self.on_sent(alert.event, self.sink.name)
+            callback(alert.event, self.sink.name)
         except Exception as exc:
             log.warning("alert_on_sent_error", sink=self.sink.name,
                         error=redact(f"{type(exc).__name__}: {exc}"))
@@ -616,18 +661,25 @@ class _SinkWorker:
 
     def abandon(self) -> int:
         with self.cond:
-            left = len(self.queue)
+            left = list(self.queue)
             self.queue.clear()
-            self.dropped += left
-        return left
+            self.dropped += len(left)
+        for alert in left:
+            self._count(self.counts.on_dropped, alert)
+        return len(left)
 
 
 class AlertDispatcher:
     """Delivery off the loop: `submit` never blocks; each sink has its own queue and thread."""
 
     def __init__(self, sinks: Sequence[AlertSink], alerting: AlertingSettings,
-                 on_sent: Callable[[str, str], None] | None = None) -> None:
-        self._workers = [_SinkWorker(sink, alerting, on_sent) for sink in sinks]
+                 on_sent: Callable[[str, str], None] | None = None,
+                 on_failed: Callable[[str, str], None] | None = None,
+                 on_dropped: Callable[[str, str], None] | None = None) -> None:
+        """`on_sent`, `on_failed` (every attempt within the deadline failed) and `on_dropped`
+        (pushed out of a full queue, submitted after close, left at close) get (event, sink)."""
+        counts = Counts(on_sent, on_failed, on_dropped)
+        self._workers = [_SinkWorker(sink, alerting, counts) for sink in sinks]
         self._started = False
 
     @property

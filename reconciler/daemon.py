@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler import __version__, connection, dbsession, fleet, logs, signals
-from reconciler.alerts import Alert, AlertDispatcher, AlertPolicy, Observation
+from reconciler.alerts import EVENTS, Alert, AlertDispatcher, AlertPolicy, Observation
 from reconciler.config import Settings, parse_http
 from reconciler.drift import DriftChecker
 from reconciler.errors import (
@@ -86,8 +86,10 @@ class Daemon:
         self.metrics = Metrics(self.target, __version__)
         self.policy = AlertPolicy(self.target, settings.alerting)
         _check_sink_events(settings)
+        self.metrics.declare_sinks([sink.name for sink in settings.alerts], EVENTS)
         self.dispatcher = AlertDispatcher(
-            settings.alerts, settings.alerting, on_sent=self.metrics.alert_sent
+            settings.alerts, settings.alerting, on_sent=self.metrics.alert_sent,
+            on_failed=self.metrics.alert_failed, on_dropped=self.metrics.alert_dropped,
         )
         daemon = settings.daemon
         # Jitter spreads 200 sidecars' ticks; more than half the interval would only slow them.
@@ -443,8 +445,6 @@ def _drift_fields(status: Status | None) -> dict[str, tuple[str, ...]]:
 
 def _check_sink_events(settings: Settings) -> None:
     import difflib
-
-    from reconciler.alerts import EVENTS
 
     for index, sink in enumerate(settings.alerts, start=1):
         for name in sink.events:

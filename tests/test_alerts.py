@@ -264,7 +264,8 @@ def test_alert_text_never_carries_the_password() -> None:
 
 
 class Server:
-    """A webhook endpoint on 127.0.0.1: record (200), hang (never answers), slow (30 s), flaky (500, 200)."""
+    """A webhook endpoint on 127.0.0.1: record (200), hang (never answers), slow (30 s), flaky (500, 200),
+    error (always 500)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -286,7 +287,7 @@ class Server:
                     return
                 if server.mode == "slow":
                     server.stop.wait(30)
-                status = 500 if server.mode == "flaky" and hit == 1 else 200
+                status = 500 if server.mode == "error" or (server.mode == "flaky" and hit == 1) else 200
                 if status == 200:
                     with server.cond:
                         server.bodies.append((self.path, json.loads(body)))
@@ -486,3 +487,90 @@ def test_close_returns_within_its_timeout_with_a_hung_sink() -> None:
             time.sleep(0.02)
         assert not any(t.name == "reconciler-alerts-stuck" for t in threading.enumerate())
         assert dispatcher.submit(alert()) is False  # closed: nothing more is accepted
+
+
+# --------------------------------------------------------------------------- what became of each alert
+
+
+class Tally:
+    """The dispatcher's result callbacks, recorded, with an event per result to wait on."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[str, str, str]] = []
+        self.cond = threading.Condition()
+
+    def callbacks(self) -> dict[str, Any]:
+        return {f"on_{result}": self._recorder(result) for result in ("sent", "failed", "dropped")}
+
+    def _recorder(self, result: str) -> Any:
+        def record(event: str, name: str) -> None:
+            with self.cond:
+                self.results.append((result, event, name))
+                self.cond.notify_all()
+
+        return record
+
+    def wait(self, count: int, timeout: float = 10.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.results) >= count, timeout)
+
+
+def test_a_delivery_that_fails_on_every_attempt_is_counted_failed_not_sent() -> None:
+    tally = Tally()
+    with serve("error") as server, dispatching([sink(server.url(), "broken")], **tally.callbacks()) as d:
+        d.submit(alert("blocked"))
+        assert tally.wait(1)
+    assert server.hits == FAST.retries  # each attempt was answered 500
+    assert tally.results == [("failed", "blocked", "broken")]
+
+
+def test_alerts_pushed_out_of_a_full_queue_are_counted_dropped_by_their_event() -> None:
+    tally = Tally()
+    with serve() as server:
+        dispatcher = AlertDispatcher([sink(server.url(), "chat")], replace(FAST, queue_size=2),
+                                     **tally.callbacks())
+        for event in ("failed", "blocked", "recovered", "applied"):  # not started: the queue fills
+            dispatcher.submit(alert(event))
+        dispatcher.start()
+        assert tally.wait(4)
+        dispatcher.close(timeout=2.0)
+    assert sorted(tally.results) == [("dropped", "blocked", "chat"), ("dropped", "failed", "chat"),
+                                     ("sent", "applied", "chat"), ("sent", "recovered", "chat")]
+
+
+def test_alerts_left_in_the_queue_at_close_are_counted_dropped() -> None:
+    tally = Tally()
+    with serve("hang") as server:
+        dispatcher = AlertDispatcher([sink(server.url(), "stuck")], replace(FAST, send_timeout=60.0),
+                                     **tally.callbacks())
+        dispatcher.start()
+        for i in range(3):
+            dispatcher.submit(alert(revision=f"r{i}"))
+        assert server.wait("hits", 1)
+        dispatcher.close(timeout=0.2)
+        assert tally.wait(3)
+    assert sorted(r for r, _e, _n in tally.results) == ["dropped", "dropped", "failed"]
+
+
+WORKER_ERROR = "revision r2 failed at versions/r2_add.py:14: ZeroDivisionError: division by zero"
+
+
+def test_the_failed_alert_says_the_revision_failed_once() -> None:
+    obs = replace(BAD["failed"], error=WORKER_ERROR)
+    (failed, _key), = AlertPolicy("app", ALERTING).observe(obs, T0)
+    assert failed.message == WORKER_ERROR
+    assert failed.message.count("failed") == 1
+
+
+def test_the_lock_timeout_alert_names_the_revision_once() -> None:
+    error = "revision r2 failed: OperationalError: canceling statement due to lock timeout"
+    (alert_, _key), = AlertPolicy("app", ALERTING).observe(replace(BAD["lock_timeout"], error=error), T0)
+    assert alert_.message.count("r2") == 1 and "canceling statement due to lock timeout" in alert_.message
+
+
+def test_a_failed_revision_is_reported_behind_even_when_the_last_compare_found_drift() -> None:
+    """Drift is reported, never gating: beside a failed revision the state is the sync state."""
+    obs = replace(BAD["failed"], state="drift", conditions=("drift",), error=WORKER_ERROR)
+    alerts = {a.event: a for a, _key in AlertPolicy("app", ALERTING).observe(obs, T0)}
+    assert alerts["failed"].state == "behind"
+    assert alerts["drift"].state == "drift"
