@@ -131,6 +131,8 @@ class Observation:
     drift_texts: tuple[str, ...] = ()  # and what they say, for the message
     mismatched: tuple[str, ...] = ()  # applied revisions whose file changed or vanished
     foreign: tuple[str, ...] = ()  # revisions found applied without our journal in this run
+    unreadable: str = ""  # `path:line` of a revision file that does not parse (nothing was decided)
+    unreadable_hash: str = ""  # that file's hash: breaking it anew is a new episode
 
     @property
     def blind(self) -> bool:
@@ -160,7 +162,10 @@ def _blocked(obs: Observation, _a: AlertingSettings) -> Verdict:
 
 
 def _failed(obs: Observation, _a: AlertingSettings) -> Verdict:
-    """A failure lasts until a run succeeds; lock_busy, blocked, refused... cannot tell."""
+    """A failure lasts until a run succeeds; lock_busy, blocked, refused... cannot tell (nor a
+    run that could not read the revision files: that is `revision_unreadable`'s)."""
+    if obs.unreadable:
+        return KEEP
     if obs.outcome == "failed" and not obs.lock_timeout:
         return _failure_episode(obs)
     return None if obs.outcome in ("noop", "applied") else KEEP
@@ -208,7 +213,16 @@ def _foreign_writer(obs: Observation, _a: AlertingSettings) -> Verdict:
 
 
 def _unreachable(obs: Observation, _a: AlertingSettings) -> Verdict:
+    if obs.unreadable:
+        return KEEP  # the database was not tried
     return "database" if obs.outcome == "unreachable" else None
+
+
+def _unreadable(obs: Observation, _a: AlertingSettings) -> Verdict:
+    """Lasts while a revision file does not parse; any run that read the files ends it."""
+    if not obs.unreadable:
+        return None
+    return f"{obs.unreadable}@{obs.unreadable_hash[:16]}" if obs.unreadable_hash else obs.unreadable
 
 
 def _joined(values: Sequence[str]) -> str:
@@ -266,6 +280,8 @@ RULES: dict[str, Rule] = {
                   "the database schema differs from the models ({drift_count}): {drift}; fix it, "
                   "accept it with `reconciler baseline`, or add a [drift] ignore rule",
                   extras=("drift",)),
+    "revision_unreadable": Rule(_unreadable, "{error}",
+                                extras=("error", "unreadable")),
     "unreachable": Rule(_unreachable, "the database is unreachable ({runs} runs in a row): {error}",
                         local=True, extras=("error", "runs"), min_runs=lambda a: a.unreachable_after),
 }
@@ -436,6 +452,7 @@ class AlertPolicy:
             "first_dirty": obs.dirty[0] if obs.dirty else "REVISION",
             "mismatched": ", ".join(sorted(obs.mismatched)) or "-",
             "foreign": ", ".join(sorted(obs.foreign)) or "-",
+            "unreadable": obs.unreadable or "-",
             "holder": ", ".join(f"{k}={v}" for k, v in holder.items()) or "an unknown session",
             "held_for": _duration(obs.lock_held_for),
             "held_for_seconds": round(obs.lock_held_for, 1),

@@ -31,7 +31,7 @@ from reconciler.errors import (
     Suspended,
     UnreachableError,
 )
-from reconciler.graph import MissingRevision
+from reconciler.graph import MissingRevision, RevisionFileError, RevisionSyntaxError
 from reconciler.http import HttpServer
 from reconciler.metrics import Metrics
 from reconciler.reconcile import ApplyResult, Reconciler, Status, is_lock_timeout
@@ -43,6 +43,15 @@ log = logs.get("reconciler.daemon")
 
 DAEMON_LOCK_WAIT = 5.0  # a tick waits this long for the lock; then lock_busy and a backoff
 TRANSIENT = ("unreachable", "lock_busy", "failed")
+UNREADABLE = "revision_unreadable"  # the condition (and alert event) of a revision file we cannot read
+# Every /status document has these keys, whatever the state (a dashboard or `jq` never meets a
+# missing key): those of `Status.as_dict` that only some states fill, at their empty value.
+STATUS_DEFAULTS: dict[str, Any] = {
+    "state": "unknown", "sync_state": "unknown", "conditions": [], "db_heads": [], "repo_heads": [],
+    "pending": [], "unknown": [], "message": "", "fork": [], "branch_point": None, "dirty": [],
+    "blocked": None, "drift": None, "checksum_mismatch": [], "foreign_writes": [], "guard": None,
+    "chains": [], UNREADABLE: None, "applying": None,
+}
 EXIT_GRACE_EXPIRED = 1
 
 
@@ -75,6 +84,7 @@ class RunResult:
     lock_holder: dict[str, Any] | None = None
     lock_timeout: bool = False
     foreign: tuple[str, ...] = ()
+    unreadable: dict[str, Any] | None = None  # the revision file that does not parse: path, line
 
 
 class Daemon:
@@ -127,7 +137,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         with self._record_lock:
             record = self.record
-            out = dict(record.status)
+            out = {**STATUS_DEFAULTS, **record.status}
             out.update(
                 {
                     "target": self.target,
@@ -287,6 +297,8 @@ class Daemon:
             return RunResult("suspended", self._quiet_status(), error=str(exc))
         except MissingRevision as exc:
             return self._missing_revision(exc)
+        except RevisionFileError as exc:  # nothing can be decided or applied until it is fixed
+            return self._unreadable(exc)
         except ReconcilerError as exc:  # ahead, diverged, multiple heads, dirty, bad files
             return RunResult("refused", self._quiet_status(), error=str(exc))
 
@@ -303,6 +315,14 @@ class Daemon:
             log.warning("drift_check_failed", target=self.target, error=redact(str(exc)))
             return result
         return dataclasses.replace(result, status=self._quiet_status() or result.status)
+
+    def _unreadable(self, exc: RevisionFileError) -> RunResult:
+        """A revision file that does not parse (or has no usable header) is a failure of the run:
+        counted, alerted with the file and line, and in /status until the file is fixed."""
+        self.rec.project.invalidate()  # read again next run, whatever the watcher says
+        where = {"path": _shown(exc.path, self.settings.root_dir), "line": exc.line,
+                 "file_hash": exc.file_hash if isinstance(exc, RevisionSyntaxError) else None}
+        return RunResult("failed", None, error=str(exc), unreadable=where)
 
     def _missing_revision(self, exc: MissingRevision) -> RunResult:
         """A half-synced checkout is transient for one debounce window, then an error."""
@@ -323,6 +343,8 @@ class Daemon:
     def _next_delay(self, result: RunResult) -> float | None:
         if result.outcome == "noop" and self.record.missing_revision_seen:
             return self.settings.daemon.debounce
+        if result.unreadable is not None:
+            return None  # retrying sooner cannot help: the watcher (or the next tick) sees the fix
         if result.outcome not in TRANSIENT:
             return None
         attempt = self.record.consecutive_failures
@@ -333,7 +355,7 @@ class Daemon:
     def _report(self, result: RunResult, seconds: float) -> None:
         now = time.time()
         status = result.status
-        state_doc = status.as_dict() if status else {"state": "unknown", "sync_state": "unknown"}
+        state_doc = status.as_dict() if status else _blind_doc(result)
         with self._record_lock:
             record = self.record
             record.runs += 1
@@ -412,6 +434,8 @@ class Daemon:
             heads=tuple(doc.get("fork") or doc.get("repo_heads") or ()),
             dirty=tuple(doc.get("dirty") or ()),
             lock_timeout=result.lock_timeout,
+            unreadable=_where(result.unreadable),
+            unreadable_hash=str((result.unreadable or {}).get("file_hash") or ""),
             **_drift_fields(result.status),
             mismatched=tuple(m["revision"] for m in doc.get("checksum_mismatch") or ()),
             foreign=tuple(dict.fromkeys((*result.foreign, *(doc.get("foreign_writes") or ())))),
@@ -433,6 +457,30 @@ class Daemon:
                 return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, event), episode)
         except (ReconcilerError, sa.exc.DBAPIError):
             return True  # cannot coordinate: better twice than never
+
+
+def _blind_doc(result: RunResult) -> dict[str, Any]:
+    """The state document of a run that decided nothing (no status was read)."""
+    if result.unreadable is None:
+        return {"state": "unknown", "sync_state": "unknown"}
+    return {"state": UNREADABLE, "sync_state": "unknown", "conditions": [UNREADABLE],
+            "message": redact(result.error), UNREADABLE: result.unreadable}
+
+
+def _where(unreadable: dict[str, Any] | None) -> str:
+    """`path:line` of an unreadable revision file ("" when there is none)."""
+    if unreadable is None:
+        return ""
+    line = unreadable.get("line")
+    return f"{unreadable['path']}:{line}" if line else str(unreadable["path"])
+
+
+def _shown(path: Any, root: Any) -> str:
+    """A path as a person reads it in an alert: relative to the project root when inside it."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except (ValueError, OSError, AttributeError):
+        return str(path)
 
 
 def _drift_fields(status: Status | None) -> dict[str, tuple[str, ...]]:

@@ -46,6 +46,10 @@ BAD = {
     "checksum_mismatch": Observation("refused", "checksum_mismatch", "behind", ("checksum_mismatch",),
                                      mismatched=("r1",)),
     "foreign_writer": Observation("noop", "in_sync", "in_sync", (), foreign=("r3",)),
+    "revision_unreadable": Observation("failed", "revision_unreadable", "unknown", ("revision_unreadable",),
+                                       error="revision file versions/r3.py has a syntax error at line 7",
+                                       consecutive_failures=1, unreadable="versions/r3.py:7",
+                                       unreadable_hash="ab" * 32),
 }
 LOCAL = {"unreachable"}
 ONE_OFF = {"foreign_writer"}  # a finding, not a lasting condition: no recovery
@@ -78,7 +82,7 @@ def names(pairs: list[tuple[Alert, str | None]]) -> list[str]:
 def test_every_event_has_a_rule_and_the_list_is_complete() -> None:
     assert set(EVENTS) == {"applied", "failed", "blocked", "ahead", "multiple_heads", "lock_held",
                            "unreachable", "dirty", "lock_timeout", "drift", "destructive_refused",
-                           "checksum_mismatch", "foreign_writer", "recovered"}
+                           "checksum_mismatch", "foreign_writer", "revision_unreadable", "recovered"}
     assert set(RULES) == set(BAD)
 
 
@@ -574,3 +578,20 @@ def test_a_failed_revision_is_reported_behind_even_when_the_last_compare_found_d
     alerts = {a.event: a for a, _key in AlertPolicy("app", ALERTING).observe(obs, T0)}
     assert alerts["failed"].state == "behind"
     assert alerts["drift"].state == "drift"
+
+
+def test_an_unreadable_revision_file_is_its_own_alert_naming_file_and_line_not_a_failure() -> None:
+    policy = AlertPolicy("app", ALERTING)
+    (entered, _key), = policy.observe(BAD["revision_unreadable"], T0)
+    assert entered.event == "revision_unreadable" and entered.details["unreadable"] == "versions/r3.py:7"
+    assert "line 7" in entered.message
+    # the same file broken anew (another hash) is a new episode; fixed, it recovers
+    again = replace(BAD["revision_unreadable"], unreadable_hash="cd" * 32)
+    assert names(policy.observe(again, T0 + 30)) == ["revision_unreadable"]
+    assert names(policy.observe(OK, T0 + 60)) == ["recovered"]
+
+
+def test_an_unreadable_file_neither_enters_nor_ends_what_needs_the_database() -> None:
+    policy = AlertPolicy("app", ALERTING)
+    assert names(policy.observe(BAD["unreachable"], T0)) == ["unreachable"]
+    assert names(policy.observe(BAD["revision_unreadable"], T0 + 30)) == ["revision_unreadable"]
