@@ -34,7 +34,7 @@ from reconciler.errors import (
 from reconciler.graph import MissingRevision, RevisionFileError, RevisionSyntaxError
 from reconciler.http import HttpServer
 from reconciler.metrics import Metrics
-from reconciler.reconcile import ApplyResult, Reconciler, Status, is_lock_timeout
+from reconciler.reconcile import ApplyResult, Progress, Reconciler, Status, is_lock_timeout
 from reconciler.redact import redact
 from reconciler.scheduler import Loop, backoff
 from reconciler.watcher import DirWatcher, fingerprint
@@ -137,7 +137,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         with self._record_lock:
             record = self.record
-            out = {**STATUS_DEFAULTS, **record.status}
+            out = {**STATUS_DEFAULTS, **record.status, **self._live_apply()}
             out.update(
                 {
                     "target": self.target,
@@ -157,6 +157,28 @@ class Daemon:
                 }
             )
         return out
+
+    def _live_apply(self) -> dict[str, Any]:
+        """The state of an apply in progress, from what it read under the lock: the last run's
+        document (or none, on a first apply) would hide it for as long as the apply takes."""
+        for rec in (self.rec, *self.rec.extra):
+            plan, progress = rec.plan, rec.applying
+            if plan is not None:
+                current = progress if progress is not None and progress.plan is plan else None
+                return _applying_doc(plan, current)
+        return {}
+
+    def _on_progress(self, n: int, total: int, _rev: str, _message: str) -> None:
+        """A revision of this run is about to start: /status and the metrics say which."""
+        doc = self._live_apply()
+        if not doc:
+            return
+        with self._record_lock:
+            self.record.status = doc  # kept until the run's report replaces it
+        m = self.metrics
+        m.set_state(str(doc["state"]), str(doc["sync_state"]), doc.get("conditions") or ())
+        m.set_pending(len(doc.get("pending") or ()))
+        m.set_applying(n, total)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -276,6 +298,7 @@ class Daemon:
                 return RunResult("noop", self.rec.status())
             result: ApplyResult = self.rec.apply(
                 trigger=reason,
+                progress=self._on_progress,
                 fast=True,
                 lock_timeout=min(DAEMON_LOCK_WAIT, self.settings.apply.lock_acquire_timeout),
                 should_stop=self._stopping.is_set,
@@ -386,6 +409,7 @@ class Daemon:
         m.observe_run(result.outcome, seconds)
         m.set_state(str(doc.get("state")), str(doc.get("sync_state")), doc.get("conditions") or ())
         m.set_pending(len(doc.get("pending") or ()))
+        m.set_applying(0, 0)
         for _rev, took in result.applied:
             m.observe_revision_apply(took)
         if result.outcome in ("noop", "applied"):
@@ -457,6 +481,22 @@ class Daemon:
                 return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, event), episode)
         except (ReconcilerError, sa.exc.DBAPIError):
             return True  # cannot coordinate: better twice than never
+
+
+def _applying_doc(plan: Status, progress: Progress | None) -> dict[str, Any]:
+    """The plan's document while it is applied: `pending` counts down; once a revision of a
+    first apply is in, the database is `behind`, no longer empty. `db_heads` are the plan's."""
+    doc = plan.as_dict()
+    if progress is None:
+        return doc
+    doc["pending"] = list(progress.remaining)
+    if progress.n > 1 and doc["sync_state"] == "uninitialized_empty":
+        doc["sync_state"] = "behind"
+        doc["state"] = "behind" if doc["state"] == "uninitialized_empty" else doc["state"]
+    doc["applying"] = progress.as_dict()
+    doc["message"] = (f"applying {progress.revision} ({progress.n} of {progress.total}); "
+                      f"{len(progress.remaining)} pending")
+    return doc
 
 
 def _blind_doc(result: RunResult) -> dict[str, Any]:

@@ -7,6 +7,8 @@ Keys are per target:
   way; applying stops until that file changes or an operator runs `reconciler resume`.
 - `lock_holder/<target>`: the replica (host, pid) and database session that took the lock last;
   a waiter names that process when the session still holds the lock (MariaDB shows no pid).
+- `progress/<target>`: the revision the lock holder is applying (n of N, started at), while it
+  applies; `wait` prints it.
 - `drift/<target>`: the fleet's last drift compare (see drift.py), written by the lock holder.
 - `alert/<target>/<event>`: the last alert transition sent for the fleet; `claim` lets exactly
   one replica win each transition (insert-on-conflict, then a conditional update).
@@ -123,6 +125,11 @@ def alert_key(target: str, event: str) -> str:
 def holder_key(target: str) -> str:
     """Who took the lock last: process, host and database session (see `reconcile.locked`)."""
     return f"lock_holder/{target}"
+
+
+def progress_key(target: str) -> str:
+    """The apply in progress: revision, n of N, since when, by which replica (`wait` reads it)."""
+    return f"progress/{target}"
 
 
 # --- failures and blocking ---------------------------------------------------------------------

@@ -229,6 +229,34 @@ def with_chains(main: Status, others: tuple[Status, ...]) -> Status:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """The revision an apply in progress is running: `n` of `total` in this run."""
+
+    revision: str
+    message: str
+    n: int
+    total: int
+    started_at: float  # wall-clock seconds, when this revision began
+    run_started_at: float  # when the run's first revision began
+    plan: Status | None = None  # what the run read under the lock before its first revision
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"revision": self.revision, "message": self.message, "n": self.n, "total": self.total,
+                "started_at": _iso_utc(self.started_at), "run_started_at": _iso_utc(self.run_started_at)}
+
+    @property
+    def remaining(self) -> tuple[str, ...]:
+        """The plan's pending revisions not applied yet in this run (the current one first)."""
+        pending = self.plan.pending if self.plan is not None else (self.revision,)
+        done = set(pending[: self.n - 1])
+        return tuple(r for r in pending if r not in done)
+
+
+def _iso_utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+@dataclass(frozen=True)
 class ApplyResult:
     outcome: str  # noop | applied
     applied: tuple[tuple[str, float], ...]
@@ -264,6 +292,8 @@ class Reconciler:
         self._conditions: Conditions | None = None
         self._decided: tuple[object, Decision] | None = None  # the last decision, by its inputs
         self.current_worker: Worker | None = None  # the worker of an apply in progress
+        self.applying: Progress | None = None  # the revision an apply in progress is running
+        self.plan: Status | None = None  # what an apply in progress works from (read under the lock)
         self._lent: Worker | None = None
         self._journal_seen = False
         self._foreign: list[str] = []
@@ -892,6 +922,7 @@ class Reconciler:
         should_stop: Callable[[], bool] | None,
     ) -> tuple[tuple[str, float], ...]:
         """Apply the pending revisions; count a failure fleet-wide, block it when it repeats."""
+        self.plan = status
         try:
             applied = self._run_pending(
                 conn, worker, graph, status.decision.pending, trigger, progress, should_stop,
@@ -900,6 +931,9 @@ class Reconciler:
         except RevisionFailed as exc:
             self._count_failure(conn, graph, exc)
             raise
+        finally:
+            self.plan = None
+            self._progress_done(conn)
         fleet.clear_failures(conn, self.journal, self.journal_target)
         return applied
 
@@ -969,6 +1003,8 @@ class Reconciler:
                 log.info("apply_stopped", target=self.target, before=rev, applied=len(done))
                 break
             revision = graph.revisions[rev]
+            # Why here: before the revision runs, so /status, the metrics and `wait` name it.
+            self._progress(conn, rev, revision.message, index, len(pending))
             if progress:
                 progress(index, len(pending), rev, revision.message)
             try:
@@ -978,6 +1014,46 @@ class Reconciler:
                 raise
             done.append((rev, seconds))
         return tuple(done)
+
+    def _progress(self, conn: sa.engine.Connection, rev: str, message: str, n: int, total: int) -> None:
+        """Say which revision this run applies now: in memory (the daemon's /status and metrics)
+        and in the journal's flags (`wait` in another process reads it)."""
+        now = time.time()
+        first = self.applying.run_started_at if self.applying is not None and n > 1 else now
+        self.applying = Progress(rev, message, n, total, now, first, self.plan)
+        value = {**self.applying.as_dict(), "replica": dbsession.replica_id()}
+        fleet.put(conn, self.journal, fleet.progress_key(self.journal_target), json.dumps(value))
+
+    def _progress_done(self, conn: sa.engine.Connection) -> None:
+        """The run stopped applying: forget its progress (a failed write leaves a stale note that
+        `wait` shows with its start time, and the next run overwrites)."""
+        if self.applying is None:
+            return
+        self.applying = None
+        try:
+            fleet.delete(conn, self.journal, fleet.progress_key(self.journal_target))
+        except sa.exc.DBAPIError as exc:
+            if conn.in_transaction():
+                conn.rollback()
+            log.debug("progress_not_cleared", target=self.target, error=redact(str(exc)))
+
+    def read_progress(self) -> dict[str, Any] | None:
+        """The apply in progress on this target as the lock holder recorded it, if any."""
+        if self.missing_database_file() is not None:
+            return None
+        try:
+            with connection.connect(self.engine) as conn:
+                if not self.journal_exists(conn):
+                    return None
+                key = fleet.progress_key(self.journal_target)
+                text = fleet.read(conn, self.journal, [key]).get(key)
+        except (ReconcilerError, sa.exc.DBAPIError):
+            return None
+        try:
+            value = json.loads(text) if text else None
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
 
     @contextmanager
     def lending(self, worker: Worker) -> Iterator[None]:
@@ -1160,6 +1236,7 @@ class Reconciler:
         deadline = time.monotonic() + timeout
         wanted = ("in_sync",) if exact else ("in_sync", "ahead")
         last = ""
+        said: tuple[object, ...] = ()
         while True:
             status = self.status()
             # Drift is reported, never waited on: a column added by hand must not hold the app back.
@@ -1168,6 +1245,7 @@ class Reconciler:
             if status.state != last:
                 log.info("waiting", target=self.target, state=status.state, reason=status.message)
                 last = status.state
+            said = self._say_progress(status, said)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WaitTimeout(
@@ -1175,6 +1253,21 @@ class Reconciler:
                     f"{status.state} ({status.message}); run `reconciler apply` or raise --timeout"
                 )
             time.sleep(min(poll, remaining))
+
+
+    def _say_progress(self, status: Status, said: tuple[object, ...]) -> tuple[object, ...]:
+        """While revisions are pending, one `apply_progress` line each time the applier (any
+        replica) moves on to another revision; returns what was said."""
+        progress = self.read_progress() if status.pending else None
+        if not progress:
+            return said
+        now = (progress.get("revision"), progress.get("n"), progress.get("started_at"))
+        if now != said:
+            log.info("apply_progress", target=self.target, revision=progress.get("revision"),
+                     n=progress.get("n"), total=progress.get("total"),
+                     started_at=progress.get("started_at"), replica=progress.get("replica"),
+                     pending=len(status.pending))
+        return now
 
 
 def summary(result: ApplyResult, ids: bool = False) -> str:

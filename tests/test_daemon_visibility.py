@@ -3,6 +3,8 @@ apply, alert deliveries that fail. Real daemon processes, real local webhook ser
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +13,11 @@ import pytest
 from tests.builders import create_table, db_heads, flask_project
 from tests.cli import run_cli
 from tests.pgcluster import wait_until
-from tests.test_daemon import Running, config, daemon
+from tests.test_daemon import Running, config, daemon, free_port
 from tests.webhooks import Recorder
 
 pytestmark = pytest.mark.slow
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 RAISES = 'raise RuntimeError("boom")'
 BROKEN = "revision = 'broken'\ndown_revision = 'r0001'\n\n\ndef upgrade(:\n    pass\n"  # line 5
@@ -115,3 +118,76 @@ def test_status_has_the_same_keys_in_every_state(tmp_path: Path, sqlite_url: str
     assert {"state", "conditions", "db_heads", "repo_heads", "pending", "applying"} <= expected
     assert {state: keys for state, keys in seen.items() if keys != expected} == {}
     assert len(seen) == 6
+
+
+def gated(gate: Path) -> str:
+    """An upgrade() that, when really applied (not when the guard records it as SQL), waits for
+    `gate` to exist: a condition the test controls, bounded."""
+    return (
+        "import os, time\n"
+        "deadline = time.monotonic() + 120\n"
+        f"while not op.get_context().as_sql and not os.path.exists({str(gate)!r}) "
+        "and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n" + create_table("t_gate")
+    )
+
+
+def log_events(stderr: str, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in stderr.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == name:
+            out.append(event)
+    return out
+
+
+def test_a_long_first_apply_shows_its_progress_in_status_metrics_and_wait(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    project = flask_project(tmp_path / "p", sqlite_url)
+    project.chain(3)
+    gate = tmp_path / "gate"
+    project.revision("gate", "r0002", upgrade=gated(gate))
+    project.revision("after1", "gate", upgrade=create_table("t_after1"))
+    project.revision("after2", "after1", upgrade=create_table("t_after2"))
+    config(project, interval=60)
+    d = Running(project, free_port())
+    try:
+        status = d.wait_status(lambda s: (s["applying"] or {}).get("revision") == "gate", 60, "at gate")
+        assert status["runs"] == 0  # the first run is still going
+        assert (status["state"], status["sync_state"]) == ("behind", "behind")
+        assert status["pending"] == ["gate", "after1", "after2"]
+        applying = status["applying"]
+        assert (applying["n"], applying["total"]) == (4, 6)
+        assert ISO_UTC.match(applying["started_at"]) and ISO_UTC.match(applying["run_started_at"])
+        assert "gate" in status["message"] and "4 of 6" in status["message"]
+        assert metric(d, "reconciler_applying") == 1.0
+        assert metric(d, "reconciler_applying_revision_number") == 4.0
+        assert metric(d, "reconciler_applying_revisions") == 6.0
+        assert metric(d, "reconciler_state", state="behind") == 1.0
+        assert metric(d, "reconciler_pending_revisions") == 3.0
+
+        # `wait` in another process (an init container) says what is being applied, n of N
+        waited = run_cli(
+            ["--config", str(project.config), "wait", "--timeout", "1", "--interval", "0.1"],
+            cwd=project.root,
+        )
+        assert waited.returncode == 8, waited.stderr[-2000:]
+        (said,) = log_events(waited.stderr, "apply_progress")
+        assert (said["revision"], said["n"], said["total"]) == ("gate", 4, 6)
+        assert said["started_at"] == applying["started_at"] and said["pending"] == 3
+
+        gate.touch()
+        done = d.wait_status(lambda s: s["runs"] >= 1, 60, "the first run's end")
+        assert done["state"] == "in_sync" and done["applying"] is None and done["pending"] == []
+        assert metric(d, "reconciler_applying") == 0.0
+        assert metric(d, "reconciler_state", state="in_sync") == 1.0
+        waited = run_cli(["--config", str(project.config), "wait", "--timeout", "30"], cwd=project.root)
+        assert waited.returncode == 0 and not log_events(waited.stderr, "apply_progress")
+    finally:
+        gate.touch()
+        d.stop()
+    assert db_heads(sqlite_url) == {"after2"}
