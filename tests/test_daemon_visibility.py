@@ -191,3 +191,54 @@ def test_a_long_first_apply_shows_its_progress_in_status_metrics_and_wait(
         gate.touch()
         d.stop()
     assert db_heads(sqlite_url) == {"after2"}
+
+
+def test_failed_and_dropped_alert_deliveries_are_counted_in_the_metrics(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A sink answering 500 counts `failed`; a hung sink's full queue counts `dropped`; both
+    series exist at 0 before anything happened."""
+    failing, hung = Recorder(status=500), Recorder(hang=True)
+    project = flask_project(tmp_path / "p", sqlite_url)
+    project.chain(1)
+    config(
+        project,
+        interval=0.3,
+        sinks=[failing.url, hung.url],
+        extra="blocked_after = 2",
+        alerting="send_timeout = 60\nretries = 2\nqueue_size = 1",
+    )
+    try:
+        with daemon(project) as d:
+            for sink in ("webhook1", "webhook2"):
+                for name in ("reconciler_alerts_failed_total", "reconciler_alerts_dropped_total"):
+                    assert metric(d, name, event="failed", sink=sink) == 0.0, (name, sink)
+            d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync")
+            bad = project.revision("bad", "r0000", upgrade=RAISES)
+            d.wait_status(lambda s: "blocked" in s["conditions"], 60, "blocked")
+            wait_until(lambda: len(hung.bodies) >= 1, 30, "the hung sink's first delivery")
+            bad.write_text(bad.read_text().replace(RAISES, create_table("t_fixed")), encoding="utf-8")
+            d.wait_status(lambda s: s["state"] == "in_sync", 60, "in sync after the fix")
+            # failed, blocked, applied, recovered x2 reached the hung sink's queue of one: all
+            # but the one in flight and the last queued were pushed out
+            wait_until(
+                lambda: (
+                    (metric(d, "reconciler_alerts_dropped_total", sink="webhook2", event="blocked") or 0) >= 1
+                ),
+                30,
+                "the blocked alert dropped from the hung sink's queue",
+            )
+            wait_until(
+                lambda: (
+                    (metric(d, "reconciler_alerts_failed_total", sink="webhook1", event="failed") or 0) >= 1
+                ),
+                30,
+                "the failed alert counted failed at the 500 sink",
+            )
+            assert len(hung.bodies) == 1  # still in flight: the drops are not delivery failures
+            assert metric(d, "reconciler_alerts_failed_total", sink="webhook2", event="failed") == 0.0
+            assert metric(d, "reconciler_alerts_total", sink="webhook1", event="failed") == 0.0
+            assert len(failing.events("failed")) == 2  # both attempts were made, and answered 500
+    finally:
+        failing.close()
+        hung.close()
