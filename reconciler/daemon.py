@@ -110,6 +110,8 @@ class Daemon:
         host, port = parse_http(daemon.http)
         self.http = HttpServer(host, port, self, self.metrics, daemon.allowed_hosts)
         self.record = RunRecord()
+        for rec in (self.rec, *self.rec.extra):
+            rec.on_plan = self._on_plan
         self._record_lock = threading.Lock()
         self._stopping = threading.Event()
         self._done = threading.Event()
@@ -168,13 +170,19 @@ class Daemon:
                 return _applying_doc(plan, current)
         return {}
 
+    def _on_plan(self, _status: Status) -> None:
+        """A run read what it will apply: the gauges say that state at once, not at its end."""
+        self._on_progress(0, 0, "", "")
+
     def _on_progress(self, n: int, total: int, _rev: str, _message: str) -> None:
-        """A revision of this run is about to start: /status and the metrics say which."""
+        """A revision of this run is about to start (n of total; 0 before the first): /status and
+        the metrics say which."""
         doc = self._live_apply()
         if not doc:
             return
-        with self._record_lock:
-            self.record.status = doc  # kept until the run's report replaces it
+        if n:
+            with self._record_lock:
+                self.record.status = doc  # kept until the run's report replaces it
         m = self.metrics
         m.set_state(str(doc["state"]), str(doc["sync_state"]), doc.get("conditions") or ())
         m.set_pending(len(doc.get("pending") or ()))

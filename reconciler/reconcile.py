@@ -293,7 +293,9 @@ class Reconciler:
         self._decided: tuple[object, Decision] | None = None  # the last decision, by its inputs
         self.current_worker: Worker | None = None  # the worker of an apply in progress
         self.applying: Progress | None = None  # the revision an apply in progress is running
-        self.plan: Status | None = None  # what an apply in progress works from (read under the lock)
+        # What an apply in progress works from: its first look, then what it read under the lock.
+        self.plan: Status | None = None
+        self.on_plan: Callable[[Status], None] | None = None  # told when `plan` is set (the daemon)
         self._lent: Worker | None = None
         self._journal_seen = False
         self._foreign: list[str] = []
@@ -772,8 +774,12 @@ class Reconciler:
         if self.guard and "destructive_pending" in status.conditions:
             raise Refused(status.messages["destructive_pending"])  # nothing changed since it was refused
         timeout = self.settings.apply.lock_acquire_timeout if lock_timeout is None else lock_timeout
-        with connection.connect(self.engine) as conn, self.locked(conn, timeout) as waited:
-            return self.apply_locked(conn, graph, trigger, progress, should_stop, waited, started)
+        self._set_plan(status)  # until the lock's re-read: the lock wait and the worker's start show it
+        try:
+            with connection.connect(self.engine) as conn, self.locked(conn, timeout) as waited:
+                return self.apply_locked(conn, graph, trigger, progress, should_stop, waited, started)
+        finally:
+            self.plan = None
 
     def apply_locked(
         self,
@@ -922,7 +928,7 @@ class Reconciler:
         should_stop: Callable[[], bool] | None,
     ) -> tuple[tuple[str, float], ...]:
         """Apply the pending revisions; count a failure fleet-wide, block it when it repeats."""
-        self.plan = status
+        self._set_plan(status)
         try:
             applied = self._run_pending(
                 conn, worker, graph, status.decision.pending, trigger, progress, should_stop,
@@ -1004,7 +1010,7 @@ class Reconciler:
                 break
             revision = graph.revisions[rev]
             # Why here: before the revision runs, so /status, the metrics and `wait` name it.
-            self._progress(conn, rev, revision.message, index, len(pending))
+            self._progress(conn, rev, revision.message, index, pending)
             if progress:
                 progress(index, len(pending), rev, revision.message)
             try:
@@ -1015,14 +1021,24 @@ class Reconciler:
             done.append((rev, seconds))
         return tuple(done)
 
-    def _progress(self, conn: sa.engine.Connection, rev: str, message: str, n: int, total: int) -> None:
-        """Say which revision this run applies now: in memory (the daemon's /status and metrics)
-        and in the journal's flags (`wait` in another process reads it)."""
+    def _set_plan(self, status: Status) -> None:
+        self.plan = status
+        if self.on_plan is not None:
+            self.on_plan(status)
+
+    def _progress(
+        self, conn: sa.engine.Connection, rev: str, message: str, n: int, pending: tuple[str, ...]
+    ) -> None:
+        """Say which revision this run applies now, in memory (the daemon's /status and metrics).
+        Before the first one, the run's plan goes into the journal's flags, once: `wait` in
+        another process reads it with the journal's open step (n of N, since when)."""
         now = time.time()
         first = self.applying.run_started_at if self.applying is not None and n > 1 else now
-        self.applying = Progress(rev, message, n, total, now, first, self.plan)
-        value = {**self.applying.as_dict(), "replica": dbsession.replica_id()}
-        fleet.put(conn, self.journal, fleet.progress_key(self.journal_target), json.dumps(value))
+        self.applying = Progress(rev, message, n, len(pending), now, first, self.plan)
+        if n == 1:
+            note = {"pending": list(pending), "run_started_at": _iso_utc(now),
+                    "replica": dbsession.replica_id()}
+            fleet.put(conn, self.journal, fleet.progress_key(self.journal_target), json.dumps(note))
 
     def _progress_done(self, conn: sa.engine.Connection) -> None:
         """The run stopped applying: forget its progress (a failed write leaves a stale note that
@@ -1038,7 +1054,8 @@ class Reconciler:
             log.debug("progress_not_cleared", target=self.target, error=redact(str(exc)))
 
     def read_progress(self) -> dict[str, Any] | None:
-        """The apply in progress on this target as the lock holder recorded it, if any."""
+        """The revision an apply in progress on this target runs (any replica's), n of N and
+        since when: the run's plan from the flags, its open step from the journal."""
         if self.missing_database_file() is not None:
             return None
         try:
@@ -1047,13 +1064,13 @@ class Reconciler:
                     return None
                 key = fleet.progress_key(self.journal_target)
                 text = fleet.read(conn, self.journal, [key]).get(key)
+                note = _loads(text)
+                if note is None:
+                    return None
+                steps = journal.open_rows(conn, self.journal, self._row_target())
         except (ReconcilerError, sa.exc.DBAPIError):
             return None
-        try:
-            value = json.loads(text) if text else None
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        return _progress_of(note, steps)
 
     @contextmanager
     def lending(self, worker: Worker) -> Iterator[None]:
@@ -1268,6 +1285,27 @@ class Reconciler:
                      started_at=progress.get("started_at"), replica=progress.get("replica"),
                      pending=len(status.pending))
         return now
+
+
+def _loads(text: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and isinstance(value.get("pending"), list) else None
+
+
+def _progress_of(note: dict[str, Any], steps: list[Any]) -> dict[str, Any] | None:
+    """The open step of the plan in `note` (one the run started: not before the run began)."""
+    pending = [str(r) for r in note["pending"]]
+    since = str(note.get("run_started_at") or "")
+    for step in sorted(steps, key=lambda r: r["started_at"], reverse=True):
+        started = step["started_at"].strftime("%Y-%m-%dT%H:%M:%SZ")
+        if step["revision"] in pending and started >= since:  # both ISO 8601 UTC, in seconds
+            return {"revision": step["revision"], "n": pending.index(step["revision"]) + 1,
+                    "total": len(pending), "started_at": started, "run_started_at": since,
+                    "replica": note.get("replica")}
+    return None
 
 
 def summary(result: ApplyResult, ids: bool = False) -> str:
