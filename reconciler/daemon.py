@@ -347,11 +347,13 @@ class Daemon:
             return result
         return dataclasses.replace(result, status=self._quiet_status() or result.status)
 
-    def _unreadable(self, exc: RevisionFileError) -> RunResult:
-        """A revision file that does not parse (or has no usable header) is a failure of the run:
-        counted, alerted with the file and line, and in /status until the file is fixed."""
+    def _unreadable(self, exc: RevisionFileError | MissingRevision) -> RunResult:
+        """A revision file that does not parse (or has no usable header, or names a parent that
+        is not there) is a failure of the run: counted, alerted with the file and line, and in
+        /status until the file is fixed."""
         self.rec.project.invalidate()  # read again next run, whatever the watcher says
-        where = {"path": _shown(exc.path, self.settings.root_dir), "line": exc.line,
+        line = exc.line if isinstance(exc, RevisionFileError) else None
+        where = {"path": _shown(exc.path, self.settings.root_dir), "line": line,
                  "file_hash": exc.file_hash if isinstance(exc, RevisionSyntaxError) else None}
         return RunResult("failed", None, error=str(exc), unreadable=where)
 
@@ -363,7 +365,7 @@ class Daemon:
         if first:
             log.info("revision_files_incomplete", missing=exc.missing, retry_in=self.settings.daemon.debounce)
             return RunResult("noop", None, error="")
-        return RunResult("refused", None, error=str(exc))
+        return self._unreadable(exc)
 
     def _quiet_status(self) -> Status | None:
         try:

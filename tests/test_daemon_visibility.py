@@ -242,3 +242,28 @@ def test_failed_and_dropped_alert_deliveries_are_counted_in_the_metrics(
     finally:
         failing.close()
         hung.close()
+
+
+def test_a_revision_whose_parent_never_arrives_is_unreadable_after_the_debounce(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """One debounce window for a half-synced checkout, then the same counted failure and alert as
+    a file that does not parse (it went quiet as `refused`, state unknown, before)."""
+    hooks = Recorder()
+    project = flask_project(tmp_path / "p", sqlite_url)
+    project.chain(1)
+    config(project, interval=0.3, sinks=[hooks.url])
+    try:
+        with daemon(project) as d:
+            d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync")
+            orphan = project.revision("orphan", "nope", upgrade=create_table("t_orphan"))
+            status = d.wait_status(lambda s: s["state"] == "revision_unreadable", 30, "the orphan")
+            assert status["revision_unreadable"]["path"].endswith(orphan.name)
+            assert "nope" in status["message"] and status["consecutive_failures"] >= 1
+            (alert,) = wait_until(lambda: hooks.events("revision_unreadable"), 30, "the alert")
+            assert orphan.name in alert["message"]
+            orphan.unlink()
+            d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync without it")
+            wait_until(lambda: hooks.events("recovered"), 30, "the recovery")
+    finally:
+        hooks.close()
