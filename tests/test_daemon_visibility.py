@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.builders import create_table, db_heads, flask_project
 from tests.cli import run_cli
@@ -25,8 +26,6 @@ BROKEN = "revision = 'broken'\ndown_revision = 'r0001'\n\n\ndef upgrade(:\n    p
 
 def metric(d: Running, name: str, **labels: str) -> float | None:
     """The value of one sample of /metrics (None when the series is not there)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     code, body = d.get("/metrics")
     assert code == 200
     for family in text_string_to_metric_families(body):
