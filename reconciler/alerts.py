@@ -131,6 +131,8 @@ class Observation:
     drift_texts: tuple[str, ...] = ()  # and what they say, for the message
     mismatched: tuple[str, ...] = ()  # applied revisions whose file changed or vanished
     foreign: tuple[str, ...] = ()  # revisions found applied without our journal in this run
+    unreadable: str = ""  # `path:line` of a revision file that does not parse (nothing was decided)
+    unreadable_hash: str = ""  # that file's hash: breaking it anew is a new episode
 
     @property
     def blind(self) -> bool:
@@ -160,7 +162,10 @@ def _blocked(obs: Observation, _a: AlertingSettings) -> Verdict:
 
 
 def _failed(obs: Observation, _a: AlertingSettings) -> Verdict:
-    """A failure lasts until a run succeeds; lock_busy, blocked, refused... cannot tell."""
+    """A failure lasts until a run succeeds; lock_busy, blocked, refused... cannot tell (nor a
+    run that could not read the revision files: that is `revision_unreadable`'s)."""
+    if obs.unreadable:
+        return KEEP
     if obs.outcome == "failed" and not obs.lock_timeout:
         return _failure_episode(obs)
     return None if obs.outcome in ("noop", "applied") else KEEP
@@ -208,7 +213,16 @@ def _foreign_writer(obs: Observation, _a: AlertingSettings) -> Verdict:
 
 
 def _unreachable(obs: Observation, _a: AlertingSettings) -> Verdict:
+    if obs.unreadable:
+        return KEEP  # the database was not tried
     return "database" if obs.outcome == "unreachable" else None
+
+
+def _unreadable(obs: Observation, _a: AlertingSettings) -> Verdict:
+    """Lasts while a revision file does not parse; any run that read the files ends it."""
+    if not obs.unreadable:
+        return None
+    return f"{obs.unreadable}@{obs.unreadable_hash[:16]}" if obs.unreadable_hash else obs.unreadable
 
 
 def _joined(values: Sequence[str]) -> str:
@@ -228,7 +242,7 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "failed": Rule(_failed, "revision {revision} failed: {error}", revision=True,
+    "failed": Rule(_failed, "{failure}", revision=True,
                    extras=("error", "signature", "consecutive_failures")),
     "blocked": Rule(_blocked,
                     "revision {revision} is blocked after failing the same way repeatedly: {error}; "
@@ -244,7 +258,7 @@ RULES: dict[str, Rule] = {
                   "it by hand, then run `reconciler resolve {first_dirty} --applied` or `--rolled-back`",
                   extras=("dirty",)),
     "lock_timeout": Rule(_lock_timeout, "revision {revision} gave up waiting for a table lock "
-                         "(ddl_lock_timeout) on every retry: {error}; it is retried with backoff. Look for "
+                         "(ddl_lock_timeout) on every retry: {cause}; it is retried with backoff. Look for "
                          "long transactions on the tables it alters", revision=True, extras=("error",)),
     "multiple_heads": Rule(_sync_state("multiple_heads", lambda o: _joined(o.heads)),
                            "the repository has unmerged heads ({heads}); merge them with "
@@ -266,10 +280,38 @@ RULES: dict[str, Rule] = {
                   "the database schema differs from the models ({drift_count}): {drift}; fix it, "
                   "accept it with `reconciler baseline`, or add a [drift] ignore rule",
                   extras=("drift",)),
+    "revision_unreadable": Rule(_unreadable, "{error}",
+                                extras=("error", "unreadable")),
     "unreachable": Rule(_unreachable, "the database is unreachable ({runs} runs in a row): {error}",
                         local=True, extras=("error", "runs"), min_runs=lambda a: a.unreachable_after),
 }
 EVENTS: tuple[str, ...] = ("applied", *RULES, "recovered")
+
+
+def _cause(revision: str, error: str) -> str:
+    """The worker's error without its own `revision R failed[ at file:line]` prefix."""
+    if not error:
+        return "no error text"
+    prefix = f"revision {revision} failed"
+    if error.startswith(prefix):
+        rest = error[len(prefix):]
+        where, sep, cause = rest.partition(": ")
+        if sep and (not where or where.startswith(" at ")):
+            return cause
+    return error
+
+
+def _failure_text(revision: str, error: str) -> str:
+    """`revision R failed[ at file:line]: cause`, said once whoever wrote the prefix."""
+    if error.startswith(f"revision {revision} failed"):
+        return error
+    return f"revision {revision} failed: {_cause(revision, error)}"
+
+
+def _state_for(event: str, obs: Observation) -> str:
+    """The state an alert reports. Drift is reported, never gating: it names the state only in
+    its own alert (and its recovery), so a failed revision reads `behind`, not `drift`."""
+    return obs.sync_state if obs.state == "drift" and event != "drift" else obs.state
 
 
 def _duration(seconds: float) -> str:
@@ -388,16 +430,20 @@ class AlertPolicy:
     def _alert(self, event: str, obs: Observation, now: float, message: str, revision: str | None = None,
                details: Mapping[str, Any] | None = None) -> Alert:
         base = {"sync_state": obs.sync_state, "conditions": list(obs.conditions), "outcome": obs.outcome}
-        return Alert(event=event, state=obs.state, target=redact(self.target), message=redact(message),
+        return Alert(event=event, state=_state_for(event, obs), target=redact(self.target),
+                     message=redact(message),
                      revision=revision, timestamp=iso_utc(now),
                      details=_redacted({**base, **(details or {})}))
 
     @staticmethod
     def _fields(track: _Track, obs: Observation, now: float) -> dict[str, Any]:
         holder = dict(obs.lock_holder or {})
+        revision = obs.failed_revision or "-"
         return {
-            "revision": obs.failed_revision or "-",
+            "revision": revision,
             "error": obs.error or "no error text",
+            "failure": _failure_text(revision, obs.error),
+            "cause": _cause(revision, obs.error),
             "signature": obs.failure_signature,
             "consecutive_failures": obs.consecutive_failures,
             "heads": ", ".join(sorted(obs.heads)) or "-",
@@ -406,6 +452,7 @@ class AlertPolicy:
             "first_dirty": obs.dirty[0] if obs.dirty else "REVISION",
             "mismatched": ", ".join(sorted(obs.mismatched)) or "-",
             "foreign": ", ".join(sorted(obs.foreign)) or "-",
+            "unreadable": obs.unreadable or "-",
             "holder": ", ".join(f"{k}={v}" for k, v in holder.items()) or "an unknown session",
             "held_for": _duration(obs.lock_held_for),
             "held_for_seconds": round(obs.lock_held_for, 1),
@@ -503,14 +550,22 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+@dataclass(frozen=True)
+class Counts:
+    """Where delivery results go (the metrics): each callback gets (event, sink name)."""
+
+    on_sent: Callable[[str, str], None] | None = None
+    on_failed: Callable[[str, str], None] | None = None
+    on_dropped: Callable[[str, str], None] | None = None
+
+
 class _SinkWorker:
     """One sink: a bounded queue and the thread that drains it."""
 
-    def __init__(self, sink: AlertSink, alerting: AlertingSettings,
-                 on_sent: Callable[[str, str], None] | None) -> None:
+    def __init__(self, sink: AlertSink, alerting: AlertingSettings, counts: Counts) -> None:
         self.sink = sink
         self.alerting = alerting
-        self.on_sent = on_sent
+        self.counts = counts
         self.queue: deque[Alert] = deque()
         self.size = max(1, alerting.queue_size)
         self.cond = threading.Condition()
@@ -525,14 +580,16 @@ class _SinkWorker:
         with self.cond:
             if self.closing:
                 self.dropped += 1
-                return False
-            lost = len(self.queue) >= self.size
-            if lost:
-                self.queue.popleft()
-                self.dropped += 1
-            self.queue.append(alert)
-            self.cond.notify()
-        return not lost
+                lost: Alert | None = alert
+            else:
+                lost = self.queue.popleft() if len(self.queue) >= self.size else None
+                if lost is not None:
+                    self.dropped += 1
+                self.queue.append(alert)
+                self.cond.notify()
+        if lost is not None:
+            self._count(self.counts.on_dropped, lost)
+        return lost is None
 
     def _next(self) -> Alert | None:
         with self.cond:
@@ -571,6 +628,7 @@ class _SinkWorker:
                 time.sleep(pause)
         log.warning("alert_delivery_failed", sink=self.sink.name, alert_event=alert.event,
                     attempts=tried, error=redact(error), timeout=self.alerting.send_timeout)
+        self._count(self.counts.on_failed, alert)
 
     def _attempt(self, body: bytes, timeout: float) -> str:
         """One POST cut at `timeout`; returns "" on a 2xx answer, else what went wrong (never the URL)."""
@@ -595,10 +653,14 @@ class _SinkWorker:
 
     def _sent(self, alert: Alert) -> None:
         log.debug("alert_sent", sink=self.sink.name, alert_event=alert.event)
-        if self.on_sent is None:
+        self._count(self.counts.on_sent, alert)
+
+    def _count(self, callback: Callable[[str, str], None] | None, alert: Alert) -> None:
+        """Tell the metrics what became of `alert`; a failing callback never stops delivery."""
+        if callback is None:
             return
         try:
-            self.on_sent(alert.event, self.sink.name)
+            callback(alert.event, self.sink.name)
         except Exception as exc:
             log.warning("alert_on_sent_error", sink=self.sink.name,
                         error=redact(f"{type(exc).__name__}: {exc}"))
@@ -616,18 +678,25 @@ class _SinkWorker:
 
     def abandon(self) -> int:
         with self.cond:
-            left = len(self.queue)
+            left = list(self.queue)
             self.queue.clear()
-            self.dropped += left
-        return left
+            self.dropped += len(left)
+        for alert in left:
+            self._count(self.counts.on_dropped, alert)
+        return len(left)
 
 
 class AlertDispatcher:
     """Delivery off the loop: `submit` never blocks; each sink has its own queue and thread."""
 
     def __init__(self, sinks: Sequence[AlertSink], alerting: AlertingSettings,
-                 on_sent: Callable[[str, str], None] | None = None) -> None:
-        self._workers = [_SinkWorker(sink, alerting, on_sent) for sink in sinks]
+                 on_sent: Callable[[str, str], None] | None = None,
+                 on_failed: Callable[[str, str], None] | None = None,
+                 on_dropped: Callable[[str, str], None] | None = None) -> None:
+        """`on_sent`, `on_failed` (every attempt within the deadline failed) and `on_dropped`
+        (pushed out of a full queue, submitted after close, left at close) get (event, sink)."""
+        counts = Counts(on_sent, on_failed, on_dropped)
+        self._workers = [_SinkWorker(sink, alerting, counts) for sink in sinks]
         self._started = False
 
     @property

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler import __version__, connection, dbsession, fleet, logs, signals
-from reconciler.alerts import Alert, AlertDispatcher, AlertPolicy, Observation
+from reconciler.alerts import EVENTS, Alert, AlertDispatcher, AlertPolicy, Observation
 from reconciler.backoff import backoff
 from reconciler.config import DaemonSettings, Settings, parse_http
 from reconciler.drift import DriftChecker
@@ -33,10 +33,10 @@ from reconciler.errors import (
     Suspended,
     UnreachableError,
 )
-from reconciler.graph import MissingRevision
+from reconciler.graph import MissingRevision, RevisionFileError, RevisionSyntaxError
 from reconciler.http import SHED_SWITCH, HttpServer
 from reconciler.metrics import Metrics
-from reconciler.reconcile import ApplyResult, Reconciler, Status, is_lock_timeout
+from reconciler.reconcile import ApplyResult, Progress, Reconciler, Status, is_lock_timeout
 from reconciler.redact import redact
 from reconciler.scheduler import Loop
 from reconciler.watcher import DirWatcher, fingerprint
@@ -45,6 +45,15 @@ log = logs.get("reconciler.daemon")
 
 DAEMON_LOCK_WAIT = 5.0  # a tick waits this long for the lock; then lock_busy and a backoff
 TRANSIENT = ("unreachable", "lock_busy", "failed")
+UNREADABLE = "revision_unreadable"  # the condition (and alert event) of a revision file we cannot read
+# Every /status document has these keys, whatever the state (a dashboard or `jq` never meets a
+# missing key): those of `Status.as_dict` that only some states fill, at their empty value.
+STATUS_DEFAULTS: dict[str, Any] = {
+    "state": "unknown", "sync_state": "unknown", "conditions": [], "db_heads": [], "repo_heads": [],
+    "pending": [], "unknown": [], "message": "", "fork": [], "branch_point": None, "dirty": [],
+    "blocked": None, "drift": None, "checksum_mismatch": [], "foreign_writes": [], "guard": None,
+    "chains": [], UNREADABLE: None, "applying": None,
+}
 EXIT_GRACE_EXPIRED = 1
 
 
@@ -77,6 +86,7 @@ class RunResult:
     lock_holder: dict[str, Any] | None = None
     lock_timeout: bool = False
     foreign: tuple[str, ...] = ()
+    unreadable: dict[str, Any] | None = None  # the revision file that does not parse: path, line
 
 
 class Daemon:
@@ -88,8 +98,10 @@ class Daemon:
         self.metrics = Metrics(self.target, __version__)
         self.policy = AlertPolicy(self.target, settings.alerting)
         _check_sink_events(settings)
+        self.metrics.declare_sinks([sink.name for sink in settings.alerts], EVENTS)
         self.dispatcher = AlertDispatcher(
-            settings.alerts, settings.alerting, on_sent=self.metrics.alert_sent
+            settings.alerts, settings.alerting, on_sent=self.metrics.alert_sent,
+            on_failed=self.metrics.alert_failed, on_dropped=self.metrics.alert_dropped,
         )
         daemon = settings.daemon
         # Jitter spreads 200 sidecars' ticks; more than half the interval would only slow them.
@@ -103,6 +115,8 @@ class Daemon:
             header_timeout=daemon.http_header_timeout, shed=SHED_SWITCH not in settings.unsafe,
         )
         self.record = RunRecord()
+        for rec in (self.rec, *self.rec.extra):
+            rec.on_plan = self._on_plan
         self._record_lock = threading.Lock()
         self._stopping = threading.Event()
         self._done = threading.Event()
@@ -130,7 +144,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         with self._record_lock:
             record = self.record
-            out = dict(record.status)
+            out = {**STATUS_DEFAULTS, **record.status, **self._live_apply()}
             out.update(
                 {
                     "target": self.target,
@@ -150,6 +164,34 @@ class Daemon:
                 }
             )
         return out
+
+    def _live_apply(self) -> dict[str, Any]:
+        """The state of an apply in progress, from what it read under the lock: the last run's
+        document (or none, on a first apply) would hide it for as long as the apply takes."""
+        for rec in (self.rec, *self.rec.extra):
+            plan, progress = rec.plan, rec.applying
+            if plan is not None:
+                current = progress if progress is not None and progress.plan is plan else None
+                return _applying_doc(plan, current)
+        return {}
+
+    def _on_plan(self, _status: Status) -> None:
+        """A run read what it will apply: the gauges say that state at once, not at its end."""
+        self._on_progress(0, 0, "", "")
+
+    def _on_progress(self, n: int, total: int, _rev: str, _message: str) -> None:
+        """A revision of this run is about to start (n of total; 0 before the first): /status and
+        the metrics say which."""
+        doc = self._live_apply()
+        if not doc:
+            return
+        if n:
+            with self._record_lock:
+                self.record.status = doc  # kept until the run's report replaces it
+        m = self.metrics
+        m.set_state(str(doc["state"]), str(doc["sync_state"]), doc.get("conditions") or ())
+        m.set_pending(len(doc.get("pending") or ()))
+        m.set_applying(n, total)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -276,6 +318,7 @@ class Daemon:
                 return RunResult("noop", self.rec.status())
             result: ApplyResult = self.rec.apply(
                 trigger=reason,
+                progress=self._on_progress,
                 fast=True,
                 lock_timeout=min(DAEMON_LOCK_WAIT, self.settings.apply.lock_acquire_timeout),
                 should_stop=self._stopping.is_set,
@@ -297,6 +340,8 @@ class Daemon:
             return RunResult("suspended", self._quiet_status(), error=str(exc))
         except MissingRevision as exc:
             return self._missing_revision(exc)
+        except RevisionFileError as exc:  # nothing can be decided or applied until it is fixed
+            return self._unreadable(exc)
         except ReconcilerError as exc:  # ahead, diverged, multiple heads, dirty, bad files
             return RunResult("refused", self._quiet_status(), error=str(exc))
 
@@ -314,6 +359,16 @@ class Daemon:
             return result
         return dataclasses.replace(result, status=self._quiet_status() or result.status)
 
+    def _unreadable(self, exc: RevisionFileError | MissingRevision) -> RunResult:
+        """A revision file that does not parse (or has no usable header, or names a parent that
+        is not there) is a failure of the run: counted, alerted with the file and line, and in
+        /status until the file is fixed."""
+        self.rec.project.invalidate()  # read again next run, whatever the watcher says
+        line = exc.line if isinstance(exc, RevisionFileError) else None
+        where = {"path": _shown(exc.path, self.settings.root_dir), "line": line,
+                 "file_hash": exc.file_hash if isinstance(exc, RevisionSyntaxError) else None}
+        return RunResult("failed", None, error=str(exc), unreadable=where)
+
     def _missing_revision(self, exc: MissingRevision) -> RunResult:
         """A half-synced checkout is transient for one debounce window, then an error."""
         first = not self.record.missing_revision_seen
@@ -322,7 +377,7 @@ class Daemon:
         if first:
             log.info("revision_files_incomplete", missing=exc.missing, retry_in=self.settings.daemon.debounce)
             return RunResult("noop", None, error="")
-        return RunResult("refused", None, error=str(exc))
+        return self._unreadable(exc)
 
     def _quiet_status(self) -> Status | None:
         try:
@@ -333,13 +388,15 @@ class Daemon:
     def _next_delay(self, result: RunResult) -> float | None:
         if result.outcome == "noop" and self.record.missing_revision_seen:
             return self.settings.daemon.debounce
+        if result.unreadable is not None:
+            return None  # retrying sooner cannot help: the watcher (or the next tick) sees the fix
         return next_delay(result.outcome, self.record.consecutive_failures, self.settings.daemon)
 
     # --- reporting -----------------------------------------------------------------------------
     def _report(self, result: RunResult, seconds: float) -> None:
         now = time.time()
         status = result.status
-        state_doc = status.as_dict() if status else {"state": "unknown", "sync_state": "unknown"}
+        state_doc = status.as_dict() if status else _blind_doc(result)
         with self._record_lock:
             record = self.record
             record.runs += 1
@@ -370,6 +427,7 @@ class Daemon:
         m.observe_run(result.outcome, seconds)
         m.set_state(str(doc.get("state")), str(doc.get("sync_state")), doc.get("conditions") or ())
         m.set_pending(len(doc.get("pending") or ()))
+        m.set_applying(0, 0)
         for _rev, took in result.applied:
             m.observe_revision_apply(took)
         if result.outcome in ("noop", "applied"):
@@ -418,6 +476,8 @@ class Daemon:
             heads=tuple(doc.get("fork") or doc.get("repo_heads") or ()),
             dirty=tuple(doc.get("dirty") or ()),
             lock_timeout=result.lock_timeout,
+            unreadable=_where(result.unreadable),
+            unreadable_hash=str((result.unreadable or {}).get("file_hash") or ""),
             **_drift_fields(result.status),
             mismatched=tuple(m["revision"] for m in doc.get("checksum_mismatch") or ()),
             foreign=tuple(dict.fromkeys((*result.foreign, *(doc.get("foreign_writes") or ())))),
@@ -454,6 +514,46 @@ def next_delay(outcome: str, failures: int, daemon: DaemonSettings) -> float | N
     return backoff(failures, base=daemon.interval, cap=daemon.backoff_max)
 
 
+def _applying_doc(plan: Status, progress: Progress | None) -> dict[str, Any]:
+    """The plan's document while it is applied: `pending` counts down; once a revision of a
+    first apply is in, the database is `behind`, no longer empty. `db_heads` are the plan's."""
+    doc = plan.as_dict()
+    if progress is None:
+        return doc
+    doc["pending"] = list(progress.remaining)
+    if progress.n > 1 and doc["sync_state"] == "uninitialized_empty":
+        doc["sync_state"] = "behind"
+        doc["state"] = "behind" if doc["state"] == "uninitialized_empty" else doc["state"]
+    doc["applying"] = progress.as_dict()
+    doc["message"] = (f"applying {progress.revision} ({progress.n} of {progress.total}); "
+                      f"{len(progress.remaining)} pending")
+    return doc
+
+
+def _blind_doc(result: RunResult) -> dict[str, Any]:
+    """The state document of a run that decided nothing (no status was read)."""
+    if result.unreadable is None:
+        return {"state": "unknown", "sync_state": "unknown"}
+    return {"state": UNREADABLE, "sync_state": "unknown", "conditions": [UNREADABLE],
+            "message": redact(result.error), UNREADABLE: result.unreadable}
+
+
+def _where(unreadable: dict[str, Any] | None) -> str:
+    """`path:line` of an unreadable revision file ("" when there is none)."""
+    if unreadable is None:
+        return ""
+    line = unreadable.get("line")
+    return f"{unreadable['path']}:{line}" if line else str(unreadable["path"])
+
+
+def _shown(path: Any, root: Any) -> str:
+    """A path as a person reads it in an alert: relative to the project root when inside it."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except (ValueError, OSError, AttributeError):
+        return str(path)
+
+
 def _drift_fields(status: Status | None) -> dict[str, tuple[str, ...]]:
     report = status.drift if status is not None and "drift" in status.conditions else None
     if report is None:
@@ -464,8 +564,6 @@ def _drift_fields(status: Status | None) -> dict[str, tuple[str, ...]]:
 
 def _check_sink_events(settings: Settings) -> None:
     import difflib
-
-    from reconciler.alerts import EVENTS
 
     for index, sink in enumerate(settings.alerts, start=1):
         for name in sink.events:

@@ -7,6 +7,9 @@ Keys are per target:
   way; applying stops until that file changes or an operator runs `reconciler resume`.
 - `lock_holder/<target>`: the replica (host, pid) and database session that took the lock last;
   a waiter names that process when the session still holds the lock (MariaDB shows no pid).
+- `progress/<target>`: the plan of the lock holder's run (its pending revisions, when it began,
+  which replica), written once before its first revision; with the journal's open step `wait`
+  says which revision is applied, n of N, since when.
 - `drift/<target>`: the fleet's last drift compare (see drift.py), written by the lock holder.
 - `alert/<target>/<event>`: the last alert transition sent for the fleet; `claim` lets exactly
   one replica win each transition (insert-on-conflict, then a conditional update).
@@ -123,6 +126,11 @@ def alert_key(target: str, event: str) -> str:
 def holder_key(target: str) -> str:
     """Who took the lock last: process, host and database session (see `reconcile.locked`)."""
     return f"lock_holder/{target}"
+
+
+def progress_key(target: str) -> str:
+    """The plan of the apply in progress: pending revisions, start, replica (`wait` reads it)."""
+    return f"progress/{target}"
 
 
 # --- failures and blocking ---------------------------------------------------------------------

@@ -47,6 +47,11 @@ LAST_SUCCESS = "reconciler_last_success_timestamp_seconds"
 CONSECUTIVE_FAILURES = "reconciler_consecutive_failures"
 LOCK_WAIT = "reconciler_lock_wait_seconds"
 ALERTS_TOTAL = "reconciler_alerts_total"
+ALERTS_FAILED = "reconciler_alerts_failed_total"
+ALERTS_DROPPED = "reconciler_alerts_dropped_total"
+APPLYING = "reconciler_applying"
+APPLYING_REVISION = "reconciler_applying_revision_number"
+APPLYING_TOTAL = "reconciler_applying_revisions"
 INFO = "reconciler_info"
 DRIFT_DIFFERENCES = "reconciler_drift_differences"
 DRIFT_CHECKED = "reconciler_drift_checked_timestamp_seconds"
@@ -65,6 +70,11 @@ METRIC_NAMES = (
     CONSECUTIVE_FAILURES,
     LOCK_WAIT,
     ALERTS_TOTAL,
+    ALERTS_FAILED,
+    ALERTS_DROPPED,
+    APPLYING,
+    APPLYING_REVISION,
+    APPLYING_TOTAL,
     INFO,
     DRIFT_DIFFERENCES,
     DRIFT_CHECKED,
@@ -167,6 +177,25 @@ class Metrics:
             ["target", "event", "sink"],
             registry=reg,
         )
+        self._alerts_failed = Counter(
+            _counter_name(ALERTS_FAILED),
+            "Alerts given up on: every attempt within send_timeout failed (HTTP error, timeout).",
+            ["target", "event", "sink"],
+            registry=reg,
+        )
+        self._alerts_dropped = Counter(
+            _counter_name(ALERTS_DROPPED),
+            "Alerts never attempted: pushed out of a full queue ([alerting] queue_size) or left at shutdown.",
+            ["target", "event", "sink"],
+            registry=reg,
+        )
+        self._applying = self._gauge(APPLYING, "1 while a run of this replica applies revisions, else 0.")
+        self._applying_n = self._gauge(
+            APPLYING_REVISION, "The position (1..N) of the revision being applied in this run (0: none)."
+        )
+        self._applying_total = self._gauge(
+            APPLYING_TOTAL, "The revisions this run applies in all (N; 0 when not applying)."
+        )
         self._drift = self._gauge(
             DRIFT_DIFFERENCES, "Differences between the schema and the models at the last drift compare."
         )
@@ -213,6 +242,27 @@ class Metrics:
 
     def alert_sent(self, event: str, sink: str) -> None:
         self._alerts.labels(self.target, event, sink).inc()
+
+    def alert_failed(self, event: str, sink: str) -> None:
+        self._alerts_failed.labels(self.target, event, sink).inc()
+
+    def alert_dropped(self, event: str, sink: str) -> None:
+        self._alerts_dropped.labels(self.target, event, sink).inc()
+
+    def declare_sinks(self, sinks: Iterable[str], events: Iterable[str]) -> None:
+        """Create every (event, sink) series of the alert counters at 0, so a rule on
+        `increase(...)` sees the first failure (a series that appears at 1 shows no increase)."""
+        wanted = list(events)
+        for sink in sinks:
+            for event in wanted:
+                for family in (self._alerts, self._alerts_failed, self._alerts_dropped):
+                    family.labels(self.target, event, sink)
+
+    def set_applying(self, n: int, total: int) -> None:
+        """Revision `n` of `total` is being applied; (0, 0) when the run is not applying."""
+        self._applying.set(1 if total else 0)
+        self._applying_n.set(n)
+        self._applying_total.set(total)
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this registry and its content type."""

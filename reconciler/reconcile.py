@@ -230,6 +230,34 @@ def with_chains(main: Status, others: tuple[Status, ...]) -> Status:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """The revision an apply in progress is running: `n` of `total` in this run."""
+
+    revision: str
+    message: str
+    n: int
+    total: int
+    started_at: float  # wall-clock seconds, when this revision began
+    run_started_at: float  # when the run's first revision began
+    plan: Status | None = None  # what the run read under the lock before its first revision
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"revision": self.revision, "message": self.message, "n": self.n, "total": self.total,
+                "started_at": _iso_utc(self.started_at), "run_started_at": _iso_utc(self.run_started_at)}
+
+    @property
+    def remaining(self) -> tuple[str, ...]:
+        """The plan's pending revisions not applied yet in this run (the current one first)."""
+        pending = self.plan.pending if self.plan is not None else (self.revision,)
+        done = set(pending[: self.n - 1])
+        return tuple(r for r in pending if r not in done)
+
+
+def _iso_utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+@dataclass(frozen=True)
 class ApplyResult:
     outcome: str  # noop | applied
     applied: tuple[tuple[str, float], ...]
@@ -265,6 +293,10 @@ class Reconciler:
         self._conditions: Conditions | None = None
         self._decided: tuple[object, Decision] | None = None  # the last decision, by its inputs
         self.current_worker: Worker | None = None  # the worker of an apply in progress
+        self.applying: Progress | None = None  # the revision an apply in progress is running
+        # What an apply in progress works from: its first look, then what it read under the lock.
+        self.plan: Status | None = None
+        self.on_plan: Callable[[Status], None] | None = None  # told when `plan` is set (the daemon)
         self._lent: Worker | None = None
         self._journal_seen = False
         self._foreign: list[str] = []
@@ -753,8 +785,12 @@ class Reconciler:
         if self.guard and "destructive_pending" in status.conditions:
             raise Refused(status.messages["destructive_pending"])  # nothing changed since it was refused
         timeout = self.settings.apply.lock_acquire_timeout if lock_timeout is None else lock_timeout
-        with connection.connect(self.engine) as conn, self.locked(conn, timeout) as waited:
-            return self.apply_locked(conn, graph, trigger, progress, should_stop, waited, started)
+        self._set_plan(status)  # until the lock's re-read: the lock wait and the worker's start show it
+        try:
+            with connection.connect(self.engine) as conn, self.locked(conn, timeout) as waited:
+                return self.apply_locked(conn, graph, trigger, progress, should_stop, waited, started)
+        finally:
+            self.plan = None
 
     def apply_locked(
         self,
@@ -903,6 +939,7 @@ class Reconciler:
         should_stop: Callable[[], bool] | None,
     ) -> tuple[tuple[str, float], ...]:
         """Apply the pending revisions; count a failure fleet-wide, block it when it repeats."""
+        self._set_plan(status)
         try:
             applied = self._run_pending(
                 conn, worker, graph, status.decision.pending, trigger, progress, should_stop,
@@ -911,6 +948,9 @@ class Reconciler:
         except RevisionFailed as exc:
             self._count_failure(conn, graph, exc)
             raise
+        finally:
+            self.plan = None
+            self._progress_done(conn)
         fleet.clear_failures(conn, self.journal, self.journal_target)
         return applied
 
@@ -980,6 +1020,8 @@ class Reconciler:
                 log.info("apply_stopped", target=self.target, before=rev, applied=len(done))
                 break
             revision = graph.revisions[rev]
+            # Why here: before the revision runs, so /status, the metrics and `wait` name it.
+            self._progress(conn, rev, revision.message, index, pending)
             if progress:
                 progress(index, len(pending), rev, revision.message)
             try:
@@ -989,6 +1031,57 @@ class Reconciler:
                 raise
             done.append((rev, seconds))
         return tuple(done)
+
+    def _set_plan(self, status: Status) -> None:
+        self.plan = status
+        if self.on_plan is not None:
+            self.on_plan(status)
+
+    def _progress(
+        self, conn: sa.engine.Connection, rev: str, message: str, n: int, pending: tuple[str, ...]
+    ) -> None:
+        """Say which revision this run applies now, in memory (the daemon's /status and metrics).
+        Before the first one, the run's plan goes into the journal's flags, once: `wait` in
+        another process reads it with the journal's open step (n of N, since when)."""
+        now = time.time()
+        first = self.applying.run_started_at if self.applying is not None and n > 1 else now
+        self.applying = Progress(rev, message, n, len(pending), now, first, self.plan)
+        if n == 1:
+            note = {"pending": list(pending), "run_started_at": _iso_utc(now),
+                    "replica": dbsession.replica_id()}
+            fleet.put(conn, self.journal, fleet.progress_key(self.journal_target), json.dumps(note))
+
+    def _progress_done(self, conn: sa.engine.Connection) -> None:
+        """The run stopped applying: forget its progress (a failed write leaves a stale note that
+        `wait` shows with its start time, and the next run overwrites)."""
+        if self.applying is None:
+            return
+        self.applying = None
+        try:
+            fleet.delete(conn, self.journal, fleet.progress_key(self.journal_target))
+        except sa.exc.DBAPIError as exc:
+            if conn.in_transaction():
+                conn.rollback()
+            log.debug("progress_not_cleared", target=self.target, error=redact(str(exc)))
+
+    def read_progress(self) -> dict[str, Any] | None:
+        """The revision an apply in progress on this target runs (any replica's), n of N and
+        since when: the run's plan from the flags, its open step from the journal."""
+        if self.missing_database_file() is not None:
+            return None
+        try:
+            with connection.connect(self.engine) as conn:
+                if not self.journal_exists(conn):
+                    return None
+                key = fleet.progress_key(self.journal_target)
+                text = fleet.read(conn, self.journal, [key]).get(key)
+                note = _loads(text)
+                if note is None:
+                    return None
+                steps = journal.open_rows(conn, self.journal, self._row_target())
+        except (ReconcilerError, sa.exc.DBAPIError):
+            return None
+        return _progress_of(note, steps)
 
     @contextmanager
     def lending(self, worker: Worker) -> Iterator[None]:
@@ -1170,6 +1263,7 @@ class Reconciler:
         deadline = time.monotonic() + timeout
         wanted = ("in_sync",) if exact else ("in_sync", "ahead")
         last = ""
+        said: tuple[object, ...] = ()
         while True:
             status = self.status()
             # Drift is reported, never waited on: a column added by hand must not hold the app back.
@@ -1178,6 +1272,7 @@ class Reconciler:
             if status.state != last:
                 log.info("waiting", target=self.target, state=status.state, reason=status.message)
                 last = status.state
+            said = self._say_progress(status, said)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WaitTimeout(
@@ -1185,6 +1280,42 @@ class Reconciler:
                     f"{status.state} ({status.message}); run `reconciler apply` or raise --timeout"
                 )
             time.sleep(min(poll, remaining))
+
+
+    def _say_progress(self, status: Status, said: tuple[object, ...]) -> tuple[object, ...]:
+        """While revisions are pending, one `apply_progress` line each time the applier (any
+        replica) moves on to another revision; returns what was said."""
+        progress = self.read_progress() if status.pending else None
+        if not progress:
+            return said
+        now = (progress.get("revision"), progress.get("n"), progress.get("started_at"))
+        if now != said:
+            log.info("apply_progress", target=self.target, revision=progress.get("revision"),
+                     n=progress.get("n"), total=progress.get("total"),
+                     started_at=progress.get("started_at"), replica=progress.get("replica"),
+                     pending=len(status.pending))
+        return now
+
+
+def _loads(text: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and isinstance(value.get("pending"), list) else None
+
+
+def _progress_of(note: dict[str, Any], steps: list[Any]) -> dict[str, Any] | None:
+    """The open step of the plan in `note` (one the run started: not before the run began)."""
+    pending = [str(r) for r in note["pending"]]
+    since = str(note.get("run_started_at") or "")
+    for step in sorted(steps, key=lambda r: r["started_at"], reverse=True):
+        started = step["started_at"].strftime("%Y-%m-%dT%H:%M:%SZ")
+        if step["revision"] in pending and started >= since:  # both ISO 8601 UTC, in seconds
+            return {"revision": step["revision"], "n": pending.index(step["revision"]) + 1,
+                    "total": len(pending), "started_at": started, "run_started_at": since,
+                    "replica": note.get("replica")}
+    return None
 
 
 def summary(result: ApplyResult, ids: bool = False) -> str:

@@ -43,7 +43,9 @@ SYNC_STATES = (
     "unknown",
 )
 # Conditions reported beside the sync state, worst first: `state` is the worst one present.
-CONDITIONS = ("dirty", "checksum_mismatch", "blocked", "suspended", "destructive_pending", "drift")
+# `revision_unreadable` (a revision file does not parse) is the daemon's: no status is read then.
+CONDITIONS = ("dirty", "revision_unreadable", "checksum_mismatch", "blocked", "suspended",
+              "destructive_pending", "drift")
 _NO_ANCESTRY: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 
 

@@ -46,6 +46,10 @@ BAD = {
     "checksum_mismatch": Observation("refused", "checksum_mismatch", "behind", ("checksum_mismatch",),
                                      mismatched=("r1",)),
     "foreign_writer": Observation("noop", "in_sync", "in_sync", (), foreign=("r3",)),
+    "revision_unreadable": Observation("failed", "revision_unreadable", "unknown", ("revision_unreadable",),
+                                       error="revision file versions/r3.py has a syntax error at line 7",
+                                       consecutive_failures=1, unreadable="versions/r3.py:7",
+                                       unreadable_hash="ab" * 32),
 }
 LOCAL = {"unreachable"}
 ONE_OFF = {"foreign_writer"}  # a finding, not a lasting condition: no recovery
@@ -78,7 +82,7 @@ def names(pairs: list[tuple[Alert, str | None]]) -> list[str]:
 def test_every_event_has_a_rule_and_the_list_is_complete() -> None:
     assert set(EVENTS) == {"applied", "failed", "blocked", "ahead", "multiple_heads", "lock_held",
                            "unreachable", "dirty", "lock_timeout", "drift", "destructive_refused",
-                           "checksum_mismatch", "foreign_writer", "recovered"}
+                           "checksum_mismatch", "foreign_writer", "revision_unreadable", "recovered"}
     assert set(RULES) == set(BAD)
 
 
@@ -264,7 +268,8 @@ def test_alert_text_never_carries_the_password() -> None:
 
 
 class Server:
-    """A webhook endpoint on 127.0.0.1: record (200), hang (never answers), slow (30 s), flaky (500, 200)."""
+    """A webhook endpoint on 127.0.0.1: record (200), hang (never answers), slow (30 s), flaky (500, 200),
+    error (always 500)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -286,7 +291,7 @@ class Server:
                     return
                 if server.mode == "slow":
                     server.stop.wait(30)
-                status = 500 if server.mode == "flaky" and hit == 1 else 200
+                status = 500 if server.mode == "error" or (server.mode == "flaky" and hit == 1) else 200
                 if status == 200:
                     with server.cond:
                         server.bodies.append((self.path, json.loads(body)))
@@ -486,3 +491,107 @@ def test_close_returns_within_its_timeout_with_a_hung_sink() -> None:
             time.sleep(0.02)
         assert not any(t.name == "reconciler-alerts-stuck" for t in threading.enumerate())
         assert dispatcher.submit(alert()) is False  # closed: nothing more is accepted
+
+
+# --------------------------------------------------------------------------- what became of each alert
+
+
+class Tally:
+    """The dispatcher's result callbacks, recorded, with an event per result to wait on."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[str, str, str]] = []
+        self.cond = threading.Condition()
+
+    def callbacks(self) -> dict[str, Any]:
+        return {f"on_{result}": self._recorder(result) for result in ("sent", "failed", "dropped")}
+
+    def _recorder(self, result: str) -> Any:
+        def record(event: str, name: str) -> None:
+            with self.cond:
+                self.results.append((result, event, name))
+                self.cond.notify_all()
+
+        return record
+
+    def wait(self, count: int, timeout: float = 10.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.results) >= count, timeout)
+
+
+def test_a_delivery_that_fails_on_every_attempt_is_counted_failed_not_sent() -> None:
+    tally = Tally()
+    with serve("error") as server, dispatching([sink(server.url(), "broken")], **tally.callbacks()) as d:
+        d.submit(alert("blocked"))
+        assert tally.wait(1)
+    assert server.hits == FAST.retries  # each attempt was answered 500
+    assert tally.results == [("failed", "blocked", "broken")]
+
+
+def test_alerts_pushed_out_of_a_full_queue_are_counted_dropped_by_their_event() -> None:
+    tally = Tally()
+    with serve() as server:
+        dispatcher = AlertDispatcher([sink(server.url(), "chat")], replace(FAST, queue_size=2),
+                                     **tally.callbacks())
+        for event in ("failed", "blocked", "recovered", "applied"):  # not started: the queue fills
+            dispatcher.submit(alert(event))
+        dispatcher.start()
+        assert tally.wait(4)
+        dispatcher.close(timeout=2.0)
+    assert sorted(tally.results) == [("dropped", "blocked", "chat"), ("dropped", "failed", "chat"),
+                                     ("sent", "applied", "chat"), ("sent", "recovered", "chat")]
+
+
+def test_alerts_left_in_the_queue_at_close_are_counted_dropped() -> None:
+    tally = Tally()
+    with serve("hang") as server:
+        dispatcher = AlertDispatcher([sink(server.url(), "stuck")], replace(FAST, send_timeout=60.0),
+                                     **tally.callbacks())
+        dispatcher.start()
+        for i in range(3):
+            dispatcher.submit(alert(revision=f"r{i}"))
+        assert server.wait("hits", 1)
+        dispatcher.close(timeout=0.2)
+        assert tally.wait(3)
+    assert sorted(r for r, _e, _n in tally.results) == ["dropped", "dropped", "failed"]
+
+
+WORKER_ERROR = "revision r2 failed at versions/r2_add.py:14: ZeroDivisionError: division by zero"
+
+
+def test_the_failed_alert_says_the_revision_failed_once() -> None:
+    obs = replace(BAD["failed"], error=WORKER_ERROR)
+    (failed, _key), = AlertPolicy("app", ALERTING).observe(obs, T0)
+    assert failed.message == WORKER_ERROR
+    assert failed.message.count("failed") == 1
+
+
+def test_the_lock_timeout_alert_names_the_revision_once() -> None:
+    error = "revision r2 failed: OperationalError: canceling statement due to lock timeout"
+    (alert_, _key), = AlertPolicy("app", ALERTING).observe(replace(BAD["lock_timeout"], error=error), T0)
+    assert alert_.message.count("r2") == 1 and "canceling statement due to lock timeout" in alert_.message
+
+
+def test_a_failed_revision_is_reported_behind_even_when_the_last_compare_found_drift() -> None:
+    """Drift is reported, never gating: beside a failed revision the state is the sync state."""
+    obs = replace(BAD["failed"], state="drift", conditions=("drift",), error=WORKER_ERROR)
+    alerts = {a.event: a for a, _key in AlertPolicy("app", ALERTING).observe(obs, T0)}
+    assert alerts["failed"].state == "behind"
+    assert alerts["drift"].state == "drift"
+
+
+def test_an_unreadable_revision_file_is_its_own_alert_naming_file_and_line_not_a_failure() -> None:
+    policy = AlertPolicy("app", ALERTING)
+    (entered, _key), = policy.observe(BAD["revision_unreadable"], T0)
+    assert entered.event == "revision_unreadable" and entered.details["unreadable"] == "versions/r3.py:7"
+    assert "line 7" in entered.message
+    # the same file broken anew (another hash) is a new episode; fixed, it recovers
+    again = replace(BAD["revision_unreadable"], unreadable_hash="cd" * 32)
+    assert names(policy.observe(again, T0 + 30)) == ["revision_unreadable"]
+    assert names(policy.observe(OK, T0 + 60)) == ["recovered"]
+
+
+def test_an_unreadable_file_neither_enters_nor_ends_what_needs_the_database() -> None:
+    policy = AlertPolicy("app", ALERTING)
+    assert names(policy.observe(BAD["unreachable"], T0)) == ["unreachable"]
+    assert names(policy.observe(BAD["revision_unreadable"], T0 + 30)) == ["revision_unreadable"]

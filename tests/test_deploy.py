@@ -287,6 +287,8 @@ def served() -> Iterator[Served]:
     metrics.observe_revision_apply(0.1)
     metrics.observe_lock_wait(0.01)
     metrics.alert_sent("applied", "slack1")
+    metrics.alert_failed("applied", "slack1")
+    metrics.alert_dropped("applied", "slack1")
     server = HttpServer("127.0.0.1", 0, _Up(), metrics)
     server.start()
     try:

@@ -10,12 +10,13 @@ from typing import Any
 
 
 class Recorder:
-    """Records every JSON body POSTed to it; `delay` makes it answer slowly, `hang` never."""
+    """Records every JSON body POSTed to it; `delay` makes it answer slowly, `hang` never, and
+    `status` is the answer's code (500: a sink that fails every delivery)."""
 
-    def __init__(self, delay: float = 0.0, hang: bool = False) -> None:
+    def __init__(self, delay: float = 0.0, hang: bool = False, status: int = 200) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.raw: list[bytes] = []
-        self.delay, self.hang = delay, hang
+        self.delay, self.hang, self.status = delay, hang, status
         self._stop = threading.Event()
         recorder = self
 
@@ -33,7 +34,7 @@ class Recorder:
                     return
                 if recorder.delay:
                     time.sleep(recorder.delay)
-                self.send_response(200)
+                self.send_response(recorder.status)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
