@@ -162,9 +162,11 @@ def top_level_names(path: Path) -> frozenset[str] | None:
         if _undecidable(node):
             return None
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
-            names.update(_global_names(node))
-            todo.extend(getattr(node, "decorator_list", []))
+            declared = _global_names(node)
+            if declared is None:
+                return None
+            names |= {node.name, *declared}
+            todo.extend(node.decorator_list)
             continue
         if isinstance(node, ast.Lambda):
             continue
@@ -181,14 +183,15 @@ def _undecidable(node: ast.AST) -> bool:
     return isinstance(node, ast.Attribute) and node.attr in ("modules", "__dict__")
 
 
-def _global_names(scope: ast.AST) -> set[str]:
-    """Names a function or class body declares `global`: they bind in the module."""
+def _global_names(scope: ast.AST) -> set[str] | None:
+    """Names a function or class body declares `global` (they bind in the module); None when it
+    binds names dynamically (`globals()[...]`, `setattr(sys.modules[...])`)."""
     found: set[str] = set()
     for node in ast.walk(scope):
         if isinstance(node, ast.Global):
             found.update(node.names)
         elif _undecidable(node):
-            found.add("__getattr__")  # a dynamic binding inside: the caller gives up
+            return None
     return found
 
 

@@ -131,7 +131,7 @@ class DevLoop:
         self._draft_tables: dict[str, frozenset[str]] = {}  # the draft's id -> the tables it touches
         self._held: dict[str, tuple[Path, frozenset[str]]] = {}  # held back: id -> (file, tables)
         self._carry: set[str] = set()  # tables of withdrawn revisions: the next compare covers them
-        self._generated = False  # a generation has loaded the models once
+        self._generated = False  # the first generation has run (what fails after it is an edit)
         self._fatal: ConfigError | None = None  # why dev mode stopped at start
 
     # lifecycle
@@ -250,11 +250,12 @@ class DevLoop:
                 try:
                     self.generate_and_apply()
                 except ConfigError as exc:
-                    if not self._generated:
+                    if not self._generated and _names_a_missing_attribute(exc, self.settings):
                         self._stop_at_start(exc)
                         return None
                     raise
-                self._generated = True
+                finally:
+                    self._generated = True  # past the first generation: later errors are edits
         except StopGenerating as exc:
             log.warning("dev_paused", reason=str(exc))
         except RevisionsChanged as exc:
@@ -266,8 +267,9 @@ class DevLoop:
         return None
 
     def _stop_at_start(self, exc: ConfigError) -> None:
-        """The first generation could not load the models (`app:dbb`, a module that does not
-        import): nothing would ever be generated, so stop (exit 2) instead of idling on."""
+        """The first generation found no `[target] models` attribute in the imported module
+        (`app:dbb`, where the source could not tell): no save would ever generate anything, so
+        stop (exit 2) instead of idling on. A syntax error is a save in progress: it is not."""
         log.error("dev_models_unusable", error=str(exc), kind=exc.__class__.__name__)
         self._fatal = ConfigError(
             f"dev mode cannot start: {exc}; fix [target] models (or the models module) and run "
@@ -588,6 +590,13 @@ class RevisionsChanged(ReconcilerError):
     """Revision files arrived or vanished during a generation: its result is discarded."""
 
     transient = True
+
+
+def _names_a_missing_attribute(exc: ConfigError, settings: Settings) -> bool:
+    """The worker's error says the models module has no such attribute (the words of the
+    worker's model loader: "has no attribute 'dbb'")."""
+    attr = settings.target.models.partition(":")[2]
+    return bool(attr) and f"has no attribute '{attr}'" in str(exc)
 
 
 def _tables_of(result: Any) -> frozenset[str]:

@@ -21,7 +21,14 @@ from reconciler import urlcheck
 from reconciler.alerts import Alert, AlertDispatcher, _InFlight
 from reconciler.config import AlertingSettings, AlertSink
 from tests import dbs
-from tests.builders import Project, alembic_project, create_table, db_heads, flask_project
+from tests.builders import (
+    Project,
+    alembic_project,
+    create_table,
+    db_heads,
+    flask_project,
+    table_names,
+)
 from tests.cli import run_cli, start_cli
 
 MISSING_PG = f"postgresql://root@127.0.0.1:5432/{dbs.new_name('absent')}"
@@ -92,6 +99,18 @@ def test_negative_control_without_the_check_postgresql_fails_at_the_version_inse
         assert result.returncode == 1, result.stderr
         assert "too long" in result.stderr
     assert db_heads(pg_url) == set()
+
+
+def test_negative_control_without_the_check_mariadb_is_left_half_applied(
+    tmp_path: Path, mysql_url: str
+) -> None:
+    """MariaDB commits DDL as it goes: the revision's table is there, its id is not recorded."""
+    project = alembic_project(tmp_path / "proj", mysql_url)
+    project.revision(LONG_ID, None, upgrade=create_table("t_long"))
+    env = {"RECONCILER_UNSAFE_DISABLE": "revision_id_length"}
+    result = run_cli(["--config", str(project.config), "apply"], cwd=project.root, env=env)
+    assert result.returncode == 1, result.stderr
+    assert "t_long" in table_names(mysql_url) and db_heads(mysql_url) == set()
 
 
 # --- part 8: settings and options --------------------------------------------------------------
