@@ -421,6 +421,9 @@ def downgrade(rec: Reconciler, revision: str, confirm: Confirm) -> tuple[str, li
     The plan is made under the lock and `confirm(target, undo)` (which shows it and asks the
     person) is called under the lock too, so what is confirmed is what gets undone.
     """
+    # Before connecting: a revision the repository does not know is a typo, not a database state.
+    if relative_steps(revision) is None and revision != "base":
+        rec.graph().resolve(revision)
     with connection.connect(rec.engine) as conn, rec.locked(
         conn, rec.settings.apply.lock_acquire_timeout
     ):
@@ -507,6 +510,7 @@ def generate_revision(rec: Reconciler, message: str | None, rev_id: str | None =
 
     Only reads the database, which must be at the repository's heads: a revision generated
     against an older schema would repeat the pending ones."""
+    check_rev_id(rec.settings, rev_id)
     _refuse_unless_at_heads(rec.status())
     with _worker(rec) as worker:
         result: Generated = worker.generate(message=message, rev_id=rev_id)
@@ -514,6 +518,18 @@ def generate_revision(rec: Reconciler, message: str | None, rev_id: str | None =
         log.info("revision_generated", revision=result.revision, path=result.path,
                  operations=[op["text"] for op in result.operations])
     return result
+
+
+def check_rev_id(settings: Settings, rev_id: str | None) -> None:
+    """`--rev-id` must fit the version table's column, as every revision file's id must (see
+    `graph.check_id_lengths`): refused before a worker starts or anything connects."""
+    limit = settings.target.revision_id_length
+    if rev_id is not None and len(rev_id) > limit:
+        raise ConfigError(
+            f"--rev-id {rev_id!r} is {len(rev_id)} characters, longer than the {limit} of the "
+            "version table's version_num column; give a shorter id (or none: a new 12-character "
+            "one is made)"
+        )
 
 
 def _refuse_unless_at_heads(status: Status) -> None:
@@ -535,6 +551,7 @@ def _refuse_unless_at_heads(status: Status) -> None:
 
 def empty_revision(settings: Settings, message: str | None, rev_id: str | None = None) -> Generated:
     """`flask db revision`: an empty revision from the directory's template, on the one head."""
+    check_rev_id(settings, rev_id)
     with _plain_worker(settings) as worker:
         result: Generated = worker.revision(message=message, rev_id=rev_id)
     log.info("revision_created", revision=result.revision, path=result.path)
@@ -547,6 +564,7 @@ def merge(settings: Settings, revisions: tuple[str, ...], message: str | None,
     repository has fewer than two heads (nothing to merge, no file)."""
     from reconciler.project import Project
 
+    check_rev_id(settings, rev_id)
     wanted = tuple(revisions) or ("heads",)
     if wanted == ("heads",) and len(Project(settings).graph().heads) < 2:
         return None

@@ -32,7 +32,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from reconciler import __version__, logs
+from reconciler import __version__, logs, urlcheck
 from reconciler.config import AlertingSettings, AlertSink
 from reconciler.redact import redact
 
@@ -503,9 +503,11 @@ class _InFlight:
         self._conn: http.client.HTTPConnection | None = None
         self.cut = False
 
-    def track(self, cls: type[http.client.HTTPConnection]) -> Callable[..., http.client.HTTPConnection]:
+    def track(self, cls: type[http.client.HTTPConnection],
+              allow_link_local: bool = False) -> Callable[..., http.client.HTTPConnection]:
         def make(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
             conn = cls(*args, **kwargs)
+            conn._create_connection = _checked_connect(allow_link_local)  # type: ignore[attr-defined]
             with self._lock:
                 self._conn, self.cut = conn, False
             return conn
@@ -520,19 +522,42 @@ class _InFlight:
             with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    def opener(self) -> urllib.request.OpenerDirector:
+    def opener(self, allow_link_local: bool = False) -> urllib.request.OpenerDirector:
+        """HTTP and HTTPS only: not `build_opener`'s defaults, which also open file://, ftp:// and
+        data: URLs. Each connection's peer address is checked (`_checked_connect`)."""
         tracker = self
 
         class Http(urllib.request.HTTPHandler):
             def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-                return self.do_open(tracker.track(http.client.HTTPConnection), req)
+                return self.do_open(tracker.track(http.client.HTTPConnection, allow_link_local), req)
 
         class Https(urllib.request.HTTPSHandler):
             def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-                return self.do_open(tracker.track(http.client.HTTPSConnection), req,
-                                    context=ssl.create_default_context())
+                return self.do_open(tracker.track(http.client.HTTPSConnection, allow_link_local),
+                                    req, context=ssl.create_default_context())
 
-        return urllib.request.build_opener(_NoRedirect(), Http(), Https())
+        opener = urllib.request.OpenerDirector()
+        for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), Http(),
+                        Https(), _NoRedirect(), urllib.request.HTTPDefaultErrorHandler(),
+                        urllib.request.HTTPErrorProcessor()):
+            opener.add_handler(handler)
+        return opener
+
+
+def _checked_connect(allow_link_local: bool) -> Callable[..., socket.socket]:
+    """`socket.create_connection`, refusing a peer on a link-local or metadata address once
+    connected and before a byte is sent: a host name may resolve there (DNS is not checked at
+    configuration time)."""
+
+    def connect(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        sock = socket.create_connection(address, *args, **kwargs)
+        why = urlcheck.peer_refusal(str(sock.getpeername()[0]), allow_link_local)
+        if why:
+            sock.close()
+            raise OSError(why)
+        return sock
+
+    return connect
 
 
 def wants(sink: AlertSink, alert: Alert) -> bool:
@@ -573,7 +598,7 @@ class _SinkWorker:
         self.closing = False
         self.close_deadline = float("inf")
         self.in_flight = _InFlight()
-        self.opener = self.in_flight.opener()
+        self.opener = self.in_flight.opener(alerting.allow_link_local)
         self.thread = threading.Thread(target=self._run, name=f"reconciler-alerts-{sink.name}", daemon=True)
 
     def put(self, alert: Alert) -> bool:
@@ -632,6 +657,9 @@ class _SinkWorker:
 
     def _attempt(self, body: bytes, timeout: float) -> str:
         """One POST cut at `timeout`; returns "" on a 2xx answer, else what went wrong (never the URL)."""
+        refused = urlcheck.refusal(self.sink.url, self.alerting.allow_link_local)
+        if refused:  # the configuration refuses it too; a sink built in code is checked here
+            return f"refused: {refused}"
         request = urllib.request.Request(
             self.sink.url, data=body, method="POST",
             headers={"Content-Type": "application/json", "User-Agent": f"schema-reconciler/{__version__}"},

@@ -140,3 +140,85 @@ def suggested_models(root: Path) -> str | None:
                 if name == "SQLAlchemy" and targets:
                     return f"{path.stem}:{targets[0]}"
     return None
+
+
+# Names whose use lets a module bind names no statement spells (`globals()["db"] = ...`).
+_DYNAMIC_NAMES = frozenset({"globals", "locals", "vars", "exec", "eval", "setattr", "__import__"})
+
+
+def top_level_names(path: Path) -> frozenset[str] | None:
+    """The names a module binds at its top level, read from its source (never imported):
+    assignments, imports, defs and class defs, also inside `if`/`try`/`for`/`with` blocks and
+    `global` declarations in functions. None when that cannot be decided from the source: it does
+    not parse, uses `from x import *`, defines a module `__getattr__`, or binds names dynamically
+    (`globals()`, `setattr`, `exec`, `sys.modules[...]`)."""
+    tree = _parse(path)
+    if tree is None:
+        return None
+    names: set[str] = set()
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if _undecidable(node):
+            return None
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            declared = _global_names(node)
+            if declared is None:
+                return None
+            names |= {node.name, *declared}
+            todo.extend(node.decorator_list)
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        names.update(_bound_here(node))
+        todo.extend(ast.iter_child_nodes(node))
+    return None if "__getattr__" in names else frozenset(names)
+
+
+def _undecidable(node: ast.AST) -> bool:
+    if isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names):
+        return True
+    if isinstance(node, ast.Name) and node.id in _DYNAMIC_NAMES:
+        return True
+    return isinstance(node, ast.Attribute) and node.attr in ("modules", "__dict__")
+
+
+def _global_names(scope: ast.AST) -> set[str] | None:
+    """Names a function or class body declares `global` (they bind in the module); None when it
+    binds names dynamically (`globals()[...]`, `setattr(sys.modules[...])`)."""
+    found: set[str] = set()
+    for node in ast.walk(scope):
+        if isinstance(node, ast.Global):
+            found.update(node.names)
+        elif _undecidable(node):
+            return None
+    return found
+
+
+def _bound_here(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+        return {node.id}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    if isinstance(node, ast.ExceptHandler) and node.name:
+        return {node.name}
+    for kind, attr in (("MatchAs", "name"), ("MatchStar", "name"), ("MatchMapping", "rest")):
+        cls = getattr(ast, kind, None)
+        if cls is not None and isinstance(node, cls) and getattr(node, attr):
+            return {str(getattr(node, attr))}
+    return set()
+
+
+def defines(path: Path, name: str) -> bool | None:
+    """Whether the module file at `path` binds `name` at its top level; None when undecidable
+    from the source. A package's `__init__.py` also has its submodules as attributes."""
+    names = top_level_names(path)
+    if names is None:
+        return None
+    if name in names:
+        return True
+    if path.name == "__init__.py" and _module_path(path.parent, name) is not None:
+        return None  # `pkg:sub` is there once something imports pkg.sub
+    if path.name == "__init__.py" and (path.parent / name).is_dir():
+        return None  # a namespace subpackage
+    return False

@@ -320,10 +320,21 @@ def _progress_line(ctx: Context) -> Iterator[terminal.ProgressLine | None]:
 @command
 def wait(ctx: Context, timeout: float, exact: bool, interval: float) -> int:
     """Block until the database is at or ahead of the repository heads (exit 8 on timeout)."""
+    _check_seconds("--timeout", timeout, zero=True, example="300")
+    _check_seconds("--interval", interval, zero=False, example="1")
     with _reconciler(ctx) as rec:
         result = rec.wait(timeout, exact=exact, poll=interval)
     click.echo(f"database is {result.state}", err=True)
     return EXIT_OK
+
+
+def _check_seconds(option: str, value: float, zero: bool, example: str) -> None:
+    """A duration option: a number, not negative (and more than 0 unless `zero` is allowed);
+    `inf` is a duration too (wait for ever), NaN is not."""
+    if value > 0 or (zero and value == 0):
+        return
+    least = "0 or more" if zero else "more than 0"
+    raise ConfigError(f"{option} must be {least} seconds, got {value:g}; e.g. {option} {example}")
 
 
 @main.command()
@@ -464,15 +475,21 @@ def stamp(ctx: Context, revision: str, force: bool) -> int:
 
 @main.command()
 @click.argument("revision")
-@click.option("--applied", "outcome", flag_value="applied", help="the revision is fully applied")
-@click.option("--rolled-back", "outcome", flag_value="rolled_back", help="it was undone by hand")
+@click.option("--applied", is_flag=True, help="the revision is fully applied")
+@click.option("--rolled-back", "rolled_back", is_flag=True, help="it was undone by hand")
 @command
-def resolve(ctx: Context, revision: str, outcome: str | None) -> int:
+def resolve(ctx: Context, revision: str, applied: bool, rolled_back: bool) -> int:
     """Tell the journal what became of a dirty (half-applied) revision."""
     from reconciler import admin
 
-    if not outcome:
+    if applied and rolled_back:
+        raise ConfigError(
+            f"--applied and --rolled-back contradict each other: say what became of {revision} "
+            "with one of them"
+        )
+    if not (applied or rolled_back):
         raise ConfigError("say what happened: --applied or --rolled-back")
+    outcome = "applied" if applied else "rolled_back"
     with _reconciler(ctx) as rec:
         resolved = admin.resolve(rec, revision, outcome)
     click.echo(f"revision {resolved} resolved as {outcome}", err=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_origin, get_type_hints
 
-from reconciler import appsource, envsettings
+from reconciler import appsource, envsettings, urlcheck
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.redact import redact, register_secret
 
@@ -93,6 +93,10 @@ class TargetSettings:
     )
     worker_timeout: float = field(
         default=3600.0, metadata={"doc": "seconds one worker job may take before it is killed"}
+    )
+    revision_id_length: int = field(
+        default=32,
+        metadata={"doc": "longest revision id accepted: the version table's column width (Alembic: 32)"},
     )
 
 
@@ -260,6 +264,10 @@ class AlertingSettings:
         default=10.0, metadata={"doc": "total seconds one delivery may take, retries included"}
     )
     retries: int = field(default=3, metadata={"doc": "delivery attempts per alert and sink"})
+    allow_link_local: bool = field(
+        default=False,
+        metadata={"doc": "allow alert URLs on link-local / metadata addresses (169.254.0.0/16, fe80::/10)"},
+    )
 
 
 @dataclass(frozen=True)
@@ -348,6 +356,7 @@ ENV_KEYS = envsettings.LEGACY  # the six short names of before; every key has RE
 UNSAFE_ENV = "RECONCILER_UNSAFE_DISABLE"
 UNSAFE_SWITCHES = (
     "lock", "orphan_wait", "dirty", "affinity", "drift_once", "checksums", "dev_recheck", "http_shed",
+    "revision_id_length",
 )
 _LEVELS = ("debug", "info", "warning", "error")
 _FORMATS = ("auto", "text", "json", "console")  # console: the former name of text
@@ -591,7 +600,8 @@ def load_settings(
         alerting=sections["alerting"],
         drift=sections["drift"],
         safety=sections["safety"],
-        alerts=_alert_sinks(tables.get("alerts", []), origin, environ, base_dir, resolve_alerts),
+        alerts=_alert_sinks(tables.get("alerts", []), origin, environ, base_dir, resolve_alerts,
+                            sections["alerting"].allow_link_local),
         unsafe=_unsafe(environ),
         chains=_chains(tables.get("target.chains", []), origin),
     )
@@ -655,6 +665,7 @@ def _alert_sinks(
     environ: Mapping[str, str],
     base_dir: Path,
     resolve: bool,
+    allow_link_local: bool = False,
 ) -> tuple[AlertSink, ...]:
     """[[alerts]] tables, each with its URL resolved (url, url_env or url_file) and masked.
 
@@ -667,14 +678,28 @@ def _alert_sinks(
         where = next(iter(keyed.values()), f"[[alerts]] #{index + 1}")  # the file's, or RECONCILER_ALERTS
         if sink.kind not in ALERT_KINDS:
             raise ConfigError(f"{where}: kind must be one of {', '.join(ALERT_KINDS)}, got {sink.kind!r}")
+        if sink.url:  # a literal URL is checked by every command, secrets only by `run`
+            _check_alert_url(sink.url, where, allow_link_local)
         if not resolve:
             continue
         url = sink.url or _sink_url_from(sink, environ, base_dir, where)
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise ConfigError(f"{where}: alert URL {redact(url)!r} must start with http:// or https://")
+        _check_alert_url(url, where, allow_link_local)
         register_secret(_url_secret_part(url))
         sinks.append(dataclasses.replace(sink, url=url, name=sink.name or f"{sink.kind}{index + 1}"))
     return tuple(sinks)
+
+
+def _check_alert_url(url: str, where: str, allow_link_local: bool) -> None:
+    """http(s) only, and no link-local or metadata host unless allowed (see `urlcheck`). The
+    message shows the URL up to its host: the path and query carry the sink's token."""
+    why = urlcheck.refusal(url, allow_link_local)
+    if why is None and not re.match(r"^https?://[^/\s]+", url, re.IGNORECASE):
+        why = "it must start with http:// or https://"
+    if why:
+        match = re.match(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:/*)?(?:[^/?#]*@)?(?P<host>[^/?#]*)",
+                         url.strip())
+        shown = redact(f"{match['scheme'] or ''}{match['host']}" if match else "")
+        raise ConfigError(f"{where}: alert URL {shown!r} (shown up to its host) refused: {why}")
 
 
 def _sink_url_from(sink: AlertSink, environ: Mapping[str, str], base_dir: Path, where: str) -> str:
@@ -953,6 +978,7 @@ def _validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: 
         raise ConfigError(f"[journal] table must be a plain table name, got {settings.journal.table!r}")
     _validate_journal(settings.journal, origin)
     _validate_daemon(settings.daemon, origin)
+    _validate_limits(settings, origin)
     _validate_role(settings.apply.role, origin.get(("apply", "role"), "[apply] role"))
     _validate_drift(settings.drift, origin)
     _validate_safety(settings.safety, origin)
@@ -1039,6 +1065,36 @@ def _validate_daemon(daemon: DaemonSettings, origin: dict[tuple[str, str], str])
         )
 
 
+MAX_BLOCKED_AFTER = 1000  # failures; more is "never" in practice: say 0
+MAX_REVISION_ID_LENGTH = 255  # the widest version column MySQL's utf8mb4 primary key allows
+
+
+def _validate_limits(settings: Settings, origin: dict[tuple[str, str], str]) -> None:
+    """Numbers with a meaningful range: a value outside it is a mistake, not a wish."""
+
+    def where(section: str, key: str) -> str:
+        return origin.get((section, key), f"[{section}] {key}")
+
+    if settings.apply.connect_timeout <= 0:
+        raise ConfigError(
+            f"{where('apply', 'connect_timeout')}: connect_timeout must be more than 0 seconds, got "
+            f"{settings.apply.connect_timeout:g} (0 would wait for a connection forever); e.g. 10"
+        )
+    blocked = settings.daemon.blocked_after
+    if not 0 <= blocked <= MAX_BLOCKED_AFTER:
+        raise ConfigError(
+            f"{where('daemon', 'blocked_after')}: blocked_after must be 0 (never block) or 1 to "
+            f"{MAX_BLOCKED_AFTER} failures of the same revision, got {blocked}; e.g. 3"
+        )
+    length = settings.target.revision_id_length
+    if not 1 <= length <= MAX_REVISION_ID_LENGTH:
+        raise ConfigError(
+            f"{where('target', 'revision_id_length')}: revision_id_length must be 1 to "
+            f"{MAX_REVISION_ID_LENGTH} characters (the width of the version table's version_num "
+            f"column; Alembic creates it as 32), got {length}"
+        )
+
+
 def _validate_drift(drift: DriftSettings, origin: dict[tuple[str, str], str]) -> None:
     from reconciler.drift import parse_rule
 
@@ -1074,11 +1130,29 @@ def check_import_path(value: str, settings: Settings, where: str, key: str) -> N
         raise ConfigError(
             f"{where}: {key} must look like 'package.module:attribute', got {value!r}"
         )
-    if find_module_file(module, settings) is None:
+    path = find_module_file(module, settings)
+    if path is None:
         raise ConfigError(
             f"{where}: cannot find module '{module}' for {key} {value!r} under the project root "
             f"{settings.root_dir}; set [target] root to the folder that holds it"
         )
+    _check_attribute(path, value, where, key)
+
+
+def _check_attribute(path: Path, value: str, where: str, key: str) -> None:
+    """The attribute must be one the module's source binds at its top level (read with ast, not
+    imported). Not refused when the source cannot tell (`import *`, `__getattr__`, `globals()`):
+    the worker, importing it, says then."""
+    attr = value.partition(":")[2].split(".")[0]
+    if not path.is_file() or appsource.defines(path, attr) is not False:
+        return
+    names = sorted(n for n in appsource.top_level_names(path) or () if not n.startswith("_"))
+    close = difflib.get_close_matches(attr, names, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(
+        f"{where}: {key} {value!r}: {path} defines no top-level name '{attr}'; {hint}names it "
+        f"defines: {', '.join(names[:20]) or 'none'}; fix [target] {key} (or --{key})"
+    )
 
 
 def find_module_file(module: str, settings: Settings) -> Path | None:

@@ -131,6 +131,8 @@ class DevLoop:
         self._draft_tables: dict[str, frozenset[str]] = {}  # the draft's id -> the tables it touches
         self._held: dict[str, tuple[Path, frozenset[str]]] = {}  # held back: id -> (file, tables)
         self._carry: set[str] = set()  # tables of withdrawn revisions: the next compare covers them
+        self._generated = False  # the first generation has run (what fails after it is an edit)
+        self._fatal: ConfigError | None = None  # why dev mode stopped at start
 
     # lifecycle
     def run(self) -> int:
@@ -149,6 +151,8 @@ class DevLoop:
         self._models_changed.set()  # a full compare at start
         self.loop.start()
         signals.wait_for(self._done)
+        if self._fatal is not None:
+            raise self._fatal
         return 0
 
     def _start_warm(self) -> Any:
@@ -243,7 +247,15 @@ class DevLoop:
             self._sync_first()
             if self._models_changed.is_set():
                 self._models_changed.clear()
-                self.generate_and_apply()
+                try:
+                    self.generate_and_apply()
+                except ConfigError as exc:
+                    if not self._generated and _names_a_missing_attribute(exc, self.settings):
+                        self._stop_at_start(exc)
+                        return None
+                    raise
+                finally:
+                    self._generated = True  # past the first generation: later errors are edits
         except StopGenerating as exc:
             log.warning("dev_paused", reason=str(exc))
         except RevisionsChanged as exc:
@@ -253,6 +265,18 @@ class DevLoop:
         except ReconcilerError as exc:
             log.error("dev_error", error=str(exc), kind=exc.__class__.__name__)
         return None
+
+    def _stop_at_start(self, exc: ConfigError) -> None:
+        """The first generation found no `[target] models` attribute in the imported module
+        (`app:dbb`, where the source could not tell): no save would ever generate anything, so
+        stop (exit 2) instead of idling on. A syntax error is a save in progress: it is not."""
+        log.error("dev_models_unusable", error=str(exc), kind=exc.__class__.__name__)
+        self._fatal = ConfigError(
+            f"dev mode cannot start: {exc}; fix [target] models (or the models module) and run "
+            "`reconciler run --mode dev` again"
+        )
+        self._stopping.set()
+        threading.Thread(target=self._shutdown, daemon=True).start()
 
     def _sync_first(self) -> None:
         """Teammates' revisions and branch switches first: apply, or stop and say how to fix."""
@@ -566,6 +590,13 @@ class RevisionsChanged(ReconcilerError):
     """Revision files arrived or vanished during a generation: its result is discarded."""
 
     transient = True
+
+
+def _names_a_missing_attribute(exc: ConfigError, settings: Settings) -> bool:
+    """The worker's error says the models module has no such attribute (the words of the
+    worker's model loader: "has no attribute 'dbb'")."""
+    attr = settings.target.models.partition(":")[2]
+    return bool(attr) and f"has no attribute '{attr}'" in str(exc)
 
 
 def _tables_of(result: Any) -> frozenset[str]:

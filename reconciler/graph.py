@@ -381,6 +381,26 @@ def _revision_id(value: object, path: Path, line: int | None) -> str:
     return value
 
 
+def check_id_lengths(revisions: Iterable[Revision], limit: int) -> None:
+    """Refuse revision ids longer than `limit`, the version table's `version_num` width (Alembic
+    creates it as VARCHAR(32)): the database would refuse to record them only after the revision
+    ran. Every offending file is named."""
+    long = sorted((r for r in revisions if len(r.revision) > limit), key=lambda r: str(r.path))
+    if not long:
+        return
+    problems = [
+        RevisionFileError(
+            f"{r.path}: revision id {r.revision!r} is {len(r.revision)} characters, longer than "
+            f"the {limit} of the version table's version_num column; rename the revision (its id "
+            "and the down_revision that names it), or set [target] revision_id_length to the "
+            "column's width if you widened it",
+            r.path,
+        )
+        for r in long
+    ]
+    raise problems[0] if len(problems) == 1 else _combined(problems)
+
+
 def _flag(values: Mapping[str, tuple[object, int | None]], name: str, path: Path) -> bool:
     value, line = values.get(name, (False, None))
     if isinstance(value, bool):

@@ -21,6 +21,7 @@ from reconciler.graph import Revision, RevisionGraph
 if TYPE_CHECKING:
     from reconciler.workerclient import Worker
 
+REVISION_ID_SWITCH = "revision_id_length"  # RECONCILER_UNSAFE_DISABLE name of that check
 # A worker that read headers is kept this long for the apply that follows, then closed.
 KEEP_HEADERS_WORKER = 60.0
 
@@ -79,10 +80,14 @@ class Project:
 
     def _load(self, dirs: list[Path], recursive: bool) -> RevisionGraph:
         graph, fallback = graphs.load_graph(dirs, recursive, cache=self._cache)
-        if not fallback:
-            return graph
-        extra = self._headers_from_worker(fallback)
-        return graphs.build_graph([*graph.revisions.values(), *extra])
+        if fallback:
+            extra = self._headers_from_worker(fallback)
+            graph = graphs.build_graph([*graph.revisions.values(), *extra])
+        # Before any connection: an id wider than the version column fails only at the version
+        # insert, after the revision's DDL ran (MariaDB: half applied) or on every run (PostgreSQL).
+        if REVISION_ID_SWITCH not in self.settings.unsafe:
+            graphs.check_id_lengths(graph.revisions.values(), self.settings.target.revision_id_length)
+        return graph
 
     def _headers_from_worker(self, paths: list[Path]) -> list[Revision]:
         from reconciler.workerclient import Worker, WorkerJob  # the worker client only when needed

@@ -122,7 +122,7 @@ def test_models_found_under_root_without_import(tmp_path: Path) -> None:
     pkg = tmp_path / "myapp"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("raise SystemExit('must not be imported')\n")
-    (pkg / "models.py").write_text("raise SystemExit('must not be imported')\n")
+    (pkg / "models.py").write_text("raise SystemExit('must not be imported')\ndb = None\n")
     path = write(tmp_path, '[target]\nurl = "sqlite:///a.db"\nmodels = "myapp.models:db"\n')
     assert load_settings(str(path), environ={}).target.models == "myapp.models:db"
 
