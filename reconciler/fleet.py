@@ -172,9 +172,10 @@ class Failure:
 _GATE_FIELDS = ("failed_at", "retry_after")
 
 
-def db_time(conn: sa.engine.Connection) -> float:
+def db_time(conn: sa.engine.Connection) -> float | None:
     """The database server's clock, in epoch seconds: every replica reads the same clock, so a
-    replica whose own clock is skewed still agrees with the others on when a retry is due."""
+    replica whose own clock is skewed still agrees with the others on when a retry is due.
+    None when it cannot be read: the retry gate then never holds a run back."""
     name = conn.dialect.name
     if name == "postgresql":
         query = "SELECT EXTRACT(EPOCH FROM clock_timestamp())"
@@ -182,7 +183,11 @@ def db_time(conn: sa.engine.Connection) -> float:
         query = "SELECT UNIX_TIMESTAMP(SYSDATE(6))"
     else:  # SQLite: a local file, so the local clock is everyone's
         query = "SELECT (julianday('now') - 2440587.5) * 86400.0"
-    value = conn.execute(sa.text(query)).scalar_one()
+    try:
+        value = conn.execute(sa.text(query)).scalar_one()
+    except sa.exc.DBAPIError:
+        _rollback(conn)
+        return None
     _commit(conn)
     return float(value)
 
@@ -205,8 +210,8 @@ def record_failure(
     previous = Failure.loads(read(conn, jt, [failures_key(target)]).get(failures_key(target)))
     count = previous.count + 1 if previous and previous.signature == failure.signature else 1
     counted = dataclasses.replace(failure, count=count)
-    if retry_base > 0:
-        now = db_time(conn)
+    now = db_time(conn) if retry_base > 0 else None
+    if now is not None:
         counted = dataclasses.replace(
             counted, failed_at=now, retry_after=now + backoff(count, base=retry_base, cap=retry_cap)
         )

@@ -969,6 +969,8 @@ class Reconciler:
         if failure is None or not failure.retry_after or failure.revision not in pending:
             return
         now = fleet.db_time(conn)
+        if now is None:
+            return  # no clock to judge by: the gate never holds a run back
         fields = {"target": self.target, "revision": failure.revision, "failures": failure.count,
                   "retry_after": round(failure.retry_after, 3), "db_time": round(now, 3)}
         if not fleet.retry_deferred(failure, pending, now):
