@@ -112,7 +112,8 @@ def _redacted(value: Any) -> Any:
 class Observation:
     """What one run saw; built by the daemon after each run."""
 
-    outcome: str  # noop | applied | lock_busy | failed | unreachable | refused | blocked | suspended
+    # noop | applied | lock_busy | failed | unreachable | refused | blocked | suspended | deferred
+    outcome: str
     state: str
     sync_state: str
     conditions: tuple[str, ...]

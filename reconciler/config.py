@@ -356,7 +356,7 @@ ENV_KEYS = envsettings.LEGACY  # the six short names of before; every key has RE
 UNSAFE_ENV = "RECONCILER_UNSAFE_DISABLE"
 UNSAFE_SWITCHES = (
     "lock", "orphan_wait", "dirty", "affinity", "drift_once", "checksums", "dev_recheck", "http_shed",
-    "revision_id_length",
+    "revision_id_length", "retry_gate",
 )
 _LEVELS = ("debug", "info", "warning", "error")
 _FORMATS = ("auto", "text", "json", "console")  # console: the former name of text

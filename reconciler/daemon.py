@@ -29,6 +29,7 @@ from reconciler.errors import (
     ConfigError,
     LockTimeout,
     ReconcilerError,
+    RetryDeferred,
     RevisionFailed,
     Suspended,
     UnreachableError,
@@ -93,6 +94,7 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.rec = Reconciler(settings)
+        self.rec.retry_gate = True  # a tick never tries a failed revision before the fleet's retry_after
         self.target = self.rec.target
         self.drift = DriftChecker(self.rec, settings.drift, settings.unsafe)
         self.metrics = Metrics(self.target, __version__)
@@ -334,6 +336,9 @@ class Daemon:
             signature = self.rec.failure_of(exc).signature
             return RunResult("failed", self._quiet_status(), error=str(exc), failed_revision=exc.revision,
                              failure_signature=signature, lock_timeout=is_lock_timeout(exc))
+        except RetryDeferred as exc:  # not a failure: no count toward blocked_after or unreachable
+            return RunResult("deferred", self._quiet_status(), error=str(exc), failed_revision=exc.revision,
+                             failure_signature=exc.signature)
         except Blocked as exc:
             return RunResult("blocked", self._quiet_status(), error=str(exc))
         except Suspended as exc:

@@ -104,3 +104,15 @@ class Suspended(Refused):
 
 class Blocked(Refused):
     """A revision failed the same way `blocked_after` times; it waits for its file to change."""
+
+
+class RetryDeferred(ReconcilerError):
+    """A daemon tick found the revision it would run failed recently: the fleet's retry of it is
+    not due yet (the failure record's `retry_after`, on the database's clock). Not a failure."""
+
+    exit_code = EXIT_REVISION_FAILED
+
+    def __init__(self, message: str, revision: str = "", signature: str = "") -> None:
+        super().__init__(message)
+        self.revision = revision
+        self.signature = signature

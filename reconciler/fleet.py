@@ -2,7 +2,9 @@
 
 Keys are per target:
 - `suspended/<target>`: set by `reconciler suspend`; no replica applies while it is there.
-- `failures/<target>`: the last failure signature and how often it repeated in a row.
+- `failures/<target>`: the last failure signature, how often it repeated in a row, and (the retry
+  gate) the database's clock when it was counted and when the fleet may try it again: a daemon
+  tick that holds the lock before `retry_after` does not run the revision (`retry_deferred`).
 - `blocked/<target>`: the revision (and its file hash) that failed `blocked_after` times the same
   way; applying stops until that file changes or an operator runs `reconciler resume`.
 - `lock_holder/<target>`: the replica (host, pid) and database session that took the lock last;
@@ -22,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
+from reconciler.backoff import backoff
 from reconciler.journal import JournalTables
 
 
@@ -144,13 +148,22 @@ class Failure:
     sqlstate: str
     count: int = 1
     message: str = ""
+    # The retry gate, in epoch seconds of the database's clock (`db_time`): when this failure was
+    # counted, and when the fleet may try the revision again. 0: not known (an older release's
+    # record, or the blocked record): no gate.
+    failed_at: float = 0.0
+    retry_after: float = 0.0
 
     @property
     def signature(self) -> str:
         return f"{self.revision}:{self.file_hash[:12]}:{self.error_class}:{self.sqlstate}"
 
     def dumps(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        data = dataclasses.asdict(self)
+        for name in _GATE_FIELDS:
+            if not data[name]:
+                del data[name]  # the shape an older release reads (it refuses unknown keys)
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def loads(cls, text: str | None) -> Failure | None:
@@ -158,22 +171,77 @@ class Failure:
             return None
         try:
             data: dict[str, Any] = json.loads(text)
-            return cls(**data)
-        except (ValueError, TypeError):
+            known = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})  # a later release's keys: ignored
+        except (ValueError, TypeError, AttributeError):
             return None
 
 
+_GATE_FIELDS = ("failed_at", "retry_after")
+
+
+def db_time(conn: sa.engine.Connection) -> float | None:
+    """The database server's clock, in epoch seconds: every replica reads the same clock, so a
+    replica whose own clock is skewed still agrees with the others on when a retry is due.
+    None when it cannot be read: the retry gate then never holds a run back."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        query = "SELECT EXTRACT(EPOCH FROM clock_timestamp())"
+    elif name in ("mysql", "mariadb"):
+        query = "SELECT UNIX_TIMESTAMP(SYSDATE(6))"
+    else:  # SQLite: a local file, so the local clock is everyone's
+        query = "SELECT (julianday('now') - 2440587.5) * 86400.0"
+    try:
+        value = conn.execute(sa.text(query)).scalar_one()
+    except sa.exc.DBAPIError:
+        _rollback(conn)
+        return None
+    _commit(conn)
+    return float(value)
+
+
 def record_failure(
-    conn: sa.engine.Connection, jt: JournalTables, target: str, failure: Failure, blocked_after: int
+    conn: sa.engine.Connection,
+    jt: JournalTables,
+    target: str,
+    failure: Failure,
+    blocked_after: int,
+    retry_base: float = 0.0,
+    retry_cap: float = 0.0,
 ) -> Failure:
-    """Count a failure (under the lock); block the revision when it repeats `blocked_after` times."""
+    """Count a failure (under the lock); block the revision when it repeats `blocked_after` times.
+
+    With `retry_base` (the daemon interval; `retry_cap`: backoff_max) the record also says when
+    the fleet may try it again: the database's clock now plus the shared backoff for this count
+    (1-2 intervals after the first failure, then 2-4, ...). The blocked record keeps the shape
+    an older release reads."""
     previous = Failure.loads(read(conn, jt, [failures_key(target)]).get(failures_key(target)))
     count = previous.count + 1 if previous and previous.signature == failure.signature else 1
     counted = dataclasses.replace(failure, count=count)
+    now = db_time(conn) if retry_base > 0 else None
+    if now is not None:
+        counted = dataclasses.replace(
+            counted, failed_at=now, retry_after=now + backoff(count, base=retry_base, cap=retry_cap)
+        )
     put(conn, jt, failures_key(target), counted.dumps())
     if blocked_after > 0 and count >= blocked_after:
-        put(conn, jt, blocked_key(target), counted.dumps())
+        plain = dataclasses.replace(counted, failed_at=0.0, retry_after=0.0)  # the old shape
+        put(conn, jt, blocked_key(target), plain.dumps())
     return counted
+
+
+def retry_deferred(failure: Failure | None, pending: Mapping[str, str], now: float) -> bool:
+    """The retry gate's decision: True when a run must not try its revisions yet.
+
+    `pending` maps the revisions the run would apply to their file hashes; `now` is the
+    database's clock. Deferred while the recorded failure is one of them, its file unchanged
+    (a new file hash lifts the gate, as it lifts `blocked`), and `now` is before its
+    `retry_after`. A record without `retry_after` (an older release's) never defers."""
+    if failure is None or failure.retry_after <= 0:
+        return False
+    if pending.get(failure.revision) != failure.file_hash:
+        return False
+    return now < failure.retry_after
 
 
 def clear_failures(conn: sa.engine.Connection, jt: JournalTables, target: str) -> None:

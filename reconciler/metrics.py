@@ -23,7 +23,9 @@ from prometheus_client import (
 
 from reconciler.state import CONDITIONS, SYNC_STATES
 
-OUTCOMES = ("noop", "applied", "lock_busy", "failed", "unreachable", "refused", "blocked", "suspended")
+OUTCOMES = (
+    "noop", "applied", "lock_busy", "failed", "unreachable", "refused", "blocked", "suspended", "deferred",
+)
 STATES = SYNC_STATES + CONDITIONS
 
 # Seconds: from half a millisecond (a no-op run) to ten minutes (a long run).

@@ -9,6 +9,7 @@ and after it ends, in a worker subprocess that runs the project's env.py.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from reconciler.errors import (
     LockTimeout,
     ReconcilerError,
     Refused,
+    RetryDeferred,
     RevisionFailed,
     StateError,
     Suspended,
@@ -303,6 +305,9 @@ class Reconciler:
         self._mismatch_logged: tuple[checksums.Mismatch, ...] = ()
         self.check_files = True  # stat the revision files each run (the daemon turns it off while it watches)
         self.guard = True  # the destructive-change guard ([safety]); dev mode has its own
+        # The fleet's retry gate (fleet.retry_deferred): daemon ticks honour it, a person's
+        # `reconciler apply` runs the revision when asked (the daemon turns it on).
+        self.retry_gate = False
         self._refusal: tuple[tuple[str, tuple[str, ...]], str] | None = None  # (graph, pending), message
         self._guard_info: tuple[tuple[str, tuple[str, ...]], dict[str, Any]] | None = None
         self._announcement: str | None = None  # the lock holder's note, until the journal exists
@@ -816,6 +821,7 @@ class Reconciler:
                 chain.guard = self.guard  # its files are stat'ed each run: nothing watches them
                 chain_graph = graph if chain is self else chain.graph()
                 before = chain._settled_status(conn, chain_graph)
+                chain._defer_unless_due(conn, chain_graph, before)
                 worker = stack.enter_context(chain._validated(conn, before))
                 plans.append((chain, chain_graph, before, worker))
             for chain, chain_graph, before, worker in plans:
@@ -971,13 +977,47 @@ class Reconciler:
                         sqlstate=exc.sqlstate, hint="retried with backoff; never blocks")
             return
         failure = self.failure_of(exc, graph)
+        daemon = self.settings.daemon
         counted = fleet.record_failure(
-            conn, self.journal, self.journal_target, failure, self.settings.daemon.blocked_after
+            conn, self.journal, self.journal_target, failure, daemon.blocked_after,
+            retry_base=daemon.interval, retry_cap=daemon.backoff_max,
         )
         self._conditions = None
+        log.warning("revision_failure_counted", target=self.target, revision=counted.revision,
+                    failures=counted.count, failed_at=round(counted.failed_at, 3),
+                    retry_after=round(counted.retry_after, 3))
         if counted.count >= self.settings.daemon.blocked_after > 0:
             log.error("revision_blocked", target=self.target, revision=counted.revision,
                       failures=counted.count, error_class=counted.error_class)
+
+    def _defer_unless_due(self, conn: sa.engine.Connection, graph: RevisionGraph, status: Status) -> None:
+        """The fleet's retry gate, under the lock, before any worker starts: raise RetryDeferred
+        when a pending revision failed and its `retry_after` (database clock) is still ahead.
+        The whole run waits (every chain of the database): at most one backoff."""
+        if not (self._parent or self).retry_gate or "retry_gate" in self.settings.unsafe:
+            return
+        try:
+            refuse_unless_applicable(status)
+        except ReconcilerError:
+            return  # blocked, suspended, dirty...: refused as before, not deferred
+        if status.sync_state not in APPLICABLE or not self._journal_exists(conn):
+            return
+        key = fleet.failures_key(self.journal_target)
+        failure = fleet.Failure.loads(fleet.read(conn, self.journal, [key]).get(key))
+        pending = {rev: graph.revisions[rev].file_hash for rev in status.decision.pending
+                   if rev in graph.revisions}
+        if failure is None or not failure.retry_after or failure.revision not in pending:
+            return
+        now = fleet.db_time(conn)
+        if now is None:
+            return  # no clock to judge by: the gate never holds a run back
+        fields = {"target": self.target, "revision": failure.revision, "failures": failure.count,
+                  "retry_after": round(failure.retry_after, 3), "db_time": round(now, 3)}
+        if not fleet.retry_deferred(failure, pending, now):
+            log.info("retry_due", **fields)
+            return
+        log.info("retry_deferred", **fields)
+        raise RetryDeferred(_deferred_message(failure), failure.revision, failure.signature)
 
     def _settled_status(self, conn: sa.engine.Connection, graph: RevisionGraph) -> Status:
         if not self._journal_exists(conn):
@@ -1397,6 +1437,16 @@ def _blocked_message(blocked: fleet.Failure) -> str:
         f"revision {blocked.revision} failed {blocked.count} times the same way "
         f"({blocked.error_class or 'error'}{' ' + blocked.sqlstate if blocked.sqlstate else ''}): "
         f"{blocked.message} — it is retried when its file changes, or after `reconciler resume`"
+    )
+
+
+def _deferred_message(failure: fleet.Failure) -> str:
+    when = dt.datetime.fromtimestamp(failure.retry_after, dt.timezone.utc).replace(tzinfo=None)
+    at = when.isoformat(timespec="milliseconds")
+    return (
+        f"revision {failure.revision} failed {failure.count} time(s) the same way "
+        f"({failure.error_class or 'error'}): {failure.message} — the fleet retries it no sooner "
+        f"than {at}Z (database clock; backoff from the interval), or at once when its file changes"
     )
 
 
