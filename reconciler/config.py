@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, get_origin, get_type_hints
 
 from reconciler import appsource, envsettings
 from reconciler.errors import ConfigError, ReconcilerError
-from reconciler.redact import redact, register_secret
+from reconciler.redact import is_ambiguous, redact, register_secret, register_url
 
 if TYPE_CHECKING:
     from reconciler.workerclient import AppUrl
@@ -862,7 +862,13 @@ def normalize_url(url: str, base_dir: Path, where: str) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    _register_url_password(url)
+    register_url(url)
+    if is_ambiguous(url):
+        raise ConfigError(
+            f"{where}: the URL '{redact(url)}' has more than one '@' before its host, so its "
+            "password cannot be told from its host; URL-encode the password "
+            "(an '@' in it is written %40: urllib.parse.quote(password, safe=''))"
+        )
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
@@ -870,8 +876,6 @@ def normalize_url(url: str, base_dir: Path, where: str) -> str:
             f"{where}: '{redact(url)}' is not a database URL ({redact(str(exc))}); "
             "expected e.g. postgresql://user:password@host:5432/dbname or sqlite:///app.db"
         ) from None
-    if parsed.password:
-        register_secret(str(parsed.password))
     try:
         parsed.get_dialect()
     except Exception as exc:  # NoSuchModuleError, or the driver is not installed
@@ -891,15 +895,6 @@ def normalize_url(url: str, base_dir: Path, where: str) -> str:
             f"{where}: the URL '{redact(url)}' names no database; add /dbname at its end"
         )
     return url
-
-
-def _register_url_password(url: str) -> None:
-    match = re.match(r"^[^:/]+://[^:/@]*:(?P<pw>[^@]*)@", url)
-    if match:
-        from urllib.parse import unquote
-
-        register_secret(match.group("pw"))
-        register_secret(unquote(match.group("pw")))
 
 
 def default_target_name(url: str) -> str:
