@@ -72,23 +72,24 @@ def _parsed_password(url: str) -> str | None:
 def register_url(url: str | None) -> None:
     """Register the password of a database (or webhook) URL in every form it may take.
 
-    The password as SQLAlchemy parses it, the password as written (after the first `:` of the
-    user part, up to the last `@`) raw and URL-decoded, and, for a password holding an unescaped
-    `@`, each of its `@`-separated pieces of at least `MIN_FRAGMENT` characters (a parser that
-    splits at the first `@` shows the rest as a host or port)."""
+    The password as SQLAlchemy parses it and as written (after the first `:` of the user part, up
+    to the last `@`), raw and URL-decoded; for a password holding an `@`, escaped or not, each of
+    its `@`-separated pieces of at least `MIN_FRAGMENT` characters too (a parser that splits at the
+    first `@` shows the rest as a host or port)."""
     if not url:
         return
-    register_secret(_parsed_password(url))
+    passwords = {_parsed_password(url) or ""}
     info = userinfo(url)
-    if info is None:
-        return
-    _user, colon, written = info.partition(":")
-    if not colon:
-        return
-    pieces = [written, *(p for p in written.split("@") if len(p) >= MIN_FRAGMENT)]
-    for piece in pieces:
-        register_secret(piece)
-        register_secret(unquote(piece))
+    if info is not None:
+        _user, colon, written = info.partition(":")
+        if colon:
+            passwords |= {written, unquote(written)}
+    for password in passwords:
+        register_secret(password)
+        pieces = password.split("@")
+        for piece in pieces if len(pieces) > 1 else ():
+            if len(piece) >= MIN_FRAGMENT:
+                register_secret(piece)
 
 
 def _mask_ambiguous(match: re.Match[str]) -> str:

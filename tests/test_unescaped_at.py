@@ -109,3 +109,31 @@ def test_unescaped_at_leaks_nothing_in_the_workers_error_text(tmp_path: Path, ki
             w.upgrade("r0000")
     assert dbs.canary_hits(str(caught.value), repr(caught.value), *logs) == []
     assert "URL-encode the password" in str(caught.value)  # not a port parse error blamed on env.py
+
+
+UNESCAPED_IN_ERROR = (
+    "url = op.get_bind().engine.url\n"
+    'raise RuntimeError("cannot use " + url.drivername + "://canary:" + url.password + "@"'
+    ' + str(url.host) + "/db, host part " + url.password.split("@")[1] + "@" + str(url.host))'
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_unescaped_at_in_a_revision_error_leaks_nothing_in_the_daemons_status(
+    tmp_path: Path, kind: str
+) -> None:
+    """The daemon's /status, /metrics and logs, when a revision's error holds the URL with the
+    password unescaped (and the piece a parser would take for the host)."""
+    from tests.test_daemon import config, daemon
+
+    with dbs.database(kind, tmp_path, canary=True) as url:
+        project = flask_project(tmp_path / "p", url)
+        project.chain(1)
+        project.revision("bad", "r0000", upgrade=UNESCAPED_IN_ERROR)
+        config(project, interval=0.3)
+        with daemon(project) as d:
+            status = d.wait_status(lambda s: "cannot use" in (s.get("last_error") or ""), 60, "the error")
+            bodies = [d.get(path)[1] for path in ("/status", "/metrics", "/healthz", "/readyz")]
+        assert dbs.canary_hits(*bodies, d.stdout, d.stderr) == []  # before: 'rd:x' in clear
+        assert f"://{MASK}@" in status["last_error"], status["last_error"]
