@@ -2,9 +2,11 @@
 
 The canary user's password (`p%40ss/w@rd:x`, tests/dbs.py) is written into the URL as it is, and
 every output of `status`, `status --json`, `apply`, `wait` and `run` (JSON and text logs, from
-`--url` and from the config file, on PostgreSQL and MariaDB) plus the worker's error text is
-searched for it: raw, URL-decoded, URL-encoded once and twice, and every piece of 4 characters or
-more. Prints the number of outputs read and the hits, which must be 0.
+`--url`, from the config file and from the Flask app's DATABASE_URL, on PostgreSQL and MariaDB),
+the worker's error text, and a daemon's /status, /metrics and logs while a revision fails with
+the URL unescaped in its error (tests/test_unescaped_at.py) are searched for it: raw,
+URL-decoded, URL-encoded once and twice, and every piece of 4 characters or more. Prints the
+number of outputs read and the hits, which must be 0.
 
     python -m bench.canary_at
 """
@@ -61,7 +63,21 @@ def _outputs(kind: str, folder: Path) -> list[str]:
         except ReconcilerError as exc:
             texts.append(str(exc))
         texts.extend(logs)
+        texts.extend(_daemon_outputs(folder / f"{kind}_daemon", good))
     return texts
+
+
+def _daemon_outputs(folder: Path, url: str) -> list[str]:
+    from tests.test_daemon import config, daemon
+    from tests.test_unescaped_at import UNESCAPED_IN_ERROR
+
+    project = bench_project(folder, url, 1)
+    project.revision("bad", "r0000", upgrade=UNESCAPED_IN_ERROR)
+    config(project, interval=0.3)
+    with daemon(project) as running:
+        running.wait_status(lambda s: "cannot use" in (s.get("last_error") or ""), 60, "the error")
+        bodies = [running.get(path)[1] for path in ("/status", "/metrics", "/healthz", "/readyz")]
+    return [*bodies, running.stdout, running.stderr]
 
 
 def main() -> None:
