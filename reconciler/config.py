@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import logging
 import math
 import os
@@ -347,13 +348,17 @@ _DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
 def _resolve_path(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
-    if path.is_absolute():
-        return path
+    joined = base / path  # `path` itself when it is absolute
     try:
-        return (base / path).resolve()
-    except (RuntimeError, OSError):  # a loop of symbolic links (RuntimeError before Python 3.13)
+        if path.is_absolute():
+            os.stat(path)  # only to find a loop; an absolute path is kept as written
+            return path
+        return joined.resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a loop, before Python 3.13
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            return joined  # missing or unreadable: the check of that setting says so
         raise ConfigError(
-            f"{base / path} is a loop of symbolic links; replace it with the real file or directory "
+            f"{joined} is a loop of symbolic links; replace it with the real file or directory "
             "(or a link to it)"
         ) from None
 

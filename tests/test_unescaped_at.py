@@ -76,11 +76,13 @@ def test_unescaped_at_leaks_nothing_in_any_command_or_log_format(tmp_path: Path,
                 assert result.returncode == 2, text
                 assert "Traceback" not in text and "URL-encode the password" in text, text
                 outputs.append(text)
+        from_env = run_cli(["status"], cwd=project.root, env={"RECONCILER_TARGET_URL": bad})
         project.url = bad
         project.write_config()  # the same URL from the config file
-        result = run_cli(["--config", str(project.config), "status"], cwd=project.root)
-        assert result.returncode == 2, result.stderr
-        outputs.append(result.stdout + result.stderr)
+        from_file = run_cli(["--config", str(project.config), "status"], cwd=project.root)
+        for result in (from_env, from_file):
+            assert result.returncode == 2, result.stderr
+            outputs.append(result.stdout + result.stderr)
     assert all(f"://{MASK}@127.0.0.1" in text for text in outputs)
     assert dbs.canary_hits(*outputs) == []
 

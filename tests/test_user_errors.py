@@ -82,6 +82,12 @@ def migrations_loop(p: Project, tmp: Path) -> tuple[list[str], dict[str, str], s
     return _status(p), {}, str(p.migrations)
 
 
+def migrations_loop_absolute(p: Project, tmp: Path) -> tuple[list[str], dict[str, str], str]:
+    shutil.rmtree(p.migrations)
+    os.symlink(p.migrations, p.migrations)
+    return ["--migrations", str(p.migrations), *_status(p)], {}, str(p.migrations)
+
+
 def revision_file_loop(p: Project, tmp: Path) -> tuple[list[str], dict[str, str], str]:
     loop = p.versions / "zz_loop.py"
     os.symlink(loop, loop)
@@ -124,6 +130,7 @@ CASES: list[Case] = [
     interval_nan,
     versions_loop,
     migrations_loop,
+    migrations_loop_absolute,
     revision_file_loop,
     no_down_revision,
     postgres_scheme,
