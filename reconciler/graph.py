@@ -443,13 +443,17 @@ def parse_revision_source(source: bytes, path: Path) -> Revision | None:
         draft=_flag(values, "draft", path),
     )
     if "down_revision" not in values:  # Alembic reads module.down_revision: AttributeError
-        raise RevisionFileError(
-            f"{path} assigns no `down_revision`, which Alembic requires of every revision file: "
-            "add `down_revision = None` to a first revision, or the id of the revision it follows",
-            path,
-            rev_line,
-        )
+        raise _no_down_revision(path, rev_line)
     return revision
+
+
+def _no_down_revision(path: Path, line: int | None) -> RevisionFileError:
+    return RevisionFileError(
+        f"{path} assigns no `down_revision`, which Alembic requires of every revision file: "
+        "add `down_revision = None` to a first revision, or the id of the revision it follows",
+        path,
+        line,
+    )
 
 
 def parse_revision_file(path: Path) -> Revision | None:
@@ -492,7 +496,7 @@ def revision_from_headers(headers: Mapping[str, object]) -> Revision:
     def ids(name: str) -> tuple[str, ...]:
         return _ids(values.get(name, (None, None))[0], name, path, None)
 
-    return Revision(
+    revision = Revision(
         revision=_revision_id(values.get("revision", (None, None))[0], path, None),
         down_revisions=ids("down_revision"),
         branch_labels=ids("branch_labels"),
@@ -503,6 +507,9 @@ def revision_from_headers(headers: Mapping[str, object]) -> Revision:
         allow_destructive=_flag(values, "allow_destructive", path),
         draft=_flag(values, "draft", path),
     )
+    if "down_revision" not in headers:
+        raise _no_down_revision(path, None)
+    return revision
 
 
 class ParseCache:

@@ -101,6 +101,17 @@ def no_down_revision(p: Project, tmp: Path) -> tuple[list[str], dict[str, str], 
     return ["--config", str(p.config), "apply"], {}, str(path)
 
 
+def no_down_revision_dynamic(p: Project, tmp: Path) -> tuple[list[str], dict[str, str], str]:
+    """A header that is not a literal: the worker executes the file to read it."""
+    path = next(p.versions.glob("r0001_*.py"))
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if not ln.startswith("down_revision")]
+    path.write_text(
+        "".join('revision = "r" + "0001"\n' if ln.startswith("revision =") else ln for ln in kept)
+    )
+    return ["--config", str(p.config), "apply"], {}, str(path)
+
+
 def postgres_scheme(p: Project, tmp: Path) -> tuple[list[str], dict[str, str], str]:
     return ["--url", "postgres://app@127.0.0.1:5432/app", *_status(p)], {}, "postgresql://"
 
@@ -133,6 +144,7 @@ CASES: list[Case] = [
     migrations_loop_absolute,
     revision_file_loop,
     no_down_revision,
+    no_down_revision_dynamic,
     postgres_scheme,
     missing_pymysql,
     missing_default_mysql_driver,
