@@ -48,7 +48,12 @@ def userinfo(url: str) -> str | None:
     match = _URL.match(url.strip())
     if not match:
         return None
-    rest = match.group("rest")
+    return _userinfo_of(match.group("rest"))
+
+
+def _userinfo_of(rest: str) -> str | None:
+    if rest.startswith("/"):  # no authority (sqlite:////path/with@signs.db)
+        return None
     at = rest.rfind("@")
     return rest[:at] if at >= 0 else None
 
@@ -94,10 +99,10 @@ def register_url(url: str | None) -> None:
 
 def _mask_ambiguous(match: re.Match[str]) -> str:
     rest = match.group("rest")
-    at = rest.rfind("@")
-    if at < 0 or "@" not in rest[:at]:
+    info = _userinfo_of(rest)
+    if info is None or "@" not in info:
         return match.group(0)
-    return f"{match.group('scheme')}{MASK}{rest[at:]}"
+    return f"{match.group('scheme')}{MASK}{rest[len(info):]}"
 
 
 def redact(text: str) -> str:

@@ -59,6 +59,8 @@ def test_a_url_with_several_at_signs_is_masked_whole_in_any_text() -> None:
         assert "cdefgh" not in shown and "ab@" not in shown, shown
     assert redact(url) == f"postgresql://{MASK}@db.example:5432/app"
     assert redact("postgresql://u:secret1@db/app") == "postgresql://u:secret1@db/app"  # not registered
+    sqlite = "sqlite:////srv/a@b@c/app.db"  # a path, no user part: nothing to mask
+    assert redact(sqlite) == sqlite
 
 
 @pytest.mark.parametrize("kind", KINDS)
