@@ -413,7 +413,7 @@ def _read_file(path: Path) -> _Source:
     except RecursionError:
         raise ConfigError(
             f"config file {path} nests arrays or tables too deeply to be read; "
-            "flatten it (no setting needs more than two levels)"
+            "flatten it (no setting is nested more than a few levels deep)"
         ) from None
     values: dict[str, Any] = {}
     origin: dict[tuple[str, str], str] = {}
