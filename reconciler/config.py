@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import logging
+import math
 import os
 import re
 import sys
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any, get_origin, get_type_hints
 
 from reconciler import appsource, envsettings, urlcheck
 from reconciler.errors import ConfigError, ReconcilerError
-from reconciler.redact import redact, register_secret
+from reconciler.redact import is_ambiguous, redact, register_secret, register_url
 
 if TYPE_CHECKING:
     from reconciler.workerclient import AppUrl
@@ -365,7 +367,31 @@ _DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
 def _resolve_path(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
-    return path if path.is_absolute() else (base / path).resolve()
+    joined = base / path  # `path` itself when it is absolute
+    try:
+        if path.is_absolute():
+            os.stat(path)  # only to find a loop; an absolute path is kept as written
+            return path
+        return joined.resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a loop, before Python 3.13
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            return joined  # missing or unreadable: the check of that setting says so
+        raise ConfigError(
+            f"{joined} is a loop of symbolic links; replace it with the real file or directory "
+            "(or a link to it)"
+        ) from None
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """The config file's text: UTF-8, with or without a byte order mark (as most tools accept)."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); "
+            "save it as UTF-8, as TOML requires"
+        ) from None
 
 
 @dataclass
@@ -391,7 +417,7 @@ def _line_of(text: str, section: str, key: str) -> int | None:
 
 def _read_file(path: Path) -> _Source:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _decode(path, path.read_bytes())
     except FileNotFoundError:
         raise ConfigError(
             f"config file {path} does not exist; pass an existing file with --config "
@@ -403,6 +429,11 @@ def _read_file(path: Path) -> _Source:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {redact(str(exc))}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"config file {path} nests arrays or tables too deeply to be read; "
+            "flatten it (no setting is nested more than a few levels deep)"
+        ) from None
     values: dict[str, Any] = {}
     origin: dict[tuple[str, str], str] = {}
     for section, body in data.items():
@@ -458,19 +489,27 @@ def _did_you_mean(word: str, choices: Mapping[str, Any] | list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _seconds(value: Any, where: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where}: {name} must be a number of seconds, got {value!r}")
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{where}: {name} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(
+            f"{where}: {name} must be a finite number of seconds, got {value!r}; "
+            "write a number such as 30 (inf and nan are not durations)"
+        )
+    if number < 0:
+        raise ConfigError(f"{where}: {name} must not be negative, got {value!r}")
+    return number
+
+
 def _coerce(value: Any, hint: Any, where: str, name: str) -> Any:
     origin = get_origin(hint)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            raise ConfigError(f"{where}: {name} must be a number of seconds, got {value!r}")
-        if value < 0:
-            raise ConfigError(f"{where}: {name} must not be negative, got {value!r}")
-        return float(value)
+        return _seconds(value, where, name)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -897,7 +936,13 @@ def normalize_url(url: str, base_dir: Path, where: str) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    _register_url_password(url)
+    register_url(url)
+    if is_ambiguous(url):
+        raise ConfigError(
+            f"{where}: the URL '{redact(url)}' has more than one '@' before its host, so its "
+            "password cannot be told from its host; URL-encode the password "
+            "(an '@' in it is written %40: urllib.parse.quote(password, safe=''))"
+        )
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
@@ -905,15 +950,19 @@ def normalize_url(url: str, base_dir: Path, where: str) -> str:
             f"{where}: '{redact(url)}' is not a database URL ({redact(str(exc))}); "
             "expected e.g. postgresql://user:password@host:5432/dbname or sqlite:///app.db"
         ) from None
-    if parsed.password:
-        register_secret(str(parsed.password))
+    if parsed.drivername.split("+")[0] == "postgres":
+        raise ConfigError(
+            f"{where}: the URL '{redact(url)}' starts with postgres://, a name SQLAlchemy does not "
+            "know; write postgresql:// instead (the rest of the URL stays as it is)"
+        )
     try:
-        parsed.get_dialect()
-    except Exception as exc:  # NoSuchModuleError, or the driver is not installed
+        dialect = parsed.get_dialect()
+    except Exception as exc:  # NoSuchModuleError
         raise ConfigError(
             f"{where}: cannot use the database URL '{redact(url)}': {redact(str(exc))}; "
             "check the dialect name and install its driver (psycopg2-binary, pymysql)"
         ) from None
+    _check_driver(dialect, parsed.get_backend_name(), url, where)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         database = parsed.database or ""
@@ -928,13 +977,27 @@ def normalize_url(url: str, base_dir: Path, where: str) -> str:
     return url
 
 
-def _register_url_password(url: str) -> None:
-    match = re.match(r"^[^:/]+://[^:/@]*:(?P<pw>[^@]*)@", url)
-    if match:
-        from urllib.parse import unquote
+DRIVER_EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 
-        register_secret(match.group("pw"))
-        register_secret(unquote(match.group("pw")))
+
+def _check_driver(dialect: Any, backend: str, url: str, where: str) -> None:
+    """Import the URL's database driver now: a missing one is the user's to install (exit 2)."""
+    loader = getattr(dialect, "import_dbapi", None) or getattr(dialect, "dbapi", None)
+    if loader is None:
+        return
+    try:
+        loader()
+    except ImportError as exc:
+        module = getattr(exc, "name", None) or "its driver"
+        extra = DRIVER_EXTRAS.get(backend)
+        install = f"pip install 'schema-reconciler[{extra}]'" if extra else f"install {module}"
+        hint = ""
+        if extra == "mysql" and module != "pymysql":
+            hint = f" and write the URL as {backend}+pymysql://..., the driver that extra installs"
+        raise ConfigError(
+            f"{where}: the database URL '{redact(url)}' needs the Python module {module}, which "
+            f"is not installed here; {install}{hint}"
+        ) from None
 
 
 def default_target_name(url: str) -> str:

@@ -451,7 +451,7 @@ def parse_revision_source(source: bytes, path: Path) -> Revision | None:
         value, line = values.get(name, (None, rev_line))
         return _ids(value, name, path, line)
 
-    return Revision(
+    revision = Revision(
         revision=_revision_id(rev_value, path, rev_line),
         down_revisions=ids("down_revision"),
         branch_labels=ids("branch_labels"),
@@ -461,6 +461,18 @@ def parse_revision_source(source: bytes, path: Path) -> Revision | None:
         file_hash=_dump_hash(dump),
         allow_destructive=_flag(values, "allow_destructive", path),
         draft=_flag(values, "draft", path),
+    )
+    if "down_revision" not in values:  # Alembic reads module.down_revision: AttributeError
+        raise _no_down_revision(path, rev_line)
+    return revision
+
+
+def _no_down_revision(path: Path, line: int | None) -> RevisionFileError:
+    return RevisionFileError(
+        f"{path} assigns no `down_revision`, which Alembic requires of every revision file: "
+        "add `down_revision = None` to a first revision, or the id of the revision it follows",
+        path,
+        line,
     )
 
 
@@ -504,7 +516,7 @@ def revision_from_headers(headers: Mapping[str, object]) -> Revision:
     def ids(name: str) -> tuple[str, ...]:
         return _ids(values.get(name, (None, None))[0], name, path, None)
 
-    return Revision(
+    revision = Revision(
         revision=_revision_id(values.get("revision", (None, None))[0], path, None),
         down_revisions=ids("down_revision"),
         branch_labels=ids("branch_labels"),
@@ -515,6 +527,9 @@ def revision_from_headers(headers: Mapping[str, object]) -> Revision:
         allow_destructive=_flag(values, "allow_destructive", path),
         draft=_flag(values, "draft", path),
     )
+    if "down_revision" not in headers:
+        raise _no_down_revision(path, None)
+    return revision
 
 
 class ParseCache:
@@ -828,6 +843,13 @@ def build_graph(revisions: Iterable[Revision], partial: bool = False) -> Revisio
 # --- files and directories --------------------------------------------------------------------
 
 
+def _symlink_loop(path: Path) -> ConfigError:
+    return ConfigError(
+        f"{path} is a loop of symbolic links; replace it with the real file or directory "
+        "(or a link to it)"
+    )
+
+
 def _walk(directory: Path, recursive: bool) -> Iterator[Path]:
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
@@ -835,10 +857,15 @@ def _walk(directory: Path, recursive: bool) -> Iterator[Path]:
         return
     subdirs: list[Path] = []
     for entry in entries:
-        if entry.is_dir():  # like os.walk, symlinked directories are not descended into
+        try:
+            is_dir = entry.is_dir()
+            is_file = not is_dir and bool(_REVISION_FILE.match(entry.name)) and entry.is_file()
+        except OSError:  # ELOOP: a symbolic link that leads back to itself
+            raise _symlink_loop(Path(entry.path)) from None
+        if is_dir:  # like os.walk, symlinked directories are not descended into
             if not entry.name.endswith("__pycache__") and not entry.is_symlink():
                 subdirs.append(Path(entry.path))
-        elif _REVISION_FILE.match(entry.name) and entry.is_file():
+        elif is_file:
             yield Path(entry.path)
     if recursive:
         for sub in subdirs:
@@ -850,7 +877,10 @@ def revision_files(version_dirs: Sequence[Path], recursive: bool = False) -> lis
     seen: set[Path] = set()
     files: list[Path] = []
     for directory in version_dirs:
-        real = directory.resolve()
+        try:
+            real = directory.resolve()
+        except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+            raise _symlink_loop(directory) from None
         if real in seen or not real.is_dir():
             continue
         seen.add(real)

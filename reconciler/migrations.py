@@ -357,10 +357,11 @@ class Migrations:
                 "path": str(path),
                 "doc": module.__doc__,
                 "revision": getattr(module, "revision", None),
-                "down_revision": _as_list(getattr(module, "down_revision", None)),
                 "branch_labels": _as_list(getattr(module, "branch_labels", None)),
                 "depends_on": _as_list(getattr(module, "depends_on", None)),
             }
+            if hasattr(module, "down_revision"):  # absent: the control plane names the file
+                header["down_revision"] = _as_list(module.down_revision)
             for flag in ("allow_destructive", "draft"):
                 if hasattr(module, flag):
                     header[flag] = getattr(module, flag)

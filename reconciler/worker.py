@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from reconciler import dbsession, hooks, migrations, target
 from reconciler.errors import ConfigError, ReconcilerError
-from reconciler.redact import redact, register_secret
+from reconciler.redact import is_ambiguous, redact, register_secret, register_url
 
 _PR_SET_PDEATHSIG = 1
 _DRIVER_MODULES = {
@@ -90,7 +90,12 @@ class Job:
         url = str(data.get("url") or "")
         if not url:
             raise ConfigError("the worker job has no database URL")
-        _register_url_password(url)
+        register_url(url)
+        if is_ambiguous(url):
+            raise ConfigError(
+                f"the worker job's database URL {redact(url)!r} has more than one '@' before its "
+                "host; URL-encode the password (an '@' in it is written %40)"
+            )
         if not data.get("migrations_dir"):
             raise ConfigError("the worker job has no migrations directory")
         migrations_dir = Path(data["migrations_dir"]).resolve()
@@ -118,15 +123,6 @@ class Job:
             known_differences=str(data.get("known_differences") or ""),
             log_level=str(data.get("log_level") or "info"),
         )
-
-
-def _register_url_password(url: str) -> None:
-    from sqlalchemy.engine.url import make_url
-
-    with contextlib.suppress(Exception):
-        password = make_url(url).password
-        if password:
-            register_secret(str(password))
 
 
 def _alembic_ini(value: Any, migrations_dir: Path) -> Path | None:

@@ -50,7 +50,7 @@ from reconciler.errors import (
     WorkerError,
 )
 from reconciler.project import alembic_ini_path
-from reconciler.redact import redact, register_secret
+from reconciler.redact import redact, register_secret, register_url
 
 DEFAULT_TIMEOUT = 3600.0
 _CLOSE_WAIT = 5.0
@@ -316,8 +316,9 @@ class Worker:
         `preload`: the worker imports Flask and friends before the job arrives (a warm spare).
         `environ`: the worker's environment instead of ours (the one the settings came from).
         """
-        for secret in (*job.secrets, _password(job.url)):
+        for secret in job.secrets:
             register_secret(secret)
+        register_url(job.url)
         interpreter = python or job.python or sys.executable
         command = [interpreter, "-m", "reconciler.worker", "--parent", str(os.getpid())]
         if preload:
@@ -502,7 +503,7 @@ class Worker:
         if not isinstance(found, dict) or not found.get("url"):
             return None
         url = str(found["url"])
-        register_secret(_password(url))
+        register_url(url)
         return AppUrl(url, str(found.get("where") or "the Flask app"))
 
     def init_dir(self, template: str | None = None) -> dict[str, Any]:

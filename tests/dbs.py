@@ -140,3 +140,27 @@ def assert_no_canary(*texts: str | bytes | None) -> None:
             text = text.decode("utf-8", "replace")
         for form in CANARY_FORMS:
             assert form not in text, f"the canary password leaked ({form!r}) in:\n{text[-2000:]}"
+
+
+def canary_hits(*texts: str | bytes | None) -> list[str]:
+    """Every form of the canary password found in the texts: raw, URL-decoded, URL-encoded (once
+    and twice) and any piece of at least 4 characters of the raw or the decoded password (what an
+    unescaped `@` lets a parser print as a host or port)."""
+    from urllib.parse import quote_plus, unquote
+
+    forms = {*CANARY_FORMS, quote(CANARY_PASSWORD), quote_plus(CANARY_PASSWORD)}
+    for secret in (CANARY_PASSWORD, unquote(CANARY_PASSWORD)):
+        forms |= {secret[i:j] for i in range(len(secret)) for j in range(i + 4, len(secret) + 1)}
+    hits: set[str] = set()
+    for text in texts:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        hits |= {form for form in forms if text and form in text}
+    return sorted(hits)
+
+
+def unescaped_canary_url(url: str) -> str:
+    """The canary URL of `pg_database(canary=True)` / `mysql_database(canary=True)` with the password
+    written as it is, unescaped: several `@` before the host."""
+    parsed = sa.engine.make_url(url)
+    return f"{parsed.drivername}://{CANARY_USER}:{CANARY_PASSWORD}@{parsed.host}:{parsed.port}/{parsed.database}"
