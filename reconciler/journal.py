@@ -22,8 +22,8 @@ MariaDB, a COMMIT of its own) the step is marked first (flag `non_transactional/
 interrupted step became, from the journal and the version table together: the version table
 lists the revision → `applied`; the step was marked → `dirty` (part of it may have run: applying
 stops until an operator says what is true); else → `rolled_back` (nothing left its transaction).
-A step a release without marks started (its open row's `sqlstate` is NULL; ours write "" until
-the step ends) keeps the old rule (`dirty` where DDL commits as it goes).
+A downgrade, and a step a release without marks started (its open row's `sqlstate` is NULL; ours
+write "" until the step ends), keep the old rule (`dirty` where DDL commits as it goes).
 `settle_interrupted` writes those judgements under the lock; status reads `judge` without it.
 """
 
@@ -604,7 +604,8 @@ def judge(row: Mapping[str, Any], applied: frozenset[str], marked: bool, dialect
         return "applied"
     if unsafe:
         return "rolled_back"
-    legacy = row.get("sqlstate") is None  # started by a release whose worker reported nothing
+    # Only upgrades are watched; a step a release without marks started has a NULL sqlstate.
+    legacy = row["operation"] != "upgrade" or row.get("sqlstate") is None
     if marked or (legacy and dialect not in TRANSACTIONAL_DDL):
         return "dirty"
     return "rolled_back"

@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from reconciler import journal, migrations
 from tests.builders import Project, db_heads, flask_project, journal_rows, table_names
 from tests.pgcluster import wait_until
 from tests.test_cli_admin import Background, cli, execute, ok, status
 from tests.test_daemon import config, daemon
 
-pytestmark = pytest.mark.slow  # several CLI processes each
+SLOW = pytest.mark.slow  # several CLI processes each
 
 UNSAFE = {"RECONCILER_UNSAFE_DISABLE": "dirty"}
 DEADLINE = 60
@@ -134,6 +135,7 @@ def outcomes(url: str, revision: str = "b1") -> list[object]:
     return [r["outcome"] for r in journal_rows(url) if r["revision"] == revision]
 
 
+@SLOW
 @pytest.mark.postgres
 def test_postgresql_revision_killed_after_its_autocommit_block_is_dirty_not_rerun(
     tmp_path: Path, pg_url: str
@@ -160,6 +162,7 @@ def test_postgresql_revision_killed_after_its_autocommit_block_is_dirty_not_reru
     assert outcomes(pg_url) == ["resolved_applied"]
 
 
+@SLOW
 @pytest.mark.postgres
 def test_without_the_dirty_safeguard_the_autocommit_revision_runs_twice(tmp_path: Path, pg_url: str) -> None:
     """Negative control: the interrupted step is judged rolled back and the UPDATE runs again."""
@@ -172,6 +175,7 @@ def test_without_the_dirty_safeguard_the_autocommit_revision_runs_twice(tmp_path
     assert outcomes(pg_url) == ["rolled_back", "applied"]
 
 
+@SLOW
 @pytest.mark.postgres
 def test_postgresql_revision_killed_before_any_autocommit_block_is_rolled_back(
     tmp_path: Path, pg_url: str
@@ -186,6 +190,7 @@ def test_postgresql_revision_killed_before_any_autocommit_block_is_rolled_back(
     assert outcomes(pg_url) == ["rolled_back", "applied"]
 
 
+@SLOW
 @pytest.mark.mysql
 def test_mariadb_revision_committed_before_the_journal_is_settled_by_the_daemon(
     tmp_path: Path, mysql_url: str
@@ -208,6 +213,7 @@ def test_mariadb_revision_committed_before_the_journal_is_settled_by_the_daemon(
     assert "done" in table_names(mysql_url) and db_heads(mysql_url) == {"b1"}
 
 
+@SLOW
 @pytest.mark.mysql
 def test_mariadb_revision_killed_after_ddl_is_dirty_and_says_the_version_table_lacks_it(
     tmp_path: Path, mysql_url: str
@@ -227,6 +233,7 @@ def test_mariadb_revision_killed_after_ddl_is_dirty_and_says_the_version_table_l
     assert db_heads(mysql_url) == {"b1"} and outcomes(mysql_url) == ["resolved_rolled_back", "applied"]
 
 
+@SLOW
 @pytest.mark.mysql
 def test_mariadb_revision_killed_before_its_first_ddl_is_not_dirty(tmp_path: Path, mysql_url: str) -> None:
     """No false dirty: nothing had committed, so the step is rolled back and applied again."""
@@ -235,3 +242,60 @@ def test_mariadb_revision_killed_before_its_first_ddl_is_not_dirty(tmp_path: Pat
     assert "dirty" not in status(project)["conditions"]
     ok(project, "apply")
     assert db_heads(mysql_url) == {"b1"} and outcomes(mysql_url) == ["rolled_back", "applied"]
+
+
+WATCHED_ROW = {"operation": "upgrade", "revision": "b1", "sqlstate": journal.WATCHED}
+
+
+@pytest.mark.parametrize(
+    ("row", "applied", "marked", "dialect", "expected"),
+    [
+        (WATCHED_ROW, frozenset({"b1"}), True, "mysql", "applied"),  # the version table wins
+        (WATCHED_ROW, frozenset(), True, "postgresql", "dirty"),  # left its transaction
+        (WATCHED_ROW, frozenset(), False, "mysql", "rolled_back"),  # never did
+        ({**WATCHED_ROW, "sqlstate": None}, frozenset(), False, "mysql", "dirty"),  # older release
+        ({**WATCHED_ROW, "sqlstate": None}, frozenset(), False, "postgresql", "rolled_back"),
+        ({**WATCHED_ROW, "operation": "downgrade"}, frozenset(), False, "mysql", "dirty"),  # unwatched
+    ],
+)
+def test_an_interrupted_step_is_judged_from_its_mark_and_the_version_table(
+    row: dict[str, object], applied: frozenset[str], marked: bool, dialect: str, expected: str
+) -> None:
+    assert journal.judge(row, applied, marked, dialect) == expected
+    assert journal.judge(row, frozenset(), marked, dialect, unsafe=True) == "rolled_back"
+
+
+class _Dialect:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Conn:
+    def __init__(self, dialect: str, autocommit: bool = False) -> None:
+        self.dialect = _Dialect(dialect)
+        self.connection = type(
+            "Fairy", (), {"dbapi_connection": type("Raw", (), {"autocommit": autocommit})()}
+        )()
+
+
+@pytest.mark.parametrize(
+    ("dialect", "statement", "leaves"),
+    [
+        ("mysql", "INSERT INTO w VALUES ('x')", False),
+        ("mysql", "UPDATE alembic_version SET version_num='b1'", False),
+        ("mysql", "SET FOREIGN_KEY_CHECKS=0", False),
+        ("mysql", "SET autocommit=1", True),
+        ("mysql", "CREATE TABLE a (id INT)", True),
+        ("mysql", "  ALTER TABLE a ADD COLUMN b INT", True),
+        ("mariadb", "LOCK TABLES a WRITE", True),
+        ("postgresql", "CREATE TABLE a (id INT)", False),
+        ("postgresql", "COMMIT", True),
+        ("sqlite", "end", True),
+    ],
+)
+def test_statements_that_leave_the_transaction_are_named(dialect: str, statement: str, leaves: bool) -> None:
+    assert bool(migrations.non_transactional_reason(_Conn(dialect), statement)) is leaves
+
+
+def test_a_postgresql_statement_in_autocommit_mode_leaves_the_transaction() -> None:
+    assert migrations.non_transactional_reason(_Conn("postgresql", autocommit=True), "UPDATE t SET v = 1")
