@@ -19,7 +19,9 @@ report and the commit of the statement it announced: it may or may not have run,
 the only safe answer; the operator finds nothing and resolves `--rolled-back`), and revisions
 committed before their step was recorded (settled `applied` by the next run, never dirty).
 
-Run: `python bench/chaos_kill.py [--trials 30] [--seed 12]`; prints a table.
+Run: `python -m bench.chaos_kill [--trials 30] [--seed 12]`; prints a table. `--unsafe` runs it
+with RECONCILER_UNSAFE_DISABLE=dirty (the negative control: the double runs the bench exists to
+catch are then seen); `--dialects postgresql` runs one of them.
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ FINISH = {  # the rest of a revision, by hand (MariaDB's index comes with its ta
 }
 
 
+ENV: dict[str, str] = {}  # RECONCILER_UNSAFE_DISABLE=dirty with --unsafe
+
+
 @dataclass
 class Counts:
     trials: int = 0
@@ -113,7 +118,7 @@ def cli(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         cli_command(["--config", str(project.config), *args], "json"),
         cwd=project.root,
-        env=cli_env(),
+        env=cli_env(ENV),
         capture_output=True,
         text=True,
         timeout=120,
@@ -179,7 +184,7 @@ def start_apply(project: Project) -> tuple[subprocess.Popen[bytes], float]:
     proc = subprocess.Popen(
         cli_command(["--config", str(project.config), "apply"], "json"),
         cwd=project.root,
-        env=cli_env(),
+        env=cli_env(ENV),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -327,7 +332,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--folder", default="/tmp/chaos_kill")
+    parser.add_argument("--unsafe", action="store_true", help="RECONCILER_UNSAFE_DISABLE=dirty")
+    parser.add_argument("--dialects", default="postgresql,mariadb")
     args = parser.parse_args()
+    if args.unsafe:
+        ENV["RECONCILER_UNSAFE_DISABLE"] = "dirty"
     rng = random.Random(args.seed)
     widths = (11, 6, 7, 10, 7, 7, 9, 11, 9, 7)
     lines = [
@@ -349,6 +358,8 @@ def main() -> None:
         row(("", "", "runs", "half", "dirty", "(half)", "nothing", "unrecorded", "", "s"), widths),
     ]
     for dialect, revisions in (("postgresql", PG), ("mariadb", MARIADB)):
+        if dialect not in args.dialects.split(","):
+            continue
         folder = Path(args.folder) / dialect
         if folder.exists():
             subprocess.run(["rm", "-rf", str(folder)], check=True)
