@@ -476,21 +476,28 @@ def resolve(rec: Reconciler, revision: str, outcome: str) -> str:
     ):
         rec.ensure_journal(conn)
         status = rec.status()
+        # Why here: the same judgement status made (journal and version table together).
         settled = journal.settle_interrupted(
-            conn, rec.journal, _applied(graph, status), rec.backend
+            conn, rec.journal, _applied(graph, status), rec.backend,
+            unsafe="dirty" in rec.settings.unsafe,
         )
         dirty = list(dict.fromkeys(str(r["revision"]) for r in settled))
         if rev not in dirty:
-            raise StateError(
-                f"revision {rev} is not dirty in the journal (dirty: {', '.join(dirty) or 'none'}); "
-                "nothing to resolve"
-            )
+            raise StateError(_not_dirty(rev, dirty, rev in _applied(graph, status)))
         if outcome == "applied" and rev not in _applied(graph, status):
             with rec.start_worker(conn) as worker:
                 worker.stamp(rev)
         journal.resolve_dirty(conn, rec.journal, rev, outcome)
     log.info("dirty_resolved", target=rec.target, revision=rev, outcome=outcome)
     return rev
+
+
+def _not_dirty(rev: str, dirty: list[str], listed: bool) -> str:
+    where = (f"the version table lists {rev}: it is applied, and the journal records it so"
+             if listed else f"the version table does not list {rev} and no step of it left its "
+             "transaction: the next apply runs it")
+    return (f"revision {rev} is not dirty in the journal ({where}; dirty: "
+            f"{', '.join(dirty) or 'none'}); nothing to resolve")
 
 
 def _dirty_revision_id(graph: RevisionGraph, revision: str, outcome: str) -> str:

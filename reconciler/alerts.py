@@ -254,9 +254,10 @@ RULES: dict[str, Rule] = {
                   "deploy the newer code or check for a rollback", extras=("unknown",),
                   enabled=lambda a: a.ahead_alert, grace=lambda a: a.ahead_grace),
     "dirty": Rule(_condition("dirty", lambda o: _joined(o.dirty)),
-                  "revision {dirty} started and did not complete on a database whose DDL commits as it "
-                  "goes: it may be half-applied and is not retried. Inspect the schema, finish or undo "
-                  "it by hand, then run `reconciler resolve {first_dirty} --applied` or `--rolled-back`",
+                  "revision {dirty} started and did not complete after it left its transaction (DDL "
+                  "that commits as it goes, or an autocommit block): it may be half-applied and is not "
+                  "retried. `reconciler status` says what to check; finish or undo it by hand, then run "
+                  "`reconciler resolve {first_dirty} --applied` or `--rolled-back`",
                   extras=("dirty",)),
     "lock_timeout": Rule(_lock_timeout, "revision {revision} gave up waiting for a table lock "
                          "(ddl_lock_timeout) on every retry: {cause}; it is retried with backoff. Look for "

@@ -15,11 +15,16 @@ cannot be created (no CREATE privilege), the journal stays in the target's schem
 a warning says so. Tables the previous release left in the target's schema are moved into the side
 place, under the lock, rows and ids kept.
 
-A `started` row without `completed_at` means the step was interrupted. Under the lock, before
-applying anything, `settle_interrupted` decides what happened: the version table says the revision
-is applied → `applied`; DDL is transactional (PostgreSQL, SQLite) → `rolled_back`; otherwise
-(MySQL / MariaDB commit DDL as they go) the revision may be half-applied → `dirty`, and applying
-stops until an operator says what is true.
+A `started` row without `completed_at` means the step was interrupted. When the worker is about
+to leave the revision's transaction (an autocommit block, DDL that commits implicitly on MySQL /
+MariaDB, a COMMIT of its own) the step is marked first (flag `non_transactional/<step id>`, see
+`mark_non_transactional`), and only then does the worker go on. `judge` decides what an
+interrupted step became, from the journal and the version table together: the version table
+lists the revision → `applied`; the step was marked → `dirty` (part of it may have run: applying
+stops until an operator says what is true); else → `rolled_back` (nothing left its transaction).
+A downgrade, and a step a release without marks started (its open row's `sqlstate` is NULL; ours
+write "" until the step ends), keep the old rule (`dirty` where DDL commits as it goes).
+`settle_interrupted` writes those judgements under the lock; status reads `judge` without it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ RELOCATE_AFTER = 60.0  # seconds: how long a replica reads the previous release'
 SIDE_FILE_SUFFIX = ".reconciler.sqlite"  # beside the lock's `<db file>.reconciler.lock"
 TRANSACTIONAL_DDL = ("postgresql", "sqlite")
 MAX_ERROR = 2000
+WATCHED = ""  # an open step's sqlstate: its worker reports non-transactional sections (see judge)
 
 
 @dataclass(frozen=True)
@@ -375,6 +381,7 @@ def record_started(
             file_hash=file_hash,
             started_at=_now(),
             outcome="started",
+            sqlstate=WATCHED,
             host=replica_id()[:128],
             tool_version=__version__,
             trigger=trigger[:64],
@@ -553,29 +560,93 @@ def dirty_rows(
     return rows_with_outcome(conn, jt, "dirty", target)
 
 
+NON_TRANSACTIONAL = "non_transactional/"  # flags key prefix + step id: the step left its transaction
+
+
+def mark_non_transactional(
+    conn: sa.engine.Connection, jt: JournalTables, row_id: int, revision: str, reason: str
+) -> None:
+    """The step `row_id` is about to leave its transaction (committed before the worker goes on)."""
+    value = f"{revision}: {reason}"[:MAX_ERROR]
+    conn.execute(jt.flags.insert().values(key=f"{NON_TRANSACTIONAL}{row_id}", value=value,
+                                          updated_at=_now()))
+    _commit(conn)
+
+
+def marks(conn: sa.engine.Connection, jt: JournalTables, row_ids: Iterable[int]) -> dict[int, str]:
+    """step id → why it left its transaction, for the marked ones of `row_ids`."""
+    keys = {f"{NON_TRANSACTIONAL}{int(i)}": int(i) for i in row_ids}
+    if not keys:
+        return {}
+    try:
+        rows = conn.execute(
+            sa.select(jt.flags.c.key, jt.flags.c.value).where(jt.flags.c.key.in_(list(keys)))
+        ).fetchall()
+    except sa.exc.DBAPIError:
+        _rollback(conn)
+        return {}
+    _commit(conn)
+    return {keys[str(k)]: str(v).split(": ", 1)[-1] for k, v in rows}
+
+
+def unmark(conn: sa.engine.Connection, jt: JournalTables, row_ids: Iterable[int]) -> None:
+    keys = [f"{NON_TRANSACTIONAL}{int(i)}" for i in row_ids]
+    if keys:
+        conn.execute(jt.flags.delete().where(jt.flags.c.key.in_(keys)))
+        _commit(conn)
+
+
+def judge(row: Mapping[str, Any], applied: frozenset[str], marked: bool, dialect: str,
+          unsafe: bool = False) -> str:
+    """What an interrupted step became: `applied`, `dirty` or `rolled_back` (module docstring).
+    `unsafe`: RECONCILER_UNSAFE_DISABLE=dirty, a negative control that judges nothing dirty."""
+    if row["operation"] == "upgrade" and row["revision"] in applied:
+        return "applied"
+    if unsafe:
+        return "rolled_back"
+    # Only upgrades are watched; a step a release without marks started has a NULL sqlstate.
+    legacy = row["operation"] != "upgrade" or row.get("sqlstate") is None
+    if marked or (legacy and dialect not in TRANSACTIONAL_DDL):
+        return "dirty"
+    return "rolled_back"
+
+
 def settle_interrupted(
     conn: sa.engine.Connection,
     jt: JournalTables,
     applied: frozenset[str],
     dialect: str,
     target: str | None = None,
+    unsafe: bool = False,
 ) -> list[Mapping[str, Any]]:
     """Judge interrupted steps (under the lock); return the ones that are now `dirty`. With
     `target`, only that chain's steps: `applied` is what its own version table says."""
-    for row in open_rows(conn, jt, target):
-        if row["operation"] == "upgrade" and row["revision"] in applied:
-            outcome = "applied"
-        elif dialect in TRANSACTIONAL_DDL:
-            outcome = "rolled_back"
-        else:
-            outcome = "dirty"
+    rows = open_rows(conn, jt, target)
+    marked = marks(conn, jt, [r["id"] for r in rows])
+    for row in rows:
+        outcome = judge(row, applied, row["id"] in marked, dialect, unsafe)
         conn.execute(jt.steps.update().where(jt.steps.c.id == row["id"]).values(outcome=outcome))
         _commit(conn)
+        if outcome != "dirty":
+            unmark(conn, jt, [row["id"]])
+        log.info("interrupted_step_settled", target=row["target"], revision=row["revision"],
+                 outcome=outcome, non_transactional=marked.get(row["id"], ""),
+                 detail=_SETTLED[outcome])
     return dirty_rows(conn, jt, target)
+
+
+_SETTLED = {
+    "applied": "the version table lists the revision: it completed before its step was recorded",
+    "rolled_back": "it never left its transaction: nothing of it remains, it is applied again",
+    "dirty": "it left its transaction and the version table does not list it: part of it may "
+             "have run; `reconciler status` says what to check",
+}
 
 
 def resolve_dirty(conn: sa.engine.Connection, jt: JournalTables, revision: str, outcome: str) -> int:
     """An operator says what became of a dirty step: `applied` or `rolled_back`."""
+    ids = [int(r["id"]) for r in dirty_rows(conn, jt) if r["revision"] == revision]
+    unmark(conn, jt, ids)
     result = conn.execute(
         jt.steps.update()
         .where(jt.steps.c.revision == revision, jt.steps.c.outcome == "dirty")

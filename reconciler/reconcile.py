@@ -15,7 +15,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +91,7 @@ class Conditions:
     audit: checksums.Audit = field(default_factory=checksums.Audit)
     baseline: bool = False  # hashes were recorded once: an unrecorded applied revision is foreign
     inputs: tuple[object, ...] = ()  # (db heads, graph fingerprint) they were read for
+    settle: tuple[str, ...] = ()  # interrupted, not dirty: settled under a one-try lock
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Status:
     chain: str = ""  # "" for [target]'s own migrations directory, else a [[target.chains]] name
     version_table: str = ""
     chains: tuple[Status, ...] = ()  # the statuses of the other chains, in config order
+    settle: tuple[str, ...] = ()  # interrupted steps that are not dirty (see Conditions)
 
     @property
     def every_chain(self) -> tuple[Status, ...]:
@@ -227,8 +229,9 @@ def with_chains(main: Status, others: tuple[Status, ...]) -> Status:
             messages.setdefault(key, text if one is main else f"chain {one.chain_name}: {text}")
     dirty = tuple(dict.fromkeys(r for s in every for r in s.dirty))
     blocked = next((s.blocked for s in every if s.blocked), None)
+    settle = tuple(dict.fromkeys(r for s in every for r in s.settle))
     return dataclasses.replace(main, conditions=names, messages=messages, dirty=dirty,
-                               blocked=blocked, chains=others)
+                               blocked=blocked, chains=others, settle=settle)
 
 
 @dataclass(frozen=True)
@@ -503,6 +506,7 @@ class Reconciler:
             self._guard_for(graph, decision.pending),
             self.chain,
             self.settings.target.version_table,
+            settle=cached.settle,
         )
 
     def _guard_for(self, graph: RevisionGraph, pending: tuple[str, ...]) -> dict[str, Any] | None:
@@ -562,10 +566,11 @@ class Reconciler:
             return Conditions(read_at=time.monotonic(), audit=audit, inputs=inputs)
         names: list[str] = []
         messages: dict[str, str] = {}
-        dirty = self._dirty(conn)
+        applied = frozenset(graph.closure(h for h in inputs[0] if h in graph.revisions))
+        dirty, reasons, settle = self._dirty(conn, applied)
         if dirty:
             names.append("dirty")
-            messages["dirty"] = _dirty_message(dirty)
+            messages["dirty"] = _dirty_message(dirty, reasons, applied)
         keys = [fleet.suspended_key(self.target), fleet.blocked_key(self.journal_target),
                 fleet.checksums_key(self.journal_target), drift.flag_key(self.target)]
         flags = fleet.read(conn, self.journal, keys)
@@ -589,7 +594,7 @@ class Reconciler:
             messages["drift"] = report.message()
         names.sort(key=CONDITION_ORDER.index)
         return Conditions(tuple(names), dirty, blocked, messages, time.monotonic(), report, audit,
-                          keys[2] in flags, inputs)
+                          keys[2] in flags, inputs, settle)
 
     def _drift_report(self, value: str | None) -> drift.DriftReport | None:
         if self.settings.drift.interval <= 0 or self.chain:
@@ -601,13 +606,26 @@ class Reconciler:
         """The journal's flags changed: the next status reads them again."""
         self._conditions = None
 
-    def _dirty(self, conn: sa.engine.Connection) -> tuple[str, ...]:
+    def _dirty(
+        self, conn: sa.engine.Connection, applied: frozenset[str]
+    ) -> tuple[tuple[str, ...], dict[str, str], tuple[str, ...]]:
+        """(dirty revisions, why each left its transaction, interrupted revisions that are not
+        dirty and can be settled under the lock): the journal's steps judged with the version
+        table (`applied`), as `settle_interrupted` will judge them."""
         rows = list(journal.dirty_rows(conn, self.journal, self._row_target()))
-        if self.backend not in journal.TRANSACTIONAL_DDL:
-            open_rows = journal.open_rows(conn, self.journal, self._row_target())
-            if open_rows and self._lock_holder(conn) is None:
-                rows += open_rows  # interrupted, and nobody is applying it now
-        return tuple(dict.fromkeys(str(r["revision"]) for r in rows))
+        open_rows = journal.open_rows(conn, self.journal, self._row_target())
+        if open_rows and self._lock_holder(conn) is not None:
+            open_rows = []  # somebody is applying it now
+        reasons = journal.marks(conn, self.journal, [r["id"] for r in (*rows, *open_rows)])
+        unsafe = "dirty" in self.settings.unsafe
+        settle: list[str] = []
+        for row in open_rows:
+            if journal.judge(row, applied, row["id"] in reasons, self.backend, unsafe) == "dirty":
+                rows.append(row)
+            else:
+                settle.append(str(row["revision"]))
+        why = {str(r["revision"]): reasons.get(r["id"], "") for r in rows}
+        return tuple(dict.fromkeys(str(r["revision"]) for r in rows)), why, tuple(settle)
 
     def _journal_exists(self, conn: sa.engine.Connection) -> bool:
         if not self._journal_seen:
@@ -784,6 +802,8 @@ class Reconciler:
         graph = self.graph()
         status = self._retrying(lambda: self._first_look(graph, fast))
         self._refuse(status)
+        if status.sync_state == "in_sync" and status.settle:
+            status = self._settle_once(graph, status)
         if status.sync_state == "in_sync" and not status.needs_recording:
             self.project.close_worker()  # nothing to apply: a worker kept from the headers goes
             return self._finish("noop", (), status, 0.0, started)
@@ -796,6 +816,21 @@ class Reconciler:
                 return self.apply_locked(conn, graph, trigger, progress, should_stop, waited, started)
         finally:
             self.plan = None
+
+    def _settle_once(self, graph: RevisionGraph, status: Status) -> Status:
+        """In sync with an interrupted step that is not dirty (its revision committed before the
+        step was recorded): record it under a one-try lock, so that no later run is held up by
+        it; a busy lock means its holder settles it. The fresh status afterwards."""
+        try:
+            with connection.connect(self.engine) as conn, self.locked(conn, 0.0):
+                for chain in (self, *self.extra):
+                    chain._settled_status(conn, graph if chain is self else chain.graph())
+        except LockTimeout:
+            return status
+        self.forget_conditions()
+        for chain in self.extra:
+            chain.forget_conditions()
+        return self._first_look(graph, False)
 
     def apply_locked(
         self,
@@ -1025,7 +1060,8 @@ class Reconciler:
         self._unblock_if_changed(conn, graph)
         status = self._status(conn, graph)
         applied = graph.closure(h for h in status.decision.db_heads if h in graph.revisions)
-        dirty = journal.settle_interrupted(conn, self.journal, applied, self.backend, self._row_target())
+        dirty = journal.settle_interrupted(conn, self.journal, applied, self.backend, self._row_target(),
+                                           "dirty" in self.settings.unsafe)
         if dirty:
             return self._status(conn, graph)
         return status
@@ -1211,10 +1247,21 @@ class Reconciler:
             trigger=trigger,
         )
         began = time.monotonic()
+        marked: list[str] = []
+
+        def leaving(revision: str, reason: str) -> None:
+            # Why here: the worker waits until this is durable; a kill from now on is `dirty`.
+            if "dirty" in self.settings.unsafe:
+                return
+            journal.mark_non_transactional(conn, self.journal, row, revision, reason)
+            marked.append(reason)
+            log.info("revision_non_transactional", target=self.target, revision=revision, reason=reason)
+
         try:
-            step = worker.upgrade(rev)
+            step = worker.upgrade(rev, on_non_transactional=leaving)
         except RevisionFailed as exc:
-            self._record_failure(conn, row, rev, exc, int((time.monotonic() - began) * 1000))
+            self._record_failure(conn, row, rev, exc, int((time.monotonic() - began) * 1000),
+                                 bool(marked))
             raise
         except Refused as exc:  # the guard's per-operation check: the revision was rolled back
             journal.record_finished(conn, self.journal, row, outcome="refused",
@@ -1235,6 +1282,8 @@ class Reconciler:
             )
             return step.seconds
         journal.record_finished(conn, self.journal, row, outcome="applied", duration_ms=ms)
+        if marked:
+            journal.unmark(conn, self.journal, [row])
         log.info(
             "revision_applied",
             target=self.target,
@@ -1245,15 +1294,19 @@ class Reconciler:
         return step.seconds
 
     def _record_failure(
-        self, conn: sa.engine.Connection, row: int, rev: str, exc: RevisionFailed, ms: int
+        self, conn: sa.engine.Connection, row: int, rev: str, exc: RevisionFailed, ms: int,
+        marked: bool = False,
     ) -> None:
-        # Where DDL commits as it goes (MySQL / MariaDB), a failed revision may be half-applied:
-        # it is `dirty` and is not retried until an operator resolves it. A lock timeout is not:
-        # its statement never ran, and a retry of statements that did fails in a way that is.
-        transactional = self.backend in journal.TRANSACTIONAL_DDL or "dirty" in self.settings.unsafe
-        outcome = "failed" if transactional else "dirty"
+        # A failed revision that had left its transaction (DDL that commits as it goes on MySQL /
+        # MariaDB, an autocommit block) may be half-applied: it is `dirty` and is not retried
+        # until an operator resolves it (the mark stays for status to say why). A lock timeout
+        # is not: its statement never ran, and a retry of statements that did fails in a way
+        # that is. One that never left it was rolled back.
+        outcome = "dirty" if marked and "dirty" not in self.settings.unsafe else "failed"
         if is_lock_timeout(exc):
             outcome = "lock_timeout"
+        if outcome != "dirty":
+            journal.unmark(conn, self.journal, [row])
         journal.record_finished(
             conn,
             self.journal,
@@ -1462,12 +1515,25 @@ def _mismatch_message(found: tuple[checksums.Mismatch, ...]) -> str:
     )
 
 
-def _dirty_message(revisions: tuple[str, ...]) -> str:
-    names = ", ".join(revisions)
+def _dirty_message(revisions: tuple[str, ...], reasons: Mapping[str, str], applied: frozenset[str]) -> str:
+    """What to check and which `resolve` flag, for each dirty revision."""
+    return " ".join(_dirty_one(rev, reasons.get(rev, ""), rev in applied) for rev in revisions)
+
+
+def _dirty_one(rev: str, reason: str, listed: bool) -> str:
+    why = reason or "this database commits DDL as it goes"
+    if listed:
+        return (
+            f"revision {rev} started and did not complete ({why}), yet the version table lists "
+            f"{rev}: someone finished or stamped it. Check that everything it does is in the "
+            f"schema, then run `reconciler resolve {rev} --applied`."
+        )
     return (
-        f"revision {names} started and did not complete; this database commits DDL as it goes, so "
-        "it may be half-applied. Inspect the schema, finish or undo the revision by hand, then run "
-        f"`reconciler resolve {revisions[0]} --applied` or `--rolled-back`"
+        f"revision {rev} started and did not complete after it left its transaction ({why}); "
+        f"the version table does not list {rev}, so part of it may have run and it is not run "
+        "again. Inspect the schema against the revision: if you finish the rest by hand, run "
+        f"`reconciler resolve {rev} --applied`; if you undo what ran, run "
+        f"`reconciler resolve {rev} --rolled-back` (the next apply runs it again)."
     )
 
 

@@ -805,9 +805,34 @@ def claim_stdio() -> tuple[IO[str], IO[str]]:
     return proto_in, proto_out
 
 
+def section_reporter(proto_in: IO[str], proto_out: IO[str]) -> Callable[[str, str], None]:
+    """Tell the control plane that `revision` leaves its transaction (an event line before the
+    reply), and wait for its `proceed`: the journal marks the step first, so a kill from here on
+    leaves a step that is judged `dirty`, never rolled back and run again."""
+
+    def report(revision: str, reason: str) -> None:
+        proto_out.write(json.dumps({"event": "non_transactional", "revision": revision,
+                                    "reason": reason}) + "\n")
+        proto_out.flush()
+        line = proto_in.readline()
+        try:
+            answer = json.loads(line) if line.strip() else {}
+        except ValueError:
+            answer = {}
+        if not isinstance(answer, dict) or answer.get("op") != "proceed":
+            raise ReconcilerError(
+                f"revision {revision} was stopped before {reason}: the control plane did not "
+                "confirm it journaled the step; it is retried on the next run"
+            )
+
+    return report
+
+
 def serve(proto_in: IO[str], proto_out: IO[str]) -> None:
     runner = Runner()
-    for line in proto_in:
+    migrations.watch_sections()
+    migrations.SECTIONS.report = section_reporter(proto_in, proto_out)
+    for line in iter(proto_in.readline, ""):
         if not line.strip():
             continue
         try:

@@ -368,11 +368,17 @@ class Worker:
         another database than the target or configures another version table."""
         self._request("probe")
 
-    def upgrade(self, revision: str) -> StepResult:
-        """Apply one revision (one step from the database's heads): what ran, and how long."""
+    def upgrade(
+        self, revision: str, on_non_transactional: Callable[[str, str], None] | None = None
+    ) -> StepResult:
+        """Apply one revision (one step from the database's heads): what ran, and how long.
+
+        `on_non_transactional(revision, reason)` is called when the revision is about to leave
+        its transaction (worker.section_reporter); the worker goes on only once it returned. When
+        it raises, the worker (still inside the transaction) is killed and the error raised."""
         check = self._checks.get(revision)
         fields: dict[str, Any] = {"check": check} if check is not None else {}
-        reply = self._request("upgrade", revision=revision, **fields)
+        reply = self._request("upgrade", on_event=on_non_transactional, revision=revision, **fields)
         ran = tuple(str(r) for r in reply.get("revisions") or ())
         return StepResult(float(reply.get("duration_ms", 0)) / 1000.0, ran)
 
@@ -578,32 +584,56 @@ class Worker:
         stdin.write((json.dumps(request) + "\n").encode("utf-8"))
         stdin.flush()
 
-    def _request(self, op: str, **fields: Any) -> dict[str, Any]:
+    def _request(
+        self, op: str, on_event: Callable[[str, str], None] | None = None, **fields: Any
+    ) -> dict[str, Any]:
         with self._lock:
             try:
                 self._send({"op": op, **fields})
             except OSError:
                 raise self._died(op) from None
-            try:
-                raw = self._replies.get(timeout=self._timeout)
-            except queue.Empty:
-                self.kill()
-                raise WorkerError(
-                    f"the worker (pid {self.pid}) did not finish {op} within {self._timeout:g}s "
-                    "and was killed; raise [target] worker_timeout if the job needs longer"
-                ) from None
-            if raw is None:
-                raise self._died(op)
-            try:
-                reply = json.loads(raw.decode("utf-8"))
-            except ValueError:
-                raise WorkerError(
-                    f"the worker sent a line that is not JSON during {op}: "
-                    f"{redact(raw.decode('utf-8', 'replace'))[:500]}"
-                ) from None
+            while True:
+                reply = self._next_line(op)
+                if "event" not in reply:
+                    break
+                self._answer_event(reply, on_event)
             if reply.get("ok"):
                 return dict(reply)
             raise error_from_reply(reply.get("error") or {})
+
+    def _answer_event(self, event: Mapping[str, Any], on_event: Callable[[str, str], None] | None) -> None:
+        """A revision is about to leave its transaction: record it (on_event), then let it go on."""
+        try:
+            if on_event is not None:
+                on_event(str(event.get("revision") or ""), str(event.get("reason") or ""))
+        except BaseException:
+            self.kill()  # it waits inside its transaction: dying there rolls it back
+            raise
+        try:
+            self._send({"op": "proceed"})
+        except OSError:
+            raise self._died("upgrade") from None
+
+    def _next_line(self, op: str) -> dict[str, Any]:
+        """The next line the worker sent: a reply, or an event before the reply."""
+        try:
+            raw = self._replies.get(timeout=self._timeout)
+        except queue.Empty:
+            self.kill()
+            raise WorkerError(
+                f"the worker (pid {self.pid}) did not finish {op} within {self._timeout:g}s "
+                "and was killed; raise [target] worker_timeout if the job needs longer"
+            ) from None
+        if raw is None:
+            raise self._died(op)
+        try:
+            reply = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            raise WorkerError(
+                f"the worker sent a line that is not JSON during {op}: "
+                f"{redact(raw.decode('utf-8', 'replace'))[:500]}"
+            ) from None
+        return dict(reply)
 
     def _died(self, op: str) -> WorkerError:
         try:
