@@ -44,7 +44,7 @@ import sqlalchemy as sa
 
 from bench.common import ROOT, row
 from tests import dbs
-from tests.builders import Project, db_heads, flask_project, journal_rows
+from tests.builders import Project, db_heads, flask_project, journal_rows, table_names
 from tests.cli import cli_command, cli_env
 
 SETUP = """\
@@ -135,15 +135,6 @@ def sql(url: str, statement: str) -> object:
         engine.dispose()
 
 
-def tables(url: str) -> set[str]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return set(sa.inspect(conn).get_table_names())
-    finally:
-        engine.dispose()
-
-
 def witness(url: str, rev: str) -> int:
     return int(sql(url, f"SELECT count(*) FROM w WHERE rev = '{rev}'") or 0)  # type: ignore[arg-type]
 
@@ -151,7 +142,7 @@ def witness(url: str, rev: str) -> int:
 def present(url: str, rev: str) -> tuple[int, int]:
     """(effects of `rev` in the database, effects it has)."""
     names, witnessed = EFFECTS[rev]
-    have = tables(url)
+    have = table_names(url)
     found = sum(1 for n in names if n in have) + (1 if witnessed and witness(url, witnessed) else 0)
     return found, len(names) + (1 if witnessed else 0)
 
@@ -237,7 +228,7 @@ def operate(project: Project, url: str, order: list[str], counts: Counts) -> Non
                 flag = "--rolled-back"  # nothing to undo
             else:
                 names, witnessed = EFFECTS[rev]
-                have = tables(url)
+                have = table_names(url)
                 for name in names:
                     if name not in have:
                         sql(url, FINISH[name])
