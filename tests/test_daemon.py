@@ -107,8 +107,10 @@ def test_new_revision_files_are_applied_at_once_not_at_the_next_interval(tmp_pat
         wait_until(lambda: db_heads(pg_url) == {"n2"}, 60, "n2 applied")
         steps = {r["revision"]: r["trigger"] for r in journal_rows(pg_url) if r["outcome"] == "applied"}
         assert steps["n1"] == steps["n2"] == "revision_files_changed"
-        status = d.status()
-        assert status["state"] == "in_sync" and status["last_outcome"] in ("applied", "noop")
+        # the heads are in before the run ends; while it runs, /status shows the run's plan
+        # (state behind, `applying`): wait for the run to finish
+        status = d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync after n2")
+        assert status["last_outcome"] in ("applied", "noop")
         code, body = d.get("/metrics")
         assert code == 200 and "reconciler_runs_total" in body
 
