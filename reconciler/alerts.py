@@ -120,6 +120,7 @@ class Observation:
     applied: tuple[str, ...] = ()  # revisions THIS replica applied in this run
     failed_revision: str | None = None  # for blocked too (from the journal), so keys agree
     failure_signature: str = ""
+    blocked: str = ""  # the journal's blocked record as "revision:signature": the same on every replica
     error: str = ""
     consecutive_failures: int = 0
     lock_holder: Mapping[str, Any] | None = None
@@ -155,10 +156,11 @@ def _failure_episode(obs: Observation) -> str:
 
 
 def _blocked(obs: Observation, _a: AlertingSettings) -> Verdict:
-    """Blocked until the revision's file changes; a run that could not read which revision
-    (its status read failed) cannot tell, and must not start a second episode."""
+    """Blocked until the revision's file changes. The episode is the journal's blocked record
+    only, never the run's own failure: a run that did not read the record (its status read
+    failed) cannot tell, and must not start a second episode under a key of its own."""
     if "blocked" in obs.conditions or obs.outcome == "blocked":
-        return _failure_episode(obs) if obs.failed_revision or obs.failure_signature else KEEP
+        return obs.blocked or KEEP
     return KEEP if obs.blind else None
 
 

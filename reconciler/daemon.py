@@ -473,6 +473,7 @@ class Daemon:
             applied=tuple(rev for rev, _ in result.applied),
             failed_revision=blocked.get("revision") or result.failed_revision,
             failure_signature=blocked.get("signature") or result.failure_signature,
+            blocked=f"{blocked.get('revision') or '-'}:{blocked.get('signature') or ''}" if blocked else "",
             error=redact(result.error),
             consecutive_failures=record.consecutive_failures,
             lock_holder=result.lock_holder,
@@ -502,8 +503,10 @@ class Daemon:
                 if not self.rec.journal_exists(conn):
                     return True
                 return fleet.claim(conn, self.rec.journal, fleet.alert_key(self.target, event), episode)
-        except (ReconcilerError, sa.exc.DBAPIError):
-            return True  # cannot coordinate: better twice than never
+        except (ReconcilerError, sa.exc.DBAPIError) as exc:
+            # cannot coordinate: better twice than never, and said, so a double alert is explained
+            log.warning("alert_claim_failed", target=self.target, alert_event=event, error=redact(str(exc)))
+            return True
 
 
 def next_delay(outcome: str, failures: int, daemon: DaemonSettings) -> float | None:

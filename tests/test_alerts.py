@@ -30,7 +30,7 @@ BAD = {
     "failed": Observation("failed", "behind", "behind", (), failed_revision="r2", failure_signature="s1",
                           error="division by zero", consecutive_failures=1),
     "blocked": Observation("blocked", "blocked", "behind", ("blocked",), failed_revision="r2",
-                           failure_signature="s1", error="division by zero"),
+                           failure_signature="s1", error="division by zero", blocked="r2:s1"),
     "multiple_heads": Observation("noop", "multiple_heads", "multiple_heads", (), heads=("h2", "h1")),
     "ahead": Observation("noop", "ahead", "ahead", (), unknown=("x9",)),
     "lock_held": Observation("lock_busy", "behind", "behind", (), lock_holder=HOLDER, lock_held_for=900.0),
@@ -209,9 +209,23 @@ def test_a_new_failure_is_a_new_episode_without_recovery() -> None:
 def test_a_blocked_run_that_cannot_say_which_revision_keeps_the_episode() -> None:
     policy = AlertPolicy("app", ALERTING)
     assert names(policy.observe(BAD["blocked"], T0)) == ["blocked"]
-    unknown = replace(BAD["blocked"], failed_revision=None, failure_signature="", conditions=())
+    unknown = replace(BAD["blocked"], failed_revision=None, failure_signature="", conditions=(), blocked="")
     assert policy.observe(unknown, T0 + 1) == []  # its status read failed: no second episode
     assert policy.observe(BAD["blocked"], T0 + 2) == []
+
+
+def test_a_blocked_run_without_the_journals_record_starts_no_episode_of_its_own() -> None:
+    """The replica whose own failure blocked the revision, or one whose status read missed the
+    record, knows a failure of its own (another signature): keyed by it, the fleet's claim saw a
+    new episode and a second `blocked` alert went out. Only the journal's record is the key."""
+    policy = AlertPolicy("app", ALERTING)
+    assert names(policy.observe(BAD["blocked"], T0)) == ["blocked"]
+    own = replace(BAD["blocked"], outcome="failed", failure_signature="s9", blocked="")
+    assert "blocked" not in names(policy.observe(own, T0 + 1))  # (its `failed` is another event)
+    assert "blocked" not in names(policy.observe(BAD["blocked"], T0 + 2))
+    fresh = AlertPolicy("app", ALERTING)
+    assert "blocked" not in names(fresh.observe(own, T0))  # it waits for a run that read the record
+    assert names(fresh.observe(BAD["blocked"], T0 + 1)) == ["blocked"]
 
 
 def test_an_unreachable_database_neither_enters_nor_ends_other_conditions() -> None:
