@@ -531,11 +531,12 @@ def _rollback(conn: sa.engine.Connection) -> None:
 
 
 def rows_with_outcome(
-    conn: sa.engine.Connection, jt: JournalTables, outcome: str, target: str | None = None
+    conn: sa.engine.Connection, jt: JournalTables, outcome: str | tuple[str, ...], target: str | None = None
 ) -> list[Mapping[str, Any]]:
-    """Steps whose outcome is `outcome`, oldest first (none when there is no journal yet); only
-    those of `target` (a chain's journal target) when given."""
-    query = sa.select(jt.steps).where(jt.steps.c.outcome == outcome).order_by(jt.steps.c.id)
+    """Steps whose outcome is `outcome` (or one of several, in one query), oldest first (none
+    when there is no journal yet); only those of `target` (a chain's journal target) when given."""
+    outcomes = (outcome,) if isinstance(outcome, str) else outcome
+    query = sa.select(jt.steps).where(jt.steps.c.outcome.in_(outcomes)).order_by(jt.steps.c.id)
     if target is not None:
         query = query.where(jt.steps.c.target == target[:64])
     try:

@@ -612,8 +612,10 @@ class Reconciler:
         """(dirty revisions, why each left its transaction, interrupted revisions that are not
         dirty and can be settled under the lock): the journal's steps judged with the version
         table (`applied`), as `settle_interrupted` will judge them."""
-        rows = list(journal.dirty_rows(conn, self.journal, self._row_target()))
-        open_rows = journal.open_rows(conn, self.journal, self._row_target())
+        # one query for both kinds: this runs on every conditions read
+        steps = journal.rows_with_outcome(conn, self.journal, ("dirty", "started"), self._row_target())
+        rows = [r for r in steps if r["outcome"] == "dirty"]
+        open_rows = [r for r in steps if r["outcome"] == "started"]
         if open_rows and self._lock_holder(conn) is not None:
             open_rows = []  # somebody is applying it now
         reasons = journal.marks(conn, self.journal, [r["id"] for r in (*rows, *open_rows)])
