@@ -27,8 +27,8 @@ COMMANDS = (("status",), ("status", "--json"), ("apply",), ("wait", "--timeout",
 def _outputs(kind: str, folder: Path) -> list[str]:
     import subprocess
 
+    from reconciler.control.workerclient import Worker, WorkerJob
     from reconciler.errors import ReconcilerError
-    from reconciler.workerclient import Worker, WorkerJob
 
     texts: list[str] = []
     with dbs.database(kind, folder, canary=True) as good:
@@ -68,8 +68,8 @@ def _outputs(kind: str, folder: Path) -> list[str]:
 
 
 def _daemon_outputs(folder: Path, url: str) -> list[str]:
-    from tests.test_daemon import config, daemon
-    from tests.test_unescaped_at import UNESCAPED_IN_ERROR
+    from tests.runtime.test_daemon import config, daemon
+    from tests.system.test_unescaped_at import UNESCAPED_IN_ERROR
 
     project = bench_project(folder, url, 1)
     project.revision("bad", "r0000", upgrade=UNESCAPED_IN_ERROR)

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from bench.common import env_for, reconciler
 from tests.builders import flask_project
 from tests.pgcluster import PrivateCluster, wait_until
-from tests.test_daemon import free_port
+from tests.runtime.test_daemon import free_port
 
 OURS = (
     "SELECT count(*), count(*) FILTER (WHERE state = 'idle' AND state_change < now() - "

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from bench.common import APP, env_for, flask_db, reconciler
 from tests import dbs
 from tests.builders import flask_project
-from tests.test_concurrency import (
+from tests.system.test_concurrency import (
     SLEEPERS,
     entries,
     prepare_witness,

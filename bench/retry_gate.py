@@ -20,8 +20,8 @@ from typing import Any
 from bench.common import row
 from tests import dbs
 from tests.builders import flask_project, journal_rows
-from tests.test_daemon import FAILS, Running, free_port
-from tests.test_retry_gate import events, gate_config
+from tests.control.test_retry_gate import events, gate_config
+from tests.runtime.test_daemon import FAILS, Running, free_port
 
 
 def fleet(folder: Path, replicas: int, interval: float, blocked_after: int, env: dict[str, str]) -> list[Any]:

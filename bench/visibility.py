@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import env_for, project, row
-from reconciler import fleet, logs
-from reconciler.config import load_settings
-from reconciler.reconcile import Reconciler
+from reconciler import logs
+from reconciler.config.load import load_settings
+from reconciler.control.reconcile import Reconciler
+from reconciler.db import flags
 from tests import dbs
 from tests.cli import start_cli
-from tests.test_daemon import free_port
+from tests.runtime.test_daemon import free_port
 
 POLL = 0.05
 
@@ -97,7 +98,7 @@ def progress_cost(folder: Path, url: str, revisions: int) -> dict[str, float]:
     proj.write_config(models="myapp.models:db")
     settings = load_settings(str(proj.config), cwd=proj.root)
     writes: list[float] = []
-    put = fleet.put
+    put = flags.put
 
     def timed_put(conn: Any, jt: Any, key: str, value: str) -> None:
         started = time.perf_counter()
@@ -105,14 +106,14 @@ def progress_cost(folder: Path, url: str, revisions: int) -> dict[str, float]:
         if key.startswith("progress/"):
             writes.append(time.perf_counter() - started)
 
-    fleet.put = timed_put  # type: ignore[assignment]
+    flags.put = timed_put  # type: ignore[assignment]
     rec = Reconciler(settings)
     try:
         started = time.perf_counter()
         rec.apply(trigger="bench")
         total = time.perf_counter() - started
     finally:
-        fleet.put = put  # type: ignore[assignment]
+        flags.put = put  # type: ignore[assignment]
         rec.close()
     return {"writes": len(writes), "note_ms": sum(writes) * 1000, "apply_s": total}
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from reconciler import __version__, logs, terminal
-from reconciler.config import Settings, colour_disabled, load_settings
+from reconciler import __version__, logs
+from reconciler.config.load import Settings, colour_disabled, load_settings
 from reconciler.errors import (
     EXIT_OK,
     EXIT_REVISION_FAILED,
@@ -29,9 +29,10 @@ from reconciler.errors import (
     ReconcilerError,
 )
 from reconciler.redact import redact
+from reconciler.runtime import terminal
 
 if TYPE_CHECKING:
-    from reconciler.reconcile import Reconciler
+    from reconciler.control.reconcile import Reconciler
 
 F = TypeVar("F", bound=Callable[..., Any])
 GLOBAL_KEYS = ("config", "url", "migrations", "models", "log_format")
@@ -191,7 +192,7 @@ def main(ctx: click.Context, /, **options: Any) -> None:
 @contextmanager
 def _reconciler(ctx: Context) -> Iterator[Reconciler]:
     """The target's control plane, closed (connections released) when the command ends."""
-    from reconciler.reconcile import Reconciler
+    from reconciler.control.reconcile import Reconciler
 
     rec = Reconciler(ctx.settings())
     try:
@@ -205,7 +206,7 @@ def _reconciler(ctx: Context) -> Iterator[Reconciler]:
 @command
 def status(ctx: Context, as_json: bool) -> int:
     """State of the database against the repository (exit 0 when read, 5 when unreachable)."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     with _reconciler(ctx) as rec:
         result = admin.analysed_status(rec, rec.status())
@@ -250,8 +251,8 @@ def _print_chain(chain: dict[str, Any], colour: bool = False) -> None:
 @command
 def plan(ctx: Context, sql: bool, as_json: bool, fail_on: tuple[str, ...]) -> int:
     """Pending revisions in order with the guard's findings; --sql prints their SQL instead."""
-    from reconciler import admin
-    from reconciler.reconcile import refuse_unless_applicable
+    from reconciler.commands import admin
+    from reconciler.control.reconcile import refuse_unless_applicable
 
     with _reconciler(ctx) as rec:
         result, steps = admin.plan(rec)
@@ -288,7 +289,7 @@ def _print_plan(steps: list[Any], findings: tuple[Any, ...]) -> None:
 @command
 def apply(ctx: Context) -> int:
     """One reconcile: take the lock, upgrade to the heads, verify."""
-    from reconciler.reconcile import summary
+    from reconciler.control.reconcile import summary
 
     with _reconciler(ctx) as rec, _progress_line(ctx) as progress:
         result = rec.apply(trigger="apply", progress=progress)
@@ -342,7 +343,7 @@ def _check_seconds(option: str, value: float, zero: bool, example: str) -> None:
 @command
 def check(ctx: Context, scratch: bool) -> int:
     """Models vs migrations (CI gate): exit 7 and list the differences."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     admin.check(ctx.settings(), scratch)
     click.echo("models and migrations agree", err=True)
@@ -354,7 +355,7 @@ def check(ctx: Context, scratch: bool) -> int:
 @command
 def drift(ctx: Context, as_json: bool) -> int:
     """The live schema vs the models, now: exit 7 and list the differences (the daemon's drift)."""
-    from reconciler import admin
+    from reconciler.commands import admin
     from reconciler.errors import EXIT_DIFFERENCES
 
     with _reconciler(ctx) as rec:
@@ -372,7 +373,8 @@ def drift(ctx: Context, as_json: bool) -> int:
 @command
 def baseline(ctx: Context, scratch: bool) -> int:
     """Write the known-differences file from what autogenerate reports at the heads."""
-    from reconciler import admin, differences
+    from reconciler.commands import admin
+    from reconciler.project import differences
 
     settings = ctx.settings()
     path, count = admin.baseline(settings, scratch)
@@ -387,7 +389,7 @@ def baseline(ctx: Context, scratch: bool) -> int:
 @command
 def config_command(ctx: Context, example: bool) -> int:
     """With --example: print config.example.toml, every key with its default and a comment."""
-    from reconciler.config import example_config
+    from reconciler.config.load import example_config
 
     if not example:
         raise ConfigError(
@@ -404,7 +406,7 @@ def config_command(ctx: Context, example: bool) -> int:
 @command
 def init(ctx: Context, flask_app: str) -> int:
     """Create a migrations directory: `flask db init`'s layout for a Flask project, else Alembic's."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     made = admin.init(ctx.settings(require_url=False, require_migrations=False), flask_app)
     click.echo(f"created {made.directory} and {made.alembic_ini} from the {made.template} "
@@ -416,7 +418,7 @@ def init(ctx: Context, flask_app: str) -> int:
 @command
 def history(ctx: Context) -> int:
     """The revision graph, newest first; applied revisions marked."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     with _reconciler(ctx) as rec:
         lines, reachable = admin.history(rec)
@@ -435,7 +437,7 @@ def history(ctx: Context) -> int:
 def downgrade(ctx: Context, revision: str, yes: bool) -> int:
     """Undo revisions down to REVISION: an id, `base`, or `-N` steps down (default -1, as `flask
     db downgrade`). A person's decision: shows what it undoes, asks."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     if revision.startswith("--") or (revision.startswith("-") and not revision[1:].isdigit()):
         raise ConfigError(f"no such option: {revision} (see `reconciler downgrade --help`)")
@@ -465,7 +467,7 @@ def downgrade(ctx: Context, revision: str, yes: bool) -> int:
 @command
 def stamp(ctx: Context, revision: str, force: bool) -> int:
     """Adopt a database with tables but no version table (after comparing it with the models)."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     with _reconciler(ctx) as rec:
         stamped = admin.stamp(rec, revision, force)
@@ -480,7 +482,7 @@ def stamp(ctx: Context, revision: str, force: bool) -> int:
 @command
 def resolve(ctx: Context, revision: str, applied: bool, rolled_back: bool) -> int:
     """Tell the journal what became of a dirty (half-applied) revision."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     if applied and rolled_back:
         raise ConfigError(
@@ -503,7 +505,7 @@ def resolve(ctx: Context, revision: str, applied: bool, rolled_back: bool) -> in
 @command
 def journal_command(ctx: Context, as_json: bool, limit: int, revision: str | None) -> int:
     """What was applied, when, by whom and how it ended (the journal side table)."""
-    from reconciler import journal_admin
+    from reconciler.commands import journal_admin
 
     with _reconciler(ctx) as rec:
         rows = journal_admin.steps(rec, limit, revision)
@@ -524,7 +526,7 @@ def journal_command(ctx: Context, as_json: bool, limit: int, revision: str | Non
 @command
 def accept(ctx: Context, revision: str | None, accept_all: bool) -> int:
     """Record the new checksum of a reviewed, changed applied revision (applying resumes)."""
-    from reconciler import journal_admin
+    from reconciler.commands import journal_admin
 
     if bool(revision) == accept_all:
         raise ConfigError("name one revision, or pass --all (not both): `reconciler accept REV`")
@@ -540,7 +542,7 @@ def accept(ctx: Context, revision: str | None, accept_all: bool) -> int:
 @command
 def suspend(ctx: Context, reason: str) -> int:
     """Stop every replica from applying (e.g. around a manual downgrade) until `resume`."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     with _reconciler(ctx) as rec:
         admin.suspend(rec, reason)
@@ -552,7 +554,7 @@ def suspend(ctx: Context, reason: str) -> int:
 @command
 def resume(ctx: Context) -> int:
     """Let replicas apply again (clears `suspended`, and a `blocked` revision)."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     with _reconciler(ctx) as rec:
         cleared = admin.resume(rec)
@@ -570,10 +572,10 @@ def run(ctx: Context, mode: str | None, interval: float | None, http: str | None
     ctx.daemon_overrides = {"mode": mode, "interval": interval, "http": http}
     settings = ctx.settings(resolve_alerts=True)
     if settings.daemon.mode == "dev":
-        from reconciler.devloop import run_dev
+        from reconciler.runtime.devloop import run_dev
 
         return run_dev(settings)
-    from reconciler.daemon import run_daemon
+    from reconciler.runtime.daemon import run_daemon
 
     return run_daemon(settings)
 
@@ -583,7 +585,7 @@ def run(ctx: Context, mode: str | None, interval: float | None, http: str | None
 @command
 def seal(ctx: Context, message: str) -> int:
     """Turn dev mode's draft revision into a normal revision."""
-    from reconciler.devloop import seal as seal_draft
+    from reconciler.runtime.devloop import seal as seal_draft
 
     path = seal_draft(ctx.settings(), message)
     click.echo(f"sealed {path}", err=True)
@@ -595,7 +597,7 @@ def seal(ctx: Context, message: str) -> int:
 @command
 def confirm(ctx: Context, revision: str) -> int:
     """Confirm a held-back destructive revision (writes `allow_destructive = True` into it)."""
-    from reconciler.devloop import confirm as confirm_revision
+    from reconciler.runtime.devloop import confirm as confirm_revision
 
     path = confirm_revision(ctx.settings(), revision)
     click.echo(f"confirmed {path}; dev mode applies it now", err=True)
@@ -613,7 +615,7 @@ def confirm(ctx: Context, revision: str) -> int:
 def revision(ctx: Context, message: str | None, autogenerate: bool, rev_id: str | None) -> int:
     """Write a revision file: empty (`flask db revision`), or --autogenerate'd from the models
     (`flask db migrate`: the same file, through your env.py)."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     if not autogenerate:
         written = admin.empty_revision(ctx.settings(require_url=False), message, rev_id)
@@ -649,7 +651,7 @@ def _print_written(written: Any) -> None:
 @command
 def merge(ctx: Context, message: str | None, rev_id: str | None, revisions: tuple[str, ...]) -> int:
     """Write a merge revision of REVISIONS (default: every head), as `flask db merge` does."""
-    from reconciler import admin
+    from reconciler.commands import admin
 
     written = admin.merge(ctx.settings(require_url=False), revisions, message, rev_id)
     if written is None:

@@ -91,7 +91,7 @@ def migration_lock(
         return
     import sqlalchemy as sa
 
-    from reconciler import locks
+    from reconciler.db import locks
 
     engine = sa.create_engine(bind, poolclass=sa.pool.NullPool) if isinstance(bind, str) else bind.engine
     database = engine.url.database or ""

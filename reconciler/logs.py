@@ -19,8 +19,8 @@ from typing import Any, TextIO
 
 import structlog
 
-from reconciler import terminal
 from reconciler.redact import redact
+from reconciler.runtime import terminal
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

@@ -248,7 +248,7 @@ def journal_engine(url: str, table: str = "reconciler_journal") -> tuple[object,
     that exists, else the database's default schema (the previous release's placement)."""
     import sqlalchemy as sa
 
-    from reconciler import journal
+    from reconciler.db import journal
 
     place = journal.Place(table, url)
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)

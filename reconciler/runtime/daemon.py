@@ -1,0 +1,596 @@
+"""Composition root of `reconciler run` (prod mode): settings, loop, watcher, HTTP, alerts, signals.
+
+Each run is the reconcile of `reconcile.py`; this module turns its result (or its exception)
+into an outcome, metrics, a `/status` document, log lines and alert transitions, and decides when
+the next run happens (the interval, or after a failure a jittered backoff that grows from the
+interval to `backoff_max`), and whether to keep the connection until then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import sqlalchemy as sa
+
+from reconciler import __version__, logs, sessions
+from reconciler.config.load import DaemonSettings, Settings, parse_http
+from reconciler.control.drift import DriftChecker
+from reconciler.control.reconcile import ApplyResult, Progress, Reconciler, Status, is_lock_timeout
+from reconciler.core.backoff import backoff
+from reconciler.core.graph import MissingRevision, RevisionFileError, RevisionSyntaxError
+from reconciler.db import connection, flags
+from reconciler.errors import (
+    Blocked,
+    ConfigError,
+    LockTimeout,
+    ReconcilerError,
+    RetryDeferred,
+    RevisionFailed,
+    Suspended,
+    UnreachableError,
+)
+from reconciler.redact import redact
+from reconciler.runtime import signals
+from reconciler.runtime.alerts import EVENTS, Alert, AlertDispatcher, AlertPolicy, Observation
+from reconciler.runtime.http import SHED_SWITCH, HttpServer
+from reconciler.runtime.metrics import Metrics
+from reconciler.runtime.scheduler import Loop
+from reconciler.runtime.watcher import DirWatcher, fingerprint
+
+log = logs.get("reconciler.daemon")
+
+DAEMON_LOCK_WAIT = 5.0  # a tick waits this long for the lock; then lock_busy and a backoff
+TRANSIENT = ("unreachable", "lock_busy", "failed")
+UNREADABLE = "revision_unreadable"  # the condition (and alert event) of a revision file we cannot read
+# Every /status document has these keys, whatever the state (a dashboard or `jq` never meets a
+# missing key): those of `Status.as_dict` that only some states fill, at their empty value.
+STATUS_DEFAULTS: dict[str, Any] = {
+    "state": "unknown", "sync_state": "unknown", "conditions": [], "db_heads": [], "repo_heads": [],
+    "pending": [], "unknown": [], "message": "", "fork": [], "branch_point": None, "dirty": [],
+    "blocked": None, "drift": None, "checksum_mismatch": [], "foreign_writes": [], "guard": None,
+    "chains": [], UNREADABLE: None, "applying": None,
+}
+EXIT_GRACE_EXPIRED = 1
+
+
+@dataclass
+class RunRecord:
+    """What the last runs said; read by /status, /readyz and the heartbeat line."""
+
+    started_at: float = field(default_factory=time.time)
+    runs: int = 0
+    last_run_at: float | None = None
+    last_outcome: str = ""
+    last_error: str = ""
+    last_success_at: float | None = None
+    consecutive_failures: int = 0
+    status: dict[str, Any] = field(default_factory=dict)
+    lock_holder: dict[str, Any] | None = None
+    lock_busy_since: float | None = None
+    missing_revision_seen: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outcome: str
+    status: Status | None = None
+    applied: tuple[tuple[str, float], ...] = ()
+    lock_wait: float = 0.0
+    error: str = ""
+    failed_revision: str | None = None
+    failure_signature: str = ""
+    lock_holder: dict[str, Any] | None = None
+    lock_timeout: bool = False
+    foreign: tuple[str, ...] = ()
+    unreadable: dict[str, Any] | None = None  # the revision file that does not parse: path, line
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rec = Reconciler(settings)
+        self.rec.retry_gate = True  # a tick never tries a failed revision before the fleet's retry_after
+        self.target = self.rec.target
+        self.drift = DriftChecker(self.rec, settings.drift, settings.unsafe)
+        self.metrics = Metrics(self.target, __version__)
+        self.policy = AlertPolicy(self.target, settings.alerting)
+        _check_sink_events(settings)
+        self.metrics.declare_sinks([sink.name for sink in settings.alerts], EVENTS)
+        self.dispatcher = AlertDispatcher(
+            settings.alerts, settings.alerting, on_sent=self.metrics.alert_sent,
+            on_failed=self.metrics.alert_failed, on_dropped=self.metrics.alert_dropped,
+        )
+        daemon = settings.daemon
+        # Jitter spreads 200 sidecars' ticks; more than half the interval would only slow them.
+        self.loop = Loop(self._run, daemon.interval, min(daemon.jitter, daemon.interval / 2))
+        dirs, _ = self.rec.project.version_dirs
+        self.version_dirs = dirs
+        self.watcher = DirWatcher(dirs, self._files_changed, debounce=daemon.debounce, suffixes=(".py",))
+        host, port = parse_http(daemon.http)
+        self.http = HttpServer(
+            host, port, self, self.metrics, daemon.allowed_hosts,
+            header_timeout=daemon.http_header_timeout, shed=SHED_SWITCH not in settings.unsafe,
+        )
+        self.record = RunRecord()
+        for rec in (self.rec, *self.rec.extra):
+            rec.on_plan = self._on_plan
+        self._record_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._done = threading.Event()
+        self._exit_code = 0
+        self._fingerprint = ""
+        self._last_heartbeat = time.monotonic()
+        self._last_state = ""
+        self._marked_prod = False
+
+    # --- HealthSource (http.py) -------------------------------------------------------------
+    def alive(self) -> bool:
+        """Alive while the loop heartbeats; never depends on the database."""
+        limit = max(60.0, 3 * self.settings.daemon.interval + self.settings.daemon.backoff_max)
+        return self.loop.running or time.monotonic() - self.loop.last_beat < limit
+
+    def ready(self) -> bool:
+        with self._record_lock:
+            attempted = self.record.runs > 0
+            sync_state = self.record.status.get("sync_state")
+            conditions = set(self.record.status.get("conditions") or ()) - {"drift"}  # reported, not gating
+        if self.settings.daemon.ready_when == "in_sync":
+            return sync_state == "in_sync" and not conditions
+        return attempted
+
+    def status(self) -> dict[str, Any]:
+        with self._record_lock:
+            record = self.record
+            out = {**STATUS_DEFAULTS, **record.status, **self._live_apply()}
+            out.update(
+                {
+                    "target": self.target,
+                    "url": self.rec.redacted_url,
+                    "mode": "prod",
+                    "apply": self.settings.daemon.apply,
+                    "version": __version__,
+                    "started_at": _iso(record.started_at),
+                    "runs": record.runs,
+                    "last_run": _iso(record.last_run_at),
+                    "last_outcome": record.last_outcome,
+                    "last_error": record.last_error or None,
+                    "last_success": _iso(record.last_success_at),
+                    "consecutive_failures": record.consecutive_failures,
+                    "lock_holder": record.lock_holder,
+                    "watching": self.watcher.healthy,
+                }
+            )
+        return out
+
+    def _live_apply(self) -> dict[str, Any]:
+        """The state of an apply in progress, from what it read under the lock: the last run's
+        document (or none, on a first apply) would hide it for as long as the apply takes."""
+        for rec in (self.rec, *self.rec.extra):
+            plan, progress = rec.plan, rec.applying
+            if plan is not None:
+                current = progress if progress is not None and progress.plan is plan else None
+                return _applying_doc(plan, current)
+        return {}
+
+    def _on_plan(self, _status: Status) -> None:
+        """A run read what it will apply: the gauges say that state at once, not at its end."""
+        self._on_progress(0, 0, "", "")
+
+    def _on_progress(self, n: int, total: int, _rev: str, _message: str) -> None:
+        """A revision of this run is about to start (n of total; 0 before the first): /status and
+        the metrics say which."""
+        doc = self._live_apply()
+        if not doc:
+            return
+        if n:
+            with self._record_lock:
+                self.record.status = doc  # kept until the run's report replaces it
+        m = self.metrics
+        m.set_state(str(doc["state"]), str(doc["sync_state"]), doc.get("conditions") or ())
+        m.set_pending(len(doc.get("pending") or ()))
+        m.set_applying(n, total)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start everything and block until a signal has stopped it; the process exit code."""
+        self._install_signals()
+        self.http.start()
+        self.dispatcher.start()
+        if not self.watcher.start():
+            log.warning("watch_unavailable", fallback="stat fingerprint each tick")
+        host, port = self.http.address
+        log.info("daemon_started", target=self.target, url=self.rec.redacted_url,
+                 interval=self.settings.daemon.interval, http=f"{host}:{port}",
+                 apply=self.settings.daemon.apply, version=__version__)
+        self.loop.start()
+        signals.wait_for(self._done)
+        return self._exit_code
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self._stopping.is_set():
+            log.warning("second_signal", signal=signal.Signals(signum).name, action="exit now")
+            os._exit(EXIT_GRACE_EXPIRED)
+        self._stopping.set()
+        log.info("shutdown_requested", signal=signal.Signals(signum).name,
+                 grace=self.settings.daemon.grace)
+        threading.Thread(target=self._shutdown, name="shutdown", daemon=True).start()
+
+    def _shutdown(self) -> None:
+        """Stop everything; the process ends even when a part fails to stop cleanly."""
+        try:
+            grace = self.settings.daemon.grace
+            finished = self.loop.stop(wait=True, timeout=grace)
+            if not finished:
+                log.warning("grace_expired", action="cancelling our statement on the server")
+                self._cancel_in_flight()
+                finished = self.loop.stop(wait=True, timeout=max(10.0, grace))
+                self._exit_code = EXIT_GRACE_EXPIRED
+            self.watcher.stop()
+            self.http.stop()
+            self.dispatcher.close(timeout=2.0)
+            self.rec.close()
+            log.info("daemon_stopped", target=self.target, clean=finished and not self._exit_code)
+        except Exception as exc:  # a hung SIGTERM is worse than an untidy stop
+            log.error("daemon_stop_failed", error=redact(str(exc)), kind=exc.__class__.__name__)
+            self._exit_code = self._exit_code or EXIT_GRACE_EXPIRED
+        finally:
+            self._done.set()
+
+    def _cancel_in_flight(self) -> None:
+        """Cancel the revision our worker is running (PostgreSQL), else stop the worker."""
+        name = sessions.application_name(self.target, "apply")
+        if self.rec.backend == "postgresql":
+            try:
+                with connection.connect(self.rec.engine) as conn:
+                    conn.execute(
+                        sa.text(
+                            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                            "WHERE application_name = :name AND datname = current_database()"
+                        ),
+                        {"name": name},
+                    )
+                return
+            except ReconcilerError:
+                pass
+        worker = self.rec.current_worker
+        if worker is not None:
+            worker.kill()
+
+    # --- one run -------------------------------------------------------------------------------
+    def _files_changed(self, paths: set[Any]) -> None:
+        log.info("revision_files_changed", count=len(paths))
+        self.rec.project.invalidate()
+        self.loop.trigger("revision_files_changed")
+
+    def _run(self, reason: str) -> float | None:
+        started = time.monotonic()
+        self._poll_files_if_blind()
+        result = self._check_drift(self._reconcile(reason))
+        seconds = time.monotonic() - started
+        self._report(result, seconds)
+        if result.outcome in ("noop", "applied") and not self._marked_prod:
+            self._mark_prod()
+        delay = self._next_delay(result)
+        self._release_if_idle(delay)
+        return delay
+
+    def _release_if_idle(self, delay: float | None) -> None:
+        """Close our connections when the next run is `idle_disconnect_after` or more away: 200
+        sidecars holding one idle backend each would take 200 server slots for nothing."""
+        daemon = self.settings.daemon
+        if (daemon.interval if delay is None else delay) >= daemon.idle_disconnect_after:
+            self.rec.release()
+
+    def _mark_prod(self) -> None:
+        """Record in the journal that a prod reconciler owns this database: dev mode refuses it."""
+        key = flags.environment_key(self.target)
+        if self.rec.missing_database_file() is not None:
+            return  # an observer on a SQLite file not made yet: connecting would create it
+        try:
+            with connection.connect(self.rec.engine) as conn:
+                if not self.rec.journal_exists(conn):
+                    return  # nothing applied by us yet; marked once the journal exists
+                if flags.read(conn, self.rec.journal, [key]).get(key) != "prod":
+                    flags.put(conn, self.rec.journal, key, "prod")
+            self._marked_prod = True
+        except (ReconcilerError, sa.exc.DBAPIError) as exc:
+            log.warning("environment_mark_failed", error=redact(str(exc)))
+
+    def _poll_files_if_blind(self) -> None:
+        self.rec.check_files = not self.watcher.healthy
+        if self.watcher.healthy:
+            return
+        current = fingerprint(self.version_dirs)
+        if current != self._fingerprint:
+            self._fingerprint = current
+            self.rec.project.invalidate()
+
+    def _reconcile(self, reason: str) -> RunResult:
+        try:
+            if not self.settings.daemon.apply:
+                return RunResult("noop", self.rec.status())
+            result: ApplyResult = self.rec.apply(
+                trigger=reason,
+                progress=self._on_progress,
+                fast=True,
+                lock_timeout=min(DAEMON_LOCK_WAIT, self.settings.apply.lock_acquire_timeout),
+                should_stop=self._stopping.is_set,
+            )
+            self.record.missing_revision_seen = False
+            return RunResult(result.outcome, result.status, result.applied, result.lock_wait,
+                             foreign=result.foreign)
+        except LockTimeout as exc:
+            return RunResult("lock_busy", self._quiet_status(), error=str(exc), lock_holder=dict(exc.holder))
+        except UnreachableError as exc:
+            return RunResult("unreachable", self.rec.status(), error=str(exc))
+        except RevisionFailed as exc:
+            signature = self.rec.failure_of(exc).signature
+            return RunResult("failed", self._quiet_status(), error=str(exc), failed_revision=exc.revision,
+                             failure_signature=signature, lock_timeout=is_lock_timeout(exc))
+        except RetryDeferred as exc:  # not a failure: no count toward blocked_after or unreachable
+            return RunResult("deferred", self._quiet_status(), error=str(exc), failed_revision=exc.revision,
+                             failure_signature=exc.signature)
+        except Blocked as exc:
+            return RunResult("blocked", self._quiet_status(), error=str(exc))
+        except Suspended as exc:
+            return RunResult("suspended", self._quiet_status(), error=str(exc))
+        except MissingRevision as exc:
+            return self._missing_revision(exc)
+        except RevisionFileError as exc:  # nothing can be decided or applied until it is fixed
+            return self._unreadable(exc)
+        except ReconcilerError as exc:  # ahead, diverged, multiple heads, dirty, bad files
+            return RunResult("refused", self._quiet_status(), error=str(exc))
+
+    def _check_drift(self, result: RunResult) -> RunResult:
+        """Compare the schema with the models when due (see drift.py); the status then says so."""
+        if result.outcome == "applied":
+            self.drift.expire()  # new heads: the last compare says nothing about them
+        if result.status is None or result.outcome not in ("noop", "applied"):
+            return result
+        try:
+            if not self.drift.tick(result.status, time.time()):
+                return result
+        except (ReconcilerError, sa.exc.DBAPIError) as exc:
+            log.warning("drift_check_failed", target=self.target, error=redact(str(exc)))
+            return result
+        return dataclasses.replace(result, status=self._quiet_status() or result.status)
+
+    def _unreadable(self, exc: RevisionFileError | MissingRevision) -> RunResult:
+        """A revision file that does not parse (or has no usable header, or names a parent that
+        is not there) is a failure of the run: counted, alerted with the file and line, and in
+        /status until the file is fixed."""
+        self.rec.project.invalidate()  # read again next run, whatever the watcher says
+        line = exc.line if isinstance(exc, RevisionFileError) else None
+        where = {"path": _shown(exc.path, self.settings.root_dir), "line": line,
+                 "file_hash": exc.file_hash if isinstance(exc, RevisionSyntaxError) else None}
+        return RunResult("failed", None, error=str(exc), unreadable=where)
+
+    def _missing_revision(self, exc: MissingRevision) -> RunResult:
+        """A half-synced checkout is transient for one debounce window, then an error."""
+        first = not self.record.missing_revision_seen
+        self.record.missing_revision_seen = True
+        self.rec.project.invalidate()
+        if first:
+            log.info("revision_files_incomplete", missing=exc.missing, retry_in=self.settings.daemon.debounce)
+            return RunResult("noop", None, error="")
+        return self._unreadable(exc)
+
+    def _quiet_status(self) -> Status | None:
+        try:
+            return self.rec.status()
+        except (ReconcilerError, ConfigError):
+            return None
+
+    def _next_delay(self, result: RunResult) -> float | None:
+        if result.outcome == "noop" and self.record.missing_revision_seen:
+            return self.settings.daemon.debounce
+        if result.unreadable is not None:
+            return None  # retrying sooner cannot help: the watcher (or the next tick) sees the fix
+        return next_delay(result.outcome, self.record.consecutive_failures, self.settings.daemon)
+
+    # --- reporting -----------------------------------------------------------------------------
+    def _report(self, result: RunResult, seconds: float) -> None:
+        now = time.time()
+        status = result.status
+        state_doc = status.as_dict() if status else _blind_doc(result)
+        with self._record_lock:
+            record = self.record
+            record.runs += 1
+            record.last_run_at = now
+            record.last_outcome = result.outcome
+            record.last_error = redact(result.error)
+            if result.outcome in ("noop", "applied"):
+                record.last_success_at = now
+                record.consecutive_failures = 0
+            elif result.outcome in TRANSIENT:
+                record.consecutive_failures += 1
+            record.status = state_doc
+            self._track_lock(record, result, now)
+        self._metrics(result, seconds, state_doc, now)
+        self._log(result, seconds, state_doc)
+        self._alert(result, state_doc)
+
+    def _track_lock(self, record: RunRecord, result: RunResult, now: float) -> None:
+        if result.outcome == "lock_busy":
+            record.lock_holder = result.lock_holder
+            record.lock_busy_since = record.lock_busy_since or now
+        else:
+            record.lock_holder = None
+            record.lock_busy_since = None
+
+    def _metrics(self, result: RunResult, seconds: float, doc: dict[str, Any], now: float) -> None:
+        m = self.metrics
+        m.observe_run(result.outcome, seconds)
+        m.set_state(str(doc.get("state")), str(doc.get("sync_state")), doc.get("conditions") or ())
+        m.set_pending(len(doc.get("pending") or ()))
+        m.set_applying(0, 0)
+        for _rev, took in result.applied:
+            m.observe_revision_apply(took)
+        if result.outcome in ("noop", "applied"):
+            m.set_last_success(now)
+        if result.lock_wait:
+            m.observe_lock_wait(result.lock_wait)
+        m.set_consecutive_failures(self.record.consecutive_failures)
+        status = result.status
+        if status is not None and status.sync_state != "unknown":
+            report = status.drift
+            m.set_drift(report.count if report else 0, report.checked_at if report else 0.0)
+
+    def _log(self, result: RunResult, seconds: float, doc: dict[str, Any]) -> None:
+        state = str(doc.get("state"))
+        changed = state != self._last_state
+        self._last_state = state
+        fields = {"target": self.target, "outcome": result.outcome, "state": state,
+                  "duration_ms": round(seconds * 1000, 2)}
+        if result.error:
+            log.warning("run_finished", error=result.error, **fields)
+        elif changed or result.outcome != "noop":
+            log.info("run_finished", **fields)
+        else:
+            log.debug("run_finished", **fields)
+        now = time.monotonic()
+        if now - self._last_heartbeat >= self.settings.daemon.heartbeat:
+            self._last_heartbeat = now
+            log.info("heartbeat", target=self.target, state=state, runs=self.record.runs)
+
+    def _alert(self, result: RunResult, doc: dict[str, Any]) -> None:
+        record = self.record
+        blocked = doc.get("blocked") or {}  # the journal's record: the same on every replica
+        observation = Observation(
+            outcome=result.outcome,
+            state=str(doc.get("state")),
+            sync_state=str(doc.get("sync_state")),
+            conditions=tuple(doc.get("conditions") or ()),
+            applied=tuple(rev for rev, _ in result.applied),
+            failed_revision=blocked.get("revision") or result.failed_revision,
+            failure_signature=blocked.get("signature") or result.failure_signature,
+            blocked=f"{blocked.get('revision') or '-'}:{blocked.get('signature') or ''}" if blocked else "",
+            error=redact(result.error),
+            consecutive_failures=record.consecutive_failures,
+            lock_holder=result.lock_holder,
+            lock_held_for=(time.time() - record.lock_busy_since) if record.lock_busy_since else 0.0,
+            unknown=tuple(doc.get("unknown") or ()),
+            heads=tuple(doc.get("fork") or doc.get("repo_heads") or ()),
+            dirty=tuple(doc.get("dirty") or ()),
+            lock_timeout=result.lock_timeout,
+            unreadable=_where(result.unreadable),
+            unreadable_hash=str((result.unreadable or {}).get("file_hash") or ""),
+            **_drift_fields(result.status),
+            mismatched=tuple(m["revision"] for m in doc.get("checksum_mismatch") or ()),
+            foreign=tuple(dict.fromkeys((*result.foreign, *(doc.get("foreign_writes") or ())))),
+        )
+        for alert, episode in self.policy.observe(observation, time.time()):
+            if episode is None or self._claim(alert, episode):
+                self.dispatcher.submit(alert)
+
+    def _claim(self, alert: Alert, episode: str) -> bool:
+        """The first replica to record this transition in the journal sends it. A recovery is
+        recorded under the event it ends, so a later return of the same episode is claimable."""
+        event = str(alert.details.get("recovered_from") or alert.event)
+        if self.rec.missing_database_file() is not None:
+            return True  # no database, so no journal to coordinate in (and no file to create)
+        try:
+            with connection.connect(self.rec.engine) as conn:
+                if not self.rec.journal_exists(conn):
+                    return True
+                return flags.claim(conn, self.rec.journal, flags.alert_key(self.target, event), episode)
+        except (ReconcilerError, sa.exc.DBAPIError) as exc:
+            # cannot coordinate: better twice than never, and said, so a double alert is explained
+            log.warning("alert_claim_failed", target=self.target, alert_event=event, error=redact(str(exc)))
+            return True
+
+
+def next_delay(outcome: str, failures: int, daemon: DaemonSettings) -> float | None:
+    """Seconds from the end of a run with `outcome` to the next run; None: the normal interval.
+
+    After a failure (the `failures`-th in a row) never sooner than the interval (a failing
+    replica must not query more than a healthy one), growing to backoff_max: 1-2 intervals, then
+    2-4, ... A busy lock is another replica applying, not a failure: look again at the interval,
+    so the replica sees the new heads within an interval of the applier finishing.
+    """
+    if outcome not in TRANSIENT or outcome == "lock_busy":
+        return None
+    return backoff(failures, base=daemon.interval, cap=daemon.backoff_max)
+
+
+def _applying_doc(plan: Status, progress: Progress | None) -> dict[str, Any]:
+    """The plan's document while it is applied: `pending` counts down; once a revision of a
+    first apply is in, the database is `behind`, no longer empty. `db_heads` are the plan's."""
+    doc = plan.as_dict()
+    if progress is None:
+        return doc
+    doc["pending"] = list(progress.remaining)
+    if progress.n > 1 and doc["sync_state"] == "uninitialized_empty":
+        doc["sync_state"] = "behind"
+        doc["state"] = "behind" if doc["state"] == "uninitialized_empty" else doc["state"]
+    doc["applying"] = progress.as_dict()
+    doc["message"] = (f"applying {progress.revision} ({progress.n} of {progress.total}); "
+                      f"{len(progress.remaining)} pending")
+    return doc
+
+
+def _blind_doc(result: RunResult) -> dict[str, Any]:
+    """The state document of a run that decided nothing (no status was read)."""
+    if result.unreadable is None:
+        return {"state": "unknown", "sync_state": "unknown"}
+    return {"state": UNREADABLE, "sync_state": "unknown", "conditions": [UNREADABLE],
+            "message": redact(result.error), UNREADABLE: result.unreadable}
+
+
+def _where(unreadable: dict[str, Any] | None) -> str:
+    """`path:line` of an unreadable revision file ("" when there is none)."""
+    if unreadable is None:
+        return ""
+    line = unreadable.get("line")
+    return f"{unreadable['path']}:{line}" if line else str(unreadable["path"])
+
+
+def _shown(path: Any, root: Any) -> str:
+    """A path as a person reads it in an alert: relative to the project root when inside it."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except (ValueError, OSError, AttributeError):
+        return str(path)
+
+
+def _drift_fields(status: Status | None) -> dict[str, tuple[str, ...]]:
+    report = status.drift if status is not None and "drift" in status.conditions else None
+    if report is None:
+        return {}
+    texts = tuple(str(d.get("text", d["key"])) for d in report.differences)
+    return {"drift": report.keys, "drift_texts": texts}
+
+
+def _check_sink_events(settings: Settings) -> None:
+    import difflib
+
+    for index, sink in enumerate(settings.alerts, start=1):
+        for name in sink.events:
+            if name not in EVENTS:
+                close = difflib.get_close_matches(name, list(EVENTS), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(
+                    f"[[alerts]] #{index} ({sink.name}): unknown event {name!r}{hint}; "
+                    f"events are {', '.join(EVENTS)}"
+                )
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def run_daemon(settings: Settings) -> int:
+    return Daemon(settings).run()

@@ -1,0 +1,741 @@
+"""Dev mode: a saved model file becomes a revision file and a migrated dev database.
+
+`models-dir event (debounced) → generate in a fresh (pre-warmed) worker → revision file →
+reconcile.apply`, the `flask db migrate && flask db upgrade` loop done on save. Saves during a
+generation coalesce into one follow-up (the scheduler's trigger). The versions directory is
+watched too: a teammate's revision or a branch switch is applied before anything is generated,
+and a database that is ahead, diverged or forked stops generation with the command that fixes it.
+
+Draft revisions: consecutive saves amend one draft (marked `draft = True` in its file, applied
+with the journal trigger `draft`): the draft is downgraded, regenerated from the models with the
+same id, rewritten and applied again — the only automatic downgrade the product does, and only on
+a local database. `reconciler seal -m MSG` makes it a normal revision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import sqlalchemy as sa
+
+from reconciler import logs
+from reconciler.config.load import Settings, find_module_file
+from reconciler.control.reconcile import Reconciler
+from reconciler.core import checksums
+from reconciler.core.graph import Revision, RevisionGraph, parse_revision_file, revision_files
+from reconciler.db import connection, flags, journal
+from reconciler.errors import ConfigError, ReconcilerError, Refused, RevisionFailed, StateError
+from reconciler.project import differences
+from reconciler.project.modelscan import FileDigest, changed_classes, read_digest
+from reconciler.redact import redact
+from reconciler.runtime import signals
+from reconciler.runtime.scheduler import Loop
+from reconciler.runtime.watcher import DEFAULT_IGNORE, DirWatcher
+
+log = logs.get("reconciler.dev")
+
+DRAFT_TRIGGER = checksums.DRAFT_TRIGGER
+FULL_COMPARE_EVERY = 300.0  # seconds: saves compare only what they touched; this catches the rest
+IDLE_INTERVAL = 3600.0  # dev mode is event driven; the periodic run is only a safety net
+RECHECK_SWITCH = "dev_recheck"  # RECONCILER_UNSAFE_DISABLE: keep what was generated during a pull
+
+
+# --- safety: only local databases ----------------------------------------------------------------
+def is_local(url: str, local_hosts: list[str]) -> bool:
+    """SQLite, a Unix socket, a loopback address, or a host listed as local."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return True
+    host = (parsed.host or "").strip("[]")
+    if not host or host.startswith("/"):
+        return True  # no host: the driver's Unix socket
+    if host == "localhost" or host in local_hosts:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_dev_target(settings: Settings, rec: Reconciler) -> None:
+    """Refuse a remote database (unless allowed) and any database marked `prod`."""
+    if not settings.dev.allow_remote and not is_local(settings.target.url, settings.dev.local_hosts):
+        raise Refused(
+            f"dev mode writes revision files and changes schemas, and {rec.redacted_url} is not a "
+            "local database; point it at a local one, add its host to [dev] local_hosts "
+            "(compose service names), or set [dev] allow_remote = true"
+        )
+    with connection.connect(rec.engine) as conn:
+        if not rec.journal_exists(conn):
+            return
+        key = flags.environment_key(rec.target)
+        marker = flags.read(conn, rec.journal, [key])
+    if marker.get(key) == "prod":
+        raise Refused(
+            f"the database of target {rec.target} is marked as a production database (a prod "
+            "reconciler applied to it); dev mode never touches it"
+        )
+
+
+def watch_paths(settings: Settings) -> list[Path]:
+    """[dev] watch, else the package that holds the models module (with its subpackages)."""
+    if settings.dev.watch:
+        return [p if p.is_absolute() else (settings.base_dir / p).resolve()
+                for p in (Path(w) for w in settings.dev.watch)]
+    module = settings.target.models.partition(":")[0]
+    if not module:
+        raise ConfigError("dev mode needs [target] models (pkg.module:attr) or [dev] watch paths")
+    found = find_module_file(module, settings)
+    if found is None:
+        raise ConfigError(f"cannot find the models module {module!r} under {settings.root_dir}")
+    if found.name != "__init__.py" and not (found.parent / "__init__.py").exists():
+        return [found]  # a top-level module: watch that file
+    return [found.parent]
+
+
+# --- the loop ------------------------------------------------------------------------------------
+class DevLoop:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # The prod guard stays on for what dev mode did not just generate and check itself: a
+        # teammate's revision, or one held back before a restart. Lock risk is no concern here.
+        self.rec = Reconciler(dataclasses.replace(
+            settings, safety=dataclasses.replace(settings.safety, squawk="off", strict_locking=False)))
+        self.rec.guard = not settings.dev.allow_destructive
+        self.target = self.rec.target
+        self._models_changed = threading.Event()
+        self._done = threading.Event()
+        self._stopping = threading.Event()
+        self.loop = Loop(self._run, IDLE_INTERVAL, 0.0, name="dev")
+        ignore = (*DEFAULT_IGNORE, *settings.dev.ignore)
+        versions, _ = self.rec.project.version_dirs
+        # A migrations directory inside the models package: the revisions this loop writes (and
+        # env.py) are never model changes, or each write would start another generation.
+        self.model_watcher = DirWatcher(watch_paths(settings), self._on_models, settings.dev.debounce,
+                                        ignore=ignore, suffixes=(".py",),
+                                        exclude=[settings.migrations_dir, *versions])
+        self.version_watcher = DirWatcher(versions, self._on_versions, settings.dev.debounce,
+                                          suffixes=(".py",))
+        self._warm: Any = None
+        self._changed: set[Path] = set()
+        self._changed_lock = threading.Lock()
+        self._last_full = 0.0
+        self._digests: dict[Path, FileDigest] = {}  # model files as the last generation saw them
+        self._draft_tables: dict[str, frozenset[str]] = {}  # the draft's id -> the tables it touches
+        self._held: dict[str, tuple[Path, frozenset[str]]] = {}  # held back: id -> (file, tables)
+        self._carry: set[str] = set()  # tables of withdrawn revisions: the next compare covers them
+        self._generated = False  # the first generation has run (what fails after it is an edit)
+        self._fatal: ConfigError | None = None  # why dev mode stopped at start
+
+    # lifecycle
+    def run(self) -> int:
+        check_dev_target(self.settings, self.rec)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self._warm = self._start_warm()
+        self.model_watcher.start()
+        self.version_watcher.start()
+        log.info("dev_started", target=self.target, url=self.rec.redacted_url,
+                 watching=[str(p) for p in watch_paths(self.settings)], draft=self.settings.dev.draft)
+        known = differences.load_for(self.settings)
+        if known:
+            log.info("known_differences", count=len(known), ignored=sorted(known),
+                     file=str(differences.path_for(self.settings)))
+        self._models_changed.set()  # a full compare at start
+        self.loop.start()
+        signals.wait_for(self._done)
+        if self._fatal is not None:
+            raise self._fatal
+        return 0
+
+    def _start_warm(self) -> Any:
+        from reconciler import sessions
+        from reconciler.control.workerclient import WarmWorker, WorkerJob
+
+        with connection.connect(self.rec.engine) as conn:
+            identity = sessions.identity_from_dbapi(conn.connection, self.rec.backend)
+        job = WorkerJob.from_settings(self.settings)
+        job = dataclasses.replace(job, exclude_tables=self.rec.journal.names,
+                                  expected_identity=identity)
+        return WarmWorker(job, python=self.settings.target.python or None,
+                          timeout=self.settings.dev.generate_timeout)
+
+    def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        if self._stopping.is_set():
+            raise SystemExit(1)
+        self._stopping.set()
+        threading.Thread(target=self._shutdown, daemon=True).start()
+
+    def _shutdown(self) -> None:
+        """Stop everything; the process ends even when a part fails to stop cleanly."""
+        try:
+            self.loop.stop(wait=True, timeout=30)
+            self.model_watcher.stop()
+            self.version_watcher.stop()
+            if self._warm is not None:
+                self._warm.close()
+            self.rec.close()
+            log.info("dev_stopped", target=self.target)
+        except Exception as exc:  # a hung SIGTERM is worse than an untidy stop
+            log.error("dev_stop_failed", error=redact(str(exc)), kind=exc.__class__.__name__)
+        finally:
+            self._done.set()
+
+    def _on_models(self, paths: set[Path]) -> None:
+        with self._changed_lock:
+            self._changed |= paths
+        self._models_changed.set()
+        self.loop.trigger("models_changed")
+
+    def _next_scope(self) -> Scope:
+        """What the next generation compares: the tables of the classes the saved files changed
+        (of the whole file when code outside its classes changed), or everything: at start, and
+        every FULL_COMPARE_EVERY seconds."""
+        with self._changed_lock:
+            changed, self._changed = self._changed, set()
+        now = time.monotonic()
+        if not changed or now - self._last_full > FULL_COMPARE_EVERY:
+            self._last_full = now
+            return Scope(None, {}, {p: read_digest(p) for p in self.model_watcher.files()})
+        digests = {p: read_digest(p) for p in changed}
+        files: list[str] = []
+        classes: dict[str, list[str]] = {}
+        for path in sorted(changed):
+            names = changed_classes(self._digests.get(path), digests[path])
+            if names is None or names:
+                files.append(str(path))
+            if names:
+                classes[str(path)] = sorted(names)
+        return Scope(files, classes, digests)
+
+    def _models_differ(self) -> bool:
+        """Whether a saved file's model code differs from what the last generation saw."""
+        with self._changed_lock:
+            changed = set(self._changed)
+        return any(changed_classes(self._digests.get(p), read_digest(p)) != frozenset() for p in changed)
+
+    def _remember(self, scope: Scope) -> None:
+        """The files as this generation saw them: the next save is compared with these."""
+        if scope.files is None:
+            self._digests.clear()
+        for path, seen in scope.digests.items():
+            if seen is None:
+                self._digests.pop(path, None)
+            else:
+                self._digests[path] = seen
+
+    def _requeue(self, scope: Scope) -> None:
+        """Not compared after all (the generation failed): the next save compares them again."""
+        if scope.files:
+            with self._changed_lock:
+                self._changed |= {Path(f) for f in scope.files}
+
+    def _on_versions(self, paths: set[Path]) -> None:
+        self.rec.project.invalidate()
+        self.loop.trigger("revisions_changed")
+
+    # one run
+    def _run(self, reason: str) -> float | None:
+        try:
+            self._sync_first()
+            if self._models_changed.is_set():
+                self._models_changed.clear()
+                try:
+                    self.generate_and_apply()
+                except ConfigError as exc:
+                    if not self._generated and _names_a_missing_attribute(exc, self.settings):
+                        self._stop_at_start(exc)
+                        return None
+                    raise
+                finally:
+                    self._generated = True  # past the first generation: later errors are edits
+        except StopGenerating as exc:
+            log.warning("dev_paused", reason=str(exc))
+        except RevisionsChanged as exc:
+            log.info("generation_discarded", reason=str(exc))
+            self._models_changed.set()
+            self.loop.trigger("revisions_changed")
+        except ReconcilerError as exc:
+            log.error("dev_error", error=str(exc), kind=exc.__class__.__name__)
+        return None
+
+    def _stop_at_start(self, exc: ConfigError) -> None:
+        """The first generation found no `[target] models` attribute in the imported module
+        (`app:dbb`, where the source could not tell): no save would ever generate anything, so
+        stop (exit 2) instead of idling on. A syntax error is a save in progress: it is not."""
+        log.error("dev_models_unusable", error=str(exc), kind=exc.__class__.__name__)
+        self._fatal = ConfigError(
+            f"dev mode cannot start: {exc}; fix [target] models (or the models module) and run "
+            "`reconciler run --mode dev` again"
+        )
+        self._stopping.set()
+        threading.Thread(target=self._shutdown, daemon=True).start()
+
+    def _sync_first(self) -> None:
+        """Teammates' revisions and branch switches first: apply, or stop and say how to fix."""
+        status = self.rec.status()
+        state = status.sync_state
+        if state in ("ahead", "diverged"):
+            point = self._branch_point(status.decision.unknown)
+            raise StopGenerating(
+                f"the database has revisions this checkout does not have "
+                f"({', '.join(status.decision.unknown)}), probably from another branch. To work on "
+                f"this branch: check out the branch that has them, run `reconciler downgrade "
+                f"{point}`, check this branch out again, and save"
+            )
+        if state == "multiple_heads":
+            found = self._draft_to_reparent(status)
+            if found is None:
+                raise StopGenerating(f"{status.message} (`reconciler merge` writes the merge "
+                                     "revision); then save again")
+            self._reparent_draft(*found)
+            return
+        if state in ("behind", "uninitialized_empty"):
+            if self._held_back(status.decision.pending):
+                return
+            self._apply("dev")
+
+    def _held_back(self, pending: tuple[str, ...]) -> bool:
+        """True while a revision we held back (destructive, unconfirmed) is pending: nothing is
+        applied then. A save withdraws it instead (its file is removed, it was never applied):
+        the generation that follows proposes it again if the models still drop what it drops."""
+        held = [rev for rev in pending if rev in self._held]
+        for rev in held:
+            path, tables = self._held[rev]
+            if _acknowledged(path):
+                del self._held[rev]  # confirmed: applied with the rest
+            elif self._models_changed.is_set() and self._models_differ():
+                path.unlink(missing_ok=True)
+                del self._held[rev]
+                self._carry |= tables
+                self.rec.project.invalidate()
+                log.info("held_back_withdrawn", revision=rev, path=str(path),
+                         reason="the models changed; it is generated again if still needed")
+            else:
+                log.info("waiting_for_confirmation", revision=rev,
+                         confirm=f"reconciler confirm {rev}", hint="or change the models back")
+                return True
+        return False
+
+    def _branch_point(self, unknown: tuple[str, ...]) -> str:
+        """The newest revision of this checkout under the foreign ones (from the journal)."""
+        graph = self.rec.graph()
+        with connection.connect(self.rec.engine) as conn:
+            ancestry = journal.ancestry(conn, self.rec.journal)
+        todo, seen = list(unknown), set()
+        while todo:
+            rev = todo.pop()
+            if rev in graph.revisions:
+                return rev
+            if rev not in seen:
+                seen.add(rev)
+                todo.extend(ancestry.get(rev, ()))
+        return "base"
+
+    def generate_and_apply(self) -> None:
+        scope = self._next_scope()
+        if scope.files == [] and not self._carry:
+            self._remember(scope)
+            log.info("no_changes", detail="the saved files changed no model code; nothing compared")
+            return
+        try:
+            graph = self.rec.graph()
+            draft = self._current_draft(graph)
+            if draft is not None and self.settings.dev.draft:
+                self._amend_draft(draft, scope)
+            else:
+                with self._warm.take() as worker:
+                    self._generate_and_apply_with(worker, scope)
+        except ReconcilerError:
+            self._requeue(scope)
+            raise
+        self._remember(scope)
+        self._carry.clear()
+
+    def _generate_and_apply_with(self, worker: Any, scope: Scope) -> None:
+        result = self._generate(worker, draft=self.settings.dev.draft,
+                                **scope.request(frozenset(self._carry)))
+        self._log_compared(result, scope)
+        with self.rec.lending(worker):
+            self._after_generate(result, rebuilt=False)
+
+    def _log_compared(self, result: Any, scope: Scope) -> None:
+        """Log what was compared; remember the tables a new draft touches (its next amend)."""
+        log.debug("compared", tables="all" if result.compared is None else result.compared,
+                  classes=scope.classes, generate_ms=int(result.seconds * 1000))
+        if self.settings.dev.draft and result.revision:
+            self._draft_tables = {result.revision: _tables_of(result)}
+
+    def _generate(self, worker: Any, **request: Any) -> Any:
+        """Generate; discard the result when revision files came or went meanwhile (a pull, a
+        checkout): the worker compared against the old set, and what it wrote may duplicate a
+        teammate's revision. The follow-up run applies theirs first and compares again."""
+        before = self._revision_files()
+        try:
+            result = worker.generate(**request)
+        except ReconcilerError:  # e.g. "not at the heads": the worker saw the new file itself
+            self._raise_if_changed(before, None)
+            raise
+        self._raise_if_changed(before, None if result.path is None else Path(result.path))
+        return result
+
+    def _raise_if_changed(self, before: dict[Path, tuple[int, int]], written: Path | None) -> None:
+        after = self._revision_files()
+        if written is not None:
+            after.pop(written.resolve(), None)
+        if after == before or RECHECK_SWITCH in self.settings.unsafe:
+            return
+        if written is not None:
+            written.unlink(missing_ok=True)
+        self.rec.project.invalidate()
+        changed = sorted(p.name for p in set(before) ^ set(after))
+        raise RevisionsChanged(
+            f"revision files changed while the models were compared ({', '.join(changed)}); "
+            "nothing was written: they are applied first, then the models are compared again")
+
+    def _revision_files(self) -> dict[Path, tuple[int, int]]:
+        dirs, recursive = self.rec.project.version_dirs
+        out: dict[Path, tuple[int, int]] = {}
+        for path in revision_files(dirs, recursive):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            out[path.resolve()] = (stat.st_size, stat.st_mtime_ns)
+        return out
+
+    # drafts
+    def _current_draft(self, graph: RevisionGraph) -> Revision | None:
+        heads = graph.heads
+        if len(heads) != 1:
+            return None
+        head = graph.revisions[heads[0]]
+        if not head.draft or not self._applied_as_draft(head.revision):
+            return None
+        return head
+
+    def _applied_as_draft(self, rev: str) -> bool:
+        with connection.connect(self.rec.engine) as conn:
+            rows = journal.rows_with_outcome(conn, self.rec.journal, "applied")
+        return any(r["revision"] == rev and r["trigger"] == DRAFT_TRIGGER for r in rows)
+
+    def _amend_draft(self, draft: Revision, scope: Scope) -> None:
+        """Downgrade the draft, regenerate it (same id) from the models, rewrite, apply again.
+
+        One warm worker does all three, under one hold of the lock: no other applier sees the
+        draft downgraded. The compare covers what the saves changed and the tables the draft
+        touched (known from its generation; after a restart, everything)."""
+        backup = Path(tempfile.mkdtemp(prefix="reconciler-draft-")) / draft.path.name
+        try:
+            with self._warm.take() as worker, self.rec.lending(worker), connection.connect(
+                self.rec.engine
+            ) as conn, self.rec.locked(conn, self.settings.apply.lock_acquire_timeout):
+                self._downgrade_draft(conn, draft)
+                shutil.move(str(draft.path), backup)
+                self.rec.project.invalidate()
+                tables = self._draft_tables.get(draft.revision)
+                request = scope.request(None if tables is None else tables | self._carry)
+                result = self._generate(worker, draft=True, rev_id=draft.revision, rescan=True, **request)
+                self._log_compared(result, scope)
+                if result.path is None:
+                    log.info("draft_removed", revision=draft.revision,
+                             reason="the models equal the draft's parent again")
+                    return
+                self._after_generate(result, rebuilt=True, locked=conn)
+        except ReconcilerError:
+            if backup.exists():  # the models do not import: keep the old draft, applied
+                shutil.move(str(backup), draft.path)
+                self.rec.project.invalidate()
+                self._apply(DRAFT_TRIGGER)
+            raise
+
+    def _draft_to_reparent(self, status: Any) -> tuple[Revision, str] | None:
+        """Our applied draft and the one other head when the fork is only that: a teammate's
+        revision arrived on the draft's parent (a pull). A draft is ours to rebuild, so it moves
+        onto their head instead of asking for a merge; anything else is a real fork."""
+        if not self.settings.dev.draft:
+            return None
+        graph = self.rec.graph()
+        fork = [graph.revisions[h] for h in status.decision.fork if h in graph.revisions]
+        drafts = [r for r in fork if r.draft]
+        others = [r.revision for r in fork if not r.draft]
+        if len(drafts) != 1 or len(others) != 1:
+            return None
+        draft, head = drafts[0], others[0]
+        if set(status.decision.db_heads) != {draft.revision} or not self._applied_as_draft(draft.revision):
+            return None
+        if not set(draft.down_revisions) <= graph.ancestors(head):
+            return None  # their head does not build on the draft's parent
+        return draft, head
+
+    def _reparent_draft(self, draft: Revision, head: str) -> None:
+        """Move the draft onto `head`: downgrade it, rewrite its parent (down_revision and the
+        "Revises:" line), apply the teammate's revisions, regenerate the draft (same id) from the
+        models against them and apply it — as an amend does, under one hold of the lock. The
+        compare is a full one: what the draft holds now is what their revisions do not."""
+        backup = Path(tempfile.mkdtemp(prefix="reconciler-draft-")) / draft.path.name
+        scope = Scope(None, {}, {p: read_digest(p) for p in self.model_watcher.files()})
+        try:
+            with self._warm.take() as worker, self.rec.lending(worker), connection.connect(
+                self.rec.engine
+            ) as conn, self.rec.locked(conn, self.settings.apply.lock_acquire_timeout):
+                self._downgrade_draft(conn, draft)
+                _write_text(draft.path, reparented(draft.path.read_text(encoding="utf-8"), head))
+                shutil.move(str(draft.path), backup)
+                self.rec.project.invalidate()
+                self.rec.apply_locked(conn, self.rec.graph(), trigger="dev")  # theirs first
+                result = self._generate(worker, draft=True, rev_id=draft.revision, rescan=True)
+                self._log_compared(result, scope)
+                log.info("draft_reparented", revision=draft.revision,
+                         was=list(draft.down_revisions), onto=head)
+                if result.path is None:
+                    log.info("draft_removed", revision=draft.revision,
+                             reason=f"{head} already makes every change the draft made")
+                else:
+                    self._after_generate(result, rebuilt=True, locked=conn)
+        except ReconcilerError:
+            if backup.exists():  # the models do not import: the old draft, on their head
+                shutil.move(str(backup), draft.path)
+                self.rec.project.invalidate()
+                self._apply(DRAFT_TRIGGER)
+            raise
+        self._remember(scope)
+
+    def _downgrade_draft(self, conn: sa.engine.Connection, draft: Revision) -> None:
+        """Under the lock, held on `conn`."""
+        parent = draft.down_revisions[0] if draft.down_revisions else "base"
+        with self.rec.start_worker(conn) as worker:
+            row = journal.record_started(conn, self.rec.journal, target=self.target,
+                                         operation="downgrade", revision=draft.revision,
+                                         trigger=DRAFT_TRIGGER)
+            worker.downgrade(parent)
+            journal.record_finished(conn, self.rec.journal, row, outcome="draft_rebuilt")
+
+    # after a generation
+    def _after_generate(self, result: Any, rebuilt: bool,
+                        locked: sa.engine.Connection | None = None) -> None:
+        self.rec.project.invalidate()
+        if result.path is None:
+            log.info("no_changes", detail="the models match the database; no revision written")
+            return
+        log.info("revision_generated", revision=result.revision, message=result.message,
+                 path=str(result.path), operations=[op["text"] for op in result.operations],
+                 draft=self.settings.dev.draft, rebuilt=rebuilt)
+        for failure in result.hook_failures:  # Alembic keeps the revision; so do we, and say so
+            log.warning("post_write_hook_failed", path=str(result.path), **failure,
+                        hint="the revision was kept (Alembic ignores a hook's exit status); fix "
+                             "the hook ([post_write_hooks] in alembic.ini) or what it reports")
+        if result.destructive and not self.settings.dev.allow_destructive and not _acknowledged(
+            Path(result.path)
+        ):
+            self._held[str(result.revision)] = (Path(result.path), _tables_of(result))
+            log.warning(
+                "destructive_held_back",
+                revision=result.revision,
+                would_drop=list(result.destructive),
+                possible_renames=list(result.renames),
+                confirm=f"reconciler confirm {result.revision}",
+                hint="or set [dev] allow_destructive = true; nothing was dropped",
+            )
+            return
+        self._apply(DRAFT_TRIGGER if self.settings.dev.draft else "dev", Path(result.path), locked)
+
+    def _apply(self, trigger: str, written: Path | None = None,
+               locked: sa.engine.Connection | None = None) -> None:
+        """Through the prod path; under the caller's hold of the lock when `locked` is given."""
+        try:
+            if locked is None:
+                outcome = self.rec.apply(trigger=trigger)
+            else:
+                outcome = self.rec.apply_locked(locked, self.rec.graph(), trigger=trigger)
+        except RevisionFailed as exc:
+            if written is not None and written.exists():
+                written.unlink()  # never leave a revision the database did not get
+                self.rec.project.invalidate()
+                log.error("revision_removed", path=str(written), reason=str(exc))
+            raise
+        for rev, seconds in outcome.applied:
+            log.info("dev_applied", revision=rev, duration_ms=int(seconds * 1000))
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one generation compares, and the model files as it read them."""
+
+    files: list[str] | None  # the saved files to compare; None: every table
+    classes: dict[str, list[str]]  # for some of `files`: the only classes of it that changed
+    digests: dict[Path, FileDigest | None]
+
+    def request(self, also: frozenset[str] | None = frozenset()) -> dict[str, Any]:
+        """Keyword arguments for `Worker.generate`: `also` adds tables; None compares all."""
+        if self.files is None or also is None:
+            return {}
+        if not self.files:
+            return {"tables": sorted(also)}
+        return {"files": self.files, "classes": self.classes, "tables": sorted(also)}
+
+
+class StopGenerating(StateError):
+    """The database or the repository is in a state where generating would make things worse."""
+
+
+class RevisionsChanged(ReconcilerError):
+    """Revision files arrived or vanished during a generation: its result is discarded."""
+
+    transient = True
+
+
+def _names_a_missing_attribute(exc: ConfigError, settings: Settings) -> bool:
+    """The worker's error says the models module has no such attribute (the words of the
+    worker's model loader: "has no attribute 'dbb'")."""
+    attr = settings.target.models.partition(":")[2]
+    return bool(attr) and f"has no attribute '{attr}'" in str(exc)
+
+
+def _tables_of(result: Any) -> frozenset[str]:
+    """The tables a generated revision's operations touch."""
+    return frozenset(op["table"] for op in result.operations if op.get("table"))
+
+
+_DOWN_REVISION = re.compile(r"(?m)^(down_revision\s*(?::[^=\n]*)?=[ \t]*)[^\n]*?([ \t]*#[^\n]*)?$")
+_REVISES = re.compile(r"(?m)^Revises:[^\n]*$")
+
+
+def reparented(text: str, head: str) -> str:
+    """A revision file's text with its parent set to `head`: the `down_revision` assignment and
+    the docstring's "Revises:" line, as the template renders them."""
+    text, count = _DOWN_REVISION.subn(lambda m: f"{m.group(1)}{head!r}{m.group(2) or ''}", text, count=1)
+    if count != 1:
+        raise ConfigError("the draft has no literal `down_revision = ...` line to re-parent; "
+                          "seal it and run `reconciler merge`")
+    return _REVISES.sub(f"Revises: {head}", text, count=1)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".py.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    tmp.replace(path)
+
+
+def _acknowledged(path: Path) -> bool:
+    try:
+        parsed = parse_revision_file(path)
+    except ReconcilerError:
+        return False
+    return bool(parsed and parsed.allow_destructive)
+
+
+# --- seal and confirm -------------------------------------------------------------------------
+def seal(settings: Settings, message: str) -> Path:
+    """Turn the draft revision into a normal one: drop its marker, set its message and file name.
+
+    The result is what `flask db migrate -m MESSAGE` writes for the same change, byte for byte
+    apart from the id and the date: only the `draft = True` line goes (never the blank lines
+    around it), the message replaces the docstring's first line, and the file name's slug is
+    Alembic's for the new message."""
+    rec = Reconciler(settings)
+    try:
+        graph = rec.graph()
+        drafts = [r for r in graph.revisions.values() if r.draft]
+        if not drafts:
+            raise StateError("there is no draft revision to seal")
+        draft = drafts[0]
+        text = draft.path.read_text(encoding="utf-8")
+        text = DRAFT_LINE.sub("", text, count=1)
+        text = _replace_message(text, draft.message, message)
+        target = draft.path.with_name(sealed_name(draft.path.name, draft.revision, draft.message,
+                                                  message, _slug_length(settings)))
+        _write_replacing(draft.path, target, text)
+        log.info("sealed", revision=draft.revision, path=str(target), message=message)
+        return target
+    finally:
+        rec.close()
+
+
+# the marker line alone: `[ \t]*` not `\s*`, which would eat the blank lines after it (E302)
+DRAFT_LINE = re.compile(r"(?m)^draft[ \t]*(:[ \t]*bool)?[ \t]*=[ \t]*True[ \t]*(#[^\n]*)?\r?\n")
+_WORDS = re.compile(r"\w+")
+
+
+def alembic_slug(message: str, length: int = 40) -> str:
+    """The slug Alembic puts in a revision's file name (`ScriptDirectory._rev_path`)."""
+    slug = "_".join(_WORDS.findall(message or "")).lower()
+    if len(slug) > length:
+        slug = slug[:length].rsplit("_", 1)[0] + "_"
+    return slug
+
+
+def sealed_name(name: str, revision: str, old: str, new: str, length: int = 40) -> str:
+    """The draft's file name with its slug for the new message; the rest of the name (alembic.ini's
+    `file_template`: dates, epoch) is kept. A name without the old slug becomes `REV_SLUG.py`."""
+    old_slug, new_slug = alembic_slug(old, length), alembic_slug(new, length)
+    stem = name[:-3] if name.endswith(".py") else name
+    if old_slug and stem.endswith(old_slug):
+        return f"{stem[: len(stem) - len(old_slug)]}{new_slug}.py"
+    return f"{revision}_{new_slug}.py"
+
+
+def _slug_length(settings: Settings) -> int:
+    """alembic.ini's `truncate_slug_length` (Alembic's default 40)."""
+    from reconciler.core.graph import _option, _read_ini
+    from reconciler.project.repository import alembic_ini_path
+
+    ini = alembic_ini_path(settings)
+    value = _option(_read_ini(ini), "truncate_slug_length", ini) if ini is not None else None
+    try:
+        return int(value) if value else 40
+    except ValueError:
+        return 40
+
+
+def _write_replacing(old: Path, target: Path, text: str) -> None:
+    tmp = target.with_suffix(".py.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    tmp.replace(target)
+    if target != old:
+        old.unlink()
+
+
+def _replace_message(text: str, old: str, new: str) -> str:
+    """The docstring's first line is the message (the template's `\"\"\"${message}`)."""
+    for quote in ('"""', "'''"):
+        if old and text.startswith(quote + old):
+            return quote + new + text[len(quote + old):]
+    if old and old in text:
+        return text.replace(old, new, 1)
+    return text
+
+
+def confirm(settings: Settings, revision: str) -> Path:
+    """Write `allow_destructive = True` into a held-back revision (the marker prod honours too)."""
+    rec = Reconciler(settings)
+    try:
+        graph = rec.graph()
+        rev = graph.resolve(revision)
+        path = graph.revisions[rev].path
+    finally:
+        rec.close()
+    text = path.read_text(encoding="utf-8")
+    if re.search(r"(?m)^allow_destructive\s*=\s*True", text):
+        return path
+    text = re.sub(r"(?m)^(depends_on\s*=.*)$", r"\1\nallow_destructive = True", text, count=1)
+    tmp = path.with_suffix(".py.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    log.info("destructive_confirmed", revision=rev, path=str(path))
+    return path
+
+
+def run_dev(settings: Settings) -> int:
+    return DevLoop(settings).run()

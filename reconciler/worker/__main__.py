@@ -1,0 +1,7 @@
+"""`python -m reconciler.worker`: the worker program (see runner)."""
+
+from __future__ import annotations
+
+from reconciler.worker.runner import main
+
+main()

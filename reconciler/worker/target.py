@@ -1,0 +1,555 @@
+"""Load a project's models metadata and, when its env.py needs one, a Flask app — worker side only.
+
+Runs inside the worker, in the project's interpreter: imports the standard library and SQLAlchemy,
+and Flask / Flask-SQLAlchemy / Flask-Migrate only when the project needs them. Importing the
+models never touches the database (invariant 16): without an explicit `app` setting the user's app
+factory is never called; a minimal app built here stands in for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from reconciler.errors import ConfigError
+from reconciler.redact import redact
+
+_OWN_PACKAGE = Path(__file__).resolve().parent.parent  # reconciler/, not reconciler/worker/
+# In the worker our package is imported through a link in a private temporary folder (see
+# workerclient), so tracebacks name that folder: messages name the real package instead.
+_OWN_LINK = os.path.join(os.path.dirname(os.path.abspath(os.path.dirname(__file__))), "")
+_OWN_FORMS = tuple(dict.fromkeys((_OWN_LINK, os.path.join(str(_OWN_PACKAGE), ""))))
+_MAX_MESSAGE = 1500
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    """What the job says about the project's code."""
+
+    root: Path
+    url: str
+    migrations_dir: Path
+    models: str = ""
+    app: str = ""
+    migrate: str = ""
+    imports: tuple[str, ...] = ()
+
+
+@dataclass
+class Project:
+    """The loaded side of a project: metadata, and the Flask objects when env.py uses Flask."""
+
+    metadata: Any = None
+    models_obj: Any = None
+    models_module: ModuleType | None = None
+    db: Any = None
+    app: Any = None
+    migrate: Any = None
+    contexts: list[Any] = field(default_factory=list)
+
+    @property
+    def is_flask_db(self) -> bool:
+        return self.models_obj is not None and is_flask_db(self.models_obj)
+
+
+def put_first_on_sys_path(paths: Iterable[str | Path]) -> None:
+    """Put `paths` first on sys.path, in the given order."""
+    for path in reversed([str(p) for p in paths]):
+        while path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+
+
+def distrust_stale_bytecode(folders: Iterable[str | Path]) -> None:
+    """Never run a cached .pyc of a project file that may be older than its source.
+
+    Python trusts a .pyc whose recorded source mtime (whole seconds) and size match: a model file
+    saved twice within one second with the same size (`String(128)` -> `String(256)`) would
+    import stale. Under `folders`, a .pyc not written strictly after its source is deleted (and
+    the source compiled afresh) or, when it cannot be deleted, ignored.
+    """
+    from importlib.machinery import SourceFileLoader
+
+    prefixes = tuple({os.path.join(form, "") for f in folders
+                      for form in (os.path.abspath(str(f)), os.path.realpath(str(f)))})
+    original = getattr(SourceFileLoader.path_stats, "_reconciler_original", None)
+    original = original or SourceFileLoader.path_stats
+
+    def path_stats(self: Any, path: str) -> Any:
+        stats = original(self, path)
+        if _project_file(path, prefixes) and not _fresh_bytecode(path):
+            raise OSError(f"the cached bytecode of {path} may be stale")  # compile the source
+        return stats
+
+    path_stats._reconciler_original = original  # type: ignore[attr-defined]
+    SourceFileLoader.path_stats = path_stats  # type: ignore[method-assign]
+
+
+def _project_file(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Under the project, but not in a virtualenv kept there (installed code is not edited)."""
+    if not path.startswith(prefixes):
+        return False
+    return "site-packages" not in path and "dist-packages" not in path
+
+
+def _fresh_bytecode(source: str) -> bool:
+    """False when the .pyc of `source` may be stale and could not be removed."""
+    from importlib.util import cache_from_source
+
+    try:
+        cached = cache_from_source(source)
+        if os.stat(cached).st_mtime_ns > os.stat(source).st_mtime_ns:
+            return True
+        os.unlink(cached)
+    except FileNotFoundError:
+        return True
+    except (OSError, NotImplementedError, ValueError):
+        return False
+    return True
+
+
+def uses_flask(env_py: Path) -> bool:
+    """True when env.py is Flask-Migrate style (it reads `current_app`)."""
+    try:
+        return "current_app" in env_py.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def is_flask_db(obj: Any) -> bool:
+    """A Flask-SQLAlchemy `db` object (2.x or 3.x)."""
+    if type(obj).__module__.split(".")[0] == "flask_sqlalchemy":
+        return True
+    return hasattr(obj, "Model") and hasattr(obj, "init_app") and hasattr(obj, "metadata")
+
+
+def real_paths(text: str) -> str:
+    """`text` with our package's temporary link folder replaced by the package's real path."""
+    real = os.path.join(str(_OWN_PACKAGE), "")
+    return text.replace(_OWN_LINK, real)
+
+
+def _short(text: str) -> str:
+    text = real_paths(redact(text))
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
+
+
+def is_own_file(filename: str) -> bool:
+    """True for a file of our package, through its real path or the worker's link to it."""
+    return os.path.abspath(filename).startswith(_OWN_FORMS)
+
+
+def _user_frame(exc: BaseException, root: Path) -> traceback.FrameSummary | None:
+    """The frame to blame: the deepest one in the project's files, else the deepest non-import one
+    outside our package, else the deepest of ours (by its real path)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    root_text = str(root.resolve())
+    ours = [f for f in frames if f.filename.startswith(root_text) and not is_own_file(f.filename)]
+    if ours:
+        return ours[-1]
+    other = [f for f in frames if not f.filename.startswith("<frozen") and not is_own_file(f.filename)]
+    if other:
+        return other[-1]
+    own = [f for f in frames if is_own_file(f.filename)]
+    return own[-1] if own else None
+
+
+def user_error(exc: BaseException, what: str, root: Path) -> ConfigError:
+    """A ConfigError naming the file and line of a user's code failure; no traceback."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else "unknown file"
+        return ConfigError(
+            _short(f"{what}: syntax error at {where}: {exc.msg}; fix the file and retry")
+        )
+    frame = _user_frame(exc, root)
+    where = f" at {frame.filename}:{frame.lineno}" if frame else ""
+    return ConfigError(
+        _short(f"{what} failed{where}: {type(exc).__name__}: {exc}; fix the error and retry")
+    )
+
+
+def import_module(name: str, what: str, root: Path) -> ModuleType:
+    """Import `name`, turning any failure into a ConfigError that names the file and line."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (name == missing or name.startswith(missing + ".")):
+            raise ConfigError(
+                f"{what}: cannot import module '{name}': it is not under the project root {root} "
+                f"nor installed in {sys.executable}; check [target] root and the module name"
+            ) from None
+        raise user_error(exc, f"{what}: importing '{name}'", root) from None
+    except (Exception, SystemExit) as exc:
+        raise user_error(exc, f"{what}: importing '{name}'", root) from None
+
+
+def import_modules(names: Iterable[str], root: Path, skip_under: Path | None) -> None:
+    """Import each module; a package imports all its submodules (not those under `skip_under`)."""
+    for name in names:
+        module = import_module(name, "[target] imports", root)
+        if hasattr(module, "__path__"):
+            _import_submodules(module, root, skip_under)
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _import_submodules(package: ModuleType, root: Path, skip_under: Path | None) -> None:
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        folder = Path(getattr(info.module_finder, "path", "") or ".")
+        location = folder / info.name.rsplit(".", 1)[-1]
+        if skip_under is not None and _is_under(location, skip_under):
+            continue  # the migrations directory: env.py must only run under Alembic
+        module = import_module(info.name, "[target] imports", root)
+        if info.ispkg:
+            _import_submodules(module, root, skip_under)
+
+
+def load_object(spec: str, what: str, root: Path) -> tuple[ModuleType, Any]:
+    """Import 'pkg.module:attr' (attr may be dotted) and return (module, object)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{what} must look like 'package.module:attribute', got {spec!r}")
+    module = import_module(module_name, f"{what} {spec!r}", root)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n in vars(module) if not n.startswith("_"))[:20]
+            # "has no attribute '<attr>'": dev mode stops at start on these words (devloop.py)
+            raise ConfigError(
+                f"{what} {spec!r}: module '{module_name}' ({getattr(module, '__file__', '?')}) "
+                f"has no attribute '{attr}'; names it defines: {', '.join(names) or 'none'}"
+            )
+        obj = getattr(obj, part)
+    return module, obj
+
+
+def metadata_of(obj: Any, spec: str) -> Any:
+    """The MetaData of a MetaData, declarative base or Flask-SQLAlchemy db."""
+    from sqlalchemy import MetaData
+
+    if isinstance(obj, MetaData):
+        return obj
+    metadatas = getattr(obj, "metadatas", None)  # Flask-SQLAlchemy 3: one per bind
+    if isinstance(metadatas, dict) and isinstance(metadatas.get(None), MetaData):
+        return metadatas[None]
+    metadata = getattr(obj, "metadata", None)
+    if isinstance(metadata, MetaData):
+        return metadata
+    raise ConfigError(
+        f"[target] models {spec!r} is a {type(obj).__name__}, not a MetaData, a declarative base "
+        "or a Flask-SQLAlchemy db; point it at one of those"
+    )
+
+
+def load_project(spec: ProjectSpec, flask_env: bool) -> Project:
+    """Import `imports` and the models; build the Flask side when env.py is Flask-Migrate style."""
+    import_modules(spec.imports, spec.root, spec.migrations_dir)
+    project = Project()
+    if spec.models:
+        module, obj = load_object(spec.models, "[target] models", spec.root)
+        project.models_module, project.models_obj = module, obj
+        project.metadata = metadata_of(obj, spec.models)
+        if is_flask_db(obj):
+            project.db = obj
+    if flask_env or spec.app:
+        _flask_side(spec, project)
+    return project
+
+
+def tables_of_files(
+    files: Iterable[str | Path], classes: Mapping[str, Iterable[str]] | None = None
+) -> frozenset[str] | None:
+    """The tables the model files `files` define, or None: compare every table then.
+
+    Call it after the models were imported. Files and modules are matched by resolved real path
+    (every name a file was imported under counts). A file defines the tables of its module-level
+    mapped classes (declarative and Flask-SQLAlchemy models: their `__table__`), of the mapped
+    subclasses of any class it defines (abstract bases, mixins), and of its module-level `Table`
+    objects (imperative tables; best effort: an imported one counts too). None when `files` is
+    empty or any file defines no table (a deleted model's file, a helper module, a file that is
+    not imported): a narrower compare could then miss a drop.
+
+    `classes` maps a file (as given in `files`) to the only top-level classes of it that changed:
+    that file contributes just their tables. A named class that no longer exists contributes none
+    (its table is an orphan the compare sees anyway); one that exists but maps no table (a type
+    decorator, a helper) may change any model that uses it, so every table is compared.
+    """
+    wanted = {os.path.realpath(str(f)) for f in files}
+    only = {os.path.realpath(str(f)): frozenset(names) for f, names in (classes or {}).items()}
+    found: dict[str, set[str]] = {path: set() for path in wanted}
+    basenames = {os.path.basename(path) for path in wanted}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str) or os.path.basename(path) not in basenames:
+            continue  # cheap test first: realpath costs system calls
+        real = os.path.realpath(path)
+        tables = found.get(real)
+        if tables is None:
+            continue
+        if real in only:
+            scoped = _classes_tables(module, only[real])
+            if scoped is None:
+                return None
+            tables.update(scoped)
+        else:
+            tables.update(_module_tables(module))
+    if not found or not all(found[p] or p in only for p in found):
+        return None
+    return frozenset(name for tables in found.values() for name in tables)
+
+
+def _classes_tables(module: ModuleType, names: frozenset[str]) -> set[str] | None:
+    """The tables of the named classes of `module`; None when one of them maps no table."""
+    from sqlalchemy import Table
+
+    out: set[str] = set()
+    for name in names:
+        value = vars(module).get(name)
+        if not isinstance(value, type):
+            continue  # gone (or no longer a class): nothing of it to compare
+        tables = _class_tables(value, Table)
+        if not tables:
+            return None
+        out |= tables
+    return out
+
+
+def _module_tables(module: ModuleType) -> set[str]:
+    from sqlalchemy import Table
+
+    out: set[str] = set()
+    for value in list(vars(module).values()):
+        if isinstance(value, Table):
+            out.add(str(value.fullname))
+        elif isinstance(value, type) and getattr(value, "__module__", None) == module.__name__:
+            out.update(_class_tables(value, Table))
+    return out
+
+
+def _class_tables(cls: type, table_type: type) -> set[str]:
+    """The tables of `cls` and of every class that inherits from it."""
+    out: set[str] = set()
+    seen: set[type] = set()
+    todo = [cls]
+    while todo:
+        one = todo.pop()
+        if one in seen:
+            continue
+        seen.add(one)
+        try:
+            table = getattr(one, "__table__", None)
+        except Exception:  # a user descriptor on an unmapped class
+            table = None
+        if isinstance(table, table_type):
+            out.add(str(table.fullname))  # type: ignore[attr-defined]
+        todo.extend(type.__subclasses__(one))
+    return out
+
+
+def _sqlite_absolute(url: str, root: Path) -> str:
+    """Flask-SQLAlchemy 3 puts relative SQLite paths into the instance folder: never let it."""
+    from sqlalchemy.engine.url import make_url
+
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return url
+    if database.startswith("file:") or os.path.isabs(database):
+        return url
+    return _url_with_database(parsed, str(root / database))
+
+
+def _url_with_database(parsed: Any, database: str) -> str:
+    """`url.set(database=...)` rendered with its password: SQLAlchemy 1.4+, and 1.3's mutable
+    URL (no `set`, no `render_as_string`)."""
+    if hasattr(parsed, "set"):
+        return str(parsed.set(database=database).render_as_string(hide_password=False))
+    import copy  # only SQLAlchemy 1.3 gets here
+
+    changed = copy.copy(parsed)
+    changed.database = database
+    return str(changed.__to_string__(hide_password=False))
+
+
+def app_database_url(spec: ProjectSpec, project: Project) -> dict[str, str] | None:
+    """The URL of the Flask app's engine (`db.engine.url`), resolved as the app resolves it, or
+    None when there is no Flask app to ask.
+
+    Flask-SQLAlchemy resolves `SQLALCHEMY_DATABASE_URI` itself: a relative SQLite path goes into
+    the app's instance folder (3.x) or under the app's root path (2.5). Asking the engine gives
+    exactly the database the app uses. Creating an engine does not connect. The app is the one
+    `[target] app` names (a factory is called, as for any job with `app`), else a module-level
+    Flask app of the project whose Flask-SQLAlchemy extension is the models' db.
+    """
+    try:
+        from flask import Flask
+    except ImportError:
+        return None
+    found = _named_app(spec) if spec.app else _module_app(spec, project, Flask)
+    if found is None:
+        return None
+    app, where = found
+    db = _app_db(app)
+    if db is None:
+        return None
+    with app.app_context():
+        url = db.engine.url
+    return {"url": _render_url(url), "where": where}
+
+
+def _named_app(spec: ProjectSpec) -> tuple[Any, str]:
+    return _load_app(spec), f"{spec.app} ([target] app)"
+
+
+def _module_app(spec: ProjectSpec, project: Project, flask_type: type) -> tuple[Any, str] | None:
+    """The project's module-level Flask app holding the models' db (the models' module first)."""
+    candidates: list[tuple[Any, str]] = []
+    modules = [project.models_module] if project.models_module is not None else []
+    modules += [m for m in list(sys.modules.values()) if _in_project(m, spec.root)]
+    seen: set[int] = set()
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            if not isinstance(value, flask_type) or id(value) in seen:
+                continue
+            seen.add(id(value))
+            db = _app_db(value)
+            if db is None or (project.db is not None and db is not project.db):
+                continue
+            where = f"{module.__name__}:{name} ({getattr(module, '__file__', '?')})"
+            candidates.append((value, where))
+    return candidates[0] if candidates else None
+
+
+def _in_project(module: Any, root: Path) -> bool:
+    path = getattr(module, "__file__", None)
+    if not isinstance(path, str) or "site-packages" in path or "dist-packages" in path:
+        return False
+    return os.path.realpath(path).startswith(os.path.join(os.path.realpath(str(root)), ""))
+
+
+def _render_url(url: Any) -> str:
+    """A URL object as text with its password (SQLAlchemy 1.4+, and 1.3's `__to_string__`)."""
+    if hasattr(url, "render_as_string"):
+        return str(url.render_as_string(hide_password=False))
+    return str(url.__to_string__(hide_password=False))
+
+
+def _flask_side(spec: ProjectSpec, project: Project) -> None:
+    try:
+        import flask  # noqa: F401
+        import flask_migrate  # noqa: F401
+        import flask_sqlalchemy  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"env.py in {spec.migrations_dir} uses Flask-Migrate (current_app), but {exc.name} "
+            f"is not installed in {sys.executable}; install it or set [target] python"
+        ) from None
+    app = _load_app(spec) if spec.app else _minimal_app(spec)
+    db = _app_db(app) if spec.app else None
+    db = db or project.db or _fresh_db()
+    if not spec.app:
+        db.init_app(app)
+    project.app, project.db = app, db
+    if project.metadata is None:
+        project.metadata = metadata_of(db, spec.models or "db")
+    extension = app.extensions.get("migrate")
+    if extension is None:
+        migrate = _project_migrate(spec, project)
+        migrate.init_app(app, db, directory=str(spec.migrations_dir))
+        extension = app.extensions["migrate"]
+    project.migrate = getattr(extension, "migrate", None)
+    context = app.app_context()
+    context.push()
+    project.contexts.append(context)
+
+
+def _minimal_app(spec: ProjectSpec) -> Any:
+    from flask import Flask
+
+    app = Flask("reconciler")
+    app.config["SQLALCHEMY_DATABASE_URI"] = _sqlite_absolute(spec.url, spec.root)
+    app.config["SQLALCHEMY_TRACK_MODIFICATIONS"] = False
+    return app
+
+
+def _fresh_db() -> Any:
+    from flask_sqlalchemy import SQLAlchemy
+
+    return SQLAlchemy()
+
+
+def _app_db(app: Any) -> Any:
+    state = app.extensions.get("sqlalchemy")
+    if state is None:
+        return None
+    return getattr(state, "db", state)  # Flask-SQLAlchemy 2 keeps a state object with .db
+
+
+def _load_app(spec: ProjectSpec) -> Any:
+    from flask import Flask
+
+    _, obj = load_object(spec.app, "[target] app", spec.root)
+    if isinstance(obj, Flask):
+        return obj
+    if not callable(obj):
+        raise ConfigError(
+            f"[target] app {spec.app!r} is a {type(obj).__name__}, neither a Flask app nor a "
+            "factory; point it at one"
+        )
+    try:
+        app = obj()
+    except (Exception, SystemExit) as exc:
+        raise user_error(exc, f"calling the app factory {spec.app!r}", spec.root) from None
+    if not isinstance(app, Flask):
+        raise ConfigError(
+            f"[target] app {spec.app!r} returned a {type(app).__name__}, not a Flask app"
+        )
+    return app
+
+
+def _project_migrate(spec: ProjectSpec, project: Project) -> Any:
+    """The project's own Migrate object (configured or the one in the models module), else a new one."""
+    from flask_migrate import Migrate
+
+    if spec.migrate:
+        _, obj = load_object(spec.migrate, "[target] migrate", spec.root)
+        if not isinstance(obj, Migrate):
+            raise ConfigError(
+                f"[target] migrate {spec.migrate!r} is a {type(obj).__name__}, "
+                "not a flask_migrate.Migrate object"
+            )
+        return obj
+    module = project.models_module
+    found = {n: v for n, v in vars(module).items() if isinstance(v, Migrate)} if module else {}
+    if len(found) > 1:
+        raise ConfigError(
+            f"module {module.__name__ if module else '?'} has several Migrate objects "
+            f"({', '.join(sorted(found))}); name the one to use with [target] migrate"
+        )
+    if found:
+        return next(iter(found.values()))
+    return Migrate()
+
+
+def configure_callbacks(project: Project, config: Any) -> Any:
+    """Apply the project's `@migrate.configure` callbacks to an Alembic Config."""
+    migrate = project.migrate
+    if migrate is None or not hasattr(migrate, "call_configure_callbacks"):
+        return config
+    result = migrate.call_configure_callbacks(config)
+    return config if result is None else result
