@@ -33,9 +33,13 @@ THINK_TIME = 1.0
 def models_source(tables: int, extra: dict[int, list[str]]) -> str:
     lines = ["from flask_sqlalchemy import SQLAlchemy", "", "db = SQLAlchemy()", ""]
     for n in range(tables):
-        lines += ["", f"class T{n}(db.Model):", f"    __tablename__ = 't{n}'",
-                  "    id = db.Column(db.Integer, primary_key=True)",
-                  "    name = db.Column(db.String(50))"]
+        lines += [
+            "",
+            f"class T{n}(db.Model):",
+            f"    __tablename__ = 't{n}'",
+            "    id = db.Column(db.Integer, primary_key=True)",
+            "    name = db.Column(db.String(50))",
+        ]
         lines += [f"    {col} = db.Column(db.Integer)" for col in extra.get(n, [])]
     return "\n".join(lines) + "\n"
 
@@ -49,10 +53,12 @@ def project(folder: Path, url: str, tables: int, draft: bool = False) -> Project
         for n in range(tables)
     )
     proj.revision("init0001", None, upgrade=body, message="initial")
-    proj.write_config(extra=f"[dev]\ndraft = {str(draft).lower()}\ndebounce = 0.05\n",
-                      models="myapp.models:db")
-    subprocess.run(reconciler(proj, "apply"), cwd=proj.root, env=env_for(url), check=True,
-                   capture_output=True)
+    proj.write_config(
+        extra=f"[dev]\ndraft = {str(draft).lower()}\ndebounce = 0.05\n", models="myapp.models:db"
+    )
+    subprocess.run(
+        reconciler(proj, "apply"), cwd=proj.root, env=env_for(url), check=True, capture_output=True
+    )
     return proj
 
 
@@ -63,7 +69,7 @@ class ColumnProbe:
 
     QUERIES = {
         "postgresql": "SELECT count(*) FROM pg_attribute WHERE attrelid = CAST(:table AS regclass) "
-                      "AND attname = :column AND NOT attisdropped",
+        "AND attname = :column AND NOT attisdropped",
         "sqlite": "SELECT count(*) FROM pragma_table_info(:table) WHERE name = :column",
     }
 
@@ -99,8 +105,13 @@ def ours(folder: Path, url: str, tables: int, saves: int, draft: bool = False) -
     proj = project(folder, url, tables, draft)
     log = proj.root / "dev.log"
     with open(log, "w") as stderr:
-        proc = subprocess.Popen([*reconciler(proj, "run", "--mode", "dev")], cwd=proj.root,
-                                env=env_for(url), stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [*reconciler(proj, "run", "--mode", "dev")],
+            cwd=proj.root,
+            env=env_for(url),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     out = []
     probe = ColumnProbe(url)
     try:
@@ -135,8 +146,13 @@ def theirs(folder: Path, url: str, tables: int, saves: int) -> list[float]:
         started = time.perf_counter()
         save(proj, models_source(tables, {0: extra}))
         for args in (["migrate", "-m", f"c{n}"], ["upgrade"]):
-            subprocess.run([*flask, *args, "-d", str(proj.migrations)], cwd=proj.root, env=env,
-                           check=True, capture_output=True)
+            subprocess.run(
+                [*flask, *args, "-d", str(proj.migrations)],
+                cwd=proj.root,
+                env=env,
+                check=True,
+                capture_output=True,
+            )
         out.append(time.perf_counter() - started)
     return out
 
@@ -158,8 +174,10 @@ def main() -> None:
                     d = median(ours(Path(tmp) / f"d{kind}{size}", url, size, args.saves, draft=True))
                 with dbs.database(kind, Path(tmp)) as url:
                     b = median(theirs(Path(tmp) / f"t{kind}{size}", url, size, args.saves))
-                print(f"{kind:<11} {size:>6}  {a:14.3f}  {d:11.3f}  {b:21.3f}  {a / b:5.2f}x  "
-                      f"{d / b:10.2f}x", flush=True)
+                print(
+                    f"{kind:<11} {size:>6}  {a:14.3f}  {d:11.3f}  {b:21.3f}  {a / b:5.2f}x  {d / b:10.2f}x",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -41,9 +41,14 @@ def empty_project(folder: Path, url: str, size: int) -> Project:
         rev = f"e{n:05d}"
         proj.revision(rev, down, message=f"step {n}")
         down = rev
-    proj.write_config(extra="[logging]\nlevel = \"debug\"\nformat = \"json\"\n", models="myapp.models:db")
-    subprocess.run(reconciler(proj, "stamp", "heads", "--force"), cwd=proj.root, env=env_for(url),
-                   check=True, capture_output=True)
+    proj.write_config(extra='[logging]\nlevel = "debug"\nformat = "json"\n', models="myapp.models:db")
+    subprocess.run(
+        reconciler(proj, "stamp", "heads", "--force"),
+        cwd=proj.root,
+        env=env_for(url),
+        check=True,
+        capture_output=True,
+    )
     return proj
 
 
@@ -53,7 +58,10 @@ def daemon_noop(proj: Project, url: str, runs: int) -> list[float]:
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
             [*reconciler(proj, "run", "--interval", str(PACE), "--http", "127.0.0.1:0")],
-            cwd=proj.root, env=env_for(url), stdout=subprocess.DEVNULL, stderr=log_file,
+            cwd=proj.root,
+            env=env_for(url),
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
         )
         try:
             deadline = time.monotonic() + 120 + runs * 0.05
@@ -101,8 +109,13 @@ def file_to_applied(folder: Path, url: str, samples: int = 5) -> list[float]:
     proj = flask_project(folder, url)
     proj.chain(1)
     proj.write_config(extra="[daemon]\ninterval = 60\njitter = 0\n", models="myapp.models:db")
-    proc = subprocess.Popen(reconciler(proj, "run", "--http", "127.0.0.1:0"), cwd=proj.root,
-                            env=env_for(url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        reconciler(proj, "run", "--http", "127.0.0.1:0"),
+        cwd=proj.root,
+        env=env_for(url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     out = []
     try:
         _wait(lambda: db_heads(url) == {"r0000"}, 60)
@@ -126,8 +139,13 @@ def idle(folder: Path, url: str, seconds: float) -> tuple[float, float]:
     """RSS (MiB) at the end and CPU (% of one core) of an idle prod daemon."""
     proj = flask_project(folder, url)
     proj.chain(3)
-    proc = subprocess.Popen(reconciler(proj, "run", "--http", "127.0.0.1:0"), cwd=proj.root,
-                            env=env_for(url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        reconciler(proj, "run", "--http", "127.0.0.1:0"),
+        cwd=proj.root,
+        env=env_for(url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait(lambda: db_heads(url) == {"r0002"}, 60)
         time.sleep(2)  # the applying worker has exited; measure the idle control plane
@@ -182,10 +200,14 @@ def main() -> None:
                     flask = flask_at_head(proj, url)
                 p50, p99, f50 = median(ours), percentile(ours, 99), median(bare)
                 p50s[size] = p50
-                print(f"{kind:<11} {size:>9}  {p50:10.3f}  {p99:10.3f}  {f50:9.3f}  "
-                      f"{p50 / f50:8.1f}x  {flask:11.2f}")
-            print(f"{kind:<11} flatness: p50 at {sizes[-1]} / p50 at {sizes[0]} = "
-                  f"{p50s[sizes[-1]] / p50s[sizes[0]]:.2f}")
+                print(
+                    f"{kind:<11} {size:>9}  {p50:10.3f}  {p99:10.3f}  {f50:9.3f}  "
+                    f"{p50 / f50:8.1f}x  {flask:11.2f}"
+                )
+            print(
+                f"{kind:<11} flatness: p50 at {sizes[-1]} / p50 at {sizes[0]} = "
+                f"{p50s[sizes[-1]] / p50s[sizes[0]]:.2f}"
+            )
         print("\n2. revision file written -> applied, interval 60 s (seconds)")
         for kind in args.dialects.split(","):
             with dbs.database(kind, base) as url:

@@ -47,8 +47,9 @@ def replicas(tool: str, count: int, revisions: int, folder: Path) -> tuple[float
         env = env_for(url)
         started = time.perf_counter()
         procs = [
-            subprocess.Popen(cmd, cwd=proj.root, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+            subprocess.Popen(
+                cmd, cwd=proj.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             for _ in range(count)
         ]
         failed = sum(1 for p in procs if p.wait(timeout=600) != 0)
@@ -89,8 +90,13 @@ def orphan_window(folder: Path, disable_wait: bool) -> tuple[float, float]:
         proj = sleeper_project(folder / ("nowait" if disable_wait else "wait"), url)
         engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
         env = env_for(url)
-        killed = subprocess.Popen(reconciler(proj, "apply"), cwd=proj.root, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        killed = subprocess.Popen(
+            reconciler(proj, "apply"),
+            cwd=proj.root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         with engine.connect() as conn:
             orphan = int(wait_for(lambda: conn.execute(SLEEPERS).scalars().all(), 60, "sleep")[0])
         os.kill(killed.pid, signal.SIGKILL)
@@ -99,8 +105,7 @@ def orphan_window(folder: Path, disable_wait: bool) -> tuple[float, float]:
             env["RECONCILER_UNSAFE_DISABLE"] = "orphan_wait"
         watcher = Overlap(engine, orphan)
         watcher.start()
-        subprocess.run(reconciler(proj, "apply"), cwd=proj.root, env=env, check=True,
-                       capture_output=True)
+        subprocess.run(reconciler(proj, "apply"), cwd=proj.root, env=env, check=True, capture_output=True)
         watcher.stop.set()
         watcher.join()
         engine.dispose()

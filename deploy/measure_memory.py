@@ -137,17 +137,20 @@ def _project(folder: Path, url: str, revisions: int, interval: float) -> builder
     with contextlib.redirect_stdout(io.StringIO()):  # Alembic's init talks on stdout
         project = builders.flask_project(folder, url)
     project.chain(revisions)
-    project.write_config(
-        extra=f"[daemon]\ninterval = {interval}\njitter = 0\n", models="myapp.models:db"
-    )
+    project.write_config(extra=f"[daemon]\ninterval = {interval}\njitter = 0\n", models="myapp.models:db")
     return project
 
 
 def measure_run(project: builders.Project) -> dict[str, object]:
     port = _free_port()
     args = ["--config", str(project.config), "run", "--http", f"127.0.0.1:{port}"]
-    process = subprocess.Popen(cli_command(args), cwd=project.root, env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        cli_command(args),
+        cwd=project.root,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     sampler = Sampler(process.pid)
     try:
         _wait(lambda: _status(port).get("state") == "in_sync", 300, "the daemon to reach in_sync")
@@ -167,9 +170,13 @@ def measure_run(project: builders.Project) -> dict[str, object]:
 
 
 def measure_apply(project: builders.Project) -> dict[str, object]:
-    process = subprocess.Popen(cli_command(["--config", str(project.config), "apply"]),
-                               cwd=project.root, env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        cli_command(["--config", str(project.config), "apply"]),
+        cwd=project.root,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     sampler = Sampler(process.pid)
     process.wait(300)
     sampler.stop()
@@ -182,14 +189,21 @@ def measure_apply(project: builders.Project) -> dict[str, object]:
 
 
 def measure_wait(project: builders.Project) -> dict[str, object]:
-    process = subprocess.Popen(cli_command(["--config", str(project.config), "wait", "--timeout", "60"]),
-                               cwd=project.root, env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        cli_command(["--config", str(project.config), "wait", "--timeout", "60"]),
+        cwd=project.root,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     sampler = Sampler(process.pid)
     process.wait(120)
     sampler.stop()
-    return {"wait_peak_mib": _mib(sampler.peak_kib), "children": len(sampler.children_peak_kib),
-            "exit_code": process.returncode}
+    return {
+        "wait_peak_mib": _mib(sampler.peak_kib),
+        "children": len(sampler.children_peak_kib),
+        "exit_code": process.returncode,
+    }
 
 
 def main() -> None:
@@ -198,8 +212,11 @@ def main() -> None:
     parser.add_argument("--revisions", type=int, default=30)
     parser.add_argument("--interval", type=float, default=2.0, help="the daemon's tick while idle")
     options = parser.parse_args()
-    results: dict[str, object] = {"backend": options.backend, "revisions": options.revisions,
-                                  "python": sys.version.split()[0]}
+    results: dict[str, object] = {
+        "backend": options.backend,
+        "revisions": options.revisions,
+        "python": sys.version.split()[0],
+    }
     with tempfile.TemporaryDirectory(prefix="reconciler-memory-") as tmp:
         folder = Path(tmp)
         with _database(options.backend, folder) as url:

@@ -47,14 +47,30 @@ def _global_options(func: F) -> F:
         click.option("--url", "url", help="database URL (overrides [target] url)"),
         click.option("--migrations", "migrations", help="migrations directory"),
         click.option("--models", "models", help="models as pkg.module:attr"),
-        click.option("-q", "--quiet", "quiet", is_flag=True, default=None,
-                     help="errors and the final summary only"),
-        click.option("-v", "--verbose", "verbose", is_flag=True, default=None,
-                     help="debug logs, every revision id in summaries"),
-        click.option("--log-format", "log_format", type=click.Choice(logs.FORMATS),
-                     help="auto (text; JSON lines for `run` when not on a terminal), text or json"),
-        click.option("--no-color", "no_color", is_flag=True, default=None,
-                     help="no colour (also when NO_COLOR is set or output is not a terminal)"),
+        click.option(
+            "-q", "--quiet", "quiet", is_flag=True, default=None, help="errors and the final summary only"
+        ),
+        click.option(
+            "-v",
+            "--verbose",
+            "verbose",
+            is_flag=True,
+            default=None,
+            help="debug logs, every revision id in summaries",
+        ),
+        click.option(
+            "--log-format",
+            "log_format",
+            type=click.Choice(logs.FORMATS),
+            help="auto (text; JSON lines for `run` when not on a terminal), text or json",
+        ),
+        click.option(
+            "--no-color",
+            "no_color",
+            is_flag=True,
+            default=None,
+            help="no colour (also when NO_COLOR is set or output is not a terminal)",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -94,8 +110,12 @@ class Context:
 
     def setup_logs(self, level: str | None = None, fmt: str | None = None) -> None:
         self.log_format = fmt or self.options["log_format"] or "auto"
-        logs.setup(level or self.level() or "info", self.log_format, daemon=self.daemon,
-                   colour=self.colour(sys.stderr))
+        logs.setup(
+            level or self.level() or "info",
+            self.log_format,
+            daemon=self.daemon,
+            colour=self.colour(sys.stderr),
+        )
 
     def settings(
         self, require_url: bool = True, require_migrations: bool = True, resolve_alerts: bool = False
@@ -246,8 +266,13 @@ def _print_chain(chain: dict[str, Any], colour: bool = False) -> None:
 @main.command()
 @click.option("--sql", is_flag=True, help="print the pending revisions' SQL (offline)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
-@click.option("--fail-on", "fail_on", multiple=True, type=click.Choice(["data-loss", "lock-risk"]),
-              help="exit 6 when the pending revisions have findings of this class (a CI gate)")
+@click.option(
+    "--fail-on",
+    "fail_on",
+    multiple=True,
+    type=click.Choice(["data-loss", "lock-risk"]),
+    help="exit 6 when the pending revisions have findings of this class (a CI gate)",
+)
 @command
 def plan(ctx: Context, sql: bool, as_json: bool, fail_on: tuple[str, ...]) -> int:
     """Pending revisions in order with the guard's findings; --sql prints their SQL instead."""
@@ -379,8 +404,10 @@ def baseline(ctx: Context, scratch: bool) -> int:
     settings = ctx.settings()
     path, count = admin.baseline(settings, scratch)
     dialect = differences.dialect_of(settings.target.url)
-    click.echo(f"wrote {count} known difference(s) for {dialect} to {path} (the lists of other "
-               "dialects are kept)", err=True)
+    click.echo(
+        f"wrote {count} known difference(s) for {dialect} to {path} (the lists of other dialects are kept)",
+        err=True,
+    )
     return EXIT_OK
 
 
@@ -401,16 +428,23 @@ def config_command(ctx: Context, example: bool) -> int:
 
 
 @main.command()
-@click.option("--flask-app", "flask_app", envvar="FLASK_APP", default="",
-              help="the Flask app's module, as FLASK_APP (default: FLASK_APP, else wsgi.py / app.py)")
+@click.option(
+    "--flask-app",
+    "flask_app",
+    envvar="FLASK_APP",
+    default="",
+    help="the Flask app's module, as FLASK_APP (default: FLASK_APP, else wsgi.py / app.py)",
+)
 @command
 def init(ctx: Context, flask_app: str) -> int:
     """Create a migrations directory: `flask db init`'s layout for a Flask project, else Alembic's."""
     from reconciler.commands import admin
 
     made = admin.init(ctx.settings(require_url=False, require_migrations=False), flask_app)
-    click.echo(f"created {made.directory} and {made.alembic_ini} from the {made.template} "
-               f"template: {made.reason}", err=True)
+    click.echo(
+        f"created {made.directory} and {made.alembic_ini} from the {made.template} template: {made.reason}",
+        err=True,
+    )
     return EXIT_OK
 
 
@@ -606,10 +640,17 @@ def confirm(ctx: Context, revision: str) -> int:
 
 # --- the Flask-Migrate authoring verbs, and the names a Flask-Migrate user types ------------------
 @main.command()
-@click.option("-m", "--message", default=None, help="the revision's message (autogenerate: "
-              "derived from the operations when not given)")
-@click.option("--autogenerate", is_flag=True, help="compare the models with the database, as "
-              "`flask db migrate` does (no file when nothing differs)")
+@click.option(
+    "-m",
+    "--message",
+    default=None,
+    help="the revision's message (autogenerate: derived from the operations when not given)",
+)
+@click.option(
+    "--autogenerate",
+    is_flag=True,
+    help="compare the models with the database, as `flask db migrate` does (no file when nothing differs)",
+)
 @click.option("--rev-id", "rev_id", default=None, help="the new revision's id (default: a new one)")
 @command
 def revision(ctx: Context, message: str | None, autogenerate: bool, rev_id: str | None) -> int:
@@ -636,12 +677,17 @@ def _print_written(written: Any) -> None:
     for line in written.destructive:
         click.echo(f"  ! {line}", err=True)
     if written.destructive:
-        click.echo(f"review it: applying refuses data loss until the file says it is meant "
-                   f"(`reconciler confirm {written.revision}` writes `allow_destructive = True`)",
-                   err=True)
+        click.echo(
+            f"review it: applying refuses data loss until the file says it is meant "
+            f"(`reconciler confirm {written.revision}` writes `allow_destructive = True`)",
+            err=True,
+        )
     for failure in written.hook_failures:
-        click.echo(f"  post-write hook {failure.get('hook', '?')} failed (the revision is kept): "
-                   f"{failure.get('output', '')}".rstrip(), err=True)
+        click.echo(
+            f"  post-write hook {failure.get('hook', '?')} failed (the revision is kept): "
+            f"{failure.get('output', '')}".rstrip(),
+            err=True,
+        )
 
 
 @main.command()
@@ -661,9 +707,14 @@ def merge(ctx: Context, message: str | None, rev_id: str | None, revisions: tupl
     return EXIT_OK
 
 
-def _alias(original: click.Command, name: str, flask_verb: str, fixed: dict[str, Any] | None = None,
-           extra: tuple[click.Parameter, ...] = (),
-           check: Callable[..., None] | None = None) -> click.Command:
+def _alias(
+    original: click.Command,
+    name: str,
+    flask_verb: str,
+    fixed: dict[str, Any] | None = None,
+    extra: tuple[click.Parameter, ...] = (),
+    check: Callable[..., None] | None = None,
+) -> click.Command:
     """`name`, what a Flask-Migrate user types (`flask_verb`), running `original` with `fixed`
     values; `extra` parameters are checked by `check` (errors: the documented exit codes)."""
     fixed = fixed or {}
@@ -678,13 +729,17 @@ def _alias(original: click.Command, name: str, flask_verb: str, fixed: dict[str,
         original.callback(**kwargs, **fixed)  # type: ignore[misc]
 
     params = [p for p in original.params if p.name not in fixed] + list(extra)
-    return click.Command(name, callback=callback, params=params,
-                         help=f"`{flask_verb}`: the same as `reconciler {original.name}"
-                              f"{' --autogenerate' if fixed.get('autogenerate') else ''}`. "
-                              f"{original.help or ''}",
-                         short_help=f"`{flask_verb}`: same as `{original.name}"
-                                    f"{' --autogenerate' if fixed.get('autogenerate') else ''}`",
-                         context_settings=original.context_settings)
+    return click.Command(
+        name,
+        callback=callback,
+        params=params,
+        help=f"`{flask_verb}`: the same as `reconciler {original.name}"
+        f"{' --autogenerate' if fixed.get('autogenerate') else ''}`. "
+        f"{original.help or ''}",
+        short_help=f"`{flask_verb}`: same as `{original.name}"
+        f"{' --autogenerate' if fixed.get('autogenerate') else ''}`",
+        context_settings=original.context_settings,
+    )
 
 
 def _upgrade_target(revision: str) -> None:
@@ -695,7 +750,14 @@ def _upgrade_target(revision: str) -> None:
         )
 
 
-main.add_command(_alias(apply, "upgrade", "flask db upgrade",
-                        extra=(click.Argument(["revision"], default="head"),), check=_upgrade_target))
+main.add_command(
+    _alias(
+        apply,
+        "upgrade",
+        "flask db upgrade",
+        extra=(click.Argument(["revision"], default="head"),),
+        check=_upgrade_target,
+    )
+)
 main.add_command(_alias(status, "current", "flask db current"))
 main.add_command(_alias(revision, "migrate", "flask db migrate", fixed={"autogenerate": True}))

@@ -102,7 +102,7 @@ def _mask_ambiguous(match: re.Match[str]) -> str:
     info = _userinfo_of(rest)
     if info is None or "@" not in info:
         return match.group(0)
-    return f"{match.group('scheme')}{MASK}{rest[len(info):]}"
+    return f"{match.group('scheme')}{MASK}{rest[len(info) :]}"
 
 
 def redact(text: str) -> str:

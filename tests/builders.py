@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-FLASK_MODELS = '''\
+FLASK_MODELS = """\
 from flask_sqlalchemy import SQLAlchemy
 
 db = SQLAlchemy()
@@ -23,9 +23,9 @@ class User(db.Model):
     id = db.Column(db.Integer, primary_key=True)
     username = db.Column(db.String(80), unique=True, nullable=False)
     email = db.Column(db.String(120), unique=True, nullable=False)
-'''
+"""
 
-PLAIN_MODELS = '''\
+PLAIN_MODELS = """\
 import sqlalchemy as sa
 
 try:
@@ -41,7 +41,7 @@ class User(Base):
     id = sa.Column(sa.Integer, primary_key=True)
     username = sa.Column(sa.String(80), unique=True, nullable=False)
     email = sa.Column(sa.String(120), unique=True, nullable=False)
-'''
+"""
 
 
 def worker_python() -> str:
@@ -87,8 +87,10 @@ class Project:
         extra: str = "",
     ) -> Path:
         path = self.versions / f"{rev}_{(message or rev).replace(' ', '_')[:30]}.py"
-        path.write_text(revision_source(rev, down, upgrade, downgrade, message, branch_labels,
-                                        depends_on, extra), encoding="utf-8")
+        path.write_text(
+            revision_source(rev, down, upgrade, downgrade, message, branch_labels, depends_on, extra),
+            encoding="utf-8",
+        )
         return path
 
     def chain(self, count: int, prefix: str = "r", start_down: str | None = None) -> list[str]:
@@ -98,7 +100,8 @@ class Project:
         for n in range(count):
             rev = f"{prefix}{n:04d}"
             self.revision(
-                rev, down,
+                rev,
+                down,
                 upgrade=create_table(f"t_{prefix}{n}"),
                 downgrade=f'op.drop_table("t_{prefix}{n}")',
                 message=f"create t_{prefix}{n}",

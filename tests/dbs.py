@@ -33,9 +33,7 @@ def new_name(prefix: str = "rt") -> str:
 
 
 def _ensure_pg_canary(conn: sa.engine.Connection) -> None:
-    exists = conn.execute(
-        sa.text("SELECT 1 FROM pg_roles WHERE rolname = :n"), {"n": CANARY_USER}
-    ).scalar()
+    exists = conn.execute(sa.text("SELECT 1 FROM pg_roles WHERE rolname = :n"), {"n": CANARY_USER}).scalar()
     if not exists:
         with suppress(sa.exc.ProgrammingError):  # created concurrently
             conn.execute(
@@ -163,4 +161,6 @@ def unescaped_canary_url(url: str) -> str:
     """The canary URL of `pg_database(canary=True)` / `mysql_database(canary=True)` with the password
     written as it is, unescaped: several `@` before the host."""
     parsed = sa.engine.make_url(url)
-    return f"{parsed.drivername}://{CANARY_USER}:{CANARY_PASSWORD}@{parsed.host}:{parsed.port}/{parsed.database}"
+    return (
+        f"{parsed.drivername}://{CANARY_USER}:{CANARY_PASSWORD}@{parsed.host}:{parsed.port}/{parsed.database}"
+    )

@@ -71,7 +71,9 @@ class PgBouncer:
         ini = self._write_files()
         self._proc = subprocess.Popen(
             [self.exe, *(["-u", "postgres"] if self._as_postgres else []), str(ini)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(self._ready, 15, f"pgbouncer on port {self.port} (log: {self.log})")
         return self
@@ -84,8 +86,10 @@ class PgBouncer:
 
     def url(self, direct_url: str) -> str:
         """`direct_url` (a database of the PostgreSQL service) rewritten to go through the pooler."""
-        return sa.engine.make_url(direct_url).set(host="127.0.0.1", port=self.port).render_as_string(
-            hide_password=False
+        return (
+            sa.engine.make_url(direct_url)
+            .set(host="127.0.0.1", port=self.port)
+            .render_as_string(hide_password=False)
         )
 
     def stop(self) -> None:

@@ -10,8 +10,8 @@ app = Flask(__name__)
 # DATABASE_URL when set (a container's), else an absolute path, so Flask-SQLAlchemy 2.x and 3.x
 # (which would otherwise use the instance folder), `flask db` and reconciler.toml all mean the
 # same file.
-app.config['SQLALCHEMY_DATABASE_URI'] = (
-    os.environ.get('DATABASE_URL') or 'sqlite:///' + os.path.join(basedir, 'site.db')
+app.config["SQLALCHEMY_DATABASE_URI"] = os.environ.get("DATABASE_URL") or "sqlite:///" + os.path.join(
+    basedir, "site.db"
 )
 db = SQLAlchemy(app)
 migrate = Migrate(app, db)
@@ -23,4 +23,4 @@ class User(db.Model):
     email = db.Column(db.String(120), unique=True, nullable=False)
 
     def __repr__(self):
-        return f'<User {self.username}>'
+        return f"<User {self.username}>"

@@ -68,8 +68,9 @@ def plan_findings(rec: Reconciler, status: Status) -> guard.Analysis:
     if not pending or rec.missing_database_file() is not None:
         return guard.Analysis((), "built-in")
     with _worker(rec) as worker:
-        return rec.check_pending(worker, rec.graph(), pending,
-                                 empty=status.sync_state == "uninitialized_empty")
+        return rec.check_pending(
+            worker, rec.graph(), pending, empty=status.sync_state == "uninitialized_empty"
+        )
 
 
 def analysed_status(rec: Reconciler, status: Status) -> Status:
@@ -90,12 +91,18 @@ def fail_on(analysis: guard.Analysis, kinds: Iterable[str]) -> None:
     wanted = set(kinds)
     if safety.DATA_LOSS in wanted:
         wanted.add(safety.UNANALYSABLE)
-    hits = [f for f in analysis.findings if f.kind in wanted
-            and (not f.acknowledged or f.rule == safety.DROP_JOURNAL)]
+    hits = [
+        f
+        for f in analysis.findings
+        if f.kind in wanted and (not f.acknowledged or f.rule == safety.DROP_JOURNAL)
+    ]
     if hits:
-        fix = (safety.JOURNAL_FIX if any(f.rule == safety.DROP_JOURNAL for f in hits) else
-               "fix the revisions, or acknowledge data loss with `allow_destructive = True` in the "
-               "revision file")
+        fix = (
+            safety.JOURNAL_FIX
+            if any(f.rule == safety.DROP_JOURNAL for f in hits)
+            else "fix the revisions, or acknowledge data loss with `allow_destructive = True` in the "
+            "revision file"
+        )
         raise Refused(
             f"the pending plan has {len(hits)} finding(s) of {', '.join(sorted(set(kinds)))}: "
             f"{'; '.join(f'{f.revision} ({f.where}) {f.message}' for f in hits)} — {fix}"
@@ -278,9 +285,11 @@ def stamp(rec: Reconciler, revision: str, force: bool) -> tuple[str, ...]:
     have no version table and must not differ from the models (minus the known differences).
     """
     targets = _stamp_targets(rec.graph(), revision)
-    with connection.connect(rec.engine) as conn, rec.locked(
-        conn, rec.settings.apply.lock_acquire_timeout
-    ), rec.start_worker(conn) as worker:
+    with (
+        connection.connect(rec.engine) as conn,
+        rec.locked(conn, rec.settings.apply.lock_acquire_timeout),
+        rec.start_worker(conn) as worker,
+    ):
         if not force:
             _refuse_unless_adoptable(rec.status())
             known = differences.load_for(rec.settings)
@@ -295,7 +304,11 @@ def stamp(rec: Reconciler, revision: str, force: bool) -> tuple[str, ...]:
         graph = rec.graph()
         rows = [
             journal.record_started(
-                conn, rec.journal, target=rec.target, operation="stamp", revision=rev,
+                conn,
+                rec.journal,
+                target=rec.target,
+                operation="stamp",
+                revision=rev,
                 down_revisions=graph.revisions[rev].down_revisions,
                 file_hash=graph.revisions[rev].file_hash,
             )
@@ -318,9 +331,16 @@ def _record_below(
     for rev in graph.topological(graph.closure(targets)):
         if rev not in targets and rev not in held:
             revision = graph.revisions[rev]
-            journal.record_hash(conn, rec.journal, target=rec.target, operation=journal.RECORD,
-                                revision=rev, file_hash=revision.file_hash,
-                                down_revisions=revision.down_revisions, trigger="stamp")
+            journal.record_hash(
+                conn,
+                rec.journal,
+                target=rec.target,
+                operation=journal.RECORD,
+                revision=rev,
+                file_hash=revision.file_hash,
+                down_revisions=revision.down_revisions,
+                trigger="stamp",
+            )
 
 
 def _stamp_targets(graph: RevisionGraph, revision: str) -> tuple[str, ...]:
@@ -329,8 +349,7 @@ def _stamp_targets(graph: RevisionGraph, revision: str) -> tuple[str, ...]:
             raise ConfigError("the repository has no revisions; there is nothing to stamp")
         if revision == "head" and len(graph.heads) > 1:
             raise ConfigError(
-                f"the repository has several heads ({', '.join(graph.heads)}); name one, "
-                "or say `heads`"
+                f"the repository has several heads ({', '.join(graph.heads)}); name one, or say `heads`"
             )
         return tuple(graph.heads)
     return (graph.resolve(revision),)
@@ -428,9 +447,7 @@ def downgrade(rec: Reconciler, revision: str, confirm: Confirm) -> tuple[str, li
     # Before connecting: a revision the repository does not know is a typo, not a database state.
     if relative_steps(revision) is None and revision != "base":
         rec.graph().resolve(revision)
-    with connection.connect(rec.engine) as conn, rec.locked(
-        conn, rec.settings.apply.lock_acquire_timeout
-    ):
+    with connection.connect(rec.engine) as conn, rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
         target, undo = downgrade_plan(rec, revision)
         if not undo:
             return target, undo
@@ -445,7 +462,11 @@ def downgrade(rec: Reconciler, revision: str, confirm: Confirm) -> tuple[str, li
 
 def _downgrade_one(rec: Reconciler, conn: sa.engine.Connection, worker: Any, rev: str) -> None:
     row = journal.record_started(
-        conn, rec.journal, target=rec.target, operation="downgrade", revision=rev,
+        conn,
+        rec.journal,
+        target=rec.target,
+        operation="downgrade",
+        revision=rev,
         trigger="downgrade",
     )
     try:
@@ -455,13 +476,16 @@ def _downgrade_one(rec: Reconciler, conn: sa.engine.Connection, worker: Any, rev
     except RevisionFailed as exc:
         transactional = rec.backend in journal.TRANSACTIONAL_DDL
         journal.record_finished(
-            conn, rec.journal, row, outcome="failed" if transactional else "dirty",
-            error_class=exc.error_class, error=str(exc), sqlstate=exc.sqlstate,
+            conn,
+            rec.journal,
+            row,
+            outcome="failed" if transactional else "dirty",
+            error_class=exc.error_class,
+            error=str(exc),
+            sqlstate=exc.sqlstate,
         )
         raise
-    journal.record_finished(
-        conn, rec.journal, row, outcome="downgraded", duration_ms=int(seconds * 1000)
-    )
+    journal.record_finished(conn, rec.journal, row, outcome="downgraded", duration_ms=int(seconds * 1000))
     log.info("revision_downgraded", target=rec.target, revision=rev)
 
 
@@ -475,14 +499,15 @@ def resolve(rec: Reconciler, revision: str, outcome: str) -> str:
         raise ConfigError(f"outcome must be applied or rolled_back, got {outcome!r}")
     graph = rec.graph()
     rev = _dirty_revision_id(graph, revision, outcome)
-    with connection.connect(rec.engine) as conn, rec.locked(
-        conn, rec.settings.apply.lock_acquire_timeout
-    ):
+    with connection.connect(rec.engine) as conn, rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
         rec.ensure_journal(conn)
         status = rec.status()
         # Why here: the same judgement status made (journal and version table together).
         settled = journal.settle_interrupted(
-            conn, rec.journal, _applied(graph, status), rec.backend,
+            conn,
+            rec.journal,
+            _applied(graph, status),
+            rec.backend,
             unsafe="dirty" in rec.settings.unsafe,
         )
         dirty = list(dict.fromkeys(str(r["revision"]) for r in settled))
@@ -497,11 +522,16 @@ def resolve(rec: Reconciler, revision: str, outcome: str) -> str:
 
 
 def _not_dirty(rev: str, dirty: list[str], listed: bool) -> str:
-    where = (f"the version table lists {rev}: it is applied, and the journal records it so"
-             if listed else f"the version table does not list {rev} and no step of it left its "
-             "transaction: the next apply runs it")
-    return (f"revision {rev} is not dirty in the journal ({where}; dirty: "
-            f"{', '.join(dirty) or 'none'}); nothing to resolve")
+    where = (
+        f"the version table lists {rev}: it is applied, and the journal records it so"
+        if listed
+        else f"the version table does not list {rev} and no step of it left its "
+        "transaction: the next apply runs it"
+    )
+    return (
+        f"revision {rev} is not dirty in the journal ({where}; dirty: "
+        f"{', '.join(dirty) or 'none'}); nothing to resolve"
+    )
 
 
 def _dirty_revision_id(graph: RevisionGraph, revision: str, outcome: str) -> str:
@@ -526,8 +556,12 @@ def generate_revision(rec: Reconciler, message: str | None, rev_id: str | None =
     with _worker(rec) as worker:
         result: Generated = worker.generate(message=message, rev_id=rev_id)
     if result.path is not None:
-        log.info("revision_generated", revision=result.revision, path=result.path,
-                 operations=[op["text"] for op in result.operations])
+        log.info(
+            "revision_generated",
+            revision=result.revision,
+            path=result.path,
+            operations=[op["text"] for op in result.operations],
+        )
     return result
 
 
@@ -569,8 +603,9 @@ def empty_revision(settings: Settings, message: str | None, rev_id: str | None =
     return result
 
 
-def merge(settings: Settings, revisions: tuple[str, ...], message: str | None,
-          rev_id: str | None = None) -> Generated | None:
+def merge(
+    settings: Settings, revisions: tuple[str, ...], message: str | None, rev_id: str | None = None
+) -> Generated | None:
     """`flask db merge`: a merge revision of `revisions` (default: every head); None when the
     repository has fewer than two heads (nothing to merge, no file)."""
     from reconciler.project.repository import Project
@@ -656,7 +691,7 @@ def _template_without_models(root: Path, flask_app: str) -> tuple[str, str]:
     )
 
 
-JOURNAL_FILTER = '''
+JOURNAL_FILTER = """
 
 RECONCILER_TABLES = {{{tables}}}
 
@@ -666,16 +701,21 @@ def exclude_reconciler_tables(object, name, type_, reflected, compare_to):
     # ([journal] placement = "default"): autogenerate must leave it alone
     return not (type_ == "table" and name in RECONCILER_TABLES)
 
-'''
+"""
 # (the template's text, the same with the filter) for Flask-Migrate's and Alembic's env.py
 _FILTER_EDITS = (
-    ('''        conf_args["process_revision_directives"] = process_revision_directives
-''', '''        conf_args["process_revision_directives"] = process_revision_directives
+    (
+        """        conf_args["process_revision_directives"] = process_revision_directives
+""",
+        """        conf_args["process_revision_directives"] = process_revision_directives
     conf_args.setdefault("include_object", exclude_reconciler_tables)
-'''),
-    ("connection=connection, target_metadata=target_metadata\n",
-     "connection=connection, target_metadata=target_metadata,\n"
-     "            include_object=exclude_reconciler_tables,\n"),
+""",
+    ),
+    (
+        "connection=connection, target_metadata=target_metadata\n",
+        "connection=connection, target_metadata=target_metadata,\n"
+        "            include_object=exclude_reconciler_tables,\n",
+    ),
 )
 
 
@@ -688,15 +728,23 @@ def _write_journal_filter(env_py: Path, table: str) -> None:
         if old in text and "def run_migrations_offline" in text:
             names = ", ".join(repr(n) for n in (table, f"{table}_flags"))
             text = text.replace(old, new, 1).replace(
-                "\n\ndef run_migrations_offline", JOURNAL_FILTER.format(tables=names).rstrip("\n")
-                + "\n\n\ndef run_migrations_offline", 1)
+                "\n\ndef run_migrations_offline",
+                JOURNAL_FILTER.format(tables=names).rstrip("\n") + "\n\n\ndef run_migrations_offline",
+                1,
+            )
             env_py.write_text(text, encoding="utf-8")
-            log.info("journal_filter_written", env_py=redact(str(env_py)),
-                     reason="[journal] placement = default keeps the journal beside the models' tables")
+            log.info(
+                "journal_filter_written",
+                env_py=redact(str(env_py)),
+                reason="[journal] placement = default keeps the journal beside the models' tables",
+            )
             return
-    log.warning("journal_filter_not_written", env_py=redact(str(env_py)),
-                hint="add include_object=exclude_reconciler_tables (reconciler.hooks) to env.py's "
-                     "context.configure: this env.py has an unknown layout")
+    log.warning(
+        "journal_filter_not_written",
+        env_py=redact(str(env_py)),
+        hint="add include_object=exclude_reconciler_tables (reconciler.hooks) to env.py's "
+        "context.configure: this env.py has an unknown layout",
+    )
 
 
 # --- suspend / resume ----------------------------------------------------------------------

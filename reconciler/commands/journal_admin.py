@@ -15,11 +15,37 @@ from reconciler.errors import ConfigError, StateError
 
 log = logs.get("reconciler.journal_admin")
 
-COLUMNS = ("id", "started_at", "operation", "revision", "outcome", "duration_ms", "trigger", "host",
-           "tool_version", "file_hash", "error")
-FIELDS = ("id", "target", "operation", "revision", "down_revisions", "file_hash", "started_at",
-          "completed_at", "duration_ms", "outcome", "error_class", "error", "sqlstate", "host",
-          "tool_version", "trigger")
+COLUMNS = (
+    "id",
+    "started_at",
+    "operation",
+    "revision",
+    "outcome",
+    "duration_ms",
+    "trigger",
+    "host",
+    "tool_version",
+    "file_hash",
+    "error",
+)
+FIELDS = (
+    "id",
+    "target",
+    "operation",
+    "revision",
+    "down_revisions",
+    "file_hash",
+    "started_at",
+    "completed_at",
+    "duration_ms",
+    "outcome",
+    "error_class",
+    "error",
+    "sqlstate",
+    "host",
+    "tool_version",
+    "trigger",
+)
 
 
 def steps(rec: Reconciler, limit: int = 50, revision: str | None = None) -> list[dict[str, Any]]:
@@ -73,9 +99,7 @@ def _cell(name: str, value: object) -> str:
 def accept(rec: Reconciler, revision: str | None) -> list[checksums.Mismatch]:
     """Record the current hash of changed applied revisions (or forget vanished ones), under the
     lock. `revision` None means every mismatch."""
-    with connection.connect(rec.engine) as conn, rec.locked(
-        conn, rec.settings.apply.lock_acquire_timeout
-    ):
+    with connection.connect(rec.engine) as conn, rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
         rec.ensure_journal(conn)
         found = rec.status().audit.mismatches
         chosen = list(found) if revision is None else _chosen(rec, found, revision)
@@ -83,13 +107,26 @@ def accept(rec: Reconciler, revision: str | None) -> list[checksums.Mismatch]:
         for item in chosen:
             downs = graph.revisions[item.revision].down_revisions if not item.vanished else ()
             journal.record_hash(
-                conn, rec.journal, target=rec.target, operation=journal.ACCEPT,
-                revision=item.revision, file_hash=item.current, down_revisions=downs,
-                outcome="forgotten" if item.vanished else "accepted", trigger="accept",
+                conn,
+                rec.journal,
+                target=rec.target,
+                operation=journal.ACCEPT,
+                revision=item.revision,
+                file_hash=item.current,
+                down_revisions=downs,
+                outcome="forgotten" if item.vanished else "accepted",
+                trigger="accept",
             )
     for item in chosen:
-        log.info("checksum_accepted", target=rec.target, revision=item.revision, file=item.file,
-                 recorded_hash=item.recorded, accepted_hash=item.current, vanished=item.vanished)
+        log.info(
+            "checksum_accepted",
+            target=rec.target,
+            revision=item.revision,
+            file=item.file,
+            recorded_hash=item.recorded,
+            accepted_hash=item.current,
+            vanished=item.vanished,
+        )
     return chosen
 
 

@@ -82,9 +82,7 @@ class TargetSettings:
     python: str = field(
         default="", metadata={"doc": "interpreter for the worker; default: the reconciler's own"}
     )
-    lock_url: str = field(
-        default="", metadata={"doc": "direct URL for the advisory lock (behind a pooler)"}
-    )
+    lock_url: str = field(default="", metadata={"doc": "direct URL for the advisory lock (behind a pooler)"})
     lock_url_env: str = field(
         default="", metadata={"doc": "environment variable holding lock_url (from a Secret)"}
     )
@@ -108,9 +106,7 @@ class TargetSettings:
 class ChainSettings:
     """A second, independent migrations directory for the same database (`[[target.chains]]`)."""
 
-    migrations: str = field(
-        default="", metadata={"doc": "its migrations directory (a plugin's); required"}
-    )
+    migrations: str = field(default="", metadata={"doc": "its migrations directory (a plugin's); required"})
     version_table: str = field(
         default="", metadata={"doc": "its own version table, the one its env.py passes; required"}
     )
@@ -294,8 +290,11 @@ class SafetySettings:
         default=False, metadata={"doc": "refuse lock-risk revisions too (otherwise a warning)"}
     )
     on_unanalysable: str = field(
-        default="refuse", metadata={"doc": "a revision whose operations cannot be recorded ahead: refuse "
-                                  "(PostgreSQL, SQLite: each operation checked as it runs instead) or warn"}
+        default="refuse",
+        metadata={
+            "doc": "a revision whose operations cannot be recorded ahead: refuse "
+            "(PostgreSQL, SQLite: each operation checked as it runs instead) or warn"
+        },
     )
     squawk: str = field(
         default="auto", metadata={"doc": "PostgreSQL lock rules from squawk: auto (when installed) or off"}
@@ -309,9 +308,7 @@ class AlertSink:
     url_env: str = field(default="", metadata={"doc": "environment variable holding the URL"})
     url_file: str = field(default="", metadata={"doc": "file holding the URL (a mounted Secret)"})
     name: str = field(default="", metadata={"doc": "label in metrics and logs; default: the kind"})
-    events: list[str] = field(
-        default_factory=list, metadata={"doc": "events to send; empty: all of them"}
-    )
+    events: list[str] = field(default_factory=list, metadata={"doc": "events to send; empty: all of them"})
 
 
 @dataclass(frozen=True)
@@ -359,8 +356,16 @@ ENV_KEYS = envsettings.LEGACY  # the six short names of before; every key has RE
 
 UNSAFE_ENV = "RECONCILER_UNSAFE_DISABLE"
 UNSAFE_SWITCHES = (
-    "lock", "orphan_wait", "dirty", "affinity", "drift_once", "checksums", "dev_recheck", "http_shed",
-    "revision_id_length", "retry_gate",
+    "lock",
+    "orphan_wait",
+    "dirty",
+    "affinity",
+    "drift_once",
+    "checksums",
+    "dev_recheck",
+    "http_shed",
+    "revision_id_length",
+    "retry_gate",
 )
 _LEVELS = ("debug", "info", "warning", "error")
 _FORMATS = ("auto", "text", "json", "console")  # console: the former name of text
@@ -422,8 +427,7 @@ def _read_file(path: Path) -> _Source:
         text = _decode(path, path.read_bytes())
     except FileNotFoundError:
         raise ConfigError(
-            f"config file {path} does not exist; pass an existing file with --config "
-            "or remove the option"
+            f"config file {path} does not exist; pass an existing file with --config or remove the option"
         ) from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
@@ -465,9 +469,7 @@ def _read_file(path: Path) -> _Source:
     return _Source(values, origin)
 
 
-def _read_chains(
-    path: Path, body: Any, values: dict[str, Any], origin: dict[tuple[str, str], str]
-) -> None:
+def _read_chains(path: Path, body: Any, values: dict[str, Any], origin: dict[tuple[str, str], str]) -> None:
     if not isinstance(body, list) or not all(isinstance(b, dict) for b in body):
         raise ConfigError(
             f"{path}: more chains are written as [[target.chains]] tables, each with "
@@ -641,8 +643,14 @@ def load_settings(
         alerting=sections["alerting"],
         drift=sections["drift"],
         safety=sections["safety"],
-        alerts=_alert_sinks(tables.get("alerts", []), origin, environ, base_dir, resolve_alerts,
-                            sections["alerting"].allow_link_local),
+        alerts=_alert_sinks(
+            tables.get("alerts", []),
+            origin,
+            environ,
+            base_dir,
+            resolve_alerts,
+            sections["alerting"].allow_link_local,
+        ),
         unsafe=_unsafe(environ),
         chains=_chains(tables.get("target.chains", []), origin),
     )
@@ -668,8 +676,8 @@ def _chains(items: list[dict[str, Any]], origin: dict[tuple[str, str], str]) -> 
             if not getattr(chain, key):
                 raise ConfigError(
                     f"{where}: a chain needs {key} (its migrations directory and the version "
-                    "table its env.py passes), e.g. migrations = \"plugin_migrations\", "
-                    "version_table = \"plugin_version\""
+                    'table its env.py passes), e.g. migrations = "plugin_migrations", '
+                    'version_table = "plugin_version"'
                 )
         if not _TABLE_NAME.match(chain.version_table):
             raise ConfigError(
@@ -737,8 +745,9 @@ def _check_alert_url(url: str, where: str, allow_link_local: bool) -> None:
     if why is None and not re.match(r"^https?://[^/\s]+", url, re.IGNORECASE):
         why = "it must start with http:// or https://"
     if why:
-        match = re.match(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:/*)?(?:[^/?#]*@)?(?P<host>[^/?#]*)",
-                         url.strip())
+        match = re.match(
+            r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:/*)?(?:[^/?#]*@)?(?P<host>[^/?#]*)", url.strip()
+        )
         shown = redact(f"{match['scheme'] or ''}{match['host']}" if match else "")
         raise ConfigError(f"{where}: alert URL {shown!r} (shown up to its host) refused: {why}")
 
@@ -812,9 +821,7 @@ def _resolve_target(
     return dataclasses.replace(target, url=url, lock_url=lock_url, name=name)
 
 
-NO_URL = (
-    "no database URL: give --url, RECONCILER_URL, or [target] url / url_env in reconciler.toml"
-)
+NO_URL = "no database URL: give --url, RECONCILER_URL, or [target] url / url_env in reconciler.toml"
 
 
 def settle_url(
@@ -847,8 +854,9 @@ def settle_url(
         # while the models do not import; every worker job reports the models' error itself.
         # Logged through the standard library: structlog is set up only once settings exist.
         logging.getLogger("reconciler.config").warning(
-            "app_url_unknown: the Flask app's database URL could not be compared with [target] "
-            "url: %s", redact(str(exc)))
+            "app_url_unknown: the Flask app's database URL could not be compared with [target] url: %s",
+            redact(str(exc)),
+        )
         return settings
     if found is None:
         if not target.url:
@@ -973,9 +981,7 @@ def normalize_url(url: str, base_dir: Path, where: str) -> str:
             parsed = parsed.set(database=str(absolute))
         return parsed.render_as_string(hide_password=False)
     if not parsed.database:
-        raise ConfigError(
-            f"{where}: the URL '{redact(url)}' names no database; add /dbname at its end"
-        )
+        raise ConfigError(f"{where}: the URL '{redact(url)}' names no database; add /dbname at its end")
     return url
 
 
@@ -1192,9 +1198,7 @@ def check_import_path(value: str, settings: Settings, where: str, key: str) -> N
     """Check 'pkg.module:attr' names a module file under the project root, without importing it."""
     module, sep, attr = value.partition(":")
     if not sep or not attr or not _DOTTED.match(module) or not _DOTTED.match(attr):
-        raise ConfigError(
-            f"{where}: {key} must look like 'package.module:attribute', got {value!r}"
-        )
+        raise ConfigError(f"{where}: {key} must look like 'package.module:attribute', got {value!r}")
     path = find_module_file(module, settings)
     if path is None:
         raise ConfigError(
@@ -1249,7 +1253,6 @@ def setting_defaults() -> dict[str, dict[str, Any]]:
         instance = cls()
         out[name] = {f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)}
     return out
-
 
 
 EXAMPLE_NAME = "config.example.toml"

@@ -41,8 +41,14 @@ log = logs.get("reconciler.drift")
 
 KINDS: dict[str, tuple[str, ...]] = {
     "table": ("add_table", "remove_table", "add_table_comment", "remove_table_comment"),
-    "column": ("add_column", "remove_column", "modify_type", "modify_nullable", "modify_default",
-               "modify_comment"),
+    "column": (
+        "add_column",
+        "remove_column",
+        "modify_type",
+        "modify_nullable",
+        "modify_default",
+        "modify_comment",
+    ),
     "index": ("add_index", "remove_index"),
     "constraint": ("add_constraint", "remove_constraint"),
     "fk": ("add_fk", "remove_fk", "modify_fk"),
@@ -144,11 +150,17 @@ class DriftReport:
         return replace(self, differences=kept, count=self.count - (len(self.differences) - len(kept)))
 
     def dumps(self) -> str:
-        return json.dumps({
-            "checked_at": self.checked_at, "heads": list(self.heads), "count": self.count,
-            "differences": [dict(d) for d in self.differences], "checked_by": self.checked_by,
-            "duration_ms": self.duration_ms,
-        }, sort_keys=True)
+        return json.dumps(
+            {
+                "checked_at": self.checked_at,
+                "heads": list(self.heads),
+                "count": self.count,
+                "differences": [dict(d) for d in self.differences],
+                "checked_by": self.checked_by,
+                "duration_ms": self.duration_ms,
+            },
+            sort_keys=True,
+        )
 
     @classmethod
     def loads(cls, text: str | None) -> DriftReport | None:
@@ -157,9 +169,14 @@ class DriftReport:
         try:
             data = json.loads(text)
             diffs = tuple({str(k): str(v) for k, v in d.items()} for d in data["differences"])
-            return cls(float(data["checked_at"]), tuple(str(h) for h in data["heads"]), diffs,
-                       int(data.get("count", len(diffs))), str(data.get("checked_by", "")),
-                       int(data.get("duration_ms", 0)))
+            return cls(
+                float(data["checked_at"]),
+                tuple(str(h) for h in data["heads"]),
+                diffs,
+                int(data.get("count", len(diffs))),
+                str(data.get("checked_by", "")),
+                int(data.get("duration_ms", 0)),
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -174,8 +191,9 @@ class DriftReport:
         }
 
 
-def report_of(found: Sequence[Difference], heads: Iterable[str], checked_by: str, seconds: float
-              ) -> DriftReport:
+def report_of(
+    found: Sequence[Difference], heads: Iterable[str], checked_by: str, seconds: float
+) -> DriftReport:
     kept = tuple(dict(d) for d in found[:STORED_MAX])
     return DriftReport(time.time(), tuple(sorted(heads)), kept, len(found), checked_by, int(seconds * 1000))
 
@@ -184,8 +202,9 @@ def report_of(found: Sequence[Difference], heads: Iterable[str], checked_by: str
 class DriftChecker:
     """Decides on each daemon run whether this replica compares now; see the module doc."""
 
-    def __init__(self, rec: Reconciler, settings: DriftSettings, unsafe: frozenset[str] = frozenset()
-                 ) -> None:
+    def __init__(
+        self, rec: Reconciler, settings: DriftSettings, unsafe: frozenset[str] = frozenset()
+    ) -> None:
         self.rec = rec
         self.settings = settings
         self.fleet = UNSAFE_SWITCH not in unsafe
@@ -213,8 +232,7 @@ class DriftChecker:
                 return True
             return self._compare_as_lock_holder(conn, heads, now)
 
-    def _compare_as_lock_holder(self, conn: sa.engine.Connection, heads: tuple[str, ...], now: float
-                                ) -> bool:
+    def _compare_as_lock_holder(self, conn: sa.engine.Connection, heads: tuple[str, ...], now: float) -> bool:
         from reconciler.errors import LockTimeout
 
         if self._fresh(self._read(conn), heads, now):
@@ -244,8 +262,7 @@ class DriftChecker:
         key = flag_key(self.rec.target)
         return DriftReport.loads(flags.read(conn, self.rec.journal, [key]).get(key))
 
-    def _compare(self, conn: sa.engine.Connection, heads: tuple[str, ...], last: DriftReport | None
-                 ) -> None:
+    def _compare(self, conn: sa.engine.Connection, heads: tuple[str, ...], last: DriftReport | None) -> None:
         from reconciler.commands import admin
         from reconciler.db import flags
         from reconciler.sessions import replica_id
@@ -257,15 +274,24 @@ class DriftChecker:
         self.rec.ensure_journal(conn)
         flags.put(conn, self.rec.journal, flag_key(self.rec.target), report.dumps())
         self.rec.forget_conditions()
-        log.info("drift_compared", target=self.rec.target, differences=report.count,
-                 duration_ms=report.duration_ms, heads=list(heads))
+        log.info(
+            "drift_compared",
+            target=self.rec.target,
+            differences=report.count,
+            duration_ms=report.duration_ms,
+            heads=list(heads),
+        )
         _log_change(self.rec.target, last, report)
 
 
 def _log_change(target: str, last: DriftReport | None, report: DriftReport) -> None:
     before = last.whole if last else frozenset()
     if report.drifted and report.whole != before:
-        log.warning("drift_detected", target=target, count=report.count,
-                    differences=[d.get("text", d["key"]) for d in report.differences])
+        log.warning(
+            "drift_detected",
+            target=target,
+            count=report.count,
+            differences=[d.get("text", d["key"]) for d in report.differences],
+        )
     elif not report.drifted and before:
         log.info("drift_cleared", target=target)

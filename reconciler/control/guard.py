@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 
 log = logs.get("reconciler.guard")
 _noted: set[str] = set()
-_EVENTS = {safety.LOCK_RISK: "lock_risk", safety.UNANALYSABLE: "revision_unanalysable",
-           safety.FAILS: "revision_raises"}
+_EVENTS = {
+    safety.LOCK_RISK: "lock_risk",
+    safety.UNANALYSABLE: "revision_unanalysable",
+    safety.FAILS: "revision_raises",
+}
 TRANSACTIONAL_DDL = frozenset({"postgresql", "sqlite"})  # a revision is one transaction there
 
 
@@ -69,8 +72,14 @@ def policy(settings: Settings) -> safety.Policy:
     return safety.Policy(s.allow_destructive, s.strict_locking, s.on_unanalysable)
 
 
-def analyse(worker: Worker, graph: RevisionGraph, pending: Sequence[str], backend: str,
-            settings: Settings, empty: bool = False) -> Analysis:
+def analyse(
+    worker: Worker,
+    graph: RevisionGraph,
+    pending: Sequence[str],
+    backend: str,
+    settings: Settings,
+    empty: bool = False,
+) -> Analysis:
     """The findings of the pending plan, in plan order. `empty`: the database has no tables."""
     if not pending:
         return Analysis((), "built-in", backend)
@@ -89,24 +98,34 @@ def verdict(analysis: Analysis, settings: Settings) -> Verdict:
     refusals = safety.refused(analysis.findings, policy(settings))
     live: dict[str, LiveCheck] = {}
     if analysis.backend in TRANSACTIONAL_DDL:
-        live = {f.revision: LiveCheck(tuple(analysis.created.get(f.revision, ())))
-                for f in refusals if f.kind == safety.UNANALYSABLE}
+        live = {
+            f.revision: LiveCheck(tuple(analysis.created.get(f.revision, ())))
+            for f in refusals
+            if f.kind == safety.UNANALYSABLE
+        }
     up_front = tuple(f for f in refusals if not (f.kind == safety.UNANALYSABLE and f.revision in live))
     return Verdict(up_front, live)
 
 
-def _external(recorded: Sequence[Mapping[str, Any]], backend: str, settings: Settings
-              ) -> tuple[safety.External | None, str]:
+def _external(
+    recorded: Sequence[Mapping[str, Any]], backend: str, settings: Settings
+) -> tuple[safety.External | None, str]:
     if backend != "postgresql" or settings.safety.squawk == "off":
         return None, "built-in"
     binary = squawk.find()
     if binary is None:
-        _note_once("squawk_not_installed", "PostgreSQL lock risk is judged by the built-in rules; "
-                   "pip install schema-reconciler[squawk] for squawk's, or set [safety] squawk = \"off\"")
+        _note_once(
+            "squawk_not_installed",
+            "PostgreSQL lock risk is judged by the built-in rules; "
+            'pip install schema-reconciler[squawk] for squawk\'s, or set [safety] squawk = "off"',
+        )
         return None, "built-in"
-    statements = [((str(r["revision"]), index), str(op.get("sql") or ""))
-                  for r in recorded for index, op in enumerate(r.get("ops") or ())
-                  if op.get("op") != "CreateTableOp"]
+    statements = [
+        ((str(r["revision"]), index), str(op.get("sql") or ""))
+        for r in recorded
+        for index, op in enumerate(r.get("ops") or ())
+        if op.get("op") != "CreateTableOp"
+    ]
     try:
         found = squawk.lint(binary, statements)
     except squawk.SquawkFailed as exc:
@@ -134,17 +153,31 @@ def enforce(analysis: Analysis, settings: Settings, target: str) -> Verdict:
     for finding in analysis.findings:
         if finding not in refusals and not finding.exempt:
             event = _EVENTS.get(finding.kind, "destructive_allowed")
-            log.warning(event, target=target, revision=finding.revision, where=finding.where,
-                        kind=finding.kind, rule=finding.rule, finding=finding.message)
+            log.warning(
+                event,
+                target=target,
+                revision=finding.revision,
+                where=finding.where,
+                kind=finding.kind,
+                rule=finding.rule,
+                finding=finding.message,
+            )
     for rev in decided.live:
-        log.info("revision_checked_per_operation", target=target, revision=rev,
-                 detail="its upgrade() could not be recorded ahead; each operation is checked as "
-                 "it runs, and a refused one rolls the revision back")
+        log.info(
+            "revision_checked_per_operation",
+            target=target,
+            revision=rev,
+            detail="its upgrade() could not be recorded ahead; each operation is checked as "
+            "it runs, and a refused one rolls the revision back",
+        )
     if not decided.refused:
         return decided
-    log.error("destructive_refused", target=target,
-              revisions=sorted({f.revision for f in decided.refused}),
-              findings=[f.text() for f in decided.refused])
+    log.error(
+        "destructive_refused",
+        target=target,
+        revisions=sorted({f.revision for f in decided.refused}),
+        findings=[f.text() for f in decided.refused],
+    )
     raise Refused(safety.refusal_message(target, decided.refused))
 
 

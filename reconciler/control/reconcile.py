@@ -56,8 +56,16 @@ log = logs.get("reconciler.reconcile")
 APPLICABLE = ("behind", "uninitialized_empty")
 CONDITION_ORDER = CONDITIONS
 # The worst first: the overall sync state of several chains is the first one of them in this list.
-SYNC_SEVERITY = ("unknown", "diverged", "multiple_heads", "ahead", "uninitialized_with_tables",
-                 "behind", "uninitialized_empty", "in_sync")
+SYNC_SEVERITY = (
+    "unknown",
+    "diverged",
+    "multiple_heads",
+    "ahead",
+    "uninitialized_with_tables",
+    "behind",
+    "uninitialized_empty",
+    "in_sync",
+)
 
 ProgressFn = Callable[[int, int, str, str], None]
 T = TypeVar("T")
@@ -220,8 +228,9 @@ def with_chains(main: Status, others: tuple[Status, ...]) -> Status:
     dirty = tuple(dict.fromkeys(r for s in every for r in s.dirty))
     blocked = next((s.blocked for s in every if s.blocked), None)
     settle = tuple(dict.fromkeys(r for s in every for r in s.settle))
-    return dataclasses.replace(main, conditions=names, messages=messages, dirty=dirty,
-                               blocked=blocked, chains=others, settle=settle)
+    return dataclasses.replace(
+        main, conditions=names, messages=messages, dirty=dirty, blocked=blocked, chains=others, settle=settle
+    )
 
 
 @dataclass(frozen=True)
@@ -237,8 +246,14 @@ class Progress:
     plan: Status | None = None  # what the run read under the lock before its first revision
 
     def as_dict(self) -> dict[str, Any]:
-        return {"revision": self.revision, "message": self.message, "n": self.n, "total": self.total,
-                "started_at": _iso_utc(self.started_at), "run_started_at": _iso_utc(self.run_started_at)}
+        return {
+            "revision": self.revision,
+            "message": self.message,
+            "n": self.n,
+            "total": self.total,
+            "started_at": _iso_utc(self.started_at),
+            "run_started_at": _iso_utc(self.run_started_at),
+        }
 
     @property
     def remaining(self) -> tuple[str, ...]:
@@ -277,9 +292,16 @@ class Reconciler:
         self._parent = parent  # the main chain's reconciler: its engine, its lock
         self.project = Project(settings)
         # Where the journal lives (journal.Place): one place per database, shared by its chains.
-        self._place: JournalPlace = parent._place if parent else journal.Place(
-            settings.journal.table, settings.target.url, settings.journal.placement,
-            settings.journal.schema, settings.target.version_table_schema or None,
+        self._place: JournalPlace = (
+            parent._place
+            if parent
+            else journal.Place(
+                settings.journal.table,
+                settings.target.url,
+                settings.journal.placement,
+                settings.journal.schema,
+                settings.target.version_table_schema or None,
+            )
         )
         self._engine: sa.engine.Engine | None = None
         self._lock_engine: sa.engine.Engine | None = None
@@ -305,9 +327,13 @@ class Reconciler:
         self._guard_info: tuple[tuple[str, tuple[str, ...]], dict[str, Any]] | None = None
         self._announcement: str | None = None  # the lock holder's note, until the journal exists
         # The other chains of the database ([[target.chains]]): reconciled under our lock, after us.
-        self.extra: tuple[Reconciler, ...] = () if parent else tuple(
-            Reconciler(chain_settings(settings, c), on_worker_log, chain=c.name, parent=self)
-            for c in settings.chains
+        self.extra: tuple[Reconciler, ...] = (
+            ()
+            if parent
+            else tuple(
+                Reconciler(chain_settings(settings, c), on_worker_log, chain=c.name, parent=self)
+                for c in settings.chains
+            )
         )
         main = parent.settings if parent else settings
         tables = (main.target.version_table, *(c.version_table for c in main.chains))
@@ -339,7 +365,9 @@ class Reconciler:
         if self._engine is None:
             attachment = self._place.attachment
             self._engine = connection.make_engine(
-                self.settings.target.url, self.target, self.settings.apply.connect_timeout,
+                self.settings.target.url,
+                self.target,
+                self.settings.apply.connect_timeout,
                 on_connect=attachment.attach if attachment else None,
             )
         return self._engine
@@ -399,9 +427,7 @@ class Reconciler:
             return self._retrying(lambda: self._read_status(graph))
         except UnreachableError as exc:
             decision = decide(connection.unreachable_snapshot(), graph)
-            return Status(
-                self.target, self.redacted_url, dataclasses.replace(decision, message=str(exc))
-            )
+            return Status(self.target, self.redacted_url, dataclasses.replace(decision, message=str(exc)))
 
     def missing_database_file(self) -> Path | None:
         """A SQLite target whose file does not exist yet, in a folder that does. Reading must not
@@ -425,9 +451,14 @@ class Reconciler:
         def one(rec: Reconciler, chain_graph: RevisionGraph) -> Status:
             decision = decide(empty, chain_graph)
             decision = dataclasses.replace(decision, message=decision.message + note)
-            return Status(rec.target, rec.redacted_url, decision, chain=rec.chain,
-                          version_table=rec.settings.target.version_table,
-                          guard=nothing if decision.pending else None)
+            return Status(
+                rec.target,
+                rec.redacted_url,
+                decision,
+                chain=rec.chain,
+                version_table=rec.settings.target.version_table,
+                guard=nothing if decision.pending else None,
+            )
 
         return with_chains(one(self, graph), tuple(one(c, c.graph()) for c in self.extra))
 
@@ -451,16 +482,16 @@ class Reconciler:
             self._engine.dispose()
             return read()
 
-    def _status(
-        self, conn: sa.engine.Connection, graph: RevisionGraph, fresh: bool = True
-    ) -> Status:
+    def _status(self, conn: sa.engine.Connection, graph: RevisionGraph, fresh: bool = True) -> Status:
         """Read and decide. With `fresh` False and the database in sync, one query: the journal's
         flags are reused for up to CONDITIONS_TTL seconds (nothing would be applied anyway)."""
         schema = self.settings.target.version_table_schema or None
         try:
             self.locate_journal(conn)
             snap = connection.snapshot(
-                conn, self.settings.target.version_table, schema,
+                conn,
+                self.settings.target.version_table,
+                schema,
                 (*self.journal.names, *self._other_version_tables),
             )
             if self.chain and not snap.version_table_exists:
@@ -470,8 +501,11 @@ class Reconciler:
             decision = self._decide(snap, graph, ancestry)
             inputs = (snap.db_heads, graph.fingerprint)
             cached = self._conditions
-            if fresh or decision.sync_state != "in_sync" or cached is None or (
-                cached.inputs != inputs or time.monotonic() - cached.read_at > CONDITIONS_TTL
+            if (
+                fresh
+                or decision.sync_state != "in_sync"
+                or cached is None
+                or (cached.inputs != inputs or time.monotonic() - cached.read_at > CONDITIONS_TTL)
             ):
                 cached = self._conditions = self._read_conditions(conn, graph, inputs, ancestry)
         except sa.exc.DBAPIError as exc:
@@ -513,8 +547,9 @@ class Reconciler:
         key, message = self._refusal
         return message if key == (graph.fingerprint, pending) else None
 
-    def check_pending(self, worker: Worker, graph: RevisionGraph, pending: tuple[str, ...],
-                      empty: bool = False) -> guard.Analysis:
+    def check_pending(
+        self, worker: Worker, graph: RevisionGraph, pending: tuple[str, ...], empty: bool = False
+    ) -> guard.Analysis:
         """Analyse the pending revisions (`empty`: from an empty database); remember what would
         refuse them (the `destructive_pending` condition)."""
         analysis = guard.analyse(worker, graph, pending, self.backend, self.settings, empty)
@@ -561,8 +596,12 @@ class Reconciler:
         if dirty:
             names.append("dirty")
             messages["dirty"] = _dirty_message(dirty, reasons, applied)
-        keys = [flags.suspended_key(self.target), flags.blocked_key(self.journal_target),
-                flags.checksums_key(self.journal_target), drift.flag_key(self.target)]
+        keys = [
+            flags.suspended_key(self.target),
+            flags.blocked_key(self.journal_target),
+            flags.checksums_key(self.journal_target),
+            drift.flag_key(self.target),
+        ]
         found = flags.read(conn, self.journal, keys)
         held = journal.recorded_hashes(conn, self.journal, self.journal_target)
         audit = checksums.audit(graph, inputs[0], held, ancestry)
@@ -583,8 +622,18 @@ class Reconciler:
             names.append("drift")
             messages["drift"] = report.message()
         names.sort(key=CONDITION_ORDER.index)
-        return Conditions(tuple(names), dirty, blocked, messages, time.monotonic(), report, audit,
-                          keys[2] in found, inputs, settle)
+        return Conditions(
+            tuple(names),
+            dirty,
+            blocked,
+            messages,
+            time.monotonic(),
+            report,
+            audit,
+            keys[2] in found,
+            inputs,
+            settle,
+        )
 
     def _drift_report(self, value: str | None) -> drift.DriftReport | None:
         if self.settings.drift.interval <= 0 or self.chain:
@@ -725,8 +774,12 @@ class Reconciler:
         if lock_conn.in_transaction():
             lock_conn.commit()
         replica = sessions.replica_id()
-        value = {"replica": replica, "replica_host": replica.rsplit(":", 1)[0],
-                 "replica_pid": os.getpid(), "session": int(session or 0)}
+        value = {
+            "replica": replica,
+            "replica_host": replica.rsplit(":", 1)[0],
+            "replica_pid": os.getpid(),
+            "session": int(session or 0),
+        }
         self._announcement = json.dumps(value)
         if self._journal_exists(conn):
             self._announce(conn)
@@ -751,7 +804,8 @@ class Reconciler:
         """The announcement of the process behind `holder`'s session, if it made one."""
         try:
             text = flags.read(conn, self.journal, [flags.holder_key(self.target)]).get(
-                flags.holder_key(self.target))
+                flags.holder_key(self.target)
+            )
             value = json.loads(text) if text else {}
         except (ValueError, sa.exc.DBAPIError):
             return {}
@@ -763,8 +817,12 @@ class Reconciler:
     def _prove_affinity(self, lock_conn: sa.engine.Connection, engine: sa.engine.Engine) -> None:
         """Invariant 5: a session lock is trusted only on a provably private server session."""
         where = redact(engine.url.render_as_string(hide_password=True))
-        affinity.require(lock_conn, lambda: connection.connect(self._prober(engine)), where,
-                         bool(self.settings.target.lock_url))
+        affinity.require(
+            lock_conn,
+            lambda: connection.connect(self._prober(engine)),
+            where,
+            bool(self.settings.target.lock_url),
+        )
 
     def _prober(self, engine: sa.engine.Engine) -> sa.engine.Engine:
         """An unpooled engine to `engine`'s URL: each probe is a new client and is closed after.
@@ -772,8 +830,11 @@ class Reconciler:
         lacks; an invalidated pooled one takes the pool's slot, so the next run reconnects.)"""
         if self._probe_engine is None:
             self._probe_engine = connection.make_engine(
-                engine.url.render_as_string(hide_password=False), self.target,
-                self.settings.apply.connect_timeout, pooled=False)
+                engine.url.render_as_string(hide_password=False),
+                self.target,
+                self.settings.apply.connect_timeout,
+                pooled=False,
+            )
         return self._probe_engine
 
     # --- applying ----------------------------------------------------------------------------
@@ -852,8 +913,9 @@ class Reconciler:
                 worker = stack.enter_context(chain._validated(conn, before))
                 plans.append((chain, chain_graph, before, worker))
             for chain, chain_graph, before, worker in plans:
-                results.append(chain._apply_chain(
-                    conn, chain_graph, before, worker, trigger, progress, should_stop))
+                results.append(
+                    chain._apply_chain(conn, chain_graph, before, worker, trigger, progress, should_stop)
+                )
         if not self.extra:
             outcome, applied, final = results[0]
             return self._finish(outcome, applied, final, waited, started)
@@ -896,9 +958,12 @@ class Reconciler:
         """`refuse_unless_applicable`, saying `checksum_mismatch` once per distinct mismatch."""
         found = status.audit.mismatches if "checksum_mismatch" in status.conditions else ()
         if found and found != self._mismatch_logged:
-            log.error("checksum_mismatch", target=self.target,
-                      revisions=[m.as_dict() for m in found],
-                      hint="review the change, then `reconciler accept REV` (or --all)")
+            log.error(
+                "checksum_mismatch",
+                target=self.target,
+                revisions=[m.as_dict() for m in found],
+                hint="review the change, then `reconciler accept REV` (or --all)",
+            )
         self._mismatch_logged = found
         refuse_unless_applicable(status)
 
@@ -917,20 +982,35 @@ class Reconciler:
         for rev in (*audit.unrecorded, *audit.sealed):
             revision = graph.revisions[rev]
             trigger = "seal" if rev in audit.sealed else "foreign" if rev in foreign else "first_sight"
-            journal.record_hash(conn, self.journal, target=self.journal_target, operation=journal.RECORD,
-                                revision=rev, file_hash=revision.file_hash,
-                                down_revisions=revision.down_revisions, trigger=trigger)
+            journal.record_hash(
+                conn,
+                self.journal,
+                target=self.journal_target,
+                operation=journal.RECORD,
+                revision=rev,
+                file_hash=revision.file_hash,
+                down_revisions=revision.down_revisions,
+                trigger=trigger,
+            )
         if audit.sealed:
             log.info("checksum_recorded_after_seal", target=self.target, revisions=list(audit.sealed))
         if foreign:
             self._foreign.extend(foreign)
-            log.warning("foreign_writer", target=self.target, revisions=foreign,
-                        hint="applied without reconciler (an app upgrading itself at start-up?): "
-                        "switch that off, or take our lock with reconciler.hooks.migration_lock")
+            log.warning(
+                "foreign_writer",
+                target=self.target,
+                revisions=foreign,
+                hint="applied without reconciler (an app upgrading itself at start-up?): "
+                "switch that off, or take our lock with reconciler.hooks.migration_lock",
+            )
         first_sight = [r for r in audit.unrecorded if r not in foreign]
         if first_sight:
-            log.info("checksum_recorded_first_sight", target=self.target, revisions=first_sight,
-                     detail="applied before the journal recorded hashes; trusted as they are now")
+            log.info(
+                "checksum_recorded_first_sight",
+                target=self.target,
+                revisions=first_sight,
+                detail="applied before the journal recorded hashes; trusted as they are now",
+            )
         if not status.baseline:
             flags.put(conn, self.journal, flags.checksums_key(self.journal_target), journal.now_iso())
         self._conditions = None
@@ -975,7 +1055,13 @@ class Reconciler:
         self._set_plan(status)
         try:
             applied = self._run_pending(
-                conn, worker, graph, status.decision.pending, trigger, progress, should_stop,
+                conn,
+                worker,
+                graph,
+                status.decision.pending,
+                trigger,
+                progress,
+                should_stop,
                 empty=status.sync_state == "uninitialized_empty",
             )
         except RevisionFailed as exc:
@@ -1000,22 +1086,42 @@ class Reconciler:
 
     def _count_failure(self, conn: sa.engine.Connection, graph: RevisionGraph, exc: RevisionFailed) -> None:
         if is_lock_timeout(exc):
-            log.warning("revision_lock_timeout", target=self.target, revision=exc.revision,
-                        sqlstate=exc.sqlstate, hint="retried with backoff; never blocks")
+            log.warning(
+                "revision_lock_timeout",
+                target=self.target,
+                revision=exc.revision,
+                sqlstate=exc.sqlstate,
+                hint="retried with backoff; never blocks",
+            )
             return
         failure = self.failure_of(exc, graph)
         daemon = self.settings.daemon
         counted = flags.record_failure(
-            conn, self.journal, self.journal_target, failure, daemon.blocked_after,
-            retry_base=daemon.interval, retry_cap=daemon.backoff_max,
+            conn,
+            self.journal,
+            self.journal_target,
+            failure,
+            daemon.blocked_after,
+            retry_base=daemon.interval,
+            retry_cap=daemon.backoff_max,
         )
         self._conditions = None
-        log.warning("revision_failure_counted", target=self.target, revision=counted.revision,
-                    failures=counted.count, failed_at=round(counted.failed_at, 3),
-                    retry_after=round(counted.retry_after, 3))
+        log.warning(
+            "revision_failure_counted",
+            target=self.target,
+            revision=counted.revision,
+            failures=counted.count,
+            failed_at=round(counted.failed_at, 3),
+            retry_after=round(counted.retry_after, 3),
+        )
         if counted.count >= self.settings.daemon.blocked_after > 0:
-            log.error("revision_blocked", target=self.target, revision=counted.revision,
-                      failures=counted.count, error_class=counted.error_class)
+            log.error(
+                "revision_blocked",
+                target=self.target,
+                revision=counted.revision,
+                failures=counted.count,
+                error_class=counted.error_class,
+            )
 
     def _defer_unless_due(self, conn: sa.engine.Connection, graph: RevisionGraph, status: Status) -> None:
         """The fleet's retry gate, under the lock, before any worker starts: raise RetryDeferred
@@ -1031,15 +1137,21 @@ class Reconciler:
             return
         key = flags.failures_key(self.journal_target)
         failure = flags.Failure.loads(flags.read(conn, self.journal, [key]).get(key))
-        pending = {rev: graph.revisions[rev].file_hash for rev in status.decision.pending
-                   if rev in graph.revisions}
+        pending = {
+            rev: graph.revisions[rev].file_hash for rev in status.decision.pending if rev in graph.revisions
+        }
         if failure is None or not failure.retry_after or failure.revision not in pending:
             return
         now = flags.db_time(conn)
         if now is None:
             return  # no clock to judge by: the gate never holds a run back
-        fields = {"target": self.target, "revision": failure.revision, "failures": failure.count,
-                  "retry_after": round(failure.retry_after, 3), "db_time": round(now, 3)}
+        fields = {
+            "target": self.target,
+            "revision": failure.revision,
+            "failures": failure.count,
+            "retry_after": round(failure.retry_after, 3),
+            "db_time": round(now, 3),
+        }
         if not flags.retry_deferred(failure, pending, now):
             log.info("retry_due", **fields)
             return
@@ -1052,8 +1164,9 @@ class Reconciler:
         self._unblock_if_changed(conn, graph)
         status = self._status(conn, graph)
         applied = graph.closure(h for h in status.decision.db_heads if h in graph.revisions)
-        dirty = journal.settle_interrupted(conn, self.journal, applied, self.backend, self._row_target(),
-                                           "dirty" in self.settings.unsafe)
+        dirty = journal.settle_interrupted(
+            conn, self.journal, applied, self.backend, self._row_target(), "dirty" in self.settings.unsafe
+        )
         if dirty:
             return self._status(conn, graph)
         return status
@@ -1064,8 +1177,9 @@ class Reconciler:
         if blocked and not still_blocked(blocked, graph):
             flags.delete(conn, self.journal, key)
             flags.clear_failures(conn, self.journal, self.journal_target)
-            log.info("revision_unblocked", target=self.target, revision=blocked.revision,
-                     reason="its file changed")
+            log.info(
+                "revision_unblocked", target=self.target, revision=blocked.revision, reason="its file changed"
+            )
 
     def _run_pending(
         self,
@@ -1095,7 +1209,7 @@ class Reconciler:
             try:
                 seconds = self._apply_retrying(conn, worker, rev, graph, trigger)
             except Refused as exc:  # refused as it ran: say so until the files change
-                self._refusal = ((graph.fingerprint, pending[index - 1:]), str(exc))
+                self._refusal = ((graph.fingerprint, pending[index - 1 :]), str(exc))
                 raise
             done.append((rev, seconds))
         return tuple(done)
@@ -1115,8 +1229,11 @@ class Reconciler:
         first = self.applying.run_started_at if self.applying is not None and n > 1 else now
         self.applying = Progress(rev, message, n, len(pending), now, first, self.plan)
         if n == 1:
-            note = {"pending": list(pending), "run_started_at": _iso_utc(now),
-                    "replica": sessions.replica_id()}
+            note = {
+                "pending": list(pending),
+                "run_started_at": _iso_utc(now),
+                "replica": sessions.replica_id(),
+            }
             flags.put(conn, self.journal, flags.progress_key(self.journal_target), json.dumps(note))
 
     def _progress_done(self, conn: sa.engine.Connection) -> None:
@@ -1220,8 +1337,14 @@ class Reconciler:
                     raise
                 attempt += 1
                 pause = backoff(attempt, base=self.settings.apply.lock_timeout_backoff, cap=math.inf)
-                log.warning("revision_lock_timeout_retry", target=self.target, revision=rev,
-                            attempt=attempt, retries=retries, retry_in=round(pause, 3))
+                log.warning(
+                    "revision_lock_timeout_retry",
+                    target=self.target,
+                    revision=rev,
+                    attempt=attempt,
+                    retries=retries,
+                    retry_in=round(pause, 3),
+                )
                 time.sleep(pause)
 
     def _apply_one(
@@ -1252,12 +1375,12 @@ class Reconciler:
         try:
             step = worker.upgrade(rev, on_non_transactional=leaving)
         except RevisionFailed as exc:
-            self._record_failure(conn, row, rev, exc, int((time.monotonic() - began) * 1000),
-                                 bool(marked))
+            self._record_failure(conn, row, rev, exc, int((time.monotonic() - began) * 1000), bool(marked))
             raise
         except Refused as exc:  # the guard's per-operation check: the revision was rolled back
-            journal.record_finished(conn, self.journal, row, outcome="refused",
-                                    duration_ms=int((time.monotonic() - began) * 1000))
+            journal.record_finished(
+                conn, self.journal, row, outcome="refused", duration_ms=int((time.monotonic() - began) * 1000)
+            )
             log.error("destructive_refused", target=self.target, revisions=[rev], findings=[str(exc)])
             raise
         ms = int(step.seconds * 1000)
@@ -1286,7 +1409,12 @@ class Reconciler:
         return step.seconds
 
     def _record_failure(
-        self, conn: sa.engine.Connection, row: int, rev: str, exc: RevisionFailed, ms: int,
+        self,
+        conn: sa.engine.Connection,
+        row: int,
+        rev: str,
+        exc: RevisionFailed,
+        ms: int,
         marked: bool = False,
     ) -> None:
         # A failed revision that had left its transaction (DDL that commits as it goes on MySQL /
@@ -1366,7 +1494,6 @@ class Reconciler:
                 )
             time.sleep(min(poll, remaining))
 
-
     def _say_progress(self, status: Status, said: tuple[object, ...]) -> tuple[object, ...]:
         """While revisions are pending, one `apply_progress` line each time the applier (any
         replica) moves on to another revision; returns what was said."""
@@ -1375,10 +1502,16 @@ class Reconciler:
             return said
         now = (progress.get("revision"), progress.get("n"), progress.get("started_at"))
         if now != said:
-            log.info("apply_progress", target=self.target, revision=progress.get("revision"),
-                     n=progress.get("n"), total=progress.get("total"),
-                     started_at=progress.get("started_at"), replica=progress.get("replica"),
-                     pending=len(status.pending))
+            log.info(
+                "apply_progress",
+                target=self.target,
+                revision=progress.get("revision"),
+                n=progress.get("n"),
+                total=progress.get("total"),
+                started_at=progress.get("started_at"),
+                replica=progress.get("replica"),
+                pending=len(status.pending),
+            )
         return now
 
 
@@ -1397,9 +1530,14 @@ def _progress_of(note: dict[str, Any], steps: list[Any]) -> dict[str, Any] | Non
     for step in sorted(steps, key=lambda r: r["started_at"], reverse=True):
         started = step["started_at"].strftime("%Y-%m-%dT%H:%M:%SZ")
         if step["revision"] in pending and started >= since:  # both ISO 8601 UTC, in seconds
-            return {"revision": step["revision"], "n": pending.index(step["revision"]) + 1,
-                    "total": len(pending), "started_at": started, "run_started_at": since,
-                    "replica": note.get("replica")}
+            return {
+                "revision": step["revision"],
+                "n": pending.index(step["revision"]) + 1,
+                "total": len(pending),
+                "started_at": started,
+                "run_started_at": since,
+                "replica": note.get("replica"),
+            }
     return None
 
 
@@ -1430,6 +1568,7 @@ def _applied(graph: RevisionGraph, status: Status) -> frozenset[str]:
 
 def _heads_text(status: Status) -> str:
     """The database heads; with several chains, each chain's, named."""
+
     def heads(one: Status) -> str:
         return ", ".join(sorted(one.decision.db_heads)) or "base"
 
@@ -1542,8 +1681,9 @@ def _log_worker_line(line: str) -> None:
         log.info("worker_output", line=line)
         return
     message = match["msg"]
-    level = logs.alembic_level(_LEVEL_NAMES.get(match["level"], match["level"].lower()),
-                               match["logger"], message)
+    level = logs.alembic_level(
+        _LEVEL_NAMES.get(match["level"], match["level"].lower()), match["logger"], message
+    )
     getattr(log, level)("alembic", logger=match["logger"], message=message)
 
 

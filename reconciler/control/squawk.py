@@ -21,13 +21,29 @@ from typing import Any
 from reconciler.errors import ReconcilerError
 
 TIMEOUT = 60.0
-IGNORED_RULES = frozenset({
-    "require-lock-timeout", "require-statement-timeout", "require-timeout-settings",  # we set both
-    "prefer-robust-stmts", "prefer-bigint-over-int", "prefer-bigint-over-smallint", "prefer-big-int",
-    "prefer-identity", "prefer-text-field", "prefer-timestamptz", "ban-char-field",
-    "ban-drop-column", "ban-drop-table", "ban-drop-database", "ban-drop-not-null",  # data loss: ours
-    "renaming-column", "renaming-table", "transaction-nesting", "syntax-error",
-})
+IGNORED_RULES = frozenset(
+    {
+        "require-lock-timeout",
+        "require-statement-timeout",
+        "require-timeout-settings",  # we set both
+        "prefer-robust-stmts",
+        "prefer-bigint-over-int",
+        "prefer-bigint-over-smallint",
+        "prefer-big-int",
+        "prefer-identity",
+        "prefer-text-field",
+        "prefer-timestamptz",
+        "ban-char-field",
+        "ban-drop-column",
+        "ban-drop-table",
+        "ban-drop-database",
+        "ban-drop-not-null",  # data loss: ours
+        "renaming-column",
+        "renaming-table",
+        "transaction-nesting",
+        "syntax-error",
+    }
+)
 
 
 class SquawkFailed(ReconcilerError):
@@ -88,15 +104,21 @@ def lintable(sql: str) -> str:
 
 def _run(binary: str, path: str) -> list[dict[str, Any]]:
     try:
-        done = subprocess.run([binary, "--reporter", "json", path], capture_output=True, text=True,
-                              timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            [binary, "--reporter", "json", path],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SquawkFailed(f"squawk ({binary}) could not run: {exc}") from None
     try:
         reports = json.loads(done.stdout or "[]")
     except ValueError:
-        raise SquawkFailed(f"squawk ({binary}) exited {done.returncode} without a JSON report: "
-                           f"{done.stderr.strip()[:300]}") from None
+        raise SquawkFailed(
+            f"squawk ({binary}) exited {done.returncode} without a JSON report: {done.stderr.strip()[:300]}"
+        ) from None
     if not isinstance(reports, list):
         raise SquawkFailed(f"squawk ({binary}) returned an unexpected report")
     return [r for r in reports if isinstance(r, dict)]

@@ -218,8 +218,9 @@ def _package_path() -> str:
         try:
             os.symlink(package, Path(folder) / "reconciler", target_is_directory=True)
         except OSError:  # no symlinks (Windows without privilege): copy the sources
-            shutil.copytree(package, Path(folder) / "reconciler",
-                            ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                package, Path(folder) / "reconciler", ignore=shutil.ignore_patterns("__pycache__")
+            )
         atexit.register(shutil.rmtree, folder, True)
         _shim_dir[:] = [folder]
         return folder
@@ -272,7 +273,9 @@ def _written(reply: Mapping[str, Any]) -> Generated:
         path=str(path) if path else None,
         revision=str(revision) if revision else None,
         message=str(reply.get("message") or ""),
-        operations=[], destructive=[], renames=[],
+        operations=[],
+        destructive=[],
+        renames=[],
         hook_failures=[{str(k): str(v) for k, v in f.items()} for f in reply.get("hook_failures") or ()],
     )
 
@@ -468,12 +471,18 @@ class Worker:
         if known is None:
             known = self._known_keys()
         wire = known.wire() if isinstance(known, differences.Known) else list(known)
-        reply = self._request("generate", message=message, draft=draft, rev_id=rev_id, head=head,
-                              tables=list(tables) if tables is not None else None, known=wire,
-                              files=[os.path.abspath(f) for f in files] if files is not None else None,
-                              classes={os.path.abspath(f): sorted(names)
-                                       for f, names in (classes or {}).items()},
-                              rescan=rescan)
+        reply = self._request(
+            "generate",
+            message=message,
+            draft=draft,
+            rev_id=rev_id,
+            head=head,
+            tables=list(tables) if tables is not None else None,
+            known=wire,
+            files=[os.path.abspath(f) for f in files] if files is not None else None,
+            classes={os.path.abspath(f): sorted(names) for f, names in (classes or {}).items()},
+            rescan=rescan,
+        )
         compared = reply.get("compared")
         path, revision = reply.get("path"), reply.get("revision")
         return Generated(
@@ -488,22 +497,22 @@ class Worker:
             hook_failures=[{str(k): str(v) for k, v in f.items()} for f in reply.get("hook_failures") or ()],
         )
 
-    def revision(self, message: str | None = None, head: str = "head",
-                 rev_id: str | None = None) -> Generated:
+    def revision(
+        self, message: str | None = None, head: str = "head", rev_id: str | None = None
+    ) -> Generated:
         """An empty revision from the migrations directory's template (`flask db revision`)."""
         return _written(self._request("revision", message=message, head=head, rev_id=rev_id))
 
-    def merge(self, revisions: Sequence[str] = ("heads",), message: str | None = None,
-              rev_id: str | None = None) -> Generated:
+    def merge(
+        self, revisions: Sequence[str] = ("heads",), message: str | None = None, rev_id: str | None = None
+    ) -> Generated:
         """A merge revision of `revisions` (`flask db merge`; `heads`: every head)."""
-        return _written(self._request("merge", revisions=list(revisions), message=message,
-                                      rev_id=rev_id))
+        return _written(self._request("merge", revisions=list(revisions), message=message, rev_id=rev_id))
 
     def _known_keys(self) -> differences.Known:
         if self.job is None or not self.job.known_differences:
             return differences.Known()
-        return differences.load(Path(self.job.known_differences),
-                                differences.dialect_of(self.job.url))
+        return differences.load(Path(self.job.known_differences), differences.dialect_of(self.job.url))
 
     def app_url(self) -> AppUrl | None:
         """The Flask app's database URL as the app resolves it; None when there is no app."""
@@ -784,8 +793,9 @@ class WarmWorker:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                worker = Worker.start(self._job, python=self._python, on_log=self._on_log,
-                                      timeout=self._timeout, preload=True)
+                worker = Worker.start(
+                    self._job, python=self._python, on_log=self._on_log, timeout=self._timeout, preload=True
+                )
             except BaseException as exc:
                 future.set_exception(exc)
             else:
@@ -812,8 +822,15 @@ def resolve_app_url(settings: Settings, environ: Mapping[str, str] | None = None
     """
     t = settings.target
     env = dict(os.environ if environ is None else environ)
-    key = (t.python, str(settings.root_dir), str(settings.migrations_dir), t.models, t.app,
-           tuple(t.imports), tuple(sorted(env.items())))
+    key = (
+        t.python,
+        str(settings.root_dir),
+        str(settings.migrations_dir),
+        t.models,
+        t.app,
+        tuple(t.imports),
+        tuple(sorted(env.items())),
+    )
     with _app_urls_lock:
         if key in _app_urls:
             return _app_urls[key]

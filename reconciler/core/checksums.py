@@ -37,8 +37,13 @@ class Mismatch:
         return not self.file
 
     def as_dict(self) -> dict[str, str | bool]:
-        return {"revision": self.revision, "file": self.file, "recorded_hash": self.recorded,
-                "current_hash": self.current, "vanished": self.vanished}
+        return {
+            "revision": self.revision,
+            "file": self.file,
+            "recorded_hash": self.recorded,
+            "current_hash": self.current,
+            "vanished": self.vanished,
+        }
 
     def describe(self) -> str:
         if self.vanished:

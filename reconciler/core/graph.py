@@ -845,8 +845,7 @@ def build_graph(revisions: Iterable[Revision], partial: bool = False) -> Revisio
 
 def _symlink_loop(path: Path) -> ConfigError:
     return ConfigError(
-        f"{path} is a loop of symbolic links; replace it with the real file or directory "
-        "(or a link to it)"
+        f"{path} is a loop of symbolic links; replace it with the real file or directory (or a link to it)"
     )
 
 

@@ -40,7 +40,7 @@ JOURNAL_TABLES = frozenset({"reconciler_journal", "reconciler_journal_flags"})  
 JOURNAL_FIX = (
     "delete the op.drop_table() of reconciler's journal from the revision (and the op.create_table() "
     "of it from its downgrade), then keep autogenerate away from the journal: let it live in its "
-    "own schema or database ([journal] placement = \"side\", the default, needs the CREATE privilege "
+    'own schema or database ([journal] placement = "side", the default, needs the CREATE privilege '
     "once), or add include_object=exclude_reconciler_tables (from reconciler.hooks) to env.py's "
     "context.configure"
 )
@@ -49,11 +49,16 @@ _RAW_LOSS = re.compile(
     r"\b(DROP\s+(TABLE|COLUMN|SCHEMA|DATABASE)|TRUNCATE|DELETE\s+FROM|ALTER\s+TABLE\s+\S+\s+DROP)\b",
     re.IGNORECASE,
 )
-_CONSTRAINTS = {"foreignkey": "foreign key", "unique": "unique constraint", "check": "check constraint",
-                "primary": "primary key"}
+_CONSTRAINTS = {
+    "foreignkey": "foreign key",
+    "unique": "unique constraint",
+    "check": "check constraint",
+    "primary": "primary key",
+}
 _INT_RANKS = (("TINY", 0), ("SMALL", 1), ("MEDIUM", 2), ("BIG", 4))
-_WIDENING = frozenset({("Integer", "Numeric"), ("Integer", "Float"), ("Boolean", "Integer"),
-                       ("Date", "DateTime")})
+_WIDENING = frozenset(
+    {("Integer", "Numeric"), ("Integer", "Float"), ("Boolean", "Integer"), ("Date", "DateTime")}
+)
 # (rule, message) pairs an external linter reports, per (revision, index of the operation)
 External = Mapping[tuple[str, int], Sequence[tuple[str, str]]]
 
@@ -164,8 +169,9 @@ def _constraint_key(op: Mapping[str, Any]) -> tuple[str, str]:
     return _table_key(op), str(op.get("name") or "")
 
 
-_RECREATES = frozenset({"CreateForeignKeyOp", "CreateUniqueConstraintOp", "CreateCheckConstraintOp",
-                        "CreatePrimaryKeyOp"})
+_RECREATES = frozenset(
+    {"CreateForeignKeyOp", "CreateUniqueConstraintOp", "CreateCheckConstraintOp", "CreatePrimaryKeyOp"}
+)
 
 
 def _recreated(ops: Sequence[Mapping[str, Any]]) -> set[tuple[str, str]]:
@@ -198,8 +204,14 @@ Hit = tuple[str, str, str]  # kind, rule, message
 def _data_loss(op: Mapping[str, Any]) -> list[Hit]:
     kind, table, column = op.get("op"), _table_key(op), op.get("column")
     if kind == "DropTableOp" and str(op.get("table") or "") in JOURNAL_TABLES:
-        return [(DATA_LOSS, DROP_JOURNAL, f"drop table {table}: it is reconciler's own journal, not "
-                 "one of your models' tables (autogenerate saw it beside them)")]
+        return [
+            (
+                DATA_LOSS,
+                DROP_JOURNAL,
+                f"drop table {table}: it is reconciler's own journal, not "
+                "one of your models' tables (autogenerate saw it beside them)",
+            )
+        ]
     if kind == "DropTableOp":
         return [(DATA_LOSS, "drop-table", f"drop table {table}: all its rows are lost")]
     if kind == "DropColumnOp":
@@ -208,24 +220,46 @@ def _data_loss(op: Mapping[str, Any]) -> list[Hit]:
         new = op["new_type"]
         old = op.get("existing_type")
         if old is None:
-            return [(DATA_LOSS, "type-change-unknown",
-                     f"change column {table}.{column} type to {new.get('text')}: the old type is not "
-                     "known (no existing_type=), so it may narrow; add existing_type= to the revision")]
+            return [
+                (
+                    DATA_LOSS,
+                    "type-change-unknown",
+                    f"change column {table}.{column} type to {new.get('text')}: the old type is not "
+                    "known (no existing_type=), so it may narrow; add existing_type= to the revision",
+                )
+            ]
         reason = narrowing(old, new)
         live = " (the old type as the database has it)" if op.get("existing_type_from") else ""
         if reason:
-            return [(DATA_LOSS, "type-narrowing", f"change column {table}.{column} type "
-                     f"{old.get('text')} -> {new.get('text')}{live}: {reason}")]
+            return [
+                (
+                    DATA_LOSS,
+                    "type-narrowing",
+                    f"change column {table}.{column} type "
+                    f"{old.get('text')} -> {new.get('text')}{live}: {reason}",
+                )
+            ]
     if kind == "DropConstraintOp":
         noun = _CONSTRAINTS.get(str(op.get("constraint_type") or ""), "constraint (of unknown type)")
-        return [(DATA_LOSS, "drop-constraint", f"drop {noun} {op.get('name') or ''} on {table}: the "
-                 "data it guards is no longer checked".replace("  ", " "))]
+        return [
+            (
+                DATA_LOSS,
+                "drop-constraint",
+                f"drop {noun} {op.get('name') or ''} on {table}: the "
+                "data it guards is no longer checked".replace("  ", " "),
+            )
+        ]
     if kind == "ExecuteSQLOp":
         sql = str(op.get("sql_text") or op.get("sql") or "")
         match = _RAW_LOSS.search(sql)
         if match:
-            return [(DATA_LOSS, "raw-sql", f"SQL that may lose data ({' '.join(match.group(0).split())}"
-                     f"): {_short(sql)}")]
+            return [
+                (
+                    DATA_LOSS,
+                    "raw-sql",
+                    f"SQL that may lose data ({' '.join(match.group(0).split())}): {_short(sql)}",
+                )
+            ]
     return []
 
 
@@ -233,28 +267,60 @@ def _lock_risk(op: Mapping[str, Any], dialect: str) -> list[Hit]:
     kind, table, column = op.get("op"), _table_key(op), op.get("column")
     hits: list[Hit] = []
     if kind == "CreateIndexOp" and dialect == "postgresql" and not op.get("concurrently"):
-        hits.append((LOCK_RISK, "index-not-concurrent",
-                     f"create index {op.get('name')} on {table} without postgresql_concurrently=True: "
-                     f"writes to {table} wait until it is built (use it inside op.get_context()"
-                     ".autocommit_block())"))
+        hits.append(
+            (
+                LOCK_RISK,
+                "index-not-concurrent",
+                f"create index {op.get('name')} on {table} without postgresql_concurrently=True: "
+                f"writes to {table} wait until it is built (use it inside op.get_context()"
+                ".autocommit_block())",
+            )
+        )
     if kind == "AddColumnOp" and not op.get("nullable") and not op.get("server_default"):
-        hits.append((LOCK_RISK, "not-null-without-default",
-                     f"add column {table}.{column} NOT NULL without a server default: it fails on a "
-                     "table with rows (add it nullable, backfill, then set NOT NULL)"))
+        hits.append(
+            (
+                LOCK_RISK,
+                "not-null-without-default",
+                f"add column {table}.{column} NOT NULL without a server default: it fails on a "
+                "table with rows (add it nullable, backfill, then set NOT NULL)",
+            )
+        )
     if kind == "AlterColumnOp" and op.get("nullable") is False and dialect != "sqlite":
-        hits.append((LOCK_RISK, "set-not-null",
-                     f"set {table}.{column} NOT NULL: the whole table is checked under an exclusive lock"))
+        hits.append(
+            (
+                LOCK_RISK,
+                "set-not-null",
+                f"set {table}.{column} NOT NULL: the whole table is checked under an exclusive lock",
+            )
+        )
     if kind == "AlterColumnOp" and op.get("new_type") and dialect != "sqlite":
-        hits.append((LOCK_RISK, "table-rewrite",
-                     f"change column {table}.{column} type: the table may be rewritten under an "
-                     "exclusive lock"))
+        hits.append(
+            (
+                LOCK_RISK,
+                "table-rewrite",
+                f"change column {table}.{column} type: the table may be rewritten under an exclusive lock",
+            )
+        )
     if kind == "CreateForeignKeyOp" and dialect == "postgresql":
-        hits.append((LOCK_RISK, "foreign-key-validation",
-                     f"add foreign key on {table}: every row is checked while writes wait"))
-    if op.get("batch") and dialect == "sqlite" and kind not in ("AddColumnOp", "CreateIndexOp",
-                                                                "DropIndexOp"):
-        hits.append((LOCK_RISK, "batch-recreate",
-                     f"batch mode on SQLite copies table {table} to a new one ({op.get('text')})"))
+        hits.append(
+            (
+                LOCK_RISK,
+                "foreign-key-validation",
+                f"add foreign key on {table}: every row is checked while writes wait",
+            )
+        )
+    if (
+        op.get("batch")
+        and dialect == "sqlite"
+        and kind not in ("AddColumnOp", "CreateIndexOp", "DropIndexOp")
+    ):
+        hits.append(
+            (
+                LOCK_RISK,
+                "batch-recreate",
+                f"batch mode on SQLite copies table {table} to a new one ({op.get('text')})",
+            )
+        )
     return hits
 
 
@@ -285,15 +351,27 @@ def classify(
         ops = list(revision.get("ops") or ())
         for index, op in enumerate(ops):
             if not created.fresh(op) and op.get("op") != "CreateTableOp":
-                hits = [] if _is_recreated(op, ops[index + 1:]) else _data_loss(op)
+                hits = [] if _is_recreated(op, ops[index + 1 :]) else _data_loss(op)
                 if external is None:
                     hits += _lock_risk(op, dialect)
                 else:
-                    hits += [(LOCK_RISK, rule, f"{message} ({op.get('text')})")
-                             for rule, message in external.get((rev, index), ())]
-                findings += [Finding(rev, path, int(op.get("line") or 0), kind, rule, message,
-                                     ack and kind != LOCK_RISK, _exempt(kind, empty))
-                             for kind, rule, message in hits]
+                    hits += [
+                        (LOCK_RISK, rule, f"{message} ({op.get('text')})")
+                        for rule, message in external.get((rev, index), ())
+                    ]
+                findings += [
+                    Finding(
+                        rev,
+                        path,
+                        int(op.get("line") or 0),
+                        kind,
+                        rule,
+                        message,
+                        ack and kind != LOCK_RISK,
+                        _exempt(kind, empty),
+                    )
+                    for kind, rule, message in hits
+                ]
             created.note(op)
         if revision.get("error"):
             findings.append(_error_finding(revision, rev, path, ack, empty))
@@ -316,16 +394,30 @@ def created_by(recorded: Iterable[Mapping[str, Any]], before: str) -> list[str]:
     return sorted(created.tables)
 
 
-def _error_finding(revision: Mapping[str, Any], rev: str, path: str, ack: bool,
-                   empty: bool = False) -> Finding:
+def _error_finding(
+    revision: Mapping[str, Any], rev: str, path: str, ack: bool, empty: bool = False
+) -> Finding:
     line, error = int(revision.get("error_line") or 0), revision["error"]
     if revision.get("error_kind") == FAILS:
-        return Finding(rev, path, line, FAILS, "raises", f"its upgrade() raises without depending on "
-                       f"the database, so applying it fails: {error}")
+        return Finding(
+            rev,
+            path,
+            line,
+            FAILS,
+            "raises",
+            f"its upgrade() raises without depending on the database, so applying it fails: {error}",
+        )
     rest = " (the operations after it are not known)" if revision.get("ops") else ""
-    return Finding(rev, path, line, UNANALYSABLE, "unanalysable",
-                   f"its upgrade() could not be analysed{rest}: {error}", ack,
-                   _exempt(UNANALYSABLE, empty))
+    return Finding(
+        rev,
+        path,
+        line,
+        UNANALYSABLE,
+        "unanalysable",
+        f"its upgrade() could not be analysed{rest}: {error}",
+        ack,
+        _exempt(UNANALYSABLE, empty),
+    )
 
 
 class OperationCheck:
@@ -368,9 +460,11 @@ def refused(findings: Iterable[Finding], policy: Policy) -> list[Finding]:
             continue
         if finding.acknowledged or finding.exempt:
             continue
-        if (finding.kind == DATA_LOSS and not policy.allow_destructive) or (
-            finding.kind == LOCK_RISK and policy.strict_locking
-        ) or (finding.kind == UNANALYSABLE and policy.on_unanalysable == "refuse"):
+        if (
+            (finding.kind == DATA_LOSS and not policy.allow_destructive)
+            or (finding.kind == LOCK_RISK and policy.strict_locking)
+            or (finding.kind == UNANALYSABLE and policy.on_unanalysable == "refuse")
+        ):
             out.append(finding)
     return out
 
@@ -381,11 +475,12 @@ def refusal_message(target: str, refusals: Sequence[Finding]) -> str:
     kinds = {f.kind for f in refusals if f.rule != DROP_JOURNAL}
     steps = [JOURNAL_FIX] if any(f.rule == DROP_JOURNAL for f in refusals) else []
     if kinds & {DATA_LOSS, UNANALYSABLE}:
-        steps.append("check the revision and add `allow_destructive = True` to its file, or set "
-                     "[safety] allow_destructive = true")
+        steps.append(
+            "check the revision and add `allow_destructive = True` to its file, or set "
+            "[safety] allow_destructive = true"
+        )
     if UNANALYSABLE in kinds:
-        steps.append("or set [safety] on_unanalysable = \"warn\"")
+        steps.append('or set [safety] on_unanalysable = "warn"')
     if LOCK_RISK in kinds:
         steps.append("make the operation lock-safe, or set [safety] strict_locking = false")
-    return (f"target {target}: nothing was applied, the pending plan is refused: {listed} — "
-            f"{'; '.join(steps)}")
+    return f"target {target}: nothing was applied, the pending plan is refused: {listed} — {'; '.join(steps)}"

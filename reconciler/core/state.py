@@ -44,8 +44,15 @@ SYNC_STATES = (
 )
 # Conditions reported beside the sync state, worst first: `state` is the worst one present.
 # `revision_unreadable` (a revision file does not parse) is the daemon's: no status is read then.
-CONDITIONS = ("dirty", "revision_unreadable", "checksum_mismatch", "blocked", "suspended",
-              "destructive_pending", "drift")
+CONDITIONS = (
+    "dirty",
+    "revision_unreadable",
+    "checksum_mismatch",
+    "blocked",
+    "suspended",
+    "destructive_pending",
+    "drift",
+)
 _NO_ANCESTRY: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 
 
@@ -228,9 +235,7 @@ def _uninitialized(build: _Builder, graph: RevisionGraph, snapshot: DbSnapshot) 
     )
 
 
-def _unknown_rows(
-    build: _Builder, graph: RevisionGraph, ancestry: Mapping[str, tuple[str, ...]]
-) -> Decision:
+def _unknown_rows(build: _Builder, graph: RevisionGraph, ancestry: Mapping[str, tuple[str, ...]]) -> Decision:
     reached, untraceable = _trace(build.unknown, graph, ancestry)
     known = [h for h in build.db_heads if h in graph]
     contained = graph.closure([*known, *reached])

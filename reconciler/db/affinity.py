@@ -56,9 +56,7 @@ def _set(conn: sa.engine.Connection, token: str) -> int:
 
 
 def _read(conn: sa.engine.Connection) -> tuple[str, int]:
-    row = conn.execute(
-        sa.text("SELECT current_setting(:m, true), pg_backend_pid()"), {"m": MARKER}
-    ).one()
+    row = conn.execute(sa.text("SELECT current_setting(:m, true), pg_backend_pid()"), {"m": MARKER}).one()
     _end_transaction(conn)
     return str(row[0] or ""), int(row[1])
 
@@ -82,7 +80,8 @@ def check(lock_conn: sa.engine.Connection, probe: ProbeFactory, rounds: int = RO
                 return Finding(
                     "another client connection through the same URL sees this connection's "
                     "session marker, so both share one server session",
-                    lock_pid, probe_pid,
+                    lock_pid,
+                    probe_pid,
                 )
             _set(other, theirs)
             kept, lock_pid = _read(lock_conn)
@@ -91,15 +90,14 @@ def check(lock_conn: sa.engine.Connection, probe: ProbeFactory, rounds: int = RO
                 return Finding(
                     f"this connection's session marker did not survive to its next statement "
                     f"(it found {what} marker), so its statements run in different server sessions",
-                    lock_pid, probe_pid,
+                    lock_pid,
+                    probe_pid,
                 )
     log.debug("session_affinity_proven", lock_pid=lock_pid, probe_pid=probe_pid, rounds=rounds)
     return None
 
 
-def require(
-    lock_conn: sa.engine.Connection, probe: ProbeFactory, where: str, lock_url_set: bool
-) -> None:
+def require(lock_conn: sa.engine.Connection, probe: ProbeFactory, where: str, lock_url_set: bool) -> None:
     """Raise `Refused` (exit 6) unless `lock_conn` provably keeps its own server session.
 
     Proven again before every lock, never cached: a transaction pooler that by chance handed out
@@ -107,8 +105,13 @@ def require(
     finding = check(lock_conn, probe)
     if finding is None:
         return
-    log.warning("session_affinity_missing", where=where, lock_pid=finding.lock_pid,
-              probe_pid=finding.probe_pid, reason=finding.reason)
+    log.warning(
+        "session_affinity_missing",
+        where=where,
+        lock_pid=finding.lock_pid,
+        probe_pid=finding.probe_pid,
+        reason=finding.reason,
+    )
     if lock_url_set:
         step = (
             "[target] lock_url goes through a pooler too: point it straight at PostgreSQL "
@@ -119,11 +122,13 @@ def require(
             "set [target] lock_url (or lock_url_env) to a direct connection to PostgreSQL that "
             "bypasses the pooler; the revisions still run through [target] url"
         )
-    raise Refused(redact(
-        f"refusing to rely on an advisory lock over {where}: {finding.reason} (backend pids "
-        f"{finding.lock_pid} and {finding.probe_pid}). This looks like a transaction-pooling "
-        f"PgBouncer, where a session lock does not keep other replicas out; {step}"
-    ))
+    raise Refused(
+        redact(
+            f"refusing to rely on an advisory lock over {where}: {finding.reason} (backend pids "
+            f"{finding.lock_pid} and {finding.probe_pid}). This looks like a transaction-pooling "
+            f"PgBouncer, where a session lock does not keep other replicas out; {step}"
+        )
+    )
 
 
 __all__ = ["MARKER", "ROUNDS", "Finding", "check", "require"]

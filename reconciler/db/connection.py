@@ -46,7 +46,11 @@ def _connect_args(backend: str, driver: str, connect_timeout: float) -> dict[str
 
 
 def make_engine(
-    url: str, target: str, connect_timeout: float, role: str = "ctl", pooled: bool = True,
+    url: str,
+    target: str,
+    connect_timeout: float,
+    role: str = "ctl",
+    pooled: bool = True,
     on_connect: Callable[[Any], object] | None = None,
 ) -> sa.engine.Engine:
     """`pooled` False: every connection is new and closed for good afterwards (a probe's).
@@ -57,13 +61,21 @@ def make_engine(
     # One pooled connection, kept between runs: the in-sync run is then a single round trip
     # (no pre-ping; a connection the server dropped is retried once by the caller).
     if not pooled:
-        engine = sa.create_engine(parsed, future=True, connect_args=connect_args,
-                                  poolclass=sa.pool.NullPool,
-                                  **({} if backend == "sqlite" else {"isolation_level": "AUTOCOMMIT"}))
+        engine = sa.create_engine(
+            parsed,
+            future=True,
+            connect_args=connect_args,
+            poolclass=sa.pool.NullPool,
+            **({} if backend == "sqlite" else {"isolation_level": "AUTOCOMMIT"}),
+        )
     elif backend == "sqlite":
         engine = sa.create_engine(
-            parsed, future=True, connect_args=connect_args, poolclass=sa.pool.QueuePool,
-            pool_size=1, max_overflow=2,
+            parsed,
+            future=True,
+            connect_args=connect_args,
+            poolclass=sa.pool.QueuePool,
+            pool_size=1,
+            max_overflow=2,
         )
     else:
         engine = sa.create_engine(
@@ -146,9 +158,7 @@ def _table_missing(conn: sa.engine.Connection, table: str, schema: str | None) -
         return False
 
 
-def user_tables(
-    conn: sa.engine.Connection, schema: str | None, ignore: tuple[str, ...]
-) -> list[str]:
+def user_tables(conn: sa.engine.Connection, schema: str | None, ignore: tuple[str, ...]) -> list[str]:
     names = sa.inspect(conn).get_table_names(schema=schema)
     skip = {n.lower() for n in ignore}
     return sorted(n for n in names if n.lower() not in skip and not n.startswith("sqlite_"))
@@ -160,9 +170,7 @@ def snapshot(
     """What the state decision needs; one query in the common case (version table present)."""
     heads = read_heads(conn, table, schema)
     if heads:
-        return DbSnapshot(
-            reachable=True, version_table_exists=True, db_heads=heads, has_user_tables=True
-        )
+        return DbSnapshot(reachable=True, version_table_exists=True, db_heads=heads, has_user_tables=True)
     others = user_tables(conn, schema, (table, *ignore))
     return DbSnapshot(
         reachable=True,
@@ -176,4 +184,3 @@ def unreachable_snapshot() -> DbSnapshot:
     return DbSnapshot(
         reachable=False, version_table_exists=False, db_heads=frozenset(), has_user_tables=False
     )
-

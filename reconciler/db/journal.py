@@ -103,7 +103,7 @@ def side_schema(backend: str, database: str, configured: str = "") -> str:
     if configured:
         return configured
     if backend in ("mysql", "mariadb"):
-        return f"{database[:64 - len(SIDE_SCHEMA) - 1]}_{SIDE_SCHEMA}"
+        return f"{database[: 64 - len(SIDE_SCHEMA) - 1]}_{SIDE_SCHEMA}"
     return SIDE_SCHEMA
 
 
@@ -141,8 +141,14 @@ class Place:
     where reads and writes go; `locate` decides it once per process, `ensure` (under the lock)
     creates the side place and moves the previous release's tables into it."""
 
-    def __init__(self, table: str, url: str, placement: str = "side", schema: str = "",
-                 target_schema: str | None = None):
+    def __init__(
+        self,
+        table: str,
+        url: str,
+        placement: str = "side",
+        schema: str = "",
+        target_schema: str | None = None,
+    ):
         parsed = sa.engine.make_url(url)
         self.backend = parsed.get_backend_name()
         database = parsed.database or ""
@@ -196,8 +202,13 @@ class Place:
             return self.tables
         if _exists_quietly(conn, self.default):
             moved = adopt(conn, self.default, self.side)
-            log.info("journal_moved", source=_qualified(self.default), destination=_qualified(self.side),
-                     steps=moved[0], flags=moved[1])
+            log.info(
+                "journal_moved",
+                source=_qualified(self.default),
+                destination=_qualified(self.side),
+                steps=moved[0],
+                flags=moved[1],
+            )
         self.tables = self.side
         return self.side
 
@@ -221,21 +232,29 @@ class Place:
         self.tables = self.default
         noun, grant = _FIX.get(self.backend, _FIX["sqlite"])
         log.warning(
-            "journal_in_target_schema", side=str(self.side.steps.schema), error=self.fallback_reason,
+            "journal_in_target_schema",
+            side=str(self.side.steps.schema),
+            error=self.fallback_reason,
             hint=f"the journal could not get its own {noun} {self.side.steps.schema}, so it is kept "
-                 f"beside your tables, where `flask db migrate` sees it: {grant}, or set [journal] "
-                 "schema to an existing one; until then add include_object=exclude_reconciler_tables "
-                 "(reconciler.hooks) to env.py's context.configure",
+            f"beside your tables, where `flask db migrate` sees it: {grant}, or set [journal] "
+            "schema to an existing one; until then add include_object=exclude_reconciler_tables "
+            "(reconciler.hooks) to env.py's context.configure",
         )
 
 
 _FIX = {  # backend → (what the side place is, how to let the login user make it)
-    "postgresql": ("schema", "GRANT CREATE ON DATABASE to the login user (or create the schema "
-                   "and GRANT USAGE, CREATE on it)"),
-    "mysql": ("database", "GRANT CREATE ON *.* to the login user (or create the database and GRANT "
-              "ALL on it)"),
-    "mariadb": ("database", "GRANT CREATE ON *.* to the login user (or create the database and "
-                "GRANT ALL on it)"),
+    "postgresql": (
+        "schema",
+        "GRANT CREATE ON DATABASE to the login user (or create the schema and GRANT USAGE, CREATE on it)",
+    ),
+    "mysql": (
+        "database",
+        "GRANT CREATE ON *.* to the login user (or create the database and GRANT ALL on it)",
+    ),
+    "mariadb": (
+        "database",
+        "GRANT CREATE ON *.* to the login user (or create the database and GRANT ALL on it)",
+    ),
     "sqlite": ("file", "let the login user write in the database's folder"),
 }
 _DENIED_MYSQL = frozenset({1044, 1142, 1227})  # access denied to a database, a table, an operation
@@ -306,14 +325,18 @@ def _copy_steps(conn: sa.engine.Connection, legacy: JournalTables, side: Journal
     if empty:
         conn.execute(side.steps.insert(), rows)
         if conn.dialect.name == "postgresql":  # explicit ids leave the sequence behind
-            conn.execute(sa.text(
-                "SELECT setval(pg_get_serial_sequence(:t, 'id'), (SELECT max(id) FROM "
-                f"{conn.dialect.identifier_preparer.format_table(side.steps)}))"
-            ), {"t": f"{conn.dialect.identifier_preparer.format_table(side.steps)}"})
+            conn.execute(
+                sa.text(
+                    "SELECT setval(pg_get_serial_sequence(:t, 'id'), (SELECT max(id) FROM "
+                    f"{conn.dialect.identifier_preparer.format_table(side.steps)}))"
+                ),
+                {"t": f"{conn.dialect.identifier_preparer.format_table(side.steps)}"},
+            )
         return len(rows)
     have = {tuple(r) for r in conn.execute(sa.select(*(side.steps.c[k] for k in STEP_KEY)))}
-    fresh = [{k: v for k, v in r.items() if k != "id"} for r in rows
-             if tuple(r[k] for k in STEP_KEY) not in have]
+    fresh = [
+        {k: v for k, v in r.items() if k != "id"} for r in rows if tuple(r[k] for k in STEP_KEY) not in have
+    ]
     if fresh:
         conn.execute(side.steps.insert(), fresh)
     return len(fresh)
@@ -339,13 +362,9 @@ def ensure(conn: sa.engine.Connection, jt: JournalTables) -> None:
     """Create the journal tables if missing and record their schema version (call under the lock)."""
     jt.metadata.create_all(conn, checkfirst=True)
     _commit(conn)
-    current = conn.execute(
-        sa.select(jt.flags.c.value).where(jt.flags.c.key == "schema_version")
-    ).scalar()
+    current = conn.execute(sa.select(jt.flags.c.value).where(jt.flags.c.key == "schema_version")).scalar()
     if current is None:
-        conn.execute(
-            jt.flags.insert().values(key="schema_version", value=SCHEMA_VERSION, updated_at=_now())
-        )
+        conn.execute(jt.flags.insert().values(key="schema_version", value=SCHEMA_VERSION, updated_at=_now()))
         _commit(conn)
 
 
@@ -442,10 +461,16 @@ def ancestry(conn: sa.engine.Connection, jt: JournalTables) -> dict[str, tuple[s
 # row that says it was undone (or forgotten by `accept`) means we hold no hash for it.
 RECORD = "record"  # operation: a hash recorded without applying (first sight, after a seal)
 ACCEPT = "accept"  # operation: an operator accepted a changed (or vanished) revision
-APPLYING = frozenset({
-    ("upgrade", "applied"), ("upgrade", "resolved_applied"), ("upgrade", "skipped"),
-    ("stamp", "stamped"), (RECORD, "recorded"), (ACCEPT, "accepted"),
-})
+APPLYING = frozenset(
+    {
+        ("upgrade", "applied"),
+        ("upgrade", "resolved_applied"),
+        ("upgrade", "skipped"),
+        ("stamp", "stamped"),
+        (RECORD, "recorded"),
+        (ACCEPT, "accepted"),
+    }
+)
 UNDOING = frozenset({("downgrade", "downgraded"), ("downgrade", "draft_rebuilt"), (ACCEPT, "forgotten")})
 
 
@@ -462,8 +487,13 @@ def recorded_hashes(conn: sa.engine.Connection, jt: JournalTables, target: str) 
     ops = sorted({op for op, _ in APPLYING | UNDOING})
     try:
         rows = conn.execute(
-            sa.select(jt.steps.c.revision, jt.steps.c.file_hash, jt.steps.c.operation,
-                      jt.steps.c.outcome, jt.steps.c.trigger)
+            sa.select(
+                jt.steps.c.revision,
+                jt.steps.c.file_hash,
+                jt.steps.c.operation,
+                jt.steps.c.outcome,
+                jt.steps.c.trigger,
+            )
             .where(jt.steps.c.target == target[:64], jt.steps.c.operation.in_(ops))
             .order_by(jt.steps.c.id)
         ).fetchall()
@@ -493,8 +523,16 @@ def record_hash(
     trigger: str = "",
 ) -> int:
     """One completed row that records (or, with outcome `forgotten`, drops) a revision's hash."""
-    row = record_started(conn, jt, target=target, operation=operation, revision=revision,
-                         down_revisions=down_revisions, file_hash=file_hash, trigger=trigger)
+    row = record_started(
+        conn,
+        jt,
+        target=target,
+        operation=operation,
+        revision=revision,
+        down_revisions=down_revisions,
+        file_hash=file_hash,
+        trigger=trigger,
+    )
     record_finished(conn, jt, row, outcome=outcome, duration_ms=0)
     return row
 
@@ -569,8 +607,7 @@ def mark_non_transactional(
 ) -> None:
     """The step `row_id` is about to leave its transaction (committed before the worker goes on)."""
     value = f"{revision}: {reason}"[:MAX_ERROR]
-    conn.execute(jt.flags.insert().values(key=f"{NON_TRANSACTIONAL}{row_id}", value=value,
-                                          updated_at=_now()))
+    conn.execute(jt.flags.insert().values(key=f"{NON_TRANSACTIONAL}{row_id}", value=value, updated_at=_now()))
     _commit(conn)
 
 
@@ -597,8 +634,9 @@ def unmark(conn: sa.engine.Connection, jt: JournalTables, row_ids: Iterable[int]
         _commit(conn)
 
 
-def judge(row: Mapping[str, Any], applied: frozenset[str], marked: bool, dialect: str,
-          unsafe: bool = False) -> str:
+def judge(
+    row: Mapping[str, Any], applied: frozenset[str], marked: bool, dialect: str, unsafe: bool = False
+) -> str:
     """What an interrupted step became: `applied`, `dirty` or `rolled_back` (module docstring).
     `unsafe`: RECONCILER_UNSAFE_DISABLE=dirty, a negative control that judges nothing dirty."""
     if row["operation"] == "upgrade" and row["revision"] in applied:
@@ -630,9 +668,14 @@ def settle_interrupted(
         _commit(conn)
         if outcome != "dirty":
             unmark(conn, jt, [row["id"]])
-        log.info("interrupted_step_settled", target=row["target"], revision=row["revision"],
-                 outcome=outcome, non_transactional=marked.get(row["id"], ""),
-                 detail=_SETTLED[outcome])
+        log.info(
+            "interrupted_step_settled",
+            target=row["target"],
+            revision=row["revision"],
+            outcome=outcome,
+            non_transactional=marked.get(row["id"], ""),
+            detail=_SETTLED[outcome],
+        )
     return dirty_rows(conn, jt, target)
 
 
@@ -640,7 +683,7 @@ _SETTLED = {
     "applied": "the version table lists the revision: it completed before its step was recorded",
     "rolled_back": "it never left its transaction: nothing of it remains, it is applied again",
     "dirty": "it left its transaction and the version table does not list it: part of it may "
-             "have run; `reconciler status` says what to check",
+    "have run; `reconciler status` says what to check",
 }
 
 

@@ -366,9 +366,7 @@ class AdvisoryLock:
     file (default: read from `conn`); the lock is the side file `<db file>.reconciler.lock`.
     """
 
-    def __init__(
-        self, conn: sa.engine.Connection, key: LockKey, sqlite_path: Path | None = None
-    ) -> None:
+    def __init__(self, conn: sa.engine.Connection, key: LockKey, sqlite_path: Path | None = None) -> None:
         self.key = key
         self.dialect = conn.dialect.name
         self._held = False
@@ -512,9 +510,7 @@ _ORPHANS_SQL = (
 )
 
 
-def wait_for_orphans(
-    conn: sa.engine.Connection, app_prefix: str, timeout: float, poll: float = 0.1
-) -> float:
+def wait_for_orphans(conn: sa.engine.Connection, app_prefix: str, timeout: float, poll: float = 0.1) -> float:
     """After taking the lock, wait until no other session of ours is still running a statement.
 
     PostgreSQL only (elsewhere returns 0.0 at once). "Ours" is every other backend in the current

@@ -38,12 +38,16 @@ def _unusable(conn: sa.engine.Connection, backend: str, role: str, exc: sa.exc.D
     user = str(conn.exec_driver_sql(_WHO[backend]).scalar() or "")
     if backend == "postgresql":
         grantee = '"' + user.replace('"', '""') + '"'
-        steps = (f'CREATE ROLE "{role}" NOLOGIN; GRANT "{role}" TO {grantee}; and let it create '
-                 f'in the schema: GRANT USAGE, CREATE ON SCHEMA public TO "{role}"')
+        steps = (
+            f'CREATE ROLE "{role}" NOLOGIN; GRANT "{role}" TO {grantee}; and let it create '
+            f'in the schema: GRANT USAGE, CREATE ON SCHEMA public TO "{role}"'
+        )
     else:
         name, _, host = user.partition("@")
-        steps = (f"CREATE ROLE `{role}`; GRANT `{role}` TO '{name}'@'{host or '%'}'; "
-                 "and grant the role the DDL rights")
+        steps = (
+            f"CREATE ROLE `{role}`; GRANT `{role}` TO '{name}'@'{host or '%'}'; "
+            "and grant the role the DDL rights"
+        )
     return ConfigError(
         f"[apply] role {role!r} cannot be used by the login user {user!r}: {detail}. "
         f"Create the role and grant it to that user ({steps}), or empty [apply] role"

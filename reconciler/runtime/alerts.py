@@ -41,8 +41,15 @@ log = logs.get("reconciler.alerts")
 
 KEY_MAX = 120  # episode keys fit the journal's flags key column with room for a prefix
 _EPISODE_MAX = 80
-_HOLDER_IDENTITY = ("pid", "connection_id", "backend_start", "host", "client_addr", "application_name",
-                    "replica")
+_HOLDER_IDENTITY = (
+    "pid",
+    "connection_id",
+    "backend_start",
+    "host",
+    "client_addr",
+    "application_name",
+    "replica",
+)
 
 
 # --------------------------------------------------------------------------- the alert
@@ -90,8 +97,15 @@ class Alert:
 
 
 _ICONS = {"applied": ":white_check_mark:", "recovered": ":white_check_mark:", "ahead": ":information_source:"}
-_COLORS = {"applied": "good", "recovered": "good", "failed": "danger", "blocked": "danger",
-           "unreachable": "danger", "dirty": "danger", "destructive_refused": "danger"}
+_COLORS = {
+    "applied": "good",
+    "recovered": "good",
+    "failed": "danger",
+    "blocked": "danger",
+    "unreachable": "danger",
+    "dirty": "danger",
+    "destructive_refused": "danger",
+}
 
 
 def _redacted(value: Any) -> Any:
@@ -246,49 +260,83 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "failed": Rule(_failed, "{failure}", revision=True,
-                   extras=("error", "signature", "consecutive_failures")),
-    "blocked": Rule(_blocked,
-                    "revision {revision} is blocked after failing the same way repeatedly: {error}; "
-                    "fix the revision file (changing it unblocks it)", revision=True,
-                    extras=("error", "signature")),
-    "ahead": Rule(_sync_state("ahead", lambda o: _joined(o.unknown)),
-                  "the database holds revisions the repository does not know ({unknown}) for {lasted}; "
-                  "deploy the newer code or check for a rollback", extras=("unknown",),
-                  enabled=lambda a: a.ahead_alert, grace=lambda a: a.ahead_grace),
-    "dirty": Rule(_condition("dirty", lambda o: _joined(o.dirty)),
-                  "revision {dirty} started and did not complete after it left its transaction (DDL "
-                  "that commits as it goes, or an autocommit block): it may be half-applied and is not "
-                  "retried. `reconciler status` says what to check; finish or undo it by hand, then run "
-                  "`reconciler resolve {first_dirty} --applied` or `--rolled-back`",
-                  extras=("dirty",)),
-    "lock_timeout": Rule(_lock_timeout, "revision {revision} gave up waiting for a table lock "
-                         "(ddl_lock_timeout) on every retry: {cause}; it is retried with backoff. Look for "
-                         "long transactions on the tables it alters", revision=True, extras=("error",)),
-    "multiple_heads": Rule(_sync_state("multiple_heads", lambda o: _joined(o.heads)),
-                           "the repository has unmerged heads ({heads}); merge them with "
-                           "`alembic merge` (or `flask db merge`)", extras=("heads",)),
-    "destructive_refused": Rule(_condition("destructive_pending"),
-                                "a pending revision would lose data and was not applied: {error}",
-                                extras=("error",)),
-    "checksum_mismatch": Rule(_condition("checksum_mismatch", lambda o: _joined(o.mismatched)),
-                              "applied revision(s) {mismatched} changed or vanished since they were "
-                              "applied; applying stops until the change is reviewed and accepted "
-                              "(`reconciler accept REV`)", extras=("mismatched",)),
-    "foreign_writer": Rule(_foreign_writer,
-                           "revision(s) {foreign} were applied without reconciler (an app upgrading "
-                           "itself at start-up?); switch that off, or take our lock with "
-                           "reconciler.hooks.migration_lock", extras=("foreign",)),
-    "lock_held": Rule(_lock_held, "the migration lock has been held for {held_for} by {holder}",
-                      extras=("holder", "held_for_seconds")),
-    "drift": Rule(_condition("drift", lambda o: "drift:" + _joined(o.drift)),
-                  "the database schema differs from the models ({drift_count}): {drift}; fix it, "
-                  "accept it with `reconciler baseline`, or add a [drift] ignore rule",
-                  extras=("drift",)),
-    "revision_unreadable": Rule(_unreadable, "{error}",
-                                extras=("error", "unreadable")),
-    "unreachable": Rule(_unreachable, "the database is unreachable ({runs} runs in a row): {error}",
-                        local=True, extras=("error", "runs"), min_runs=lambda a: a.unreachable_after),
+    "failed": Rule(
+        _failed, "{failure}", revision=True, extras=("error", "signature", "consecutive_failures")
+    ),
+    "blocked": Rule(
+        _blocked,
+        "revision {revision} is blocked after failing the same way repeatedly: {error}; "
+        "fix the revision file (changing it unblocks it)",
+        revision=True,
+        extras=("error", "signature"),
+    ),
+    "ahead": Rule(
+        _sync_state("ahead", lambda o: _joined(o.unknown)),
+        "the database holds revisions the repository does not know ({unknown}) for {lasted}; "
+        "deploy the newer code or check for a rollback",
+        extras=("unknown",),
+        enabled=lambda a: a.ahead_alert,
+        grace=lambda a: a.ahead_grace,
+    ),
+    "dirty": Rule(
+        _condition("dirty", lambda o: _joined(o.dirty)),
+        "revision {dirty} started and did not complete after it left its transaction (DDL "
+        "that commits as it goes, or an autocommit block): it may be half-applied and is not "
+        "retried. `reconciler status` says what to check; finish or undo it by hand, then run "
+        "`reconciler resolve {first_dirty} --applied` or `--rolled-back`",
+        extras=("dirty",),
+    ),
+    "lock_timeout": Rule(
+        _lock_timeout,
+        "revision {revision} gave up waiting for a table lock "
+        "(ddl_lock_timeout) on every retry: {cause}; it is retried with backoff. Look for "
+        "long transactions on the tables it alters",
+        revision=True,
+        extras=("error",),
+    ),
+    "multiple_heads": Rule(
+        _sync_state("multiple_heads", lambda o: _joined(o.heads)),
+        "the repository has unmerged heads ({heads}); merge them with `alembic merge` (or `flask db merge`)",
+        extras=("heads",),
+    ),
+    "destructive_refused": Rule(
+        _condition("destructive_pending"),
+        "a pending revision would lose data and was not applied: {error}",
+        extras=("error",),
+    ),
+    "checksum_mismatch": Rule(
+        _condition("checksum_mismatch", lambda o: _joined(o.mismatched)),
+        "applied revision(s) {mismatched} changed or vanished since they were "
+        "applied; applying stops until the change is reviewed and accepted "
+        "(`reconciler accept REV`)",
+        extras=("mismatched",),
+    ),
+    "foreign_writer": Rule(
+        _foreign_writer,
+        "revision(s) {foreign} were applied without reconciler (an app upgrading "
+        "itself at start-up?); switch that off, or take our lock with "
+        "reconciler.hooks.migration_lock",
+        extras=("foreign",),
+    ),
+    "lock_held": Rule(
+        _lock_held,
+        "the migration lock has been held for {held_for} by {holder}",
+        extras=("holder", "held_for_seconds"),
+    ),
+    "drift": Rule(
+        _condition("drift", lambda o: "drift:" + _joined(o.drift)),
+        "the database schema differs from the models ({drift_count}): {drift}; fix it, "
+        "accept it with `reconciler baseline`, or add a [drift] ignore rule",
+        extras=("drift",),
+    ),
+    "revision_unreadable": Rule(_unreadable, "{error}", extras=("error", "unreadable")),
+    "unreachable": Rule(
+        _unreachable,
+        "the database is unreachable ({runs} runs in a row): {error}",
+        local=True,
+        extras=("error", "runs"),
+        min_runs=lambda a: a.unreachable_after,
+    ),
 }
 EVENTS: tuple[str, ...] = ("applied", *RULES, "recovered")
 
@@ -299,7 +347,7 @@ def _cause(revision: str, error: str) -> str:
         return "no error text"
     prefix = f"revision {revision} failed"
     if error.startswith(prefix):
-        rest = error[len(prefix):]
+        rest = error[len(prefix) :]
         where, sep, cause = rest.partition(": ")
         if sep and (not where or where.startswith(" at ")):
             return cause
@@ -388,19 +436,27 @@ class AlertPolicy:
             return self._enter(event, rule, track, obs, now)
         return self._remind(event, rule, track, obs, now)
 
-    def _enter(self, event: str, rule: Rule, track: _Track, obs: Observation, now: float
-               ) -> list[tuple[Alert, str | None]]:
+    def _enter(
+        self, event: str, rule: Rule, track: _Track, obs: Observation, now: float
+    ) -> list[tuple[Alert, str | None]]:
         if track.runs < max(1, rule.min_runs(self.alerting)) or now - track.since < rule.grace(self.alerting):
             return []
         track.entered, track.entered_at, track.last_sent = True, now, now
         track.last_bucket = self._bucket(now)
         track.revision = obs.failed_revision if rule.revision else None
-        alert = self._alert(event, obs, now, self._text(rule, track, obs, now), track.revision,
-                            self._extras(rule, track, obs, now))
+        alert = self._alert(
+            event,
+            obs,
+            now,
+            self._text(rule, track, obs, now),
+            track.revision,
+            self._extras(rule, track, obs, now),
+        )
         return [(alert, self._key(rule, f"enter:{event}:{track.episode}"))]
 
-    def _remind(self, event: str, rule: Rule, track: _Track, obs: Observation, now: float
-                ) -> list[tuple[Alert, str | None]]:
+    def _remind(
+        self, event: str, rule: Rule, track: _Track, obs: Observation, now: float
+    ) -> list[tuple[Alert, str | None]]:
         interval = self.alerting.repeat_interval
         bucket = self._bucket(now)
         # Reminders fall on wall-clock multiples of the interval so that replicas name the same one.
@@ -416,8 +472,9 @@ class AlertPolicy:
         alert = self._alert(event, obs, now, text, track.revision, details)
         return [(alert, self._key(rule, f"repeat:{event}:{track.episode}:{bucket}"))]
 
-    def _recovered(self, event: str, rule: Rule, track: _Track, obs: Observation, now: float
-                   ) -> tuple[Alert, str | None]:
+    def _recovered(
+        self, event: str, rule: Rule, track: _Track, obs: Observation, now: float
+    ) -> tuple[Alert, str | None]:
         what = f"revision {track.revision}: " if track.revision else ""
         text = f"{what}{event} is over after {_duration(now - track.since)}"
         details = {"recovered_from": event, "episode": track.episode, "since": iso_utc(track.since)}
@@ -432,13 +489,25 @@ class AlertPolicy:
     def _key(rule: Rule, key: str) -> str | None:
         return None if rule.local else key[:KEY_MAX]
 
-    def _alert(self, event: str, obs: Observation, now: float, message: str, revision: str | None = None,
-               details: Mapping[str, Any] | None = None) -> Alert:
+    def _alert(
+        self,
+        event: str,
+        obs: Observation,
+        now: float,
+        message: str,
+        revision: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> Alert:
         base = {"sync_state": obs.sync_state, "conditions": list(obs.conditions), "outcome": obs.outcome}
-        return Alert(event=event, state=_state_for(event, obs), target=redact(self.target),
-                     message=redact(message),
-                     revision=revision, timestamp=iso_utc(now),
-                     details=_redacted({**base, **(details or {})}))
+        return Alert(
+            event=event,
+            state=_state_for(event, obs),
+            target=redact(self.target),
+            message=redact(message),
+            revision=revision,
+            timestamp=iso_utc(now),
+            details=_redacted({**base, **(details or {})}),
+        )
 
     @staticmethod
     def _fields(track: _Track, obs: Observation, now: float) -> dict[str, Any]:
@@ -508,8 +577,9 @@ class _InFlight:
         self._conn: http.client.HTTPConnection | None = None
         self.cut = False
 
-    def track(self, cls: type[http.client.HTTPConnection],
-              allow_link_local: bool = False) -> Callable[..., http.client.HTTPConnection]:
+    def track(
+        self, cls: type[http.client.HTTPConnection], allow_link_local: bool = False
+    ) -> Callable[..., http.client.HTTPConnection]:
         def make(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
             conn = cls(*args, **kwargs)
             conn._create_connection = _checked_connect(allow_link_local)  # type: ignore[attr-defined]
@@ -538,13 +608,22 @@ class _InFlight:
 
         class Https(urllib.request.HTTPSHandler):
             def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-                return self.do_open(tracker.track(http.client.HTTPSConnection, allow_link_local),
-                                    req, context=ssl.create_default_context())
+                return self.do_open(
+                    tracker.track(http.client.HTTPSConnection, allow_link_local),
+                    req,
+                    context=ssl.create_default_context(),
+                )
 
         opener = urllib.request.OpenerDirector()
-        for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), Http(),
-                        Https(), _NoRedirect(), urllib.request.HTTPDefaultErrorHandler(),
-                        urllib.request.HTTPErrorProcessor()):
+        for handler in (
+            urllib.request.ProxyHandler(),
+            urllib.request.UnknownHandler(),
+            Http(),
+            Https(),
+            _NoRedirect(),
+            urllib.request.HTTPDefaultErrorHandler(),
+            urllib.request.HTTPErrorProcessor(),
+        ):
             opener.add_handler(handler)
         return opener
 
@@ -634,8 +713,12 @@ class _SinkWorker:
             try:
                 self._deliver(alert)
             except Exception as exc:  # the worker must outlive any surprise
-                log.warning("alert_worker_error", sink=self.sink.name, alert_event=alert.event,
-                            error=redact(f"{type(exc).__name__}: {exc}"))
+                log.warning(
+                    "alert_worker_error",
+                    sink=self.sink.name,
+                    alert_event=alert.event,
+                    error=redact(f"{type(exc).__name__}: {exc}"),
+                )
 
     def _deliver(self, alert: Alert) -> None:
         payload = alert.as_slack() if self.sink.kind == "slack" else alert.as_webhook()
@@ -652,12 +735,20 @@ class _SinkWorker:
             if not error:
                 self._sent(alert)
                 return
-            pause = min(_BACKOFF * 2 ** (attempt - 1),
-                        min(send_deadline, self.close_deadline) - time.monotonic() - _MIN_ATTEMPT)
+            pause = min(
+                _BACKOFF * 2 ** (attempt - 1),
+                min(send_deadline, self.close_deadline) - time.monotonic() - _MIN_ATTEMPT,
+            )
             if attempt < attempts and pause > 0:
                 time.sleep(pause)
-        log.warning("alert_delivery_failed", sink=self.sink.name, alert_event=alert.event,
-                    attempts=tried, error=redact(error), timeout=self.alerting.send_timeout)
+        log.warning(
+            "alert_delivery_failed",
+            sink=self.sink.name,
+            alert_event=alert.event,
+            attempts=tried,
+            error=redact(error),
+            timeout=self.alerting.send_timeout,
+        )
         self._count(self.counts.on_failed, alert)
 
     def _attempt(self, body: bytes, timeout: float) -> str:
@@ -666,7 +757,9 @@ class _SinkWorker:
         if refused:  # the configuration refuses it too; a sink built in code is checked here
             return f"refused: {refused}"
         request = urllib.request.Request(
-            self.sink.url, data=body, method="POST",
+            self.sink.url,
+            data=body,
+            method="POST",
             headers={"Content-Type": "application/json", "User-Agent": f"schema-reconciler/{__version__}"},
         )
         timer = threading.Timer(timeout, self.in_flight.abort)
@@ -695,8 +788,9 @@ class _SinkWorker:
         try:
             callback(alert.event, self.sink.name)
         except Exception as exc:
-            log.warning("alert_on_sent_error", sink=self.sink.name,
-                        error=redact(f"{type(exc).__name__}: {exc}"))
+            log.warning(
+                "alert_on_sent_error", sink=self.sink.name, error=redact(f"{type(exc).__name__}: {exc}")
+            )
 
     def stop(self) -> None:
         """Past the close deadline: cut a delivery still in flight."""
@@ -722,10 +816,14 @@ class _SinkWorker:
 class AlertDispatcher:
     """Delivery off the loop: `submit` never blocks; each sink has its own queue and thread."""
 
-    def __init__(self, sinks: Sequence[AlertSink], alerting: AlertingSettings,
-                 on_sent: Callable[[str, str], None] | None = None,
-                 on_failed: Callable[[str, str], None] | None = None,
-                 on_dropped: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        sinks: Sequence[AlertSink],
+        alerting: AlertingSettings,
+        on_sent: Callable[[str, str], None] | None = None,
+        on_failed: Callable[[str, str], None] | None = None,
+        on_dropped: Callable[[str, str], None] | None = None,
+    ) -> None:
         """`on_sent`, `on_failed` (every attempt within the deadline failed) and `on_dropped`
         (pushed out of a full queue, submitted after close, left at close) get (event, sink)."""
         counts = Counts(on_sent, on_failed, on_dropped)
@@ -750,8 +848,13 @@ class AlertDispatcher:
         for worker in self._workers:
             if wants(worker.sink, alert) and not worker.put(alert):
                 kept = False
-                log.warning("alert_dropped", sink=worker.sink.name, alert_event=alert.event,
-                            queue_size=worker.size, dropped=worker.dropped)
+                log.warning(
+                    "alert_dropped",
+                    sink=worker.sink.name,
+                    alert_event=alert.event,
+                    queue_size=worker.size,
+                    dropped=worker.dropped,
+                )
         return kept
 
     def close(self, timeout: float = 5.0) -> None:

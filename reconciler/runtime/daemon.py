@@ -52,10 +52,25 @@ UNREADABLE = "revision_unreadable"  # the condition (and alert event) of a revis
 # Every /status document has these keys, whatever the state (a dashboard or `jq` never meets a
 # missing key): those of `Status.as_dict` that only some states fill, at their empty value.
 STATUS_DEFAULTS: dict[str, Any] = {
-    "state": "unknown", "sync_state": "unknown", "conditions": [], "db_heads": [], "repo_heads": [],
-    "pending": [], "unknown": [], "message": "", "fork": [], "branch_point": None, "dirty": [],
-    "blocked": None, "drift": None, "checksum_mismatch": [], "foreign_writes": [], "guard": None,
-    "chains": [], UNREADABLE: None, "applying": None,
+    "state": "unknown",
+    "sync_state": "unknown",
+    "conditions": [],
+    "db_heads": [],
+    "repo_heads": [],
+    "pending": [],
+    "unknown": [],
+    "message": "",
+    "fork": [],
+    "branch_point": None,
+    "dirty": [],
+    "blocked": None,
+    "drift": None,
+    "checksum_mismatch": [],
+    "foreign_writes": [],
+    "guard": None,
+    "chains": [],
+    UNREADABLE: None,
+    "applying": None,
 }
 EXIT_GRACE_EXPIRED = 1
 
@@ -104,8 +119,11 @@ class Daemon:
         _check_sink_events(settings)
         self.metrics.declare_sinks([sink.name for sink in settings.alerts], EVENTS)
         self.dispatcher = AlertDispatcher(
-            settings.alerts, settings.alerting, on_sent=self.metrics.alert_sent,
-            on_failed=self.metrics.alert_failed, on_dropped=self.metrics.alert_dropped,
+            settings.alerts,
+            settings.alerting,
+            on_sent=self.metrics.alert_sent,
+            on_failed=self.metrics.alert_failed,
+            on_dropped=self.metrics.alert_dropped,
         )
         daemon = settings.daemon
         # Jitter spreads 200 sidecars' ticks; more than half the interval would only slow them.
@@ -115,8 +133,13 @@ class Daemon:
         self.watcher = DirWatcher(dirs, self._files_changed, debounce=daemon.debounce, suffixes=(".py",))
         host, port = parse_http(daemon.http)
         self.http = HttpServer(
-            host, port, self, self.metrics, daemon.allowed_hosts,
-            header_timeout=daemon.http_header_timeout, shed=SHED_SWITCH not in settings.unsafe,
+            host,
+            port,
+            self,
+            self.metrics,
+            daemon.allowed_hosts,
+            header_timeout=daemon.http_header_timeout,
+            shed=SHED_SWITCH not in settings.unsafe,
         )
         self.record = RunRecord()
         for rec in (self.rec, *self.rec.extra):
@@ -206,9 +229,15 @@ class Daemon:
         if not self.watcher.start():
             log.warning("watch_unavailable", fallback="stat fingerprint each tick")
         host, port = self.http.address
-        log.info("daemon_started", target=self.target, url=self.rec.redacted_url,
-                 interval=self.settings.daemon.interval, http=f"{host}:{port}",
-                 apply=self.settings.daemon.apply, version=__version__)
+        log.info(
+            "daemon_started",
+            target=self.target,
+            url=self.rec.redacted_url,
+            interval=self.settings.daemon.interval,
+            http=f"{host}:{port}",
+            apply=self.settings.daemon.apply,
+            version=__version__,
+        )
         self.loop.start()
         signals.wait_for(self._done)
         return self._exit_code
@@ -222,8 +251,7 @@ class Daemon:
             log.warning("second_signal", signal=signal.Signals(signum).name, action="exit now")
             os._exit(EXIT_GRACE_EXPIRED)
         self._stopping.set()
-        log.info("shutdown_requested", signal=signal.Signals(signum).name,
-                 grace=self.settings.daemon.grace)
+        log.info("shutdown_requested", signal=signal.Signals(signum).name, grace=self.settings.daemon.grace)
         threading.Thread(target=self._shutdown, name="shutdown", daemon=True).start()
 
     def _shutdown(self) -> None:
@@ -328,19 +356,31 @@ class Daemon:
                 should_stop=self._stopping.is_set,
             )
             self.record.missing_revision_seen = False
-            return RunResult(result.outcome, result.status, result.applied, result.lock_wait,
-                             foreign=result.foreign)
+            return RunResult(
+                result.outcome, result.status, result.applied, result.lock_wait, foreign=result.foreign
+            )
         except LockTimeout as exc:
             return RunResult("lock_busy", self._quiet_status(), error=str(exc), lock_holder=dict(exc.holder))
         except UnreachableError as exc:
             return RunResult("unreachable", self.rec.status(), error=str(exc))
         except RevisionFailed as exc:
             signature = self.rec.failure_of(exc).signature
-            return RunResult("failed", self._quiet_status(), error=str(exc), failed_revision=exc.revision,
-                             failure_signature=signature, lock_timeout=is_lock_timeout(exc))
+            return RunResult(
+                "failed",
+                self._quiet_status(),
+                error=str(exc),
+                failed_revision=exc.revision,
+                failure_signature=signature,
+                lock_timeout=is_lock_timeout(exc),
+            )
         except RetryDeferred as exc:  # not a failure: no count toward blocked_after or unreachable
-            return RunResult("deferred", self._quiet_status(), error=str(exc), failed_revision=exc.revision,
-                             failure_signature=exc.signature)
+            return RunResult(
+                "deferred",
+                self._quiet_status(),
+                error=str(exc),
+                failed_revision=exc.revision,
+                failure_signature=exc.signature,
+            )
         except Blocked as exc:
             return RunResult("blocked", self._quiet_status(), error=str(exc))
         except Suspended as exc:
@@ -372,8 +412,11 @@ class Daemon:
         /status until the file is fixed."""
         self.rec.project.invalidate()  # read again next run, whatever the watcher says
         line = exc.line if isinstance(exc, RevisionFileError) else None
-        where = {"path": _shown(exc.path, self.settings.root_dir), "line": line,
-                 "file_hash": exc.file_hash if isinstance(exc, RevisionSyntaxError) else None}
+        where = {
+            "path": _shown(exc.path, self.settings.root_dir),
+            "line": line,
+            "file_hash": exc.file_hash if isinstance(exc, RevisionSyntaxError) else None,
+        }
         return RunResult("failed", None, error=str(exc), unreadable=where)
 
     def _missing_revision(self, exc: MissingRevision) -> RunResult:
@@ -451,8 +494,12 @@ class Daemon:
         state = str(doc.get("state"))
         changed = state != self._last_state
         self._last_state = state
-        fields = {"target": self.target, "outcome": result.outcome, "state": state,
-                  "duration_ms": round(seconds * 1000, 2)}
+        fields = {
+            "target": self.target,
+            "outcome": result.outcome,
+            "state": state,
+            "duration_ms": round(seconds * 1000, 2),
+        }
         if result.error:
             log.warning("run_finished", error=result.error, **fields)
         elif changed or result.outcome != "noop":
@@ -535,8 +582,9 @@ def _applying_doc(plan: Status, progress: Progress | None) -> dict[str, Any]:
         doc["sync_state"] = "behind"
         doc["state"] = "behind" if doc["state"] == "uninitialized_empty" else doc["state"]
     doc["applying"] = progress.as_dict()
-    doc["message"] = (f"applying {progress.revision} ({progress.n} of {progress.total}); "
-                      f"{len(progress.remaining)} pending")
+    doc["message"] = (
+        f"applying {progress.revision} ({progress.n} of {progress.total}); {len(progress.remaining)} pending"
+    )
     return doc
 
 
@@ -544,8 +592,13 @@ def _blind_doc(result: RunResult) -> dict[str, Any]:
     """The state document of a run that decided nothing (no status was read)."""
     if result.unreadable is None:
         return {"state": "unknown", "sync_state": "unknown"}
-    return {"state": UNREADABLE, "sync_state": "unknown", "conditions": [UNREADABLE],
-            "message": redact(result.error), UNREADABLE: result.unreadable}
+    return {
+        "state": UNREADABLE,
+        "sync_state": "unknown",
+        "conditions": [UNREADABLE],
+        "message": redact(result.error),
+        UNREADABLE: result.unreadable,
+    }
 
 
 def _where(unreadable: dict[str, Any] | None) -> str:

@@ -91,8 +91,10 @@ def check_dev_target(settings: Settings, rec: Reconciler) -> None:
 def watch_paths(settings: Settings) -> list[Path]:
     """[dev] watch, else the package that holds the models module (with its subpackages)."""
     if settings.dev.watch:
-        return [p if p.is_absolute() else (settings.base_dir / p).resolve()
-                for p in (Path(w) for w in settings.dev.watch)]
+        return [
+            p if p.is_absolute() else (settings.base_dir / p).resolve()
+            for p in (Path(w) for w in settings.dev.watch)
+        ]
     module = settings.target.models.partition(":")[0]
     if not module:
         raise ConfigError("dev mode needs [target] models (pkg.module:attr) or [dev] watch paths")
@@ -110,8 +112,11 @@ class DevLoop:
         self.settings = settings
         # The prod guard stays on for what dev mode did not just generate and check itself: a
         # teammate's revision, or one held back before a restart. Lock risk is no concern here.
-        self.rec = Reconciler(dataclasses.replace(
-            settings, safety=dataclasses.replace(settings.safety, squawk="off", strict_locking=False)))
+        self.rec = Reconciler(
+            dataclasses.replace(
+                settings, safety=dataclasses.replace(settings.safety, squawk="off", strict_locking=False)
+            )
+        )
         self.rec.guard = not settings.dev.allow_destructive
         self.target = self.rec.target
         self._models_changed = threading.Event()
@@ -122,11 +127,17 @@ class DevLoop:
         versions, _ = self.rec.project.version_dirs
         # A migrations directory inside the models package: the revisions this loop writes (and
         # env.py) are never model changes, or each write would start another generation.
-        self.model_watcher = DirWatcher(watch_paths(settings), self._on_models, settings.dev.debounce,
-                                        ignore=ignore, suffixes=(".py",),
-                                        exclude=[settings.migrations_dir, *versions])
-        self.version_watcher = DirWatcher(versions, self._on_versions, settings.dev.debounce,
-                                          suffixes=(".py",))
+        self.model_watcher = DirWatcher(
+            watch_paths(settings),
+            self._on_models,
+            settings.dev.debounce,
+            ignore=ignore,
+            suffixes=(".py",),
+            exclude=[settings.migrations_dir, *versions],
+        )
+        self.version_watcher = DirWatcher(
+            versions, self._on_versions, settings.dev.debounce, suffixes=(".py",)
+        )
         self._warm: Any = None
         self._changed: set[Path] = set()
         self._changed_lock = threading.Lock()
@@ -146,12 +157,21 @@ class DevLoop:
         self._warm = self._start_warm()
         self.model_watcher.start()
         self.version_watcher.start()
-        log.info("dev_started", target=self.target, url=self.rec.redacted_url,
-                 watching=[str(p) for p in watch_paths(self.settings)], draft=self.settings.dev.draft)
+        log.info(
+            "dev_started",
+            target=self.target,
+            url=self.rec.redacted_url,
+            watching=[str(p) for p in watch_paths(self.settings)],
+            draft=self.settings.dev.draft,
+        )
         known = differences.load_for(self.settings)
         if known:
-            log.info("known_differences", count=len(known), ignored=sorted(known),
-                     file=str(differences.path_for(self.settings)))
+            log.info(
+                "known_differences",
+                count=len(known),
+                ignored=sorted(known),
+                file=str(differences.path_for(self.settings)),
+            )
         self._models_changed.set()  # a full compare at start
         self.loop.start()
         signals.wait_for(self._done)
@@ -166,10 +186,10 @@ class DevLoop:
         with connection.connect(self.rec.engine) as conn:
             identity = sessions.identity_from_dbapi(conn.connection, self.rec.backend)
         job = WorkerJob.from_settings(self.settings)
-        job = dataclasses.replace(job, exclude_tables=self.rec.journal.names,
-                                  expected_identity=identity)
-        return WarmWorker(job, python=self.settings.target.python or None,
-                          timeout=self.settings.dev.generate_timeout)
+        job = dataclasses.replace(job, exclude_tables=self.rec.journal.names, expected_identity=identity)
+        return WarmWorker(
+            job, python=self.settings.target.python or None, timeout=self.settings.dev.generate_timeout
+        )
 
     def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
         if self._stopping.is_set():
@@ -297,8 +317,9 @@ class DevLoop:
         if state == "multiple_heads":
             found = self._draft_to_reparent(status)
             if found is None:
-                raise StopGenerating(f"{status.message} (`reconciler merge` writes the merge "
-                                     "revision); then save again")
+                raise StopGenerating(
+                    f"{status.message} (`reconciler merge` writes the merge revision); then save again"
+                )
             self._reparent_draft(*found)
             return
         if state in ("behind", "uninitialized_empty"):
@@ -320,11 +341,19 @@ class DevLoop:
                 del self._held[rev]
                 self._carry |= tables
                 self.rec.project.invalidate()
-                log.info("held_back_withdrawn", revision=rev, path=str(path),
-                         reason="the models changed; it is generated again if still needed")
+                log.info(
+                    "held_back_withdrawn",
+                    revision=rev,
+                    path=str(path),
+                    reason="the models changed; it is generated again if still needed",
+                )
             else:
-                log.info("waiting_for_confirmation", revision=rev,
-                         confirm=f"reconciler confirm {rev}", hint="or change the models back")
+                log.info(
+                    "waiting_for_confirmation",
+                    revision=rev,
+                    confirm=f"reconciler confirm {rev}",
+                    hint="or change the models back",
+                )
                 return True
         return False
 
@@ -364,16 +393,21 @@ class DevLoop:
         self._carry.clear()
 
     def _generate_and_apply_with(self, worker: Any, scope: Scope) -> None:
-        result = self._generate(worker, draft=self.settings.dev.draft,
-                                **scope.request(frozenset(self._carry)))
+        result = self._generate(
+            worker, draft=self.settings.dev.draft, **scope.request(frozenset(self._carry))
+        )
         self._log_compared(result, scope)
         with self.rec.lending(worker):
             self._after_generate(result, rebuilt=False)
 
     def _log_compared(self, result: Any, scope: Scope) -> None:
         """Log what was compared; remember the tables a new draft touches (its next amend)."""
-        log.debug("compared", tables="all" if result.compared is None else result.compared,
-                  classes=scope.classes, generate_ms=int(result.seconds * 1000))
+        log.debug(
+            "compared",
+            tables="all" if result.compared is None else result.compared,
+            classes=scope.classes,
+            generate_ms=int(result.seconds * 1000),
+        )
         if self.settings.dev.draft and result.revision:
             self._draft_tables = {result.revision: _tables_of(result)}
 
@@ -402,7 +436,8 @@ class DevLoop:
         changed = sorted(p.name for p in set(before) ^ set(after))
         raise RevisionsChanged(
             f"revision files changed while the models were compared ({', '.join(changed)}); "
-            "nothing was written: they are applied first, then the models are compared again")
+            "nothing was written: they are applied first, then the models are compared again"
+        )
 
     def _revision_files(self) -> dict[Path, tuple[int, int]]:
         dirs, recursive = self.rec.project.version_dirs
@@ -438,9 +473,12 @@ class DevLoop:
         touched (known from its generation; after a restart, everything)."""
         backup = Path(tempfile.mkdtemp(prefix="reconciler-draft-")) / draft.path.name
         try:
-            with self._warm.take() as worker, self.rec.lending(worker), connection.connect(
-                self.rec.engine
-            ) as conn, self.rec.locked(conn, self.settings.apply.lock_acquire_timeout):
+            with (
+                self._warm.take() as worker,
+                self.rec.lending(worker),
+                connection.connect(self.rec.engine) as conn,
+                self.rec.locked(conn, self.settings.apply.lock_acquire_timeout),
+            ):
                 self._downgrade_draft(conn, draft)
                 shutil.move(str(draft.path), backup)
                 self.rec.project.invalidate()
@@ -449,8 +487,11 @@ class DevLoop:
                 result = self._generate(worker, draft=True, rev_id=draft.revision, rescan=True, **request)
                 self._log_compared(result, scope)
                 if result.path is None:
-                    log.info("draft_removed", revision=draft.revision,
-                             reason="the models equal the draft's parent again")
+                    log.info(
+                        "draft_removed",
+                        revision=draft.revision,
+                        reason="the models equal the draft's parent again",
+                    )
                     return
                 self._after_generate(result, rebuilt=True, locked=conn)
         except ReconcilerError:
@@ -487,9 +528,12 @@ class DevLoop:
         backup = Path(tempfile.mkdtemp(prefix="reconciler-draft-")) / draft.path.name
         scope = Scope(None, {}, {p: read_digest(p) for p in self.model_watcher.files()})
         try:
-            with self._warm.take() as worker, self.rec.lending(worker), connection.connect(
-                self.rec.engine
-            ) as conn, self.rec.locked(conn, self.settings.apply.lock_acquire_timeout):
+            with (
+                self._warm.take() as worker,
+                self.rec.lending(worker),
+                connection.connect(self.rec.engine) as conn,
+                self.rec.locked(conn, self.settings.apply.lock_acquire_timeout),
+            ):
                 self._downgrade_draft(conn, draft)
                 _write_text(draft.path, reparented(draft.path.read_text(encoding="utf-8"), head))
                 shutil.move(str(draft.path), backup)
@@ -497,11 +541,15 @@ class DevLoop:
                 self.rec.apply_locked(conn, self.rec.graph(), trigger="dev")  # theirs first
                 result = self._generate(worker, draft=True, rev_id=draft.revision, rescan=True)
                 self._log_compared(result, scope)
-                log.info("draft_reparented", revision=draft.revision,
-                         was=list(draft.down_revisions), onto=head)
+                log.info(
+                    "draft_reparented", revision=draft.revision, was=list(draft.down_revisions), onto=head
+                )
                 if result.path is None:
-                    log.info("draft_removed", revision=draft.revision,
-                             reason=f"{head} already makes every change the draft made")
+                    log.info(
+                        "draft_removed",
+                        revision=draft.revision,
+                        reason=f"{head} already makes every change the draft made",
+                    )
                 else:
                     self._after_generate(result, rebuilt=True, locked=conn)
         except ReconcilerError:
@@ -516,28 +564,44 @@ class DevLoop:
         """Under the lock, held on `conn`."""
         parent = draft.down_revisions[0] if draft.down_revisions else "base"
         with self.rec.start_worker(conn) as worker:
-            row = journal.record_started(conn, self.rec.journal, target=self.target,
-                                         operation="downgrade", revision=draft.revision,
-                                         trigger=DRAFT_TRIGGER)
+            row = journal.record_started(
+                conn,
+                self.rec.journal,
+                target=self.target,
+                operation="downgrade",
+                revision=draft.revision,
+                trigger=DRAFT_TRIGGER,
+            )
             worker.downgrade(parent)
             journal.record_finished(conn, self.rec.journal, row, outcome="draft_rebuilt")
 
     # after a generation
-    def _after_generate(self, result: Any, rebuilt: bool,
-                        locked: sa.engine.Connection | None = None) -> None:
+    def _after_generate(self, result: Any, rebuilt: bool, locked: sa.engine.Connection | None = None) -> None:
         self.rec.project.invalidate()
         if result.path is None:
             log.info("no_changes", detail="the models match the database; no revision written")
             return
-        log.info("revision_generated", revision=result.revision, message=result.message,
-                 path=str(result.path), operations=[op["text"] for op in result.operations],
-                 draft=self.settings.dev.draft, rebuilt=rebuilt)
+        log.info(
+            "revision_generated",
+            revision=result.revision,
+            message=result.message,
+            path=str(result.path),
+            operations=[op["text"] for op in result.operations],
+            draft=self.settings.dev.draft,
+            rebuilt=rebuilt,
+        )
         for failure in result.hook_failures:  # Alembic keeps the revision; so do we, and say so
-            log.warning("post_write_hook_failed", path=str(result.path), **failure,
-                        hint="the revision was kept (Alembic ignores a hook's exit status); fix "
-                             "the hook ([post_write_hooks] in alembic.ini) or what it reports")
-        if result.destructive and not self.settings.dev.allow_destructive and not _acknowledged(
-            Path(result.path)
+            log.warning(
+                "post_write_hook_failed",
+                path=str(result.path),
+                **failure,
+                hint="the revision was kept (Alembic ignores a hook's exit status); fix "
+                "the hook ([post_write_hooks] in alembic.ini) or what it reports",
+            )
+        if (
+            result.destructive
+            and not self.settings.dev.allow_destructive
+            and not _acknowledged(Path(result.path))
         ):
             self._held[str(result.revision)] = (Path(result.path), _tables_of(result))
             log.warning(
@@ -551,8 +615,9 @@ class DevLoop:
             return
         self._apply(DRAFT_TRIGGER if self.settings.dev.draft else "dev", Path(result.path), locked)
 
-    def _apply(self, trigger: str, written: Path | None = None,
-               locked: sa.engine.Connection | None = None) -> None:
+    def _apply(
+        self, trigger: str, written: Path | None = None, locked: sa.engine.Connection | None = None
+    ) -> None:
         """Through the prod path; under the caller's hold of the lock when `locked` is given."""
         try:
             if locked is None:
@@ -617,8 +682,10 @@ def reparented(text: str, head: str) -> str:
     the docstring's "Revises:" line, as the template renders them."""
     text, count = _DOWN_REVISION.subn(lambda m: f"{m.group(1)}{head!r}{m.group(2) or ''}", text, count=1)
     if count != 1:
-        raise ConfigError("the draft has no literal `down_revision = ...` line to re-parent; "
-                          "seal it and run `reconciler merge`")
+        raise ConfigError(
+            "the draft has no literal `down_revision = ...` line to re-parent; "
+            "seal it and run `reconciler merge`"
+        )
     return _REVISES.sub(f"Revises: {head}", text, count=1)
 
 
@@ -654,8 +721,9 @@ def seal(settings: Settings, message: str) -> Path:
         text = draft.path.read_text(encoding="utf-8")
         text = DRAFT_LINE.sub("", text, count=1)
         text = _replace_message(text, draft.message, message)
-        target = draft.path.with_name(sealed_name(draft.path.name, draft.revision, draft.message,
-                                                  message, _slug_length(settings)))
+        target = draft.path.with_name(
+            sealed_name(draft.path.name, draft.revision, draft.message, message, _slug_length(settings))
+        )
         _write_replacing(draft.path, target, text)
         log.info("sealed", revision=draft.revision, path=str(target), message=message)
         return target
@@ -711,7 +779,7 @@ def _replace_message(text: str, old: str, new: str) -> str:
     """The docstring's first line is the message (the template's `\"\"\"${message}`)."""
     for quote in ('"""', "'''"):
         if old and text.startswith(quote + old):
-            return quote + new + text[len(quote + old):]
+            return quote + new + text[len(quote + old) :]
     if old and old in text:
         return text.replace(old, new, 1)
     return text

@@ -24,7 +24,15 @@ from prometheus_client import (
 from reconciler.core.state import CONDITIONS, SYNC_STATES
 
 OUTCOMES = (
-    "noop", "applied", "lock_busy", "failed", "unreachable", "refused", "blocked", "suspended", "deferred",
+    "noop",
+    "applied",
+    "lock_busy",
+    "failed",
+    "unreachable",
+    "refused",
+    "blocked",
+    "suspended",
+    "deferred",
 )
 STATES = SYNC_STATES + CONDITIONS
 

@@ -77,7 +77,9 @@ def _quiet_watchdog() -> None:
 
 
 def fingerprint(
-    paths: Sequence[Path], suffixes: Sequence[str] | None = (".py",), ignore: Sequence[str] = DEFAULT_IGNORE,
+    paths: Sequence[Path],
+    suffixes: Sequence[str] | None = (".py",),
+    ignore: Sequence[str] = DEFAULT_IGNORE,
     exclude: Sequence[Path] = (),
 ) -> str:
     """A cheap digest of the files under `paths`: names, sizes and mtime_ns, following symlinks.
@@ -95,7 +97,9 @@ def fingerprint(
 
 
 def files_under(
-    paths: Sequence[Path], suffixes: Sequence[str] | None = (".py",), ignore: Sequence[str] = DEFAULT_IGNORE,
+    paths: Sequence[Path],
+    suffixes: Sequence[str] | None = (".py",),
+    ignore: Sequence[str] = DEFAULT_IGNORE,
     exclude: Sequence[Path] = (),
 ) -> list[Path]:
     """The matching files under `paths`, spelled under each path as configured (as events are)."""
@@ -107,7 +111,10 @@ def files_under(
 
 
 def _stat_files(
-    spelled: str, root: str, suffixes: Sequence[str] | None, ignore: Sequence[str],
+    spelled: str,
+    root: str,
+    suffixes: Sequence[str] | None,
+    ignore: Sequence[str],
     exclude: Sequence[Path] = (),
 ) -> Iterator[tuple[str, int, int]]:
     if os.path.isfile(root):
@@ -389,7 +396,8 @@ class DirWatcher:
 
     def _map(self, path: str, is_dir: bool) -> Iterator[Path]:
         if _under(path, self._excluded) or (
-            self._excluded and _under(os.path.realpath(path), self._excluded)):
+            self._excluded and _under(os.path.realpath(path), self._excluded)
+        ):
             return
         for root in self._roots:
             mapped = root.map(path)
@@ -397,8 +405,12 @@ class DirWatcher:
                 continue
             parts = mapped.relative_to(root.path).parts
             if not any(
-                _ignored_at("/".join(parts[: n + 1]), str(root.path / Path(*parts[: n + 1])),
-                            is_dir or n < len(parts) - 1, self._ignore)
+                _ignored_at(
+                    "/".join(parts[: n + 1]),
+                    str(root.path / Path(*parts[: n + 1])),
+                    is_dir or n < len(parts) - 1,
+                    self._ignore,
+                )
                 for n in range(len(parts))
             ):
                 yield mapped

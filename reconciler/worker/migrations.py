@@ -41,8 +41,26 @@ from reconciler.sessions import driver_sql
 from reconciler.worker.target import tables_of_files
 
 DEFAULT_VERSION_TABLE = "alembic_version"
-_DML = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "SHOW", "DESCRIBE", "DESC",
-                  "EXPLAIN", "VALUES", "TABLE", "SAVEPOINT", "RELEASE", "DO", "CALL"})
+_DML = frozenset(
+    {
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "REPLACE",
+        "WITH",
+        "SHOW",
+        "DESCRIBE",
+        "DESC",
+        "EXPLAIN",
+        "VALUES",
+        "TABLE",
+        "SAVEPOINT",
+        "RELEASE",
+        "DO",
+        "CALL",
+    }
+)
 _FIRST_WORD = re.compile(r"^[\s(]*([A-Za-z]+)")
 _ENDS_TRANSACTION = frozenset({"COMMIT", "END"})  # PostgreSQL, SQLite: `op.execute("COMMIT")`
 _SPLIT_PATHS = re.compile(r"[,\s" + re.escape(os.pathsep) + r"]+")
@@ -350,8 +368,9 @@ class Migrations:
         self._run(fn, dont_mutate=True)
         return found
 
-    def headers(self, paths: Iterable[Path], on_error: Callable[[BaseException, Path], BaseException]
-                ) -> list[dict[str, Any]]:
+    def headers(
+        self, paths: Iterable[Path], on_error: Callable[[BaseException, Path], BaseException]
+    ) -> list[dict[str, Any]]:
         """Execute revision files and return their identifiers (for non-literal headers)."""
         from alembic.util import load_python_file
 
@@ -389,8 +408,7 @@ class Migrations:
             out = []
             for rev in wanted:
                 script = self.script.get_revision(rev)
-                out.append(record_revision(script.module, str(script.path), rev, url,
-                                           recording, environment))
+                out.append(record_revision(script.module, str(script.path), rev, url, recording, environment))
             return out
         finally:
             recording.close()
@@ -409,8 +427,14 @@ class Migrations:
         rev_id = request.rev_id or new_rev_id()
         self._refuse_existing(rev_id)
         command_args: dict[str, Any] = {
-            "message": request.message, "autogenerate": True, "sql": False, "head": request.head,
-            "splice": False, "branch_label": None, "version_path": None, "rev_id": rev_id,
+            "message": request.message,
+            "autogenerate": True,
+            "sql": False,
+            "head": request.head,
+            "splice": False,
+            "branch_label": None,
+            "version_path": None,
+            "rev_id": rev_id,
             "depends_on": None,
         }
         revision_context = autogenerate.RevisionContext(self.config, self.script, command_args)
@@ -431,10 +455,10 @@ class Migrations:
             return []
 
         with _autogenerate_flag(self.config), _scoped():
-            self._run(fn, template_args=revision_context.template_args,
-                      revision_context=revision_context)
-        infos = finish_scripts(revision_context.generated_revisions, request.known,
-                               dialects[0] if dialects else None)
+            self._run(fn, template_args=revision_context.template_args, revision_context=revision_context)
+        infos = finish_scripts(
+            revision_context.generated_revisions, request.known, dialects[0] if dialects else None
+        )
         outcome = self._write(revision_context, infos, request)
         if scopes:
             outcome.compared = sorted({name for scope in scopes for name in scope.compared()})
@@ -482,8 +506,7 @@ class Migrations:
             folders = [self.directory / "versions"]
         return {p for folder in folders if folder.is_dir() for p in folder.rglob("*.py")}
 
-    def _write(self, revision_context: Any, infos: list[OpInfo], request: GenerateRequest
-               ) -> GenerateOutcome:
+    def _write(self, revision_context: Any, infos: list[OpInfo], request: GenerateRequest) -> GenerateOutcome:
         before = self._revision_files()
         hooks = HookRuns()
         try:
@@ -509,22 +532,24 @@ class Migrations:
             hook_failures=hooks.failures,
         )
 
-    def empty_revision(self, message: str | None, head: str = "head", rev_id: str | None = None
-                       ) -> GenerateOutcome:
+    def empty_revision(
+        self, message: str | None, head: str = "head", rev_id: str | None = None
+    ) -> GenerateOutcome:
         """An empty revision from the directory's template, as `flask db revision` writes it
         (Alembic's `revision` without autogenerate: env.py runs only with `revision_environment`)."""
         from alembic import command
 
-        return self._written(lambda: command.revision(self.config, message=message, head=head,
-                                                      rev_id=rev_id), message)
+        return self._written(
+            lambda: command.revision(self.config, message=message, head=head, rev_id=rev_id), message
+        )
 
-    def merge(self, revisions: list[str], message: str | None, rev_id: str | None = None
-              ) -> GenerateOutcome:
+    def merge(self, revisions: list[str], message: str | None, rev_id: str | None = None) -> GenerateOutcome:
         """A merge revision of `revisions` (`heads`: all of them), as `flask db merge` writes it."""
         from alembic import command
 
-        return self._written(lambda: command.merge(self.config, revisions, message=message,
-                                                   rev_id=rev_id), message)
+        return self._written(
+            lambda: command.merge(self.config, revisions, message=message, rev_id=rev_id), message
+        )
 
     def _written(self, write: Callable[[], Any], message: str | None) -> GenerateOutcome:
         """Run one of Alembic's writing commands with the post-write hooks named on failure."""
@@ -597,8 +622,7 @@ def _set_target_metadata(env_py: Path, lines: str) -> None:
     pattern = re.compile(r"^target_metadata = None$", re.MULTILINE)
     if not pattern.search(text):
         raise ConfigError(
-            f"{env_py} has no line 'target_metadata = None' to replace; set target_metadata "
-            "in it by hand"
+            f"{env_py} has no line 'target_metadata = None' to replace; set target_metadata in it by hand"
         )
     env_py.write_text(pattern.sub(lambda _m: lines, text, count=1), encoding="utf-8")
 
@@ -716,8 +740,11 @@ def _describe_one(diff: tuple[Any, ...]) -> tuple[str, str, str, str, str]:
 
 
 def _fk_extra(fk: Any) -> str:
-    shown = [f"ON {k[2:].upper()} {v}" for k, v in _fk_options(fk).items()
-             if k in ("ondelete", "onupdate") and v != "none"]
+    shown = [
+        f"ON {k[2:].upper()} {v}"
+        for k, v in _fk_options(fk).items()
+        if k in ("ondelete", "onupdate") and v != "none"
+    ]
     return f" ({', '.join(shown)})" if shown else ""
 
 
@@ -725,12 +752,17 @@ def _fk_pair(removed: tuple[Any, ...], added: tuple[Any, ...], key: str) -> tupl
     """(key, detail, text) of a foreign key autogenerate drops and re-creates: one difference."""
     old, new = _fk_options(removed[1]), _fk_options(added[1])
     changed = [k for k in _FK_OPTIONS if old[k] != new[k]]
-    detail = (f"database {' '.join(f'{k}={v}' for k, v in old.items())}; "
-              f"models {' '.join(f'{k}={v}' for k, v in new.items())}")
+    detail = (
+        f"database {' '.join(f'{k}={v}' for k, v in old.items())}; "
+        f"models {' '.join(f'{k}={v}' for k, v in new.items())}"
+    )
     how = " and ".join(f"{k} (database {old[k]}, models {new[k]})" for k in changed)
     only = "only " if len(changed) == 1 else ""
-    text = f"foreign key {key} differs {only}in {how}" if changed else (
-        f"foreign key {key} is dropped and re-created ({detail})")
+    text = (
+        f"foreign key {key} differs {only}in {how}"
+        if changed
+        else (f"foreign key {key} is dropped and re-created ({detail})")
+    )
     return f"modify_fk {key}", detail, text
 
 
@@ -763,8 +795,7 @@ def describe_differences(diffs: list[Any], exclude_tables: frozenset[str]) -> li
     flat: list[tuple[Any, ...]] = []
     for diff in diffs:
         flat.extend(diff if isinstance(diff, list) else [diff])
-    out = [row for row, table, _ in _described(flat)
-           if table.rsplit(".", 1)[-1] not in exclude_tables]
+    out = [row for row, table, _ in _described(flat) if table.rsplit(".", 1)[-1] not in exclude_tables]
     return sorted(out, key=lambda d: (d["key"], d["detail"]))
 
 
@@ -774,9 +805,12 @@ MESSAGE_LIMIT = 60
 _HEADER_ASSIGNMENTS = frozenset({"revision", "down_revision", "branch_labels", "depends_on"})
 _NOT_A_SLUG = re.compile(r"[^a-z0-9]+")
 _TEXT_LIMIT = 300
-_ALTER_CLEARS = {"modify_type": ("modify_type", None), "modify_nullable": ("modify_nullable", None),
-                 "modify_default": ("modify_server_default", False),
-                 "modify_comment": ("modify_comment", False)}
+_ALTER_CLEARS = {
+    "modify_type": ("modify_type", None),
+    "modify_nullable": ("modify_nullable", None),
+    "modify_default": ("modify_server_default", False),
+    "modify_comment": ("modify_comment", False),
+}
 
 
 @dataclass(frozen=True)
@@ -900,8 +934,12 @@ class _HookProcess:
             ) from None
         if done.returncode != 0:
             output = (done.stdout or b"").decode("utf-8", "replace").strip()
-            self.failure = {"hook": self.name, "type": self.kind, "exit_code": str(done.returncode),
-                            "output": redact(output[-_HOOK_OUTPUT_KEPT:])}
+            self.failure = {
+                "hook": self.name,
+                "type": self.kind,
+                "exit_code": str(done.returncode),
+                "output": redact(output[-_HOOK_OUTPUT_KEPT:]),
+            }
         return done
 
 
@@ -1034,8 +1072,7 @@ class TableScope:
             return True
         return False
 
-    def include_object(self, obj: Any, name: Any, type_: str, reflected: bool, compare_to: Any
-                       ) -> bool:
+    def include_object(self, obj: Any, name: Any, type_: str, reflected: bool, compare_to: Any) -> bool:
         if type_ != "table" or reflected or not isinstance(name, str):
             return True
         key = _qualified(name, getattr(obj, "schema", None))
@@ -1081,11 +1118,14 @@ def mark_draft(path: Path) -> None:
     lines = text.splitlines(keepends=True)
     end = len(lines)
     for node in ast.parse(text).body:
-        targets = node.targets if isinstance(node, ast.Assign) else (
-            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else ([node.target] if isinstance(node, ast.AnnAssign) else [])
+        )
         names = {t.id for t in targets if isinstance(t, ast.Name)}
         if "draft" in names:  # the template already has one: replace it
-            del lines[node.lineno - 1:node.end_lineno or node.lineno]
+            del lines[node.lineno - 1 : node.end_lineno or node.lineno]
             end = node.lineno - 1
             break
         if names & _HEADER_ASSIGNMENTS:
@@ -1262,22 +1302,32 @@ def derive_message(infos: list[OpInfo]) -> str:
 def possible_renames(infos: list[OpInfo]) -> list[str]:
     """A dropped column (table) and an added one of the same type (columns): maybe a rename."""
     lines: list[str] = []
-    pairs = (("drop_column", "add_column", "a column dropped and one of the same type added "
-              "in one table"),
-             ("drop_table", "create_table", "a table dropped and one with the same columns "
-              "created"))
+    pairs = (
+        ("drop_column", "add_column", "a column dropped and one of the same type added in one table"),
+        ("drop_table", "create_table", "a table dropped and one with the same columns created"),
+    )
     for dropped_kind, added_kind, why in pairs:
         added = [i for i in infos if i.kind == added_kind and i.shape]
         for dropped in (i for i in infos if i.kind == dropped_kind and i.shape):
-            match = next((a for a in added if a.shape == dropped.shape
-                          and (dropped_kind == "drop_table" or a.table == dropped.table)), None)
+            match = next(
+                (
+                    a
+                    for a in added
+                    if a.shape == dropped.shape and (dropped_kind == "drop_table" or a.table == dropped.table)
+                ),
+                None,
+            )
             if match is None:
                 continue
             added.remove(match)
-            old, new = (f"{dropped.table}.{dropped.name}", f"{match.table}.{match.name}") if (
-                dropped_kind == "drop_column") else (dropped.table, match.table)
-            lines.append(f"{old} -> {new}? ({why}: possibly a rename, which would keep the data "
-                         "that the drop loses)")
+            old, new = (
+                (f"{dropped.table}.{dropped.name}", f"{match.table}.{match.name}")
+                if (dropped_kind == "drop_column")
+                else (dropped.table, match.table)
+            )
+            lines.append(
+                f"{old} -> {new}? ({why}: possibly a rename, which would keep the data that the drop loses)"
+            )
     return lines
 
 
@@ -1324,8 +1374,9 @@ def describe_operation(op: Any, dialect: Any) -> OpInfo:
             return describe(op, dialect)
     kind = _slug(re.sub(r"(?<!^)(?=[A-Z])", "_", type(op).__name__.removesuffix("Op")))
     table = _qualified(str(getattr(op, "table_name", "") or ""), getattr(op, "schema", None))
-    return OpInfo(kind, table, "", kind.replace("_", " ") + (f" on {table}" if table else ""),
-                  f"{kind}_{table}")
+    return OpInfo(
+        kind, table, "", kind.replace("_", " ") + (f" on {table}" if table else ""), f"{kind}_{table}"
+    )
 
 
 def _table_of(op: Any) -> str:
@@ -1336,17 +1387,29 @@ def _add_column(op: Any, dialect: Any) -> OpInfo:
     table, column = _table_of(op), op.column
     null = "" if column.nullable else " NOT NULL"
     text = f"add column {table}.{column.name} {_type_text(column.type, dialect)}{null}"
-    return OpInfo("add_column", table, str(column.name), text.replace("  ", " "),
-                  f"add_column_{table}_{column.name}", shape=_type_shape(column.type))
+    return OpInfo(
+        "add_column",
+        table,
+        str(column.name),
+        text.replace("  ", " "),
+        f"add_column_{table}_{column.name}",
+        shape=_type_shape(column.type),
+    )
 
 
 def _drop_column(op: Any, dialect: Any) -> OpInfo:
     table, name = _table_of(op), str(op.column_name)
     column_type = _quietly(lambda: op.to_column().type)
     text = f"drop column {table}.{name} {_type_text(column_type, dialect)}".rstrip()
-    return OpInfo("drop_column", table, name, text, f"drop_column_{table}_{name}",
-                  destructive=f"drop column {table}.{name}: its values are lost",
-                  shape=_type_shape(column_type))
+    return OpInfo(
+        "drop_column",
+        table,
+        name,
+        text,
+        f"drop_column_{table}_{name}",
+        destructive=f"drop column {table}.{name}: its values are lost",
+        shape=_type_shape(column_type),
+    )
 
 
 def _quietly(get: Callable[[], Any]) -> Any:
@@ -1370,18 +1433,28 @@ def _table_shape(columns: list[Any]) -> tuple[Any, ...]:
 def _create_table(op: Any, dialect: Any) -> OpInfo:
     table, columns = _table_of(op), _columns_of(op.columns)
     listed = ", ".join(f"{c.name} {_type_text(c.type, dialect)}".strip() for c in columns)
-    return OpInfo("create_table", table, str(op.table_name),
-                  _short_text(f"create table {table} ({listed})"), f"create_table_{table}",
-                  shape=_table_shape(columns))
+    return OpInfo(
+        "create_table",
+        table,
+        str(op.table_name),
+        _short_text(f"create table {table} ({listed})"),
+        f"create_table_{table}",
+        shape=_table_shape(columns),
+    )
 
 
 def _drop_table(op: Any, dialect: Any) -> OpInfo:
     table = _table_of(op)
     columns = _columns_of(_quietly(lambda: op.to_table().columns) or ())
-    return OpInfo("drop_table", table, str(op.table_name), f"drop table {table}",
-                  f"drop_table_{table}",
-                  destructive=f"drop table {table}: all its rows are lost",
-                  shape=_table_shape(columns))
+    return OpInfo(
+        "drop_table",
+        table,
+        str(op.table_name),
+        f"drop table {table}",
+        f"drop_table_{table}",
+        destructive=f"drop table {table}: all its rows are lost",
+        shape=_table_shape(columns),
+    )
 
 
 def _alter_column(op: Any, dialect: Any) -> OpInfo:
@@ -1410,22 +1483,27 @@ def _alter_column(op: Any, dialect: Any) -> OpInfo:
         changes.append(f"rename to {op.modify_name}")
         what.append("name")
     text = f"alter column {table}.{name} {'; '.join(changes)}".rstrip()
-    return OpInfo("alter_column", table, name, text,
-                  f"alter_column_{table}_{name}_{'_'.join(what)}", destructive=loss)
+    return OpInfo(
+        "alter_column", table, name, text, f"alter_column_{table}_{name}_{'_'.join(what)}", destructive=loss
+    )
 
 
 def _create_index(op: Any, dialect: Any) -> OpInfo:
     table, name = _table_of(op), str(op.index_name or "")
     columns = _names(op.columns)
     unique = "unique " if getattr(op, "unique", False) else ""
-    return OpInfo("add_index", table, name, f"add {unique}index {name} on {table} ({columns})",
-                  f"add_index_{name or table + '_' + columns}")
+    return OpInfo(
+        "add_index",
+        table,
+        name,
+        f"add {unique}index {name} on {table} ({columns})",
+        f"add_index_{name or table + '_' + columns}",
+    )
 
 
 def _drop_index(op: Any, dialect: Any) -> OpInfo:
     table, name = _table_of(op), str(op.index_name or "")
-    return OpInfo("drop_index", table, name, f"drop index {name} on {table}",
-                  f"drop_index_{name or table}")
+    return OpInfo("drop_index", table, name, f"drop index {name} on {table}", f"drop_index_{name or table}")
 
 
 def _add_constraint(kind: str, noun: str) -> Callable[[Any, Any], OpInfo]:
@@ -1446,17 +1524,20 @@ def _add_constraint(kind: str, noun: str) -> Callable[[Any, Any], OpInfo]:
     return describe
 
 
-_DROPPED_CONSTRAINTS = {"foreignkey": ("drop_foreign_key", "foreign key"),
-                        "unique": ("drop_unique", "unique constraint"),
-                        "check": ("drop_check", "check constraint"),
-                        "primary": ("drop_primary_key", "primary key")}
+_DROPPED_CONSTRAINTS = {
+    "foreignkey": ("drop_foreign_key", "foreign key"),
+    "unique": ("drop_unique", "unique constraint"),
+    "check": ("drop_check", "check constraint"),
+    "primary": ("drop_primary_key", "primary key"),
+}
 
 
 def _drop_constraint(op: Any, dialect: Any) -> OpInfo:
     table, name = _table_of(op), str(op.constraint_name or "")
     kind, noun = _DROPPED_CONSTRAINTS.get(str(op.constraint_type), ("drop_constraint", "constraint"))
-    return OpInfo(kind, table, name, f"drop {noun} {name} on {table}".replace("  ", " "),
-                  f"{kind}_{name or table}")
+    return OpInfo(
+        kind, table, name, f"drop {noun} {name} on {table}".replace("  ", " "), f"{kind}_{name or table}"
+    )
 
 
 def _table_comment(kind: str) -> Callable[[Any, Any], OpInfo]:
@@ -1721,13 +1802,19 @@ class _RecordingBatch(BatchOperations):
 class _Recorder:
     """Runs one revision's upgrade() against recording operations."""
 
-    def __init__(self, url: str, path: str, recording: _RecordingConnection | None = None,
-                 environment: EnvironmentContext | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        path: str,
+        recording: _RecordingConnection | None = None,
+        environment: EnvironmentContext | None = None,
+    ) -> None:
         from alembic.runtime.migration import MigrationContext
         from sqlalchemy.engine.url import make_url
 
         self.context = MigrationContext.configure(
-            url=make_url(url), opts={"as_sql": True, "output_buffer": io.StringIO()},
+            url=make_url(url),
+            opts={"as_sql": True, "output_buffer": io.StringIO()},
             environment_context=environment,
         )
         self.renderer = Operations(self.context)
@@ -1762,9 +1849,18 @@ class _Recorder:
 
     def record_sql(self, statement: Any) -> None:
         text = statement if isinstance(statement, str) else str(statement)
-        self.ops.append({"op": "ExecuteSQLOp", "table": "", "schema": "", "sql": text,
-                         "text": f"execute {_short_text(text)}", "line": self.line(),
-                         "batch": False, "via_bind": True})
+        self.ops.append(
+            {
+                "op": "ExecuteSQLOp",
+                "table": "",
+                "schema": "",
+                "sql": text,
+                "text": f"execute {_short_text(text)}",
+                "line": self.line(),
+                "batch": False,
+                "via_bind": True,
+            }
+        )
 
 
 # The per-operation check: a revision the recording could not follow runs for real (one
@@ -1774,8 +1870,7 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def checking_operations(module: Any, path: str, revision: str, check: Mapping[str, Any]
-                        ) -> Iterator[None]:
+def checking_operations(module: Any, path: str, revision: str, check: Mapping[str, Any]) -> Iterator[None]:
     import alembic.operations.base
     import sqlalchemy as sa
     from sqlalchemy import event
@@ -1802,9 +1897,11 @@ def checking_operations(module: Any, path: str, revision: str, check: Mapping[st
     def invoke(self: Any, operation: Any) -> Any:
         if state["inside"] and state["depth"] == 0:
             if not self.migration_context.impl.transactional_ddl:  # env.py turned it off
-                refuse([f"{describe_operation(operation, self.migration_context.dialect).text}"],
-                       _caller_line(real_path),
-                       "env.py turned transactional_ddl off, so its DDL could not be rolled back")
+                refuse(
+                    [f"{describe_operation(operation, self.migration_context.dialect).text}"],
+                    _caller_line(real_path),
+                    "env.py turned transactional_ddl off, so its DDL could not be rolled back",
+                )
             entry = recorded_operation(operation, self.migration_context.dialect)
             add_live_facts(entry, LiveSchema(self.migration_context.bind))
             reasons = rules.before(entry)
@@ -1882,8 +1979,12 @@ def _recorded_alter(op: Any) -> dict[str, Any]:
 
 def _recorded_add_column(op: Any) -> dict[str, Any]:
     column = op.column
-    return {"column": str(column.name), "nullable": bool(column.nullable),
-            "server_default": column.server_default is not None, "type": type_info(column.type)}
+    return {
+        "column": str(column.name),
+        "nullable": bool(column.nullable),
+        "server_default": column.server_default is not None,
+        "type": type_info(column.type),
+    }
 
 
 _RECORDED: dict[str, Callable[[Any], dict[str, Any]]] = {
@@ -1892,25 +1993,30 @@ _RECORDED: dict[str, Callable[[Any], dict[str, Any]]] = {
     "DropColumnOp": lambda op: {"column": str(op.column_name)},
     "AlterColumnOp": _recorded_alter,
     "CreateIndexOp": lambda op: {
-        "name": str(op.index_name or ""), "unique": bool(op.unique),
+        "name": str(op.index_name or ""),
+        "unique": bool(op.unique),
         "concurrently": bool((op.kw or {}).get("postgresql_concurrently")),
     },
     "DropIndexOp": lambda op: {"name": str(op.index_name or "")},
-    "DropConstraintOp": lambda op: {"name": str(op.constraint_name or ""),
-                                    "constraint_type": str(op.constraint_type or "")},
+    "DropConstraintOp": lambda op: {
+        "name": str(op.constraint_name or ""),
+        "constraint_type": str(op.constraint_type or ""),
+    },
     "RenameTableOp": lambda op: {"new_table": str(op.new_table_name)},
     "ExecuteSQLOp": lambda op: {"sql_text": op.sqltext if isinstance(op.sqltext, str) else str(op.sqltext)},
     "BulkInsertOp": lambda op: {"table": str(getattr(op.table, "name", op.table))},
     "CreateForeignKeyOp": lambda op: {
-        "name": str(op.constraint_name or ""), "constraint_type": "foreignkey",
-        "columns": [str(c) for c in op.local_cols], "ondelete": (op.kw or {}).get("ondelete"),
+        "name": str(op.constraint_name or ""),
+        "constraint_type": "foreignkey",
+        "columns": [str(c) for c in op.local_cols],
+        "ondelete": (op.kw or {}).get("ondelete"),
     },
-    "CreateUniqueConstraintOp": lambda op: {"name": str(op.constraint_name or ""),
-                                            "constraint_type": "unique"},
-    "CreateCheckConstraintOp": lambda op: {"name": str(op.constraint_name or ""),
-                                           "constraint_type": "check"},
-    "CreatePrimaryKeyOp": lambda op: {"name": str(op.constraint_name or ""),
-                                      "constraint_type": "primary"},
+    "CreateUniqueConstraintOp": lambda op: {
+        "name": str(op.constraint_name or ""),
+        "constraint_type": "unique",
+    },
+    "CreateCheckConstraintOp": lambda op: {"name": str(op.constraint_name or ""), "constraint_type": "check"},
+    "CreatePrimaryKeyOp": lambda op: {"name": str(op.constraint_name or ""), "constraint_type": "primary"},
 }
 
 
@@ -1990,9 +2096,14 @@ def watch_sections() -> None:
     event.listen(Engine, "before_cursor_execute", SECTIONS.before_execute)
 
 
-def record_revision(module: Any, path: str, revision: str, url: str,
-                    recording: _RecordingConnection | None = None,
-                    environment: EnvironmentContext | None = None) -> dict[str, Any]:
+def record_revision(
+    module: Any,
+    path: str,
+    revision: str,
+    url: str,
+    recording: _RecordingConnection | None = None,
+    environment: EnvironmentContext | None = None,
+) -> dict[str, Any]:
     """Run `module.upgrade()` with `op` recording, for the database of `url`: through
     `recording`'s read-only connection when given, else never connected.
 
@@ -2017,12 +2128,31 @@ def record_revision(module: Any, path: str, revision: str, url: str,
         _proxy_to(None)
         if recording is not None:
             recording.recorder = None
-    return {"revision": revision, "path": path, "ops": recorder.ops, "error": error,
-            "error_line": line, "error_kind": kind}
+    return {
+        "revision": revision,
+        "path": path,
+        "ops": recorder.ops,
+        "error": error,
+        "error_line": line,
+        "error_kind": kind,
+    }
 
 
-_DATABASE_MODULES = frozenset({"sqlalchemy", "sqlite3", "_sqlite3", "psycopg", "psycopg2", "pymysql",
-                               "MySQLdb", "mysql", "mariadb", "asyncpg", "pg8000"})
+_DATABASE_MODULES = frozenset(
+    {
+        "sqlalchemy",
+        "sqlite3",
+        "_sqlite3",
+        "psycopg",
+        "psycopg2",
+        "pymysql",
+        "MySQLdb",
+        "mysql",
+        "mariadb",
+        "asyncpg",
+        "pg8000",
+    }
+)
 
 
 def _from_the_bind(exc: BaseException) -> bool:
@@ -2040,8 +2170,9 @@ def _upgrade_functions(module: Any) -> list[Callable[[], Any]]:
     upgrade = module.upgrade
     if not inspect.signature(upgrade).parameters:
         return [upgrade]
-    per_engine = [f for name, f in sorted(vars(module).items())
-                  if name.startswith("upgrade_") and callable(f)]
+    per_engine = [
+        f for name, f in sorted(vars(module).items()) if name.startswith("upgrade_") and callable(f)
+    ]
     return per_engine or [upgrade]
 
 

@@ -188,8 +188,12 @@ class ConnectionGuard:
         if driver in ("psycopg2", "psycopg", "psycopg2cffi"):
             if timeout > 0:
                 cparams.setdefault("connect_timeout", max(1, math.ceil(timeout)))
-            for key, value in (("keepalives", 1), ("keepalives_idle", 30),
-                               ("keepalives_interval", 10), ("keepalives_count", 3)):
+            for key, value in (
+                ("keepalives", 1),
+                ("keepalives_idle", 30),
+                ("keepalives_interval", 10),
+                ("keepalives_count", 3),
+            ):
                 cparams.setdefault(key, value)
             if driver == "psycopg":  # no server-side prepared statements behind a pooler
                 cparams.setdefault("prepare_threshold", None)
@@ -213,7 +217,10 @@ class ConnectionGuard:
             dbapi_connection.isolation_level = None  # we emit BEGIN ourselves: transactional DDL
             record.info[_SQLITE_BEGIN] = True
         statements = sessions.session_statements(
-            dialect, self.job.app_name, self.job.ddl_lock_timeout, self.job.statement_timeout,
+            dialect,
+            self.job.app_name,
+            self.job.ddl_lock_timeout,
+            self.job.statement_timeout,
             self.job.set_role,
         )
         sessions.run_session_statements(dbapi_connection, statements)
@@ -350,9 +357,14 @@ def _revision_id_of(path: str) -> str | None:
     return parsed.revision if parsed is not None else None
 
 
-def error_payload(exc: BaseException, op: str, job: Job | None,
-                  guard: ConnectionGuard | None, env_ran: bool = True,
-                  place: RevisionPlace | None = None) -> dict[str, Any]:
+def error_payload(
+    exc: BaseException,
+    op: str,
+    job: Job | None,
+    guard: ConnectionGuard | None,
+    env_ran: bool = True,
+    place: RevisionPlace | None = None,
+) -> dict[str, Any]:
     """The `error` object of a failed reply.
 
     `env_ran` is False when env.py failed before reaching `context.run_migrations()`: its own
@@ -489,8 +501,12 @@ class Runner:
             migrations.Guard(job.exclude_tables, job.version_table, job.version_table_schema)
         )
         migrations.CONFIGURED_TABLES.install()  # before any user code: tables made at configuration
-        return {"pid": os.getpid(), "python": sys.version.split()[0], "versions": _versions(),
-                "flask_env": self.flask_env}
+        return {
+            "pid": os.getpid(),
+            "python": sys.version.split()[0],
+            "versions": _versions(),
+            "flask_env": self.flask_env,
+        }
 
     def _build_migrations(self) -> None:
         job = self._job()
@@ -528,8 +544,13 @@ class Runner:
         if self.project is None:
             job = self._job()
             spec = target.ProjectSpec(
-                root=job.root, url=job.url, migrations_dir=job.migrations_dir,
-                models=job.models, app=job.app, migrate=job.migrate, imports=job.imports,
+                root=job.root,
+                url=job.url,
+                migrations_dir=job.migrations_dir,
+                models=job.models,
+                app=job.app,
+                migrate=job.migrate,
+                imports=job.imports,
             )
             project = target.load_project(spec, flask_env)
             self._migrations().use_callbacks(lambda c: target.configure_callbacks(project, c))
@@ -552,8 +573,9 @@ class Runner:
         self._prepare_env()
         started = time.monotonic()
         check = request.get("check")  # the guard's per-operation check of this revision
-        applied = self._migrations().upgrade(str(request["revision"]),
-                                             dict(check) if isinstance(check, dict) else None)
+        applied = self._migrations().upgrade(
+            str(request["revision"]), dict(check) if isinstance(check, dict) else None
+        )
         return {"duration_ms": _ms_since(started), "revisions": applied}
 
     def op_downgrade(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -601,8 +623,10 @@ class Runner:
             head=str(request.get("head") or "head"),
             tables=frozenset(str(t) for t in tables) if tables is not None else None,
             files=frozenset(str(root / str(f)) for f in files) if files is not None else None,
-            classes={str(root / str(f)): frozenset(str(n) for n in names)
-                     for f, names in (request.get("classes") or {}).items()},
+            classes={
+                str(root / str(f)): frozenset(str(n) for n in names)
+                for f, names in (request.get("classes") or {}).items()
+            },
             known=migrations.known_of(request.get("known") or ()),
         )
         started = time.monotonic()
@@ -614,16 +638,19 @@ class Runner:
         sets `revision_environment` (env.py runs then, so a Flask env.py gets its app)."""
         self._prepare_revision_env()
         outcome = self._migrations().empty_revision(
-            _text_or_none(request.get("message")), str(request.get("head") or "head"),
-            _text_or_none(request.get("rev_id")))
+            _text_or_none(request.get("message")),
+            str(request.get("head") or "head"),
+            _text_or_none(request.get("rev_id")),
+        )
         return dataclasses.asdict(outcome)
 
     def op_merge(self, request: dict[str, Any]) -> dict[str, Any]:
         """A merge revision of the named revisions (`flask db merge`)."""
         self._prepare_revision_env()
         revisions = [str(r) for r in request.get("revisions") or ("heads",)]
-        outcome = self._migrations().merge(revisions, _text_or_none(request.get("message")),
-                                           _text_or_none(request.get("rev_id")))
+        outcome = self._migrations().merge(
+            revisions, _text_or_none(request.get("message")), _text_or_none(request.get("rev_id"))
+        )
         return dataclasses.asdict(outcome)
 
     def _prepare_revision_env(self) -> None:
@@ -668,8 +695,13 @@ class Runner:
         The URL keeps its password: the control plane registers it as a secret on receipt."""
         job = self._job()
         spec = target.ProjectSpec(
-            root=job.root, url=job.url, migrations_dir=job.migrations_dir,
-            models=job.models, app=job.app, migrate=job.migrate, imports=job.imports,
+            root=job.root,
+            url=job.url,
+            migrations_dir=job.migrations_dir,
+            models=job.models,
+            app=job.app,
+            migrate=job.migrate,
+            imports=job.imports,
         )
         project = self._load_project(False)
         return {"app_url": target.app_database_url(spec, project)}
@@ -711,9 +743,17 @@ def _load_driver(url: str) -> None:
             loader()
 
 
-_PRELOAD = ("sqlalchemy.orm", "sqlalchemy.ext.declarative", "alembic.autogenerate",
-            "alembic.operations", "alembic.command", "mako.template",
-            "flask", "flask_sqlalchemy", "flask_migrate")
+_PRELOAD = (
+    "sqlalchemy.orm",
+    "sqlalchemy.ext.declarative",
+    "alembic.autogenerate",
+    "alembic.operations",
+    "alembic.command",
+    "mako.template",
+    "flask",
+    "flask_sqlalchemy",
+    "flask_migrate",
+)
 
 
 def preload() -> None:
@@ -812,8 +852,9 @@ def section_reporter(proto_in: IO[str], proto_out: IO[str]) -> Callable[[str, st
     leaves a step that is judged `dirty`, never rolled back and run again."""
 
     def report(revision: str, reason: str) -> None:
-        proto_out.write(json.dumps({"event": "non_transactional", "revision": revision,
-                                    "reason": reason}) + "\n")
+        proto_out.write(
+            json.dumps({"event": "non_transactional", "revision": revision, "reason": reason}) + "\n"
+        )
         proto_out.flush()
         line = proto_in.readline()
         try:
@@ -841,9 +882,16 @@ def serve(proto_in: IO[str], proto_out: IO[str]) -> None:
             if not isinstance(request, dict):
                 raise ValueError("not an object")
         except ValueError as exc:
-            reply: dict[str, Any] = {"ok": False, "error": {
-                "class": "ProtocolError", "message": f"bad request line: {exc}",
-                "sqlstate": None, "exit_code": 2, "revision": None}}
+            reply: dict[str, Any] = {
+                "ok": False,
+                "error": {
+                    "class": "ProtocolError",
+                    "message": f"bad request line: {exc}",
+                    "sqlstate": None,
+                    "exit_code": 2,
+                    "revision": None,
+                },
+            }
             request = {}
         else:
             reply = runner.handle(request)
@@ -856,8 +904,9 @@ def serve(proto_in: IO[str], proto_out: IO[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m reconciler.worker")
     parser.add_argument("--parent", type=int, default=None, help="pid of the control plane")
-    parser.add_argument("--preload", action="store_true",
-                        help="import Flask and friends at start (a pre-warmed spare)")
+    parser.add_argument(
+        "--preload", action="store_true", help="import Flask and friends at start (a pre-warmed spare)"
+    )
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; its death kills us
@@ -873,4 +922,3 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.flush()
             sys.stdout.flush()
         os._exit(0)  # user code may have left non-daemon threads behind
-

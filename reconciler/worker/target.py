@@ -78,8 +78,13 @@ def distrust_stale_bytecode(folders: Iterable[str | Path]) -> None:
     """
     from importlib.machinery import SourceFileLoader
 
-    prefixes = tuple({os.path.join(form, "") for f in folders
-                      for form in (os.path.abspath(str(f)), os.path.realpath(str(f)))})
+    prefixes = tuple(
+        {
+            os.path.join(form, "")
+            for f in folders
+            for form in (os.path.abspath(str(f)), os.path.realpath(str(f)))
+        }
+    )
     original = getattr(SourceFileLoader.path_stats, "_reconciler_original", None)
     original = original or SourceFileLoader.path_stats
 
@@ -166,14 +171,10 @@ def user_error(exc: BaseException, what: str, root: Path) -> ConfigError:
     """A ConfigError naming the file and line of a user's code failure; no traceback."""
     if isinstance(exc, SyntaxError):
         where = f"{exc.filename}:{exc.lineno}" if exc.filename else "unknown file"
-        return ConfigError(
-            _short(f"{what}: syntax error at {where}: {exc.msg}; fix the file and retry")
-        )
+        return ConfigError(_short(f"{what}: syntax error at {where}: {exc.msg}; fix the file and retry"))
     frame = _user_frame(exc, root)
     where = f" at {frame.filename}:{frame.lineno}" if frame else ""
-    return ConfigError(
-        _short(f"{what} failed{where}: {type(exc).__name__}: {exc}; fix the error and retry")
-    )
+    return ConfigError(_short(f"{what} failed{where}: {type(exc).__name__}: {exc}; fix the error and retry"))
 
 
 def import_module(name: str, what: str, root: Path) -> ModuleType:
@@ -516,9 +517,7 @@ def _load_app(spec: ProjectSpec) -> Any:
     except (Exception, SystemExit) as exc:
         raise user_error(exc, f"calling the app factory {spec.app!r}", spec.root) from None
     if not isinstance(app, Flask):
-        raise ConfigError(
-            f"[target] app {spec.app!r} returned a {type(app).__name__}, not a Flask app"
-        )
+        raise ConfigError(f"[target] app {spec.app!r} returned a {type(app).__name__}, not a Flask app")
     return app
 
 

@@ -29,11 +29,11 @@ def write(tmp_path: Path, text: str) -> Path:
 def _example() -> dict[str, object]:
     """config.example.toml, with its commented-out [[alerts]] block read as well."""
     text = (ROOT / "config.example.toml").read_text(encoding="utf-8")
-    block = text[text.index("# [[alerts]]"):]
+    block = text[text.index("# [[alerts]]") :]
     uncommented = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
     example = tomllib.loads(text)
     example["alerts"] = tomllib.loads(uncommented)["alerts"][0]
-    chains = text[text.index("# [[target.chains]]"):].split("\n\n", 1)[0]
+    chains = text[text.index("# [[target.chains]]") :].split("\n\n", 1)[0]
     uncommented = "\n".join(line[2:] for line in chains.splitlines() if line.startswith("# "))
     example["target.chains"] = tomllib.loads(uncommented)["target"]["chains"][0]
     return example
@@ -41,9 +41,7 @@ def _example() -> dict[str, object]:
 
 def test_example_config_lists_every_key_with_its_default() -> None:
     example = _example()
-    assert {s: sorted(v) for s, v in example.items()} == {
-        s: sorted(v) for s, v in setting_keys().items()
-    }
+    assert {s: sorted(v) for s, v in example.items()} == {s: sorted(v) for s, v in setting_keys().items()}
     for section, values in setting_defaults().items():
         for key, default in values.items():
             assert example[section][key] == default, (section, key)  # type: ignore[index]
@@ -199,7 +197,7 @@ class _Listener:
 
 @pytest.mark.parametrize(
     "extra",
-    ['[apply]\nlock_acquire_timout = 3\n', '[target]\nmodels = "nosuch.mod:db"\n'],
+    ["[apply]\nlock_acquire_timout = 3\n", '[target]\nmodels = "nosuch.mod:db"\n'],
     ids=["unknown-key", "bad-models"],
 )
 def test_cli_config_error_exit_2_without_connecting(tmp_path: Path, extra: str) -> None:
@@ -237,7 +235,9 @@ def test_chains_are_read_in_order_with_their_names(tmp_path: Path) -> None:
     path = chains_config(tmp_path, ("plugin_migrations", "plugin_version"), ("b", "b_version"))
     settings = load_settings(str(path), environ={})
     assert [(c.name, c.migrations, c.version_table) for c in settings.chains] == [
-        ("plugin_migrations", "plugin_migrations", "plugin_version"), ("b", "b", "b_version")]
+        ("plugin_migrations", "plugin_migrations", "plugin_version"),
+        ("b", "b", "b_version"),
+    ]
     assert load_settings(str(write(tmp_path, '[target]\nurl = "sqlite:///a.db"\n')), environ={}).chains == ()
 
 
@@ -303,7 +303,11 @@ ENV_SAMPLES: dict[tuple[str, str], object] = {
     ("safety", "squawk"): "off",
 }
 BY_TYPE: dict[type, object] = {
-    str: "sample_value", float: 7.5, int: 7, list: ["a", "b"], dict: {"tenant": "acme"}
+    str: "sample_value",
+    float: 7.5,
+    int: 7,
+    list: ["a", "b"],
+    dict: {"tenant": "acme"},
 }
 OTHER_ENV = {"LOCK_DB_URL": "sqlite:///lock_from_env.db"}
 
@@ -355,12 +359,16 @@ def test_every_key_reads_from_its_variable_as_from_the_file(tmp_path: Path, sect
     default = setting_defaults()[section][key]
     value = _sample(section, key, default)
     variable = f"RECONCILER_{section.upper()}_{key.upper()}"
-    from_env = load_settings(str(base), environ={variable: _as_env(value), **OTHER_ENV},
-                             require_migrations=False)
+    from_env = load_settings(
+        str(base), environ={variable: _as_env(value), **OTHER_ENV}, require_migrations=False
+    )
     text = base.read_text()
     line = f"{key} = {_as_toml(value)}\n"
-    text = text.replace("[target]\n", f"[target]\n{line}") if section == "target" else (
-        f"{text}[{section}]\n{line}")
+    text = (
+        text.replace("[target]\n", f"[target]\n{line}")
+        if section == "target"
+        else (f"{text}[{section}]\n{line}")
+    )
     if (section, key) == ("target", "url"):
         text = text.replace('url = "sqlite:///from_file.db"\n', "")
     with_line = tmp_path / "with_line.toml"
@@ -368,8 +376,9 @@ def test_every_key_reads_from_its_variable_as_from_the_file(tmp_path: Path, sect
     from_file = load_settings(str(with_line), environ=OTHER_ENV, require_migrations=False)
     got = getattr(getattr(from_env, section), key)
     assert got == getattr(getattr(from_file, section), key)
-    assert got != getattr(getattr(load_settings(str(base), environ=OTHER_ENV, require_migrations=False),
-                                  section), key)
+    assert got != getattr(
+        getattr(load_settings(str(base), environ=OTHER_ENV, require_migrations=False), section), key
+    )
 
 
 def _env_error(tmp_path: Path, environ: dict[str, str]) -> str:
@@ -382,14 +391,18 @@ def _env_error(tmp_path: Path, environ: dict[str, str]) -> str:
 @pytest.mark.parametrize(
     ("environ", "fragments"),
     [
-        ({"RECONCILER_DAEMON_INTERVAL": "abc"},
-         ["RECONCILER_DAEMON_INTERVAL", "interval must be a number", "'abc'"]),
+        (
+            {"RECONCILER_DAEMON_INTERVAL": "abc"},
+            ["RECONCILER_DAEMON_INTERVAL", "interval must be a number", "'abc'"],
+        ),
         ({"RECONCILER_DAEMON_BLOCKED_AFTER": "2.5"}, ["RECONCILER_DAEMON_BLOCKED_AFTER", "whole number"]),
-        ({"RECONCILER_SAFETY_ALLOW_DESTRUCTIVE": "maybe"},
-         ["RECONCILER_SAFETY_ALLOW_DESTRUCTIVE", "true or false", "'maybe'"]),
+        (
+            {"RECONCILER_SAFETY_ALLOW_DESTRUCTIVE": "maybe"},
+            ["RECONCILER_SAFETY_ALLOW_DESTRUCTIVE", "true or false", "'maybe'"],
+        ),
         ({"RECONCILER_DEV_WATCH": "[1, 2]"}, ["RECONCILER_DEV_WATCH", "list of strings"]),
         ({"RECONCILER_DEV_WATCH": '["app", '}, ["RECONCILER_DEV_WATCH", "neither JSON nor TOML"]),
-        ({"RECONCILER_TARGET_X_ARGS": "tenant=acme"}, ["RECONCILER_TARGET_X_ARGS", "{tenant = \"acme\"}"]),
+        ({"RECONCILER_TARGET_X_ARGS": "tenant=acme"}, ["RECONCILER_TARGET_X_ARGS", '{tenant = "acme"}']),
         ({"RECONCILER_DAEMON_MODE": "fast"}, ["RECONCILER_DAEMON_MODE", "prod or dev", "'fast'"]),
         ({"RECONCILER_DAEMON_HTTP": "8089"}, ["RECONCILER_DAEMON_HTTP", "HOST:PORT"]),
     ],
@@ -449,7 +462,9 @@ def test_short_and_long_names_agree_or_are_refused(tmp_path: Path) -> None:
     same = {"RECONCILER_INTERVAL": "12", "RECONCILER_DAEMON_INTERVAL": "12"}
     assert load_settings(str(path), environ=same).daemon.interval == 12.0
     assert load_settings(str(path), environ={"RECONCILER_MODE": "dev"}).daemon.mode == "dev"
-    message = _env_error(tmp_path, {"RECONCILER_URL": "sqlite:///one.db", "RECONCILER_TARGET_URL": "sqlite:///two.db"})
+    message = _env_error(
+        tmp_path, {"RECONCILER_URL": "sqlite:///one.db", "RECONCILER_TARGET_URL": "sqlite:///two.db"}
+    )
     assert "RECONCILER_TARGET_URL and RECONCILER_URL" in message and "unset the other" in message
 
 
@@ -466,8 +481,10 @@ def test_precedence_file_then_variable_then_flag_for_every_name(tmp_path: Path) 
 
 def test_alert_sinks_and_chains_from_one_variable_each_replace_the_files(tmp_path: Path) -> None:
     (tmp_path / "plugin").mkdir()
-    path = write(tmp_path, '[target]\nurl = "sqlite:///a.db"\n[[alerts]]\nkind = "webhook"\n'
-                           'url = "https://file.example/hook"\n')
+    path = write(
+        tmp_path,
+        '[target]\nurl = "sqlite:///a.db"\n[[alerts]]\nkind = "webhook"\nurl = "https://file.example/hook"\n',
+    )
     env = {
         "RECONCILER_ALERTS": '[{"kind": "slack", "url_env": "SLACK_URL", "name": "ops"}]',
         "RECONCILER_TARGET_CHAINS": '[{migrations = "plugin", version_table = "plugin_version"}]',
@@ -491,7 +508,7 @@ def test_example_config_documents_the_variables() -> None:
 
 
 def test_unknown_key_points_at_the_config_example_command(tmp_path: Path) -> None:
-    path = write(tmp_path, '[daemon]\nintervall = 3\n')
+    path = write(tmp_path, "[daemon]\nintervall = 3\n")
     message = _env_error_from_file(path)
     assert "did you mean 'interval'" in message and "`reconciler config --example`" in message
     assert "config.example.toml" not in message  # a pip user has no such file
@@ -508,8 +525,10 @@ def test_cli_reads_the_real_environment_and_refuses_a_misspelt_variable(tmp_path
     from tests.cli import run_cli
 
     (tmp_path / "migrations" / "versions").mkdir(parents=True)
-    env = {"RECONCILER_TARGET_URL": f"sqlite:///{tmp_path / 'app.db'}",
-           "RECONCILER_TARGET_MIGRATIONS": str(tmp_path / "migrations")}
+    env = {
+        "RECONCILER_TARGET_URL": f"sqlite:///{tmp_path / 'app.db'}",
+        "RECONCILER_TARGET_MIGRATIONS": str(tmp_path / "migrations"),
+    }
     misspelt = run_cli(["status"], cwd=tmp_path, env={**env, "RECONCILER_DAEMON_INTERVALL": "5"})
     assert misspelt.returncode == 2, misspelt.stderr
     assert "RECONCILER_DAEMON_INTERVALL" in misspelt.stderr

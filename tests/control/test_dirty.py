@@ -63,8 +63,11 @@ def test_dirty_on_mariadb_stops_alerts_once_and_resolves(tmp_path: Path, mysql_u
             path.write_text(path.read_text().replace('op.create_index("ix_half_code", "half", ["code"])', ""))
             assert "resolved as rolled_back" in ok(project, "resolve", "b1", "--rolled-back").stderr
             d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync after resolve")
-            wait_until(lambda: [b for b in hooks.events("recovered")
-                                if b["details"]["recovered_from"] == "dirty"], 10, "the recovery")
+            wait_until(
+                lambda: [b for b in hooks.events("recovered") if b["details"]["recovered_from"] == "dirty"],
+                10,
+                "the recovery",
+            )
             assert len(hooks.events("dirty")) == 1
         assert db_heads(mysql_url) == {"b1"}
         assert outcomes(mysql_url) == ["resolved_rolled_back", "applied"]

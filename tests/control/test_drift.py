@@ -54,14 +54,16 @@ def execute(url: str, *statements: str) -> None:
         engine.dispose()
 
 
-def drift_project(root: Path, url: str, interval: float = 0.5, ignore: tuple[str, ...] = (),
-                  sinks: tuple[str, ...] = ()) -> Project:
+def drift_project(
+    root: Path, url: str, interval: float = 0.5, ignore: tuple[str, ...] = (), sinks: tuple[str, ...] = ()
+) -> Project:
     """A Flask-Migrate project whose one revision creates exactly what its models declare."""
     return drift_config(user_project(root, url), interval, ignore, sinks)
 
 
-def drift_config(project: Project, interval: float = 0.5, ignore: tuple[str, ...] = (),
-                 sinks: tuple[str, ...] = ()) -> Project:
+def drift_config(
+    project: Project, interval: float = 0.5, ignore: tuple[str, ...] = (), sinks: tuple[str, ...] = ()
+) -> Project:
     alerts = "".join(f'\n[[alerts]]\nkind = "webhook"\nurl = "{u}"\n' for u in sinks)
     project.write_config(
         extra="[daemon]\ninterval = 0.2\njitter = 0\ndebounce = 0.1\nbackoff_max = 2\n"
@@ -106,8 +108,13 @@ def test_a_bad_ignore_rule_in_the_config_file_is_exit_2_without_traceback(tmp_pa
 
 
 def test_the_report_survives_the_flag_and_ignore_rules_apply_when_it_is_read() -> None:
-    report = DriftReport(1_700_000_000.0, ("u1",), (diff("remove_table", "audit_log"),
-                                                     diff("remove_column", "user.legacy")), 2, "host:1")
+    report = DriftReport(
+        1_700_000_000.0,
+        ("u1",),
+        (diff("remove_table", "audit_log"), diff("remove_column", "user.legacy")),
+        2,
+        "host:1",
+    )
     again = DriftReport.loads(report.dumps())
     assert again is not None and again.keys == report.keys and again.count == 2
     kept = again.filtered(["table:audit_*"])
@@ -160,8 +167,11 @@ def test_cli_drift_reports_hand_made_changes_and_never_the_journal(tmp_path: Pat
     project = drift_project(tmp_path / "p", db_url)
     assert cli(project, "apply").returncode == 0
     assert drift_json(project, 0) == {"drift": False, "count": 0, "differences": []}
-    execute(db_url, "ALTER TABLE {user} ADD COLUMN legacy INTEGER",
-            "CREATE TABLE audit_log (id INTEGER PRIMARY KEY)")
+    execute(
+        db_url,
+        "ALTER TABLE {user} ADD COLUMN legacy INTEGER",
+        "CREATE TABLE audit_log (id INTEGER PRIMARY KEY)",
+    )
     found = drift_json(project, 7)
     assert [d["key"] for d in found["differences"]] == [HAND_COLUMN, HAND_TABLE]
     assert not any(name in d["key"] for d in found["differences"] for name in JOURNAL)
@@ -209,7 +219,8 @@ def test_cli_drift_refuses_a_database_behind_the_heads(tmp_path: Path, sqlite_ur
 def checked(daemon: Running, after: str = "") -> dict[str, Any]:
     """The next drift compare after `after` (a checked_at), as /status shows it."""
     status: dict[str, Any] = daemon.wait_status(
-        lambda s: (s.get("drift") or {}).get("checked_at", "") > after, 90, "a drift compare")
+        lambda s: (s.get("drift") or {}).get("checked_at", "") > after, 90, "a drift compare"
+    )
     return status
 
 
@@ -225,8 +236,10 @@ def keys(status: dict[str, Any]) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [pytest.param("postgresql", marks=pytest.mark.postgres),
-                                  pytest.param("mysql", marks=pytest.mark.mysql)])
+@pytest.mark.parametrize(
+    "kind",
+    [pytest.param("postgresql", marks=pytest.mark.postgres), pytest.param("mysql", marks=pytest.mark.mysql)],
+)
 def test_daemon_reports_drift_alerts_once_and_recovers(tmp_path: Path, kind: str) -> None:
     with ExitStack() as stack:
         url = stack.enter_context(dbs.database(kind, tmp_path))

@@ -120,8 +120,10 @@ def test_lock_timeout_is_retried_then_fails_without_blocking_and_app_reads_wait_
         # the SELECT queued behind our ALTER could only finish after that (see the control below).
         waited = select_while_held(url)
         code, stderr = apply.finish()
-    print(f"\n[{kind}] app SELECT queued behind our waiting ALTER waited {waited:.3f} s "
-          f"(ddl_lock_timeout {timeout} s)")
+    print(
+        f"\n[{kind}] app SELECT queued behind our waiting ALTER waited {waited:.3f} s "
+        f"(ddl_lock_timeout {timeout} s)"
+    )
     assert code == 1, stderr
     assert "revision_lock_timeout_retry" in stderr and "alter1" in stderr
     assert alter1_outcomes(url) == ["lock_timeout"] * 3  # the first attempt and two retries
@@ -158,8 +160,10 @@ def test_without_a_ddl_lock_timeout_app_reads_wait_for_the_whole_hold(
         finally:
             release.join()
         code, stderr = apply.finish()
-    print(f"\n[{kind}] without ddl_lock_timeout the app SELECT waited {waited:.3f} s "
-          f"(the application held the table {HOLD} s more)")
+    print(
+        f"\n[{kind}] without ddl_lock_timeout the app SELECT waited {waited:.3f} s "
+        f"(the application held the table {HOLD} s more)"
+    )
     assert waited >= HOLD - 0.2
     assert code == 0, stderr
     assert alter1_outcomes(url) == ["applied"]

@@ -23,8 +23,13 @@ def op(kind: str, table: str = "t", line: int = 10, **extra: Any) -> dict[str, A
 
 
 def rev(revision: str, *ops: Mapping[str, Any], error: str | None = None) -> dict[str, Any]:
-    return {"revision": revision, "path": f"/x/{revision}_m.py", "ops": list(ops), "error": error,
-            "error_line": 7 if error else 0}
+    return {
+        "revision": revision,
+        "path": f"/x/{revision}_m.py",
+        "ops": list(ops),
+        "error": error,
+        "error_line": 7 if error else 0,
+    }
 
 
 def kinds(findings: list[safety.Finding]) -> list[tuple[str, str, str]]:
@@ -32,39 +37,78 @@ def kinds(findings: list[safety.Finding]) -> list[tuple[str, str, str]]:
 
 
 def alter(old: Any, new: Any) -> dict[str, Any]:
-    return op("AlterColumnOp", column="c", existing_type=type_info(old) if old is not None else None,
-              new_type=type_info(new))
+    return op(
+        "AlterColumnOp",
+        column="c",
+        existing_type=type_info(old) if old is not None else None,
+        new_type=type_info(new),
+    )
 
 
 CASES = [
     ("drop table", [op("DropTableOp")], "sqlite", [("data-loss", "drop-table")]),
     ("drop column", [op("DropColumnOp", column="c")], "sqlite", [("data-loss", "drop-column")]),
-    ("String(200) -> String(50)", [alter(sa.String(200), sa.String(50))], "sqlite",
-     [("data-loss", "type-narrowing")]),
-    ("BigInteger -> Integer", [alter(sa.BigInteger(), sa.Integer())], "sqlite",
-     [("data-loss", "type-narrowing")]),
+    (
+        "String(200) -> String(50)",
+        [alter(sa.String(200), sa.String(50))],
+        "sqlite",
+        [("data-loss", "type-narrowing")],
+    ),
+    (
+        "BigInteger -> Integer",
+        [alter(sa.BigInteger(), sa.Integer())],
+        "sqlite",
+        [("data-loss", "type-narrowing")],
+    ),
     ("Text -> String(50)", [alter(sa.Text(), sa.String(50))], "sqlite", [("data-loss", "type-narrowing")]),
     ("String(50) -> String(200) widens", [alter(sa.String(50), sa.String(200))], "sqlite", []),
     ("Integer -> BigInteger widens", [alter(sa.Integer(), sa.BigInteger())], "sqlite", []),
     ("old type unknown", [alter(None, sa.String(50))], "sqlite", [("data-loss", "type-change-unknown")]),
-    ("drop unique", [op("DropConstraintOp", name="uq", constraint_type="unique")], "sqlite",
-     [("data-loss", "drop-constraint")]),
-    ("raw DROP TABLE", [op("ExecuteSQLOp", table="", sql_text="DROP TABLE audit")], "sqlite",
-     [("data-loss", "raw-sql")]),
+    (
+        "drop unique",
+        [op("DropConstraintOp", name="uq", constraint_type="unique")],
+        "sqlite",
+        [("data-loss", "drop-constraint")],
+    ),
+    (
+        "raw DROP TABLE",
+        [op("ExecuteSQLOp", table="", sql_text="DROP TABLE audit")],
+        "sqlite",
+        [("data-loss", "raw-sql")],
+    ),
     ("raw UPDATE is fine", [op("ExecuteSQLOp", table="", sql_text="UPDATE t SET a = 1")], "sqlite", []),
-    ("index on PostgreSQL", [op("CreateIndexOp", name="ix", concurrently=False)], "postgresql",
-     [("lock-risk", "index-not-concurrent")]),
+    (
+        "index on PostgreSQL",
+        [op("CreateIndexOp", name="ix", concurrently=False)],
+        "postgresql",
+        [("lock-risk", "index-not-concurrent")],
+    ),
     ("concurrent index", [op("CreateIndexOp", name="ix", concurrently=True)], "postgresql", []),
     ("index on SQLite", [op("CreateIndexOp", name="ix", concurrently=False)], "sqlite", []),
-    ("NOT NULL without default", [op("AddColumnOp", column="c", nullable=False, server_default=False)],
-     "mysql", [("lock-risk", "not-null-without-default")]),
-    ("NOT NULL with default", [op("AddColumnOp", column="c", nullable=False, server_default=True)],
-     "mysql", []),
-    ("set NOT NULL", [op("AlterColumnOp", column="c", nullable=False)], "postgresql",
-     [("lock-risk", "set-not-null")]),
-    ("batch copy on SQLite", [op("DropIndexOp", batch=True), op("AlterColumnOp", column="c", batch=True,
-                                                               nullable=True)],
-     "sqlite", [("lock-risk", "batch-recreate")]),
+    (
+        "NOT NULL without default",
+        [op("AddColumnOp", column="c", nullable=False, server_default=False)],
+        "mysql",
+        [("lock-risk", "not-null-without-default")],
+    ),
+    (
+        "NOT NULL with default",
+        [op("AddColumnOp", column="c", nullable=False, server_default=True)],
+        "mysql",
+        [],
+    ),
+    (
+        "set NOT NULL",
+        [op("AlterColumnOp", column="c", nullable=False)],
+        "postgresql",
+        [("lock-risk", "set-not-null")],
+    ),
+    (
+        "batch copy on SQLite",
+        [op("DropIndexOp", batch=True), op("AlterColumnOp", column="c", batch=True, nullable=True)],
+        "sqlite",
+        [("lock-risk", "batch-recreate")],
+    ),
 ]
 
 
@@ -77,17 +121,27 @@ def test_classification(ops: list[dict[str, Any]], dialect: str, expected: list[
 
 def test_objects_created_earlier_in_the_plan_are_exempt() -> None:
     plan = [
-        rev("r1", op("CreateTableOp", table="fresh", columns=["id"]),
-            op("AddColumnOp", table="old", column="tmp", nullable=True)),
-        rev("r2", op("CreateIndexOp", table="fresh", name="ix"),
-            op("DropColumnOp", table="old", column="tmp"), op("DropTableOp", table="fresh")),
+        rev(
+            "r1",
+            op("CreateTableOp", table="fresh", columns=["id"]),
+            op("AddColumnOp", table="old", column="tmp", nullable=True),
+        ),
+        rev(
+            "r2",
+            op("CreateIndexOp", table="fresh", name="ix"),
+            op("DropColumnOp", table="old", column="tmp"),
+            op("DropTableOp", table="fresh"),
+        ),
         rev("r3", op("DropColumnOp", table="old", column="kept")),
     ]
     assert kinds(safety.classify(plan, "postgresql")) == [("r3", "data-loss", "drop-column")]
     # negative control: without r1 in the plan the same drops are data loss
     assert kinds(safety.classify(plan[1:], "postgresql")) == [
-        ("r2", "lock-risk", "index-not-concurrent"), ("r2", "data-loss", "drop-column"),
-        ("r2", "data-loss", "drop-table"), ("r3", "data-loss", "drop-column")]
+        ("r2", "lock-risk", "index-not-concurrent"),
+        ("r2", "data-loss", "drop-column"),
+        ("r2", "data-loss", "drop-table"),
+        ("r3", "data-loss", "drop-column"),
+    ]
 
 
 def test_replaying_a_long_history_from_empty_finds_nothing() -> None:
@@ -101,16 +155,22 @@ def test_replaying_a_long_history_from_empty_finds_nothing() -> None:
 
 
 def test_marker_acknowledges_data_loss_not_lock_risk_and_policy_decides() -> None:
-    plan = [rev("r1", op("DropColumnOp", column="c"), op("CreateIndexOp", name="ix")),
-            rev("r2", error="NoInspectionAvailable: ...")]
+    plan = [
+        rev("r1", op("DropColumnOp", column="c"), op("CreateIndexOp", name="ix")),
+        rev("r2", error="NoInspectionAvailable: ..."),
+    ]
     found = safety.classify(plan, "postgresql", acknowledged={"r1"})
     assert [(f.kind, f.acknowledged) for f in found] == [
-        ("data-loss", True), ("lock-risk", False), ("unanalysable", False)]
+        ("data-loss", True),
+        ("lock-risk", False),
+        ("unanalysable", False),
+    ]
     assert found[2].line == 7
     refused = [(f.revision, f.kind) for f in safety.refused(found, safety.Policy())]
     assert refused == [("r2", "unanalysable")]
-    assert [f.kind for f in safety.refused(found, safety.Policy(strict_locking=True,
-                                                                on_unanalysable="warn"))] == ["lock-risk"]
+    assert [
+        f.kind for f in safety.refused(found, safety.Policy(strict_locking=True, on_unanalysable="warn"))
+    ] == ["lock-risk"]
     unacknowledged = safety.classify(plan[:1], "postgresql")
     assert [f.kind for f in safety.refused(unacknowledged, safety.Policy())] == ["data-loss"]
     assert safety.refused(unacknowledged, safety.Policy(allow_destructive=True)) == []
@@ -120,12 +180,14 @@ def test_external_lock_findings_replace_the_built_in_ones() -> None:
     plan = [rev("r1", op("CreateIndexOp", name="ix"), op("DropColumnOp", column="c"))]
     external = {("r1", 0): [("require-concurrent-index-creation", "use concurrently")]}
     assert kinds(safety.classify(plan, "postgresql", external=external)) == [
-        ("r1", "lock-risk", "require-concurrent-index-creation"), ("r1", "data-loss", "drop-column")]
+        ("r1", "lock-risk", "require-concurrent-index-creation"),
+        ("r1", "data-loss", "drop-column"),
+    ]
 
 
 # --- the recorder (real Alembic operations, no database) -------------------------------------
 
-RECORDED = '''\
+RECORDED = """\
 from alembic import op
 import sqlalchemy as sa
 
@@ -140,7 +202,7 @@ def upgrade():
     with op.batch_alter_table("acct") as batch:
         batch.drop_column("note")
     op.create_index("ix_acct_x", "acct", ["x"])
-'''
+"""
 
 
 def _load(tmp_path: Path, source: str) -> tuple[Any, str]:
@@ -156,16 +218,22 @@ def test_recorder_follows_get_bind_and_batch_mode_with_lines(tmp_path: Path) -> 
     recorded = record_revision(module, path, "x1", "postgresql://u@h/db")
     assert recorded["error"] is None
     assert [(o["op"], o["line"]) for o in recorded["ops"]] == [
-        ("ExecuteSQLOp", 11), ("DropColumnOp", 13), ("CreateIndexOp", 14)]
+        ("ExecuteSQLOp", 11),
+        ("DropColumnOp", 13),
+        ("CreateIndexOp", 14),
+    ]
     assert recorded["ops"][1]["batch"] is True and recorded["ops"][1]["column"] == "note"
     assert "CREATE INDEX ix_acct_x ON acct (x)" in recorded["ops"][2]["sql"]
     assert kinds(safety.classify([recorded], "postgresql")) == [
-        ("x1", "data-loss", "drop-column"), ("x1", "lock-risk", "index-not-concurrent")]
+        ("x1", "data-loss", "drop-column"),
+        ("x1", "lock-risk", "index-not-concurrent"),
+    ]
 
 
 def test_recorder_marks_code_that_needs_the_database_unanalysable(tmp_path: Path) -> None:
-    source = RECORDED.replace('    bind = op.get_bind()\n',
-                              '    bind = op.get_bind()\n    sa.inspect(bind).get_columns("acct")\n')
+    source = RECORDED.replace(
+        "    bind = op.get_bind()\n", '    bind = op.get_bind()\n    sa.inspect(bind).get_columns("acct")\n'
+    )
     module, path = _load(tmp_path, source)
     recorded = record_revision(module, path, "x1", "sqlite://")
     assert recorded["error"] and recorded["error_line"] == 10 and recorded["error_kind"] == "unanalysable"
@@ -173,7 +241,7 @@ def test_recorder_marks_code_that_needs_the_database_unanalysable(tmp_path: Path
 
 
 def test_a_revision_that_raises_by_itself_is_left_to_fail_when_run(tmp_path: Path) -> None:
-    source = RECORDED.replace('    bind = op.get_bind()\n', '    raise RuntimeError("not ready")\n')
+    source = RECORDED.replace("    bind = op.get_bind()\n", '    raise RuntimeError("not ready")\n')
     module, path = _load(tmp_path, source)
     recorded = record_revision(module, path, "x1", "sqlite://")
     assert (recorded["error_kind"], recorded["error_line"]) == ("fails", 9)
@@ -181,7 +249,7 @@ def test_a_revision_that_raises_by_itself_is_left_to_fail_when_run(tmp_path: Pat
     assert [f.kind for f in found] == ["fails"] and safety.refused(found, safety.Policy()) == []
 
 
-MULTIDB = '''\
+MULTIDB = """\
 from alembic import op
 import sqlalchemy as sa
 
@@ -199,7 +267,7 @@ def upgrade_():
 
 def upgrade_users():
     op.add_column("user", sa.Column("age", sa.Integer))
-'''
+"""
 
 
 def test_recorder_reads_each_engine_of_a_multidb_revision(tmp_path: Path) -> None:
@@ -211,9 +279,9 @@ def test_recorder_reads_each_engine_of_a_multidb_revision(tmp_path: Path) -> Non
 
 # --- end to end -------------------------------------------------------------------------------
 
-CREATE_ACCT = '''op.create_table("acct", sa.Column("id", sa.Integer, primary_key=True),
+CREATE_ACCT = """op.create_table("acct", sa.Column("id", sa.Integer, primary_key=True),
                 sa.Column("note", sa.String(200)))
-op.execute("INSERT INTO acct (id, note) VALUES (1, 'keep me')")'''
+op.execute("INSERT INTO acct (id, note) VALUES (1, 'keep me')")"""
 DROP_NOTE = 'op.drop_column("acct", "note")'
 
 
@@ -284,15 +352,15 @@ def test_the_same_drop_against_an_existing_table_is_refused(tmp_path: Path, sqli
     assert "acct" in table_names(sqlite_url)
 
 
-BIND_AND_BATCH = '''conn = op.get_bind()
+BIND_AND_BATCH = """conn = op.get_bind()
 conn.execute(sa.text("UPDATE acct SET note = 'x'"))
 with op.batch_alter_table("acct") as batch:
-    batch.drop_column("note")'''
-NEEDS_DATABASE = '''session = Session(bind=op.get_bind())
+    batch.drop_column("note")"""
+NEEDS_DATABASE = """session = Session(bind=op.get_bind())
 session.add(Acct(note="new"))
 session.flush()  # the recording wrote nothing: the ORM gets no new key, the revision is unanalysable
-op.add_column("acct", sa.Column("extra", sa.Integer))'''
-ORM_MODEL = '''from sqlalchemy.orm import Session, declarative_base
+op.add_column("acct", sa.Column("extra", sa.Integer))"""
+ORM_MODEL = """from sqlalchemy.orm import Session, declarative_base
 
 Base = declarative_base()
 
@@ -301,7 +369,7 @@ class Acct(Base):
     __tablename__ = "acct"
     id = sa.Column(sa.Integer, primary_key=True)
     note = sa.Column(sa.String(200))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -351,8 +419,8 @@ def test_plan_shows_findings_and_fail_on_gates(tmp_path: Path, sqlite_url: str) 
 
 
 INDEX = 'op.create_index("ix_acct_note", "acct", ["note"])'
-CONCURRENT_INDEX = '''with op.get_context().autocommit_block():
-    op.create_index("ix_acct_note", "acct", ["note"], postgresql_concurrently=True)'''
+CONCURRENT_INDEX = """with op.get_context().autocommit_block():
+    op.create_index("ix_acct_note", "acct", ["note"], postgresql_concurrently=True)"""
 
 
 def pg_indexes(url: str) -> set[str]:
@@ -366,8 +434,9 @@ def pg_indexes(url: str) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-@pytest.mark.parametrize(("squawk", "rule"), [("auto", "require-concurrent-index-creation"),
-                                              ("off", "index-not-concurrent")])
+@pytest.mark.parametrize(
+    ("squawk", "rule"), [("auto", "require-concurrent-index-creation"), ("off", "index-not-concurrent")]
+)
 def test_blocking_index_warns_and_strict_locking_refuses(
     tmp_path: Path, pg_url: str, squawk: str, rule: str
 ) -> None:
@@ -416,8 +485,9 @@ def test_prod_daemon_refuses_alerts_once_and_applies_after_the_marker(tmp_path: 
             d.wait_status(lambda s: s.get("runs", 0) >= runs + 5, 30, "more runs")  # no repeat alert
             assert len(hooks.events("destructive_refused")) == 1
             assert notes(pg_url) == [(1, "keep me")]
-            path.write_text(path.read_text().replace("depends_on = None",
-                                                     "depends_on = None\nallow_destructive = True"))
+            path.write_text(
+                path.read_text().replace("depends_on = None", "depends_on = None\nallow_destructive = True")
+            )
             d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync after the marker")
         assert notes(pg_url) == [] and db_heads(pg_url) == {"a2"}
         wait_until(lambda: hooks.events("recovered"), 10, "the recovered alert")
@@ -427,8 +497,14 @@ def test_prod_daemon_refuses_alerts_once_and_applies_after_the_marker(tmp_path: 
 
 def test_a_foreign_key_re_created_in_the_same_revision_is_not_data_loss() -> None:
     drop = op("DropConstraintOp", table="child", name="fk_c", constraint_type="foreignkey")
-    create = op("CreateForeignKeyOp", table="child", name="fk_c", constraint_type="foreignkey",
-                columns=["acct_id"], ondelete="CASCADE")
+    create = op(
+        "CreateForeignKeyOp",
+        table="child",
+        name="fk_c",
+        constraint_type="foreignkey",
+        columns=["acct_id"],
+        ondelete="CASCADE",
+    )
     assert kinds(safety.classify([rev("r1", drop, create)], "sqlite")) == []
     # negative control: dropped without the re-creation, it is data loss
     assert kinds(safety.classify([rev("r1", drop)], "sqlite")) == [("r1", "data-loss", "drop-constraint")]
@@ -436,8 +512,13 @@ def test_a_foreign_key_re_created_in_the_same_revision_is_not_data_loss() -> Non
 
 def test_a_type_change_is_judged_against_the_live_type_when_the_revision_does_not_say() -> None:
     live = type_info(sa.String(128))
-    widen = op("AlterColumnOp", column="c", existing_type=live, existing_type_from="database",
-               new_type=type_info(sa.String(256)))
+    widen = op(
+        "AlterColumnOp",
+        column="c",
+        existing_type=live,
+        existing_type_from="database",
+        new_type=type_info(sa.String(256)),
+    )
     narrow = {**widen, "new_type": type_info(sa.String(64))}
     assert kinds(safety.classify([rev("r1", widen)], "sqlite")) == []
     assert kinds(safety.classify([rev("r1", narrow)], "sqlite")) == [("r1", "data-loss", "type-narrowing")]

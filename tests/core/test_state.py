@@ -20,8 +20,9 @@ from reconciler.core.state import (
 from reconciler.errors import ConfigError
 
 
-def rev(name: str, down: tuple[str, ...] = (), labels: tuple[str, ...] = (),
-        deps: tuple[str, ...] = ()) -> Revision:
+def rev(
+    name: str, down: tuple[str, ...] = (), labels: tuple[str, ...] = (), deps: tuple[str, ...] = ()
+) -> Revision:
     return Revision(name, down, labels, deps, Path(f"{name}.py"), f"make {name}", "0" * 64)
 
 
@@ -33,8 +34,7 @@ GRAPHS: dict[str, RevisionGraph] = {
     "merge": build_graph([rev("a"), rev("b", ("a",)), rev("c", ("a",)), rev("m", ("b", "c"))]),
     # two independent labelled branches
     "labelled": build_graph(
-        [rev("x1", labels=("xs",)), rev("x2", ("x1",)), rev("y1", labels=("ys",)),
-         rev("y2", ("y1",))]
+        [rev("x1", labels=("xs",)), rev("x2", ("x1",)), rev("y1", labels=("ys",)), rev("y2", ("y1",))]
     ),
     # labelled branches from a shared root
     "labelled_root": build_graph(
@@ -48,15 +48,17 @@ GRAPHS: dict[str, RevisionGraph] = {
     "two_roots": build_graph([rev("a"), rev("b", ("a",)), rev("s"), rev("t", ("s",))]),
     # labelled branches, y2 depends on x2 across branches
     "depends": build_graph(
-        [rev("x1", labels=("xs",)), rev("x2", ("x1",)), rev("y1", labels=("ys",)),
-         rev("y2", ("y1",), deps=("x2",))]
+        [
+            rev("x1", labels=("xs",)),
+            rev("x2", ("x1",)),
+            rev("y1", labels=("ys",)),
+            rev("y2", ("y1",), deps=("x2",)),
+        ]
     ),
 }
 
 
-def snap(
-    *heads: str, table: bool = True, tables: bool = True, reachable: bool = True
-) -> DbSnapshot:
+def snap(*heads: str, table: bool = True, tables: bool = True, reachable: bool = True) -> DbSnapshot:
     return DbSnapshot(reachable, table, frozenset(heads), tables)
 
 
@@ -77,14 +79,17 @@ CASES: dict[str, Case] = {
     "unreachable": Case("linear", snap(reachable=False, table=False), "unknown"),
     "unreachable-fork": Case("fork", snap(reachable=False), "unknown"),
     "no-table-empty-db": Case(
-        "linear", snap(table=False, tables=False), "uninitialized_empty", ("a", "b", "c"),
+        "linear",
+        snap(table=False, tables=False),
+        "uninitialized_empty",
+        ("a", "b", "c"),
         says=("3 revisions",),
     ),
-    "empty-table-empty-db": Case(
-        "merge", snap(tables=False), "uninitialized_empty", ("a", "b", "c", "m")
-    ),
+    "empty-table-empty-db": Case("merge", snap(tables=False), "uninitialized_empty", ("a", "b", "c", "m")),
     "no-table-with-tables": Case(
-        "linear", snap(table=False), "uninitialized_with_tables",
+        "linear",
+        snap(table=False),
+        "uninitialized_with_tables",
         says=("reconciler stamp c", "never replayed"),
     ),
     "empty-table-with-tables": Case(
@@ -102,51 +107,67 @@ CASES: dict[str, Case] = {
     "labelled-behind": Case("labelled", snap("x2"), "behind", ("y1", "y2")),
     "labelled-root-in-sync": Case("labelled_root", snap("b", "c"), "in_sync"),
     "fork": Case(
-        "fork", snap("b"), "multiple_heads", fork=("b", "c"), branch_point="a",
+        "fork",
+        snap("b"),
+        "multiple_heads",
+        fork=("b", "c"),
+        branch_point="a",
         says=('alembic merge -m "merge heads" b c', "flask db merge", "forked at a"),
     ),
-    "fork-wins-over-behind": Case(
-        "fork", snap("a"), "multiple_heads", fork=("b", "c"), branch_point="a"
-    ),
+    "fork-wins-over-behind": Case("fork", snap("a"), "multiple_heads", fork=("b", "c"), branch_point="a"),
     "fork-wins-over-uninitialized": Case(
-        "fork", snap(table=False, tables=False), "multiple_heads", fork=("b", "c"),
+        "fork",
+        snap(table=False, tables=False),
+        "multiple_heads",
+        fork=("b", "c"),
         branch_point="a",
     ),
     "half-labelled-fork": Case(
         "half_labelled", snap("b", "c"), "multiple_heads", fork=("b", "c"), branch_point="a"
     ),
     "two-unlabelled-roots": Case(
-        "two_roots", snap("b", "t"), "multiple_heads", fork=("b", "t"),
+        "two_roots",
+        snap("b", "t"),
+        "multiple_heads",
+        fork=("b", "t"),
         says=("no common ancestor",),
     ),
     "depends-in-sync": Case("depends", snap("y2"), "in_sync"),
     "depends-behind-in-order": Case("depends", snap("x1", "y1"), "behind", ("x2", "y2")),
     "depends-behind-one-branch": Case("depends", snap("x2", "y1"), "behind", ("y2",)),
     "ahead-with-journal": Case(
-        "linear", snap("e"), "ahead", ancestry={"e": ("d",), "d": ("c",)}, unknown=("e",),
+        "linear",
+        snap("e"),
+        "ahead",
+        ancestry={"e": ("d",), "d": ("c",)},
+        unknown=("e",),
         says=("e", "nothing is applied"),
     ),
     "ahead-one-branch-with-journal": Case(
         "labelled", snap("x3", "y2"), "ahead", ancestry={"x3": ("x2",)}, unknown=("x3",)
     ),
     "diverged-with-journal": Case(
-        "linear", snap("q"), "diverged", ancestry={"q": ("b",)}, unknown=("q",),
+        "linear",
+        snap("q"),
+        "diverged",
+        ancestry={"q": ("b",)},
+        unknown=("q",),
         says=("q", "lacks repository heads c"),
     ),
-    "diverged-journal-to-base": Case(
-        "linear", snap("q"), "diverged", ancestry={"q": ()}, unknown=("q",)
-    ),
+    "diverged-journal-to-base": Case("linear", snap("q"), "diverged", ancestry={"q": ()}, unknown=("q",)),
     "ahead-without-ancestry": Case(
         "linear", snap("zz"), "ahead", unknown=("zz",), says=("zz", "ancestry of zz is unknown")
     ),
     "ahead-ancestry-gap": Case(
-        "linear", snap("e"), "ahead", ancestry={"e": ("d",)}, unknown=("e",),
+        "linear",
+        snap("e"),
+        "ahead",
+        ancestry={"e": ("d",)},
+        unknown=("e",),
         says=("ancestry of e is unknown",),
     ),
     "ahead-of-empty-repo": Case("empty", snap("zz"), "ahead", unknown=("zz",)),
-    "inconsistent-table": Case(
-        "linear", snap("a", "c"), "diverged", says=("row a is an ancestor of row c",)
-    ),
+    "inconsistent-table": Case("linear", snap("a", "c"), "diverged", says=("row a is an ancestor of row c",)),
     "inconsistent-table-through-depends-on": Case(
         "depends", snap("x2", "y2"), "diverged", says=("row x2 is an ancestor of row y2",)
     ),

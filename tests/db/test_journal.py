@@ -53,8 +53,14 @@ def edit(path: Path, old: str, new: str) -> None:
 
 def alembic_upgrade(project: Project) -> None:
     """What an app that migrates itself at start-up does: plain Alembic, no reconciler."""
-    result = subprocess.run([sys.executable, "-m", "alembic", "-c", "alembic.ini", "upgrade", "heads"],
-                            cwd=project.root, env=cli_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", "alembic.ini", "upgrade", "heads"],
+        cwd=project.root,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -353,8 +359,14 @@ def racing_project(tmp_path: Path, url: str) -> tuple[Project, dict[str, str]]:
 
 
 def start_app(project: Project, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "app_start.py", *args], cwd=project.root, env=cli_env(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "app_start.py", *args],
+        cwd=project.root,
+        env=cli_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.postgres

@@ -511,9 +511,7 @@ def test_orphan_wait_outlasts_a_killed_appliers_statement(
     waited = wait_for_orphans(conn, sessions.apply_prefix("t1"), timeout=30, poll=0.05)
     assert waited > 0
     assert _active_pid(conn, app) is None
-    state = conn.execute(
-        sa.text("SELECT state FROM pg_stat_activity WHERE pid = :p"), {"p": orphan}
-    ).scalar()
+    state = conn.execute(sa.text("SELECT state FROM pg_stat_activity WHERE pid = :p"), {"p": orphan}).scalar()
     assert state in (None, "idle")
 
 

@@ -20,7 +20,7 @@ from tests import dbs
 from tests.builders import Project, db_heads, flask_project, table_names
 from tests.cli import run_cli
 
-ROLE_EXTRA = "[apply]\nrole = \"{role}\"\n"
+ROLE_EXTRA = '[apply]\nrole = "{role}"\n'
 
 
 def _admin(url: str) -> sa.engine.Engine:
@@ -77,8 +77,9 @@ def _owners(url: str) -> dict[str, str]:
     try:
         with engine.connect() as conn:
             rows = conn.execute(
-                sa.text("SELECT tablename, tableowner FROM pg_tables "
-                        "WHERE schemaname IN ('public', 'reconciler')")  # the journal's own schema
+                sa.text(
+                    "SELECT tablename, tableowner FROM pg_tables WHERE schemaname IN ('public', 'reconciler')"
+                )  # the journal's own schema
             )
             return {str(r[0]): str(r[1]) for r in rows}
     finally:
@@ -106,9 +107,7 @@ def test_negative_control_without_role_the_login_user_owns_them(
 
 
 @pytest.mark.postgres
-def test_missing_role_is_a_configuration_error_before_any_revision(
-    tmp_path: Path, pg_url: str
-) -> None:
+def test_missing_role_is_a_configuration_error_before_any_revision(tmp_path: Path, pg_url: str) -> None:
     missing = dbs.new_name("no_such_role")
     code, err = _apply(_project(tmp_path, pg_url, role=missing))
     assert code == 2, err
@@ -143,16 +142,21 @@ def mysql_login_and_role(mysql_url: str) -> Iterator[tuple[str, str]]:
     _execute(
         dbs.MYSQL_ADMIN_URL,
         *(f"CREATE USER '{user}'@'{h}'" for h in hosts),
-        *(f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, DROP ON `{database}`.* TO '{user}'@'{h}'"
-          for h in hosts),
+        *(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, DROP ON `{database}`.* TO '{user}'@'{h}'"
+            for h in hosts
+        ),
         f"CREATE ROLE `{role}`",
         f"GRANT ALTER ON `{database}`.* TO `{role}`",
         *(f"GRANT `{role}` TO '{user}'@'{h}'" for h in hosts),
     )
     url = sa.engine.make_url(mysql_url).set(username=user, password=None)
     yield url.render_as_string(hide_password=False), role
-    _execute(dbs.MYSQL_ADMIN_URL, *(f"DROP USER IF EXISTS '{user}'@'{h}'" for h in hosts),
-             f"DROP ROLE IF EXISTS `{role}`")
+    _execute(
+        dbs.MYSQL_ADMIN_URL,
+        *(f"DROP USER IF EXISTS '{user}'@'{h}'" for h in hosts),
+        f"DROP ROLE IF EXISTS `{role}`",
+    )
 
 
 def _mysql_project(tmp_path: Path, url: str, role: str = "") -> Project:

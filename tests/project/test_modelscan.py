@@ -42,12 +42,15 @@ def test_added_and_removed_classes_are_named() -> None:
     assert changed(after) == {"Post", "Tag"}
 
 
-@pytest.mark.parametrize("after", [
-    BEFORE.replace(b"NAME = 50", b"NAME = 80"),  # a constant a class body may use
-    BEFORE.replace(b"from myapp import db", b"from other import db"),
-    BEFORE + b"tags = db.Table('tags', db.Column('id', db.Integer))\n",  # an imperative table
-    BEFORE + b"    broken = (\n",  # does not parse: the worker reports where
-])
+@pytest.mark.parametrize(
+    "after",
+    [
+        BEFORE.replace(b"NAME = 50", b"NAME = 80"),  # a constant a class body may use
+        BEFORE.replace(b"from myapp import db", b"from other import db"),
+        BEFORE + b"tags = db.Table('tags', db.Column('id', db.Integer))\n",  # an imperative table
+        BEFORE + b"    broken = (\n",  # does not parse: the worker reports where
+    ],
+)
 def test_code_outside_the_classes_means_the_whole_file(after: bytes) -> None:
     assert changed(after) is None
 

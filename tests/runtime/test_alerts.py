@@ -22,34 +22,76 @@ from tests import dbs
 
 HOUR = 3600.0
 T0 = 1_700_000_000 // 3600 * 3600.0  # the start of a reminder bucket
-ALERTING = AlertingSettings(unreachable_after=1, repeat_interval=HOUR, ahead_alert=True, ahead_grace=0.0,
-                            lock_held_after=600.0)
+ALERTING = AlertingSettings(
+    unreachable_after=1, repeat_interval=HOUR, ahead_alert=True, ahead_grace=0.0, lock_held_after=600.0
+)
 OK = Observation("noop", "in_sync", "in_sync", ())
 HOLDER = {"pid": 4242, "application_name": "reconciler/app/replica-1", "since": "2024-01-01T00:00:00"}
 BAD = {
-    "failed": Observation("failed", "behind", "behind", (), failed_revision="r2", failure_signature="s1",
-                          error="division by zero", consecutive_failures=1),
-    "blocked": Observation("blocked", "blocked", "behind", ("blocked",), failed_revision="r2",
-                           failure_signature="s1", error="division by zero", blocked="r2:s1"),
+    "failed": Observation(
+        "failed",
+        "behind",
+        "behind",
+        (),
+        failed_revision="r2",
+        failure_signature="s1",
+        error="division by zero",
+        consecutive_failures=1,
+    ),
+    "blocked": Observation(
+        "blocked",
+        "blocked",
+        "behind",
+        ("blocked",),
+        failed_revision="r2",
+        failure_signature="s1",
+        error="division by zero",
+        blocked="r2:s1",
+    ),
     "multiple_heads": Observation("noop", "multiple_heads", "multiple_heads", (), heads=("h2", "h1")),
     "ahead": Observation("noop", "ahead", "ahead", (), unknown=("x9",)),
     "lock_held": Observation("lock_busy", "behind", "behind", (), lock_holder=HOLDER, lock_held_for=900.0),
     "unreachable": Observation("unreachable", "unknown", "unknown", (), error="connection refused"),
     "dirty": Observation("refused", "dirty", "behind", ("dirty",), dirty=("b1",)),
-    "lock_timeout": Observation("failed", "behind", "behind", (), failed_revision="r2",
-                                failure_signature="s2", error="canceling statement due to lock timeout",
-                                lock_timeout=True),
-    "drift": Observation("noop", "drift", "in_sync", ("drift",), drift=("remove_column user.legacy",),
-                         drift_texts=("column user.legacy INTEGER is only in the database",)),
-    "destructive_refused": Observation("refused", "destructive_pending", "behind", ("destructive_pending",),
-                                       error="r3 (r3.py:21) data-loss: drop column t.c"),
-    "checksum_mismatch": Observation("refused", "checksum_mismatch", "behind", ("checksum_mismatch",),
-                                     mismatched=("r1",)),
+    "lock_timeout": Observation(
+        "failed",
+        "behind",
+        "behind",
+        (),
+        failed_revision="r2",
+        failure_signature="s2",
+        error="canceling statement due to lock timeout",
+        lock_timeout=True,
+    ),
+    "drift": Observation(
+        "noop",
+        "drift",
+        "in_sync",
+        ("drift",),
+        drift=("remove_column user.legacy",),
+        drift_texts=("column user.legacy INTEGER is only in the database",),
+    ),
+    "destructive_refused": Observation(
+        "refused",
+        "destructive_pending",
+        "behind",
+        ("destructive_pending",),
+        error="r3 (r3.py:21) data-loss: drop column t.c",
+    ),
+    "checksum_mismatch": Observation(
+        "refused", "checksum_mismatch", "behind", ("checksum_mismatch",), mismatched=("r1",)
+    ),
     "foreign_writer": Observation("noop", "in_sync", "in_sync", (), foreign=("r3",)),
-    "revision_unreadable": Observation("failed", "revision_unreadable", "unknown", ("revision_unreadable",),
-                                       error="revision file versions/r3.py has a syntax error at line 7",
-                                       consecutive_failures=1, unreadable="versions/r3.py:7",
-                                       unreadable_hash="ab" * 32),
+    "revision_unreadable": Observation(
+        "failed",
+        "revision_unreadable",
+        "unknown",
+        ("revision_unreadable",),
+        error="revision file versions/r3.py has a syntax error at line 7",
+        consecutive_failures=1,
+        unreadable="versions/r3.py:7",
+        unreadable_hash="ab" * 32,
+    ),
 }
 LOCAL = {"unreachable"}
 ONE_OFF = {"foreign_writer"}  # a finding, not a lasting condition: no recovery
@@ -62,8 +104,9 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
-def feed(policy: AlertPolicy, obs: Observation, start: float, stop: float, step: float = 30.0
-         ) -> list[tuple[Alert, str | None]]:
+def feed(
+    policy: AlertPolicy, obs: Observation, start: float, stop: float, step: float = 30.0
+) -> list[tuple[Alert, str | None]]:
     out = []
     now = start
     while now < stop:
@@ -80,9 +123,23 @@ def names(pairs: list[tuple[Alert, str | None]]) -> list[str]:
 
 
 def test_every_event_has_a_rule_and_the_list_is_complete() -> None:
-    assert set(EVENTS) == {"applied", "failed", "blocked", "ahead", "multiple_heads", "lock_held",
-                           "unreachable", "dirty", "lock_timeout", "drift", "destructive_refused",
-                           "checksum_mismatch", "foreign_writer", "revision_unreadable", "recovered"}
+    assert set(EVENTS) == {
+        "applied",
+        "failed",
+        "blocked",
+        "ahead",
+        "multiple_heads",
+        "lock_held",
+        "unreachable",
+        "dirty",
+        "lock_timeout",
+        "drift",
+        "destructive_refused",
+        "checksum_mismatch",
+        "foreign_writer",
+        "revision_unreadable",
+        "recovered",
+    }
     assert set(RULES) == set(BAD)
 
 
@@ -274,8 +331,9 @@ def test_alert_text_never_carries_the_password() -> None:
     obs = replace(BAD["failed"], error=f"could not connect to {url} ({dbs.CANARY_PASSWORD})")
     alert = policy.observe(obs, T0)[0][0]
     assert "could not connect" in alert.message
-    dbs.assert_no_canary(alert.message, json.dumps(alert.as_webhook()), json.dumps(alert.as_slack()),
-                         repr(alert))
+    dbs.assert_no_canary(
+        alert.message, json.dumps(alert.as_webhook()), json.dumps(alert.as_slack()), repr(alert)
+    )
 
 
 # --------------------------------------------------------------------------- local HTTP servers
@@ -326,8 +384,9 @@ class Server:
 
     def wait(self, what: str, count: int, timeout: float = 5.0) -> bool:
         with self.cond:
-            return self.cond.wait_for(lambda: len(self.bodies if what == "bodies" else range(self.hits))
-                                      >= count, timeout)
+            return self.cond.wait_for(
+                lambda: len(self.bodies if what == "bodies" else range(self.hits)) >= count, timeout
+            )
 
 
 @contextmanager
@@ -347,16 +406,24 @@ def sink(url: str, name: str = "hook", kind: str = "webhook", events: tuple[str,
 
 
 def alert(event: str = "failed", revision: str | None = "r2", **details: Any) -> Alert:
-    return Alert(event=event, state="behind", target="app", message=f"{event} happened", revision=revision,
-                 timestamp="2024-01-01T00:00:00Z", details=details)
+    return Alert(
+        event=event,
+        state="behind",
+        target="app",
+        message=f"{event} happened",
+        revision=revision,
+        timestamp="2024-01-01T00:00:00Z",
+        details=details,
+    )
 
 
 FAST = AlertingSettings(send_timeout=1.0, retries=3, queue_size=100)
 
 
 @contextmanager
-def dispatching(sinks: list[AlertSink], alerting: AlertingSettings = FAST, start: bool = True,
-                **kwargs: Any) -> Iterator[AlertDispatcher]:
+def dispatching(
+    sinks: list[AlertSink], alerting: AlertingSettings = FAST, start: bool = True, **kwargs: Any
+) -> Iterator[AlertDispatcher]:
     dispatcher = AlertDispatcher(sinks, alerting, **kwargs)
     if start:
         dispatcher.start()
@@ -389,12 +456,19 @@ def test_webhook_and_slack_bodies() -> None:
 
 def test_events_filter() -> None:
     sent: list[tuple[str, str]] = []
-    with serve() as server, dispatching(
-        [sink(server.url("only"), "only", events=("failed",)), sink(server.url("all"), "all")],
-        on_sent=lambda event, name: sent.append((event, name)),
-    ) as d:
-        for item in (alert("applied"), alert("failed"), alert("recovered", recovered_from="failed"),
-                     alert("recovered", recovered_from="blocked")):
+    with (
+        serve() as server,
+        dispatching(
+            [sink(server.url("only"), "only", events=("failed",)), sink(server.url("all"), "all")],
+            on_sent=lambda event, name: sent.append((event, name)),
+        ) as d,
+    ):
+        for item in (
+            alert("applied"),
+            alert("failed"),
+            alert("recovered", recovered_from="failed"),
+            alert("recovered", recovered_from="blocked"),
+        ):
             d.submit(item)
         assert server.wait("bodies", 6)
         time.sleep(0.2)  # nothing else may arrive
@@ -403,8 +477,13 @@ def test_events_filter() -> None:
         by_path.setdefault(path.split("/")[1], []).append(body["event"])
     assert by_path["only"] == ["failed", "recovered"]
     assert by_path["all"] == ["applied", "failed", "recovered", "recovered"]
-    assert sorted(set(sent)) == [("applied", "all"), ("failed", "all"), ("failed", "only"),
-                                 ("recovered", "all"), ("recovered", "only")]
+    assert sorted(set(sent)) == [
+        ("applied", "all"),
+        ("failed", "all"),
+        ("failed", "only"),
+        ("recovered", "all"),
+        ("recovered", "only"),
+    ]
 
 
 def test_retry_after_500_then_success_and_on_sent() -> None:
@@ -415,8 +494,12 @@ def test_retry_after_500_then_success_and_on_sent() -> None:
         sent.append((event, name))
         done.set()
 
-    with serve("flaky") as server, dispatching([sink(server.url(), "flaky-hook")],
-                                               replace(FAST, send_timeout=5.0), on_sent=on_sent) as d:
+    with (
+        serve("flaky") as server,
+        dispatching(
+            [sink(server.url(), "flaky-hook")], replace(FAST, send_timeout=5.0), on_sent=on_sent
+        ) as d,
+    ):
         d.submit(alert("blocked"))
         assert done.wait(5)
     assert server.hits == 2 and [b["event"] for _p, b in server.bodies] == ["blocked"]
@@ -426,9 +509,11 @@ def test_retry_after_500_then_success_and_on_sent() -> None:
 def test_submit_never_blocks_on_a_hung_sink_with_a_full_queue() -> None:
     """200 submits return while the sink's first delivery is still in flight: a submit that waited
     on the sink could only return once that delivery gave up, a minute later (and logged it)."""
-    with capture_logs() as logged, serve("hang") as server, dispatching(
-        [sink(server.url(), "hung")], replace(FAST, send_timeout=60.0, queue_size=5)
-    ) as d:
+    with (
+        capture_logs() as logged,
+        serve("hang") as server,
+        dispatching([sink(server.url(), "hung")], replace(FAST, send_timeout=60.0, queue_size=5)) as d,
+    ):
         d.submit(alert(revision="first"))
         assert server.wait("hits", 1)  # the worker is stuck inside the first delivery
         results = [d.submit(alert(revision=f"r{i}")) for i in range(200)]
@@ -438,9 +523,14 @@ def test_submit_never_blocks_on_a_hung_sink_with_a_full_queue() -> None:
 
 
 def test_a_hung_sink_delays_no_other_sink() -> None:
-    with capture_logs() as logged, serve("hang") as hung, serve() as good, dispatching(
-        [sink(hung.url(), "hung"), sink(good.url(), "good")], replace(FAST, send_timeout=60.0)
-    ) as d:
+    with (
+        capture_logs() as logged,
+        serve("hang") as hung,
+        serve() as good,
+        dispatching(
+            [sink(hung.url(), "hung"), sink(good.url(), "good")], replace(FAST, send_timeout=60.0)
+        ) as d,
+    ):
         for i in range(3):
             d.submit(alert(revision=f"r{i}"))
         assert hung.wait("hits", 1, timeout=30.0)  # the hung sink's first delivery has begun
@@ -545,22 +635,28 @@ def test_a_delivery_that_fails_on_every_attempt_is_counted_failed_not_sent() -> 
 def test_alerts_pushed_out_of_a_full_queue_are_counted_dropped_by_their_event() -> None:
     tally = Tally()
     with serve() as server:
-        dispatcher = AlertDispatcher([sink(server.url(), "chat")], replace(FAST, queue_size=2),
-                                     **tally.callbacks())
+        dispatcher = AlertDispatcher(
+            [sink(server.url(), "chat")], replace(FAST, queue_size=2), **tally.callbacks()
+        )
         for event in ("failed", "blocked", "recovered", "applied"):  # not started: the queue fills
             dispatcher.submit(alert(event))
         dispatcher.start()
         assert tally.wait(4)
         dispatcher.close(timeout=2.0)
-    assert sorted(tally.results) == [("dropped", "blocked", "chat"), ("dropped", "failed", "chat"),
-                                     ("sent", "applied", "chat"), ("sent", "recovered", "chat")]
+    assert sorted(tally.results) == [
+        ("dropped", "blocked", "chat"),
+        ("dropped", "failed", "chat"),
+        ("sent", "applied", "chat"),
+        ("sent", "recovered", "chat"),
+    ]
 
 
 def test_alerts_left_in_the_queue_at_close_are_counted_dropped() -> None:
     tally = Tally()
     with serve("hang") as server:
-        dispatcher = AlertDispatcher([sink(server.url(), "stuck")], replace(FAST, send_timeout=60.0),
-                                     **tally.callbacks())
+        dispatcher = AlertDispatcher(
+            [sink(server.url(), "stuck")], replace(FAST, send_timeout=60.0), **tally.callbacks()
+        )
         dispatcher.start()
         for i in range(3):
             dispatcher.submit(alert(revision=f"r{i}"))
@@ -575,14 +671,14 @@ WORKER_ERROR = "revision r2 failed at versions/r2_add.py:14: ZeroDivisionError: 
 
 def test_the_failed_alert_says_the_revision_failed_once() -> None:
     obs = replace(BAD["failed"], error=WORKER_ERROR)
-    (failed, _key), = AlertPolicy("app", ALERTING).observe(obs, T0)
+    ((failed, _key),) = AlertPolicy("app", ALERTING).observe(obs, T0)
     assert failed.message == WORKER_ERROR
     assert failed.message.count("failed") == 1
 
 
 def test_the_lock_timeout_alert_names_the_revision_once() -> None:
     error = "revision r2 failed: OperationalError: canceling statement due to lock timeout"
-    (alert_, _key), = AlertPolicy("app", ALERTING).observe(replace(BAD["lock_timeout"], error=error), T0)
+    ((alert_, _key),) = AlertPolicy("app", ALERTING).observe(replace(BAD["lock_timeout"], error=error), T0)
     assert alert_.message.count("r2") == 1 and "canceling statement due to lock timeout" in alert_.message
 
 
@@ -596,7 +692,7 @@ def test_a_failed_revision_is_reported_behind_even_when_the_last_compare_found_d
 
 def test_an_unreadable_revision_file_is_its_own_alert_naming_file_and_line_not_a_failure() -> None:
     policy = AlertPolicy("app", ALERTING)
-    (entered, _key), = policy.observe(BAD["revision_unreadable"], T0)
+    ((entered, _key),) = policy.observe(BAD["revision_unreadable"], T0)
     assert entered.event == "revision_unreadable" and entered.details["unreadable"] == "versions/r3.py:7"
     assert "line 7" in entered.message
     # the same file broken anew (another hash) is a new episode; fixed, it recovers

@@ -58,8 +58,7 @@ class Running:
         return json.loads(body) if code == 200 else {}
 
     def wait_status(self, predicate, timeout: float = 30, what: str = "status"):  # type: ignore[no-untyped-def]
-        return wait_until(lambda: (lambda s: s if s and predicate(s) else None)(self.status()),
-                          timeout, what)
+        return wait_until(lambda: (lambda s: s if s and predicate(s) else None)(self.status()), timeout, what)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -80,7 +79,10 @@ def daemon(project: Project, env: dict[str, str] | None = None) -> Iterator[Runn
 
 
 def config(
-    project: Project, interval: float = 60, sinks: list[str] | None = None, extra: str = "",
+    project: Project,
+    interval: float = 60,
+    sinks: list[str] | None = None,
+    extra: str = "",
     alerting: str = "",
 ) -> None:
     alerts = "".join(f'\n[[alerts]]\nkind = "webhook"\nurl = "{url}"\n' for url in sinks or [])
@@ -98,8 +100,10 @@ def test_new_revision_files_are_applied_at_once_not_at_the_next_interval(tmp_pat
     project.chain(2)
     config(project, interval=600)
     staging = flask_project(tmp_path / "staging", pg_url)
-    new_files = [staging.revision("n1", "r0001", upgrade=create_table("t_n1")),
-                 staging.revision("n2", "n1", upgrade=create_table("t_n2"))]
+    new_files = [
+        staging.revision("n1", "r0001", upgrade=create_table("t_n1")),
+        staging.revision("n2", "n1", upgrade=create_table("t_n2")),
+    ]
     with daemon(project) as d:
         d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync")
         for path in new_files:  # what a new image or a git-sync sidecar does
@@ -151,9 +155,7 @@ def test_server_restart_survives_with_one_unreachable_and_one_recovered_alert(tm
 FAILS = 'op.execute("SELECT 1/0")'
 
 
-def test_failing_revision_alerts_once_backs_off_then_blocks_until_fixed(
-    tmp_path: Path, pg_url: str
-) -> None:
+def test_failing_revision_alerts_once_backs_off_then_blocks_until_fixed(tmp_path: Path, pg_url: str) -> None:
     hooks = Recorder()
     project = flask_project(tmp_path / "p", pg_url)
     project.chain(1)
@@ -180,8 +182,13 @@ def test_dead_or_slow_webhooks_do_not_change_the_rhythm(tmp_path: Path, pg_url: 
     project.chain(1)
     project.revision("bad", "r0000", upgrade=FAILS)  # alerts to send on every state change
     # A send gives up only after a minute: runs that go on meanwhile did not wait for it.
-    config(project, interval=0.2, sinks=[hung.url, slow.url], extra="blocked_after = 100",
-           alerting="send_timeout = 60")
+    config(
+        project,
+        interval=0.2,
+        sinks=[hung.url, slow.url],
+        extra="blocked_after = 100",
+        alerting="send_timeout = 60",
+    )
     try:
         with daemon(project) as d:
             first = d.wait_status(lambda s: s.get("runs", 0) >= 3, 60, "three runs")
@@ -256,8 +263,12 @@ def test_suspend_stops_all_replicas_until_resume(tmp_path: Path, pg_url: str) ->
     try:
         for d in procs:
             d.wait_status(lambda s: s.get("state") == "in_sync", 60, "in sync")
-        assert run_cli(["--config", str(project.config), "suspend", "--reason", "manual fix"],
-                       cwd=project.root).returncode == 0
+        assert (
+            run_cli(
+                ["--config", str(project.config), "suspend", "--reason", "manual fix"], cwd=project.root
+            ).returncode
+            == 0
+        )
         project.revision("new1", "r0000", upgrade=create_table("t_new1"))
         for d in procs:
             d.wait_status(lambda s: s.get("state") == "suspended", 30, "suspended")
@@ -278,8 +289,11 @@ def test_endpoints_and_canary(tmp_path: Path, pg_canary_url: str) -> None:
     hooks = Recorder()
     project = flask_project(tmp_path / "p", pg_canary_url)
     project.chain(1)
-    project.revision("bad", "r0000", upgrade=(
-        'raise RuntimeError("cannot use " + op.get_bind().engine.url.render_as_string(False))'))
+    project.revision(
+        "bad",
+        "r0000",
+        upgrade=('raise RuntimeError("cannot use " + op.get_bind().engine.url.render_as_string(False))'),
+    )
     config(project, interval=0.3, sinks=[hooks.url], extra="blocked_after = 2")
     try:
         with daemon(project) as d:
@@ -308,7 +322,6 @@ def test_observe_only_replica_applies_nothing(tmp_path: Path, pg_url: str) -> No
     assert db_heads(pg_url) == set()
 
 
-
 def test_grace_expiry_cancels_the_statement_and_exits_non_zero(tmp_path: Path, pg_url: str) -> None:
     project = flask_project(tmp_path / "p", pg_url)
     project.chain(1)
@@ -317,10 +330,14 @@ def test_grace_expiry_cancels_the_statement_and_exits_non_zero(tmp_path: Path, p
         d.wait_status(lambda s: s["state"] == "in_sync", 30, "in sync")
         # The statement would run for ten minutes, far past the stop's own deadline: a daemon
         # that exits by itself meanwhile has cancelled it.
-        project.revision("endless", "r0000", upgrade='op.execute("SELECT pg_sleep(600)")\n'
-                         + create_table("t_endless"))
-        wait_until(lambda: any(r["revision"] == "endless" for r in journal_rows(pg_url)), 20,
-                   "the long revision started")
+        project.revision(
+            "endless", "r0000", upgrade='op.execute("SELECT pg_sleep(600)")\n' + create_table("t_endless")
+        )
+        wait_until(
+            lambda: any(r["revision"] == "endless" for r in journal_rows(pg_url)),
+            20,
+            "the long revision started",
+        )
         code = d.stop(signal.SIGTERM, timeout=60)
     assert code == 1, d.stderr[-3000:]
     wait_until(lambda: not sleeping_backends(pg_url), 30, "the server stopped running it")
@@ -335,8 +352,10 @@ def sleeping_backends(url: str) -> list[int]:
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
-            sql = ("SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(600)%' "
-                   "AND state = 'active' AND pid <> pg_backend_pid()")
+            sql = (
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(600)%' "
+                "AND state = 'active' AND pid <> pg_backend_pid()"
+            )
             return [int(pid) for pid in conn.execute(sa.text(sql)).scalars()]
     finally:
         engine.dispose()
@@ -350,8 +369,9 @@ def lock_is_free(url: str) -> bool:
     engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
-            lock = locks.AdvisoryLock(conn, locks.lock_key(sa.engine.make_url(url).database or "",
-                                                           None, "alembic_version"))
+            lock = locks.AdvisoryLock(
+                conn, locks.lock_key(sa.engine.make_url(url).database or "", None, "alembic_version")
+            )
             free = lock.try_acquire()
             lock.release()
             return free
@@ -365,8 +385,13 @@ def test_lock_timeouts_never_block(tmp_path: Path, pg_url: str) -> None:
     hooks = Recorder()
     project = flask_project(tmp_path / "p", pg_url)
     project.chain(1, prefix="a")
-    config(project, interval=0.2, sinks=[hooks.url], extra="blocked_after = 2\n[apply]\n"
-           "ddl_lock_timeout = 0.2\nlock_timeout_retries = 1\nlock_timeout_backoff = 0.1")
+    config(
+        project,
+        interval=0.2,
+        sinks=[hooks.url],
+        extra="blocked_after = 2\n[apply]\n"
+        "ddl_lock_timeout = 0.2\nlock_timeout_retries = 1\nlock_timeout_backoff = 0.1",
+    )
     assert run_cli(["--config", str(project.config), "apply"], cwd=project.root).returncode == 0
     project.revision("alter1", "a0000", upgrade='op.add_column("t_a0", sa.Column("x", sa.Integer))')
     holder = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
@@ -374,8 +399,11 @@ def test_lock_timeouts_never_block(tmp_path: Path, pg_url: str) -> None:
         with holder.connect() as conn:
             conn.execute(sa.text("LOCK TABLE t_a0 IN ACCESS EXCLUSIVE MODE"))  # an app transaction
             with daemon(project) as d:
-                wait_until(lambda: len([r for r in journal_rows(pg_url) if r["revision"] == "alter1"]) >= 4,
-                           60, "two runs of two attempts")
+                wait_until(
+                    lambda: len([r for r in journal_rows(pg_url) if r["revision"] == "alter1"]) >= 4,
+                    60,
+                    "two runs of two attempts",
+                )
                 assert "blocked" not in d.status().get("conditions", [])
                 wait_until(lambda: hooks.events("lock_timeout"), 10, "the lock_timeout alert")
                 conn.rollback()  # the app lets go
@@ -402,8 +430,10 @@ def _signal_thread(pid: int, tid: int, sig: int) -> None:
         raise OSError(ctypes.get_errno(), "tgkill failed")
 
 
-@pytest.mark.skipif(platform.machine() not in _TGKILL or not Path("/proc/self/task").exists(),
-                    reason="needs Linux tgkill and /proc")
+@pytest.mark.skipif(
+    platform.machine() not in _TGKILL or not Path("/proc/self/task").exists(),
+    reason="needs Linux tgkill and /proc",
+)
 def test_sigterm_taken_by_another_thread_still_stops_the_daemon(tmp_path: Path) -> None:
     """A process-directed SIGTERM may land on any thread. Python runs the handler in the main
     thread, which must not sleep through it in a wait without a timeout."""
@@ -413,8 +443,11 @@ def test_sigterm_taken_by_another_thread_still_stops_the_daemon(tmp_path: Path) 
     running = Running(project, free_port())
     try:
         running.wait_status(lambda s: s.get("runs", 0) >= 1, 60, "the first run")
-        others = [int(t.name) for t in Path(f"/proc/{running.proc.pid}/task").iterdir()
-                  if int(t.name) != running.proc.pid]
+        others = [
+            int(t.name)
+            for t in Path(f"/proc/{running.proc.pid}/task").iterdir()
+            if int(t.name) != running.proc.pid
+        ]
         assert others, "the daemon runs threads besides the main one"
         for tid in others:  # the first that still exists
             try:

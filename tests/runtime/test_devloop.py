@@ -71,9 +71,14 @@ def dev(project: Project, extra: str = "", env: dict[str, str] | None = None) ->
     project.write_config(extra=f"[dev]\ndebounce = 0.05\n{extra}", models="myapp.models:db")
     log = DevLog(project.root / "dev.log")
     with open(log.path, "w") as stderr:
-        proc = subprocess.Popen(cli_command(["--config", str(project.config), "run", "--mode", "dev"]),
-                                cwd=project.root, env=cli_env(env), stdout=subprocess.DEVNULL,
-                                stderr=stderr, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cli_command(["--config", str(project.config), "run", "--mode", "dev"]),
+            cwd=project.root,
+            env=cli_env(env),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+        )
         try:
             yield log
         except BaseException:
@@ -173,8 +178,9 @@ def test_a_held_revision_stays_held_after_a_restart(tmp_path: Path, sqlite_url: 
         wait_until(lambda: "destructive_refused" in log.text(), 30, "refused after the restart")
         assert "email" in columns(sqlite_url, "user")
         held = next(p for p in revision_files(project) if "base0001" not in p.name)
-        result = run_cli(["--config", str(project.config), "confirm", held.name.split("_")[0]],
-                         cwd=project.root)
+        result = run_cli(
+            ["--config", str(project.config), "confirm", held.name.split("_")[0]], cwd=project.root
+        )
         assert result.returncode == 0, result.stderr
         wait_until(lambda: "email" not in columns(sqlite_url, "user"), 30, "dropped after confirm")
 
@@ -197,8 +203,11 @@ def test_a_held_revision_is_withdrawn_when_the_model_comes_back(tmp_path: Path, 
         wait_until(lambda: "waiting_for_confirmation" in log.text(), 30, "held back")
         held = log.text().count("destructive_held_back")
         save(project, BASE)  # put back
-        wait_until(lambda: later(log.text(), "held_back_withdrawn", "no_changes"), 30,
-                   "withdrawn, and the models found equal to the database")
+        wait_until(
+            lambda: later(log.text(), "held_back_withdrawn", "no_changes"),
+            30,
+            "withdrawn, and the models found equal to the database",
+        )
         assert [p.name for p in revision_files(project)] == ["base0001_create_user_table.py"]
         assert "email" in columns(sqlite_url, "user")
 
@@ -234,8 +243,9 @@ def test_ten_rapid_saves_and_a_draft_amended_then_sealed(tmp_path: Path, dev_url
         for n in range(10):
             models += f"    c{n} = db.Column(db.Integer)\n"
             save(project, models)
-        wait_until(lambda: {f"c{n}" for n in range(10)} <= set(columns(dev_url, "user")), 60,
-                   "all ten columns")
+        wait_until(
+            lambda: {f"c{n}" for n in range(10)} <= set(columns(dev_url, "user")), 60, "all ten columns"
+        )
         drafts = [p for p in revision_files(project) if "base0001" not in p.name]
         assert len(drafts) == 1 and "draft = True" in drafts[0].read_text()
         draft_id = drafts[0].name.split("_")[0]
@@ -245,8 +255,9 @@ def test_ten_rapid_saves_and_a_draft_amended_then_sealed(tmp_path: Path, dev_url
             wait_until(lambda c=column: c in columns(dev_url, "user"), 30, f"draft amended ({column})")
         amended = [p for p in revision_files(project) if "base0001" not in p.name]
         assert [p.name.split("_")[0] for p in amended] == [draft_id]  # the same draft, amended
-    result = run_cli(["--config", str(project.config), "seal", "-m", "user profile columns"],
-                     cwd=project.root)
+    result = run_cli(
+        ["--config", str(project.config), "seal", "-m", "user profile columns"], cwd=project.root
+    )
     assert result.returncode == 0, result.stderr
     sealed = [p for p in revision_files(project) if "base0001" not in p.name]
     assert len(sealed) == 1 and "draft = True" not in sealed[0].read_text()
@@ -278,14 +289,19 @@ def test_is_local(url: str, local: bool) -> None:
     assert is_local("postgresql://u@db/x", ["db"]) is True
 
 
-
 TEAM = "\n\nclass Team(db.Model):\n    id = db.Column(db.Integer, primary_key=True)\n"
 
 
 def teammates_revision(project: Project) -> Path:
-    return project.revision("team0001", "base0001", message="create team", upgrade=(
-        'op.create_table("team", sa.Column("id", sa.Integer(), nullable=False), '
-        'sa.PrimaryKeyConstraint("id"))'))
+    return project.revision(
+        "team0001",
+        "base0001",
+        message="create team",
+        upgrade=(
+            'op.create_table("team", sa.Column("id", sa.Integer(), nullable=False), '
+            'sa.PrimaryKeyConstraint("id"))'
+        ),
+    )
 
 
 def test_branch_switch_and_teammates_revision(tmp_path: Path, dev_url: str) -> None:
@@ -317,8 +333,10 @@ def creating_team(project: Project) -> list[Path]:
 def gated_team(hold: Path, entered: Path, where: str) -> str:
     """Team, with a gate that holds the generation while `hold` exists: in the models' import
     (before the worker reads the revision files) or in rendering the revision (after it did)."""
-    wait = (f"_p.Path({str(entered)!r}).touch()\n"
-            f"{{pad}}while _p.Path({str(hold)!r}).exists():\n{{pad}}    _t.sleep(0.01)\n")
+    wait = (
+        f"_p.Path({str(entered)!r}).touch()\n"
+        f"{{pad}}while _p.Path({str(hold)!r}).exists():\n{{pad}}    _t.sleep(0.01)\n"
+    )
     gate_at_import = wait.format(pad="") if where == "import" else ""
     render = "        " + wait.format(pad="        ") if where == "render" else ""
     return f"""
@@ -340,10 +358,14 @@ class Team(db.Model):
 """
 
 
-@pytest.mark.parametrize("where,unsafe", [("import", False), ("render", False), ("render", True)],
-                         ids=["during_import", "during_render", "negative_control"])
-def test_a_pull_during_a_generation_is_applied_not_duplicated(tmp_path: Path, dev_url: str,
-                                                              where: str, unsafe: bool) -> None:
+@pytest.mark.parametrize(
+    "where,unsafe",
+    [("import", False), ("render", False), ("render", True)],
+    ids=["during_import", "during_render", "negative_control"],
+)
+def test_a_pull_during_a_generation_is_applied_not_duplicated(
+    tmp_path: Path, dev_url: str, where: str, unsafe: bool
+) -> None:
     """The pull lands while the worker generates from models that already have its Team class.
     What that generation would write duplicates the teammate's revision: it is discarded, theirs
     is applied, and the compare after it finds nothing. Without the recheck (`dev_recheck` off) a
@@ -357,12 +379,21 @@ def test_a_pull_during_a_generation_is_applied_not_duplicated(tmp_path: Path, de
         hold.touch()
         save(project, BASE + gated_team(hold, entered, where))
         wait_until(entered.exists, 30, "the generation at the gate")
-        project.revision("team0001", "base0001", message="create team", upgrade=(
-            'op.create_table("team", sa.Column("id", sa.Integer(), nullable=False), '
-            'sa.Column("name", sa.String(length=20), nullable=True), sa.PrimaryKeyConstraint("id"))'))
+        project.revision(
+            "team0001",
+            "base0001",
+            message="create team",
+            upgrade=(
+                'op.create_table("team", sa.Column("id", sa.Integer(), nullable=False), '
+                'sa.Column("name", sa.String(length=20), nullable=True), sa.PrimaryKeyConstraint("id"))'
+            ),
+        )
         hold.unlink()  # the pull has landed: let the generation go on
-        wait_until(lambda: "team" in table_names(dev_url) or len(revision_files(project)) == 3, 30,
-                   "the team table or a duplicate")
+        wait_until(
+            lambda: "team" in table_names(dev_url) or len(revision_files(project)) == 3,
+            30,
+            "the team table or a duplicate",
+        )
         if unsafe:
             wait_until(lambda: len(creating_team(project)) == 2, 30, "the duplicate revision, written")
             assert len(revision_files(project)) == 3
@@ -378,12 +409,20 @@ NOTE = "\n\nclass Note(db.Model):\n    id = db.Column(db.Integer, primary_key=Tr
 
 def test_a_save_compares_only_the_classes_it_changed(tmp_path: Path, dev_url: str) -> None:
     project = baseline_project(tmp_path, dev_url)
-    project.revision("note0002", "base0001", message="create note table", upgrade='''op.create_table(
-    "note", sa.Column("id", sa.Integer(), nullable=False), sa.PrimaryKeyConstraint("id"))''')
+    project.revision(
+        "note0002",
+        "base0001",
+        message="create note table",
+        upgrade="""op.create_table(
+    "note", sa.Column("id", sa.Integer(), nullable=False), sa.PrimaryKeyConstraint("id"))""",
+    )
     with dev(project, "draft = false") as log:
         save(project, BASE + NOTE)
-        wait_until(lambda: "note" in table_names(dev_url) and "no_changes" in log.text(), 60,
-                   "started, with the full compare at start done")
+        wait_until(
+            lambda: "note" in table_names(dev_url) and "no_changes" in log.text(),
+            60,
+            "started, with the full compare at start done",
+        )
         engine = sa.create_engine(dev_url, poolclass=sa.pool.NullPool)
         with engine.begin() as conn:  # a difference in note that no save touches
             conn.execute(sa.text("ALTER TABLE note ADD COLUMN extra INTEGER"))
@@ -424,8 +463,11 @@ def test_a_teammates_revision_re_parents_the_draft(tmp_path: Path, dev_url: str)
         draft_id = draft.name.split("_")[0]
         teammates_revision(project)  # a pull: their revision and their model
         save(project, BASE + NICKNAME + TEAM)
-        wait_until(lambda: "draft_reparented" in log.text() and db_heads(dev_url) == {draft_id}, 60,
-                   "the draft re-parented and applied again")
+        wait_until(
+            lambda: "draft_reparented" in log.text() and db_heads(dev_url) == {draft_id},
+            60,
+            "the draft re-parented and applied again",
+        )
         wait_until(lambda: "team" in table_names(dev_url), 30, "their revision applied")
         assert parent_of(draft) == ("team0001",)
         assert "Revises: team0001\n" in draft.read_text() and "draft = True" in draft.read_text()

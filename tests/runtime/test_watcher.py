@@ -142,13 +142,13 @@ def nested_migrations(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 @pytest.mark.parametrize("pattern", ["*/migrations/*", "sub/migrations/*", "migrations"])
-def test_an_ignore_glob_matches_nested_paths(tmp_path: Path, watchers: list[DirWatcher],
-                                             pattern: str) -> None:
+def test_an_ignore_glob_matches_nested_paths(
+    tmp_path: Path, watchers: list[DirWatcher], pattern: str
+) -> None:
     """A pattern with a `/` matches the whole path at any depth; one without, any one name."""
     pkg, migrations, versions = nested_migrations(tmp_path)
     changes = Changes()
-    watcher = DirWatcher([pkg], changes, debounce=0.05, ignore=(*DEFAULT_IGNORE, pattern),
-                         suffixes=(".py",))
+    watcher = DirWatcher([pkg], changes, debounce=0.05, ignore=(*DEFAULT_IGNORE, pattern), suffixes=(".py",))
     watchers.append(watcher)
     assert watcher.start()
     (versions / "x.py").write_text("revision = 'x'\n")

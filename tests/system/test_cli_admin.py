@@ -56,8 +56,7 @@ def status(project: Project) -> dict[str, Any]:
 def user_project(root: Path, url: str, models: str = FLASK_MODELS) -> Project:
     """A Flask-Migrate project whose one revision creates exactly what its models declare."""
     project = flask_project(root, url, models)
-    project.revision("u1", None, upgrade=USER_TABLE, downgrade='op.drop_table("user")',
-                     message="create user")
+    project.revision("u1", None, upgrade=USER_TABLE, downgrade='op.drop_table("user")', message="create user")
     return project
 
 
@@ -148,10 +147,11 @@ def test_plan_lists_pending_in_order_and_ahead_exits_4(tmp_path: Path, sqlite_ur
         ["2.", "s0001", "create", "t_s1"],
     ]
     data = json.loads(ok(project, "plan", "--json").stdout)
-    assert (data["state"], data["db_heads"], data["pending"]) == ("behind", ["r0001"],
-                                                                  ["s0000", "s0001"])
+    assert (data["state"], data["db_heads"], data["pending"]) == ("behind", ["r0001"], ["s0000", "s0001"])
     assert [(s["revision"], s["message"]) for s in data["steps"]] == [
-        ("s0000", "create t_s0"), ("s0001", "create t_s1")]
+        ("s0000", "create t_s0"),
+        ("s0001", "create t_s1"),
+    ]
 
     sql = ok(project, "plan", "--sql").stdout
     assert sql.index("CREATE TABLE t_s0") < sql.index("CREATE TABLE t_s1")
@@ -258,15 +258,12 @@ def test_wait_keeps_trying_until_the_sqlite_folder_appears(tmp_path: Path) -> No
 
 
 @pytest.mark.postgres
-def test_wait_keeps_trying_until_the_postgresql_database_exists(
-    tmp_path: Path, pg_canary_url: str
-) -> None:
+def test_wait_keeps_trying_until_the_postgresql_database_exists(tmp_path: Path, pg_canary_url: str) -> None:
     name = dbs.new_name()
     url = sa.engine.make_url(pg_canary_url).set(database=name).render_as_string(False)
     project = flask_project(tmp_path / "p", url)
     project.chain(1)
-    admin = sa.create_engine(dbs.PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                             poolclass=sa.pool.NullPool)
+    admin = sa.create_engine(dbs.PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     try:
         with background(project, "wait", "--timeout", str(DEADLINE), "--interval", "0.2") as w:
             w.wait_for('"unknown"')
@@ -306,7 +303,8 @@ def test_check_then_baseline_accepts_the_difference(tmp_path: Path, sqlite_url: 
 def server_databases(kind: str) -> set[str]:
     url = dbs.PG_ADMIN_URL if kind == "postgresql" else dbs.MYSQL_ADMIN_URL
     query = (
-        "SELECT datname FROM pg_database" if kind == "postgresql"
+        "SELECT datname FROM pg_database"
+        if kind == "postgresql"
         else "SELECT schema_name FROM information_schema.schemata"
     )
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
@@ -319,12 +317,10 @@ def server_databases(kind: str) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "kind", [pytest.param("postgresql", marks=pytest.mark.postgres),
-             pytest.param("mysql", marks=pytest.mark.mysql)]
+    "kind",
+    [pytest.param("postgresql", marks=pytest.mark.postgres), pytest.param("mysql", marks=pytest.mark.mysql)],
 )
-def test_check_scratch_leaves_no_database_and_the_target_untouched(
-    tmp_path: Path, kind: str
-) -> None:
+def test_check_scratch_leaves_no_database_and_the_target_untouched(tmp_path: Path, kind: str) -> None:
     with dbs.database(kind, tmp_path, canary=True) as url:
         project = user_project(tmp_path / "p", url)
         scratch_before = {n for n in server_databases(kind) if n.startswith("reconciler_check_")}
@@ -390,9 +386,7 @@ def test_stamp_refuses_tables_that_differ_unless_forced(tmp_path: Path, sqlite_u
 
 
 # --- downgrade ----------------------------------------------------------------------------------
-def test_downgrade_needs_yes_off_a_terminal_then_undoes_newest_first(
-    tmp_path: Path, db_url: str
-) -> None:
+def test_downgrade_needs_yes_off_a_terminal_then_undoes_newest_first(tmp_path: Path, db_url: str) -> None:
     project = flask_project(tmp_path / "p", db_url)
     project.chain(3)
     ok(project, "apply")
@@ -413,7 +407,9 @@ def test_downgrade_needs_yes_off_a_terminal_then_undoes_newest_first(
     assert "t_r0" in tables and not {"t_r1", "t_r2"} & tables
     downgrades = [r for r in journal_rows(db_url) if r["operation"] == "downgrade"]
     assert [(r["revision"], r["outcome"]) for r in downgrades] == [
-        ("r0002", "downgraded"), ("r0001", "downgraded")]
+        ("r0002", "downgraded"),
+        ("r0001", "downgraded"),
+    ]
     assert status(project)["state"] == "behind"
 
 
@@ -421,9 +417,14 @@ def test_downgrade_one_labelled_branch_leaves_the_other(tmp_path: Path, sqlite_u
     project = flask_project(tmp_path / "p", sqlite_url)
     project.chain(1)
     for rev in ("a1", "b1"):
-        project.revision(rev, "r0000", branch_labels=rev[0], message=f"create t_{rev}",
-                         upgrade=f'op.create_table("t_{rev}", sa.Column("id", sa.Integer, primary_key=True))',
-                         downgrade=f'op.drop_table("t_{rev}")')
+        project.revision(
+            rev,
+            "r0000",
+            branch_labels=rev[0],
+            message=f"create t_{rev}",
+            upgrade=f'op.create_table("t_{rev}", sa.Column("id", sa.Integer, primary_key=True))',
+            downgrade=f'op.drop_table("t_{rev}")',
+        )
     ok(project, "apply")
     assert db_heads(sqlite_url) == {"a1", "b1"}
 
@@ -434,9 +435,7 @@ def test_downgrade_one_labelled_branch_leaves_the_other(tmp_path: Path, sqlite_u
 
 
 # --- init ---------------------------------------------------------------------------------------
-def test_init_creates_the_flask_migrate_layout_then_apply_works(
-    tmp_path: Path, sqlite_url: str
-) -> None:
+def test_init_creates_the_flask_migrate_layout_then_apply_works(tmp_path: Path, sqlite_url: str) -> None:
     project = flask_project(tmp_path / "p", sqlite_url)
     shutil.rmtree(project.migrations)
 
@@ -497,8 +496,7 @@ def test_resolve_rolled_back_after_undoing_by_hand(tmp_path: Path, mysql_url: st
     execute(mysql_url, "DROP TABLE half")
     assert "resolved as rolled_back" in ok(project, "resolve", "b1", "--rolled-back").stderr
     path = next(project.versions.glob("b1_*.py"))
-    path.write_text(path.read_text().replace(
-        'op.create_index("ix_half_code", "half", ["code"])', ""))
+    path.write_text(path.read_text().replace('op.create_index("ix_half_code", "half", ["code"])', ""))
     ok(project, "apply")
     assert db_heads(mysql_url) == {"b1"}
     outcomes = [r["outcome"] for r in journal_rows(mysql_url) if r["revision"] == "b1"]
@@ -506,12 +504,9 @@ def test_resolve_rolled_back_after_undoing_by_hand(tmp_path: Path, mysql_url: st
 
 
 @pytest.mark.mysql
-def test_resolve_applied_after_completing_by_hand_stamps_it(
-    tmp_path: Path, mysql_url: str
-) -> None:
+def test_resolve_applied_after_completing_by_hand_stamps_it(tmp_path: Path, mysql_url: str) -> None:
     project = half_applied(tmp_path, mysql_url)
-    execute(mysql_url, "ALTER TABLE half ADD COLUMN code INTEGER",
-            "CREATE INDEX ix_half_code ON half (code)")
+    execute(mysql_url, "ALTER TABLE half ADD COLUMN code INTEGER", "CREATE INDEX ix_half_code ON half (code)")
     ok(project, "resolve", "b1", "--applied")
     assert db_heads(mysql_url) == {"b1"}
     data = status(project)

@@ -13,8 +13,8 @@ from tests.dbs import CANARY_PASSWORD
 
 pytestmark = pytest.mark.core
 
-RAISES = '''op.create_table("half", sa.Column("id", sa.Integer, primary_key=True))
-raise RuntimeError("boom in revision")'''
+RAISES = """op.create_table("half", sa.Column("id", sa.Integer, primary_key=True))
+raise RuntimeError("boom in revision")"""
 
 
 def test_failing_revision_leaves_previous_revision(tmp_path: Path, db_url: str) -> None:
@@ -84,18 +84,20 @@ def test_url_from_environment_and_flags_after_command(tmp_path: Path, sqlite_url
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "mysql"])
-def test_password_never_in_output(
-    tmp_path: Path, kind: str, request: pytest.FixtureRequest
-) -> None:
+def test_password_never_in_output(tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
     url = request.getfixturevalue("pg_canary_url" if kind == "postgresql" else "mysql_canary_url")
     assert CANARY_PASSWORD not in url  # it needs escaping: the URL holds the encoded form
     project = flask_project(tmp_path / "p", url)
     project.chain(2)
-    project.revision("bad1", "r0001", upgrade=(
-        "u = op.get_bind().engine.url\n"  # SQLAlchemy 1.3's str() shows the password
-        'raise RuntimeError("cannot use " + (u.render_as_string(False) '
-        'if hasattr(u, "render_as_string") else str(u)))'
-    ))
+    project.revision(
+        "bad1",
+        "r0001",
+        upgrade=(
+            "u = op.get_bind().engine.url\n"  # SQLAlchemy 1.3's str() shows the password
+            'raise RuntimeError("cannot use " + (u.render_as_string(False) '
+            'if hasattr(u, "render_as_string") else str(u)))'
+        ),
+    )
     # run_cli asserts the canary (raw, URL-encoded, double-encoded) is in no output.
     run_cli(["--config", str(project.config), "status", "--json"], cwd=project.root)
     failed = run_cli(["--config", str(project.config), "apply"], cwd=project.root)

@@ -97,10 +97,8 @@ def test_apply_through_a_merge_revision(tmp_path: Path, db_url: str) -> None:
 
 def test_independent_labelled_branches_are_legitimate_heads(tmp_path: Path, db_url: str) -> None:
     project = flask_project(tmp_path / "p", db_url)
-    project.revision("a1", None, branch_labels="shop",
-                     upgrade=create_table("ta"))
-    project.revision("b1", None, branch_labels="auth",
-                     upgrade=create_table("tb"))
+    project.revision("a1", None, branch_labels="shop", upgrade=create_table("ta"))
+    project.revision("b1", None, branch_labels="auth", upgrade=create_table("tb"))
     result = apply(project)
     assert result.returncode == 0, result.stderr
     assert db_heads(db_url) == {"a1", "b1"}

@@ -40,11 +40,11 @@ def witnessed_chain(project: Project, count: int, dialect: str, where: str = "")
         # Entering leaves a non-transactional mark; then the revision takes a little server time,
         # as real ones do, which is the window a race needs.
         if dialect == "postgresql":
-            enter = f"op.execute(\"SELECT nextval('witness_{rev}')\")\nop.execute(\"SELECT pg_sleep(0.05)\")"
+            enter = f'op.execute("SELECT nextval(\'witness_{rev}\')")\nop.execute("SELECT pg_sleep(0.05)")'
         else:
             enter = (
                 f"op.execute(\"INSERT INTO {where}.witness (rev) VALUES ('{rev}')\")\n"
-                "op.execute(\"SELECT SLEEP(0.05)\")"
+                'op.execute("SELECT SLEEP(0.05)")'
             )
         project.revision(
             rev,
@@ -77,17 +77,17 @@ def entries(url: str, revs: list[str], dialect: str) -> dict[str, int]:
                 row = conn.execute(sa.text(f"SELECT last_value, is_called FROM witness_{rev}")).one()
                 out[rev] = int(row[0]) if row[1] else 0
             else:
-                out[rev] = int(conn.execute(
-                    sa.text("SELECT COUNT(*) FROM witness WHERE rev = :r"), {"r": rev}
-                ).scalar() or 0)
+                out[rev] = int(
+                    conn.execute(sa.text("SELECT COUNT(*) FROM witness WHERE rev = :r"), {"r": rev}).scalar()
+                    or 0
+                )
     eng.dispose()
     return out
 
 
 def run_many(project: Project, count: int, env: dict[str, str] | None = None) -> list[int]:
     procs = [
-        start_cli(["--config", str(project.config), "apply"], cwd=project.root, env=env)
-        for _ in range(count)
+        start_cli(["--config", str(project.config), "apply"], cwd=project.root, env=env) for _ in range(count)
     ]
     codes = []
     for proc in procs:
@@ -96,8 +96,9 @@ def run_many(project: Project, count: int, env: dict[str, str] | None = None) ->
     return codes
 
 
-def race(tmp_path: Path, url: str, dialect: str, processes: int, revisions: int,
-         env: dict[str, str] | None = None) -> tuple[list[int], dict[str, int], list[str]]:
+def race(
+    tmp_path: Path, url: str, dialect: str, processes: int, revisions: int, env: dict[str, str] | None = None
+) -> tuple[list[int], dict[str, int], list[str]]:
     with ExitStack() as stack:
         # MariaDB: the MyISAM witness lives in a database of its own, so the target stays empty.
         witness_url = stack.enter_context(dbs.mysql_database()) if dialect == "mysql" else url
@@ -154,8 +155,7 @@ def sleeper_project(tmp_path: Path, url: str) -> Project:
         "k0",
         upgrade=(
             "op.execute(\"SELECT nextval('entered_k1')\")\n"
-            f"op.execute(\"SELECT pg_sleep({SLEEP}) /* sleeper */\")\n"
-            + create_table("t_k1")
+            f'op.execute("SELECT pg_sleep({SLEEP}) /* sleeper */")\n' + create_table("t_k1")
         ),
     )
     project.revision("k2", "k1", upgrade=create_table("t_k2"))
@@ -212,9 +212,7 @@ class Sampler(threading.Thread):
 
 
 @pytest.mark.postgres
-def test_sigkill_leaves_previous_revision_then_next_apply_reaches_head(
-    tmp_path: Path, pg_url: str
-) -> None:
+def test_sigkill_leaves_previous_revision_then_next_apply_reaches_head(tmp_path: Path, pg_url: str) -> None:
     project = sleeper_project(tmp_path, pg_url)
     orphan, eng = start_and_kill_in_sleep(project, pg_url)
     with eng.connect() as conn:

@@ -340,8 +340,11 @@ def promql_problems(expr: str, exposed: Exposed) -> list[str]:
                 wanted = value.split("|") if op == "=~" else [value]
                 problems += [f'{name}{{{label}="{v}"}} is never exposed' for v in wanted if v not in known]
     for group in _GROUPING.findall(expr):
-        problems += [f"no series has the label {x.strip()}" for x in group.split(",")
-                     if x.strip() and x.strip() not in all_labels]
+        problems += [
+            f"no series has the label {x.strip()}"
+            for x in group.split(",")
+            if x.strip() and x.strip() not in all_labels
+        ]
     for name, label in _LABEL_VALUES.findall(expr):
         if name not in exposed or label not in exposed[name]:
             problems.append(f"label_values({name}, {label}) names nothing exposed")
@@ -432,9 +435,14 @@ def test_prometheus_rule_expressions_name_exposed_metrics(exposed: Exposed) -> N
         assert r["for"] and r["labels"]["severity"] and r["annotations"]["summary"], r["alert"]
         assert promql_problems(r["expr"], exposed) == [], r["alert"]
         used |= {name for name, _ in _SELECTOR.findall(r["expr"])}
-    assert {"reconciler_state", "reconciler_condition", "reconciler_sync_state",
-            "reconciler_last_success_timestamp_seconds", "reconciler_pending_revisions",
-            "reconciler_drift_differences"} <= used
+    assert {
+        "reconciler_state",
+        "reconciler_condition",
+        "reconciler_sync_state",
+        "reconciler_last_success_timestamp_seconds",
+        "reconciler_pending_revisions",
+        "reconciler_drift_differences",
+    } <= used
 
 
 def test_promql_check_catches_unknown_names(exposed: Exposed) -> None:
@@ -465,9 +473,13 @@ def test_grafana_queries_name_exposed_metrics(exposed: Exposed) -> None:
         for pattern in re.findall(r'alertname=~"([^"]+)"', query):
             assert all(re.fullmatch(pattern, name) for name in alert_names), query
     named = {name for q in queries for name, _ in _SELECTOR.findall(q)}
-    for wanted in ("reconciler_state", "reconciler_pending_revisions",
-                   "reconciler_run_duration_seconds_bucket",
-                   "reconciler_revision_apply_duration_seconds_bucket", "reconciler_alerts_total"):
+    for wanted in (
+        "reconciler_state",
+        "reconciler_pending_revisions",
+        "reconciler_run_duration_seconds_bucket",
+        "reconciler_revision_apply_duration_seconds_bucket",
+        "reconciler_alerts_total",
+    ):
         assert wanted in named, f"the dashboard does not show {wanted}"
 
 
@@ -597,8 +609,10 @@ def test_the_configmap_settings_load(tmp_path: Path) -> None:
         mapping[path] = host
     config = tmp_path / "reconciler.toml"
     config.write_text(rewrite_paths(text, mapping))
-    environ = {"DATABASE_URL": f"sqlite:///{tmp_path / 'site.db'}",
-               "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/x"}
+    environ = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'site.db'}",
+        "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/x",
+    }
     settings = load_settings(str(config), environ=environ, cwd=tmp_path, resolve_alerts=True)
     assert settings.target.models == "app:db" and len(settings.alerts) == 2
     assert settings.daemon.ready_when == "started"
@@ -638,8 +652,10 @@ def test_job_retries_transient_exits_and_fails_fast_on_permanent_ones() -> None:
     plain = by_file("migrate-job.yaml", "Job")["metadata"]
     assert "generateName" in plain and "name" not in plain  # a new Job per release
     hooked = by_file("migrate-job-hook.yaml", "Job")["metadata"]["annotations"]
-    assert "pre-upgrade" in hooked["helm.sh/hook"] and "before-hook-creation" in hooked[
-        "helm.sh/hook-delete-policy"]
+    assert (
+        "pre-upgrade" in hooked["helm.sh/hook"]
+        and "before-hook-creation" in hooked["helm.sh/hook-delete-policy"]
+    )
     assert hooked["argocd.argoproj.io/hook"] == "PreSync"
 
 
@@ -666,9 +682,19 @@ def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
     config = tmp_path / "hadolint.yaml"
     config.write_text("{}\n")  # no ignored rules, whatever config the machine has
     result = subprocess.run(
-        [hadolint(), "--config", str(config), "--no-color", "--disable-ignore-pragma",
-         "--failure-threshold", "style", str(DOCKERFILE)],
-        capture_output=True, text=True, timeout=60,
+        [
+            hadolint(),
+            "--config",
+            str(config),
+            "--no-color",
+            "--disable-ignore-pragma",
+            "--failure-threshold",
+            "style",
+            str(DOCKERFILE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -686,7 +712,8 @@ def test_images_are_non_root_exec_form_and_free_of_secrets() -> None:
         assert stages[name].last("WORKDIR") == "/app"
         exec_form(stage_value(stages, name, "CMD"))
     assert exec_form(stages["standalone"].last("ENTRYPOINT")) + exec_form(
-        stages["standalone"].last("CMD")) == ["reconciler", "run"]
+        stages["standalone"].last("CMD")
+    ) == ["reconciler", "run"]
     check = healthcheck_command(stages["standalone"])
     assert check[0] == "python" and "/healthz" in check[-1] and "RECONCILER_HTTP" in check[-1]
     assert parse_http(stage_env(stages, "standalone")["RECONCILER_HTTP"])[0] == "0.0.0.0"
@@ -699,14 +726,22 @@ def test_images_are_non_root_exec_form_and_free_of_secrets() -> None:
 def test_dockerfile_copies_only_what_the_build_context_sends() -> None:
     stages = dockerfile_stages()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    copied = {src for stage in stages.values() for sources, _ in copy_sources(stage)
-              for src in sources if not src.startswith("/")}
+    copied = {
+        src
+        for stage in stages.values()
+        for sources, _ in copy_sources(stage)
+        for src in sources
+        if not src.startswith("/")
+    }
     assert pyproject["project"]["readme"] in copied and "pyproject.toml" in copied
     for source in copied:
         path = ROOT / source
         assert path.exists(), source
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
-                                                 and "__pycache__" not in p.parts]
+        files = (
+            [path]
+            if path.is_file()
+            else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        )
         for file in files:
             assert dockerignore_includes(file.relative_to(ROOT).as_posix()), file
     assert not dockerignore_includes("reconciler/__pycache__/cli.cpython-311.pyc")
@@ -722,7 +757,9 @@ def test_builder_stage_files_build_the_package(tmp_path: Path) -> None:
     copy_stage(builder, src)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "wheels"), str(src)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = (tmp_path / "wheels").glob("schema_reconciler-*.whl")
@@ -771,8 +808,12 @@ def test_compose_services_and_commands_are_consistent() -> None:
         url = service["environment"]["DATABASE_URL"]
         match = re.match(r"^postgresql://(\w+):([^@]+)@(\w+):5432/(\w+)$", url)
         assert match, url
-        assert match.groups() == (postgres_env["POSTGRES_USER"], postgres_env["POSTGRES_PASSWORD"],
-                                  "postgres", postgres_env["POSTGRES_DB"])
+        assert match.groups() == (
+            postgres_env["POSTGRES_USER"],
+            postgres_env["POSTGRES_PASSWORD"],
+            "postgres",
+            postgres_env["POSTGRES_DB"],
+        )
         for dependency in service["depends_on"]:
             assert "healthcheck" in services[dependency], f"{name} waits on {dependency}'s health"
     reconciler = services["reconciler"]
@@ -827,13 +868,19 @@ def image_app_dir(root: Path, stage: Stage) -> Path:
     return app
 
 
-def kubelet_mounts(root: Path, pod: dict[str, Any], container: dict[str, Any],
-                   secret_values: dict[tuple[str, str], str], image: dict[str, Path]) -> dict[str, Path]:
+def kubelet_mounts(
+    root: Path,
+    pod: dict[str, Any],
+    container: dict[str, Any],
+    secret_values: dict[tuple[str, str], str],
+    image: dict[str, Path],
+) -> dict[str, Path]:
     """Folders standing in for the container's mounts, filled from the ConfigMap and the Secrets.
     Container paths in the ConfigMap's files are rewritten to the stand-ins (and `image`'s)."""
     volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {m["mountPath"]: (root / "mounts" / m["name"], volumes[m["name"]])
-              for m in container["volumeMounts"]}
+    mounts = {
+        m["mountPath"]: (root / "mounts" / m["name"], volumes[m["name"]]) for m in container["volumeMounts"]
+    }
     mapping = {**image, **{path: folder for path, (folder, _) in mounts.items()}}
     data = configmap()
     for folder, volume in mounts.values():
@@ -849,8 +896,13 @@ def kubelet_mounts(root: Path, pod: dict[str, Any], container: dict[str, Any],
     return mapping
 
 
-def container_env(container: dict[str, Any], image_env: dict[str, str], mapping: dict[str, Path],
-                  secret_values: dict[tuple[str, str], str], port: int) -> dict[str, str]:
+def container_env(
+    container: dict[str, Any],
+    image_env: dict[str, str],
+    mapping: dict[str, Path],
+    secret_values: dict[tuple[str, str], str],
+    port: int,
+) -> dict[str, str]:
     env = {k: rewrite_paths(v, mapping) for k, v in image_env.items() if k != "PATH"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     for item in container.get("env", []):
@@ -884,8 +936,12 @@ def start(container: Container, log: Path) -> Running:
     assert executable, f"{container.argv[0]} is not on the image's PATH"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [executable, *container.argv[1:]], cwd=container.cwd, env=container.env,
-            stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+            [executable, *container.argv[1:]],
+            cwd=container.cwd,
+            env=container.env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
     return Running(process, log)
 
@@ -940,8 +996,10 @@ def test_sidecar_entrypoint_runs_as_the_container_would(tmp_path: Path) -> None:
     app_spec = containers["app"]
     app_port = free_port()
     app_mapping = kubelet_mounts(tmp_path / "app", pod, app_spec, secret_values, {"/app": app_dir})
-    app_argv = [str(app_port) if a == str(app_spec["ports"][0]["containerPort"]) else a
-                for a in exec_form(stages["example-app"].last("CMD"))]
+    app_argv = [
+        str(app_port) if a == str(app_spec["ports"][0]["containerPort"]) else a
+        for a in exec_form(stages["example-app"].last("CMD"))
+    ]
     app_env = container_env(app_spec, image_env, app_mapping, secret_values, app_port)
     app = Container(app_argv, app_env, app_dir)
 
@@ -954,8 +1012,13 @@ def test_sidecar_entrypoint_runs_as_the_container_would(tmp_path: Path) -> None:
         status = json.loads(http_get(port, "/status")[1])
         assert status["state"] == "in_sync" and status["runs"] >= 1, status
         check = healthcheck_command(stages["standalone"])
-        result = subprocess.run([shutil.which(check[0], path=env["PATH"]) or check[0], *check[1:]],
-                                env=env, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [shutil.which(check[0], path=env["PATH"]) or check[0], *check[1:]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 0, result.stderr  # the image's HEALTHCHECK passes
         ready = app_spec["readinessProbe"]["httpGet"]["path"]
         wait_while_running(app_running, lambda: http_get(app_port, ready)[0] == 200, 30, "the app serving")

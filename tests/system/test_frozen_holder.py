@@ -33,8 +33,10 @@ SERVERS = [
     pytest.param("mysql", marks=pytest.mark.mysql),
 ]
 SLEEP = {"postgresql": "SELECT pg_sleep(3)", "mysql": "SELECT SLEEP(3)"}
-B_SETTINGS = "[daemon]\ninterval = 0.2\njitter = 0\nbackoff_max = 1\n[apply]\nlock_acquire_timeout = 0.3\n" \
+B_SETTINGS = (
+    "[daemon]\ninterval = 0.2\njitter = 0\nbackoff_max = 1\n[apply]\nlock_acquire_timeout = 0.3\n"
     "[alerting]\nlock_held_after = 1\n"
+)
 UNSAFE = {"RECONCILER_UNSAFE_DISABLE": "lock,orphan_wait"}
 
 
@@ -57,9 +59,16 @@ def slow_project(tmp_path: Path, url: str, kind: str) -> Project:
 def frozen_applier(project: Project, url: str) -> Iterator[subprocess.Popen[str]]:
     """A: `reconciler apply` (own process group, so its worker freezes with it), stopped once it
     has journaled `slow` as started; always continued and reaped at the end."""
-    proc = subprocess.Popen(cli_command(["--config", str(project.config), "apply"]), cwd=project.root,
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cli_command(["--config", str(project.config), "apply"]),
+        cwd=project.root,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: rows(url, "slow"), 60, "A starting the slow revision")
         os.killpg(proc.pid, signal.SIGSTOP)
@@ -165,12 +174,16 @@ def test_without_the_lock_b_enters_while_the_holder_is_frozen(
         config_b(project)
         running = Running(project, free_port(), UNSAFE)
         try:
-            settled = wait_until(lambda: [o for o in outcomes_of(url, a.pid) if o != "started"],
-                                 60, "B settling A's step")
+            settled = wait_until(
+                lambda: [o for o in outcomes_of(url, a.pid) if o != "started"], 60, "B settling A's step"
+            )
             assert a.poll() is None  # A is still frozen inside the revision
             assert settled == ["rolled_back"]
-            wait_until(lambda: len(rows(url, "slow")) > len(outcomes_of(url, a.pid)), 30,
-                       "B starting the revision A is in")
+            wait_until(
+                lambda: len(rows(url, "slow")) > len(outcomes_of(url, a.pid)),
+                30,
+                "B starting the revision A is in",
+            )
         finally:
             running.stop(signal.SIGKILL)
 

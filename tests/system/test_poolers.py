@@ -171,16 +171,20 @@ def _running(pg_url: str) -> bool:
     engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
-            return bool(conn.execute(sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :p"
-                " AND state = 'active'"), {"p": APPLY_PREFIX + "%"}).scalar())
+            return bool(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :p"
+                        " AND state = 'active'"
+                    ),
+                    {"p": APPLY_PREFIX + "%"},
+                ).scalar()
+            )
     finally:
         engine.dispose()
 
 
-def test_orphan_wait_through_the_pooler_sees_the_workers_session(
-    pg_url: str, bouncer: StartBouncer
-) -> None:
+def test_orphan_wait_through_the_pooler_sees_the_workers_session(pg_url: str, bouncer: StartBouncer) -> None:
     """application_name passes through PgBouncer, and the poll (many runs of one query) does not
     trip over server-side prepared statements (psycopg 3 prepares a query run 5 times)."""
     pooled = bouncer("transaction", 2).url(pg_url)

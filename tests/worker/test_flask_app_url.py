@@ -131,8 +131,7 @@ def test_the_apps_url_is_asked_once_per_process(tmp_path: Path) -> None:
     source = app_py.read_text(encoding="utf-8")
 
     first = load_settings(str(config), environ={})
-    app_py.write_text('import flask\nraise RuntimeError("imported twice")\ndb = None\n',
-                      encoding="utf-8")
+    app_py.write_text('import flask\nraise RuntimeError("imported twice")\ndb = None\n', encoding="utf-8")
     second = load_settings(str(config), environ={})  # a worker would fail now: the cache answers
     app_py.write_text(source, encoding="utf-8")
 

@@ -128,8 +128,11 @@ def alembic_gen(root: Path, url: str) -> Gen:
     """Plain Alembic: no render_as_batch from the project; compare_type on in env.py."""
     project = builders.alembic_project(root, url)
     env = project.migrations / "env.py"
-    env.write_text(env.read_text().replace("target_metadata=target_metadata",
-                                           "target_metadata=target_metadata, compare_type=True"))
+    env.write_text(
+        env.read_text().replace(
+            "target_metadata=target_metadata", "target_metadata=target_metadata, compare_type=True"
+        )
+    )
     return Gen(project, "myapp.models:Base", alembic_ini=root / "alembic.ini")
 
 
@@ -174,7 +177,8 @@ def upgrade_calls(path: Path) -> list[tuple[str, str, str]]:
             position = 1 if name.endswith("index") and not name.startswith("drop") else 0
             table = ast.literal_eval(args.pop(position)) if args else ""
         rest = ast.dump(ast.Tuple(elts=args, ctx=ast.Load())) + "".join(
-            sorted(ast.dump(k) for k in node.keywords if k.arg != "schema"))
+            sorted(ast.dump(k) for k in node.keywords if k.arg != "schema")
+        )
         calls.append((node.func.attr, str(table), rest.replace("'batch_op'", "'op'")))
 
     for statement in upgrade.body:
@@ -197,8 +201,9 @@ def flask_tool() -> str:
 
 @pytest.mark.core
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_tutorial_change_gives_what_flask_db_migrate_gives(kind: str, tmp_path: Path,
-                                                         request: pytest.FixtureRequest) -> None:
+def test_tutorial_change_gives_what_flask_db_migrate_gives(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     url = request.getfixturevalue(URL_FIXTURES[kind])
     ours, theirs = tutorial_pair(tmp_path, url)
     result = ours.generate()
@@ -229,9 +234,11 @@ def tutorial_pair(tmp_path: Path, url: str) -> tuple[Gen, Path]:
     theirs = tmp_path / "theirs"
     shutil.copytree(ours.project.root, theirs, ignore=shutil.ignore_patterns("__pycache__"))
     (theirs / "myapp" / "app.py").write_text(APP, encoding="utf-8")
-    ours.edit_models("    email = db.Column(db.String(120), unique=True, nullable=False)\n",
-                     "    email = db.Column(db.String(120), unique=True, nullable=False)\n"
-                     "    password_hash = db.Column(db.String(128))\n")
+    ours.edit_models(
+        "    email = db.Column(db.String(120), unique=True, nullable=False)\n",
+        "    email = db.Column(db.String(120), unique=True, nullable=False)\n"
+        "    password_hash = db.Column(db.String(128))\n",
+    )
     (theirs / "myapp" / "models.py").write_text(ours.models_file.read_text(), encoding="utf-8")
     return ours, theirs
 
@@ -240,8 +247,14 @@ def flask_run(project: Path, url: str, *args: str) -> None:
     """Run `flask db ARGS` in `project` (the app of `APP`, on `url`)."""
     env = {**os.environ, "DATABASE_URL": url}
     env.pop("PYTHONPATH", None)
-    done = subprocess.run([flask_tool(), "--app", "myapp.app", "db", *args], cwd=project,
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [flask_tool(), "--app", "myapp.app", "db", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -267,16 +280,30 @@ def flask_db(project: Path, url: str, *args: str) -> Path:
 def pep8_blank_lines(path: Path) -> str:
     """ruff's E302/E303 (blank lines around top-level definitions) on one file: its report."""
     ruff = Path(sys.executable).parent / "ruff"
-    done = subprocess.run([str(ruff), "check", "--no-cache", "--isolated", "--preview",
-                           "--output-format", "concise", "--select", "E302,E303", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            str(ruff),
+            "check",
+            "--no-cache",
+            "--isolated",
+            "--preview",
+            "--output-format",
+            "concise",
+            "--select",
+            "E302,E303",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     return "" if done.returncode == 0 else done.stdout + done.stderr
 
 
 @pytest.mark.core
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_generate_writes_the_file_flask_db_migrate_writes(kind: str, tmp_path: Path,
-                                                          request: pytest.FixtureRequest) -> None:
+def test_generate_writes_the_file_flask_db_migrate_writes(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     if kind == "sqlite" and not flask_migrate_renders_batch():
         pytest.skip("Flask-Migrate 2.x renders no batch mode; on SQLite the reconciler does")
     url = request.getfixturevalue(URL_FIXTURES[kind])
@@ -312,25 +339,38 @@ def test_a_sealed_draft_is_the_file_flask_db_migrate_writes(tmp_path: Path, sqli
 def test_the_blank_line_check_has_teeth(tmp_path: Path) -> None:
     """Negative control: the old seal's output (the blank lines before `def upgrade():` eaten)."""
     path = tmp_path / "r1_x.py"
-    path.write_text(builders.revision_source("r1", None, "pass", "pass", "x", None, None)
-                    .replace("depends_on = None\n\n\n", "depends_on = None\n"))
+    path.write_text(
+        builders.revision_source("r1", None, "pass", "pass", "x", None, None).replace(
+            "depends_on = None\n\n\n", "depends_on = None\n"
+        )
+    )
     assert "Expected 2 blank lines, found 0" in pep8_blank_lines(path)  # E302
 
 
-@pytest.mark.parametrize(("message", "slug"), [
-    ("add password", "add_password"),
-    ("Add password_hash to user table", "add_password_hash_to_user_table"),
-    ("user's e-mail: unique!", "user_s_e_mail_unique"),
-    ("a very long message that goes on past the forty characters", "a_very_long_message_that_goes_on_past_"),
-])
+@pytest.mark.parametrize(
+    ("message", "slug"),
+    [
+        ("add password", "add_password"),
+        ("Add password_hash to user table", "add_password_hash_to_user_table"),
+        ("user's e-mail: unique!", "user_s_e_mail_unique"),
+        (
+            "a very long message that goes on past the forty characters",
+            "a_very_long_message_that_goes_on_past_",
+        ),
+    ],
+)
 def test_sealed_names_use_alembic_slugs(message: str, slug: str) -> None:
     from reconciler.runtime.devloop import sealed_name
 
-    assert sealed_name("abc123_add_column_user_x.py", "abc123", "add_column_user_x", message) == \
-        f"abc123_{slug}.py"
+    assert (
+        sealed_name("abc123_add_column_user_x.py", "abc123", "add_column_user_x", message)
+        == f"abc123_{slug}.py"
+    )
     # alembic.ini's file_template (a date before the id) is kept
-    assert sealed_name("2026_12_02_abc123_add_column_user_x.py", "abc123", "add_column_user_x",
-                       message) == f"2026_12_02_abc123_{slug}.py"
+    assert (
+        sealed_name("2026_12_02_abc123_add_column_user_x.py", "abc123", "add_column_user_x", message)
+        == f"2026_12_02_abc123_{slug}.py"
+    )
 
 
 # --- one revision per kind of change ------------------------------------------------------------
@@ -342,17 +382,32 @@ from flask_migrate import Migrate
 migrate = Migrate(compare_type=True)  # Flask-Migrate 2.x does not compare types by default
 """
 CASES: dict[str, tuple[tuple[str, str], list[tuple[str, str, str]], str]] = {
-    "add_column": (("    name = db.Column(db.String(50))\n",
-                    "    name = db.Column(db.String(50))\n    age = db.Column(db.Integer)\n"),
-                   [("add_column", "user", "age")], "add_column_user_age"),
-    "add_table": (("    name = db.Column(db.String(50))\n",
-                   "    name = db.Column(db.String(50))\n" + POST),
-                  [("create_table", "post", "post")], "create_table_post"),
-    "add_index": (("username = db.Column(db.String(80), nullable=False)",
-                   "username = db.Column(db.String(80), nullable=False, index=True)"),
-                  [("add_index", "user", "ix_user_username")], "add_index_ix_user_username"),
-    "change_type": (("email = db.Column(db.String(120))", "email = db.Column(db.String(200))"),
-                    [("alter_column", "user", "email")], "alter_column_user_email_type"),
+    "add_column": (
+        (
+            "    name = db.Column(db.String(50))\n",
+            "    name = db.Column(db.String(50))\n    age = db.Column(db.Integer)\n",
+        ),
+        [("add_column", "user", "age")],
+        "add_column_user_age",
+    ),
+    "add_table": (
+        ("    name = db.Column(db.String(50))\n", "    name = db.Column(db.String(50))\n" + POST),
+        [("create_table", "post", "post")],
+        "create_table_post",
+    ),
+    "add_index": (
+        (
+            "username = db.Column(db.String(80), nullable=False)",
+            "username = db.Column(db.String(80), nullable=False, index=True)",
+        ),
+        [("add_index", "user", "ix_user_username")],
+        "add_index_ix_user_username",
+    ),
+    "change_type": (
+        ("email = db.Column(db.String(120))", "email = db.Column(db.String(200))"),
+        [("alter_column", "user", "email")],
+        "alter_column_user_email_type",
+    ),
 }
 
 
@@ -365,10 +420,10 @@ DIALECT_CASES = [
 
 @pytest.mark.core
 @pytest.mark.parametrize(("kind", "case"), DIALECT_CASES)
-def test_one_revision_per_change(kind: str, case: str, tmp_path: Path,
-                                 request: pytest.FixtureRequest) -> None:
-    made = flask_gen(tmp_path / "proj", request.getfixturevalue(URL_FIXTURES[kind]),
-                     USER + COMPARE_TYPES)
+def test_one_revision_per_change(
+    kind: str, case: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    made = flask_gen(tmp_path / "proj", request.getfixturevalue(URL_FIXTURES[kind]), USER + COMPARE_TYPES)
     base = made.baseline()
     edit, expected, message = CASES[case]
     made.edit_models(*edit)
@@ -396,12 +451,16 @@ def test_dropping_a_column_is_listed_as_destructive(gen: Gen) -> None:
 
 @pytest.mark.core
 def test_a_drop_and_an_add_of_the_same_type_may_be_a_rename(gen: Gen) -> None:
-    gen.edit_models("name = db.Column(db.String(50))", "full_name = db.Column(db.String(50))\n"
-                    "    nickname = db.Column(db.String(30))")
+    gen.edit_models(
+        "name = db.Column(db.String(50))",
+        "full_name = db.Column(db.String(50))\n    nickname = db.Column(db.String(30))",
+    )
     result = gen.generate()
-    assert sorted(ops_of(result)) == [("add_column", "user", "full_name"),
-                                      ("add_column", "user", "nickname"),
-                                      ("drop_column", "user", "name")]
+    assert sorted(ops_of(result)) == [
+        ("add_column", "user", "full_name"),
+        ("add_column", "user", "nickname"),
+        ("drop_column", "user", "name"),
+    ]
     assert result.message.endswith("_and_2_more")
     assert len(result.renames) == 1
     assert result.renames[0].startswith("user.name -> user.full_name? (a column dropped")
@@ -454,16 +513,20 @@ def test_known_differences_are_left_out(gen: Gen) -> None:
 
 @pytest.mark.core
 def test_a_known_difference_leaves_the_others(gen: Gen) -> None:
-    gen.edit_models("    name = db.Column(db.String(50))\n",
-                    "    name = db.Column(db.String(50))\n    age = db.Column(db.Integer)\n"
-                    "    city = db.Column(db.String(40))\n")
+    gen.edit_models(
+        "    name = db.Column(db.String(50))\n",
+        "    name = db.Column(db.String(50))\n    age = db.Column(db.Integer)\n"
+        "    city = db.Column(db.String(40))\n",
+    )
     result = gen.generate(known=["add_column user.age"])
     assert ops_of(result) == [("add_column", "user", "city")]
     text = Path(str(result.path)).read_text(encoding="utf-8")
     assert "'age'" not in text and "drop_column('city')" in text  # the downgrade follows
 
 
-TABLES = USER + '''
+TABLES = (
+    USER
+    + """
 
 class Post(db.Model):
     id = db.Column(db.Integer, primary_key=True)
@@ -473,7 +536,8 @@ class Post(db.Model):
 class Note(db.Model):
     id = db.Column(db.Integer, primary_key=True)
     body = db.Column(db.String(40))
-'''
+"""
+)
 
 
 @pytest.mark.core
@@ -481,21 +545,26 @@ def test_tables_restrict_what_is_compared(tmp_path: Path, sqlite_url: str) -> No
     made = flask_gen(tmp_path / "proj", sqlite_url, TABLES)
     made.baseline()
     run_sql(sqlite_url, "CREATE TABLE legacy (id INTEGER PRIMARY KEY)")
-    made.edit_models("    name = db.Column(db.String(50))\n",
-                     "    name = db.Column(db.String(50))\n    nickname = db.Column(db.String(30))\n")
-    made.edit_models("body = db.Column(db.String(40))", "body = db.Column(db.String(40))\n"
-                     "    title = db.Column(db.String(40))")
+    made.edit_models(
+        "    name = db.Column(db.String(50))\n",
+        "    name = db.Column(db.String(50))\n    nickname = db.Column(db.String(30))\n",
+    )
+    made.edit_models(
+        "body = db.Column(db.String(40))",
+        "body = db.Column(db.String(40))\n    title = db.Column(db.String(40))",
+    )
     made.set_models(made.models_file.read_text() + POST.replace("Post", "Tag"))
     result = made.generate(tables=["post"])
     # user: post's foreign-key neighbour; tag: not in the database yet; note and legacy: left out
-    assert sorted(ops_of(result)) == [("add_column", "user", "nickname"),
-                                      ("create_table", "tag", "tag")]
+    assert sorted(ops_of(result)) == [("add_column", "user", "nickname"), ("create_table", "tag", "tag")]
     Path(str(result.path)).unlink()
     everything = made.generate()
-    assert sorted(ops_of(everything)) == [("add_column", "note", "title"),
-                                          ("add_column", "user", "nickname"),
-                                          ("create_table", "tag", "tag"),
-                                          ("drop_table", "legacy", "legacy")]
+    assert sorted(ops_of(everything)) == [
+        ("add_column", "note", "title"),
+        ("add_column", "user", "nickname"),
+        ("create_table", "tag", "tag"),
+        ("drop_table", "legacy", "legacy"),
+    ]
 
 
 MODELS_PACKAGE = {
@@ -550,8 +619,9 @@ def package_gen(root: Path, url: str) -> Gen:
 
 @pytest.mark.core
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_changed_files_restrict_what_is_compared(kind: str, tmp_path: Path,
-                                                 request: pytest.FixtureRequest) -> None:
+def test_changed_files_restrict_what_is_compared(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     url = request.getfixturevalue(URL_FIXTURES[kind])
     made = package_gen(tmp_path / "proj", url)
     models = made.project.root / "myapp" / "models"
@@ -597,8 +667,9 @@ def test_a_model_deleted_from_a_changed_file_is_dropped(tmp_path: Path, sqlite_u
 
 @pytest.mark.core
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_changed_classes_restrict_a_file_to_their_tables(kind: str, tmp_path: Path,
-                                                         request: pytest.FixtureRequest) -> None:
+def test_changed_classes_restrict_a_file_to_their_tables(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     url = request.getfixturevalue(URL_FIXTURES[kind])
     made = package_gen(tmp_path / "proj", url)
     b_py = made.project.root / "myapp" / "models" / "b.py"
@@ -642,8 +713,10 @@ def test_a_deleted_class_leaves_its_table_to_the_orphan_compare(tmp_path: Path, 
 
 @pytest.mark.core
 def test_draft_marker_and_chosen_revision_id(gen: Gen) -> None:
-    gen.edit_models("    name = db.Column(db.String(50))\n",
-                    "    name = db.Column(db.String(50))\n    age = db.Column(db.Integer)\n")
+    gen.edit_models(
+        "    name = db.Column(db.String(50))\n",
+        "    name = db.Column(db.String(50))\n    age = db.Column(db.Integer)\n",
+    )
     result = gen.generate(draft=True, rev_id="d1a2f3", message="users get an age")
     assert result.revision == "d1a2f3" and result.message == "users get an age"
     path = Path(str(result.path))
@@ -660,8 +733,7 @@ def test_draft_marker_and_chosen_revision_id(gen: Gen) -> None:
 
 @pytest.mark.core
 @pytest.mark.parametrize("template", ["flask", "alembic"])
-def test_a_syntax_error_in_the_models_writes_nothing(template: str, tmp_path: Path,
-                                                      sqlite_url: str) -> None:
+def test_a_syntax_error_in_the_models_writes_nothing(template: str, tmp_path: Path, sqlite_url: str) -> None:
     made = (flask_gen if template == "flask" else alembic_gen)(tmp_path / "proj", sqlite_url)
     made.baseline()
     before = made.files()
@@ -677,9 +749,12 @@ def test_a_syntax_error_in_the_models_writes_nothing(template: str, tmp_path: Pa
 
 @pytest.mark.core
 def test_our_journal_tables_are_never_proposed(gen: Gen) -> None:
-    run_sql(gen.project.url, "CREATE TABLE reconciler_journal (id INTEGER PRIMARY KEY)",
-            "CREATE TABLE reconciler_journal_flags (id INTEGER PRIMARY KEY)",
-            "CREATE TABLE legacy (id INTEGER PRIMARY KEY)")
+    run_sql(
+        gen.project.url,
+        "CREATE TABLE reconciler_journal (id INTEGER PRIMARY KEY)",
+        "CREATE TABLE reconciler_journal_flags (id INTEGER PRIMARY KEY)",
+        "CREATE TABLE legacy (id INTEGER PRIMARY KEY)",
+    )
     result = gen.generate()
     assert ops_of(result) == [("drop_table", "legacy", "legacy")]  # the control is proposed
     assert result.destructive == ["drop table legacy: all its rows are lost"]
@@ -707,8 +782,10 @@ def test_post_write_hooks_run(gen: Gen) -> None:
     hook = gen.project.root / "hook.py"
     hook.write_text(HOOK, encoding="utf-8")
     ini = gen.project.migrations / "alembic.ini"
-    ini.write_text(ini.read_text() + f"\n[post_write_hooks]\nhooks = stamp\nstamp.type = exec\n"
-                   f"stamp.executable = {WORKER_PYTHON}\nstamp.options = {hook} REVISION_SCRIPT_FILENAME\n")
+    ini.write_text(
+        ini.read_text() + f"\n[post_write_hooks]\nhooks = stamp\nstamp.type = exec\n"
+        f"stamp.executable = {WORKER_PYTHON}\nstamp.options = {hook} REVISION_SCRIPT_FILENAME\n"
+    )
     gen.edit_models("email = db.Column(db.String(120))", "email = db.Column(db.String(120), index=True)")
     result = gen.generate(draft=True)
     text = Path(str(result.path)).read_text(encoding="utf-8")
@@ -734,20 +811,34 @@ def test_a_same_size_edit_within_a_second_is_seen(gen: Gen) -> None:
     def stamp(path: Path, tenths: int) -> None:
         os.utime(path, ns=(second, second + tenths * 100_000_000))
 
-    gen.edit_models("    name = db.Column(db.String(50))\n",
-                    "    name = db.Column(db.String(50))\n    aaa = db.Column(db.Integer)\n")
+    gen.edit_models(
+        "    name = db.Column(db.String(50))\n",
+        "    name = db.Column(db.String(50))\n    aaa = db.Column(db.Integer)\n",
+    )
     stamp(gen.models_file, 1)
     compiled = subprocess.run(  # what importing it did (the app, an earlier worker)
-        [WORKER_PYTHON, "-c", "import py_compile, sys; print(py_compile.compile(sys.argv[1]))",
-         str(gen.models_file)], capture_output=True, text=True, timeout=60, check=True)
+        [
+            WORKER_PYTHON,
+            "-c",
+            "import py_compile, sys; print(py_compile.compile(sys.argv[1]))",
+            str(gen.models_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     pyc = Path(compiled.stdout.strip())
     gen.edit_models("aaa = db", "bbb = db")  # the same size, saved within the same second
     stamp(pyc, 3)
     stamp(gen.models_file, 5)
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import myapp.models as m; "
-             "print(sorted(m.User.__table__.c.keys()))")
-    plain = subprocess.run([WORKER_PYTHON, "-c", probe, str(gen.project.root)],
-                           capture_output=True, text=True, timeout=60)
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import myapp.models as m; "
+        "print(sorted(m.User.__table__.c.keys()))"
+    )
+    plain = subprocess.run(
+        [WORKER_PYTHON, "-c", probe, str(gen.project.root)], capture_output=True, text=True, timeout=60
+    )
     assert "'aaa'" in plain.stdout, plain.stderr  # the control: plain Python runs stale code
     with gen.start() as worker:
         assert [d["key"] for d in worker.compare()] == ["add_column user.bbb"]
@@ -829,8 +920,10 @@ def test_warm_worker_starts_the_next_spare_after_the_taken_one_is_closed(gen: Ge
 def test_warm_worker_imports_the_models_anew_each_time(gen: Gen, warm: WarmWorker) -> None:
     with warm.take() as worker:
         assert worker.generate().path is None
-    gen.edit_models("    name = db.Column(db.String(50))\n",
-                    "    name = db.Column(db.String(50))\n    age = db.Column(db.Integer)\n")
+    gen.edit_models(
+        "    name = db.Column(db.String(50))\n",
+        "    name = db.Column(db.String(50))\n    age = db.Column(db.Integer)\n",
+    )
     with warm.take() as worker:  # the spare was started before the edit
         assert ops_of(worker.generate()) == [("add_column", "user", "age")]
 
@@ -856,7 +949,6 @@ def test_warm_worker_start_errors_reach_take(gen: Gen, tmp_path: Path) -> None:
         pool.close()
 
 
-
 # --- the pure parts ----------------------------------------------------------------------------
 
 
@@ -864,28 +956,33 @@ def test_derived_messages_are_short_slugs() -> None:
     from reconciler.worker.migrations import OpInfo, derive_message
 
     long_name = "a_really_long_column_name_that_goes_on_and_on_and_on_forever"
-    infos = [OpInfo("add_column", "User", long_name, "", f"add_column_User_{long_name}"),
-             *(OpInfo("add_index", "user", "ix", "", "add_index_ix.user-email") for _ in range(11))]
+    infos = [
+        OpInfo("add_column", "User", long_name, "", f"add_column_User_{long_name}"),
+        *(OpInfo("add_index", "user", "ix", "", "add_index_ix.user-email") for _ in range(11)),
+    ]
     message = derive_message(infos)
     assert len(message) <= 60 and re.fullmatch(r"[a-z0-9_]+", message)
     assert message.startswith("add_column_user_a_really") and message.endswith("_and_11_more")
     assert derive_message(infos[1:2]) == "add_index_ix_user_email"
 
 
-@pytest.mark.parametrize(("old", "new", "lossy"), [
-    (sa.String(120), sa.String(60), True),
-    (sa.String(60), sa.String(120), False),
-    (sa.Text(), sa.String(255), True),
-    (sa.String(60), sa.Text(), False),
-    (sa.BigInteger(), sa.Integer(), True),
-    (sa.Integer(), sa.BigInteger(), False),
-    (sa.Numeric(10, 4), sa.Numeric(10, 2), True),
-    (sa.Integer(), sa.Numeric(12, 2), False),
-    (sa.String(20), sa.Integer(), True),
-    (sa.DateTime(), sa.Date(), True),
-    (sa.Date(), sa.DateTime(), False),
-    (sa.Enum("a", "b", name="e"), sa.Enum("a", name="e"), True),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "lossy"),
+    [
+        (sa.String(120), sa.String(60), True),
+        (sa.String(60), sa.String(120), False),
+        (sa.Text(), sa.String(255), True),
+        (sa.String(60), sa.Text(), False),
+        (sa.BigInteger(), sa.Integer(), True),
+        (sa.Integer(), sa.BigInteger(), False),
+        (sa.Numeric(10, 4), sa.Numeric(10, 2), True),
+        (sa.Integer(), sa.Numeric(12, 2), False),
+        (sa.String(20), sa.Integer(), True),
+        (sa.DateTime(), sa.Date(), True),
+        (sa.Date(), sa.DateTime(), False),
+        (sa.Enum("a", "b", name="e"), sa.Enum("a", name="e"), True),
+    ],
+)
 def test_narrowing(old: Any, new: Any, lossy: bool) -> None:
     from reconciler.worker.migrations import narrowing
 
@@ -896,8 +993,9 @@ def test_draft_marker_goes_after_the_headers(tmp_path: Path) -> None:
     from reconciler.worker.migrations import mark_draft
 
     path = tmp_path / "r1_x.py"
-    path.write_bytes(builders.revision_source("r1", None, "pass", "pass", "x", None, None)
-                     .replace("\n", "\r\n").encode())
+    path.write_bytes(
+        builders.revision_source("r1", None, "pass", "pass", "x", None, None).replace("\n", "\r\n").encode()
+    )
     mark_draft(path)
     text = path.read_bytes().decode()
     assert "depends_on = None\r\ndraft = True\r\n" in text

@@ -133,8 +133,9 @@ class Proj:
     alembic_ini: Path | None = None
     logs: list[str] = field(default_factory=list)
 
-    def revision(self, rev: str, down: str | None, upgrade: str, downgrade: str = "pass",
-                 extra: str = "") -> Path:
+    def revision(
+        self, rev: str, down: str | None, upgrade: str, downgrade: str = "pass", extra: str = ""
+    ) -> Path:
         return write(
             self.migrations / "versions" / f"{rev}.py",
             revision_source(rev, down, upgrade, downgrade, f"rev {rev}", None, None, extra),
@@ -164,8 +165,7 @@ class Proj:
         return WorkerJob(**fields)
 
     def start(self, url: str, **changes: Any) -> Worker:
-        return Worker.start(self.job(url, **changes), python=WORKER_PYTHON,
-                            on_log=self.logs.append)
+        return Worker.start(self.job(url, **changes), python=WORKER_PYTHON, on_log=self.logs.append)
 
 
 @pytest.fixture(scope="session")
@@ -195,8 +195,9 @@ def set_target_metadata(env_py: Path, module: str, attr: str) -> None:
     text = env_py.read_text(encoding="utf-8")
     assert "target_metadata = None" in text
     env_py.write_text(
-        text.replace("target_metadata = None",
-                     f"from {module} import {attr}\ntarget_metadata = {attr}.metadata"),
+        text.replace(
+            "target_metadata = None", f"from {module} import {attr}\ntarget_metadata = {attr}.metadata"
+        ),
         encoding="utf-8",
     )
 
@@ -214,8 +215,14 @@ def flask_proj(flask_template: Path, tmp_path: Path) -> Proj:
 def alembic_proj(alembic_template: Path, tmp_path: Path) -> Proj:
     root = tmp_path / "alembicproj"
     shutil.copytree(alembic_template, root, ignore=shutil.ignore_patterns("__pycache__"))
-    proj = Proj(root, root / "migrations", "blog.models:Base", root / "blog" / "models.py",
-                "alembic", alembic_ini=root / "alembic.ini")
+    proj = Proj(
+        root,
+        root / "migrations",
+        "blog.models:Base",
+        root / "blog" / "models.py",
+        "alembic",
+        alembic_ini=root / "alembic.ini",
+    )
     proj.base_revisions()
     return proj
 
@@ -297,9 +304,7 @@ def test_offline_sql_does_not_touch_the_database(proj: Proj, db_url: str, inspec
 
 
 @pytest.mark.core
-def test_compare_reports_a_new_model_column_with_a_stable_key(
-    proj: Proj, db_url: str
-) -> None:
+def test_compare_reports_a_new_model_column_with_a_stable_key(proj: Proj, db_url: str) -> None:
     with proj.start(db_url) as worker:
         worker.upgrade("a1")
         worker.upgrade("b2")
@@ -330,7 +335,9 @@ def test_stamp_and_downgrade(proj: Proj, db_url: str, inspect_db: Any) -> None:
 
 @pytest.mark.core
 def test_headers_fallback_executes_non_literal_files(proj: Proj, sqlite_url: str) -> None:
-    path = write(proj.migrations / "versions" / "c3.py", '''\
+    path = write(
+        proj.migrations / "versions" / "c3.py",
+        '''\
         """computed identifiers"""
         PREFIX = "c"
         revision = PREFIX + "3"
@@ -345,11 +352,20 @@ def test_headers_fallback_executes_non_literal_files(proj: Proj, sqlite_url: str
 
         def downgrade():
             pass
-        ''')
+        ''',
+    )
     with proj.start(sqlite_url) as worker:
         found = worker.headers([path])
-    assert found == [{"path": str(path), "doc": "computed identifiers", "revision": "c3",
-                      "down_revision": ["b2"], "branch_labels": ["side"], "depends_on": None}]
+    assert found == [
+        {
+            "path": str(path),
+            "doc": "computed identifiers",
+            "revision": "c3",
+            "down_revision": ["b2"],
+            "branch_labels": ["side"],
+            "depends_on": None,
+        }
+    ]
 
 
 @pytest.mark.core
@@ -365,9 +381,13 @@ def test_headers_of_a_broken_file_name_it(proj: Proj, sqlite_url: str) -> None:
 def test_failing_revision_leaves_the_database_at_the_previous_one(
     proj: Proj, db_url: str, inspect_db: Any
 ) -> None:
-    proj.revision("c3", "b2", '''\
+    proj.revision(
+        "c3",
+        "b2",
+        """\
 op.create_table("audit", sa.Column("id", sa.Integer, primary_key=True))
-raise RuntimeError("boom in c3")''')
+raise RuntimeError("boom in c3")""",
+    )
     with proj.start(db_url) as worker:
         worker.upgrade("a1")
         worker.upgrade("b2")
@@ -419,9 +439,7 @@ def test_models_raising_on_import_name_file_and_line(alembic_proj: Proj, sqlite_
 
 
 @pytest.mark.core
-def test_env_py_importing_broken_models_is_a_configuration_error(
-    alembic_proj: Proj, sqlite_url: str
-) -> None:
+def test_env_py_importing_broken_models_is_a_configuration_error(alembic_proj: Proj, sqlite_url: str) -> None:
     alembic_proj.set_models(text="import sqlalchemy as sa\n\nBase = missing_name\n")
     with alembic_proj.start(sqlite_url, models="") as worker, pytest.raises(ConfigError) as caught:
         worker.upgrade("a1")
@@ -432,12 +450,14 @@ def test_env_py_importing_broken_models_is_a_configuration_error(
 
 @pytest.mark.core
 def test_missing_models_attribute_and_module(flask_proj: Proj, sqlite_url: str) -> None:
-    with flask_proj.start(sqlite_url, models="shop.models:nope") as worker, pytest.raises(
-        ConfigError, match="has no attribute 'nope'"
+    with (
+        flask_proj.start(sqlite_url, models="shop.models:nope") as worker,
+        pytest.raises(ConfigError, match="has no attribute 'nope'"),
     ):
         worker.compare()
-    with flask_proj.start(sqlite_url, models="shop.nothing:db") as worker, pytest.raises(
-        ConfigError, match=r"cannot import module 'shop\.nothing'"
+    with (
+        flask_proj.start(sqlite_url, models="shop.nothing:db") as worker,
+        pytest.raises(ConfigError, match=r"cannot import module 'shop\.nothing'"),
     ):
         worker.compare()
 
@@ -537,7 +557,10 @@ def create_app():
 
 @pytest.mark.core
 def test_app_factory_is_used_only_when_configured(
-    flask_proj: Proj, sqlite_url: str, tmp_path: Path, inspect_db: Any,
+    flask_proj: Proj,
+    sqlite_url: str,
+    tmp_path: Path,
+    inspect_db: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     write(flask_proj.root / "wsgi.py", FACTORY)
@@ -546,8 +569,9 @@ def test_app_factory_is_used_only_when_configured(
     with flask_proj.start(sqlite_url) as worker:  # no `app` setting: the factory is not called
         worker.upgrade("a1")
     assert inspect_db(sqlite_url)[0] == {"a1"}
-    with flask_proj.start(sqlite_url, app="wsgi:create_app") as worker, pytest.raises(
-        ConfigError, match="somewhere else"
+    with (
+        flask_proj.start(sqlite_url, app="wsgi:create_app") as worker,
+        pytest.raises(ConfigError, match="somewhere else"),
     ):
         worker.upgrade("b2")  # the factory's app points elsewhere: refused
     monkeypatch.setenv("WORKER_TEST_APP_URL", sqlite_url)
@@ -579,8 +603,7 @@ def test_alembic_ini_elsewhere_with_script_location_and_prepend_sys_path(
         lines.append(line)
     ini.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (root / "alembic.ini").unlink()
-    proj = Proj(root, root / "db" / "migrations", "blog.models:Base", models, "alembic",
-                alembic_ini=ini)
+    proj = Proj(root, root / "db" / "migrations", "blog.models:Base", models, "alembic", alembic_ini=ini)
     proj.base_revisions()
     with proj.start(sqlite_url) as worker:
         worker.upgrade("a1")
@@ -598,8 +621,14 @@ def test_migrations_inside_the_package(tmp_path: Path, sqlite_url: str, inspect_
     write(root / "blog" / "views.py", "import blog.models\n")
     run_tool([tool("alembic"), "init", "blog/migrations"], root)
     set_target_metadata(root / "blog" / "migrations" / "env.py", "blog.models", "Base")
-    proj = Proj(root, root / "blog" / "migrations", "blog.models:Base", models, "alembic",
-                alembic_ini=root / "alembic.ini")
+    proj = Proj(
+        root,
+        root / "blog" / "migrations",
+        "blog.models:Base",
+        models,
+        "alembic",
+        alembic_ini=root / "alembic.ini",
+    )
     proj.base_revisions()
     with proj.start(sqlite_url, imports=("blog",)) as worker:
         worker.upgrade("a1")
@@ -610,16 +639,22 @@ def test_migrations_inside_the_package(tmp_path: Path, sqlite_url: str, inspect_
 
 @pytest.mark.core
 def test_env_py_connecting_to_another_database_is_refused(
-    alembic_proj: Proj, db_url: str, tmp_path: Path, inspect_db: Any,
+    alembic_proj: Proj,
+    db_url: str,
+    tmp_path: Path,
+    inspect_db: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     env_py = alembic_proj.migrations / "env.py"
     text = env_py.read_text(encoding="utf-8")
-    write(env_py, text.replace(
-        "config = context.config",
-        "config = context.config\nimport os\n"
-        "config.set_main_option('sqlalchemy.url', os.environ['WORKER_TEST_OTHER_URL'])",
-    ))
+    write(
+        env_py,
+        text.replace(
+            "config = context.config",
+            "config = context.config\nimport os\n"
+            "config.set_main_option('sqlalchemy.url', os.environ['WORKER_TEST_OTHER_URL'])",
+        ),
+    )
     with dbs.database(kind_of(db_url), tmp_path) as other:
         monkeypatch.setenv("WORKER_TEST_OTHER_URL", other)
         with alembic_proj.start(db_url) as worker, pytest.raises(ConfigError) as caught:
@@ -642,8 +677,9 @@ def test_identity_from_the_control_plane_is_enforced(
         identity = sessions.identity_from_dbapi(conn.connection, "postgresql")
     engine.dispose()
     wrong = {**identity, "database": "some_other_database"}
-    with alembic_proj.start(pg_url, expected_identity=wrong) as worker, pytest.raises(
-        ConfigError, match="somewhere else"
+    with (
+        alembic_proj.start(pg_url, expected_identity=wrong) as worker,
+        pytest.raises(ConfigError, match="somewhere else"),
     ):
         worker.upgrade("a1")
     with alembic_proj.start(pg_url, expected_identity=identity) as worker:
@@ -652,15 +688,17 @@ def test_identity_from_the_control_plane_is_enforced(
 
 
 @pytest.mark.postgres
-def test_session_settings_reach_the_migrating_connection(
-    proj: Proj, pg_url: str
-) -> None:
-    proj.revision("c3", "b2", '''\
+def test_session_settings_reach_the_migrating_connection(proj: Proj, pg_url: str) -> None:
+    proj.revision(
+        "c3",
+        "b2",
+        """\
 row = op.get_bind().execute(sa.text(
     "SELECT current_setting('application_name'), current_setting('lock_timeout')"
 )).fetchone()
 op.execute("CREATE TABLE seen (app text, lock_timeout text)")
-op.get_bind().execute(sa.text("INSERT INTO seen VALUES (:a, :b)"), {"a": row[0], "b": row[1]})''')
+op.get_bind().execute(sa.text("INSERT INTO seen VALUES (:a, :b)"), {"a": row[0], "b": row[1]})""",
+    )
     job = proj.job(pg_url)
     with Worker.start(job, python=WORKER_PYTHON) as worker:
         for rev in ("a1", "b2", "c3"):
@@ -690,8 +728,11 @@ def test_our_journal_tables_are_never_proposed_for_dropping(proj: Proj, db_url: 
 @pytest.mark.core
 def test_x_args_reach_env_py(alembic_proj: Proj, sqlite_url: str) -> None:
     env_py = alembic_proj.migrations / "env.py"
-    write(env_py, env_py.read_text(encoding="utf-8")
-          + "\nprint('tenant is', context.get_x_argument(as_dictionary=True).get('tenant'))\n")
+    write(
+        env_py,
+        env_py.read_text(encoding="utf-8")
+        + "\nprint('tenant is', context.get_x_argument(as_dictionary=True).get('tenant'))\n",
+    )
     with alembic_proj.start(sqlite_url, x_args={"tenant": "acme"}) as worker:
         worker.upgrade("a1")
     assert any("tenant is acme" in line for line in alembic_proj.logs)
@@ -699,8 +740,9 @@ def test_x_args_reach_env_py(alembic_proj: Proj, sqlite_url: str) -> None:
 
 @pytest.mark.core
 def test_version_table_must_match_env_py(proj: Proj, sqlite_url: str) -> None:
-    with proj.start(sqlite_url, version_table="other_version") as worker, pytest.raises(
-        ConfigError, match="version table alembic_version"
+    with (
+        proj.start(sqlite_url, version_table="other_version") as worker,
+        pytest.raises(ConfigError, match="version table alembic_version"),
     ):
         worker.upgrade("a1")
 
@@ -708,8 +750,9 @@ def test_version_table_must_match_env_py(proj: Proj, sqlite_url: str) -> None:
 @pytest.mark.core
 def test_unreachable_database(alembic_proj: Proj) -> None:
     url = "postgresql://nobody@127.0.0.1:1/nothing"
-    with alembic_proj.start(url, connect_timeout=3.0) as worker, pytest.raises(
-        UnreachableError, match="cannot reach the database"
+    with (
+        alembic_proj.start(url, connect_timeout=3.0) as worker,
+        pytest.raises(UnreachableError, match="cannot reach the database"),
     ):
         worker.upgrade("a1")
 
@@ -735,9 +778,7 @@ def test_init_dir_uses_flask_migrate_template_for_a_flask_db(
 
 
 @pytest.mark.core
-def test_init_dir_uses_alembic_generic_template_for_plain_models(
-    tmp_path: Path, sqlite_url: str
-) -> None:
+def test_init_dir_uses_alembic_generic_template_for_plain_models(tmp_path: Path, sqlite_url: str) -> None:
     root = tmp_path / "proj"
     write(root / "blog" / "__init__.py", "")
     models = write(root / "blog" / "models.py", PLAIN_MODELS.format(extra=""))
@@ -866,12 +907,23 @@ def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
 
 @pytest.mark.core
 def test_worker_dies_when_its_parent_is_killed(alembic_proj: Proj, sqlite_url: str) -> None:
-    alembic_proj.revision("a1", None, 'print("slow revision started", flush=True)\n'
-                                      "import time\ntime.sleep(120)")
+    alembic_proj.revision(
+        "a1", None, 'print("slow revision started", flush=True)\nimport time\ntime.sleep(120)'
+    )
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, sqlite_url, str(alembic_proj.migrations),
-         str(alembic_proj.root), WORKER_PYTHON],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-c",
+            PARENT,
+            sqlite_url,
+            str(alembic_proj.migrations),
+            str(alembic_proj.root),
+            WORKER_PYTHON,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     worker_pid = None
     try:
@@ -897,20 +949,23 @@ def test_worker_dies_when_its_parent_is_killed(alembic_proj: Proj, sqlite_url: s
 # --- secrets -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgres),
-                        pytest.param("mysql", marks=pytest.mark.mysql)])
+@pytest.fixture(
+    params=[
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ]
+)
 def canary_url(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue(f"{'pg' if request.param == 'postgresql' else 'mysql'}"
-                                       "_canary_url"))
+    return str(request.getfixturevalue(f"{'pg' if request.param == 'postgresql' else 'mysql'}_canary_url"))
 
 
-LEAKY = '''\
+LEAKY = """\
 import logging
 bound = op.get_bind().engine.url
 url = bound.render_as_string(hide_password=False) if hasattr(bound, "set") else str(bound)
 print("stdout:", url)
 logging.getLogger("alembic").warning("log: %s", url)
-raise RuntimeError("cannot go on with " + url + " password " + op.get_bind().engine.url.password)'''
+raise RuntimeError("cannot go on with " + url + " password " + op.get_bind().engine.url.password)"""
 
 
 @pytest.mark.core
@@ -944,9 +999,7 @@ def _line_of(path: Path, text: str) -> int:
 
 
 @pytest.mark.core
-def test_a_revision_failing_in_offline_sql_names_its_file_and_line(
-    proj: Proj, sqlite_url: str
-) -> None:
+def test_a_revision_failing_in_offline_sql_names_its_file_and_line(proj: Proj, sqlite_url: str) -> None:
     """`plan --sql` runs the revisions' upgrade() offline: a raise there is the revision's, not
     'outside any revision (env.py?)'."""
     path = proj.revision("c3", "b2", RAISES_IN_UPGRADE)
@@ -983,9 +1036,7 @@ def test_a_revision_raising_at_import_is_exit_1_naming_its_line_in_every_request
 
 
 @pytest.mark.core
-def test_a_revision_whose_headers_the_worker_reads_names_its_line_too(
-    proj: Proj, sqlite_url: str
-) -> None:
+def test_a_revision_whose_headers_the_worker_reads_names_its_line_too(proj: Proj, sqlite_url: str) -> None:
     path = proj.revision("c3", "b2", "pass", extra=RAISES_AT_IMPORT)
     with proj.start(sqlite_url) as worker, pytest.raises(RevisionFailed) as caught:
         worker.headers([path])
