@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from reconciler import __version__, logs
-from reconciler.config.load import Settings, colour_disabled, load_settings
+from reconciler.config.load import colour_disabled, load_settings
 from reconciler.errors import (
     EXIT_OK,
     EXIT_REVISION_FAILED,
@@ -30,6 +30,7 @@ from reconciler.errors import (
 )
 from reconciler.redact import redact
 from reconciler.runtime import terminal
+from reconciler.settings import Settings
 
 if TYPE_CHECKING:
     from reconciler.control.reconcile import Reconciler

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from reconciler import logs
-from reconciler.config.load import Settings
 from reconciler.control import guard
 from reconciler.control.reconcile import Reconciler, Status, refuse_unless_applicable
 from reconciler.core import safety
@@ -35,6 +34,7 @@ from reconciler.errors import (
 )
 from reconciler.project import appsource, differences
 from reconciler.redact import redact
+from reconciler.settings import Settings
 
 if TYPE_CHECKING:
     from reconciler.control.workerclient import Generated
@@ -170,7 +170,7 @@ def compare(rec: Reconciler) -> list[dict[str, str]]:
 
 def drift(rec: Reconciler) -> list[dict[str, str]]:
     """What the daemon's drift compare would report now: compare minus `[drift] ignore`."""
-    from reconciler.control.drift import without_ignored
+    from reconciler.core.drift import without_ignored
 
     status = rec.status()
     if status.sync_state == "unknown":

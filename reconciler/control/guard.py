@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from reconciler import logs
-from reconciler.config.load import Settings
 from reconciler.control import squawk
 from reconciler.core import safety
 from reconciler.core.graph import RevisionGraph
 from reconciler.errors import Refused
+from reconciler.settings import Settings
 
 if TYPE_CHECKING:
     from reconciler.control.workerclient import Worker

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import sqlalchemy as sa
 
 from reconciler import logs, sessions
-from reconciler.config.load import MAIN_CHAIN, Settings, chain_settings
-from reconciler.control import drift, guard
-from reconciler.core import checksums, safety
+from reconciler.config.load import chain_settings
+from reconciler.control import guard
+from reconciler.core import checksums, failures, safety
+from reconciler.core import drift as drift_rules
 from reconciler.core.backoff import backoff
 from reconciler.core.graph import RevisionGraph
 from reconciler.core.state import CONDITIONS, DbSnapshot, Decision, decide
@@ -47,6 +48,7 @@ from reconciler.errors import (
 )
 from reconciler.project.repository import Project
 from reconciler.redact import redact
+from reconciler.settings import MAIN_CHAIN, Settings
 
 if TYPE_CHECKING:
     from reconciler.control.workerclient import Worker, WorkerJob
@@ -82,10 +84,10 @@ class Conditions:
 
     names: tuple[str, ...] = ()
     dirty: tuple[str, ...] = ()
-    blocked: flags.Failure | None = None
+    blocked: failures.Failure | None = None
     messages: dict[str, str] = field(default_factory=dict)
     read_at: float = 0.0
-    drift: drift.DriftReport | None = None
+    drift: drift_rules.DriftReport | None = None
     audit: checksums.Audit = field(default_factory=checksums.Audit)
     baseline: bool = False  # hashes were recorded once: an unrecorded applied revision is foreign
     inputs: tuple[object, ...] = ()  # (db heads, graph fingerprint) they were read for
@@ -100,8 +102,8 @@ class Status:
     conditions: tuple[str, ...] = ()
     dirty: tuple[str, ...] = ()
     messages: dict[str, str] = field(default_factory=dict)
-    blocked: flags.Failure | None = None
-    drift: drift.DriftReport | None = None  # the fleet's last drift compare, when enabled
+    blocked: failures.Failure | None = None
+    drift: drift_rules.DriftReport | None = None  # the fleet's last drift compare, when enabled
     audit: checksums.Audit = field(default_factory=checksums.Audit)
     baseline: bool = False
     guard: dict[str, Any] | None = None  # the guard's last analysis of these pending revisions
@@ -320,7 +322,7 @@ class Reconciler:
         self._mismatch_logged: tuple[checksums.Mismatch, ...] = ()
         self.check_files = True  # stat the revision files each run (the daemon turns it off while it watches)
         self.guard = True  # the destructive-change guard ([safety]); dev mode has its own
-        # The fleet's retry gate (flags.retry_deferred): daemon ticks honour it, a person's
+        # The fleet's retry gate (failures.retry_deferred): daemon ticks honour it, a person's
         # `reconciler apply` runs the revision when asked (the daemon turns it on).
         self.retry_gate = False
         self._refusal: tuple[tuple[str, tuple[str, ...]], str] | None = None  # (graph, pending), message
@@ -600,7 +602,7 @@ class Reconciler:
             flags.suspended_key(self.target),
             flags.blocked_key(self.journal_target),
             flags.checksums_key(self.journal_target),
-            drift.flag_key(self.target),
+            drift_rules.flag_key(self.target),
         ]
         found = flags.read(conn, self.journal, keys)
         held = journal.recorded_hashes(conn, self.journal, self.journal_target)
@@ -608,7 +610,7 @@ class Reconciler:
         if audit.mismatches and "checksums" not in self.settings.unsafe:
             names.append("checksum_mismatch")
             messages["checksum_mismatch"] = _mismatch_message(audit.mismatches)
-        blocked = flags.Failure.loads(found.get(keys[1]))
+        blocked = failures.Failure.loads(found.get(keys[1]))
         if blocked and still_blocked(blocked, graph):
             names.append("blocked")
             messages["blocked"] = _blocked_message(blocked)
@@ -635,10 +637,10 @@ class Reconciler:
             settle,
         )
 
-    def _drift_report(self, value: str | None) -> drift.DriftReport | None:
+    def _drift_report(self, value: str | None) -> drift_rules.DriftReport | None:
         if self.settings.drift.interval <= 0 or self.chain:
             return None  # one compare for the database, reported with [target]'s chain
-        report = drift.DriftReport.loads(value)
+        report = drift_rules.DriftReport.loads(value)
         return report.filtered(self.settings.drift.ignore) if report else None
 
     def forget_conditions(self) -> None:
@@ -1073,10 +1075,10 @@ class Reconciler:
         flags.clear_failures(conn, self.journal, self.journal_target)
         return applied
 
-    def failure_of(self, exc: RevisionFailed, graph: RevisionGraph | None = None) -> flags.Failure:
+    def failure_of(self, exc: RevisionFailed, graph: RevisionGraph | None = None) -> failures.Failure:
         """The fleet-wide identity of a failure: revision, its file hash, error class, SQLSTATE."""
         revision = (graph or self.graph()).revisions.get(exc.revision or "")
-        return flags.Failure(
+        return failures.Failure(
             revision=exc.revision or "",
             file_hash=revision.file_hash if revision else "",
             error_class=exc.error_class or "",
@@ -1136,7 +1138,7 @@ class Reconciler:
         if status.sync_state not in APPLICABLE or not self._journal_exists(conn):
             return
         key = flags.failures_key(self.journal_target)
-        failure = flags.Failure.loads(flags.read(conn, self.journal, [key]).get(key))
+        failure = failures.Failure.loads(flags.read(conn, self.journal, [key]).get(key))
         pending = {
             rev: graph.revisions[rev].file_hash for rev in status.decision.pending if rev in graph.revisions
         }
@@ -1152,7 +1154,7 @@ class Reconciler:
             "retry_after": round(failure.retry_after, 3),
             "db_time": round(now, 3),
         }
-        if not flags.retry_deferred(failure, pending, now):
+        if not failures.retry_deferred(failure, pending, now):
             log.info("retry_due", **fields)
             return
         log.info("retry_deferred", **fields)
@@ -1173,7 +1175,7 @@ class Reconciler:
 
     def _unblock_if_changed(self, conn: sa.engine.Connection, graph: RevisionGraph) -> None:
         key = flags.blocked_key(self.journal_target)
-        blocked = flags.Failure.loads(flags.read(conn, self.journal, [key]).get(key))
+        blocked = failures.Failure.loads(flags.read(conn, self.journal, [key]).get(key))
         if blocked and not still_blocked(blocked, graph):
             flags.delete(conn, self.journal, key)
             flags.clear_failures(conn, self.journal, self.journal_target)
@@ -1610,13 +1612,13 @@ def verify(status: Status) -> None:
         )
 
 
-def still_blocked(blocked: flags.Failure, graph: RevisionGraph) -> bool:
+def still_blocked(blocked: failures.Failure, graph: RevisionGraph) -> bool:
     """A block holds while the revision's file is unchanged."""
     revision = graph.revisions.get(blocked.revision)
     return revision is not None and revision.file_hash == blocked.file_hash
 
 
-def _blocked_message(blocked: flags.Failure) -> str:
+def _blocked_message(blocked: failures.Failure) -> str:
     return (
         f"revision {blocked.revision} failed {blocked.count} times the same way "
         f"({blocked.error_class or 'error'}{' ' + blocked.sqlstate if blocked.sqlstate else ''}): "
@@ -1624,7 +1626,7 @@ def _blocked_message(blocked: flags.Failure) -> str:
     )
 
 
-def _deferred_message(failure: flags.Failure) -> str:
+def _deferred_message(failure: failures.Failure) -> str:
     when = dt.datetime.fromtimestamp(failure.retry_after, dt.timezone.utc).replace(tzinfo=None)
     at = when.isoformat(timespec="milliseconds")
     return (

@@ -34,7 +34,6 @@ from typing import IO, Any
 
 import reconciler
 from reconciler import sessions
-from reconciler.config.load import Settings
 from reconciler.db import journal
 from reconciler.errors import (
     EXIT_CONFIG,
@@ -53,6 +52,7 @@ from reconciler.errors import (
 from reconciler.project import differences
 from reconciler.project.repository import alembic_ini_path
 from reconciler.redact import redact, register_secret, register_url
+from reconciler.settings import Settings
 
 DEFAULT_TIMEOUT = 3600.0
 _CLOSE_WAIT = 5.0

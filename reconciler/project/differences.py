@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import logs
-from reconciler.config.load import Settings
 from reconciler.errors import ConfigError
+from reconciler.settings import Settings
 
 FILE_NAME = "known_differences.json"
 FORMAT_VERSION = 2

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler.config.load import Settings
 from reconciler.core import graph as graphs
 from reconciler.core.graph import Revision, RevisionGraph
+from reconciler.settings import Settings
 
 if TYPE_CHECKING:
     from reconciler.control.workerclient import Worker

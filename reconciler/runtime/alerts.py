@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from reconciler import __version__, logs
-from reconciler.config.load import AlertingSettings, AlertSink
 from reconciler.core import urlcheck
 from reconciler.redact import redact
+from reconciler.settings import AlertingSettings, AlertSink
 
 log = logs.get("reconciler.alerts")
 

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler import __version__, logs, sessions
-from reconciler.config.load import DaemonSettings, Settings, parse_http
+from reconciler.config.load import parse_http
 from reconciler.control.drift import DriftChecker
 from reconciler.control.reconcile import ApplyResult, Progress, Reconciler, Status, is_lock_timeout
 from reconciler.core.backoff import backoff
@@ -43,6 +43,7 @@ from reconciler.runtime.http import SHED_SWITCH, HttpServer
 from reconciler.runtime.metrics import Metrics
 from reconciler.runtime.scheduler import Loop
 from reconciler.runtime.watcher import DirWatcher, fingerprint
+from reconciler.settings import DaemonSettings, Settings
 
 log = logs.get("reconciler.daemon")
 

@@ -30,7 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler import logs
-from reconciler.config.load import Settings, find_module_file
+from reconciler.config.load import find_module_file
 from reconciler.control.reconcile import Reconciler
 from reconciler.core import checksums
 from reconciler.core.graph import Revision, RevisionGraph, parse_revision_file, revision_files
@@ -42,6 +42,7 @@ from reconciler.redact import redact
 from reconciler.runtime import signals
 from reconciler.runtime.scheduler import Loop
 from reconciler.runtime.watcher import DEFAULT_IGNORE, DirWatcher
+from reconciler.settings import Settings
 
 log = logs.get("reconciler.dev")
 

@@ -347,7 +347,7 @@ def _env_project(tmp_path: Path) -> Path:
 
 
 def _every_key() -> list[tuple[str, str]]:
-    from reconciler.config.load import SECTIONS
+    from reconciler.settings import SECTIONS
 
     return [(s, k) for s in SECTIONS for k in setting_keys()[s]]
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from reconciler.config.load import AlertingSettings, AlertSink
 from reconciler.core import urlcheck
 from reconciler.runtime.alerts import Alert, AlertDispatcher, _InFlight
+from reconciler.settings import AlertingSettings, AlertSink
 from tests import dbs
 from tests.builders import (
     Project,

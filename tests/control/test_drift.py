@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from reconciler.config.load import AlertingSettings, load_settings
-from reconciler.control.drift import DriftReport, ignored, parse_rule, without_ignored
+from reconciler.config.load import load_settings
 from reconciler.control.workerclient import Worker, WorkerJob
+from reconciler.core.drift import DriftReport, ignored, parse_rule, without_ignored
 from reconciler.errors import ConfigError
 from reconciler.runtime.alerts import AlertPolicy, Observation
+from reconciler.settings import AlertingSettings
 from tests import dbs
 from tests.builders import Project
 from tests.pgcluster import wait_until

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from reconciler.core import failures
 from reconciler.core.backoff import retry_window
 from reconciler.db import flags, journal
 from tests.builders import Project, flask_project, journal_rows
@@ -23,7 +24,7 @@ from tests.cli import run_cli
 from tests.pgcluster import wait_until
 from tests.runtime.test_daemon import FAILS, Running, daemon, free_port
 
-FAILURE = flags.Failure(
+FAILURE = failures.Failure(
     revision="bad",
     file_hash="h1",
     error_class="DataError",
@@ -46,7 +47,7 @@ GATE_CASES = [
     pytest.param(FAILURE, {"good": "h9", "bad": "h1"}, 1001.0, True, id="the run would reach it"),
     pytest.param(FAILURE, {}, 1001.0, False, id="nothing pending"),
     pytest.param(
-        flags.Failure("bad", "h1", "E", "", count=2),
+        failures.Failure("bad", "h1", "E", "", count=2),
         {"bad": "h1"},
         1001.0,
         False,
@@ -57,18 +58,18 @@ GATE_CASES = [
 
 @pytest.mark.parametrize(("failure", "pending", "now", "deferred"), GATE_CASES)
 def test_retry_gate_decision_table(
-    failure: flags.Failure | None, pending: dict[str, str], now: float, deferred: bool
+    failure: failures.Failure | None, pending: dict[str, str], now: float, deferred: bool
 ) -> None:
-    assert flags.retry_deferred(failure, pending, now) is deferred
+    assert failures.retry_deferred(failure, pending, now) is deferred
 
 
 def test_failure_records_stay_readable_across_releases() -> None:
     old = '{"count": 2, "error_class": "E", "file_hash": "h", "message": "", "revision": "r", "sqlstate": ""}'
-    loaded = flags.Failure.loads(old)
+    loaded = failures.Failure.loads(old)
     assert loaded is not None and loaded.count == 2 and loaded.retry_after == 0.0
-    newer = flags.Failure.loads(old.replace('"count"', '"later_field": 1, "count"'))
+    newer = failures.Failure.loads(old.replace('"count"', '"later_field": 1, "count"'))
     assert newer is not None and newer.count == 2  # a later release's keys are ignored
-    assert "retry_after" not in json.loads(flags.Failure("r", "h", "E", "").dumps())  # the old shape
+    assert "retry_after" not in json.loads(failures.Failure("r", "h", "E", "").dumps())  # the old shape
 
 
 def test_record_failure_sets_retry_after_from_the_database_clock(db_url: str) -> None:
@@ -76,7 +77,7 @@ def test_record_failure_sets_retry_after_from_the_database_clock(db_url: str) ->
     later (1-2 intervals, then 2-4 ...), and the blocked record keeps the old shape."""
     engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
     jt = journal.tables("reconciler_journal")
-    failure = flags.Failure(revision="bad", file_hash="h1", error_class="DataError", sqlstate="22012")
+    failure = failures.Failure(revision="bad", file_hash="h1", error_class="DataError", sqlstate="22012")
     try:
         with engine.connect() as conn:
             journal.ensure(conn, jt)
@@ -94,7 +95,7 @@ def test_record_failure_sets_retry_after_from_the_database_clock(db_url: str) ->
         low, high = retry_window(c.count, 10.0, 25.0)
         assert before - 0.01 <= c.failed_at <= after + 0.01
         assert low <= c.retry_after - c.failed_at <= high
-    stored = flags.Failure.loads(found[flags.failures_key("app")])
+    stored = failures.Failure.loads(found[flags.failures_key("app")])
     assert stored is not None and stored.retry_after == pytest.approx(counted[-1].retry_after)
     blocked = json.loads(found[flags.blocked_key("app")])
     assert blocked["count"] == 3 and "retry_after" not in blocked and "failed_at" not in blocked

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from reconciler.config.load import AlertingSettings, AlertSink
 from reconciler.redact import register_secret
 from reconciler.runtime.alerts import EVENTS, RULES, Alert, AlertDispatcher, AlertPolicy, Observation
+from reconciler.settings import AlertingSettings, AlertSink
 from tests import dbs
 
 HOUR = 3600.0

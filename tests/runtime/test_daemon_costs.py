@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from reconciler.config.load import DaemonSettings
 from reconciler.core.backoff import retry_window
 from reconciler.runtime.daemon import next_delay
+from reconciler.settings import DaemonSettings
 from tests.builders import Project, flask_project
 from tests.pgcluster import wait_until
 from tests.runtime.test_daemon import Running, daemon, free_port
