@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from reconciler import logs
 from reconciler.control import guard
 from reconciler.control.reconcile import Reconciler, Status, refuse_unless_applicable
+from reconciler.control.workerclient import start_headers_worker
 from reconciler.core import safety
 from reconciler.core.graph import RevisionGraph
 from reconciler.db import connection, journal
@@ -33,6 +34,7 @@ from reconciler.errors import (
     UnreachableError,
 )
 from reconciler.project import appsource, differences
+from reconciler.project.repository import Project
 from reconciler.redact import redact
 from reconciler.settings import Settings
 
@@ -608,11 +610,9 @@ def merge(
 ) -> Generated | None:
     """`flask db merge`: a merge revision of `revisions` (default: every head); None when the
     repository has fewer than two heads (nothing to merge, no file)."""
-    from reconciler.project.repository import Project
-
     check_rev_id(settings, rev_id)
     wanted = tuple(revisions) or ("heads",)
-    if wanted == ("heads",) and len(Project(settings).graph().heads) < 2:
+    if wanted == ("heads",) and len(Project(settings, start_worker=start_headers_worker).graph().heads) < 2:
         return None
     with _plain_worker(settings) as worker:
         result: Generated = worker.merge(wanted, message=message, rev_id=rev_id)

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from reconciler import logs, sessions
 from reconciler.config.load import chain_settings
 from reconciler.control import guard
+from reconciler.control.workerclient import start_headers_worker
 from reconciler.core import checksums, failures, safety
 from reconciler.core import drift as drift_rules
 from reconciler.core.backoff import backoff
@@ -292,7 +293,7 @@ class Reconciler:
         self.settings = settings
         self.chain = chain  # "" for [target]'s own directory; else a [[target.chains]] name
         self._parent = parent  # the main chain's reconciler: its engine, its lock
-        self.project = Project(settings)
+        self.project = Project(settings, start_worker=start_headers_worker)
         # Where the journal lives (journal.Place): one place per database, shared by its chains.
         self._place: JournalPlace = (
             parent._place

@@ -50,7 +50,7 @@ from reconciler.errors import (
     WorkerError,
 )
 from reconciler.project import differences
-from reconciler.project.repository import alembic_ini_path
+from reconciler.project.alembic_ini import alembic_ini_path
 from reconciler.redact import redact, register_secret, register_url
 from reconciler.settings import Settings
 
@@ -659,6 +659,12 @@ class Worker:
                 f"reply; its last log lines:\n{tail}"
             )
         )
+
+
+def start_headers_worker(settings: Settings) -> Worker:
+    """A worker that reads the headers of revision files that must be executed (`Project`'s
+    `start_worker`)."""
+    return Worker.start(WorkerJob.from_settings(settings), python=settings.target.python or None)
 
 
 class WarmWorker:

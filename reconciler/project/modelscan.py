@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from reconciler.core.graph import node_hash
+from reconciler.core.headers import node_hash
 
 
 @dataclass(frozen=True)

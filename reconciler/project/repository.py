@@ -3,54 +3,63 @@
 The graph is read from the files' headers (never executing them) and kept until the versions
 directories change (a stat fingerprint), so a no-op run costs no file parsing. Files whose headers
 are not literal are read by a worker, once per change; that worker is kept (`take_worker`) so
-the guard and the apply that follow need no second interpreter start.
+the guard and the apply that follow need no second interpreter start. The caller (control/)
+says how to start that worker: the repository side knows no worker client.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
-from reconciler.core import graph as graphs
-from reconciler.core.graph import Revision, RevisionGraph
+from reconciler.core.graph import Revision, RevisionGraph, build_graph
+from reconciler.core.headers import check_id_lengths
+from reconciler.project.alembic_ini import alembic_ini_path, versions_dirs
+from reconciler.project.revisions import (
+    ParseCache,
+    graph_fingerprint_of_dir,
+    load_graph,
+    revision_from_headers,
+)
 from reconciler.settings import Settings
-
-if TYPE_CHECKING:
-    from reconciler.control.workerclient import Worker
 
 REVISION_ID_SWITCH = "revision_id_length"  # RECONCILER_UNSAFE_DISABLE name of that check
 # A worker that read headers is kept this long for the apply that follows, then closed.
 KEEP_HEADERS_WORKER = 60.0
 
 
-def alembic_ini_path(settings: Settings) -> Path | None:
-    """The alembic.ini in use: configured, else <migrations>/alembic.ini, else <root>/alembic.ini."""
-    if settings.target.alembic_ini:
-        path = Path(settings.target.alembic_ini)
-        return path if path.is_absolute() else (settings.base_dir / path).resolve()
-    for candidate in (settings.migrations_dir / "alembic.ini", settings.root_dir / "alembic.ini"):
-        if candidate.is_file():
-            return candidate
-    return None
+class HeadersWorker(Protocol):
+    """What the project needs of a worker: read the headers of files it must execute; close."""
+
+    def headers(self, paths: list[Path]) -> Sequence[Mapping[str, object]]: ...
+
+    def close(self) -> None: ...
+
+
+W = TypeVar("W", bound=HeadersWorker)
 
 
 @dataclass
-class Project:
+class Project(Generic[W]):
+    """`start_worker(settings)` starts the worker that reads non-literal headers (control/ passes it)."""
+
     settings: Settings
+    start_worker: Callable[[Settings], W]
     _graph: RevisionGraph | None = field(default=None, init=False)
     _fingerprint: str = field(default="", init=False)
     _generation: int = field(default=0, init=False)  # counts invalidate() calls
     _dirs: tuple[list[Path], bool] | None = field(default=None, init=False)
-    _cache: graphs.ParseCache = field(default_factory=graphs.ParseCache, init=False)
-    _kept: tuple[Worker, float, int] | None = field(default=None, init=False)  # (worker, since, thread)
+    _cache: ParseCache = field(default_factory=ParseCache, init=False)
+    _kept: tuple[W, float, int] | None = field(default=None, init=False)  # (worker, since, thread)
 
     @property
     def version_dirs(self) -> tuple[list[Path], bool]:
         if self._dirs is None:
-            self._dirs = graphs.versions_dirs(
+            self._dirs = versions_dirs(
                 self.settings.migrations_dir, alembic_ini_path(self.settings), self.settings.root_dir
             )
         return self._dirs
@@ -64,7 +73,7 @@ class Project:
         if self._graph is not None and not check and self._fingerprint:
             return self._graph
         generation = self._generation
-        fingerprint = graphs.graph_fingerprint_of_dir(dirs, recursive)
+        fingerprint = graph_fingerprint_of_dir(dirs, recursive)
         if self._graph is None or fingerprint != self._fingerprint:
             self._graph = self._load(dirs, recursive)
         # An invalidate() from the watcher's thread while this read ran may be about a file
@@ -79,22 +88,19 @@ class Project:
         self._fingerprint = ""
 
     def _load(self, dirs: list[Path], recursive: bool) -> RevisionGraph:
-        graph, fallback = graphs.load_graph(dirs, recursive, cache=self._cache)
+        graph, fallback = load_graph(dirs, recursive, cache=self._cache)
         if fallback:
             extra = self._headers_from_worker(fallback)
-            graph = graphs.build_graph([*graph.revisions.values(), *extra])
+            graph = build_graph([*graph.revisions.values(), *extra])
         # Before any connection: an id wider than the version column fails only at the version
         # insert, after the revision's DDL ran (MariaDB: half applied) or on every run (PostgreSQL).
         if REVISION_ID_SWITCH not in self.settings.unsafe:
-            graphs.check_id_lengths(graph.revisions.values(), self.settings.target.revision_id_length)
+            check_id_lengths(graph.revisions.values(), self.settings.target.revision_id_length)
         return graph
 
     def _headers_from_worker(self, paths: list[Path]) -> list[Revision]:
-        from reconciler.control.workerclient import Worker, WorkerJob  # the worker client only when needed
-
         self.close_worker()
-        job = WorkerJob.from_settings(self.settings)
-        worker = Worker.start(job, python=self.settings.target.python or None)
+        worker = self.start_worker(self.settings)
         try:
             found = worker.headers(paths)
         except BaseException:
@@ -102,9 +108,9 @@ class Project:
             raise
         # kept for the guard and the apply that usually follow: one interpreter start per load
         self._kept = (worker, time.monotonic(), threading.get_ident())
-        return [graphs.revision_from_headers(item) for item in found]
+        return [revision_from_headers(item) for item in found]
 
-    def take_worker(self) -> Worker | None:
+    def take_worker(self) -> W | None:
         """The worker that read this graph's headers, if one is still fresh; the caller owns it.
 
         Only on the thread that started it: a worker dies with its starting thread

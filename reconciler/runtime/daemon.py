@@ -24,7 +24,8 @@ from reconciler.config.load import parse_http
 from reconciler.control.drift import DriftChecker
 from reconciler.control.reconcile import ApplyResult, Progress, Reconciler, Status, is_lock_timeout
 from reconciler.core.backoff import backoff
-from reconciler.core.graph import MissingRevision, RevisionFileError, RevisionSyntaxError
+from reconciler.core.graph import MissingRevision
+from reconciler.core.headers import RevisionFileError, RevisionSyntaxError
 from reconciler.db import connection, flags
 from reconciler.errors import (
     Blocked,

@@ -33,11 +33,13 @@ from reconciler import logs
 from reconciler.config.load import find_module_file
 from reconciler.control.reconcile import Reconciler
 from reconciler.core import checksums
-from reconciler.core.graph import Revision, RevisionGraph, parse_revision_file, revision_files
+from reconciler.core.graph import Revision, RevisionGraph
 from reconciler.db import connection, flags, journal
 from reconciler.errors import ConfigError, ReconcilerError, Refused, RevisionFailed, StateError
 from reconciler.project import differences
+from reconciler.project.alembic_ini import alembic_ini_path, read_option
 from reconciler.project.modelscan import FileDigest, changed_classes, read_digest
+from reconciler.project.revisions import parse_revision_file, revision_files
 from reconciler.redact import redact
 from reconciler.runtime import signals
 from reconciler.runtime.scheduler import Loop
@@ -757,11 +759,8 @@ def sealed_name(name: str, revision: str, old: str, new: str, length: int = 40) 
 
 def _slug_length(settings: Settings) -> int:
     """alembic.ini's `truncate_slug_length` (Alembic's default 40)."""
-    from reconciler.core.graph import _option, _read_ini
-    from reconciler.project.repository import alembic_ini_path
-
     ini = alembic_ini_path(settings)
-    value = _option(_read_ini(ini), "truncate_slug_length", ini) if ini is not None else None
+    value = read_option(ini, "truncate_slug_length") if ini is not None else None
     try:
         return int(value) if value else 40
     except ValueError:

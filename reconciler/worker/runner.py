@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from reconciler import hooks, sessions
+from reconciler.core.headers import parse_revision_source
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.redact import is_ambiguous, redact, register_secret, register_url
 from reconciler.worker import migrations, target
@@ -348,10 +349,8 @@ def revision_place(exc: BaseException, files: Callable[[], set[str]]) -> Revisio
 
 
 def _revision_id_of(path: str) -> str | None:
-    from reconciler.core import graph  # standard library only: reads the header, runs nothing
-
-    try:
-        parsed = graph.parse_revision_file(Path(path))
+    try:  # reads the header, runs nothing
+        parsed = parse_revision_source(Path(path).read_bytes(), Path(path))
     except Exception:  # not readable or not a literal header: the file still names the place
         return None
     return parsed.revision if parsed is not None else None

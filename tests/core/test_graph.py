@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.core import graph as g
+from reconciler.core import graph as graphs
+from reconciler.core import headers
 from reconciler.core.graph import GraphError, MissingRevision, Revision, RevisionGraph
 from reconciler.errors import ConfigError
+from reconciler.project import alembic_ini as inis
+from reconciler.project import revisions as revfiles
 from tests.builders import alembic_project, db_heads, revision_source
 
 FLASK_MIGRATE_FILE = '''\
@@ -114,7 +117,7 @@ def rev(
 
 def test_flask_migrate_file_layout(tmp_path: Path) -> None:
     path = write(tmp_path, "abcdef123456_add_user_table.py", FLASK_MIGRATE_FILE)
-    revision = g.parse_revision_file(path)
+    revision = revfiles.parse_revision_file(path)
     assert revision == Revision(
         revision="abcdef123456",
         down_revisions=(),
@@ -127,11 +130,11 @@ def test_flask_migrate_file_layout(tmp_path: Path) -> None:
         draft=False,
     )
     assert revision is not None and len(revision.file_hash) == 64
-    assert revision.file_hash == g.source_hash(path.read_bytes())
+    assert revision.file_hash == headers.source_hash(path.read_bytes())
 
 
 def test_annotated_assignments_and_flags(tmp_path: Path) -> None:
-    revision = g.parse_revision_file(write(tmp_path, "b2_add_orders.py", ALEMBIC_ANNOTATED_FILE))
+    revision = revfiles.parse_revision_file(write(tmp_path, "b2_add_orders.py", ALEMBIC_ANNOTATED_FILE))
     assert revision is not None
     assert (revision.revision, revision.down_revisions) == ("b2", ("b1",))
     assert (revision.branch_labels, revision.depends_on) == (("orders",), ("a2",))
@@ -152,7 +155,7 @@ def test_annotated_assignments_and_flags(tmp_path: Path) -> None:
 )
 def test_down_revision_forms(tmp_path: Path, down: str, expected: tuple[str, ...]) -> None:
     source = f'"""merge"""\nrevision = "m1"\ndown_revision = {down}\ndraft = True\n'
-    revision = g.parse_revision_file(write(tmp_path, "m1.py", source))
+    revision = revfiles.parse_revision_file(write(tmp_path, "m1.py", source))
     assert revision is not None
     assert revision.down_revisions == expected and revision.draft is True
 
@@ -176,8 +179,8 @@ def test_non_literal_header_falls_back_to_worker(tmp_path: Path, header: str) ->
     source = f'"""dynamic"""\nPREVIOUS = "a0"\nDRAFT = False\nrevision = "r1"\n{header}\n'
     path = write(tmp_path / "versions", "r1_dynamic.py", source)
     rev_file(tmp_path / "versions", "a0", None)
-    assert g.parse_revision_file(path) is None
-    graph, fallback = g.load_graph([tmp_path / "versions"])
+    assert revfiles.parse_revision_file(path) is None
+    graph, fallback = revfiles.load_graph([tmp_path / "versions"])
     assert fallback == [path]
     assert set(graph.revisions) == {"a0"} and not graph.complete
 
@@ -186,26 +189,26 @@ def test_partial_graph_tolerates_references_into_fallback_files(tmp_path: Path) 
     versions = tmp_path / "versions"
     dynamic = write(versions, "a0_dyn.py", 'revision = "a" + "0"\ndown_revision = None\n')
     rev_file(versions, "b0", "a0")
-    graph, fallback = g.load_graph([versions])
+    graph, fallback = revfiles.load_graph([versions])
     assert fallback == [dynamic] and graph.heads == ("b0",) and not graph.complete
-    worker_says = g.revision_from_headers(
+    worker_says = revfiles.revision_from_headers(
         {"path": str(dynamic), "revision": "a0", "down_revision": None, "doc": "made\n\nmore"}
     )
     assert worker_says.message == "made"
-    assert worker_says.file_hash == g.source_hash(dynamic.read_bytes())
-    full = g.build_graph([*graph.revisions.values(), worker_says])
+    assert worker_says.file_hash == headers.source_hash(dynamic.read_bytes())
+    full = graphs.build_graph([*graph.revisions.values(), worker_says])
     assert full.complete and full.topological(full.revisions) == ["a0", "b0"]
 
 
 def test_bare_annotation_is_not_a_binding(tmp_path: Path) -> None:
     source = 'revision: str\nrevision = "r1"\ndown_revision: str | None\ndown_revision = None\n'
-    revision = g.parse_revision_file(write(tmp_path, "r1.py", source))
+    revision = revfiles.parse_revision_file(write(tmp_path, "r1.py", source))
     assert revision is not None and revision.revision == "r1"
 
 
 def test_string_that_looks_like_a_binding_is_no_binding(tmp_path: Path) -> None:
     source = 'revision = "r1"\ndown_revision = None\nNOTE = "id\'revision\',ctxStore"\n'
-    revision = g.parse_revision_file(write(tmp_path, "r1.py", source))
+    revision = revfiles.parse_revision_file(write(tmp_path, "r1.py", source))
     assert revision is not None and revision.revision == "r1"
 
 
@@ -242,10 +245,10 @@ def test_a_name_outside_the_module_namespace_is_no_header(tmp_path: Path, extra:
     source = f'"""scoped"""\nrevision = "r1"\ndown_revision = "a0"\n{extra}\n'
     path = write(tmp_path / "versions", "r1_scoped.py", source)
     rev_file(tmp_path / "versions", "a0", None)
-    revision = g.parse_revision_file(path)
+    revision = revfiles.parse_revision_file(path)
     assert revision is not None
     assert (revision.revision, revision.down_revisions) == ("r1", ("a0",))
-    graph, fallback = g.load_graph([tmp_path / "versions"])
+    graph, fallback = revfiles.load_graph([tmp_path / "versions"])
     assert fallback == [] and graph.complete and graph.heads == ("r1",)
 
 
@@ -292,8 +295,8 @@ def test_a_module_level_binding_anywhere_still_needs_the_worker(tmp_path: Path, 
     source = f'"""dynamic"""\nrevision = "r1"\ndown_revision = "a0"\n{extra}\n'
     path = write(tmp_path / "versions", "r1_dynamic.py", source)
     rev_file(tmp_path / "versions", "a0", None)
-    assert g.parse_revision_file(path) is None
-    graph, fallback = g.load_graph([tmp_path / "versions"])
+    assert revfiles.parse_revision_file(path) is None
+    graph, fallback = revfiles.load_graph([tmp_path / "versions"])
     assert fallback == [path] and not graph.complete
 
 
@@ -309,8 +312,8 @@ def test_a_module_level_binding_anywhere_still_needs_the_worker(tmp_path: Path, 
 )
 def test_literal_of_wrong_type_names_file_and_line(tmp_path: Path, source: str, fragment: str) -> None:
     path = write(tmp_path, "bad.py", source)
-    with pytest.raises(g.RevisionFileError) as info:
-        g.parse_revision_file(path)
+    with pytest.raises(headers.RevisionFileError) as info:
+        revfiles.parse_revision_file(path)
     assert fragment in str(info.value) and str(path) in str(info.value)
     assert info.value.line is not None
 
@@ -319,32 +322,32 @@ def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     versions = tmp_path / "versions"
     rev_file(versions, "a0", None)
     broken = write(versions, "b0_broken.py", 'revision = "b0"\ndown_revision = "a0"\ndef up(:\n')
-    with pytest.raises(g.RevisionSyntaxError) as info:
-        g.load_graph([versions])
+    with pytest.raises(headers.RevisionSyntaxError) as info:
+        revfiles.load_graph([versions])
     assert str(broken) in str(info.value) and "line 3" in str(info.value)
     assert info.value.line == 3
     assert info.value.file_hash == hashlib.sha256(broken.read_bytes()).hexdigest()
-    assert g.source_hash(broken.read_bytes()) == info.value.file_hash
+    assert headers.source_hash(broken.read_bytes()) == info.value.file_hash
 
 
 def test_several_broken_files_are_reported_together(tmp_path: Path) -> None:
     versions = tmp_path / "versions"
     write(versions, "a_broken.py", "revision = (\n")
     write(versions, "b_helpers.py", "def helper():\n    pass\n")
-    with pytest.raises(g.RevisionFileError) as info:
-        g.load_graph([versions])
+    with pytest.raises(headers.RevisionFileError) as info:
+        revfiles.load_graph([versions])
     text = str(info.value)
     assert "2 revision files" in text and "a_broken.py" in text and "b_helpers.py" in text
 
 
 def test_file_without_revision_is_not_a_revision(tmp_path: Path) -> None:
     path = write(tmp_path, "helpers.py", '"""shared helpers"""\nCOLUMNS = ["a"]\n')
-    with pytest.raises(g.NotARevisionFile) as info:
-        g.parse_revision_file(path)
+    with pytest.raises(headers.NotARevisionFile) as info:
+        revfiles.parse_revision_file(path)
     assert str(path) in str(info.value) and "versions directory" in str(info.value)
     # Alembic 0.1 files named by their id are Alembic's to read: the worker gets them
     legacy = write(tmp_path / "legacy", "1975ea83b712.py", "down_revision = None\n")
-    graph, fallback = g.load_graph([tmp_path / "legacy"])
+    graph, fallback = revfiles.load_graph([tmp_path / "legacy"])
     assert fallback == [legacy] and len(graph) == 0
 
 
@@ -352,13 +355,13 @@ def test_file_without_revision_is_not_a_revision(tmp_path: Path) -> None:
 
 
 def test_hash_ignores_line_endings_comments_and_formatting(tmp_path: Path) -> None:
-    base = g.parse_revision_file(write(tmp_path, "a.py", FLASK_MIGRATE_FILE))
-    crlf = g.parse_revision_file(write(tmp_path, "b.py", FLASK_MIGRATE_FILE.replace("\n", "\r\n")))
+    base = revfiles.parse_revision_file(write(tmp_path, "a.py", FLASK_MIGRATE_FILE))
+    crlf = revfiles.parse_revision_file(write(tmp_path, "b.py", FLASK_MIGRATE_FILE.replace("\n", "\r\n")))
     reformatted = FLASK_MIGRATE_FILE.replace(
         "    op.drop_table('user')",
         '    # dropped last\n    op.drop_table(\n        "user",\n    )',
     ).replace("revision = 'abcdef123456'", 'revision   =   "abcdef123456"  # the id')
-    other = g.parse_revision_file(write(tmp_path, "c.py", reformatted))
+    other = revfiles.parse_revision_file(write(tmp_path, "c.py", reformatted))
     assert base is not None and crlf is not None and other is not None
     assert base.file_hash == crlf.file_hash == other.file_hash
 
@@ -373,20 +376,20 @@ def test_hash_ignores_what_formatters_do_to_docstrings() -> None:
     )
     formatted = with_doc.replace("Revises: \n", "Revises:\n").replace("       Indented.   ", "    Indented.")
     assert formatted != with_doc
-    assert g.source_hash(formatted.encode()) == g.source_hash(with_doc.encode())
+    assert headers.source_hash(formatted.encode()) == headers.source_hash(with_doc.encode())
     reworded = formatted.replace("Indented.", "Indented differently.")
-    assert g.source_hash(reworded.encode()) != g.source_hash(formatted.encode())
+    assert headers.source_hash(reworded.encode()) != headers.source_hash(formatted.encode())
     sql = [
         revision_source("a0", None, body, "pass", "m", None, None)
         for body in ('op.execute("SELECT 1 ")', 'op.execute("SELECT 1")')
     ]
-    assert g.source_hash(sql[0].encode()) != g.source_hash(sql[1].encode())
+    assert headers.source_hash(sql[0].encode()) != headers.source_hash(sql[1].encode())
 
 
 def test_hash_changes_with_the_code(tmp_path: Path) -> None:
-    base = g.parse_revision_file(write(tmp_path, "a.py", FLASK_MIGRATE_FILE))
+    base = revfiles.parse_revision_file(write(tmp_path, "a.py", FLASK_MIGRATE_FILE))
     changed = FLASK_MIGRATE_FILE.replace("op.drop_table('user')", "op.drop_table('users')")
-    other = g.parse_revision_file(write(tmp_path, "b.py", changed))
+    other = revfiles.parse_revision_file(write(tmp_path, "b.py", changed))
     assert base is not None and other is not None
     assert base.file_hash != other.file_hash
 
@@ -399,7 +402,7 @@ def test_missing_down_revision_is_its_own_error(tmp_path: Path) -> None:
     rev_file(versions, "a0", None)
     orphan = rev_file(versions, "c0", "b0")
     with pytest.raises(MissingRevision) as info:
-        g.load_graph([versions])
+        revfiles.load_graph([versions])
     err = info.value
     assert isinstance(err, ConfigError)
     assert (err.path, err.revision, err.missing) == (orphan, "c0", "b0")
@@ -408,7 +411,7 @@ def test_missing_down_revision_is_its_own_error(tmp_path: Path) -> None:
 
 def test_missing_depends_on(tmp_path: Path) -> None:
     with pytest.raises(MissingRevision, match="depends_on 'nope'"):
-        g.build_graph([rev("a0"), rev("b0", ("a0",), deps=("nope",))])
+        graphs.build_graph([rev("a0"), rev("b0", ("a0",), deps=("nope",))])
 
 
 def test_duplicate_ids_name_both_files(tmp_path: Path) -> None:
@@ -416,7 +419,7 @@ def test_duplicate_ids_name_both_files(tmp_path: Path) -> None:
     first = rev_file(versions, "a0", None)
     second = write(versions, "zz_copy.py", first.read_text())
     with pytest.raises(GraphError) as info:
-        g.load_graph([versions])
+        revfiles.load_graph([versions])
     assert str(first) in str(info.value) and str(second) in str(info.value)
 
 
@@ -431,7 +434,7 @@ def test_duplicate_ids_name_both_files(tmp_path: Path) -> None:
 )
 def test_cycles_are_refused(revisions: list[Revision], fragment: str) -> None:
     with pytest.raises(GraphError, match="revision cycle") as info:
-        g.build_graph(revisions)
+        graphs.build_graph(revisions)
     assert fragment in str(info.value)
 
 
@@ -440,13 +443,13 @@ def test_cycle_from_files_names_them(tmp_path: Path) -> None:
     rev_file(versions, "a0", "b0")
     rev_file(versions, "b0", "a0")
     with pytest.raises(GraphError) as info:
-        g.load_graph([versions])
+        revfiles.load_graph([versions])
     assert "a0_rev.py" in str(info.value) and "b0_rev.py" in str(info.value)
 
 
 def test_duplicate_branch_label_is_refused() -> None:
     with pytest.raises(GraphError, match="branch label 'x'"):
-        g.build_graph([rev("a0", labels=("x",)), rev("b0", labels=("x",))])
+        graphs.build_graph([rev("a0", labels=("x",)), rev("b0", labels=("x",))])
 
 
 def test_file_selection_follows_alembic(tmp_path: Path) -> None:
@@ -457,18 +460,18 @@ def test_file_selection_follows_alembic(tmp_path: Path) -> None:
     write(versions, "notes.txt", "not python")
     write(versions / "__pycache__", "a0_rev.py", "revision = (")
     rev_file(versions / "2024", "b0", "a0")
-    flat, _ = g.load_graph([versions])
+    flat, _ = revfiles.load_graph([versions])
     assert set(flat.revisions) == {"a0"}
-    deep, _ = g.load_graph([versions], recursive=True)
+    deep, _ = revfiles.load_graph([versions], recursive=True)
     assert set(deep.revisions) == {"a0", "b0"} and deep.heads == ("b0",)
 
 
 def test_versions_dirs_default(tmp_path: Path) -> None:
     migrations = tmp_path / "migrations"
-    assert g.versions_dirs(migrations, None, tmp_path) == ([migrations / "versions"], False)
+    assert inis.versions_dirs(migrations, None, tmp_path) == ([migrations / "versions"], False)
     text = "[alembic]\n# template comment\n\n[loggers]\nkeys = root\n"
     ini = write(migrations, "alembic.ini", text)
-    assert g.versions_dirs(migrations, ini, tmp_path) == ([migrations / "versions"], False)
+    assert inis.versions_dirs(migrations, ini, tmp_path) == ([migrations / "versions"], False)
 
 
 @pytest.mark.parametrize(
@@ -485,12 +488,12 @@ def test_version_locations_and_recursive_from_ini(tmp_path: Path, separator: str
         "alembic.ini",
         f"[alembic]\n{separator}version_locations = {locations}\nrecursive_version_locations = true\n",
     )
-    dirs, recursive = g.versions_dirs(migrations, ini, root)
+    dirs, recursive = inis.versions_dirs(migrations, ini, root)
     assert dirs == [migrations.resolve() / "versions", root / "shared/versions"]
     assert recursive is True
     rev_file(dirs[0] / "2024", "a0", None)
     rev_file(dirs[1], "b0", "a0")
-    graph, fallback = g.load_graph(dirs, recursive)
+    graph, fallback = revfiles.load_graph(dirs, recursive)
     assert fallback == [] and graph.topological(graph.revisions) == ["a0", "b0"]
 
 
@@ -498,24 +501,24 @@ def test_bad_separator_is_a_config_error(tmp_path: Path) -> None:
     text = "[alembic]\npath_separator = pipe\nversion_locations = a\n"
     ini = write(tmp_path, "alembic.ini", text)
     with pytest.raises(ConfigError, match="path_separator = 'pipe'"):
-        g.versions_dirs(tmp_path, ini, tmp_path)
+        inis.versions_dirs(tmp_path, ini, tmp_path)
 
 
 def test_stat_fingerprint_and_parse_cache(tmp_path: Path) -> None:
     versions = tmp_path / "versions"
     first = rev_file(versions, "a0", None)
-    before = g.graph_fingerprint_of_dir([versions])
-    assert before == g.graph_fingerprint_of_dir([versions])
-    cache = g.ParseCache()
-    graph, _ = g.load_graph([versions], cache=cache)
-    assert g.load_graph([versions], cache=cache)[0].fingerprint == graph.fingerprint
+    before = revfiles.graph_fingerprint_of_dir([versions])
+    assert before == revfiles.graph_fingerprint_of_dir([versions])
+    cache = revfiles.ParseCache()
+    graph, _ = revfiles.load_graph([versions], cache=cache)
+    assert revfiles.load_graph([versions], cache=cache)[0].fingerprint == graph.fingerprint
     rev_file(versions, "b0", "a0")
-    after_add = g.graph_fingerprint_of_dir([versions])
+    after_add = revfiles.graph_fingerprint_of_dir([versions])
     assert after_add != before
     first.write_text(first.read_text().replace("pass", "op.execute('select 1')", 1))
     os.utime(first, ns=(1, 1))  # a new mtime whatever the file system's clock resolution
-    assert g.graph_fingerprint_of_dir([versions]) != after_add
-    reloaded, _ = g.load_graph([versions], cache=cache)
+    assert revfiles.graph_fingerprint_of_dir([versions]) != after_add
+    reloaded, _ = revfiles.load_graph([versions], cache=cache)
     assert reloaded.revisions["a0"].file_hash != graph.revisions["a0"].file_hash
     assert reloaded.heads == ("b0",)
 
@@ -530,7 +533,7 @@ def test_heads_and_version_rows_match_alembic(tmp_path: Path) -> None:
     project.revision("a2", "a1")
     project.revision("b1", None, branch_labels="br2")
     project.revision("b2", "b1", depends_on="a2")
-    graph, _ = g.load_graph([project.versions])
+    graph, _ = revfiles.load_graph([project.versions])
     code = (
         "from alembic.config import Config\nfrom alembic.script import ScriptDirectory\n"
         "print(' '.join(sorted(ScriptDirectory.from_config(Config('alembic.ini')).get_heads())))"
@@ -563,7 +566,7 @@ LABELLED = [
 
 
 def test_heads_bases_ancestors_and_order() -> None:
-    graph = g.build_graph(LABELLED)
+    graph = graphs.build_graph(LABELLED)
     assert graph.heads == ("m1",) and graph.bases == ("x1", "y1")
     assert graph.ancestors("y2") == {"y2", "y1", "x1"}
     assert graph.closure(["x2", "y1"]) == {"x1", "x2", "y1"}
@@ -576,7 +579,7 @@ def test_heads_bases_ancestors_and_order() -> None:
 
 def test_depends_on_does_not_remove_a_head_but_covers_its_row() -> None:
     revisions = [rev("a1"), rev("a2", ("a1",)), rev("b1"), rev("b2", ("b1",), deps=("a2",))]
-    graph = g.build_graph(revisions)
+    graph = graphs.build_graph(revisions)
     assert graph.heads == ("a2", "b2")
     assert graph.version_heads == ("b2",)
     order = graph.topological(graph.revisions)
@@ -584,7 +587,7 @@ def test_depends_on_does_not_remove_a_head_but_covers_its_row() -> None:
 
 
 def test_resolve() -> None:
-    graph = g.build_graph([rev("abcd1234"), rev("abcd9999", ("abcd1234",), labels=("main",))])
+    graph = graphs.build_graph([rev("abcd1234"), rev("abcd9999", ("abcd1234",), labels=("main",))])
     assert graph.resolve("abcd1234") == "abcd1234"
     assert graph.resolve("abcd9") == "abcd9999"
     assert graph.resolve("main") == "abcd9999"
@@ -597,18 +600,18 @@ def test_resolve() -> None:
 
 
 def test_fingerprint_is_stable_and_follows_content() -> None:
-    one = g.build_graph(LABELLED)
-    again = g.build_graph(list(reversed(LABELLED)))
+    one = graphs.build_graph(LABELLED)
+    again = graphs.build_graph(list(reversed(LABELLED)))
     assert one.fingerprint == again.fingerprint
     changed = [*LABELLED[:-1], Revision("m1", ("x2", "y2"), (), (), Path("m1.py"), "m1", "1" * 64)]
-    assert g.build_graph(changed).fingerprint != one.fingerprint
+    assert graphs.build_graph(changed).fingerprint != one.fingerprint
     assert isinstance(one, RevisionGraph) and len(one) == 5 and "m1" in one
 
 
 def test_flask_migrate_file_builds_a_one_revision_graph(tmp_path: Path) -> None:
     versions = tmp_path / "migrations" / "versions"
     write(versions, "abcdef123456_add_user_table.py", textwrap.dedent(FLASK_MIGRATE_FILE))
-    graph, fallback = g.load_graph([versions])
+    graph, fallback = revfiles.load_graph([versions])
     assert fallback == [] and graph.heads == graph.bases == ("abcdef123456",)
 
 
@@ -616,12 +619,14 @@ def test_an_invalidation_during_a_read_is_not_lost(tmp_path: Path) -> None:
     """The watcher's thread may invalidate while the loop's thread reads the graph. A file that
     came after the listing must be seen by the next read, even one that trusts the cache."""
     from reconciler.config.load import load_settings
+    from reconciler.control.workerclient import start_headers_worker
     from reconciler.project.repository import Project as Repository
     from tests.builders import flask_project
 
     project = flask_project(tmp_path / "p", f"sqlite:///{tmp_path / 'app.db'}")
     project.revision("a0", None)
-    repository = Repository(load_settings(str(project.config), environ={}))
+    settings = load_settings(str(project.config), environ={})
+    repository = Repository(settings, start_worker=start_headers_worker)
     real_load = repository._load
 
     def load_then_pull(dirs: list[Path], recursive: bool) -> RevisionGraph:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.core.graph import parse_revision_file
+from reconciler.project.revisions import parse_revision_file
 from tests.builders import Project, alembic_project, create_table, db_heads, flask_project, journal_rows
 from tests.cli import cli_env, run_cli, start_cli
 from tests.pgcluster import wait_until

@@ -445,7 +445,7 @@ NICKNAME = "    nickname = db.Column(db.String(40))\n"
 
 
 def parent_of(path: Path) -> tuple[str, ...]:
-    from reconciler.core.graph import parse_revision_file
+    from reconciler.project.revisions import parse_revision_file
 
     parsed = parse_revision_file(path)
     return parsed.down_revisions if parsed is not None else ()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.core import graph
+from reconciler.project import revisions
 from tests import dbs
 from tests.builders import FLASK_MODELS, Project, db_heads, flask_project, table_names
 from tests.system.test_cli_admin import cli, ok
@@ -57,7 +57,7 @@ def twin(project: Project, root: Path) -> Path:
 
 
 def heads_of(project: Project) -> tuple[str, ...]:
-    return graph.load_graph([project.versions], False)[0].heads
+    return revisions.load_graph([project.versions], False)[0].heads
 
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -141,7 +141,7 @@ def test_merge_of_two_heads_gives_one_head(tmp_path: Path, sqlite_url: str) -> N
     ok(project, "merge", "-m", "merge heads")
     merged = written(project, before)
     assert heads_of(project) == (merged.name.split("_")[0],)
-    parsed = graph.parse_revision_file(merged)
+    parsed = revisions.parse_revision_file(merged)
     assert parsed is not None and set(parsed.down_revisions) == {"mine0002", "hers0002"}
     theirs_file = flask_db(theirs, sqlite_url, "merge", "-m", "merge heads", "heads")
     assert_same_file(merged, theirs_file)

@@ -24,9 +24,8 @@ import pytest
 import sqlalchemy as sa
 
 from reconciler.control.workerclient import Generated, WarmWorker, Worker, WorkerJob
-from reconciler.core import graph
 from reconciler.errors import ConfigError, StateError
-from reconciler.project import differences
+from reconciler.project import differences, revisions
 from tests import builders
 
 WORKER_PYTHON = builders.worker_python() or sys.executable
@@ -432,7 +431,7 @@ def test_one_revision_per_change(
         assert ops_of(result) == expected
         assert result.message == message and result.destructive == [] and result.renames == []
         assert result.path is not None and Path(result.path).name.endswith(f"_{message}.py")
-        parsed = graph.parse_revision_file(Path(result.path))
+        parsed = revisions.parse_revision_file(Path(result.path))
         assert parsed is not None and parsed.down_revisions == (base,) and parsed.message == message
         assert parsed.draft is False
         worker.upgrade(str(result.revision))  # it applies, and leaves nothing to generate
@@ -721,7 +720,7 @@ def test_draft_marker_and_chosen_revision_id(gen: Gen) -> None:
     assert result.revision == "d1a2f3" and result.message == "users get an age"
     path = Path(str(result.path))
     assert path.name == "d1a2f3_users_get_an_age.py"
-    parsed = graph.parse_revision_file(path)
+    parsed = revisions.parse_revision_file(path)
     assert parsed is not None and parsed.draft is True and parsed.revision == "d1a2f3"
     lines = path.read_text(encoding="utf-8").splitlines()
     assert lines[lines.index("depends_on = None") + 1] == "draft = True"
@@ -999,5 +998,5 @@ def test_draft_marker_goes_after_the_headers(tmp_path: Path) -> None:
     mark_draft(path)
     text = path.read_bytes().decode()
     assert "depends_on = None\r\ndraft = True\r\n" in text
-    parsed = graph.parse_revision_file(path)
+    parsed = revisions.parse_revision_file(path)
     assert parsed is not None and parsed.draft is True
