@@ -247,13 +247,13 @@ def db_heads(url: str, table: str = "alembic_version") -> set[str]:
 
 
 def journal_engine(url: str, table: str = "reconciler_journal") -> tuple[object, str | None]:
-    """An engine that sees the journal, and the schema it is in: its side place (journal.py) when
+    """An engine that sees the journal, and the schema it is in: its side place (db/placement.py) when
     that exists, else the database's default schema (the previous release's placement)."""
     import sqlalchemy as sa
 
-    from reconciler.db import journal
+    from reconciler.db import journal, placement
 
-    place = journal.Place(table, url)
+    place = placement.Place(table, url)
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     if place.attachment is not None:
         sa.event.listen(engine, "connect", lambda raw, _rec: place.attachment.attach(raw))  # type: ignore[union-attr]

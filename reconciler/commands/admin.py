@@ -23,7 +23,7 @@ from reconciler.control.reconcile import Reconciler, Status, refuse_unless_appli
 from reconciler.control.workerclient import start_headers_worker
 from reconciler.core import safety
 from reconciler.core.graph import RevisionGraph
-from reconciler.db import connection, journal
+from reconciler.db import connection, journal, placement
 from reconciler.errors import (
     ConfigError,
     DifferencesFound,
@@ -229,7 +229,7 @@ def scratch_settings(settings: Settings) -> Iterator[Settings]:
                 )
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted}"))
             if backend in ("mysql", "mariadb"):  # the scratch journal's own database (journal.py)
-                side = admin.dialect.identifier_preparer.quote(journal.side_schema(backend, name))
+                side = admin.dialect.identifier_preparer.quote(placement.side_schema(backend, name))
                 conn.execute(sa.text(f"DROP DATABASE IF EXISTS {side}"))
         admin.dispose()
 

@@ -32,9 +32,9 @@ from reconciler.core import drift as drift_rules
 from reconciler.core.backoff import backoff
 from reconciler.core.graph import RevisionGraph
 from reconciler.core.state import CONDITIONS, DbSnapshot, Decision, decide
-from reconciler.db import affinity, connection, flags, journal, locks, roles
+from reconciler.db import affinity, connection, flags, journal, locks, placement, roles
 from reconciler.db.journal import JournalTables
-from reconciler.db.journal import Place as JournalPlace
+from reconciler.db.placement import Place as JournalPlace
 from reconciler.errors import (
     Blocked,
     LockTimeout,
@@ -294,11 +294,11 @@ class Reconciler:
         self.chain = chain  # "" for [target]'s own directory; else a [[target.chains]] name
         self._parent = parent  # the main chain's reconciler: its engine, its lock
         self.project = Project(settings, start_worker=start_headers_worker)
-        # Where the journal lives (journal.Place): one place per database, shared by its chains.
+        # Where the journal lives (placement.Place): one place per database, shared by its chains.
         self._place: JournalPlace = (
             parent._place
             if parent
-            else journal.Place(
+            else placement.Place(
                 settings.journal.table,
                 settings.target.url,
                 settings.journal.placement,

@@ -20,9 +20,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from reconciler.core.graph import RevisionGraph
-from reconciler.db.journal import HashRecord
 
 DRAFT_TRIGGER = "draft"  # the journal trigger dev mode applies its draft revisions with
+
+
+@dataclass(frozen=True)
+class HashRecord:
+    """The newest journal row that says a revision is applied: its file hash, operation and trigger."""
+
+    revision: str
+    file_hash: str
+    operation: str
+    trigger: str
 
 
 @dataclass(frozen=True)
