@@ -23,6 +23,8 @@ from reconciler import __version__, logs, sessions
 from reconciler.config.load import parse_http
 from reconciler.control.drift import DriftChecker
 from reconciler.control.reconcile import ApplyResult, Progress, Reconciler, Status, is_lock_timeout
+from reconciler.core.alert_rules import EVENTS, Observation
+from reconciler.core.alerting import Alert, AlertPolicy
 from reconciler.core.backoff import backoff
 from reconciler.core.graph import MissingRevision
 from reconciler.core.headers import RevisionFileError, RevisionSyntaxError
@@ -39,7 +41,7 @@ from reconciler.errors import (
 )
 from reconciler.redact import redact
 from reconciler.runtime import signals
-from reconciler.runtime.alerts import EVENTS, Alert, AlertDispatcher, AlertPolicy, Observation
+from reconciler.runtime.delivery import AlertDispatcher
 from reconciler.runtime.http import SHED_SWITCH, HttpServer
 from reconciler.runtime.metrics import Metrics
 from reconciler.runtime.scheduler import Loop

@@ -18,7 +18,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from reconciler.core import urlcheck
-from reconciler.runtime.alerts import Alert, AlertDispatcher, _InFlight
+from reconciler.core.alerting import Alert
+from reconciler.runtime.delivery import AlertDispatcher, _InFlight
 from reconciler.settings import AlertingSettings, AlertSink
 from tests import dbs
 from tests.builders import (

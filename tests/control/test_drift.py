@@ -16,9 +16,10 @@ import sqlalchemy as sa
 
 from reconciler.config.load import load_settings
 from reconciler.control.workerclient import Worker, WorkerJob
+from reconciler.core.alert_rules import Observation
+from reconciler.core.alerting import AlertPolicy
 from reconciler.core.drift import DriftReport, ignored, parse_rule, without_ignored
 from reconciler.errors import ConfigError
-from reconciler.runtime.alerts import AlertPolicy, Observation
 from reconciler.settings import AlertingSettings
 from tests import dbs
 from tests.builders import Project

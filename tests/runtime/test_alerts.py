@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from reconciler.core.alert_rules import EVENTS, RULES, Observation
+from reconciler.core.alerting import Alert, AlertPolicy
 from reconciler.redact import register_secret
-from reconciler.runtime.alerts import EVENTS, RULES, Alert, AlertDispatcher, AlertPolicy, Observation
+from reconciler.runtime.delivery import AlertDispatcher
 from reconciler.settings import AlertingSettings, AlertSink
 from tests import dbs
 
