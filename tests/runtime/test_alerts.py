@@ -433,6 +433,19 @@ def dispatching(
         yield dispatcher
     finally:
         dispatcher.close(timeout=2.0)
+        _wait_for_sink_threads_to_end([s.name for s in sinks])
+
+
+def _wait_for_sink_threads_to_end(names: list[str], within: float = 10.0) -> None:
+    """`close()` cuts a hung delivery and returns; the cut attempt then logs its
+    `alert_delivery_failed` ('timed out': the close deadline fired, not the send_timeout) from the
+    sink's thread a moment later. Wait for those threads to end, so that no test's delivery
+    thread logs into the next test's captured logs (a generous bound, not a timing)."""
+    wanted = {f"reconciler-alerts-{name}" for name in names}
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(t.name in wanted for t in threading.enumerate()):
+        time.sleep(0.02)
+    assert not any(t.name in wanted for t in threading.enumerate()), "a sink thread outlived close()"
 
 
 # --------------------------------------------------------------------------- delivery
