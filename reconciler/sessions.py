@@ -26,9 +26,18 @@ APP_PREFIX = "reconciler"
 _MAX_APP_NAME = 63  # PostgreSQL's NAMEDATALEN - 1
 
 
+_replica_host = {"name": ""}  # HOSTNAME of the environment the settings came from (set_replica_host)
+
+
+def set_replica_host(host: str) -> None:
+    """The host part of replica ids: the `HOSTNAME` that `config.load` reads at start-up (a pod's
+    name); empty: the machine's host name."""
+    _replica_host["name"] = host
+
+
 def replica_id() -> str:
     """host:pid of this process, short enough for an application name."""
-    host = os.environ.get("HOSTNAME") or socket.gethostname()
+    host = _replica_host["name"] or socket.gethostname()
     return f"{host[:24]}:{os.getpid()}"
 
 
