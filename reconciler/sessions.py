@@ -1,7 +1,8 @@
 """Per-connection session settings and database identity, shared by the control plane and the worker.
 
-Imports nothing but the standard library and SQLAlchemy, so the worker can use it inside the
-project's own interpreter (SQLAlchemy 1.3 to 2.x).
+Imports nothing but the standard library, so the worker can use it inside the project's own
+interpreter (SQLAlchemy 1.3 to 2.x). It reads no environment: `config.load` hands it the replica's
+host (`set_replica_host`) when the settings are resolved.
 
 - `application_name(target, role, replica)`: how our sessions show up in `pg_stat_activity`;
   `role` is `ctl` for the control plane, `apply` for a worker that runs revisions and `read` for

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any, get_origin, get_type_hints
 
-from reconciler.config.toml import did_you_mean
+from reconciler.config.tomlfile import did_you_mean
 from reconciler.errors import ConfigError
 from reconciler.settings import SECTIONS
 

@@ -20,7 +20,7 @@ from typing import Any, get_type_hints
 from reconciler import sessions
 from reconciler.config import environment as envsettings
 from reconciler.config.coerce import build_section
-from reconciler.config.toml import Source, read_file
+from reconciler.config.tomlfile import Source, read_file
 from reconciler.config.urls import default_target_name, normalize_url, same_database
 from reconciler.config.validate import ALERT_KINDS, check_alert_url, validate
 from reconciler.errors import ConfigError, ReconcilerError
