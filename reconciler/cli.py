@@ -130,12 +130,15 @@ class Context:
             "daemon": self.daemon_overrides,
             "logging": {"level": self.level(), "format": self.options["log_format"]},
         }
+        from reconciler.control.workerclient import resolve_app_url  # CLI start-up time
+
         settings = load_settings(
             self.options["config"],
             overrides,
             require_url=require_url,
             require_migrations=require_migrations,
             resolve_alerts=resolve_alerts,
+            app_url=resolve_app_url,
         )
         self.setup_logs(settings.logging.level, settings.logging.format)
         return settings

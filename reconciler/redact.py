@@ -22,6 +22,8 @@ MIN_FRAGMENT = 4  # pieces of a password split at '@' shorter than this are not 
 _lock = threading.Lock()
 _variants: list[str] = []
 _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>[^\s'\"<>`]*)")
+# The start of SQLAlchemy's URL pattern (sqlalchemy.engine.url._parse_url, 1.4 to 2.x): its user part.
+_SQLA_USER = re.compile(r"(?P<name>[\w\+]+)://(?:(?P<username>[^:/]*)(?::(?P<password>[^@]*))?@)?")
 
 
 def _encodings(secret: str) -> set[str]:
@@ -65,21 +67,22 @@ def is_ambiguous(url: str) -> bool:
 
 
 def _parsed_password(url: str) -> str | None:
-    try:
-        from sqlalchemy.engine import make_url
-
-        password = make_url(url).password
-    except Exception:  # not a URL SQLAlchemy reads: the written form below covers it
-        return None
-    return str(password) if password else None
+    """The password as `sqlalchemy.engine.make_url(url).password` reads it (up to the first `@`,
+    URL-decoded), with SQLAlchemy's own pattern: this module imports the standard library only."""
+    match = _SQLA_USER.match(url)
+    password = match.group("password") if match else None
+    return unquote(password) if password else None
 
 
 def register_url(url: str | None) -> None:
-    """Register the password of a database (or webhook) URL in every form it may take.
+    """Register the password of a database (or webhook) URL in every form it may take: the one
+    way to register a URL, for config, the worker and the worker client alike.
 
     The password as SQLAlchemy parses it and as written (after the first `:` of the user part, up
-    to the last `@`), raw and URL-decoded; for a password holding an `@`, escaped or not, each of
-    its `@`-separated pieces of at least `MIN_FRAGMENT` characters too (a parser that splits at the
+    to the last `@`), raw and URL-decoded, each in every encoding `register_secret` adds (raw,
+    URL-encoded, `%%`-escaped); for a URL whose user part holds an unescaped `@`, that whole part
+    (between `://` and the last `@`) too; for a password holding an `@`, escaped or not, each of
+    its `@`-separated pieces of at least `MIN_FRAGMENT` characters (a parser that splits at the
     first `@` shows the rest as a host or port)."""
     if not url:
         return
@@ -89,6 +92,8 @@ def register_url(url: str | None) -> None:
         _user, colon, written = info.partition(":")
         if colon:
             passwords |= {written, unquote(written)}
+        if "@" in info:
+            register_secret(info)
     for password in passwords:
         register_secret(password)
         pieces = password.split("@")

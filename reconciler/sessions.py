@@ -1,7 +1,8 @@
 """Per-connection session settings and database identity, shared by the control plane and the worker.
 
-Imports nothing but the standard library and SQLAlchemy, so the worker can use it inside the
-project's own interpreter (SQLAlchemy 1.3 to 2.x).
+Imports nothing but the standard library, so the worker can use it inside the project's own
+interpreter (SQLAlchemy 1.3 to 2.x). It reads no environment: `config.load` hands it the replica's
+host (`set_replica_host`) when the settings are resolved.
 
 - `application_name(target, role, replica)`: how our sessions show up in `pg_stat_activity`;
   `role` is `ctl` for the control plane, `apply` for a worker that runs revisions and `read` for
@@ -26,9 +27,18 @@ APP_PREFIX = "reconciler"
 _MAX_APP_NAME = 63  # PostgreSQL's NAMEDATALEN - 1
 
 
+_replica_host = {"name": ""}  # HOSTNAME of the environment the settings came from (set_replica_host)
+
+
+def set_replica_host(host: str) -> None:
+    """The host part of replica ids: the `HOSTNAME` that `config.load` reads at start-up (a pod's
+    name); empty: the machine's host name."""
+    _replica_host["name"] = host
+
+
 def replica_id() -> str:
     """host:pid of this process, short enough for an application name."""
-    host = os.environ.get("HOSTNAME") or socket.gethostname()
+    host = _replica_host["name"] or socket.gethostname()
     return f"{host[:24]}:{os.getpid()}"
 
 

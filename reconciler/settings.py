@@ -314,6 +314,14 @@ class Settings:
         return resolve_path(self.base_dir, self.target.root)
 
 
+@dataclass(frozen=True)
+class AppUrl:
+    """A Flask app's `SQLALCHEMY_DATABASE_URI` as the app resolves it (`db.engine.url`)."""
+
+    url: str = field(repr=False)
+    where: str  # the app it came from: "app:app (/srv/app.py)"
+
+
 SECTIONS: dict[str, type] = {
     "target": TargetSettings,
     "apply": ApplySettings,

@@ -1,53 +1,43 @@
 """Configuration: TOML file → `RECONCILER_*` environment → CLI flags, resolved once into frozen settings.
 
-This is the only module that reads `os.environ`. Everything is validated here, before any
-connection is attempted: unknown keys (with a "did you mean"), wrong types, missing values,
-malformed URLs, a missing migrations directory, a models path that names no module.
+This is the only module that reads `os.environ` (`process_environment`). Everything is checked
+here (`validate`), before any connection is attempted: unknown keys (with a "did you mean"), wrong
+types, missing values, malformed URLs, a missing migrations directory, a models path that names no
+module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
-import math
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
+from reconciler import sessions
 from reconciler.config import environment as envsettings
-from reconciler.core import urlcheck
+from reconciler.config.coerce import build_section
+from reconciler.config.tomlfile import Source, read_file
+from reconciler.config.urls import default_target_name, normalize_url, same_database
+from reconciler.config.validate import ALERT_KINDS, check_alert_url, validate
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.project import appsource
-from reconciler.redact import is_ambiguous, redact, register_secret, register_url
+from reconciler.redact import redact, register_secret
 from reconciler.settings import (
-    JOURNAL_PLACEMENTS,
     LIST_SECTIONS,
     MAIN_CHAIN,
     NESTED_LISTS,
     SECTIONS,
     AlertSink,
+    AppUrl,
     ChainSettings,
-    DaemonSettings,
-    DriftSettings,
-    JournalSettings,
-    SafetySettings,
     Settings,
     TargetSettings,
     resolve_path,
 )
-
-if TYPE_CHECKING:
-    from reconciler.control.workerclient import AppUrl
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DEFAULT_CONFIG_NAME = "reconciler.toml"
 
@@ -67,181 +57,16 @@ UNSAFE_SWITCHES = (
     "revision_id_length",
     "retry_gate",
 )
-_LEVELS = ("debug", "info", "warning", "error")
-_FORMATS = ("auto", "text", "json", "console")  # console: the former name of text
-_DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+
+# The worker's lookup of a Flask app's URL (`control.workerclient.resolve_app_url`), run in the
+# environment the settings were resolved in. Passed in by the caller: config sits below control.
+AppUrlLookup = Callable[[Settings, Mapping[str, str]], "AppUrl | None"]
 
 
-def _decode(path: Path, raw: bytes) -> str:
-    """The config file's text: UTF-8, with or without a byte order mark (as most tools accept)."""
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); "
-            "save it as UTF-8, as TOML requires"
-        ) from None
-
-
-@dataclass
-class _Source:
-    """Where a raw value came from, for error messages."""
-
-    values: dict[str, Any]
-    origin: dict[tuple[str, str], str]
-
-
-def _line_of(text: str, section: str, key: str) -> int | None:
-    current = ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        header = re.match(r"^\[+\s*([^\]]+?)\s*\]+", stripped)
-        if header:
-            current = header.group(1)
-            continue
-        if current == section and re.match(rf"^{re.escape(key)}\s*=", stripped):
-            return number
-    return None
-
-
-def _read_file(path: Path) -> _Source:
-    try:
-        text = _decode(path, path.read_bytes())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config file {path} does not exist; pass an existing file with --config or remove the option"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {redact(str(exc))}") from None
-    except RecursionError:
-        raise ConfigError(
-            f"config file {path} nests arrays or tables too deeply to be read; "
-            "flatten it (no setting is nested more than a few levels deep)"
-        ) from None
-    values: dict[str, Any] = {}
-    origin: dict[tuple[str, str], str] = {}
-    for section, body in data.items():
-        if section in LIST_SECTIONS:
-            if not isinstance(body, list) or not all(isinstance(b, dict) for b in body):
-                raise ConfigError(f"{path}: alert sinks are written as [[{section}]] tables")
-            values[section] = [dict(b) for b in body]
-            for index, item in enumerate(body):
-                for key in item:
-                    origin[(f"{section}#{index}", key)] = f"{path} [[{section}]] #{index + 1}"
-            continue
-        if section not in SECTIONS:
-            line = _section_line(text, section)
-            raise ConfigError(
-                f"{path}{line}: unknown section [{section}]"
-                f"{_did_you_mean(section, [*SECTIONS, *LIST_SECTIONS])}"
-            )
-        if not isinstance(body, dict):
-            raise ConfigError(f"{path}: [{section}] must be a table")
-        values[section] = dict(body)
-        if section == "target" and "chains" in body:
-            _read_chains(path, values[section].pop("chains"), values, origin)
-        for key in values[section]:
-            line_no = _line_of(text, section, key)
-            where = f"{path}:{line_no}" if line_no else str(path)
-            origin[(section, key)] = where
-    return _Source(values, origin)
-
-
-def _read_chains(path: Path, body: Any, values: dict[str, Any], origin: dict[tuple[str, str], str]) -> None:
-    if not isinstance(body, list) or not all(isinstance(b, dict) for b in body):
-        raise ConfigError(
-            f"{path}: more chains are written as [[target.chains]] tables, each with "
-            "migrations and version_table"
-        )
-    values["target.chains"] = [dict(b) for b in body]
-    for index, item in enumerate(body):
-        for key in item:
-            origin[(f"target.chains#{index}", key)] = f"{path} [[target.chains]] #{index + 1}"
-
-
-def _section_line(text: str, section: str) -> str:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if re.match(rf"^\s*\[+\s*{re.escape(section)}\s*\]+", line):
-            return f":{number}"
-    return ""
-
-
-def _did_you_mean(word: str, choices: Mapping[str, Any] | list[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _seconds(value: Any, where: str, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{where}: {name} must be a number of seconds, got {value!r}")
-    try:
-        number = float(value)
-    except (ValueError, OverflowError):
-        raise ConfigError(f"{where}: {name} must be a number of seconds, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(
-            f"{where}: {name} must be a finite number of seconds, got {value!r}; "
-            "write a number such as 30 (inf and nan are not durations)"
-        )
-    if number < 0:
-        raise ConfigError(f"{where}: {name} must not be negative, got {value!r}")
-    return number
-
-
-def _coerce(value: Any, hint: Any, where: str, name: str) -> Any:
-    origin = get_origin(hint)
-    if hint is float:
-        return _seconds(value, where, name)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {name} must be a whole number, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {name} must be a string, got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: {name} must be a list of strings, got {value!r}")
-        return list(value)
-    if origin is dict:
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in value.items()
-        ):
-            raise ConfigError(f"{where}: {name} must be a table of strings, got {value!r}")
-        return {k: str(v) for k, v in value.items()}
-    raise AssertionError(f"unsupported setting type {hint!r}")  # pragma: no cover
-
-
-def _build_section(
-    section: str, raw: dict[str, Any], origin: dict[tuple[str, str], str], cls: type | None = None
-) -> Any:
-    cls = cls or SECTIONS[section]
-    hints = get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        where = origin.get((section, key), "configuration")
-        if key not in known:
-            raise ConfigError(
-                f"{where}: unknown key '{key}' in [{section}]{_did_you_mean(key, sorted(known))}; "
-                "`reconciler config --example` prints every key"
-            )
-        kwargs[key] = _coerce(value, hints[key], where, f"[{section}] {key}")
-    return cls(**kwargs)
+def process_environment() -> Mapping[str, str]:
+    """This process's environment: the one read of `os.environ` in the package (a worker's child
+    environment starts from it; settings are resolved in it unless a caller passes another)."""
+    return os.environ
 
 
 def _config_path(flag: str | None, environ: Mapping[str, str], cwd: Path) -> Path | None:
@@ -254,7 +79,7 @@ def _config_path(flag: str | None, environ: Mapping[str, str], cwd: Path) -> Pat
 
 
 def _with_environment(
-    source: _Source,
+    source: Source,
     raw: dict[str, dict[str, Any]],
     origin: dict[tuple[str, str], str],
     environ: Mapping[str, str],
@@ -276,7 +101,7 @@ def _with_environment(
 
 def colour_disabled(environ: Mapping[str, str] | None = None) -> bool:
     """`NO_COLOR` set to anything but the empty string (https://no-color.org)."""
-    environ = os.environ if environ is None else environ
+    environ = process_environment() if environ is None else environ
     return bool(environ.get("NO_COLOR"))
 
 
@@ -288,17 +113,20 @@ def load_settings(
     require_url: bool = True,
     require_migrations: bool = True,
     resolve_alerts: bool = False,
-    app_url: Callable[[Settings], AppUrl | None] | None = None,
+    app_url: AppUrlLookup | None = None,
 ) -> Settings:
     """Resolve the settings once: defaults < file < environment < flags; validate everything.
 
     With `require_url`, the database URL is settled too: a Flask project's default is its app's
-    `SQLALCHEMY_DATABASE_URI` as the app resolves it, asked of a worker through `app_url`
-    (default: `workerclient.resolve_app_url`); nothing is connected before this is settled."""
-    environ = os.environ if environ is None else environ
+    `SQLALCHEMY_DATABASE_URI` as the app resolves it, asked of a worker through `app_url` (the
+    caller passes `control.workerclient.resolve_app_url`; without it, a project that needs the
+    app's URL is refused); nothing is connected before this is settled. The replica id's host is
+    taken from the same environment (`HOSTNAME`, else the host name)."""
+    environ = process_environment() if environ is None else environ
+    sessions.set_replica_host(environ.get("HOSTNAME", ""))
     cwd = (cwd or Path.cwd()).resolve()
     path = _config_path(config, environ, cwd)
-    source = _read_file(path) if path else _Source({}, {})
+    source = read_file(path) if path else Source({}, {})
     raw: dict[str, dict[str, Any]] = {
         k: dict(v) for k, v in source.values.items() if k not in LIST_SECTIONS and k not in NESTED_LISTS
     }
@@ -310,7 +138,7 @@ def load_settings(
                 continue
             raw.setdefault(section, {})[key] = value
             origin[(section, key)] = f"option --{key.replace('_', '-')}"
-    sections = {name: _build_section(name, raw.get(name, {}), origin) for name in SECTIONS}
+    sections = {name: build_section(name, raw.get(name, {}), origin) for name in SECTIONS}
     base_dir = path.parent if path else cwd
     target: TargetSettings = sections["target"]
     target = _resolve_target(target, environ, base_dir, origin, require_url)
@@ -337,10 +165,10 @@ def load_settings(
         unsafe=_unsafe(environ),
         chains=_chains(tables.get("target.chains", []), origin),
     )
-    _validate(settings, origin, require_migrations)
+    validate(settings, origin, require_migrations)
     if not require_url:
         return settings
-    return settle_url(settings, origin, app_url or _app_url_in(environ))
+    return settle_url(settings, origin, _in_environment(app_url, environ) if app_url else None)
 
 
 _CHAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
@@ -353,7 +181,7 @@ def _chains(items: list[dict[str, Any]], origin: dict[tuple[str, str], str]) -> 
     for index, item in enumerate(items):
         section = f"target.chains#{index}"
         where = f"[[target.chains]] #{index + 1}"
-        chain: ChainSettings = _build_section(section, item, origin, ChainSettings)
+        chain: ChainSettings = build_section(section, item, origin, ChainSettings)
         where = origin.get((section, "migrations"), where)
         for key in ("migrations", "version_table"):
             if not getattr(chain, key):
@@ -388,9 +216,6 @@ def chain_settings(settings: Settings, chain: ChainSettings) -> Settings:
     return dataclasses.replace(settings, target=target, chains=())
 
 
-ALERT_KINDS = ("webhook", "slack")
-
-
 def _alert_sinks(
     items: list[dict[str, Any]],
     origin: dict[tuple[str, str], str],
@@ -406,33 +231,19 @@ def _alert_sinks(
     sinks = []
     for index, item in enumerate(items):
         keyed = {("alerts", key): where for (sec, key), where in origin.items() if sec == f"alerts#{index}"}
-        sink: AlertSink = _build_section("alerts", item, keyed, AlertSink)
+        sink: AlertSink = build_section("alerts", item, keyed, AlertSink)
         where = next(iter(keyed.values()), f"[[alerts]] #{index + 1}")  # the file's, or RECONCILER_ALERTS
         if sink.kind not in ALERT_KINDS:
             raise ConfigError(f"{where}: kind must be one of {', '.join(ALERT_KINDS)}, got {sink.kind!r}")
         if sink.url:  # a literal URL is checked by every command, secrets only by `run`
-            _check_alert_url(sink.url, where, allow_link_local)
+            check_alert_url(sink.url, where, allow_link_local)
         if not resolve:
             continue
         url = sink.url or _sink_url_from(sink, environ, base_dir, where)
-        _check_alert_url(url, where, allow_link_local)
+        check_alert_url(url, where, allow_link_local)
         register_secret(_url_secret_part(url))
         sinks.append(dataclasses.replace(sink, url=url, name=sink.name or f"{sink.kind}{index + 1}"))
     return tuple(sinks)
-
-
-def _check_alert_url(url: str, where: str, allow_link_local: bool) -> None:
-    """http(s) only, and no link-local or metadata host unless allowed (see `urlcheck`). The
-    message shows the URL up to its host: the path and query carry the sink's token."""
-    why = urlcheck.refusal(url, allow_link_local)
-    if why is None and not re.match(r"^https?://[^/\s]+", url, re.IGNORECASE):
-        why = "it must start with http:// or https://"
-    if why:
-        match = re.match(
-            r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:/*)?(?:[^/?#]*@)?(?P<host>[^/?#]*)", url.strip()
-        )
-        shown = redact(f"{match['scheme'] or ''}{match['host']}" if match else "")
-        raise ConfigError(f"{where}: alert URL {shown!r} (shown up to its host) refused: {why}")
 
 
 def _sink_url_from(sink: AlertSink, environ: Mapping[str, str], base_dir: Path, where: str) -> str:
@@ -510,7 +321,7 @@ NO_URL = "no database URL: give --url, RECONCILER_URL, or [target] url / url_env
 def settle_url(
     settings: Settings,
     origin: dict[tuple[str, str], str],
-    app_url: Callable[[Settings], AppUrl | None] | None = None,
+    app_url: Callable[[Settings], AppUrl | None] | None,
 ) -> Settings:
     """The target's URL, settled against the Flask app's own (`[target] url` defaults to it).
 
@@ -527,7 +338,10 @@ def settle_url(
     if target.url and not _may_have_flask_app(settings):
         return settings  # no app is made at import: nothing to compare with (and no worker to pay)
     if app_url is None:
-        app_url = _app_url_in(os.environ)
+        raise TypeError(
+            "load_settings(app_url=...) is needed to settle the URL of a project with a Flask app: "
+            "pass control.workerclient.resolve_app_url"
+        )
     try:
         found = app_url(settings)
     except ReconcilerError as exc:
@@ -565,13 +379,11 @@ def settle_url(
     return settings
 
 
-def _app_url_in(environ: Mapping[str, str]) -> Callable[[Settings], AppUrl | None]:
-    """The worker's lookup of the app's URL, in the environment the settings came from."""
+def _in_environment(app_url: AppUrlLookup, environ: Mapping[str, str]) -> Callable[[Settings], AppUrl | None]:
+    """The lookup of the app's URL, in the environment the settings came from."""
 
     def lookup(settings: Settings) -> AppUrl | None:
-        from reconciler.control.workerclient import resolve_app_url  # the worker side: imports config
-
-        return resolve_app_url(settings, environ)
+        return app_url(settings, environ)
 
     return lookup
 
@@ -597,333 +409,6 @@ def _may_have_flask_app(settings: Settings) -> bool:
     return appsource.creates_app_at_import(settings.root_dir, target.models.partition(":")[0])
 
 
-_LOCAL = {"localhost", "127.0.0.1", "::1", ""}
-_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
-
-
-def same_database(first: str, second: str) -> bool:
-    """Whether two URLs name one database: the same backend, server, user and database (SQLite:
-    the same file). Drivers and passwords may differ."""
-    from sqlalchemy.engine import make_url
-
-    a, b = make_url(first), make_url(second)
-    if a.get_backend_name() != b.get_backend_name():
-        return False
-    if a.get_backend_name() == "sqlite":
-        return _sqlite_file(a.database) == _sqlite_file(b.database)
-    host_a, host_b = (a.host or "").lower(), (b.host or "").lower()
-    same_host = host_a == host_b or (host_a in _LOCAL and host_b in _LOCAL)
-    default = _DEFAULT_PORTS.get(a.get_backend_name())
-    same_port = (a.port or default) == (b.port or default)
-    return same_host and same_port and a.database == b.database and a.username == b.username
-
-
-def _sqlite_file(database: str | None) -> str:
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return database or ":memory:"
-    return os.path.realpath(database)
-
-
-def normalize_url(url: str, base_dir: Path, where: str) -> str:
-    """Parse and check a URL; register its password as a secret; make SQLite paths absolute."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    register_url(url)
-    if is_ambiguous(url):
-        raise ConfigError(
-            f"{where}: the URL '{redact(url)}' has more than one '@' before its host, so its "
-            "password cannot be told from its host; URL-encode the password "
-            "(an '@' in it is written %40: urllib.parse.quote(password, safe=''))"
-        )
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError) as exc:
-        raise ConfigError(
-            f"{where}: '{redact(url)}' is not a database URL ({redact(str(exc))}); "
-            "expected e.g. postgresql://user:password@host:5432/dbname or sqlite:///app.db"
-        ) from None
-    if parsed.drivername.split("+")[0] == "postgres":
-        raise ConfigError(
-            f"{where}: the URL '{redact(url)}' starts with postgres://, a name SQLAlchemy does not "
-            "know; write postgresql:// instead (the rest of the URL stays as it is)"
-        )
-    try:
-        dialect = parsed.get_dialect()
-    except Exception as exc:  # NoSuchModuleError
-        raise ConfigError(
-            f"{where}: cannot use the database URL '{redact(url)}': {redact(str(exc))}; "
-            "check the dialect name and install its driver (psycopg2-binary, pymysql)"
-        ) from None
-    _check_driver(dialect, parsed.get_backend_name(), url, where)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        database = parsed.database or ""
-        if database and database != ":memory:" and not database.startswith("file:"):
-            absolute = resolve_path(base_dir, database)
-            parsed = parsed.set(database=str(absolute))
-        return parsed.render_as_string(hide_password=False)
-    if not parsed.database:
-        raise ConfigError(f"{where}: the URL '{redact(url)}' names no database; add /dbname at its end")
-    return url
-
-
-DRIVER_EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
-
-
-def _check_driver(dialect: Any, backend: str, url: str, where: str) -> None:
-    """Import the URL's database driver now: a missing one is the user's to install (exit 2)."""
-    loader = getattr(dialect, "import_dbapi", None) or getattr(dialect, "dbapi", None)
-    if loader is None:
-        return
-    try:
-        loader()
-    except ImportError as exc:
-        module = getattr(exc, "name", None) or "its driver"
-        extra = DRIVER_EXTRAS.get(backend)
-        install = f"pip install 'schema-reconciler[{extra}]'" if extra else f"install {module}"
-        hint = ""
-        if extra == "mysql" and module != "pymysql":
-            hint = f" and write the URL as {backend}+pymysql://..., the driver that extra installs"
-        raise ConfigError(
-            f"{where}: the database URL '{redact(url)}' needs the Python module {module}, which "
-            f"is not installed here; {install}{hint}"
-        ) from None
-
-
-def default_target_name(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    database = make_url(url).database or "db"
-    stem = Path(database).stem if "/" in database or database.endswith(".db") else database
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:24] or "db"
-
-
-def _validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: bool) -> None:
-    target = settings.target
-
-    def where(key: str) -> str:
-        return origin.get(("target", key), f"[target] {key}")
-
-    if need_dir and not settings.migrations_dir.is_dir():
-        raise ConfigError(
-            f"{where('migrations')}: migrations directory {settings.migrations_dir} does not exist; "
-            "point [target] migrations / --migrations at it, or create one with `reconciler init`"
-        )
-    _validate_chains(settings, origin, need_dir)
-    for key in ("models", "app", "migrate"):
-        value = getattr(target, key)
-        if value:
-            check_import_path(value, settings, where(key), key)
-    for module in target.imports:
-        if not _DOTTED.match(module):
-            raise ConfigError(f"{where('imports')}: '{module}' is not a module name")
-    if settings.logging.level not in _LEVELS:
-        raise ConfigError(
-            f"{origin.get(('logging', 'level'), '[logging] level')}: level must be one of "
-            f"{', '.join(_LEVELS)}, got {settings.logging.level!r}"
-        )
-    if settings.logging.format not in _FORMATS:
-        raise ConfigError(
-            f"{origin.get(('logging', 'format'), '[logging] format')}: format must be one of "
-            f"{', '.join(_FORMATS[:3])}, got {settings.logging.format!r}"
-        )
-    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", settings.journal.table):
-        raise ConfigError(f"[journal] table must be a plain table name, got {settings.journal.table!r}")
-    _validate_journal(settings.journal, origin)
-    _validate_daemon(settings.daemon, origin)
-    _validate_limits(settings, origin)
-    _validate_role(settings.apply.role, origin.get(("apply", "role"), "[apply] role"))
-    _validate_drift(settings.drift, origin)
-    _validate_safety(settings.safety, origin)
-    if target.python and not Path(target.python).exists():
-        raise ConfigError(f"{where('python')}: interpreter {target.python} does not exist")
-
-
-def _validate_journal(journal: JournalSettings, origin: dict[tuple[str, str], str]) -> None:
-    if journal.placement not in JOURNAL_PLACEMENTS:
-        where = origin.get(("journal", "placement"), "[journal] placement")
-        raise ConfigError(
-            f"{where}: placement must be one of {', '.join(JOURNAL_PLACEMENTS)}, got {journal.placement!r}"
-        )
-    if journal.schema and not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$", journal.schema):
-        where = origin.get(("journal", "schema"), "[journal] schema")
-        raise ConfigError(f"{where}: schema must be a plain schema or database name, got {journal.schema!r}")
-
-
-def _validate_chains(settings: Settings, origin: dict[tuple[str, str], str], need_dir: bool) -> None:
-    """Every chain names an existing directory of its own and a version table of its own."""
-    tables = {settings.target.version_table: f"[target] version_table ({MAIN_CHAIN})"}
-    dirs = {settings.migrations_dir: MAIN_CHAIN}
-    names = {MAIN_CHAIN}
-    for index, chain in enumerate(settings.chains):
-        where = origin.get((f"target.chains#{index}", "migrations"), f"[[target.chains]] #{index + 1}")
-        directory = resolve_path(settings.base_dir, chain.migrations)
-        if need_dir and not directory.is_dir():
-            raise ConfigError(
-                f"{where}: chain {chain.name!r}: migrations directory {directory} does not exist; "
-                "point its migrations at the directory that holds its env.py"
-            )
-        if directory in dirs:
-            raise ConfigError(
-                f"{where}: chain {chain.name!r} uses the migrations directory {directory}, which "
-                f"chain {dirs[directory]!r} uses already; each chain has a directory of its own"
-            )
-        if chain.version_table in tables:
-            raise ConfigError(
-                f"{where}: chain {chain.name!r} has version_table {chain.version_table!r}, like "
-                f"{tables[chain.version_table]}; two chains in one version table would read each "
-                "other's revisions as unknown: give each its own (what its env.py passes)"
-            )
-        if chain.name in names:
-            raise ConfigError(f"{where}: two chains are named {chain.name!r}; set name on one")
-        tables[chain.version_table] = f"chain {chain.name!r}"
-        dirs[directory] = chain.name
-        names.add(chain.name)
-
-
-_ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$.-]{0,62}$")
-
-
-def _validate_role(role: str, where: str) -> None:
-    if role and not _ROLE.match(role):
-        raise ConfigError(
-            f"{where}: role must be a role name (a letter or _, then letters, digits, _ $ . -; at "
-            f"most 63 characters), got {role!r}; give the name as the server stores it"
-        )
-
-
-MODES = ("prod", "dev")
-READY_WHEN = ("started", "in_sync")
-HEADER_TIMEOUT_RANGE = (0.05, 60.0)  # below: a busy node's probe misses it; above: slowloris holds fds
-
-
-def _validate_daemon(daemon: DaemonSettings, origin: dict[tuple[str, str], str]) -> None:
-    def where(key: str) -> str:
-        return origin.get(("daemon", key), f"[daemon] {key}")
-
-    if daemon.mode not in MODES:
-        raise ConfigError(f"{where('mode')}: mode must be prod or dev, got {daemon.mode!r}")
-    if daemon.ready_when not in READY_WHEN:
-        raise ConfigError(
-            f"{where('ready_when')}: ready_when must be started or in_sync, got {daemon.ready_when!r}"
-        )
-    if daemon.interval < 0.01:
-        raise ConfigError(f"{where('interval')}: interval must be at least 0.01 s, got {daemon.interval}")
-    parse_http(daemon.http, where("http"))
-    if not HEADER_TIMEOUT_RANGE[0] <= daemon.http_header_timeout <= HEADER_TIMEOUT_RANGE[1]:
-        low, high = HEADER_TIMEOUT_RANGE
-        raise ConfigError(
-            f"{where('http_header_timeout')}: http_header_timeout must be between {low} and {high} "
-            f"seconds, got {daemon.http_header_timeout}; the default, 2, suits probes and scrapers"
-        )
-
-
-MAX_BLOCKED_AFTER = 1000  # failures; more is "never" in practice: say 0
-MAX_REVISION_ID_LENGTH = 255  # the widest version column MySQL's utf8mb4 primary key allows
-
-
-def _validate_limits(settings: Settings, origin: dict[tuple[str, str], str]) -> None:
-    """Numbers with a meaningful range: a value outside it is a mistake, not a wish."""
-
-    def where(section: str, key: str) -> str:
-        return origin.get((section, key), f"[{section}] {key}")
-
-    if settings.apply.connect_timeout <= 0:
-        raise ConfigError(
-            f"{where('apply', 'connect_timeout')}: connect_timeout must be more than 0 seconds, got "
-            f"{settings.apply.connect_timeout:g} (0 would wait for a connection forever); e.g. 10"
-        )
-    blocked = settings.daemon.blocked_after
-    if not 0 <= blocked <= MAX_BLOCKED_AFTER:
-        raise ConfigError(
-            f"{where('daemon', 'blocked_after')}: blocked_after must be 0 (never block) or 1 to "
-            f"{MAX_BLOCKED_AFTER} failures of the same revision, got {blocked}; e.g. 3"
-        )
-    length = settings.target.revision_id_length
-    if not 1 <= length <= MAX_REVISION_ID_LENGTH:
-        raise ConfigError(
-            f"{where('target', 'revision_id_length')}: revision_id_length must be 1 to "
-            f"{MAX_REVISION_ID_LENGTH} characters (the width of the version table's version_num "
-            f"column; Alembic creates it as 32), got {length}"
-        )
-
-
-def _validate_drift(drift: DriftSettings, origin: dict[tuple[str, str], str]) -> None:
-    from reconciler.core.drift import parse_rule
-
-    where = origin.get(("drift", "ignore"), "[drift] ignore")
-    for pattern in drift.ignore:
-        parse_rule(pattern, where)
-
-
-UNANALYSABLE = ("refuse", "warn")
-SQUAWK = ("auto", "off")
-
-
-def _validate_safety(safety: SafetySettings, origin: dict[tuple[str, str], str]) -> None:
-    for key, allowed in (("on_unanalysable", UNANALYSABLE), ("squawk", SQUAWK)):
-        value = getattr(safety, key)
-        if value not in allowed:
-            where = origin.get(("safety", key), f"[safety] {key}")
-            raise ConfigError(f"{where}: {key} must be {' or '.join(allowed)}, got {value!r}")
-
-
-def parse_http(value: str, where: str = "[daemon] http") -> tuple[str, int]:
-    """'HOST:PORT' (IPv6 as [::1]:PORT) → (host, port)."""
-    match = re.match(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]*)):(?P<port>\d{1,5})$", value.strip())
-    if not match or not 0 <= int(match["port"]) <= 65535:
-        raise ConfigError(f"{where}: expected HOST:PORT such as 0.0.0.0:8089, got {value!r}")
-    return (match["v6"] or match["host"] or "127.0.0.1", int(match["port"]))
-
-
-def check_import_path(value: str, settings: Settings, where: str, key: str) -> None:
-    """Check 'pkg.module:attr' names a module file under the project root, without importing it."""
-    module, sep, attr = value.partition(":")
-    if not sep or not attr or not _DOTTED.match(module) or not _DOTTED.match(attr):
-        raise ConfigError(f"{where}: {key} must look like 'package.module:attribute', got {value!r}")
-    path = find_module_file(module, settings)
-    if path is None:
-        raise ConfigError(
-            f"{where}: cannot find module '{module}' for {key} {value!r} under the project root "
-            f"{settings.root_dir}; set [target] root to the folder that holds it"
-        )
-    _check_attribute(path, value, where, key)
-
-
-def _check_attribute(path: Path, value: str, where: str, key: str) -> None:
-    """The attribute must be one the module's source binds at its top level (read with ast, not
-    imported). Not refused when the source cannot tell (`import *`, `__getattr__`, `globals()`):
-    the worker, importing it, says then."""
-    attr = value.partition(":")[2].split(".")[0]
-    if not path.is_file() or appsource.defines(path, attr) is not False:
-        return
-    names = sorted(n for n in appsource.top_level_names(path) or () if not n.startswith("_"))
-    close = difflib.get_close_matches(attr, names, n=1, cutoff=0.6)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ConfigError(
-        f"{where}: {key} {value!r}: {path} defines no top-level name '{attr}'; {hint}names it "
-        f"defines: {', '.join(names[:20]) or 'none'}; fix [target] {key} (or --{key})"
-    )
-
-
-def find_module_file(module: str, settings: Settings) -> Path | None:
-    """The file a module would be imported from: the project root first, then installed packages."""
-    parts = module.split(".")
-    for base in [settings.root_dir, *_sys_path_dirs()]:
-        candidate = base.joinpath(*parts)
-        for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
-            if path.is_file():
-                return path
-        if candidate.is_dir() and len(parts) > 0:  # namespace package
-            return candidate
-    return None
-
-
-def _sys_path_dirs() -> list[Path]:
-    return [Path(p) for p in sys.path if p and Path(p).is_dir()]
-
-
 def setting_keys() -> dict[str, list[str]]:
     """Every section and key (used to check config.example.toml)."""
     every = {**SECTIONS, **LIST_SECTIONS, **NESTED_LISTS}
@@ -946,8 +431,6 @@ def example_config() -> str:
 
     A wheel carries it inside the package (setup.py copies the repository's file in at build
     time); a checkout or an editable install reads the repository's own, beside the package."""
-    from importlib import resources
-
     packaged = resources.files("reconciler").joinpath(EXAMPLE_NAME)
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")

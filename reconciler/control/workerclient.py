@@ -34,6 +34,7 @@ from typing import IO, Any
 
 import reconciler
 from reconciler import sessions
+from reconciler.config.load import process_environment
 from reconciler.db import journal
 from reconciler.errors import (
     EXIT_CONFIG,
@@ -52,7 +53,7 @@ from reconciler.errors import (
 from reconciler.project import differences
 from reconciler.project.alembic_ini import alembic_ini_path
 from reconciler.redact import redact, register_secret, register_url
-from reconciler.settings import Settings
+from reconciler.settings import AppUrl, Settings
 
 DEFAULT_TIMEOUT = 3600.0
 _CLOSE_WAIT = 5.0
@@ -82,14 +83,6 @@ class Generated:
     seconds: float = 0.0
     compared: list[str] | None = None  # the tables the compare was restricted to; None: all
     hook_failures: list[dict[str, str]] = field(default_factory=list)  # post-write hooks that exited non-zero
-
-
-@dataclass(frozen=True)
-class AppUrl:
-    """A Flask app's `SQLALCHEMY_DATABASE_URI` as the app resolves it (`db.engine.url`)."""
-
-    url: str = field(repr=False)
-    where: str  # the app it came from: "app:app (/srv/app.py)"
 
 
 @dataclass(frozen=True)
@@ -231,7 +224,7 @@ def _child_env(interpreter: str, environ: Mapping[str, str] | None = None) -> di
     (the URL may be there), our package on PYTHONPATH, and the interpreter's directory first on
     PATH, as an activated virtualenv has it: alembic.ini's post-write hooks (`ruff`, `black`) and
     env.py's subprocesses find the project's tools."""
-    base = os.environ if environ is None else environ
+    base = process_environment() if environ is None else environ
     env = {k: v for k, v in base.items() if not k.startswith("RECONCILER_")}
     located = interpreter if os.sep in interpreter else shutil.which(interpreter)
     if located:  # not resolved: a virtualenv's python is a link to the base interpreter
@@ -827,7 +820,7 @@ def resolve_app_url(settings: Settings, environ: Mapping[str, str] | None = None
     environment the settings were resolved in; default: ours): its URI may come from there.
     """
     t = settings.target
-    env = dict(os.environ if environ is None else environ)
+    env = dict(process_environment() if environ is None else environ)
     key = (
         t.python,
         str(settings.root_dir),

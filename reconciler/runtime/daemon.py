@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler import __version__, logs, sessions
-from reconciler.config.load import parse_http
+from reconciler.config.validate import parse_http
 from reconciler.control.drift import DriftChecker
 from reconciler.control.reconcile import ApplyResult, Progress, Reconciler, Status, is_lock_timeout
 from reconciler.core.alert_rules import EVENTS, Observation

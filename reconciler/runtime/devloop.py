@@ -30,7 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler import logs
-from reconciler.config.load import find_module_file
+from reconciler.config.validate import find_module_file
 from reconciler.control.reconcile import Reconciler
 from reconciler.core import checksums
 from reconciler.core.graph import Revision, RevisionGraph

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.config.load import load_settings, setting_defaults, setting_keys
+from reconciler.control.workerclient import resolve_app_url
 from reconciler.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -360,7 +361,10 @@ def test_every_key_reads_from_its_variable_as_from_the_file(tmp_path: Path, sect
     value = _sample(section, key, default)
     variable = f"RECONCILER_{section.upper()}_{key.upper()}"
     from_env = load_settings(
-        str(base), environ={variable: _as_env(value), **OTHER_ENV}, require_migrations=False
+        str(base),
+        environ={variable: _as_env(value), **OTHER_ENV},
+        require_migrations=False,
+        app_url=resolve_app_url,  # [target] app set: its app's URL is compared with [target] url
     )
     text = base.read_text()
     line = f"{key} = {_as_toml(value)}\n"
@@ -373,7 +377,9 @@ def test_every_key_reads_from_its_variable_as_from_the_file(tmp_path: Path, sect
         text = text.replace('url = "sqlite:///from_file.db"\n', "")
     with_line = tmp_path / "with_line.toml"
     with_line.write_text(text, encoding="utf-8")
-    from_file = load_settings(str(with_line), environ=OTHER_ENV, require_migrations=False)
+    from_file = load_settings(
+        str(with_line), environ=OTHER_ENV, require_migrations=False, app_url=resolve_app_url
+    )
     got = getattr(getattr(from_env, section), key)
     assert got == getattr(getattr(from_file, section), key)
     assert got != getattr(

@@ -32,7 +32,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler import errors
-from reconciler.config.load import load_settings, parse_http, setting_defaults
+from reconciler.config.load import load_settings, setting_defaults
+from reconciler.config.validate import parse_http
+from reconciler.control.workerclient import resolve_app_url
 from reconciler.runtime.http import HttpServer
 from reconciler.runtime.metrics import METRIC_NAMES, Metrics
 from tests.pgcluster import wait_until
@@ -613,11 +615,15 @@ def test_the_configmap_settings_load(tmp_path: Path) -> None:
         "DATABASE_URL": f"sqlite:///{tmp_path / 'site.db'}",
         "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/x",
     }
-    settings = load_settings(str(config), environ=environ, cwd=tmp_path, resolve_alerts=True)
+    settings = load_settings(
+        str(config), environ=environ, cwd=tmp_path, resolve_alerts=True, app_url=resolve_app_url
+    )
     assert settings.target.models == "app:db" and len(settings.alerts) == 2
     assert settings.daemon.ready_when == "started"
     # `wait` and `apply` do not send alerts: they load without the sinks' secrets.
-    bare = load_settings(str(config), environ={"DATABASE_URL": environ["DATABASE_URL"]}, cwd=tmp_path)
+    bare = load_settings(
+        str(config), environ={"DATABASE_URL": environ["DATABASE_URL"]}, cwd=tmp_path, app_url=resolve_app_url
+    )
     assert bare.alerts == ()
 
 
@@ -836,7 +842,7 @@ def test_compose_reconciler_config_loads(tmp_path: Path) -> None:
     config = tmp_path / "reconciler.toml"
     config.write_text(rewrite_paths(text, {"/app": EXAMPLE}))
     environ = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
-    settings = load_settings(str(config), environ=environ, cwd=tmp_path)
+    settings = load_settings(str(config), environ=environ, cwd=tmp_path, app_url=resolve_app_url)
     assert settings.migrations_dir == EXAMPLE / "migrations"
 
 

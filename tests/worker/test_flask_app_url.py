@@ -16,6 +16,7 @@ from reconciler.config.load import load_settings
 from reconciler.control import workerclient
 from reconciler.errors import ConfigError
 from reconciler.project import appsource
+from reconciler.settings import AppUrl
 from tests import dbs
 from tests.builders import flask_project, table_names, worker_python
 from tests.cli import run_cli
@@ -130,15 +131,17 @@ def test_the_apps_url_is_asked_once_per_process(tmp_path: Path) -> None:
     app_py = root / "app.py"
     source = app_py.read_text(encoding="utf-8")
 
-    first = load_settings(str(config), environ={})
+    first = load_settings(str(config), environ={}, app_url=workerclient.resolve_app_url)
     app_py.write_text('import flask\nraise RuntimeError("imported twice")\ndb = None\n', encoding="utf-8")
-    second = load_settings(str(config), environ={})  # a worker would fail now: the cache answers
+    second = load_settings(
+        str(config), environ={}, app_url=workerclient.resolve_app_url
+    )  # a worker would fail now: the cache answers
     app_py.write_text(source, encoding="utf-8")
 
     assert first.target.url == second.target.url
     assert sa.engine.make_url(first.target.url).database == app_view(root)["url"]
     with pytest.raises(ConfigError, match="no database URL"):
-        load_settings(str(config), environ={}, app_url=lambda _settings: None)
+        load_settings(str(config), environ={}, app_url=lambda _settings, _environ: None)
 
 
 FACTORY = "from flask import Flask\n\n\ndef create_app():\n    return Flask(__name__)\n"
@@ -171,7 +174,7 @@ def test_a_given_url_with_an_app_factory_asks_no_worker(tmp_path: Path) -> None:
     """The factory pattern (the builders' projects): no app exists at import, nothing to compare."""
     project = flask_project(tmp_path / "p", "sqlite:///given.db")
 
-    def no_worker(_settings: object) -> None:
+    def no_worker(_settings: object, _environ: object) -> None:
         raise AssertionError("a worker was asked for the app's URL")
 
     settings = load_settings(str(project.config), environ={}, app_url=no_worker)
@@ -203,7 +206,7 @@ def test_a_factory_named_by_target_app_gives_its_url(tmp_path: Path) -> None:
         encoding="utf-8",
     )
 
-    settings = load_settings(str(project.config), environ={})
+    settings = load_settings(str(project.config), environ={}, app_url=workerclient.resolve_app_url)
 
     database = sa.engine.make_url(settings.target.url).database
     assert database == factory_database(project.root) and Path(str(database)).name == "factory.db"
@@ -251,9 +254,7 @@ def test_the_apps_url_keeps_the_configured_lock_url(tmp_path: Path) -> None:
     config = write_quickstart_config(root, 'lock_url = "postgresql://app@db-direct:5432/app"\n')
     app_db = f"postgresql://app@db:6432/app?from={root.name}"
 
-    settings = load_settings(
-        str(config), environ={}, app_url=lambda _s: workerclient.AppUrl(app_db, "app:app")
-    )
+    settings = load_settings(str(config), environ={}, app_url=lambda _s, _e: AppUrl(app_db, "app:app"))
 
     assert settings.target.url == app_db and settings.target.name == "app"
     assert settings.target.lock_url == "postgresql://app@db-direct:5432/app"
@@ -265,6 +266,8 @@ def test_the_app_is_asked_in_the_environment_the_settings_came_from(tmp_path: Pa
     config = write_quickstart_config(root)
     wanted = f"sqlite:///{tmp_path / 'from-env.db'}"
 
-    settings = load_settings(str(config), environ={"DATABASE_URL": wanted})
+    settings = load_settings(
+        str(config), environ={"DATABASE_URL": wanted}, app_url=workerclient.resolve_app_url
+    )
 
     assert settings.target.url == wanted
