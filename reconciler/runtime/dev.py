@@ -40,8 +40,9 @@ from reconciler.project import differences
 from reconciler.project.modelscan import FileDigest, changed_classes, read_digest
 from reconciler.redact import redact
 from reconciler.runtime import signals
+from reconciler.runtime.filescan import DEFAULT_IGNORE
 from reconciler.runtime.scheduler import Loop
-from reconciler.runtime.watcher import DEFAULT_IGNORE, DirWatcher
+from reconciler.runtime.watcher import DirWatcher
 from reconciler.settings import Settings
 
 log = logs.get("reconciler.dev")

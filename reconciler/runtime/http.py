@@ -17,9 +17,9 @@ Deadlines and limits, so that slow or idle clients (slowloris) cannot fail the l
 `RECONCILER_UNSAFE_DISABLE=http_shed` (negative-control tests only) restores the limits of before:
 a header deadline equal to the send deadline, 32 connections, and 503 for the newest at the cap.
 
-DNS-rebinding check (`HostCheck`): on a loopback bind, a request whose `Host` is neither a loopback name, an IP
-literal nor one of `allowed_hosts` is refused (403), so a web page a developer visits cannot read
-`/status` through a rebound name. Kubernetes probes and Prometheus use the pod IP (an IP literal),
+DNS-rebinding check (`HostCheck`): on a loopback bind, a request whose `Host` is neither a loopback
+name, an IP literal nor one of `allowed_hosts` is refused (403), so a web page a developer visits
+cannot read `/status` through a rebound name. Kubernetes probes and Prometheus use the pod IP (an IP literal),
 and non-loopback binds accept any Host.
 
 Handlers only read values the loop has cached (`HealthSource`); none of them touches the database.

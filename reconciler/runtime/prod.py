@@ -36,12 +36,13 @@ from reconciler.errors import (
 from reconciler.redact import redact
 from reconciler.runtime import runs, signals
 from reconciler.runtime.alerts import EVENTS, Alert, AlertDispatcher, AlertPolicy
+from reconciler.runtime.filescan import fingerprint
 from reconciler.runtime.http import SHED_SWITCH, HttpServer
 from reconciler.runtime.metrics import Metrics
 from reconciler.runtime.runs import RunRecord, RunResult, next_delay
 from reconciler.runtime.scheduler import Loop
 from reconciler.runtime.statusdoc import STATUS_DEFAULTS, RunState, iso, state_dict
-from reconciler.runtime.watcher import DirWatcher, fingerprint
+from reconciler.runtime.watcher import DirWatcher
 from reconciler.settings import Settings
 
 log = logs.get("reconciler.daemon")
