@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler import errors
 from reconciler.control.reconcile import Status
 from reconciler.core.backoff import backoff
 from reconciler.redact import redact
@@ -13,7 +14,8 @@ from reconciler.runtime.alerts import Observation
 from reconciler.runtime.statusdoc import RunState
 from reconciler.settings import DaemonSettings
 
-TRANSIENT = ("unreachable", "lock_busy", "failed")
+# the outcomes counted as failures in a row; all but a busy lock back off (`next_delay`)
+TRANSIENT = (errors.OUTCOME_UNREACHABLE, errors.OUTCOME_LOCK_BUSY, errors.OUTCOME_FAILED)
 
 
 @dataclass
