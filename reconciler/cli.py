@@ -610,10 +610,10 @@ def run(ctx: Context, mode: str | None, interval: float | None, http: str | None
     ctx.daemon_overrides = {"mode": mode, "interval": interval, "http": http}
     settings = ctx.settings(resolve_alerts=True)
     if settings.daemon.mode == "dev":
-        from reconciler.runtime.devloop import run_dev
+        from reconciler.runtime.dev import run_dev
 
         return run_dev(settings)
-    from reconciler.runtime.daemon import run_daemon
+    from reconciler.runtime.prod import run_daemon
 
     return run_daemon(settings)
 
@@ -623,7 +623,7 @@ def run(ctx: Context, mode: str | None, interval: float | None, http: str | None
 @command
 def seal(ctx: Context, message: str) -> int:
     """Turn dev mode's draft revision into a normal revision."""
-    from reconciler.runtime.devloop import seal as seal_draft
+    from reconciler.runtime.dev import seal as seal_draft
 
     path = seal_draft(ctx.settings(), message)
     click.echo(f"sealed {path}", err=True)
@@ -635,7 +635,7 @@ def seal(ctx: Context, message: str) -> int:
 @command
 def confirm(ctx: Context, revision: str) -> int:
     """Confirm a held-back destructive revision (writes `allow_destructive = True` into it)."""
-    from reconciler.runtime.devloop import confirm as confirm_revision
+    from reconciler.runtime.dev import confirm as confirm_revision
 
     path = confirm_revision(ctx.settings(), revision)
     click.echo(f"confirmed {path}; dev mode applies it now", err=True)

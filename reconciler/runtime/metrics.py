@@ -21,18 +21,19 @@ from prometheus_client import (
     generate_latest,
 )
 
+from reconciler import errors
 from reconciler.core.state import CONDITIONS, SYNC_STATES
 
 OUTCOMES = (
-    "noop",
-    "applied",
-    "lock_busy",
-    "failed",
-    "unreachable",
-    "refused",
-    "blocked",
-    "suspended",
-    "deferred",
+    errors.OUTCOME_NOOP,
+    errors.OUTCOME_APPLIED,
+    errors.OUTCOME_LOCK_BUSY,
+    errors.OUTCOME_FAILED,
+    errors.OUTCOME_UNREACHABLE,
+    errors.OUTCOME_REFUSED,
+    errors.OUTCOME_BLOCKED,
+    errors.OUTCOME_SUSPENDED,
+    errors.OUTCOME_DEFERRED,
 )
 STATES = SYNC_STATES + CONDITIONS
 

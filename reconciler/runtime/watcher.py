@@ -2,8 +2,8 @@
 
 The only importer of watchdog. `DirWatcher` calls `on_change(paths)` once per burst of events,
 after `debounce` seconds of quiet, on its own thread (never the observer's), with the changed
-paths spelled under the configured paths. Editor and tool droppings (`DEFAULT_IGNORE`) never
-count. An ignore pattern without a `/` matches one name (a file, or a directory and all under
+paths spelled under the configured paths. Editor and tool droppings (`filescan.DEFAULT_IGNORE`)
+never count. An ignore pattern without a `/` matches one name (a file, or a directory and all under
 it); one with a `/` matches a whole path, relative to the watched path or absolute, at any depth
 (`*/migrations/*` matches `pkg/sub/migrations/versions/x.py`). `exclude` names directories whose
 files never count, wherever they sit under the watched paths (a migrations directory inside the
@@ -20,14 +20,12 @@ directory that vanished), the caller polls `fingerprint()` instead.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,31 +33,17 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from reconciler import logs
-
-DEFAULT_IGNORE: tuple[str, ...] = (
-    "__pycache__",  # bytecode cache directories
-    "*.pyc",  # bytecode files
-    "*.pyo",  # optimised bytecode (older Pythons)
-    "*.swp",  # Vim swap file
-    "*.swo",  # Vim second swap file
-    "*.swx",  # Vim swap probe written on open
-    "4913",  # Vim's "can I write here" probe file
-    "*~",  # Vim / Emacs backup files
-    ".#*",  # Emacs lock symlinks
-    "#*#",  # Emacs auto-save files
-    "*.tmp",  # temporary files of atomic savers
-    "*___jb_tmp___",  # JetBrains IDE safe-write temporary file
-    "*___jb_old___",  # JetBrains IDE safe-write previous version
-    "*.kate-swp",  # Kate swap file
-    ".DS_Store",  # macOS Finder metadata
-    ".git",  # git metadata (git-sync checkouts keep one)
-    ".mypy_cache",  # tool caches that live beside the code
-    ".pytest_cache",
-    ".ruff_cache",
+from reconciler.runtime.filescan import (
+    DEFAULT_IGNORE,
+    deciding_dirs,
+    files_under,
+    ignored_at,
+    real_dirs,
+    under,
+    wanted,
 )
 
 _REPORTED = frozenset({"created", "modified", "deleted", "moved", "closed", "attrib"})
-_MAX_SYMLINK_HOPS = 40
 
 log = logs.get("reconciler.watcher")
 
@@ -74,145 +58,6 @@ def _quiet_watchdog() -> None:
     warnings.filterwarnings(
         "ignore", message=r"Callback with id .* already exists", category=RuntimeWarning, module=r"watchdog\."
     )
-
-
-def fingerprint(
-    paths: Sequence[Path],
-    suffixes: Sequence[str] | None = (".py",),
-    ignore: Sequence[str] = DEFAULT_IGNORE,
-    exclude: Sequence[Path] = (),
-) -> str:
-    """A cheap digest of the files under `paths`: names, sizes and mtime_ns, following symlinks.
-
-    It changes when a matching file is added, modified (size or mtime), deleted or renamed, or when
-    a path resolves to another directory (a swapped symlink); it is stable otherwise.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for path in paths:
-        real = os.path.realpath(path)
-        digest.update(f"root\0{path}\0{real}\n".encode("utf-8", "surrogateescape"))
-        for rel, size, mtime_ns in sorted(_stat_files(str(path), real, suffixes, ignore, exclude)):
-            digest.update(f"{rel}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
-
-
-def files_under(
-    paths: Sequence[Path],
-    suffixes: Sequence[str] | None = (".py",),
-    ignore: Sequence[str] = DEFAULT_IGNORE,
-    exclude: Sequence[Path] = (),
-) -> list[Path]:
-    """The matching files under `paths`, spelled under each path as configured (as events are)."""
-    out: list[Path] = []
-    for path in paths:
-        found = _stat_files(str(path), os.path.realpath(path), suffixes, ignore, exclude)
-        out.extend(path / rel if rel else path for rel, _size, _mtime in found)
-    return out
-
-
-def _stat_files(
-    spelled: str,
-    root: str,
-    suffixes: Sequence[str] | None,
-    ignore: Sequence[str],
-    exclude: Sequence[Path] = (),
-) -> Iterator[tuple[str, int, int]]:
-    if os.path.isfile(root):
-        try:
-            stat = os.stat(root)
-        except OSError:  # deleted meanwhile
-            return
-        yield "", stat.st_size, stat.st_mtime_ns
-        return
-    seen: set[tuple[int, int]] = set()
-    excluded = _real_dirs(exclude)
-    stack = [(root, "")]
-    while stack:
-        directory, prefix = stack.pop()
-        try:
-            stat = os.stat(directory)
-            if (stat.st_dev, stat.st_ino) in seen:  # a symlink loop
-                continue
-            seen.add((stat.st_dev, stat.st_ino))
-            entries = list(os.scandir(directory))
-        except OSError:  # vanished or unreadable meanwhile: the digest still differs from before
-            continue
-        for entry in entries:
-            rel = prefix + entry.name
-            try:
-                is_dir = entry.is_dir()
-                if _ignored_at(rel, f"{spelled}/{rel}", is_dir, ignore):
-                    continue
-                if is_dir:
-                    if not _under(os.path.realpath(entry.path), excluded):
-                        stack.append((entry.path, rel + "/"))
-                elif _wanted(entry.name, suffixes):
-                    stat = entry.stat()
-                    yield rel, stat.st_size, stat.st_mtime_ns
-            except OSError:  # a dangling symlink or a file deleted between scandir and stat
-                continue
-
-
-def _ignored_at(rel: str, full: str, is_dir: bool, ignore: Sequence[str]) -> bool:
-    """Whether `rel` (a path under a watched path, `/`-separated; `full` spelled with that path)
-    is ignored: a pattern without `/` is matched against its name, one with `/` against the
-    whole path (relative or full; a directory's also with a trailing `/`, so `*/migrations/*`
-    covers the directory itself). Callers check each directory on the way down too."""
-    name = rel.rsplit("/", 1)[-1]
-    full = full.replace(os.sep, "/")
-    spellings = (rel, full, rel + "/", full + "/") if is_dir else (rel, full)
-    for pattern in ignore:
-        if "/" not in pattern:
-            if fnmatchcase(name, pattern):
-                return True
-        elif any(fnmatchcase(one, pattern) for one in spellings):
-            return True
-    return False
-
-
-def _real_dirs(paths: Sequence[Path]) -> tuple[str, ...]:
-    return tuple(os.path.realpath(p).rstrip(os.sep) for p in paths)
-
-
-def _under(real: str, dirs: Sequence[str]) -> bool:
-    return any(real == d or real.startswith(d + os.sep) for d in dirs)
-
-
-def _wanted(name: str, suffixes: Sequence[str] | None) -> bool:
-    return suffixes is None or name.endswith(tuple(suffixes))
-
-
-def _deciding_dirs(path: str) -> set[str]:
-    """The directories whose entries decide what `path` resolves to.
-
-    Those are the directories holding each symlink met while resolving it, and the parent of the
-    result (so a deleted and recreated directory is noticed too).
-    """
-    dirs: set[str] = set()
-    parts = list(Path(os.path.abspath(path)).parts)
-    current = parts.pop(0)  # the filesystem root
-    hops = 0
-    while parts:
-        name = parts.pop(0)
-        if name in ("", "."):
-            continue
-        if name == "..":
-            current = os.path.dirname(current)
-            continue
-        candidate = os.path.join(current, name)
-        if os.path.islink(candidate) and hops < _MAX_SYMLINK_HOPS:
-            hops += 1
-            dirs.add(current)
-            target = Path(os.readlink(candidate))
-            if target.is_absolute():
-                current = target.parts[0]
-                parts = list(target.parts[1:]) + parts
-            else:
-                parts = list(target.parts) + parts
-        else:
-            current = candidate
-    dirs.add(os.path.dirname(os.path.realpath(path)))
-    return dirs
 
 
 @dataclass
@@ -267,7 +112,7 @@ class DirWatcher:
     ) -> None:
         self._paths = [Path(p) for p in paths]
         self._exclude = tuple(Path(p) for p in exclude)
-        self._excluded = _real_dirs(self._exclude)
+        self._excluded = real_dirs(self._exclude)
         self._on_change = on_change
         self._debounce = max(float(debounce), 0.0)
         self._max_wait = max_wait if max_wait is not None else max(1.0, 10 * self._debounce)
@@ -390,14 +235,12 @@ class DirWatcher:
                 return False  # a directory's own mtime changes with every entry: no news
             if event.event_type == "created" and self._suffixes is not None:
                 return False
-        elif not _wanted(os.path.basename(path), self._suffixes):
+        elif not wanted(os.path.basename(path), self._suffixes):
             return False
         return True
 
     def _map(self, path: str, is_dir: bool) -> Iterator[Path]:
-        if _under(path, self._excluded) or (
-            self._excluded and _under(os.path.realpath(path), self._excluded)
-        ):
+        if under(path, self._excluded) or (self._excluded and under(os.path.realpath(path), self._excluded)):
             return
         for root in self._roots:
             mapped = root.map(path)
@@ -405,7 +248,7 @@ class DirWatcher:
                 continue
             parts = mapped.relative_to(root.path).parts
             if not any(
-                _ignored_at(
+                ignored_at(
                     "/".join(parts[: n + 1]),
                     str(root.path / Path(*parts[: n + 1])),
                     is_dir or n < len(parts) - 1,
@@ -508,7 +351,7 @@ class DirWatcher:
     def _sync_anchors(self) -> None:
         wanted: set[str] = set()
         for root in self._roots:
-            wanted |= _deciding_dirs(str(root.path))
+            wanted |= deciding_dirs(str(root.path))
         wanted = {d for d in wanted if os.path.isdir(d)}
         for directory in self._anchors - wanted:
             self._release((directory, False))

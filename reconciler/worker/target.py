@@ -230,7 +230,7 @@ def load_object(spec: str, what: str, root: Path) -> tuple[ModuleType, Any]:
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = sorted(n for n in vars(module) if not n.startswith("_"))[:20]
-            # "has no attribute '<attr>'": dev mode stops at start on these words (devloop.py)
+            # "has no attribute '<attr>'": dev mode stops at start on these words (runtime/dev.py)
             raise ConfigError(
                 f"{what} {spec!r}: module '{module_name}' ({getattr(module, '__file__', '?')}) "
                 f"has no attribute '{attr}'; names it defines: {', '.join(names) or 'none'}"

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from reconciler.core.backoff import retry_window
-from reconciler.runtime.daemon import next_delay
+from reconciler.runtime.prod import next_delay
 from reconciler.settings import DaemonSettings
 from tests.builders import Project, flask_project
 from tests.pgcluster import wait_until

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from reconciler.runtime.devloop import is_local
+from reconciler.runtime.devtarget import is_local
 from tests.builders import FLASK_MODELS, Project, db_heads, flask_project, table_names
 from tests.cli import cli_command, cli_env, run_cli
 from tests.dbs import assert_no_canary

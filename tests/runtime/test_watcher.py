@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.runtime.watcher import DEFAULT_IGNORE, DirWatcher, files_under, fingerprint
+from reconciler.runtime.filescan import DEFAULT_IGNORE, files_under, fingerprint
+from reconciler.runtime.watcher import DirWatcher
 
 DEADLINE = 5.0
 

@@ -1,6 +1,6 @@
 """Composition root of `reconciler run` (prod mode): settings, loop, watcher, HTTP, alerts, signals.
 
-Each run is the reconcile of `reconcile.py`; this module turns its result (or its exception)
+Each run is the reconcile of `control/reconcile.py`; this module turns its result (or its exception)
 into an outcome, metrics, a `/status` document, log lines and alert transitions, and decides when
 the next run happens (the interval, or after a failure a jittered backoff that grows from the
 interval to `backoff_max`), and whether to keep the connection until then.
@@ -9,11 +9,11 @@ interval to `backoff_max`), and whether to keep the connection until then.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -22,93 +22,36 @@ import sqlalchemy as sa
 from reconciler import __version__, logs, sessions
 from reconciler.config.validate import parse_http
 from reconciler.control.drift import DriftChecker
-from reconciler.control.reconcile import ApplyResult, Progress, Reconciler, Status, is_lock_timeout
-from reconciler.core.alert_rules import EVENTS, Observation
+from reconciler.control.reconcile import ApplyResult, Reconciler, Status, is_lock_timeout
+from reconciler.core.alert_rules import EVENTS
 from reconciler.core.alerting import Alert, AlertPolicy
-from reconciler.core.backoff import backoff
 from reconciler.core.graph import MissingRevision
 from reconciler.core.headers import RevisionFileError, RevisionSyntaxError
 from reconciler.db import connection, flags
 from reconciler.errors import (
-    Blocked,
     ConfigError,
     LockTimeout,
     ReconcilerError,
     RetryDeferred,
     RevisionFailed,
-    Suspended,
     UnreachableError,
 )
 from reconciler.redact import redact
-from reconciler.runtime import signals
+from reconciler.runtime import runs, signals
 from reconciler.runtime.delivery import AlertDispatcher
+from reconciler.runtime.filescan import fingerprint
 from reconciler.runtime.http import SHED_SWITCH, HttpServer
 from reconciler.runtime.metrics import Metrics
+from reconciler.runtime.runs import RunRecord, RunResult, next_delay
 from reconciler.runtime.scheduler import Loop
-from reconciler.runtime.watcher import DirWatcher, fingerprint
-from reconciler.settings import DaemonSettings, Settings
+from reconciler.runtime.statusdoc import STATUS_DEFAULTS, RunState, iso, state_dict
+from reconciler.runtime.watcher import DirWatcher
+from reconciler.settings import Settings
 
 log = logs.get("reconciler.daemon")
 
 DAEMON_LOCK_WAIT = 5.0  # a tick waits this long for the lock; then lock_busy and a backoff
-TRANSIENT = ("unreachable", "lock_busy", "failed")
-UNREADABLE = "revision_unreadable"  # the condition (and alert event) of a revision file we cannot read
-# Every /status document has these keys, whatever the state (a dashboard or `jq` never meets a
-# missing key): those of `Status.as_dict` that only some states fill, at their empty value.
-STATUS_DEFAULTS: dict[str, Any] = {
-    "state": "unknown",
-    "sync_state": "unknown",
-    "conditions": [],
-    "db_heads": [],
-    "repo_heads": [],
-    "pending": [],
-    "unknown": [],
-    "message": "",
-    "fork": [],
-    "branch_point": None,
-    "dirty": [],
-    "blocked": None,
-    "drift": None,
-    "checksum_mismatch": [],
-    "foreign_writes": [],
-    "guard": None,
-    "chains": [],
-    UNREADABLE: None,
-    "applying": None,
-}
 EXIT_GRACE_EXPIRED = 1
-
-
-@dataclass
-class RunRecord:
-    """What the last runs said; read by /status, /readyz and the heartbeat line."""
-
-    started_at: float = field(default_factory=time.time)
-    runs: int = 0
-    last_run_at: float | None = None
-    last_outcome: str = ""
-    last_error: str = ""
-    last_success_at: float | None = None
-    consecutive_failures: int = 0
-    status: dict[str, Any] = field(default_factory=dict)
-    lock_holder: dict[str, Any] | None = None
-    lock_busy_since: float | None = None
-    missing_revision_seen: bool = False
-
-
-@dataclass(frozen=True)
-class RunResult:
-    outcome: str
-    status: Status | None = None
-    applied: tuple[tuple[str, float], ...] = ()
-    lock_wait: float = 0.0
-    error: str = ""
-    failed_revision: str | None = None
-    failure_signature: str = ""
-    lock_holder: dict[str, Any] | None = None
-    lock_timeout: bool = False
-    foreign: tuple[str, ...] = ()
-    unreadable: dict[str, Any] | None = None  # the revision file that does not parse: path, line
 
 
 class Daemon:
@@ -166,8 +109,10 @@ class Daemon:
     def ready(self) -> bool:
         with self._record_lock:
             attempted = self.record.runs > 0
-            sync_state = self.record.status.get("sync_state")
-            conditions = set(self.record.status.get("conditions") or ()) - {"drift"}  # reported, not gating
+            state = self.record.state
+            sync_state = state.sync_state if state is not None else None
+            conditions = set(state.conditions if state is not None else ())
+            conditions.discard("drift")  # reported, not gating
         if self.settings.daemon.ready_when == "in_sync":
             return sync_state == "in_sync" and not conditions
         return attempted
@@ -175,7 +120,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         with self._record_lock:
             record = self.record
-            out = {**STATUS_DEFAULTS, **record.status, **self._live_apply()}
+            out = {**STATUS_DEFAULTS, **state_dict(record.state), **state_dict(self._live_apply())}
             out.update(
                 {
                     "target": self.target,
@@ -183,12 +128,12 @@ class Daemon:
                     "mode": "prod",
                     "apply": self.settings.daemon.apply,
                     "version": __version__,
-                    "started_at": _iso(record.started_at),
+                    "started_at": iso(record.started_at),
                     "runs": record.runs,
-                    "last_run": _iso(record.last_run_at),
+                    "last_run": iso(record.last_run_at),
                     "last_outcome": record.last_outcome,
                     "last_error": record.last_error or None,
-                    "last_success": _iso(record.last_success_at),
+                    "last_success": iso(record.last_success_at),
                     "consecutive_failures": record.consecutive_failures,
                     "lock_holder": record.lock_holder,
                     "watching": self.watcher.healthy,
@@ -196,15 +141,15 @@ class Daemon:
             )
         return out
 
-    def _live_apply(self) -> dict[str, Any]:
+    def _live_apply(self) -> RunState | None:
         """The state of an apply in progress, from what it read under the lock: the last run's
-        document (or none, on a first apply) would hide it for as long as the apply takes."""
+        state (or none, on a first apply) would hide it for as long as the apply takes."""
         for rec in (self.rec, *self.rec.extra):
             plan, progress = rec.plan, rec.applying
             if plan is not None:
                 current = progress if progress is not None and progress.plan is plan else None
-                return _applying_doc(plan, current)
-        return {}
+                return RunState.in_progress(plan, current)
+        return None
 
     def _on_plan(self, _status: Status) -> None:
         """A run read what it will apply: the gauges say that state at once, not at its end."""
@@ -213,15 +158,15 @@ class Daemon:
     def _on_progress(self, n: int, total: int, _rev: str, _message: str) -> None:
         """A revision of this run is about to start (n of total; 0 before the first): /status and
         the metrics say which."""
-        doc = self._live_apply()
-        if not doc:
+        state = self._live_apply()
+        if state is None:
             return
         if n:
             with self._record_lock:
-                self.record.status = doc  # kept until the run's report replaces it
+                self.record.state = state  # kept until the run's report replaces it
         m = self.metrics
-        m.set_state(str(doc["state"]), str(doc["sync_state"]), doc.get("conditions") or ())
-        m.set_pending(len(doc.get("pending") or ()))
+        m.set_state(state.state, state.sync_state, state.conditions)
+        m.set_pending(len(state.pending))
         m.set_applying(n, total)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -363,38 +308,35 @@ class Daemon:
             return RunResult(
                 result.outcome, result.status, result.applied, result.lock_wait, foreign=result.foreign
             )
-        except LockTimeout as exc:
-            return RunResult("lock_busy", self._quiet_status(), error=str(exc), lock_holder=dict(exc.holder))
-        except UnreachableError as exc:
-            return RunResult("unreachable", self.rec.status(), error=str(exc))
-        except RevisionFailed as exc:
-            signature = self.rec.failure_of(exc).signature
-            return RunResult(
-                "failed",
-                self._quiet_status(),
-                error=str(exc),
-                failed_revision=exc.revision,
-                failure_signature=signature,
-                lock_timeout=is_lock_timeout(exc),
-            )
-        except RetryDeferred as exc:  # not a failure: no count toward blocked_after or unreachable
-            return RunResult(
-                "deferred",
-                self._quiet_status(),
-                error=str(exc),
-                failed_revision=exc.revision,
-                failure_signature=exc.signature,
-            )
-        except Blocked as exc:
-            return RunResult("blocked", self._quiet_status(), error=str(exc))
-        except Suspended as exc:
-            return RunResult("suspended", self._quiet_status(), error=str(exc))
-        except MissingRevision as exc:
+        except ReconcilerError as exc:
+            return self._ended_by(exc)
+
+    def _ended_by(self, exc: ReconcilerError) -> RunResult:
+        """The one place an error becomes a run's result: its outcome is the error class's (the
+        tree in errors.py); a revision file we cannot read names the file instead."""
+        if isinstance(exc, MissingRevision):
             return self._missing_revision(exc)
-        except RevisionFileError as exc:  # nothing can be decided or applied until it is fixed
+        if isinstance(exc, RevisionFileError):  # nothing can be decided or applied until it is fixed
             return self._unreadable(exc)
-        except ReconcilerError as exc:  # ahead, diverged, multiple heads, dirty, bad files
-            return RunResult("refused", self._quiet_status(), error=str(exc))
+        details = self._details(exc)
+        # unreachable: the status says so (`unknown`); any other error: what can still be read
+        status = self.rec.status() if isinstance(exc, UnreachableError) else self._quiet_status()
+        return RunResult(exc.outcome, status, error=str(exc), **details)
+
+    def _details(self, exc: ReconcilerError) -> dict[str, Any]:
+        """What the result says beside the outcome: the lock's holder, the failure's revision."""
+        if isinstance(exc, LockTimeout):
+            return {"lock_holder": dict(exc.holder)}
+        if isinstance(exc, RevisionFailed):
+            signature = self.rec.failure_of(exc).signature
+            return {
+                "failed_revision": exc.revision,
+                "failure_signature": signature,
+                "lock_timeout": is_lock_timeout(exc),
+            }
+        if isinstance(exc, RetryDeferred):  # not a failure: no count toward blocked_after or unreachable
+            return {"failed_revision": exc.revision, "failure_signature": exc.signature}
+        return {}
 
     def _check_drift(self, result: RunResult) -> RunResult:
         """Compare the schema with the models when due (see drift.py); the status then says so."""
@@ -449,8 +391,7 @@ class Daemon:
     # --- reporting -----------------------------------------------------------------------------
     def _report(self, result: RunResult, seconds: float) -> None:
         now = time.time()
-        status = result.status
-        state_doc = status.as_dict() if status else _blind_doc(result)
+        state = result.state
         with self._record_lock:
             record = self.record
             record.runs += 1
@@ -460,13 +401,13 @@ class Daemon:
             if result.outcome in ("noop", "applied"):
                 record.last_success_at = now
                 record.consecutive_failures = 0
-            elif result.outcome in TRANSIENT:
+            elif result.outcome in runs.TRANSIENT:
                 record.consecutive_failures += 1
-            record.status = state_doc
+            record.state = state
             self._track_lock(record, result, now)
-        self._metrics(result, seconds, state_doc, now)
-        self._log(result, seconds, state_doc)
-        self._alert(result, state_doc)
+        self._metrics(result, seconds, state, now)
+        self._log(result, seconds, state)
+        self._alert(result, state)
 
     def _track_lock(self, record: RunRecord, result: RunResult, now: float) -> None:
         if result.outcome == "lock_busy":
@@ -476,11 +417,11 @@ class Daemon:
             record.lock_holder = None
             record.lock_busy_since = None
 
-    def _metrics(self, result: RunResult, seconds: float, doc: dict[str, Any], now: float) -> None:
+    def _metrics(self, result: RunResult, seconds: float, state: RunState, now: float) -> None:
         m = self.metrics
         m.observe_run(result.outcome, seconds)
-        m.set_state(str(doc.get("state")), str(doc.get("sync_state")), doc.get("conditions") or ())
-        m.set_pending(len(doc.get("pending") or ()))
+        m.set_state(state.state, state.sync_state, state.conditions)
+        m.set_pending(len(state.pending))
         m.set_applying(0, 0)
         for _rev, took in result.applied:
             m.observe_revision_apply(took)
@@ -494,8 +435,8 @@ class Daemon:
             report = status.drift
             m.set_drift(report.count if report else 0, report.checked_at if report else 0.0)
 
-    def _log(self, result: RunResult, seconds: float, doc: dict[str, Any]) -> None:
-        state = str(doc.get("state"))
+    def _log(self, result: RunResult, seconds: float, run_state: RunState) -> None:
+        state = run_state.state
         changed = state != self._last_state
         self._last_state = state
         fields = {
@@ -515,32 +456,8 @@ class Daemon:
             self._last_heartbeat = now
             log.info("heartbeat", target=self.target, state=state, runs=self.record.runs)
 
-    def _alert(self, result: RunResult, doc: dict[str, Any]) -> None:
-        record = self.record
-        blocked = doc.get("blocked") or {}  # the journal's record: the same on every replica
-        observation = Observation(
-            outcome=result.outcome,
-            state=str(doc.get("state")),
-            sync_state=str(doc.get("sync_state")),
-            conditions=tuple(doc.get("conditions") or ()),
-            applied=tuple(rev for rev, _ in result.applied),
-            failed_revision=blocked.get("revision") or result.failed_revision,
-            failure_signature=blocked.get("signature") or result.failure_signature,
-            blocked=f"{blocked.get('revision') or '-'}:{blocked.get('signature') or ''}" if blocked else "",
-            error=redact(result.error),
-            consecutive_failures=record.consecutive_failures,
-            lock_holder=result.lock_holder,
-            lock_held_for=(time.time() - record.lock_busy_since) if record.lock_busy_since else 0.0,
-            unknown=tuple(doc.get("unknown") or ()),
-            heads=tuple(doc.get("fork") or doc.get("repo_heads") or ()),
-            dirty=tuple(doc.get("dirty") or ()),
-            lock_timeout=result.lock_timeout,
-            unreadable=_where(result.unreadable),
-            unreadable_hash=str((result.unreadable or {}).get("file_hash") or ""),
-            **_drift_fields(result.status),
-            mismatched=tuple(m["revision"] for m in doc.get("checksum_mismatch") or ()),
-            foreign=tuple(dict.fromkeys((*result.foreign, *(doc.get("foreign_writes") or ())))),
-        )
+    def _alert(self, result: RunResult, state: RunState) -> None:
+        observation = runs.observation(result, state, self.record)
         for alert, episode in self.policy.observe(observation, time.time()):
             if episode is None or self._claim(alert, episode):
                 self.dispatcher.submit(alert)
@@ -562,57 +479,6 @@ class Daemon:
             return True
 
 
-def next_delay(outcome: str, failures: int, daemon: DaemonSettings) -> float | None:
-    """Seconds from the end of a run with `outcome` to the next run; None: the normal interval.
-
-    After a failure (the `failures`-th in a row) never sooner than the interval (a failing
-    replica must not query more than a healthy one), growing to backoff_max: 1-2 intervals, then
-    2-4, ... A busy lock is another replica applying, not a failure: look again at the interval,
-    so the replica sees the new heads within an interval of the applier finishing.
-    """
-    if outcome not in TRANSIENT or outcome == "lock_busy":
-        return None
-    return backoff(failures, base=daemon.interval, cap=daemon.backoff_max)
-
-
-def _applying_doc(plan: Status, progress: Progress | None) -> dict[str, Any]:
-    """The plan's document while it is applied: `pending` counts down; once a revision of a
-    first apply is in, the database is `behind`, no longer empty. `db_heads` are the plan's."""
-    doc = plan.as_dict()
-    if progress is None:
-        return doc
-    doc["pending"] = list(progress.remaining)
-    if progress.n > 1 and doc["sync_state"] == "uninitialized_empty":
-        doc["sync_state"] = "behind"
-        doc["state"] = "behind" if doc["state"] == "uninitialized_empty" else doc["state"]
-    doc["applying"] = progress.as_dict()
-    doc["message"] = (
-        f"applying {progress.revision} ({progress.n} of {progress.total}); {len(progress.remaining)} pending"
-    )
-    return doc
-
-
-def _blind_doc(result: RunResult) -> dict[str, Any]:
-    """The state document of a run that decided nothing (no status was read)."""
-    if result.unreadable is None:
-        return {"state": "unknown", "sync_state": "unknown"}
-    return {
-        "state": UNREADABLE,
-        "sync_state": "unknown",
-        "conditions": [UNREADABLE],
-        "message": redact(result.error),
-        UNREADABLE: result.unreadable,
-    }
-
-
-def _where(unreadable: dict[str, Any] | None) -> str:
-    """`path:line` of an unreadable revision file ("" when there is none)."""
-    if unreadable is None:
-        return ""
-    line = unreadable.get("line")
-    return f"{unreadable['path']}:{line}" if line else str(unreadable["path"])
-
-
 def _shown(path: Any, root: Any) -> str:
     """A path as a person reads it in an alert: relative to the project root when inside it."""
     try:
@@ -621,17 +487,7 @@ def _shown(path: Any, root: Any) -> str:
         return str(path)
 
 
-def _drift_fields(status: Status | None) -> dict[str, tuple[str, ...]]:
-    report = status.drift if status is not None and "drift" in status.conditions else None
-    if report is None:
-        return {}
-    texts = tuple(str(d.get("text", d["key"])) for d in report.differences)
-    return {"drift": report.keys, "drift_texts": texts}
-
-
 def _check_sink_events(settings: Settings) -> None:
-    import difflib
-
     for index, sink in enumerate(settings.alerts, start=1):
         for name in sink.events:
             if name not in EVENTS:
@@ -641,12 +497,6 @@ def _check_sink_events(settings: Settings) -> None:
                     f"[[alerts]] #{index} ({sink.name}): unknown event {name!r}{hint}; "
                     f"events are {', '.join(EVENTS)}"
                 )
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def run_daemon(settings: Settings) -> int:

@@ -15,102 +15,46 @@ a local database. `reconciler seal -m MSG` makes it a normal revision.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 import shutil
 import signal
 import tempfile
 import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import logs
-from reconciler.config.validate import find_module_file
+from reconciler import logs, sessions
 from reconciler.control.reconcile import Reconciler
-from reconciler.core import checksums
-from reconciler.core.graph import Revision, RevisionGraph
-from reconciler.db import connection, flags, journal
-from reconciler.errors import ConfigError, ReconcilerError, Refused, RevisionFailed, StateError
+from reconciler.control.workerclient import WarmWorker, WorkerJob
+from reconciler.core.graph import Revision
+from reconciler.db import connection, journal
+from reconciler.errors import ConfigError, ReconcilerError, StateError
 from reconciler.project import differences
 from reconciler.project.alembic_ini import alembic_ini_path, read_option
-from reconciler.project.modelscan import FileDigest, changed_classes, read_digest
-from reconciler.project.revisions import parse_revision_file, revision_files
+from reconciler.project.revisions import parse_revision_file
 from reconciler.redact import redact
 from reconciler.runtime import signals
+from reconciler.runtime.devgenerate import DRAFT_TRIGGER, DraftGeneration, RevisionsChanged, tables_of
+from reconciler.runtime.devscope import ModelChanges
+from reconciler.runtime.devtarget import check_dev_target, watch_paths
+from reconciler.runtime.filescan import DEFAULT_IGNORE
 from reconciler.runtime.scheduler import Loop
-from reconciler.runtime.watcher import DEFAULT_IGNORE, DirWatcher
+from reconciler.runtime.watcher import DirWatcher
 from reconciler.settings import Settings
 
 log = logs.get("reconciler.dev")
 
-DRAFT_TRIGGER = checksums.DRAFT_TRIGGER
-FULL_COMPARE_EVERY = 300.0  # seconds: saves compare only what they touched; this catches the rest
 IDLE_INTERVAL = 3600.0  # dev mode is event driven; the periodic run is only a safety net
-RECHECK_SWITCH = "dev_recheck"  # RECONCILER_UNSAFE_DISABLE: keep what was generated during a pull
-
-
-# --- safety: only local databases ----------------------------------------------------------------
-def is_local(url: str, local_hosts: list[str]) -> bool:
-    """SQLite, a Unix socket, a loopback address, or a host listed as local."""
-    parsed = sa.engine.make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return True
-    host = (parsed.host or "").strip("[]")
-    if not host or host.startswith("/"):
-        return True  # no host: the driver's Unix socket
-    if host == "localhost" or host in local_hosts:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_dev_target(settings: Settings, rec: Reconciler) -> None:
-    """Refuse a remote database (unless allowed) and any database marked `prod`."""
-    if not settings.dev.allow_remote and not is_local(settings.target.url, settings.dev.local_hosts):
-        raise Refused(
-            f"dev mode writes revision files and changes schemas, and {rec.redacted_url} is not a "
-            "local database; point it at a local one, add its host to [dev] local_hosts "
-            "(compose service names), or set [dev] allow_remote = true"
-        )
-    with connection.connect(rec.engine) as conn:
-        if not rec.journal_exists(conn):
-            return
-        key = flags.environment_key(rec.target)
-        marker = flags.read(conn, rec.journal, [key])
-    if marker.get(key) == "prod":
-        raise Refused(
-            f"the database of target {rec.target} is marked as a production database (a prod "
-            "reconciler applied to it); dev mode never touches it"
-        )
-
-
-def watch_paths(settings: Settings) -> list[Path]:
-    """[dev] watch, else the package that holds the models module (with its subpackages)."""
-    if settings.dev.watch:
-        return [
-            p if p.is_absolute() else (settings.base_dir / p).resolve()
-            for p in (Path(w) for w in settings.dev.watch)
-        ]
-    module = settings.target.models.partition(":")[0]
-    if not module:
-        raise ConfigError("dev mode needs [target] models (pkg.module:attr) or [dev] watch paths")
-    found = find_module_file(module, settings)
-    if found is None:
-        raise ConfigError(f"cannot find the models module {module!r} under {settings.root_dir}")
-    if found.name != "__init__.py" and not (found.parent / "__init__.py").exists():
-        return [found]  # a top-level module: watch that file
-    return [found.parent]
 
 
 # --- the loop ------------------------------------------------------------------------------------
-class DevLoop:
+class DevLoop(DraftGeneration):
+    """The dev loop: its watchers, signals and runs; each run applies what teammates wrote, then
+    generates (the steps of `DraftGeneration`) when a model file was saved."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # The prod guard stays on for what dev mode did not just generate and check itself: a
@@ -142,10 +86,7 @@ class DevLoop:
             versions, self._on_versions, settings.dev.debounce, suffixes=(".py",)
         )
         self._warm: Any = None
-        self._changed: set[Path] = set()
-        self._changed_lock = threading.Lock()
-        self._last_full = 0.0
-        self._digests: dict[Path, FileDigest] = {}  # model files as the last generation saw them
+        self.changes = ModelChanges(self.model_watcher.files)
         self._draft_tables: dict[str, frozenset[str]] = {}  # the draft's id -> the tables it touches
         self._held: dict[str, tuple[Path, frozenset[str]]] = {}  # held back: id -> (file, tables)
         self._carry: set[str] = set()  # tables of withdrawn revisions: the next compare covers them
@@ -182,10 +123,7 @@ class DevLoop:
             raise self._fatal
         return 0
 
-    def _start_warm(self) -> Any:
-        from reconciler import sessions
-        from reconciler.control.workerclient import WarmWorker, WorkerJob
-
+    def _start_warm(self) -> WarmWorker:
         with connection.connect(self.rec.engine) as conn:
             identity = sessions.identity_from_dbapi(conn.connection, self.rec.backend)
         job = WorkerJob.from_settings(self.settings)
@@ -216,53 +154,9 @@ class DevLoop:
             self._done.set()
 
     def _on_models(self, paths: set[Path]) -> None:
-        with self._changed_lock:
-            self._changed |= paths
+        self.changes.add(paths)
         self._models_changed.set()
         self.loop.trigger("models_changed")
-
-    def _next_scope(self) -> Scope:
-        """What the next generation compares: the tables of the classes the saved files changed
-        (of the whole file when code outside its classes changed), or everything: at start, and
-        every FULL_COMPARE_EVERY seconds."""
-        with self._changed_lock:
-            changed, self._changed = self._changed, set()
-        now = time.monotonic()
-        if not changed or now - self._last_full > FULL_COMPARE_EVERY:
-            self._last_full = now
-            return Scope(None, {}, {p: read_digest(p) for p in self.model_watcher.files()})
-        digests = {p: read_digest(p) for p in changed}
-        files: list[str] = []
-        classes: dict[str, list[str]] = {}
-        for path in sorted(changed):
-            names = changed_classes(self._digests.get(path), digests[path])
-            if names is None or names:
-                files.append(str(path))
-            if names:
-                classes[str(path)] = sorted(names)
-        return Scope(files, classes, digests)
-
-    def _models_differ(self) -> bool:
-        """Whether a saved file's model code differs from what the last generation saw."""
-        with self._changed_lock:
-            changed = set(self._changed)
-        return any(changed_classes(self._digests.get(p), read_digest(p)) != frozenset() for p in changed)
-
-    def _remember(self, scope: Scope) -> None:
-        """The files as this generation saw them: the next save is compared with these."""
-        if scope.files is None:
-            self._digests.clear()
-        for path, seen in scope.digests.items():
-            if seen is None:
-                self._digests.pop(path, None)
-            else:
-                self._digests[path] = seen
-
-    def _requeue(self, scope: Scope) -> None:
-        """Not compared after all (the generation failed): the next save compares them again."""
-        if scope.files:
-            with self._changed_lock:
-                self._changed |= {Path(f) for f in scope.files}
 
     def _on_versions(self, paths: set[Path]) -> None:
         self.rec.project.invalidate()
@@ -339,7 +233,7 @@ class DevLoop:
             path, tables = self._held[rev]
             if _acknowledged(path):
                 del self._held[rev]  # confirmed: applied with the rest
-            elif self._models_changed.is_set() and self._models_differ():
+            elif self._models_changed.is_set() and self.changes.differ():
                 path.unlink(missing_ok=True)
                 del self._held[rev]
                 self._carry |= tables
@@ -375,161 +269,13 @@ class DevLoop:
                 todo.extend(ancestry.get(rev, ()))
         return "base"
 
-    def generate_and_apply(self) -> None:
-        scope = self._next_scope()
-        if scope.files == [] and not self._carry:
-            self._remember(scope)
-            log.info("no_changes", detail="the saved files changed no model code; nothing compared")
-            return
-        try:
-            graph = self.rec.graph()
-            draft = self._current_draft(graph)
-            if draft is not None and self.settings.dev.draft:
-                self._amend_draft(draft, scope)
-            else:
-                with self._warm.take() as worker:
-                    self._generate_and_apply_with(worker, scope)
-        except ReconcilerError:
-            self._requeue(scope)
-            raise
-        self._remember(scope)
-        self._carry.clear()
-
-    def _generate_and_apply_with(self, worker: Any, scope: Scope) -> None:
-        result = self._generate(
-            worker, draft=self.settings.dev.draft, **scope.request(frozenset(self._carry))
-        )
-        self._log_compared(result, scope)
-        with self.rec.lending(worker):
-            self._after_generate(result, rebuilt=False)
-
-    def _log_compared(self, result: Any, scope: Scope) -> None:
-        """Log what was compared; remember the tables a new draft touches (its next amend)."""
-        log.debug(
-            "compared",
-            tables="all" if result.compared is None else result.compared,
-            classes=scope.classes,
-            generate_ms=int(result.seconds * 1000),
-        )
-        if self.settings.dev.draft and result.revision:
-            self._draft_tables = {result.revision: _tables_of(result)}
-
-    def _generate(self, worker: Any, **request: Any) -> Any:
-        """Generate; discard the result when revision files came or went meanwhile (a pull, a
-        checkout): the worker compared against the old set, and what it wrote may duplicate a
-        teammate's revision. The follow-up run applies theirs first and compares again."""
-        before = self._revision_files()
-        try:
-            result = worker.generate(**request)
-        except ReconcilerError:  # e.g. "not at the heads": the worker saw the new file itself
-            self._raise_if_changed(before, None)
-            raise
-        self._raise_if_changed(before, None if result.path is None else Path(result.path))
-        return result
-
-    def _raise_if_changed(self, before: dict[Path, tuple[int, int]], written: Path | None) -> None:
-        after = self._revision_files()
-        if written is not None:
-            after.pop(written.resolve(), None)
-        if after == before or RECHECK_SWITCH in self.settings.unsafe:
-            return
-        if written is not None:
-            written.unlink(missing_ok=True)
-        self.rec.project.invalidate()
-        changed = sorted(p.name for p in set(before) ^ set(after))
-        raise RevisionsChanged(
-            f"revision files changed while the models were compared ({', '.join(changed)}); "
-            "nothing was written: they are applied first, then the models are compared again"
-        )
-
-    def _revision_files(self) -> dict[Path, tuple[int, int]]:
-        dirs, recursive = self.rec.project.version_dirs
-        out: dict[Path, tuple[int, int]] = {}
-        for path in revision_files(dirs, recursive):
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            out[path.resolve()] = (stat.st_size, stat.st_mtime_ns)
-        return out
-
-    # drafts
-    def _current_draft(self, graph: RevisionGraph) -> Revision | None:
-        heads = graph.heads
-        if len(heads) != 1:
-            return None
-        head = graph.revisions[heads[0]]
-        if not head.draft or not self._applied_as_draft(head.revision):
-            return None
-        return head
-
-    def _applied_as_draft(self, rev: str) -> bool:
-        with connection.connect(self.rec.engine) as conn:
-            rows = journal.rows_with_outcome(conn, self.rec.journal, "applied")
-        return any(r["revision"] == rev and r["trigger"] == DRAFT_TRIGGER for r in rows)
-
-    def _amend_draft(self, draft: Revision, scope: Scope) -> None:
-        """Downgrade the draft, regenerate it (same id) from the models, rewrite, apply again.
-
-        One warm worker does all three, under one hold of the lock: no other applier sees the
-        draft downgraded. The compare covers what the saves changed and the tables the draft
-        touched (known from its generation; after a restart, everything)."""
-        backup = Path(tempfile.mkdtemp(prefix="reconciler-draft-")) / draft.path.name
-        try:
-            with (
-                self._warm.take() as worker,
-                self.rec.lending(worker),
-                connection.connect(self.rec.engine) as conn,
-                self.rec.locked(conn, self.settings.apply.lock_acquire_timeout),
-            ):
-                self._downgrade_draft(conn, draft)
-                shutil.move(str(draft.path), backup)
-                self.rec.project.invalidate()
-                tables = self._draft_tables.get(draft.revision)
-                request = scope.request(None if tables is None else tables | self._carry)
-                result = self._generate(worker, draft=True, rev_id=draft.revision, rescan=True, **request)
-                self._log_compared(result, scope)
-                if result.path is None:
-                    log.info(
-                        "draft_removed",
-                        revision=draft.revision,
-                        reason="the models equal the draft's parent again",
-                    )
-                    return
-                self._after_generate(result, rebuilt=True, locked=conn)
-        except ReconcilerError:
-            if backup.exists():  # the models do not import: keep the old draft, applied
-                shutil.move(str(backup), draft.path)
-                self.rec.project.invalidate()
-                self._apply(DRAFT_TRIGGER)
-            raise
-
-    def _draft_to_reparent(self, status: Any) -> tuple[Revision, str] | None:
-        """Our applied draft and the one other head when the fork is only that: a teammate's
-        revision arrived on the draft's parent (a pull). A draft is ours to rebuild, so it moves
-        onto their head instead of asking for a merge; anything else is a real fork."""
-        if not self.settings.dev.draft:
-            return None
-        graph = self.rec.graph()
-        fork = [graph.revisions[h] for h in status.decision.fork if h in graph.revisions]
-        drafts = [r for r in fork if r.draft]
-        others = [r.revision for r in fork if not r.draft]
-        if len(drafts) != 1 or len(others) != 1:
-            return None
-        draft, head = drafts[0], others[0]
-        if set(status.decision.db_heads) != {draft.revision} or not self._applied_as_draft(draft.revision):
-            return None
-        if not set(draft.down_revisions) <= graph.ancestors(head):
-            return None  # their head does not build on the draft's parent
-        return draft, head
-
     def _reparent_draft(self, draft: Revision, head: str) -> None:
         """Move the draft onto `head`: downgrade it, rewrite its parent (down_revision and the
         "Revises:" line), apply the teammate's revisions, regenerate the draft (same id) from the
         models against them and apply it — as an amend does, under one hold of the lock. The
         compare is a full one: what the draft holds now is what their revisions do not."""
         backup = Path(tempfile.mkdtemp(prefix="reconciler-draft-")) / draft.path.name
-        scope = Scope(None, {}, {p: read_digest(p) for p in self.model_watcher.files()})
+        scope = self.changes.full()
         try:
             with (
                 self._warm.take() as worker,
@@ -561,24 +307,8 @@ class DevLoop:
                 self.rec.project.invalidate()
                 self._apply(DRAFT_TRIGGER)
             raise
-        self._remember(scope)
+        self.changes.remember(scope)
 
-    def _downgrade_draft(self, conn: sa.engine.Connection, draft: Revision) -> None:
-        """Under the lock, held on `conn`."""
-        parent = draft.down_revisions[0] if draft.down_revisions else "base"
-        with self.rec.start_worker(conn) as worker:
-            row = journal.record_started(
-                conn,
-                self.rec.journal,
-                target=self.target,
-                operation="downgrade",
-                revision=draft.revision,
-                trigger=DRAFT_TRIGGER,
-            )
-            worker.downgrade(parent)
-            journal.record_finished(conn, self.rec.journal, row, outcome="draft_rebuilt")
-
-    # after a generation
     def _after_generate(self, result: Any, rebuilt: bool, locked: sa.engine.Connection | None = None) -> None:
         self.rec.project.invalidate()
         if result.path is None:
@@ -606,7 +336,7 @@ class DevLoop:
             and not self.settings.dev.allow_destructive
             and not _acknowledged(Path(result.path))
         ):
-            self._held[str(result.revision)] = (Path(result.path), _tables_of(result))
+            self._held[str(result.revision)] = (Path(result.path), tables_of(result))
             log.warning(
                 "destructive_held_back",
                 revision=result.revision,
@@ -618,50 +348,9 @@ class DevLoop:
             return
         self._apply(DRAFT_TRIGGER if self.settings.dev.draft else "dev", Path(result.path), locked)
 
-    def _apply(
-        self, trigger: str, written: Path | None = None, locked: sa.engine.Connection | None = None
-    ) -> None:
-        """Through the prod path; under the caller's hold of the lock when `locked` is given."""
-        try:
-            if locked is None:
-                outcome = self.rec.apply(trigger=trigger)
-            else:
-                outcome = self.rec.apply_locked(locked, self.rec.graph(), trigger=trigger)
-        except RevisionFailed as exc:
-            if written is not None and written.exists():
-                written.unlink()  # never leave a revision the database did not get
-                self.rec.project.invalidate()
-                log.error("revision_removed", path=str(written), reason=str(exc))
-            raise
-        for rev, seconds in outcome.applied:
-            log.info("dev_applied", revision=rev, duration_ms=int(seconds * 1000))
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What one generation compares, and the model files as it read them."""
-
-    files: list[str] | None  # the saved files to compare; None: every table
-    classes: dict[str, list[str]]  # for some of `files`: the only classes of it that changed
-    digests: dict[Path, FileDigest | None]
-
-    def request(self, also: frozenset[str] | None = frozenset()) -> dict[str, Any]:
-        """Keyword arguments for `Worker.generate`: `also` adds tables; None compares all."""
-        if self.files is None or also is None:
-            return {}
-        if not self.files:
-            return {"tables": sorted(also)}
-        return {"files": self.files, "classes": self.classes, "tables": sorted(also)}
-
 
 class StopGenerating(StateError):
     """The database or the repository is in a state where generating would make things worse."""
-
-
-class RevisionsChanged(ReconcilerError):
-    """Revision files arrived or vanished during a generation: its result is discarded."""
-
-    transient = True
 
 
 def _names_a_missing_attribute(exc: ConfigError, settings: Settings) -> bool:
@@ -669,11 +358,6 @@ def _names_a_missing_attribute(exc: ConfigError, settings: Settings) -> bool:
     worker's model loader: "has no attribute 'dbb'")."""
     attr = settings.target.models.partition(":")[2]
     return bool(attr) and f"has no attribute '{attr}'" in str(exc)
-
-
-def _tables_of(result: Any) -> frozenset[str]:
-    """The tables a generated revision's operations touch."""
-    return frozenset(op["table"] for op in result.operations if op.get("table"))
 
 
 _DOWN_REVISION = re.compile(r"(?m)^(down_revision\s*(?::[^=\n]*)?=[ \t]*)[^\n]*?([ \t]*#[^\n]*)?$")
