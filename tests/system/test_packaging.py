@@ -77,7 +77,6 @@ def test_wheel_built_from_the_repository_carries_the_example_and_license(tmp_pat
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         assert archive.read("reconciler/config.example.toml") == EXAMPLE.read_bytes()
-        assert "reconciler/py.typed" in names  # PEP 561: type checkers read the package's annotations
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: MIT" in metadata and f"Version: {reconciler.__version__}" in metadata
