@@ -8,9 +8,9 @@ from typing import Any
 
 from reconciler import errors
 from reconciler.control.reconcile import Status
+from reconciler.core.alert_rules import Observation
 from reconciler.core.backoff import backoff
 from reconciler.redact import redact
-from reconciler.core.alert_rules import Observation
 from reconciler.runtime.statusdoc import RunState
 from reconciler.settings import DaemonSettings
 
