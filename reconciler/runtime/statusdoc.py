@@ -5,11 +5,11 @@ The dict is made only here, for the HTTP edge (`Daemon.status`): nothing reads i
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from reconciler.control.reconcile import Progress, Status
+from reconciler.core.alerting import iso_utc
 from reconciler.redact import redact
 
 UNREADABLE = "revision_unreadable"  # the condition (and alert event) of a revision file we cannot read
@@ -138,6 +138,4 @@ def state_dict(state: RunState | None) -> dict[str, Any]:
 
 
 def iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    return None if timestamp is None else iso_utc(timestamp)
