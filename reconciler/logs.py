@@ -20,7 +20,9 @@ from typing import Any, TextIO
 import structlog
 
 from reconciler.redact import redact
-from reconciler.runtime import terminal
+
+_CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+_RESET = "\x1b[0m"
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -176,6 +178,13 @@ def ids_text(ids: Sequence[str], full: bool = False) -> str:
     return f"{len(ids)} revisions, {ids[0]} … {ids[-1]}"
 
 
+def paint(text: str, style: str | None, on: bool) -> str:
+    """`text` in `style` (a name of `_CODES`) when colour is on; else unchanged."""
+    if not on or not style or not text:
+        return text
+    return f"\x1b[{_CODES[style]}m{text}{_RESET}"
+
+
 class _TextRenderer:
     """`level event key=value ...` on one line: strings with spaces quoted, a multi-line value or
     traceback continued on indented lines as it is (never `\\n` escapes); colour when asked."""
@@ -191,8 +200,8 @@ class _TextRenderer:
         name = str(event.pop("event", ""))
         stamp = str(event.pop("timestamp", ""))
         trace = event.pop("exception", None)
-        head = terminal.paint(f"{level:<7}", self._STYLES.get(level), self._colour)
-        parts = [head, terminal.paint(name, "bold", self._colour)]
+        head = paint(f"{level:<7}", self._STYLES.get(level), self._colour)
+        parts = [head, paint(name, "bold", self._colour)]
         if self._clock and stamp:
             parts.insert(0, stamp[11:19])
         parts += [f"{key}={_text_value(value)}" for key, value in sorted(event.items())]

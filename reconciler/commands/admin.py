@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from reconciler import logs
+from reconciler.config import appsource
 from reconciler.control import guard
 from reconciler.control.reconcile import Reconciler, Status, refuse_unless_applicable
 from reconciler.control.workerclient import start_headers_worker
@@ -33,7 +34,7 @@ from reconciler.errors import (
     StateError,
     UnreachableError,
 )
-from reconciler.project import appsource, differences
+from reconciler.project import differences
 from reconciler.project.repository import Project
 from reconciler.redact import redact
 from reconciler.settings import Settings

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from reconciler import sessions
+from reconciler.config import appsource
 from reconciler.config import environment as envsettings
 from reconciler.config.coerce import build_section
 from reconciler.config.tomlfile import Source, read_file
 from reconciler.config.urls import default_target_name, normalize_url, same_database
 from reconciler.config.validate import ALERT_KINDS, check_alert_url, validate
 from reconciler.errors import ConfigError, ReconcilerError
-from reconciler.project import appsource
 from reconciler.redact import redact, register_secret
 from reconciler.settings import (
     LIST_SECTIONS,

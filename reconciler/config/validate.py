@@ -7,10 +7,10 @@ import re
 import sys
 from pathlib import Path
 
+from reconciler.config import appsource
 from reconciler.core import urlcheck
 from reconciler.core.drift import parse_rule
 from reconciler.errors import ConfigError
-from reconciler.project import appsource
 from reconciler.redact import redact
 from reconciler.settings import (
     JOURNAL_PLACEMENTS,

@@ -1,8 +1,8 @@
 """What a person at a terminal sees: colour, and the one updating progress line of `apply`.
 
-Standard library only. Colour is decided by the caller (`cli`: a terminal, and neither `NO_COLOR`
-nor `--no-color`); every function here takes that decision as an argument, so piped output never
-carries an escape sequence.
+The escapes come from `logs.paint`, which colours log lines too. Colour is decided by the caller
+(`cli`: a terminal, and neither `NO_COLOR` nor `--no-color`); every function here takes that
+decision as an argument, so piped output never carries an escape sequence.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import re
 import shutil
 from typing import TextIO
 
-_CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
-_RESET = "\x1b[0m"
+from reconciler.logs import paint
+
 _ERASE = "\r\x1b[K"  # back to the line's start, erase to its end
 
 # A state or condition, by how much it asks of the reader: fine, wait for it, act on it.
@@ -43,13 +43,6 @@ OUTCOME_STYLES = {
 }
 _HISTORY_MARKS = {"[applied]": "green", "[pending]": "yellow"}
 _HISTORY_TAGS = re.compile(r"\((?:[^()]*\b(?:head|current)\b[^()]*)\)")
-
-
-def paint(text: str, style: str | None, on: bool) -> str:
-    """`text` in `style` (a name of `_CODES`) when colour is on; else unchanged."""
-    if not on or not style or not text:
-        return text
-    return f"\x1b[{_CODES[style]}m{text}{_RESET}"
 
 
 def state(text: str, on: bool) -> str:

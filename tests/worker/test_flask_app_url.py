@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from reconciler.config import appsource
 from reconciler.config.load import load_settings
 from reconciler.control import workerclient
 from reconciler.errors import ConfigError
-from reconciler.project import appsource
 from reconciler.settings import AppUrl
 from tests import dbs
 from tests.builders import flask_project, table_names, worker_python
