@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -246,17 +247,19 @@ class _ModuleBindings(ast.NodeVisitor):
         self._bind(node.name)
         self.generic_visit(node)
 
-    def visit_MatchAs(self, node: ast.MatchAs) -> None:
-        self._bind(node.name)
-        self.generic_visit(node)
+    if sys.version_info >= (3, 10):  # `match` patterns bind names; 3.9 has no such nodes
 
-    def visit_MatchStar(self, node: ast.MatchStar) -> None:
-        self._bind(node.name)
-        self.generic_visit(node)
+        def visit_MatchAs(self, node: ast.MatchAs) -> None:
+            self._bind(node.name)
+            self.generic_visit(node)
 
-    def visit_MatchMapping(self, node: ast.MatchMapping) -> None:
-        self._bind(node.rest)
-        self.generic_visit(node)
+        def visit_MatchStar(self, node: ast.MatchStar) -> None:
+            self._bind(node.name)
+            self.generic_visit(node)
+
+        def visit_MatchMapping(self, node: ast.MatchMapping) -> None:
+            self._bind(node.rest)
+            self.generic_visit(node)
 
 
 def _module_bindings(tree: ast.Module) -> dict[str, int]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -149,7 +150,7 @@ def db_time(conn: sa.engine.Connection) -> float | None:
     else:  # SQLite: a local file, so the local clock is everyone's
         query = "SELECT (julianday('now') - 2440587.5) * 86400.0"
     try:
-        value = conn.execute(sa.text(query)).scalar_one()
+        value: Any = conn.execute(sa.text(query)).scalar_one()
     except sa.exc.DBAPIError:
         _rollback(conn)
         return None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 
@@ -178,11 +178,14 @@ def ancestry(conn: sa.engine.Connection, jt: JournalTables) -> dict[str, tuple[s
     """revision → its down_revisions, for every revision we ever applied or recorded on first sight
     (empty without a journal). The newest row of a revision wins."""
     try:
-        rows = conn.execute(
-            sa.select(jt.steps.c.revision, jt.steps.c.down_revisions)
-            .where(jt.steps.c.operation.in_(("upgrade", RECORD)))
-            .order_by(jt.steps.c.id)
-        ).fetchall()
+        rows = cast(
+            "list[tuple[str, str]]",
+            conn.execute(
+                sa.select(jt.steps.c.revision, jt.steps.c.down_revisions)
+                .where(jt.steps.c.operation.in_(("upgrade", RECORD)))
+                .order_by(jt.steps.c.id)
+            ).fetchall(),
+        )
     except sa.exc.DBAPIError:
         _rollback(conn)
         return {}
@@ -211,17 +214,20 @@ def recorded_hashes(conn: sa.engine.Connection, jt: JournalTables, target: str) 
     """revision → the hash we hold for it as applied (empty without a journal)."""
     ops = sorted({op for op, _ in APPLYING | UNDOING})
     try:
-        rows = conn.execute(
-            sa.select(
-                jt.steps.c.revision,
-                jt.steps.c.file_hash,
-                jt.steps.c.operation,
-                jt.steps.c.outcome,
-                jt.steps.c.trigger,
-            )
-            .where(jt.steps.c.target == target[:64], jt.steps.c.operation.in_(ops))
-            .order_by(jt.steps.c.id)
-        ).fetchall()
+        rows = cast(
+            "list[tuple[str, str | None, str, str, str | None]]",
+            conn.execute(
+                sa.select(
+                    jt.steps.c.revision,
+                    jt.steps.c.file_hash,
+                    jt.steps.c.operation,
+                    jt.steps.c.outcome,
+                    jt.steps.c.trigger,
+                )
+                .where(jt.steps.c.target == target[:64], jt.steps.c.operation.in_(ops))
+                .order_by(jt.steps.c.id)
+            ).fetchall(),
+        )
     except sa.exc.DBAPIError:
         _rollback(conn)
         return {}

@@ -378,7 +378,8 @@ def reparented(text: str, head: str) -> str:
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(".py.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
+    with open(tmp, "w", encoding="utf-8", newline="") as out:  # write_text(newline=) is 3.10+
+        out.write(text)
     tmp.replace(path)
 
 
@@ -453,7 +454,8 @@ def _slug_length(settings: Settings) -> int:
 
 def _write_replacing(old: Path, target: Path, text: str) -> None:
     tmp = target.with_suffix(".py.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
+    with open(tmp, "w", encoding="utf-8", newline="") as out:  # write_text(newline=) is 3.10+
+        out.write(text)
     tmp.replace(target)
     if target != old:
         old.unlink()
