@@ -9,6 +9,7 @@ from pathlib import Path
 
 from reconciler.config import appsource
 from reconciler.core import urlcheck
+from reconciler.core.alert_rules import EVENTS
 from reconciler.core.drift import parse_rule
 from reconciler.errors import ConfigError
 from reconciler.redact import redact
@@ -210,6 +211,19 @@ def _validate_safety(safety: SafetySettings, origin: dict[tuple[str, str], str])
         if value not in allowed:
             where = origin.get(("safety", key), f"[safety] {key}")
             raise ConfigError(f"{where}: {key} must be {' or '.join(allowed)}, got {value!r}")
+
+
+def check_sink_events(settings: Settings) -> None:
+    """Every `[[alerts]] events` name is an alert event (checked when the daemon starts)."""
+    for index, sink in enumerate(settings.alerts, start=1):
+        for name in sink.events:
+            if name not in EVENTS:
+                close = difflib.get_close_matches(name, list(EVENTS), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(
+                    f"[[alerts]] #{index} ({sink.name}): unknown event {name!r}{hint}; "
+                    f"events are {', '.join(EVENTS)}"
+                )
 
 
 def parse_http(value: str, where: str = "[daemon] http") -> tuple[str, int]:

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler import __version__
 from reconciler.core.alert_rules import RULES, Keep, Observation, Rule
 from reconciler.redact import redact
 from reconciler.settings import AlertingSettings
+from reconciler.version import __version__
 
 KEY_MAX = 120  # episode keys fit the journal's flags key column with room for a prefix
 _EPISODE_MAX = 80

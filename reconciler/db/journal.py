@@ -27,10 +27,11 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 
-from reconciler import __version__, logs
+from reconciler import logs
 from reconciler.core.checksums import HashRecord
 from reconciler.redact import redact
 from reconciler.sessions import replica_id
+from reconciler.version import __version__
 
 log = logs.get("reconciler.journal")
 

@@ -1,4 +1,5 @@
-"""Advisory locks per dialect, who-holds-it reporting, and the orphan wait.
+"""Advisory locks per dialect (the backends: `db.lockbackends`), who-holds-it reporting, and the
+orphan wait.
 
 Invariant 2: we lock by polling, never by blocking. PostgreSQL uses `pg_try_advisory_lock`,
 MySQL / MariaDB `GET_LOCK(name, 0)`, SQLite an exclusive non-blocking `flock` on a side file next
@@ -28,29 +29,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
 import random
-import socket
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from reconciler.db.lockbackends import FileLock, Holder, MySqlLock, PgLock, iso, query, sqlite_file
 from reconciler.errors import ConfigError, LockTimeout, UnreachableError
 from reconciler.redact import redact
-
-if sys.platform == "win32":  # pragma: no cover - POSIX is what the tests run
-    import msvcrt
-else:
-    import fcntl
-
-Holder = dict[str, object]
 
 MYSQL_MAX_NAME = 64
 _NAME_PREFIX = "reconciler/"
@@ -105,256 +95,6 @@ def _int_override(text: str) -> int | None:
     return value if -(2**63) <= value < 2**63 else None
 
 
-def _pg_halves(key: int) -> tuple[int, int]:
-    """(classid, objid) as pg_locks shows a bigint advisory key (objsubid = 1)."""
-    unsigned = key & 0xFFFFFFFFFFFFFFFF
-    return unsigned >> 32, unsigned & 0xFFFFFFFF
-
-
-# --------------------------------------------------------------------------- SQL helper
-
-
-def _query(
-    conn: sa.engine.Connection, sql: str, params: Mapping[str, Any], what: str
-) -> list[dict[str, Any]]:
-    """Run one statement; commit the transaction only if this call began it."""
-    began = not conn.in_transaction()
-    try:
-        result = conn.execute(sa.text(sql), dict(params))
-        rows = _mappings(result) if result.returns_rows else []
-    except sa.exc.DBAPIError as err:
-        if began:
-            _quietly_rollback(conn)
-        detail = redact(str(err.orig).strip().splitlines()[0] if str(err.orig).strip() else "")
-        raise UnreachableError(
-            f"{what} failed: {detail or type(err.orig).__name__}; "
-            "the database may be unreachable, the next attempt retries"
-        ) from err
-    if began and conn.in_transaction():
-        commit = getattr(conn, "commit", None)
-        if commit is not None:
-            commit()
-    return rows
-
-
-def _mappings(result: Any) -> list[dict[str, Any]]:
-    """The rows as dicts; SQLAlchemy 1.3 (an app's env.py calling `hooks.migration_lock`) has no
-    `mappings()`, and its rows are mappings themselves."""
-    if hasattr(result, "mappings"):
-        return [dict(r) for r in result.mappings().all()]
-    return [dict(r) for r in result.fetchall()]
-
-
-def _quietly_rollback(conn: sa.engine.Connection) -> None:
-    try:
-        if conn.in_transaction():
-            rollback = getattr(conn, "rollback", None)
-            if rollback is not None:
-                rollback()
-    except sa.exc.SQLAlchemyError:
-        pass
-
-
-def _iso(value: object) -> object:
-    return value.isoformat() if isinstance(value, datetime) else value
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# --------------------------------------------------------------------------- backends
-
-
-class _PgLock:
-    def __init__(self, conn: sa.engine.Connection, key: LockKey) -> None:
-        self.conn = conn
-        self.key = key
-
-    def try_lock(self) -> bool:
-        rows = _query(
-            self.conn,
-            "SELECT pg_try_advisory_lock(CAST(:k AS bigint)) AS ok",
-            {"k": self.key.pg_key},
-            f"pg_try_advisory_lock for lock {self.key.name!r}",
-        )
-        return bool(rows[0]["ok"])
-
-    def unlock(self) -> None:
-        _query(
-            self.conn,
-            "SELECT pg_advisory_unlock(CAST(:k AS bigint)) AS ok",
-            {"k": self.key.pg_key},
-            f"pg_advisory_unlock for lock {self.key.name!r}",
-        )
-
-    def holder(self) -> Holder | None:
-        hi, lo = _pg_halves(self.key.pg_key)
-        rows = _query(
-            self.conn,
-            "SELECT a.pid, a.application_name, host(a.client_addr) AS client_addr,"
-            " a.usename AS user_name, a.state, a.backend_start,"
-            " CASE WHEN a.state = 'active' THEN a.query_start ELSE a.state_change END AS since"
-            " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND CAST(l.classid AS bigint) = CAST(:hi AS bigint)"
-            " AND CAST(l.objid AS bigint) = CAST(:lo AS bigint)"
-            " LIMIT 1",
-            {"hi": hi, "lo": lo},
-            f"reading the holder of lock {self.key.name!r}",
-        )
-        if not rows:
-            return None
-        return {k: _iso(v) for k, v in rows[0].items()}
-
-
-class _MySqlLock:
-    def __init__(self, conn: sa.engine.Connection, key: LockKey) -> None:
-        self.conn = conn
-        self.key = key
-
-    def try_lock(self) -> bool:
-        rows = _query(
-            self.conn,
-            "SELECT GET_LOCK(:n, 0) AS ok",
-            {"n": self.key.name},
-            f"GET_LOCK for lock {self.key.name!r}",
-        )
-        return bool(rows[0]["ok"] == 1)  # 0: held elsewhere, NULL: error (treated as not acquired)
-
-    def unlock(self) -> None:
-        _query(
-            self.conn,
-            "SELECT RELEASE_LOCK(:n) AS ok",
-            {"n": self.key.name},
-            f"RELEASE_LOCK for lock {self.key.name!r}",
-        )
-
-    def holder(self) -> Holder | None:
-        what = f"reading the holder of lock {self.key.name!r}"
-        rows = _query(self.conn, "SELECT IS_USED_LOCK(:n) AS id", {"n": self.key.name}, what)
-        conn_id = rows[0]["id"]
-        if conn_id is None:
-            return None
-        found: Holder = {"connection_id": int(conn_id)}
-        details = _query(
-            self.conn,
-            "SELECT p.USER AS user_name, p.HOST AS host, p.DB AS db, p.COMMAND AS command,"
-            " p.TIME AS seconds, NOW() - INTERVAL p.TIME SECOND AS since"
-            " FROM information_schema.PROCESSLIST p WHERE p.ID = :id",
-            {"id": int(conn_id)},
-            what,
-        )
-        if details:  # without the PROCESS privilege other users' threads are invisible
-            found.update({k: _iso(v) for k, v in details[0].items()})
-        return found
-
-
-class _FileLock:
-    """An exclusive, non-blocking lock on a side file; the holder's pid/host/since are its text."""
-
-    _WIN_OFFSET = 1 << 16  # Windows locks a byte range: lock one far past the holder text
-
-    def __init__(self, path: Path, key: LockKey) -> None:
-        self.path = path
-        self.key = key
-        self._fd: int | None = None
-        self._info: Holder | None = None
-
-    def _open(self, flags: int) -> int:
-        try:
-            return os.open(self.path, flags, 0o644)
-        except OSError as err:
-            raise ConfigError(
-                f"cannot open the SQLite lock file {str(self.path)!r}: {err.strerror}; the "
-                "reconciler's advisory lock is this side file beside the database file (every "
-                "process that migrates the database must share it): make the folder "
-                f"{str(self.path.parent)!r} writable by the reconciler"
-            ) from err
-
-    def try_lock(self) -> bool:
-        fd = self._open(os.O_RDWR | os.O_CREAT)
-        if not _try_lock_fd(fd, exclusive=True, path=self.path):
-            os.close(fd)
-            return False
-        info: Holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now_iso()}
-        data = json.dumps(info).encode("utf-8")
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, data)
-        os.ftruncate(fd, len(data))
-        self._fd, self._info = fd, {**info, "lock_file": str(self.path)}
-        return True
-
-    def unlock(self) -> None:
-        fd, self._fd, self._info = self._fd, None, None
-        if fd is None:
-            return
-        try:
-            os.ftruncate(fd, 0)
-            _unlock_fd(fd)
-        finally:
-            os.close(fd)
-
-    def holder(self) -> Holder | None:
-        if self._info is not None:
-            return dict(self._info)
-        if not self.path.exists():
-            return None
-        fd = self._open(os.O_RDWR)
-        try:
-            if _try_lock_fd(fd, exclusive=False, path=self.path):
-                _unlock_fd(fd)  # nobody holds it; the text is a stale leftover
-                return None
-            text = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        try:
-            info = json.loads(text.decode("utf-8")) if text else {}
-        except ValueError:
-            info = {}  # being rewritten by the holder right now
-        return {**(info if isinstance(info, dict) else {}), "lock_file": str(self.path)}
-
-
-def _try_lock_fd(fd: int, exclusive: bool, path: Path) -> bool:
-    try:
-        if sys.platform == "win32":  # pragma: no cover
-            os.lseek(fd, _FileLock._WIN_OFFSET, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as err:
-        if sys.platform == "win32":  # pragma: no cover - msvcrt reports "busy" as EACCES
-            return False
-        raise ConfigError(
-            f"cannot lock the SQLite lock file {str(path)!r}: {err.strerror}; "
-            "keep the database on a local filesystem that supports flock"
-        ) from err
-    return True
-
-
-def _unlock_fd(fd: int) -> None:
-    if sys.platform == "win32":  # pragma: no cover
-        os.lseek(fd, _FileLock._WIN_OFFSET, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-def _sqlite_file(conn: sa.engine.Connection) -> Path:
-    rows = _query(conn, "PRAGMA database_list", {}, "finding the SQLite database file")
-    main = next((r for r in rows if r.get("name") == "main"), None)
-    path = str(main.get("file") or "") if main else ""
-    if not path:
-        raise ConfigError(
-            "the SQLite database has no file (in-memory or temporary), so no other process can "
-            "share it; give the target a file URL such as sqlite:///app.db"
-        )
-    return Path(path)
-
-
 # --------------------------------------------------------------------------- the lock
 
 
@@ -370,14 +110,14 @@ class AdvisoryLock:
         self.key = key
         self.dialect = conn.dialect.name
         self._held = False
-        self._backend: _PgLock | _MySqlLock | _FileLock
+        self._backend: PgLock | MySqlLock | FileLock
         if self.dialect in _PG_DIALECTS:
-            self._backend = _PgLock(conn, key)
+            self._backend = PgLock(conn, key)
         elif self.dialect in _MYSQL_DIALECTS:
-            self._backend = _MySqlLock(conn, key)
+            self._backend = MySqlLock(conn, key)
         elif self.dialect == "sqlite":
-            db_file = sqlite_path if sqlite_path is not None else _sqlite_file(conn)
-            self._backend = _FileLock(Path(str(db_file) + _LOCK_FILE_SUFFIX), key)
+            db_file = sqlite_path if sqlite_path is not None else sqlite_file(conn)
+            self._backend = FileLock(Path(str(db_file) + _LOCK_FILE_SUFFIX), key)
         else:
             raise ConfigError(
                 f"no advisory lock for the {self.dialect!r} dialect; supported: PostgreSQL, "
@@ -535,12 +275,12 @@ def wait_for_orphans(conn: sa.engine.Connection, app_prefix: str, timeout: float
 def _running_orphans(conn: sa.engine.Connection, app_prefix: str) -> list[dict[str, Any]]:
     what = f"looking for running sessions named {app_prefix!r}*"
     if conn.in_transaction():  # pg_stat_activity is a per-transaction snapshot
-        _query(conn, "SELECT pg_stat_clear_snapshot()", {}, what)
-    return _query(conn, _ORPHANS_SQL, {"n": len(app_prefix), "prefix": app_prefix}, what)
+        query(conn, "SELECT pg_stat_clear_snapshot()", {}, what)
+    return query(conn, _ORPHANS_SQL, {"n": len(app_prefix), "prefix": app_prefix}, what)
 
 
 def _orphan_timeout(first: Mapping[str, Any], count: int, timeout: float) -> LockTimeout:
-    found: Holder = {k: _iso(v) for k, v in first.items()}
+    found: Holder = {k: iso(v) for k, v in first.items()}
     pid = found.get("pid")
     others = f" (and {count - 1} more)" if count > 1 else ""
     message = (

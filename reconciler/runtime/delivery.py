@@ -22,12 +22,13 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler import __version__, logs
+from reconciler import logs
 from reconciler.core import urlcheck
 from reconciler.core.alerting import Alert
 from reconciler.core.backoff import backoff
 from reconciler.redact import redact
 from reconciler.settings import AlertingSettings, AlertSink
+from reconciler.version import __version__
 
 log = logs.get("reconciler.alerts")
 

@@ -9,7 +9,6 @@ interval to `backoff_max`), and whether to keep the connection until then.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import signal
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler import __version__, logs, sessions
-from reconciler.config.validate import parse_http
+from reconciler.config.validate import check_sink_events, parse_http
 from reconciler.control.drift import DriftChecker
 from reconciler.control.reconcile import ApplyResult, Reconciler, Status, is_lock_timeout
 from reconciler.core.alert_rules import EVENTS
@@ -63,7 +62,7 @@ class Daemon:
         self.drift = DriftChecker(self.rec, settings.drift, settings.unsafe)
         self.metrics = Metrics(self.target, __version__)
         self.policy = AlertPolicy(self.target, settings.alerting)
-        _check_sink_events(settings)
+        check_sink_events(settings)
         self.metrics.declare_sinks([sink.name for sink in settings.alerts], EVENTS)
         self.dispatcher = AlertDispatcher(
             settings.alerts,
@@ -485,18 +484,6 @@ def _shown(path: Any, root: Any) -> str:
         return str(path.resolve().relative_to(root.resolve()))
     except (ValueError, OSError, AttributeError):
         return str(path)
-
-
-def _check_sink_events(settings: Settings) -> None:
-    for index, sink in enumerate(settings.alerts, start=1):
-        for name in sink.events:
-            if name not in EVENTS:
-                close = difflib.get_close_matches(name, list(EVENTS), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(
-                    f"[[alerts]] #{index} ({sink.name}): unknown event {name!r}{hint}; "
-                    f"events are {', '.join(EVENTS)}"
-                )
 
 
 def run_daemon(settings: Settings) -> int:

@@ -153,10 +153,17 @@ def test_without_a_ddl_lock_timeout_app_reads_wait_for_the_whole_hold(
     project = alter_project(tmp_path, url, kind, 0, retries=2)
     with app_reading(url) as app, background(project, "apply") as apply:
         wait_until(lambda: alter_waiting(url, kind), 30, "our ALTER waiting for the table")
-        release = threading.Timer(HOLD, app.connection.dbapi_connection.rollback)  # type: ignore[union-attr]
+        releasing = threading.Event()  # set just before the application lets go of the table
+
+        def let_go() -> None:
+            releasing.set()
+            app.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+
+        release = threading.Timer(HOLD, let_go)
         release.start()
         try:
             waited = timed_select(url)
+            returned_after_release = releasing.is_set()
         finally:
             release.join()
         code, stderr = apply.finish()
@@ -164,6 +171,6 @@ def test_without_a_ddl_lock_timeout_app_reads_wait_for_the_whole_hold(
         f"\n[{kind}] without ddl_lock_timeout the app SELECT waited {waited:.3f} s "
         f"(the application held the table {HOLD} s more)"
     )
-    assert waited >= HOLD - 0.2
+    assert returned_after_release  # the SELECT finished only once the application had let go
     assert code == 0, stderr
     assert alter1_outcomes(url) == ["applied"]

@@ -255,10 +255,10 @@ def test_holder_in_another_process_is_named_then_released_then_killed(
     assert child.send("acquire") == {"done": "acquire", "held": True}
 
     lock = AdvisoryLock(connect(db_url), _key(db_url))
-    started = time.monotonic()
+    tries = _count_tries(lock)
     with pytest.raises(LockTimeout) as caught:
-        lock.acquire(timeout=0.5, poll=0.05)
-    assert time.monotonic() - started >= 0.5  # it polled for its whole timeout
+        lock.acquire(timeout=1.0, poll=0.01)
+    assert len(tries) > 1 and not any(tries)  # it polled, never blocked on one attempt
     message, holder = str(caught.value), caught.value.holder
     if kind == "postgresql":
         assert holder["pid"] == ident["backend_pid"] and holder["application_name"] == HOLDER_APP
@@ -378,6 +378,19 @@ def _watch_while(thread: threading.Thread, observer: sa.engine.Connection, pid: 
     return samples
 
 
+def _count_tries(lock: AdvisoryLock) -> list[bool]:
+    """Each `try_acquire()` answer `lock` gets from now on: a poll, not a duration, says it waited."""
+    tries: list[bool] = []
+    real = lock.try_acquire
+
+    def counted() -> bool:
+        tries.append(real())
+        return tries[-1]
+
+    lock.try_acquire = counted  # type: ignore[method-assign]
+    return tries
+
+
 @pytest.mark.postgres
 def test_waiter_polls_and_never_waits_on_the_server(pg_url: str, connect: Connect) -> None:
     holder = AdvisoryLock(connect(pg_url), _key(pg_url))
@@ -387,13 +400,13 @@ def test_waiter_polls_and_never_waits_on_the_server(pg_url: str, connect: Connec
     waiter_pid = _backend_pid(waiter_conn)  # before the waiter thread owns the connection
     outcome: dict[str, Any] = {}
 
+    tries = _count_tries(waiter)
+
     def wait() -> None:
-        started = time.monotonic()
         try:
             waiter.acquire(timeout=2.0, poll=0.05)
         except LockTimeout as err:
             outcome["error"] = err
-        outcome["elapsed"] = time.monotonic() - started
 
     thread = threading.Thread(target=wait)
     thread.start()
@@ -401,7 +414,7 @@ def test_waiter_polls_and_never_waits_on_the_server(pg_url: str, connect: Connec
     assert len(samples) > 10
     assert all(ungranted == 0 and wait_type != "Lock" for ungranted, wait_type in samples)
     assert isinstance(outcome.get("error"), LockTimeout)
-    assert outcome["elapsed"] >= 1.9  # it polled for its whole timeout
+    assert len(tries) > 1 and not any(tries)  # many short attempts, each answered at once
 
 
 @pytest.mark.postgres
@@ -508,9 +521,8 @@ def test_orphan_wait_outlasts_a_killed_appliers_statement(
     assert _active_pid(conn, app) == orphan
     wait_for_orphans(conn, sessions.apply_prefix("t2"), timeout=0)  # no wait: raises if any
 
-    waited = wait_for_orphans(conn, sessions.apply_prefix("t1"), timeout=30, poll=0.05)
-    assert waited > 0
-    assert _active_pid(conn, app) is None
+    wait_for_orphans(conn, sessions.apply_prefix("t1"), timeout=30, poll=0.05)
+    assert _active_pid(conn, app) is None  # it returned only once the orphan had finished
     state = conn.execute(sa.text("SELECT state FROM pg_stat_activity WHERE pid = :p"), {"p": orphan}).scalar()
     assert state in (None, "idle")
 

@@ -81,11 +81,9 @@ def wait_idle(loop: Loop) -> None:
 
 def test_first_run_at_start(loops: list[Loop]) -> None:
     runs = Runs()
-    started = time.monotonic()
     make(loops, runs, interval=60)
-    runs.wait_count(1)
+    runs.wait_count(1)  # within DEADLINE, long before the first 60 s interval
     assert runs.reasons == ["startup"]
-    assert runs.calls[0][1] - started < 2.0
 
 
 def test_interval_runs_repeat(loops: list[Loop]) -> None:
@@ -216,9 +214,9 @@ def test_stop_with_a_timeout_returns_false_when_the_run_outlasts_it(loops: list[
     runs = Runs(body)
     loop = make(loops, runs, interval=0.01)
     assert inside.wait(DEADLINE)
-    asked = time.monotonic()
     assert loop.stop(wait=True, timeout=0.1) is False
-    assert time.monotonic() - asked >= 0.09  # it waited its timeout, then gave up
+    # it gave up while the run was still inside its body (nothing has released it yet)
+    assert not release.is_set() and runs.active == 1 and len(runs.calls) == 0
     assert loop.running
     release.set()
     runs.wait_count(1)

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -214,10 +213,9 @@ def test_history_works_when_the_database_is_unreachable(tmp_path: Path) -> None:
 def test_wait_times_out_with_exit_8_when_behind(tmp_path: Path, sqlite_url: str) -> None:
     project = flask_project(tmp_path / "p", sqlite_url)
     project.chain(1)
-    started = time.monotonic()
     result = cli(project, "wait", "--timeout", "1", "--interval", "0.2")
     assert result.returncode == 8, result.stderr
-    assert time.monotonic() - started >= 1
+    assert "gave up after 1 s" in result.stderr  # at its timeout, not for another reason
     assert "uninitialized_empty" in result.stderr and "reconciler apply" in result.stderr
 
 
