@@ -79,4 +79,5 @@ def test_wheel_built_from_the_repository_carries_the_example_and_license(tmp_pat
         assert archive.read("reconciler/config.example.toml") == EXAMPLE.read_bytes()
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "reconciler/py.typed" in names  # PEP 561: the inline types reach users
     assert "License-Expression: MIT" in metadata and f"Version: {reconciler.__version__}" in metadata
