@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import reconciler
+from reconciler.config.load import load_settings
 from tests.test_environ import environ_reads
 
 PACKAGE = Path(reconciler.__file__).resolve().parent
@@ -220,3 +221,29 @@ def test_negative_control_a_cycle_is_found() -> None:
 def test_the_version_is_the_same_in_pyproject_and_the_package() -> None:
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert f'\nversion = "{reconciler.__version__}"\n' in text
+
+
+def test_importing_the_package_is_cheap() -> None:
+    """`import reconciler` (an app's env.py, `reconciler.hooks`) loads no third-party library."""
+    code = (
+        "import sys, reconciler\n"
+        "names = ('sqlalchemy', 'alembic', 'structlog', 'click', 'flask')\n"
+        "heavy = sorted(m for m in names if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_the_public_api_is_sorted_and_every_name_resolves() -> None:
+    assert reconciler.__all__ == sorted(reconciler.__all__)
+    for name in reconciler.__all__:
+        assert getattr(reconciler, name) is not None, name
+    assert reconciler.load_settings is load_settings  # the lazy name is the real function

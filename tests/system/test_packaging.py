@@ -59,6 +59,7 @@ def test_wheel_built_from_the_repository_carries_the_example_and_license(tmp_pat
         "README.md",
         "LICENSE",
         "CHANGELOG.md",
+        "CONTRIBUTING.md",
         "config.example.toml",
     ):
         shutil.copy2(ROOT / name, src / name)
