@@ -175,7 +175,7 @@ def _running(pg_url: str) -> bool:
                 conn.execute(
                     sa.text(
                         "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :p"
-                        " AND state = 'active'"
+                        " AND state = 'active' AND datname = current_database()"  # not another test's
                     ),
                     {"p": APPLY_PREFIX + "%"},
                 ).scalar()
@@ -188,17 +188,18 @@ def test_orphan_wait_through_the_pooler_sees_the_workers_session(pg_url: str, bo
     """application_name passes through PgBouncer, and the poll (many runs of one query) does not
     trip over server-side prepared statements (psycopg 3 prepares a query run 5 times)."""
     pooled = bouncer("transaction", 2).url(pg_url)
-    sleeper = _sleeping_applier(pooled, 1.5)
+    sleeper = _sleeping_applier(pooled, 3.0)
     wait_until(lambda: _running(pg_url), 10, "the sleeping applier to be active")
     engine = connection.make_engine(pooled, "t", 10)
     try:
         with engine.connect() as conn:
+            with pytest.raises(LockTimeout, match="still running"):  # no wait: it sees the session
+                locks.wait_for_orphans(conn, APPLY_PREFIX, timeout=0)
             locks.wait_for_orphans(conn, APPLY_PREFIX, timeout=20, poll=0.05)
-        # it returned only once the worker's session had finished (it was active when it began)
-        assert not _running(pg_url)
     finally:
         engine.dispose()
     sleeper.join(10)
+    assert not sleeper.is_alive() and not _running(pg_url)
 
 
 def test_negative_control_auto_prepared_polls_fail_behind_the_pooler(
