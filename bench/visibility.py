@@ -25,7 +25,8 @@ from typing import Any
 from bench.common import env_for, project, row
 from reconciler import logs
 from reconciler.config.load import load_settings
-from reconciler.control.reconcile import Reconciler
+from reconciler.control.reconcile import reconcile_once
+from reconciler.control.target import close_target, open_target
 from reconciler.db import flags
 from tests import dbs
 from tests.cli import start_cli
@@ -107,14 +108,14 @@ def progress_cost(folder: Path, url: str, revisions: int) -> dict[str, float]:
             writes.append(time.perf_counter() - started)
 
     flags.put = timed_put  # type: ignore[assignment]
-    rec = Reconciler(settings)
+    handle = open_target(settings)
     try:
         started = time.perf_counter()
-        rec.apply(trigger="bench")
+        reconcile_once(handle, trigger="bench")
         total = time.perf_counter() - started
     finally:
         flags.put = put  # type: ignore[assignment]
-        rec.close()
+        close_target(handle)
     return {"writes": len(writes), "note_ms": sum(writes) * 1000, "apply_s": total}
 
 

@@ -33,7 +33,7 @@ from reconciler.runtime import terminal
 from reconciler.settings import Settings
 
 if TYPE_CHECKING:
-    from reconciler.control.reconcile import Reconciler
+    from reconciler.control.target import TargetHandle
 
 F = TypeVar("F", bound=Callable[..., Any])
 GLOBAL_KEYS = ("config", "url", "migrations", "models", "log_format")
@@ -214,15 +214,15 @@ def main(ctx: click.Context, /, **options: Any) -> None:
 
 
 @contextmanager
-def _reconciler(ctx: Context) -> Iterator[Reconciler]:
+def _reconciler(ctx: Context) -> Iterator[TargetHandle]:
     """The target's control plane, closed (connections released) when the command ends."""
-    from reconciler.control.reconcile import Reconciler
+    from reconciler.control.target import close_target, open_target  # deferred: CLI start-up time
 
-    rec = Reconciler(ctx.settings())
+    handle = open_target(ctx.settings())
     try:
-        yield rec
+        yield handle
     finally:
-        rec.close()
+        close_target(handle)
 
 
 @main.command()
@@ -231,9 +231,10 @@ def _reconciler(ctx: Context) -> Iterator[Reconciler]:
 def status(ctx: Context, as_json: bool) -> int:
     """State of the database against the repository (exit 0 when read, 5 when unreachable)."""
     from reconciler.commands import admin
+    from reconciler.control.reading import read_status  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as rec:
-        result = admin.analysed_status(rec, rec.status())
+    with _reconciler(ctx) as handle:
+        result = admin.analysed_status(handle, read_status(handle))
     if as_json:
         emit_json(result.as_dict())
     else:
@@ -281,13 +282,13 @@ def _print_chain(chain: dict[str, Any], colour: bool = False) -> None:
 def plan(ctx: Context, sql: bool, as_json: bool, fail_on: tuple[str, ...]) -> int:
     """Pending revisions in order with the guard's findings; --sql prints their SQL instead."""
     from reconciler.commands import admin
-    from reconciler.control.reconcile import refuse_unless_applicable
+    from reconciler.core.status import refuse_unless_applicable
 
-    with _reconciler(ctx) as rec:
-        result, steps = admin.plan(rec)
+    with _reconciler(ctx) as handle:
+        result, steps = admin.plan(handle)
         refuse_unless_applicable(result)
-        analysis = admin.plan_findings(rec, result)
-        text = admin.plan_sql(rec, result) if sql else None
+        analysis = admin.plan_findings(handle, result)
+        text = admin.plan_sql(handle, result) if sql else None
     if as_json:
         data = result.as_dict()
         data["steps"] = [s.__dict__ for s in steps]
@@ -318,10 +319,11 @@ def _print_plan(steps: list[Any], findings: tuple[Any, ...]) -> None:
 @command
 def apply(ctx: Context) -> int:
     """One reconcile: take the lock, upgrade to the heads, verify."""
-    from reconciler.control.reconcile import summary
+    from reconciler.control.applying import summary  # deferred: CLI start-up time
+    from reconciler.control.reconcile import reconcile_once
 
-    with _reconciler(ctx) as rec, _progress_line(ctx) as progress:
-        result = rec.apply(trigger="apply", progress=progress)
+    with _reconciler(ctx) as handle, _progress_line(ctx) as progress:
+        result = reconcile_once(handle, trigger="apply", progress=progress)
     click.echo(summary(result, ids=ctx.verbose), err=True)
     return EXIT_OK
 
@@ -352,8 +354,10 @@ def wait(ctx: Context, timeout: float, exact: bool, interval: float) -> int:
     """Block until the database is at or ahead of the repository heads (exit 8 on timeout)."""
     _check_seconds("--timeout", timeout, zero=True, example="300")
     _check_seconds("--interval", interval, zero=False, example="1")
-    with _reconciler(ctx) as rec:
-        result = rec.wait(timeout, exact=exact, poll=interval)
+    from reconciler.control import waiting  # deferred: CLI start-up time
+
+    with _reconciler(ctx) as handle:
+        result = waiting.wait(handle, timeout, exact=exact, poll=interval)
     click.echo(f"database is {result.state}", err=True)
     return EXIT_OK
 
@@ -387,8 +391,8 @@ def drift(ctx: Context, as_json: bool) -> int:
     from reconciler.commands import admin
     from reconciler.errors import EXIT_DIFFERENCES
 
-    with _reconciler(ctx) as rec:
-        found = admin.drift(rec)
+    with _reconciler(ctx) as handle:
+        found = admin.drift(handle)
     if as_json:
         emit_json({"drift": bool(found), "count": len(found), "differences": found})
     for difference in found:
@@ -458,8 +462,8 @@ def history(ctx: Context) -> int:
     """The revision graph, newest first; applied revisions marked."""
     from reconciler.commands import admin
 
-    with _reconciler(ctx) as rec:
-        lines, reachable = admin.history(rec)
+    with _reconciler(ctx) as handle:
+        lines, reachable = admin.history(handle)
     colour = ctx.colour(sys.stdout)
     for line in lines:
         click.echo(terminal.history_line(line, colour))
@@ -476,22 +480,23 @@ def downgrade(ctx: Context, revision: str, yes: bool) -> int:
     """Undo revisions down to REVISION: an id, `base`, or `-N` steps down (default -1, as `flask
     db downgrade`). A person's decision: shows what it undoes, asks."""
     from reconciler.commands import admin
+    from reconciler.control.reading import read_graph  # deferred: CLI start-up time
 
     if revision.startswith("--") or (revision.startswith("-") and not revision[1:].isdigit()):
         raise ConfigError(f"no such option: {revision} (see `reconciler downgrade --help`)")
-    with _reconciler(ctx) as rec:
+    with _reconciler(ctx) as handle:
 
         def confirm(target: str, undo: list[str]) -> bool:
             click.echo(f"downgrade to {target} will undo, newest first:", err=True)
             for rev in undo:
-                click.echo(f"  {rev}  {rec.graph().revisions[rev].message}", err=True)
+                click.echo(f"  {rev}  {read_graph(handle).revisions[rev].message}", err=True)
             if yes:
                 return True
             if not sys.stdin.isatty():
                 raise ConfigError("not on a terminal: pass --yes to confirm the downgrade")
             return click.confirm("Proceed?", err=True)
 
-        target, undo = admin.downgrade(rec, revision, confirm)
+        target, undo = admin.downgrade(handle, revision, confirm)
     if not undo:
         click.echo(f"nothing to undo: {target} is the current revision", err=True)
     else:
@@ -507,8 +512,8 @@ def stamp(ctx: Context, revision: str, force: bool) -> int:
     """Adopt a database with tables but no version table (after comparing it with the models)."""
     from reconciler.commands import admin
 
-    with _reconciler(ctx) as rec:
-        stamped = admin.stamp(rec, revision, force)
+    with _reconciler(ctx) as handle:
+        stamped = admin.stamp(handle, revision, force)
     click.echo(f"stamped {', '.join(stamped)}", err=True)
     return EXIT_OK
 
@@ -530,8 +535,8 @@ def resolve(ctx: Context, revision: str, applied: bool, rolled_back: bool) -> in
     if not (applied or rolled_back):
         raise ConfigError("say what happened: --applied or --rolled-back")
     outcome = "applied" if applied else "rolled_back"
-    with _reconciler(ctx) as rec:
-        resolved = admin.resolve(rec, revision, outcome)
+    with _reconciler(ctx) as handle:
+        resolved = admin.resolve(handle, revision, outcome)
     click.echo(f"revision {resolved} resolved as {outcome}", err=True)
     return EXIT_OK
 
@@ -545,8 +550,8 @@ def journal_command(ctx: Context, as_json: bool, limit: int, revision: str | Non
     """What was applied, when, by whom and how it ended (the journal side table)."""
     from reconciler.commands import journal_admin
 
-    with _reconciler(ctx) as rec:
-        rows = journal_admin.steps(rec, limit, revision)
+    with _reconciler(ctx) as handle:
+        rows = journal_admin.steps(handle, limit, revision)
     if as_json:
         emit_json(rows)
     elif not rows:
@@ -568,8 +573,8 @@ def accept(ctx: Context, revision: str | None, accept_all: bool) -> int:
 
     if bool(revision) == accept_all:
         raise ConfigError("name one revision, or pass --all (not both): `reconciler accept REV`")
-    with _reconciler(ctx) as rec:
-        accepted = journal_admin.accept(rec, None if accept_all else revision)
+    with _reconciler(ctx) as handle:
+        accepted = journal_admin.accept(handle, None if accept_all else revision)
     names = ", ".join(m.revision for m in accepted)
     click.echo(f"accepted {names}" if accepted else "no checksum mismatch: nothing to accept", err=True)
     return EXIT_OK
@@ -582,8 +587,8 @@ def suspend(ctx: Context, reason: str) -> int:
     """Stop every replica from applying (e.g. around a manual downgrade) until `resume`."""
     from reconciler.commands import admin
 
-    with _reconciler(ctx) as rec:
-        admin.suspend(rec, reason)
+    with _reconciler(ctx) as handle:
+        admin.suspend(handle, reason)
     click.echo("applying is suspended for every replica; `reconciler resume` ends it", err=True)
     return EXIT_OK
 
@@ -594,8 +599,8 @@ def resume(ctx: Context) -> int:
     """Let replicas apply again (clears `suspended`, and a `blocked` revision)."""
     from reconciler.commands import admin
 
-    with _reconciler(ctx) as rec:
-        cleared = admin.resume(rec)
+    with _reconciler(ctx) as handle:
+        cleared = admin.resume(handle)
     click.echo(f"resumed ({', '.join(cleared) or 'nothing was suspended or blocked'})", err=True)
     return EXIT_OK
 
@@ -665,8 +670,8 @@ def revision(ctx: Context, message: str | None, autogenerate: bool, rev_id: str 
     if not autogenerate:
         written = admin.empty_revision(ctx.settings(require_url=False), message, rev_id)
     else:
-        with _reconciler(ctx) as rec:
-            written = admin.generate_revision(rec, message, rev_id)
+        with _reconciler(ctx) as handle:
+            written = admin.generate_revision(handle, message, rev_id)
     _print_written(written)
     return EXIT_OK
 

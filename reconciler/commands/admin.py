@@ -20,10 +20,21 @@ import sqlalchemy as sa
 from reconciler import logs
 from reconciler.config import appsource
 from reconciler.control import guard
-from reconciler.control.reconcile import Reconciler, Status, refuse_unless_applicable
+from reconciler.control.locking import ensure_journal, target_lock
+from reconciler.control.reading import read_graph, read_status
+from reconciler.control.reconcile import reconcile_once
+from reconciler.control.starting import start_worker
+from reconciler.control.target import (
+    TargetHandle,
+    close_target,
+    journal_exists,
+    missing_database_file,
+    open_target,
+)
 from reconciler.control.workerclient import start_headers_worker
 from reconciler.core import safety
 from reconciler.core.graph import RevisionGraph
+from reconciler.core.status import Status, refuse_unless_applicable
 from reconciler.db import connection, journal, placement
 from reconciler.errors import (
     ConfigError,
@@ -53,9 +64,9 @@ class PlanStep:
     path: str
 
 
-def plan(rec: Reconciler) -> tuple[Status, list[PlanStep]]:
-    status = rec.status()
-    graph = rec.graph()
+def plan(handle: TargetHandle) -> tuple[Status, list[PlanStep]]:
+    status = read_status(handle)
+    graph = read_graph(handle)
     steps = [
         PlanStep(rev, graph.revisions[rev].message, str(graph.revisions[rev].path))
         for rev in status.decision.pending
@@ -63,29 +74,29 @@ def plan(rec: Reconciler) -> tuple[Status, list[PlanStep]]:
     return status, steps
 
 
-def plan_findings(rec: Reconciler, status: Status) -> guard.Analysis:
+def plan_findings(handle: TargetHandle, status: Status) -> guard.Analysis:
     """What the destructive-change guard finds in the pending revisions (each with its line)."""
     pending = status.decision.pending
     # A SQLite file that does not exist yet is an empty database, where nothing is refused (nothing
     # can be lost); starting a worker would connect, and create the file.
-    if not pending or rec.missing_database_file() is not None:
+    if not pending or missing_database_file(handle) is not None:
         return guard.Analysis((), "built-in")
-    with _worker(rec) as worker:
-        return rec.check_pending(
-            worker, rec.graph(), pending, empty=status.sync_state == "uninitialized_empty"
+    with _worker(handle) as worker:
+        return guard.check_pending(
+            handle, worker, read_graph(handle), pending, empty=status.sync_state == "uninitialized_empty"
         )
 
 
-def analysed_status(rec: Reconciler, status: Status) -> Status:
+def analysed_status(handle: TargetHandle, status: Status) -> Status:
     """`status` with the `destructive_pending` condition decided (analysing needs a worker)."""
     if not status.decision.pending or status.sync_state not in ("behind", "uninitialized_empty"):
         return status
     try:
-        plan_findings(rec, status)
+        plan_findings(handle, status)
     except ReconcilerError as exc:  # env.py or the models do not load: status still reports
-        log.warning("pending_not_analysed", target=rec.target, error=str(exc))
+        log.warning("pending_not_analysed", target=handle.target_name, error=str(exc))
         return status
-    return rec.status()
+    return read_status(handle)
 
 
 def fail_on(analysis: guard.Analysis, kinds: Iterable[str]) -> None:
@@ -112,7 +123,7 @@ def fail_on(analysis: guard.Analysis, kinds: Iterable[str]) -> None:
         )
 
 
-def plan_sql(rec: Reconciler, status: Status) -> str:
+def plan_sql(handle: TargetHandle, status: Status) -> str:
     """Offline SQL of the pending revisions (Alembic's `upgrade --sql start:heads`)."""
     if not status.decision.pending:
         return ""
@@ -122,14 +133,14 @@ def plan_sql(rec: Reconciler, status: Status) -> str:
             f"the database has several heads ({', '.join(heads)}); Alembic cannot render offline "
             "SQL from more than one starting revision: use `reconciler plan` without --sql"
         )
-    with _worker(rec) as worker:
+    with _worker(handle) as worker:
         return str(worker.sql(heads[0] if heads else None, "heads"))
 
 
-def history(rec: Reconciler) -> tuple[list[str], bool]:
+def history(handle: TargetHandle) -> tuple[list[str], bool]:
     """Lines of the revision graph, newest first, applied ones marked; and whether the db was read."""
-    graph = rec.graph()
-    status = rec.status()
+    graph = read_graph(handle)
+    status = read_status(handle)
     reachable = status.sync_state != "unknown"
     applied = _applied(graph, status)
     heads = set(graph.heads)
@@ -157,25 +168,25 @@ def _applied(graph: RevisionGraph, status: Status) -> frozenset[str]:
 
 # --- worker helpers ------------------------------------------------------------------------------
 @contextmanager
-def _worker(rec: Reconciler) -> Iterator[Any]:
+def _worker(handle: TargetHandle) -> Iterator[Any]:
     """A worker that only reads (analysis, offline SQL, compares)."""
-    with connection.connect(rec.engine) as conn, rec.start_worker(conn, role="read") as worker:
+    with connection.connect(handle.engine) as conn, start_worker(handle, conn, role="read") as worker:
         yield worker
 
 
-def compare(rec: Reconciler) -> list[dict[str, str]]:
+def compare(handle: TargetHandle) -> list[dict[str, str]]:
     """Differences between the target database and the models, minus the known ones."""
-    known = differences.load_for(rec.settings)
-    with _worker(rec) as worker:
+    known = differences.load_for(handle.settings)
+    with _worker(handle) as worker:
         found = list(worker.compare())
     return [dict(d) for d in differences.unknown(found, known)]
 
 
-def drift(rec: Reconciler) -> list[dict[str, str]]:
+def drift(handle: TargetHandle) -> list[dict[str, str]]:
     """What the daemon's drift compare would report now: compare minus `[drift] ignore`."""
     from reconciler.core.drift import without_ignored
 
-    status = rec.status()
+    status = read_status(handle)
     if status.sync_state == "unknown":
         raise UnreachableError(status.message)
     if status.sync_state != "in_sync":
@@ -183,7 +194,7 @@ def drift(rec: Reconciler) -> list[dict[str, str]]:
             f"the database is {status.sync_state} ({status.message}); drift is compared at the "
             "repository's heads: run `reconciler apply` first"
         )
-    return [dict(d) for d in without_ignored(compare(rec), rec.settings.drift.ignore)]
+    return [dict(d) for d in without_ignored(compare(handle), handle.settings.drift.ignore)]
 
 
 @contextmanager
@@ -262,15 +273,15 @@ def _compare_at_heads(settings: Settings, scratch: bool, use_known: bool = True)
             yield settings
 
     with chosen() as s:
-        rec = Reconciler(s)
+        handle = open_target(s)
         try:
-            rec.apply(trigger="check")
+            reconcile_once(handle, trigger="check")
             if use_known:
-                return compare(rec)
-            with _worker(rec) as worker:
+                return compare(handle)
+            with _worker(handle) as worker:
                 return list(worker.compare())
         finally:
-            rec.close()
+            close_target(handle)
 
 
 def baseline(settings: Settings, scratch: bool) -> tuple[Path, int]:
@@ -281,21 +292,21 @@ def baseline(settings: Settings, scratch: bool) -> tuple[Path, int]:
 
 
 # --- stamp, downgrade, resolve -----------------------------------------------------------------
-def stamp(rec: Reconciler, revision: str, force: bool) -> tuple[str, ...]:
+def stamp(handle: TargetHandle, revision: str, force: bool) -> tuple[str, ...]:
     """Adopt a database that has tables but no version table, after comparing it with the models.
 
     Nothing is replayed: the version table is set to `revision`. Without `force` the database must
     have no version table and must not differ from the models (minus the known differences).
     """
-    targets = _stamp_targets(rec.graph(), revision)
+    targets = _stamp_targets(read_graph(handle), revision)
     with (
-        connection.connect(rec.engine) as conn,
-        rec.locked(conn, rec.settings.apply.lock_acquire_timeout),
-        rec.start_worker(conn) as worker,
+        connection.connect(handle.engine) as conn,
+        target_lock(handle, conn, handle.settings.apply.lock_acquire_timeout),
+        start_worker(handle, conn) as worker,
     ):
         if not force:
-            _refuse_unless_adoptable(rec.status())
-            known = differences.load_for(rec.settings)
+            _refuse_unless_adoptable(read_status(handle))
+            known = differences.load_for(handle.settings)
             found = differences.unknown(worker.compare(), known)
             if found:
                 raise Refused(
@@ -303,13 +314,13 @@ def stamp(rec: Reconciler, revision: str, force: bool) -> tuple[str, ...]:
                     f"would record a schema it does not have:\n{_listing(found)}\n"
                     "align them first, or pass --force"
                 )
-        rec.ensure_journal(conn)
-        graph = rec.graph()
+        ensure_journal(handle, conn)
+        graph = read_graph(handle)
         rows = [
             journal.record_started(
                 conn,
-                rec.journal,
-                target=rec.target,
+                handle.journal,
+                target=handle.target_name,
                 operation="stamp",
                 revision=rev,
                 down_revisions=graph.revisions[rev].down_revisions,
@@ -319,25 +330,25 @@ def stamp(rec: Reconciler, revision: str, force: bool) -> tuple[str, ...]:
         ]
         worker.stamp(list(targets), purge=force)
         for row in rows:
-            journal.record_finished(conn, rec.journal, row, outcome="stamped")
-        _record_below(rec, conn, graph, targets)
-    log.info("stamped", target=rec.target, revisions=list(targets), forced=force)
+            journal.record_finished(conn, handle.journal, row, outcome="stamped")
+        _record_below(handle, conn, graph, targets)
+    log.info("stamped", target=handle.target_name, revisions=list(targets), forced=force)
     return targets
 
 
 def _record_below(
-    rec: Reconciler, conn: sa.engine.Connection, graph: RevisionGraph, targets: tuple[str, ...]
+    handle: TargetHandle, conn: sa.engine.Connection, graph: RevisionGraph, targets: tuple[str, ...]
 ) -> None:
     """Stamping marks the ancestors applied too: record their hashes, so they are ours, not a
     foreign writer's."""
-    held = journal.recorded_hashes(conn, rec.journal, rec.target)
+    held = journal.recorded_hashes(conn, handle.journal, handle.target_name)
     for rev in graph.topological(graph.closure(targets)):
         if rev not in targets and rev not in held:
             revision = graph.revisions[rev]
             journal.record_hash(
                 conn,
-                rec.journal,
-                target=rec.target,
+                handle.journal,
+                target=handle.target_name,
                 operation=journal.RECORD,
                 revision=rev,
                 file_hash=revision.file_hash,
@@ -378,10 +389,10 @@ def _listing(found: list[Any]) -> str:
     return "\n".join(f"  - {d['text']}" for d in found)
 
 
-def downgrade_plan(rec: Reconciler, revision: str) -> tuple[str, list[str]]:
+def downgrade_plan(handle: TargetHandle, revision: str) -> tuple[str, list[str]]:
     """What `downgrade REVISION` would undo, newest first (`base` undoes everything)."""
-    graph = rec.graph()
-    status = rec.status()
+    graph = read_graph(handle)
+    status = read_status(handle)
     refuse_unless_applicable(status)  # dirty, unreachable, ahead, diverged, unmerged, unadopted
     steps = relative_steps(revision)
     if steps is not None:
@@ -441,7 +452,7 @@ def steps_down(graph: RevisionGraph, db_heads: Iterable[str], steps: int) -> str
 Confirm = Callable[[str, list[str]], bool]
 
 
-def downgrade(rec: Reconciler, revision: str, confirm: Confirm) -> tuple[str, list[str]]:
+def downgrade(handle: TargetHandle, revision: str, confirm: Confirm) -> tuple[str, list[str]]:
     """Undo revisions down to `revision`, one per step, journaled, all under the target's lock.
 
     The plan is made under the lock and `confirm(target, undo)` (which shows it and asks the
@@ -449,25 +460,28 @@ def downgrade(rec: Reconciler, revision: str, confirm: Confirm) -> tuple[str, li
     """
     # Before connecting: a revision the repository does not know is a typo, not a database state.
     if relative_steps(revision) is None and revision != "base":
-        rec.graph().resolve(revision)
-    with connection.connect(rec.engine) as conn, rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
-        target, undo = downgrade_plan(rec, revision)
+        read_graph(handle).resolve(revision)
+    with (
+        connection.connect(handle.engine) as conn,
+        target_lock(handle, conn, handle.settings.apply.lock_acquire_timeout),
+    ):
+        target, undo = downgrade_plan(handle, revision)
         if not undo:
             return target, undo
         if not confirm(target, undo):
             raise Refused("downgrade not confirmed; nothing was changed")
-        rec.ensure_journal(conn)
-        with rec.start_worker(conn) as worker:
+        ensure_journal(handle, conn)
+        with start_worker(handle, conn) as worker:
             for rev in undo:
-                _downgrade_one(rec, conn, worker, rev)
+                _downgrade_one(handle, conn, worker, rev)
     return target, undo
 
 
-def _downgrade_one(rec: Reconciler, conn: sa.engine.Connection, worker: Any, rev: str) -> None:
+def _downgrade_one(handle: TargetHandle, conn: sa.engine.Connection, worker: Any, rev: str) -> None:
     row = journal.record_started(
         conn,
-        rec.journal,
-        target=rec.target,
+        handle.journal,
+        target=handle.target_name,
         operation="downgrade",
         revision=rev,
         trigger="downgrade",
@@ -477,10 +491,10 @@ def _downgrade_one(rec: Reconciler, conn: sa.engine.Connection, worker: Any, rev
         # would also undo every other head that descends from that parent.
         seconds = worker.downgrade(f"{rev}@-1")
     except RevisionFailed as exc:
-        transactional = rec.backend in journal.TRANSACTIONAL_DDL
+        transactional = handle.backend in journal.TRANSACTIONAL_DDL
         journal.record_finished(
             conn,
-            rec.journal,
+            handle.journal,
             row,
             outcome="failed" if transactional else "dirty",
             error_class=exc.error_class,
@@ -488,11 +502,11 @@ def _downgrade_one(rec: Reconciler, conn: sa.engine.Connection, worker: Any, rev
             sqlstate=exc.sqlstate,
         )
         raise
-    journal.record_finished(conn, rec.journal, row, outcome="downgraded", duration_ms=int(seconds * 1000))
-    log.info("revision_downgraded", target=rec.target, revision=rev)
+    journal.record_finished(conn, handle.journal, row, outcome="downgraded", duration_ms=int(seconds * 1000))
+    log.info("revision_downgraded", target=handle.target_name, revision=rev)
 
 
-def resolve(rec: Reconciler, revision: str, outcome: str) -> str:
+def resolve(handle: TargetHandle, revision: str, outcome: str) -> str:
     """An operator says what became of a dirty revision: `applied` or `rolled_back`.
 
     `applied` also sets the version table to the revision (it failed before Alembic could), so
@@ -500,27 +514,30 @@ def resolve(rec: Reconciler, revision: str, outcome: str) -> str:
     """
     if outcome not in ("applied", "rolled_back"):
         raise ConfigError(f"outcome must be applied or rolled_back, got {outcome!r}")
-    graph = rec.graph()
+    graph = read_graph(handle)
     rev = _dirty_revision_id(graph, revision, outcome)
-    with connection.connect(rec.engine) as conn, rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
-        rec.ensure_journal(conn)
-        status = rec.status()
+    with (
+        connection.connect(handle.engine) as conn,
+        target_lock(handle, conn, handle.settings.apply.lock_acquire_timeout),
+    ):
+        ensure_journal(handle, conn)
+        status = read_status(handle)
         # Why here: the same judgement status made (journal and version table together).
         settled = journal.settle_interrupted(
             conn,
-            rec.journal,
+            handle.journal,
             _applied(graph, status),
-            rec.backend,
-            unsafe="dirty" in rec.settings.unsafe,
+            handle.backend,
+            unsafe="dirty" in handle.settings.unsafe,
         )
         dirty = list(dict.fromkeys(str(r["revision"]) for r in settled))
         if rev not in dirty:
             raise StateError(_not_dirty(rev, dirty, rev in _applied(graph, status)))
         if outcome == "applied" and rev not in _applied(graph, status):
-            with rec.start_worker(conn) as worker:
+            with start_worker(handle, conn) as worker:
                 worker.stamp(rev)
-        journal.resolve_dirty(conn, rec.journal, rev, outcome)
-    log.info("dirty_resolved", target=rec.target, revision=rev, outcome=outcome)
+        journal.resolve_dirty(conn, handle.journal, rev, outcome)
+    log.info("dirty_resolved", target=handle.target_name, revision=rev, outcome=outcome)
     return rev
 
 
@@ -548,15 +565,15 @@ def _dirty_revision_id(graph: RevisionGraph, revision: str, outcome: str) -> str
 
 
 # --- revision, merge (the Flask-Migrate authoring verbs) ---------------------------------------
-def generate_revision(rec: Reconciler, message: str | None, rev_id: str | None = None) -> Generated:
+def generate_revision(handle: TargetHandle, message: str | None, rev_id: str | None = None) -> Generated:
     """`flask db migrate`: one revision autogenerated from the models, through the project's
     env.py, in the worker dev mode uses; no differences (after the known ones), no file.
 
     Only reads the database, which must be at the repository's heads: a revision generated
     against an older schema would repeat the pending ones."""
-    check_rev_id(rec.settings, rev_id)
-    _refuse_unless_at_heads(rec.status())
-    with _worker(rec) as worker:
+    check_rev_id(handle.settings, rev_id)
+    _refuse_unless_at_heads(read_status(handle))
+    with _worker(handle) as worker:
         result: Generated = worker.generate(message=message, rev_id=rev_id)
     if result.path is not None:
         log.info(
@@ -749,36 +766,36 @@ def _write_journal_filter(env_py: Path, table: str) -> None:
 
 
 # --- suspend / resume ----------------------------------------------------------------------
-def suspend(rec: Reconciler, reason: str) -> None:
+def suspend(handle: TargetHandle, reason: str) -> None:
     """Stop every replica of the target from applying until `resume` (a flag in the journal)."""
     from reconciler.db import flags
     from reconciler.sessions import replica_id
 
     value = f"by {replica_id()} at {_utc_now()}" + (f": {reason}" if reason else "")
-    with connection.connect(rec.engine) as conn:
-        if not rec.journal_exists(conn):
-            with rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
-                rec.ensure_journal(conn)
-        flags.put(conn, rec.journal, flags.suspended_key(rec.target), value)
-    log.info("suspended", target=rec.target, reason=reason)
+    with connection.connect(handle.engine) as conn:
+        if not journal_exists(handle, conn):
+            with target_lock(handle, conn, handle.settings.apply.lock_acquire_timeout):
+                ensure_journal(handle, conn)
+        flags.put(conn, handle.journal, flags.suspended_key(handle.target_name), value)
+    log.info("suspended", target=handle.target_name, reason=reason)
 
 
-def resume(rec: Reconciler) -> list[str]:
+def resume(handle: TargetHandle) -> list[str]:
     """Let replicas apply again: clears `suspended` and `blocked`; returns what was cleared."""
     from reconciler.db import flags
 
     cleared: list[str] = []
-    with connection.connect(rec.engine) as conn:
-        if not rec.journal_exists(conn):
+    with connection.connect(handle.engine) as conn:
+        if not journal_exists(handle, conn):
             return cleared
         for name, key in (
-            ("suspended", flags.suspended_key(rec.target)),
-            ("blocked", flags.blocked_key(rec.target)),
+            ("suspended", flags.suspended_key(handle.target_name)),
+            ("blocked", flags.blocked_key(handle.target_name)),
         ):
-            if flags.delete(conn, rec.journal, key):
+            if flags.delete(conn, handle.journal, key):
                 cleared.append(name)
-        flags.clear_failures(conn, rec.journal, rec.target)
-    log.info("resumed", target=rec.target, cleared=cleared)
+        flags.clear_failures(conn, handle.journal, handle.target_name)
+    log.info("resumed", target=handle.target_name, cleared=cleared)
     return cleared
 
 

@@ -8,7 +8,9 @@ import datetime as dt
 from typing import Any
 
 from reconciler import logs
-from reconciler.control.reconcile import Reconciler
+from reconciler.control.locking import ensure_journal, target_lock
+from reconciler.control.reading import read_graph, read_status
+from reconciler.control.target import TargetHandle, locate_journal, missing_database_file
 from reconciler.core import checksums
 from reconciler.db import connection, journal
 from reconciler.errors import ConfigError, StateError
@@ -48,24 +50,24 @@ FIELDS = (
 )
 
 
-def steps(rec: Reconciler, limit: int = 50, revision: str | None = None) -> list[dict[str, Any]]:
+def steps(handle: TargetHandle, limit: int = 50, revision: str | None = None) -> list[dict[str, Any]]:
     """The target's newest `limit` journal steps, oldest first, as JSON-ready dicts."""
     if limit < 1:
         raise ConfigError(f"--limit {limit} must be at least 1")
-    wanted = _revision_id(rec, revision) if revision else None
-    if rec.missing_database_file() is not None:
+    wanted = _revision_id(handle, revision) if revision else None
+    if missing_database_file(handle) is not None:
         return []  # no database yet, so no journal; connecting would create the file
-    with connection.connect(rec.engine) as conn:
-        where = rec.locate_journal(conn)  # the side place, or where the previous release left it
-        rows = journal.steps(conn, where, target=rec.journal_targets(), revision=wanted, limit=limit)
+    with connection.connect(handle.engine) as conn:
+        where = locate_journal(handle, conn)  # the side place, or where the previous release left it
+        rows = journal.steps(conn, where, target=handle.journal_targets, revision=wanted, limit=limit)
     return [{name: _plain(row.get(name)) for name in FIELDS} for row in rows]
 
 
-def _revision_id(rec: Reconciler, revision: str) -> str:
+def _revision_id(handle: TargetHandle, revision: str) -> str:
     """A full id, a label or a prefix of a known revision; any other text as it is (the journal
     also holds revisions whose files are gone)."""
     try:
-        return rec.graph().resolve(revision)
+        return read_graph(handle).resolve(revision)
     except ConfigError:
         return revision
 
@@ -96,20 +98,23 @@ def _cell(name: str, value: object) -> str:
     return text
 
 
-def accept(rec: Reconciler, revision: str | None) -> list[checksums.Mismatch]:
+def accept(handle: TargetHandle, revision: str | None) -> list[checksums.Mismatch]:
     """Record the current hash of changed applied revisions (or forget vanished ones), under the
     lock. `revision` None means every mismatch."""
-    with connection.connect(rec.engine) as conn, rec.locked(conn, rec.settings.apply.lock_acquire_timeout):
-        rec.ensure_journal(conn)
-        found = rec.status().audit.mismatches
-        chosen = list(found) if revision is None else _chosen(rec, found, revision)
-        graph = rec.graph()
+    with (
+        connection.connect(handle.engine) as conn,
+        target_lock(handle, conn, handle.settings.apply.lock_acquire_timeout),
+    ):
+        ensure_journal(handle, conn)
+        found = read_status(handle).audit.mismatches
+        chosen = list(found) if revision is None else _chosen(handle, found, revision)
+        graph = read_graph(handle)
         for item in chosen:
             downs = graph.revisions[item.revision].down_revisions if not item.vanished else ()
             journal.record_hash(
                 conn,
-                rec.journal,
-                target=rec.target,
+                handle.journal,
+                target=handle.target_name,
                 operation=journal.ACCEPT,
                 revision=item.revision,
                 file_hash=item.current,
@@ -120,7 +125,7 @@ def accept(rec: Reconciler, revision: str | None) -> list[checksums.Mismatch]:
     for item in chosen:
         log.info(
             "checksum_accepted",
-            target=rec.target,
+            target=handle.target_name,
             revision=item.revision,
             file=item.file,
             recorded_hash=item.recorded,
@@ -131,9 +136,9 @@ def accept(rec: Reconciler, revision: str | None) -> list[checksums.Mismatch]:
 
 
 def _chosen(
-    rec: Reconciler, found: tuple[checksums.Mismatch, ...], revision: str
+    handle: TargetHandle, found: tuple[checksums.Mismatch, ...], revision: str
 ) -> list[checksums.Mismatch]:
-    wanted = _revision_id(rec, revision)
+    wanted = _revision_id(handle, revision)
     chosen = [m for m in found if m.revision == wanted]
     if not chosen:
         listed = ", ".join(m.revision for m in found) or "none"

@@ -21,12 +21,16 @@ import time
 from typing import TYPE_CHECKING
 
 from reconciler import logs
+from reconciler.control.conditions import forget_conditions
+from reconciler.control.locking import ensure_journal, target_lock
+from reconciler.control.target import journal_exists
 from reconciler.core.drift import UNSAFE_SWITCH, DriftReport, flag_key, report_of, without_ignored
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
-    from reconciler.control.reconcile import Reconciler, Status
+    from reconciler.control.target import TargetHandle
+    from reconciler.core.status import Status
     from reconciler.settings import DriftSettings
 
 log = logs.get("reconciler.drift")
@@ -37,9 +41,9 @@ class DriftChecker:
     """Decides on each daemon run whether this replica compares now; see the module doc."""
 
     def __init__(
-        self, rec: Reconciler, settings: DriftSettings, unsafe: frozenset[str] = frozenset()
+        self, handle: TargetHandle, settings: DriftSettings, unsafe: frozenset[str] = frozenset()
     ) -> None:
-        self.rec = rec
+        self.handle = handle
         self.settings = settings
         self.fleet = UNSAFE_SWITCH not in unsafe
         self._next = 0.0  # wall-clock time of the next look
@@ -59,9 +63,9 @@ class DriftChecker:
         from reconciler.db import connection
 
         heads = tuple(sorted(status.decision.db_heads))
-        with connection.connect(self.rec.engine) as conn:
+        with connection.connect(self.handle.engine) as conn:
             if not self.fleet:
-                log.warning("safeguards_disabled", target=self.rec.target, disabled=[UNSAFE_SWITCH])
+                log.warning("safeguards_disabled", target=self.handle.target_name, disabled=[UNSAFE_SWITCH])
                 self._compare(conn, heads, self._read(conn))
                 return True
             return self._compare_as_lock_holder(conn, heads, now)
@@ -72,14 +76,14 @@ class DriftChecker:
         if self._fresh(self._read(conn), heads, now):
             return False
         try:
-            with self.rec.locked(conn, 0.0):
+            with target_lock(self.handle, conn, 0.0):
                 last = self._read(conn)  # again, under the lock: another replica may just have
                 if self._fresh(last, heads, now):
                     return False
                 self._compare(conn, heads, last)
                 return True
         except LockTimeout:
-            log.debug("drift_check_skipped", target=self.rec.target, reason="lock busy")
+            log.debug("drift_check_skipped", target=self.handle.target_name, reason="lock busy")
             return False  # someone is applying or comparing; look again next run
 
     def _fresh(self, last: DriftReport | None, heads: tuple[str, ...], now: float) -> bool:
@@ -91,10 +95,10 @@ class DriftChecker:
     def _read(self, conn: sa.engine.Connection) -> DriftReport | None:
         from reconciler.db import flags
 
-        if not self.rec.journal_exists(conn):
+        if not journal_exists(self.handle, conn):
             return None
-        key = flag_key(self.rec.target)
-        return DriftReport.loads(flags.read(conn, self.rec.journal, [key]).get(key))
+        key = flag_key(self.handle.target_name)
+        return DriftReport.loads(flags.read(conn, self.handle.journal, [key]).get(key))
 
     def _compare(self, conn: sa.engine.Connection, heads: tuple[str, ...], last: DriftReport | None) -> None:
         from reconciler.commands import admin
@@ -103,19 +107,19 @@ class DriftChecker:
 
         started = time.monotonic()
         self._next = time.time() + self.settings.interval
-        found = without_ignored(admin.compare(self.rec), self.settings.ignore)
+        found = without_ignored(admin.compare(self.handle), self.settings.ignore)
         report = report_of(found, heads, replica_id(), time.monotonic() - started)
-        self.rec.ensure_journal(conn)
-        flags.put(conn, self.rec.journal, flag_key(self.rec.target), report.dumps())
-        self.rec.forget_conditions()
+        ensure_journal(self.handle, conn)
+        flags.put(conn, self.handle.journal, flag_key(self.handle.target_name), report.dumps())
+        forget_conditions(self.handle)
         log.info(
             "drift_compared",
-            target=self.rec.target,
+            target=self.handle.target_name,
             differences=report.count,
             duration_ms=report.duration_ms,
             heads=list(heads),
         )
-        _log_change(self.rec.target, last, report)
+        _log_change(self.handle.target_name, last, report)
 
 
 def _log_change(target: str, last: DriftReport | None, report: DriftReport) -> None:

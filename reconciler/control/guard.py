@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler import logs
 from reconciler.control import squawk
+from reconciler.control.target import TargetHandle
 from reconciler.core import safety
 from reconciler.core.graph import RevisionGraph
 from reconciler.errors import Refused
@@ -196,3 +197,43 @@ def summary(analysis: Analysis, settings: Settings) -> dict[str, Any]:
         "checked_per_operation": sorted(decided.live),
         "findings": [f.as_dict() for f in analysis.findings],
     }
+
+
+def check_pending(
+    handle: TargetHandle, worker: Worker, graph: RevisionGraph, pending: tuple[str, ...], empty: bool = False
+) -> Analysis:
+    """Analyse the pending revisions (`empty`: from an empty database); remember what would
+    refuse them (the `destructive_pending` condition) in the handle's cache."""
+    settings = handle.settings
+    analysis = analyse(worker, graph, pending, handle.backend, settings, empty)
+    loss = pending_refusals(analysis, settings)
+    key = (graph.fingerprint, pending)
+    handle.cache.guard_info = (key, summary(analysis, settings))
+    if loss:
+        handle.cache.refusal = (key, safety.refusal_message(handle.target_name, loss))
+    elif handle.cache.refusal and handle.cache.refusal[0] == key:
+        handle.cache.refusal = None
+    return analysis
+
+
+def remember_refusal(
+    handle: TargetHandle, graph: RevisionGraph, pending: tuple[str, ...], message: str
+) -> None:
+    """A revision was refused as it ran: say so until these revision files change."""
+    handle.cache.refusal = ((graph.fingerprint, pending), message)
+
+
+def guard_for(handle: TargetHandle, graph: RevisionGraph, pending: tuple[str, ...]) -> dict[str, Any] | None:
+    """The guard's last analysis, while the same revision files are pending."""
+    if handle.cache.guard_info is None or not pending:
+        return None
+    key, info = handle.cache.guard_info
+    return info if key == (graph.fingerprint, pending) else None
+
+
+def refusal_for(handle: TargetHandle, graph: RevisionGraph, pending: tuple[str, ...]) -> str | None:
+    """The guard's last refusal, while the same revision files are pending."""
+    if handle.cache.refusal is None or not pending:
+        return None
+    key, message = handle.cache.refusal
+    return message if key == (graph.fingerprint, pending) else None

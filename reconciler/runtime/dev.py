@@ -27,7 +27,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler import logs, sessions
-from reconciler.control.reconcile import Reconciler
+from reconciler.control.applying import apply_pending
+from reconciler.control.locking import target_lock
+from reconciler.control.reading import read_graph, read_status
+from reconciler.control.target import close_target, open_target
 from reconciler.control.workerclient import WarmWorker, WorkerJob
 from reconciler.core.graph import Revision
 from reconciler.db import connection, journal
@@ -59,19 +62,19 @@ class DevLoop(DraftGeneration):
         self.settings = settings
         # The prod guard stays on for what dev mode did not just generate and check itself: a
         # teammate's revision, or one held back before a restart. Lock risk is no concern here.
-        self.rec = Reconciler(
+        self.handle = open_target(
             dataclasses.replace(
                 settings, safety=dataclasses.replace(settings.safety, squawk="off", strict_locking=False)
             )
         )
-        self.rec.guard = not settings.dev.allow_destructive
-        self.target = self.rec.target
+        self.guard = not settings.dev.allow_destructive
+        self.target = self.handle.target_name
         self._models_changed = threading.Event()
         self._done = threading.Event()
         self._stopping = threading.Event()
         self.loop = Loop(self._run, IDLE_INTERVAL, 0.0, name="dev")
         ignore = (*DEFAULT_IGNORE, *settings.dev.ignore)
-        versions, _ = self.rec.project.version_dirs
+        versions, _ = self.handle.project.version_dirs
         # A migrations directory inside the models package: the revisions this loop writes (and
         # env.py) are never model changes, or each write would start another generation.
         self.model_watcher = DirWatcher(
@@ -95,7 +98,7 @@ class DevLoop(DraftGeneration):
 
     # lifecycle
     def run(self) -> int:
-        check_dev_target(self.settings, self.rec)
+        check_dev_target(self.settings, self.handle)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self._warm = self._start_warm()
@@ -104,7 +107,7 @@ class DevLoop(DraftGeneration):
         log.info(
             "dev_started",
             target=self.target,
-            url=self.rec.redacted_url,
+            url=self.handle.redacted_url,
             watching=[str(p) for p in watch_paths(self.settings)],
             draft=self.settings.dev.draft,
         )
@@ -124,10 +127,10 @@ class DevLoop(DraftGeneration):
         return 0
 
     def _start_warm(self) -> WarmWorker:
-        with connection.connect(self.rec.engine) as conn:
-            identity = sessions.identity_from_dbapi(conn.connection, self.rec.backend)
+        with connection.connect(self.handle.engine) as conn:
+            identity = sessions.identity_from_dbapi(conn.connection, self.handle.backend)
         job = WorkerJob.from_settings(self.settings)
-        job = dataclasses.replace(job, exclude_tables=self.rec.journal.names, expected_identity=identity)
+        job = dataclasses.replace(job, exclude_tables=self.handle.journal.names, expected_identity=identity)
         return WarmWorker(
             job, python=self.settings.target.python or None, timeout=self.settings.dev.generate_timeout
         )
@@ -146,7 +149,7 @@ class DevLoop(DraftGeneration):
             self.version_watcher.stop()
             if self._warm is not None:
                 self._warm.close()
-            self.rec.close()
+            close_target(self.handle)
             log.info("dev_stopped", target=self.target)
         except Exception as exc:  # a hung SIGTERM is worse than an untidy stop
             log.error("dev_stop_failed", error=redact(str(exc)), kind=exc.__class__.__name__)
@@ -159,7 +162,7 @@ class DevLoop(DraftGeneration):
         self.loop.trigger("models_changed")
 
     def _on_versions(self, paths: set[Path]) -> None:
-        self.rec.project.invalidate()
+        self.handle.project.invalidate()
         self.loop.trigger("revisions_changed")
 
     # one run
@@ -201,7 +204,7 @@ class DevLoop(DraftGeneration):
 
     def _sync_first(self) -> None:
         """Teammates' revisions and branch switches first: apply, or stop and say how to fix."""
-        status = self.rec.status()
+        status = read_status(self.handle)
         state = status.sync_state
         if state in ("ahead", "diverged"):
             point = self._branch_point(status.decision.unknown)
@@ -237,7 +240,7 @@ class DevLoop(DraftGeneration):
                 path.unlink(missing_ok=True)
                 del self._held[rev]
                 self._carry |= tables
-                self.rec.project.invalidate()
+                self.handle.project.invalidate()
                 log.info(
                     "held_back_withdrawn",
                     revision=rev,
@@ -256,9 +259,9 @@ class DevLoop(DraftGeneration):
 
     def _branch_point(self, unknown: tuple[str, ...]) -> str:
         """The newest revision of this checkout under the foreign ones (from the journal)."""
-        graph = self.rec.graph()
-        with connection.connect(self.rec.engine) as conn:
-            ancestry = journal.ancestry(conn, self.rec.journal)
+        graph = read_graph(self.handle)
+        with connection.connect(self.handle.engine) as conn:
+            ancestry = journal.ancestry(conn, self.handle.journal)
         todo, seen = list(unknown), set()
         while todo:
             rev = todo.pop()
@@ -279,15 +282,18 @@ class DevLoop(DraftGeneration):
         try:
             with (
                 self._warm.take() as worker,
-                self.rec.lending(worker),
-                connection.connect(self.rec.engine) as conn,
-                self.rec.locked(conn, self.settings.apply.lock_acquire_timeout),
+                self._lending(worker),
+                connection.connect(self.handle.engine) as conn,
+                target_lock(self.handle, conn, self.settings.apply.lock_acquire_timeout),
             ):
                 self._downgrade_draft(conn, draft)
                 _write_text(draft.path, reparented(draft.path.read_text(encoding="utf-8"), head))
                 shutil.move(str(draft.path), backup)
-                self.rec.project.invalidate()
-                self.rec.apply_locked(conn, self.rec.graph(), trigger="dev")  # theirs first
+                self.handle.project.invalidate()
+                graph = read_graph(self.handle)
+                apply_pending(
+                    self.handle, conn, graph, run=self._run_state(), trigger="dev", guard=self.guard
+                )
                 result = self._generate(worker, draft=True, rev_id=draft.revision, rescan=True)
                 self._log_compared(result, scope)
                 log.info(
@@ -304,13 +310,13 @@ class DevLoop(DraftGeneration):
         except ReconcilerError:
             if backup.exists():  # the models do not import: the old draft, on their head
                 shutil.move(str(backup), draft.path)
-                self.rec.project.invalidate()
+                self.handle.project.invalidate()
                 self._apply(DRAFT_TRIGGER)
             raise
         self.changes.remember(scope)
 
     def _after_generate(self, result: Any, rebuilt: bool, locked: sa.engine.Connection | None = None) -> None:
-        self.rec.project.invalidate()
+        self.handle.project.invalidate()
         if result.path is None:
             log.info("no_changes", detail="the models match the database; no revision written")
             return
@@ -399,9 +405,9 @@ def seal(settings: Settings, message: str) -> Path:
     apart from the id and the date: only the `draft = True` line goes (never the blank lines
     around it), the message replaces the docstring's first line, and the file name's slug is
     Alembic's for the new message."""
-    rec = Reconciler(settings)
+    handle = open_target(settings)
     try:
-        graph = rec.graph()
+        graph = read_graph(handle)
         drafts = [r for r in graph.revisions.values() if r.draft]
         if not drafts:
             raise StateError("there is no draft revision to seal")
@@ -416,7 +422,7 @@ def seal(settings: Settings, message: str) -> Path:
         log.info("sealed", revision=draft.revision, path=str(target), message=message)
         return target
     finally:
-        rec.close()
+        close_target(handle)
 
 
 # the marker line alone: `[ \t]*` not `\s*`, which would eat the blank lines after it (E302)
@@ -473,13 +479,13 @@ def _replace_message(text: str, old: str, new: str) -> str:
 
 def confirm(settings: Settings, revision: str) -> Path:
     """Write `allow_destructive = True` into a held-back revision (the marker prod honours too)."""
-    rec = Reconciler(settings)
+    handle = open_target(settings)
     try:
-        graph = rec.graph()
+        graph = read_graph(handle)
         rev = graph.resolve(revision)
         path = graph.revisions[rev].path
     finally:
-        rec.close()
+        close_target(handle)
     text = path.read_text(encoding="utf-8")
     if re.search(r"(?m)^allow_destructive\s*=\s*True", text):
         return path

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from reconciler import logs
-from reconciler.control.reconcile import Reconciler
+from reconciler.control.applying import apply_pending
+from reconciler.control.locking import target_lock
+from reconciler.control.progress import LiveRun
+from reconciler.control.reading import read_graph
+from reconciler.control.reconcile import reconcile_once
+from reconciler.control.starting import start_worker
+from reconciler.control.target import TargetHandle
 from reconciler.core import checksums
 from reconciler.core.graph import Revision, RevisionGraph
 from reconciler.db import connection, journal
@@ -31,12 +39,26 @@ class DraftGeneration:
     and the discard of a generation that raced revision-file changes."""
 
     settings: Settings
-    rec: Reconciler
+    handle: TargetHandle
+    guard: bool  # the destructive-change guard: on unless [dev] allow_destructive
     target: str
     changes: ModelChanges
     _warm: Any  # the pre-warmed worker (`WarmWorker`), once started
     _draft_tables: dict[str, frozenset[str]]  # the draft's id -> the tables it touches
     _carry: set[str]  # tables of withdrawn revisions: the next compare covers them
+    _lent: Any = None  # the warm worker a generation applies with (no second interpreter start)
+
+    @contextmanager
+    def _lending(self, worker: Any) -> Iterator[None]:
+        """Apply with `worker` (models loaded, env.py already run) while in this block."""
+        self._lent = worker
+        try:
+            yield
+        finally:
+            self._lent = None
+
+    def _run_state(self) -> LiveRun:
+        return LiveRun(lent=self._lent)
 
     def _after_generate(self, result: Any, rebuilt: bool, locked: sa.engine.Connection | None = None) -> None:
         raise NotImplementedError  # DevLoop's: it holds back destructive revisions
@@ -48,7 +70,7 @@ class DraftGeneration:
             log.info("no_changes", detail="the saved files changed no model code; nothing compared")
             return
         try:
-            graph = self.rec.graph()
+            graph = read_graph(self.handle)
             draft = self._current_draft(graph)
             if draft is not None and self.settings.dev.draft:
                 self._amend_draft(draft, scope)
@@ -66,7 +88,7 @@ class DraftGeneration:
             worker, draft=self.settings.dev.draft, **scope.request(frozenset(self._carry))
         )
         self._log_compared(result, scope)
-        with self.rec.lending(worker):
+        with self._lending(worker):
             self._after_generate(result, rebuilt=False)
 
     def _log_compared(self, result: Any, scope: Scope) -> None:
@@ -101,7 +123,7 @@ class DraftGeneration:
             return
         if written is not None:
             written.unlink(missing_ok=True)
-        self.rec.project.invalidate()
+        self.handle.project.invalidate()
         changed = sorted(p.name for p in set(before) ^ set(after))
         raise RevisionsChanged(
             f"revision files changed while the models were compared ({', '.join(changed)}); "
@@ -109,7 +131,7 @@ class DraftGeneration:
         )
 
     def _revision_files(self) -> dict[Path, tuple[int, int]]:
-        dirs, recursive = self.rec.project.version_dirs
+        dirs, recursive = self.handle.project.version_dirs
         out: dict[Path, tuple[int, int]] = {}
         for path in revision_files(dirs, recursive):
             try:
@@ -129,8 +151,8 @@ class DraftGeneration:
         return head
 
     def _applied_as_draft(self, rev: str) -> bool:
-        with connection.connect(self.rec.engine) as conn:
-            rows = journal.rows_with_outcome(conn, self.rec.journal, "applied")
+        with connection.connect(self.handle.engine) as conn:
+            rows = journal.rows_with_outcome(conn, self.handle.journal, "applied")
         return any(r["revision"] == rev and r["trigger"] == DRAFT_TRIGGER for r in rows)
 
     def _amend_draft(self, draft: Revision, scope: Scope) -> None:
@@ -143,13 +165,13 @@ class DraftGeneration:
         try:
             with (
                 self._warm.take() as worker,
-                self.rec.lending(worker),
-                connection.connect(self.rec.engine) as conn,
-                self.rec.locked(conn, self.settings.apply.lock_acquire_timeout),
+                self._lending(worker),
+                connection.connect(self.handle.engine) as conn,
+                target_lock(self.handle, conn, self.settings.apply.lock_acquire_timeout),
             ):
                 self._downgrade_draft(conn, draft)
                 shutil.move(str(draft.path), backup)
-                self.rec.project.invalidate()
+                self.handle.project.invalidate()
                 tables = self._draft_tables.get(draft.revision)
                 request = scope.request(None if tables is None else tables | self._carry)
                 result = self._generate(worker, draft=True, rev_id=draft.revision, rescan=True, **request)
@@ -165,7 +187,7 @@ class DraftGeneration:
         except ReconcilerError:
             if backup.exists():  # the models do not import: keep the old draft, applied
                 shutil.move(str(backup), draft.path)
-                self.rec.project.invalidate()
+                self.handle.project.invalidate()
                 self._apply(DRAFT_TRIGGER)
             raise
 
@@ -175,7 +197,7 @@ class DraftGeneration:
         onto their head instead of asking for a merge; anything else is a real fork."""
         if not self.settings.dev.draft:
             return None
-        graph = self.rec.graph()
+        graph = read_graph(self.handle)
         fork = [graph.revisions[h] for h in status.decision.fork if h in graph.revisions]
         drafts = [r for r in fork if r.draft]
         others = [r.revision for r in fork if not r.draft]
@@ -191,17 +213,17 @@ class DraftGeneration:
     def _downgrade_draft(self, conn: sa.engine.Connection, draft: Revision) -> None:
         """Under the lock, held on `conn`."""
         parent = draft.down_revisions[0] if draft.down_revisions else "base"
-        with self.rec.start_worker(conn) as worker:
+        with start_worker(self.handle, conn, run=self._run_state()) as worker:
             row = journal.record_started(
                 conn,
-                self.rec.journal,
+                self.handle.journal,
                 target=self.target,
                 operation="downgrade",
                 revision=draft.revision,
                 trigger=DRAFT_TRIGGER,
             )
             worker.downgrade(parent)
-            journal.record_finished(conn, self.rec.journal, row, outcome="draft_rebuilt")
+            journal.record_finished(conn, self.handle.journal, row, outcome="draft_rebuilt")
 
     def _apply(
         self, trigger: str, written: Path | None = None, locked: sa.engine.Connection | None = None
@@ -209,13 +231,19 @@ class DraftGeneration:
         """Through the prod path; under the caller's hold of the lock when `locked` is given."""
         try:
             if locked is None:
-                outcome = self.rec.apply(trigger=trigger)
+                outcome = reconcile_once(
+                    self.handle, run=self._run_state(), trigger=trigger, guard=self.guard
+                )
             else:
-                outcome = self.rec.apply_locked(locked, self.rec.graph(), trigger=trigger)
+                graph = read_graph(self.handle)
+                run = self._run_state()
+                outcome = apply_pending(
+                    self.handle, locked, graph, run=run, trigger=trigger, guard=self.guard
+                )
         except RevisionFailed as exc:
             if written is not None and written.exists():
                 written.unlink()  # never leave a revision the database did not get
-                self.rec.project.invalidate()
+                self.handle.project.invalidate()
                 log.error("revision_removed", path=str(written), reason=str(exc))
             raise
         for rev, seconds in outcome.applied:

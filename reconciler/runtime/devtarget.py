@@ -8,7 +8,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from reconciler.config.validate import find_module_file
-from reconciler.control.reconcile import Reconciler
+from reconciler.control.target import TargetHandle, journal_exists
 from reconciler.db import connection, flags
 from reconciler.errors import ConfigError, Refused
 from reconciler.settings import Settings
@@ -30,22 +30,22 @@ def is_local(url: str, local_hosts: list[str]) -> bool:
         return False
 
 
-def check_dev_target(settings: Settings, rec: Reconciler) -> None:
+def check_dev_target(settings: Settings, handle: TargetHandle) -> None:
     """Refuse a remote database (unless allowed) and any database marked `prod`."""
     if not settings.dev.allow_remote and not is_local(settings.target.url, settings.dev.local_hosts):
         raise Refused(
-            f"dev mode writes revision files and changes schemas, and {rec.redacted_url} is not a "
+            f"dev mode writes revision files and changes schemas, and {handle.redacted_url} is not a "
             "local database; point it at a local one, add its host to [dev] local_hosts "
             "(compose service names), or set [dev] allow_remote = true"
         )
-    with connection.connect(rec.engine) as conn:
-        if not rec.journal_exists(conn):
+    with connection.connect(handle.engine) as conn:
+        if not journal_exists(handle, conn):
             return
-        key = flags.environment_key(rec.target)
-        marker = flags.read(conn, rec.journal, [key])
+        key = flags.environment_key(handle.target_name)
+        marker = flags.read(conn, handle.journal, [key])
     if marker.get(key) == "prod":
         raise Refused(
-            f"the database of target {rec.target} is marked as a production database (a prod "
+            f"the database of target {handle.target_name} is marked as a production database (a prod "
             "reconciler applied to it); dev mode never touches it"
         )
 

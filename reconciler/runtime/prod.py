@@ -21,11 +21,22 @@ import sqlalchemy as sa
 from reconciler import __version__, logs, sessions
 from reconciler.config.validate import check_sink_events, parse_http
 from reconciler.control.drift import DriftChecker
-from reconciler.control.reconcile import ApplyResult, Reconciler, Status, is_lock_timeout
+from reconciler.control.progress import LiveRun
+from reconciler.control.reading import read_status
+from reconciler.control.reconcile import reconcile_once
+from reconciler.control.retries import failure_of
+from reconciler.control.target import (
+    close_target,
+    journal_exists,
+    missing_database_file,
+    open_target,
+    release_target,
+)
 from reconciler.core.alert_rules import EVENTS
 from reconciler.core.alerting import Alert, AlertPolicy
 from reconciler.core.graph import MissingRevision
 from reconciler.core.headers import RevisionFileError, RevisionSyntaxError
+from reconciler.core.status import ApplyResult, Status, is_lock_timeout
 from reconciler.db import connection, flags
 from reconciler.errors import (
     ConfigError,
@@ -56,10 +67,9 @@ EXIT_GRACE_EXPIRED = 1
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.rec = Reconciler(settings)
-        self.rec.retry_gate = True  # a tick never tries a failed revision before the fleet's retry_after
-        self.target = self.rec.target
-        self.drift = DriftChecker(self.rec, settings.drift, settings.unsafe)
+        self.handle = open_target(settings)
+        self.target = self.handle.target_name
+        self.drift = DriftChecker(self.handle, settings.drift, settings.unsafe)
         self.metrics = Metrics(self.target, __version__)
         self.policy = AlertPolicy(self.target, settings.alerting)
         check_sink_events(settings)
@@ -74,7 +84,7 @@ class Daemon:
         daemon = settings.daemon
         # Jitter spreads 200 sidecars' ticks; more than half the interval would only slow them.
         self.loop = Loop(self._run, daemon.interval, min(daemon.jitter, daemon.interval / 2))
-        dirs, _ = self.rec.project.version_dirs
+        dirs, _ = self.handle.project.version_dirs
         self.version_dirs = dirs
         self.watcher = DirWatcher(dirs, self._files_changed, debounce=daemon.debounce, suffixes=(".py",))
         host, port = parse_http(daemon.http)
@@ -88,8 +98,8 @@ class Daemon:
             shed=SHED_SWITCH not in settings.unsafe,
         )
         self.record = RunRecord()
-        for rec in (self.rec, *self.rec.extra):
-            rec.on_plan = self._on_plan
+        self._live = LiveRun(on_plan=self._on_plan)  # the run in progress (a new one per run)
+        self._check_files = True  # stat the revision files each run: off while the watcher works
         self._record_lock = threading.Lock()
         self._stopping = threading.Event()
         self._done = threading.Event()
@@ -123,7 +133,7 @@ class Daemon:
             out.update(
                 {
                     "target": self.target,
-                    "url": self.rec.redacted_url,
+                    "url": self.handle.redacted_url,
                     "mode": "prod",
                     "apply": self.settings.daemon.apply,
                     "version": __version__,
@@ -143,12 +153,8 @@ class Daemon:
     def _live_apply(self) -> RunState | None:
         """The state of an apply in progress, from what it read under the lock: the last run's
         state (or none, on a first apply) would hide it for as long as the apply takes."""
-        for rec in (self.rec, *self.rec.extra):
-            plan, progress = rec.plan, rec.applying
-            if plan is not None:
-                current = progress if progress is not None and progress.plan is plan else None
-                return RunState.in_progress(plan, current)
-        return None
+        live = self._live.live(self.handle)
+        return RunState.in_progress(*live) if live is not None else None
 
     def _on_plan(self, _status: Status) -> None:
         """A run read what it will apply: the gauges say that state at once, not at its end."""
@@ -180,7 +186,7 @@ class Daemon:
         log.info(
             "daemon_started",
             target=self.target,
-            url=self.rec.redacted_url,
+            url=self.handle.redacted_url,
             interval=self.settings.daemon.interval,
             http=f"{host}:{port}",
             apply=self.settings.daemon.apply,
@@ -215,7 +221,7 @@ class Daemon:
             self.watcher.stop()
             self.http.stop()
             self.dispatcher.close(timeout=2.0)
-            self.rec.close()
+            close_target(self.handle)
             log.info("daemon_stopped", target=self.target, clean=finished and not self._exit_code)
         except Exception as exc:  # a hung SIGTERM is worse than an untidy stop
             log.error("daemon_stop_failed", error=redact(str(exc)), kind=exc.__class__.__name__)
@@ -226,9 +232,9 @@ class Daemon:
     def _cancel_in_flight(self) -> None:
         """Cancel the revision our worker is running (PostgreSQL), else stop the worker."""
         name = sessions.application_name(self.target, "apply")
-        if self.rec.backend == "postgresql":
+        if self.handle.backend == "postgresql":
             try:
-                with connection.connect(self.rec.engine) as conn:
+                with connection.connect(self.handle.engine) as conn:
                     conn.execute(
                         sa.text(
                             "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
@@ -239,14 +245,14 @@ class Daemon:
                 return
             except ReconcilerError:
                 pass
-        worker = self.rec.current_worker
+        worker = self._live.current_worker
         if worker is not None:
             worker.kill()
 
     # --- one run -------------------------------------------------------------------------------
     def _files_changed(self, paths: set[Any]) -> None:
         log.info("revision_files_changed", count=len(paths))
-        self.rec.project.invalidate()
+        self.handle.project.invalidate()
         self.loop.trigger("revision_files_changed")
 
     def _run(self, reason: str) -> float | None:
@@ -266,42 +272,47 @@ class Daemon:
         sidecars holding one idle backend each would take 200 server slots for nothing."""
         daemon = self.settings.daemon
         if (daemon.interval if delay is None else delay) >= daemon.idle_disconnect_after:
-            self.rec.release()
+            release_target(self.handle)
 
     def _mark_prod(self) -> None:
         """Record in the journal that a prod reconciler owns this database: dev mode refuses it."""
         key = flags.environment_key(self.target)
-        if self.rec.missing_database_file() is not None:
+        if missing_database_file(self.handle) is not None:
             return  # an observer on a SQLite file not made yet: connecting would create it
         try:
-            with connection.connect(self.rec.engine) as conn:
-                if not self.rec.journal_exists(conn):
+            with connection.connect(self.handle.engine) as conn:
+                if not journal_exists(self.handle, conn):
                     return  # nothing applied by us yet; marked once the journal exists
-                if flags.read(conn, self.rec.journal, [key]).get(key) != "prod":
-                    flags.put(conn, self.rec.journal, key, "prod")
+                if flags.read(conn, self.handle.journal, [key]).get(key) != "prod":
+                    flags.put(conn, self.handle.journal, key, "prod")
             self._marked_prod = True
         except (ReconcilerError, sa.exc.DBAPIError) as exc:
             log.warning("environment_mark_failed", error=redact(str(exc)))
 
     def _poll_files_if_blind(self) -> None:
-        self.rec.check_files = not self.watcher.healthy
+        self._check_files = not self.watcher.healthy
         if self.watcher.healthy:
             return
         current = fingerprint(self.version_dirs)
         if current != self._fingerprint:
             self._fingerprint = current
-            self.rec.project.invalidate()
+            self.handle.project.invalidate()
 
     def _reconcile(self, reason: str) -> RunResult:
         try:
             if not self.settings.daemon.apply:
-                return RunResult("noop", self.rec.status())
-            result: ApplyResult = self.rec.apply(
+                return RunResult("noop", read_status(self.handle, check_files=self._check_files))
+            self._live = LiveRun(on_plan=self._on_plan)
+            result: ApplyResult = reconcile_once(
+                self.handle,
+                run=self._live,
                 trigger=reason,
                 progress=self._on_progress,
                 fast=True,
                 lock_timeout=min(DAEMON_LOCK_WAIT, self.settings.apply.lock_acquire_timeout),
                 should_stop=self._stopping.is_set,
+                check_files=self._check_files,
+                retry_gate=True,  # a tick never tries a failed revision before the fleet's retry_after
             )
             self.record.missing_revision_seen = False
             return RunResult(
@@ -319,7 +330,11 @@ class Daemon:
             return self._unreadable(exc)
         details = self._details(exc)
         # unreachable: the status says so (`unknown`); any other error: what can still be read
-        status = self.rec.status() if isinstance(exc, UnreachableError) else self._quiet_status()
+        status = (
+            read_status(self.handle, check_files=self._check_files)
+            if isinstance(exc, UnreachableError)
+            else self._quiet_status()
+        )
         return RunResult(exc.outcome, status, error=str(exc), **details)
 
     def _details(self, exc: ReconcilerError) -> dict[str, Any]:
@@ -327,7 +342,7 @@ class Daemon:
         if isinstance(exc, LockTimeout):
             return {"lock_holder": dict(exc.holder)}
         if isinstance(exc, RevisionFailed):
-            signature = self.rec.failure_of(exc).signature
+            signature = failure_of(self.handle, exc).signature
             return {
                 "failed_revision": exc.revision,
                 "failure_signature": signature,
@@ -355,7 +370,7 @@ class Daemon:
         """A revision file that does not parse (or has no usable header, or names a parent that
         is not there) is a failure of the run: counted, alerted with the file and line, and in
         /status until the file is fixed."""
-        self.rec.project.invalidate()  # read again next run, whatever the watcher says
+        self.handle.project.invalidate()  # read again next run, whatever the watcher says
         line = exc.line if isinstance(exc, RevisionFileError) else None
         where = {
             "path": _shown(exc.path, self.settings.root_dir),
@@ -368,7 +383,7 @@ class Daemon:
         """A half-synced checkout is transient for one debounce window, then an error."""
         first = not self.record.missing_revision_seen
         self.record.missing_revision_seen = True
-        self.rec.project.invalidate()
+        self.handle.project.invalidate()
         if first:
             log.info("revision_files_incomplete", missing=exc.missing, retry_in=self.settings.daemon.debounce)
             return RunResult("noop", None, error="")
@@ -376,7 +391,7 @@ class Daemon:
 
     def _quiet_status(self) -> Status | None:
         try:
-            return self.rec.status()
+            return read_status(self.handle, check_files=self._check_files)
         except (ReconcilerError, ConfigError):
             return None
 
@@ -465,13 +480,13 @@ class Daemon:
         """The first replica to record this transition in the journal sends it. A recovery is
         recorded under the event it ends, so a later return of the same episode is claimable."""
         event = str(alert.details.get("recovered_from") or alert.event)
-        if self.rec.missing_database_file() is not None:
+        if missing_database_file(self.handle) is not None:
             return True  # no database, so no journal to coordinate in (and no file to create)
         try:
-            with connection.connect(self.rec.engine) as conn:
-                if not self.rec.journal_exists(conn):
+            with connection.connect(self.handle.engine) as conn:
+                if not journal_exists(self.handle, conn):
                     return True
-                return flags.claim(conn, self.rec.journal, flags.alert_key(self.target, event), episode)
+                return flags.claim(conn, self.handle.journal, flags.alert_key(self.target, event), episode)
         except (ReconcilerError, sa.exc.DBAPIError) as exc:
             # cannot coordinate: better twice than never, and said, so a double alert is explained
             log.warning("alert_claim_failed", target=self.target, alert_event=event, error=redact(str(exc)))

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler import errors
-from reconciler.control.reconcile import Status
 from reconciler.core.alert_rules import Observation
 from reconciler.core.backoff import backoff
+from reconciler.core.status import Status
 from reconciler.redact import redact
 from reconciler.runtime.statusdoc import RunState
 from reconciler.settings import DaemonSettings

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.control.reconcile import Progress, Status
 from reconciler.core.alerting import iso_utc
+from reconciler.core.status import Progress, Status
 from reconciler.redact import redact
 
 UNREADABLE = "revision_unreadable"  # the condition (and alert event) of a revision file we cannot read

@@ -229,16 +229,17 @@ def test_accept_needs_a_revision_or_all(tmp_path: Path, sqlite_url: str) -> None
 @pytest.mark.slow
 def test_a_draft_is_exempt_until_sealed(tmp_path: Path, sqlite_url: str) -> None:
     from reconciler.config.load import load_settings
-    from reconciler.control.reconcile import Reconciler
+    from reconciler.control.reconcile import reconcile_once
+    from reconciler.control.target import close_target, open_target
 
     project = flask_project(tmp_path / "p", sqlite_url)
     project.chain(1)
     project.revision("d1", "r0000", upgrade=create_table("t_d1"), extra="draft = True")
-    rec = Reconciler(load_settings(str(project.config), environ={}))
+    handle = open_target(load_settings(str(project.config), environ={}))
     try:
-        rec.apply(trigger="draft")  # as dev mode applies its draft
+        reconcile_once(handle, trigger="draft")  # as dev mode applies its draft
     finally:
-        rec.close()
+        close_target(handle)
     edit(file_of(project, "d1"), 'create_table("t_d1"', 'create_table("t_d1_renamed"')
     assert status(project)["conditions"] == []  # drafts change on every save
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -640,9 +641,15 @@ class Tally:
 
 def test_a_delivery_that_fails_on_every_attempt_is_counted_failed_not_sent() -> None:
     tally = Tally()
-    with serve("error") as server, dispatching([sink(server.url(), "broken")], **tally.callbacks()) as d:
+    # A deadline every attempt fits in, whatever the jittered backoff between them draws: with
+    # FAST's 1 s a slow draw leaves room for two attempts, and the count would be luck.
+    roomy = dataclasses.replace(FAST, send_timeout=10.0)
+    with (
+        serve("error") as server,
+        dispatching([sink(server.url(), "broken")], roomy, **tally.callbacks()) as d,
+    ):
         d.submit(alert("blocked"))
-        assert tally.wait(1)
+        assert tally.wait(1, timeout=20.0)
     assert server.hits == FAST.retries  # each attempt was answered 500
     assert tally.results == [("failed", "blocked", "broken")]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from reconciler import errors
-from reconciler.control.reconcile import Progress, Status
 from reconciler.core.failures import Failure
 from reconciler.core.state import Decision
+from reconciler.core.status import Progress, Status
 from reconciler.runtime.metrics import OUTCOMES
 from reconciler.runtime.runs import RunRecord, RunResult, observation
 from reconciler.runtime.statusdoc import UNREADABLE, RunState

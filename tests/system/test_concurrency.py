@@ -147,7 +147,7 @@ def test_without_lock_the_race_shows_mariadb(tmp_path: Path, mysql_url: str) -> 
 SLEEP = 4
 
 
-def sleeper_project(tmp_path: Path, url: str) -> Project:
+def sleeper_project(tmp_path: Path, url: str, sleep: float = SLEEP) -> Project:
     project = flask_project(tmp_path / "p", url)
     project.revision("k0", None, upgrade=create_table("t_k0"))
     project.revision(
@@ -155,7 +155,7 @@ def sleeper_project(tmp_path: Path, url: str) -> Project:
         "k0",
         upgrade=(
             "op.execute(\"SELECT nextval('entered_k1')\")\n"
-            f'op.execute("SELECT pg_sleep({SLEEP}) /* sleeper */")\n' + create_table("t_k1")
+            f'op.execute("SELECT pg_sleep({sleep}) /* sleeper */")\n' + create_table("t_k1")
         ),
     )
     project.revision("k2", "k1", upgrade=create_table("t_k2"))
@@ -229,8 +229,10 @@ def test_sigkill_leaves_previous_revision_then_next_apply_reaches_head(tmp_path:
     eng.dispose()
 
 
-def kill_then_race(tmp_path: Path, url: str, env: dict[str, str] | None) -> tuple[Sampler, float]:
-    project = sleeper_project(tmp_path, url)
+def kill_then_race(
+    tmp_path: Path, url: str, env: dict[str, str] | None, sleep: float = SLEEP
+) -> tuple[Sampler, float]:
+    project = sleeper_project(tmp_path, url, sleep)
     _orphan, eng = start_and_kill_in_sleep(project, url)
     sampler = Sampler(eng)
     sampler.start()
@@ -254,7 +256,9 @@ def test_no_orphan_window_after_sigkill(tmp_path: Path, pg_url: str) -> None:
 
 @pytest.mark.postgres
 def test_orphan_window_shows_without_the_wait(tmp_path: Path, pg_url: str) -> None:
-    sampler, _ = kill_then_race(tmp_path, pg_url, {UNSAFE: "orphan_wait"})
+    # The orphan sleeps long enough for the next applier (a CLI process, its worker, env.py) to
+    # reach k1 even on a loaded machine: at 4 s a slow start could miss the window it shows.
+    sampler, _ = kill_then_race(tmp_path, pg_url, {UNSAFE: "orphan_wait"}, sleep=20)
     assert sampler.max_concurrent == 2  # the bad outcome: k1 entered while the orphan still ran
 
 

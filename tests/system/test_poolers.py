@@ -16,7 +16,8 @@ import sqlalchemy as sa
 
 from reconciler import sessions
 from reconciler.config.load import UNSAFE_ENV, load_settings
-from reconciler.control.reconcile import Reconciler
+from reconciler.control.locking import target_lock
+from reconciler.control.target import TargetHandle, close_target, open_target
 from reconciler.db import connection, locks
 from reconciler.errors import LockTimeout, Refused, UnreachableError
 from tests import pgbouncer
@@ -104,9 +105,9 @@ def test_session_pooling_passes_the_proof(tmp_path: Path, pg_url: str, bouncer: 
     assert db_heads(pg_url) == {"r0001"}
 
 
-def _reconciler(project: Project, env: dict[str, str]) -> Reconciler:
+def _reconciler(project: Project, env: dict[str, str]) -> TargetHandle:
     settings = load_settings(str(project.config), environ=env, cwd=project.root)
-    return Reconciler(settings)
+    return open_target(settings)
 
 
 def _hold_twice(project: Project, env: dict[str, str]) -> int:
@@ -118,12 +119,12 @@ def _hold_twice(project: Project, env: dict[str, str]) -> int:
         with ExitStack() as stack:
             for replica in (one, two):
                 conn = stack.enter_context(replica.engine.connect())
-                stack.enter_context(replica.locked(conn, timeout=0.5))
+                stack.enter_context(target_lock(replica, conn, timeout=0.5))
                 inside += 1
             return inside
     finally:
-        one.close()
-        two.close()
+        close_target(one)
+        close_target(two)
 
 
 def test_affinity_safeguard_refuses_before_any_lock_is_taken(
