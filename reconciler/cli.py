@@ -230,10 +230,10 @@ def _reconciler(ctx: Context) -> Iterator[Reconciler]:
 @command
 def status(ctx: Context, as_json: bool) -> int:
     """State of the database against the repository (exit 0 when read, 5 when unreachable)."""
-    from reconciler.commands import admin
+    from reconciler.commands import inspect
 
     with _reconciler(ctx) as rec:
-        result = admin.analysed_status(rec, rec.status())
+        result = inspect.analysed_status(rec, rec.status())
     if as_json:
         emit_json(result.as_dict())
     else:
@@ -280,14 +280,14 @@ def _print_chain(chain: dict[str, Any], colour: bool = False) -> None:
 @command
 def plan(ctx: Context, sql: bool, as_json: bool, fail_on: tuple[str, ...]) -> int:
     """Pending revisions in order with the guard's findings; --sql prints their SQL instead."""
-    from reconciler.commands import admin
+    from reconciler.commands import inspect
     from reconciler.control.reconcile import refuse_unless_applicable
 
     with _reconciler(ctx) as rec:
-        result, steps = admin.plan(rec)
+        result, steps = inspect.plan(rec)
         refuse_unless_applicable(result)
-        analysis = admin.plan_findings(rec, result)
-        text = admin.plan_sql(rec, result) if sql else None
+        analysis = inspect.plan_findings(rec, result)
+        text = inspect.plan_sql(rec, result) if sql else None
     if as_json:
         data = result.as_dict()
         data["steps"] = [s.__dict__ for s in steps]
@@ -302,7 +302,7 @@ def plan(ctx: Context, sql: bool, as_json: bool, fail_on: tuple[str, ...]) -> in
         click.echo(f"nothing to apply: the database is {result.state}")
     else:
         _print_plan(steps, analysis.findings)
-    admin.fail_on(analysis, fail_on)
+    inspect.fail_on(analysis, fail_on)
     return EXIT_OK
 
 
@@ -372,9 +372,9 @@ def _check_seconds(option: str, value: float, zero: bool, example: str) -> None:
 @command
 def check(ctx: Context, scratch: bool) -> int:
     """Models vs migrations (CI gate): exit 7 and list the differences."""
-    from reconciler.commands import admin
+    from reconciler.commands import authoring
 
-    admin.check(ctx.settings(), scratch)
+    authoring.check(ctx.settings(), scratch)
     click.echo("models and migrations agree", err=True)
     return EXIT_OK
 
@@ -384,11 +384,11 @@ def check(ctx: Context, scratch: bool) -> int:
 @command
 def drift(ctx: Context, as_json: bool) -> int:
     """The live schema vs the models, now: exit 7 and list the differences (the daemon's drift)."""
-    from reconciler.commands import admin
+    from reconciler.commands import inspect
     from reconciler.errors import EXIT_DIFFERENCES
 
     with _reconciler(ctx) as rec:
-        found = admin.drift(rec)
+        found = inspect.drift(rec)
     if as_json:
         emit_json({"drift": bool(found), "count": len(found), "differences": found})
     for difference in found:
@@ -402,11 +402,11 @@ def drift(ctx: Context, as_json: bool) -> int:
 @command
 def baseline(ctx: Context, scratch: bool) -> int:
     """Write the known-differences file from what autogenerate reports at the heads."""
-    from reconciler.commands import admin
+    from reconciler.commands import authoring
     from reconciler.project import differences
 
     settings = ctx.settings()
-    path, count = admin.baseline(settings, scratch)
+    path, count = authoring.baseline(settings, scratch)
     dialect = differences.dialect_of(settings.target.url)
     click.echo(
         f"wrote {count} known difference(s) for {dialect} to {path} (the lists of other dialects are kept)",
@@ -442,9 +442,9 @@ def config_command(ctx: Context, example: bool) -> int:
 @command
 def init(ctx: Context, flask_app: str) -> int:
     """Create a migrations directory: `flask db init`'s layout for a Flask project, else Alembic's."""
-    from reconciler.commands import admin
+    from reconciler.commands import authoring
 
-    made = admin.init(ctx.settings(require_url=False, require_migrations=False), flask_app)
+    made = authoring.init(ctx.settings(require_url=False, require_migrations=False), flask_app)
     click.echo(
         f"created {made.directory} and {made.alembic_ini} from the {made.template} template: {made.reason}",
         err=True,
@@ -456,10 +456,10 @@ def init(ctx: Context, flask_app: str) -> int:
 @command
 def history(ctx: Context) -> int:
     """The revision graph, newest first; applied revisions marked."""
-    from reconciler.commands import admin
+    from reconciler.commands import inspect
 
     with _reconciler(ctx) as rec:
-        lines, reachable = admin.history(rec)
+        lines, reachable = inspect.history(rec)
     colour = ctx.colour(sys.stdout)
     for line in lines:
         click.echo(terminal.history_line(line, colour))
@@ -475,7 +475,7 @@ def history(ctx: Context) -> int:
 def downgrade(ctx: Context, revision: str, yes: bool) -> int:
     """Undo revisions down to REVISION: an id, `base`, or `-N` steps down (default -1, as `flask
     db downgrade`). A person's decision: shows what it undoes, asks."""
-    from reconciler.commands import admin
+    from reconciler.commands import repair
 
     if revision.startswith("--") or (revision.startswith("-") and not revision[1:].isdigit()):
         raise ConfigError(f"no such option: {revision} (see `reconciler downgrade --help`)")
@@ -491,7 +491,7 @@ def downgrade(ctx: Context, revision: str, yes: bool) -> int:
                 raise ConfigError("not on a terminal: pass --yes to confirm the downgrade")
             return click.confirm("Proceed?", err=True)
 
-        target, undo = admin.downgrade(rec, revision, confirm)
+        target, undo = repair.downgrade(rec, revision, confirm)
     if not undo:
         click.echo(f"nothing to undo: {target} is the current revision", err=True)
     else:
@@ -505,10 +505,10 @@ def downgrade(ctx: Context, revision: str, yes: bool) -> int:
 @command
 def stamp(ctx: Context, revision: str, force: bool) -> int:
     """Adopt a database with tables but no version table (after comparing it with the models)."""
-    from reconciler.commands import admin
+    from reconciler.commands import repair
 
     with _reconciler(ctx) as rec:
-        stamped = admin.stamp(rec, revision, force)
+        stamped = repair.stamp(rec, revision, force)
     click.echo(f"stamped {', '.join(stamped)}", err=True)
     return EXIT_OK
 
@@ -520,7 +520,7 @@ def stamp(ctx: Context, revision: str, force: bool) -> int:
 @command
 def resolve(ctx: Context, revision: str, applied: bool, rolled_back: bool) -> int:
     """Tell the journal what became of a dirty (half-applied) revision."""
-    from reconciler.commands import admin
+    from reconciler.commands import repair
 
     if applied and rolled_back:
         raise ConfigError(
@@ -531,7 +531,7 @@ def resolve(ctx: Context, revision: str, applied: bool, rolled_back: bool) -> in
         raise ConfigError("say what happened: --applied or --rolled-back")
     outcome = "applied" if applied else "rolled_back"
     with _reconciler(ctx) as rec:
-        resolved = admin.resolve(rec, revision, outcome)
+        resolved = repair.resolve(rec, revision, outcome)
     click.echo(f"revision {resolved} resolved as {outcome}", err=True)
     return EXIT_OK
 
@@ -543,16 +543,16 @@ def resolve(ctx: Context, revision: str, applied: bool, rolled_back: bool) -> in
 @command
 def journal_command(ctx: Context, as_json: bool, limit: int, revision: str | None) -> int:
     """What was applied, when, by whom and how it ended (the journal side table)."""
-    from reconciler.commands import journal_admin
+    from reconciler.commands import inspect
 
     with _reconciler(ctx) as rec:
-        rows = journal_admin.steps(rec, limit, revision)
+        rows = inspect.steps(rec, limit, revision)
     if as_json:
         emit_json(rows)
     elif not rows:
         click.echo("the journal has no steps for this target yet", err=True)
     else:
-        table = journal_admin.table(rows)
+        table = inspect.table(rows)
         for line in terminal.column(table, "outcome", terminal.OUTCOME_STYLES, ctx.colour(sys.stdout)):
             click.echo(line)
     return EXIT_OK
@@ -564,12 +564,12 @@ def journal_command(ctx: Context, as_json: bool, limit: int, revision: str | Non
 @command
 def accept(ctx: Context, revision: str | None, accept_all: bool) -> int:
     """Record the new checksum of a reviewed, changed applied revision (applying resumes)."""
-    from reconciler.commands import journal_admin
+    from reconciler.commands import repair
 
     if bool(revision) == accept_all:
         raise ConfigError("name one revision, or pass --all (not both): `reconciler accept REV`")
     with _reconciler(ctx) as rec:
-        accepted = journal_admin.accept(rec, None if accept_all else revision)
+        accepted = repair.accept(rec, None if accept_all else revision)
     names = ", ".join(m.revision for m in accepted)
     click.echo(f"accepted {names}" if accepted else "no checksum mismatch: nothing to accept", err=True)
     return EXIT_OK
@@ -580,10 +580,10 @@ def accept(ctx: Context, revision: str | None, accept_all: bool) -> int:
 @command
 def suspend(ctx: Context, reason: str) -> int:
     """Stop every replica from applying (e.g. around a manual downgrade) until `resume`."""
-    from reconciler.commands import admin
+    from reconciler.commands import repair
 
     with _reconciler(ctx) as rec:
-        admin.suspend(rec, reason)
+        repair.suspend(rec, reason)
     click.echo("applying is suspended for every replica; `reconciler resume` ends it", err=True)
     return EXIT_OK
 
@@ -592,10 +592,10 @@ def suspend(ctx: Context, reason: str) -> int:
 @command
 def resume(ctx: Context) -> int:
     """Let replicas apply again (clears `suspended`, and a `blocked` revision)."""
-    from reconciler.commands import admin
+    from reconciler.commands import repair
 
     with _reconciler(ctx) as rec:
-        cleared = admin.resume(rec)
+        cleared = repair.resume(rec)
     click.echo(f"resumed ({', '.join(cleared) or 'nothing was suspended or blocked'})", err=True)
     return EXIT_OK
 
@@ -660,13 +660,13 @@ def confirm(ctx: Context, revision: str) -> int:
 def revision(ctx: Context, message: str | None, autogenerate: bool, rev_id: str | None) -> int:
     """Write a revision file: empty (`flask db revision`), or --autogenerate'd from the models
     (`flask db migrate`: the same file, through your env.py)."""
-    from reconciler.commands import admin
+    from reconciler.commands import authoring
 
     if not autogenerate:
-        written = admin.empty_revision(ctx.settings(require_url=False), message, rev_id)
+        written = authoring.empty_revision(ctx.settings(require_url=False), message, rev_id)
     else:
         with _reconciler(ctx) as rec:
-            written = admin.generate_revision(rec, message, rev_id)
+            written = authoring.generate_revision(rec, message, rev_id)
     _print_written(written)
     return EXIT_OK
 
@@ -701,9 +701,9 @@ def _print_written(written: Any) -> None:
 @command
 def merge(ctx: Context, message: str | None, rev_id: str | None, revisions: tuple[str, ...]) -> int:
     """Write a merge revision of REVISIONS (default: every head), as `flask db merge` does."""
-    from reconciler.commands import admin
+    from reconciler.commands import authoring
 
-    written = admin.merge(ctx.settings(require_url=False), revisions, message, rev_id)
+    written = authoring.merge(ctx.settings(require_url=False), revisions, message, rev_id)
     if written is None:
         click.echo("nothing to merge: the repository has one head", err=True)
         return EXIT_OK
