@@ -14,7 +14,7 @@ from reconciler import logs
 from reconciler.commands.common import applied_revisions, revision_id
 from reconciler.control import guard
 from reconciler.control.drift import compare, read_worker
-from reconciler.control.reconcile import Reconciler, Status
+from reconciler.control.reconcile import Reconciler, Status, refuse_unless_applicable
 from reconciler.core import safety
 from reconciler.core.drift import without_ignored
 from reconciler.db import connection, journal
@@ -32,12 +32,14 @@ class PlanStep:
 
 
 def plan(rec: Reconciler) -> tuple[Status, list[PlanStep]]:
+    """The status and the pending steps; refused as `apply` would refuse (dirty, diverged, ...)."""
     status = rec.status()
     graph = rec.graph()
     steps = [
         PlanStep(rev, graph.revisions[rev].message, str(graph.revisions[rev].path))
         for rev in status.decision.pending
     ]
+    refuse_unless_applicable(status)
     return status, steps
 
 
