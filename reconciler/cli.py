@@ -1,10 +1,5 @@
-"""click commands: each a few lines calling the library; errors become the documented exit codes.
-
-Global options (`--config`, `--url`, `--migrations`, `--models`, `-q`, `-v`, `--log-format`,
-`--no-color`) are accepted before and after the command name. Machine output (`--json`) goes to
-stdout, logs go to stderr: text lines for a one-shot command (a shell or a CI log reads them), and
-for the daemon (`run`) JSON lines unless on a terminal; `--log-format json` asks for JSON lines
-everywhere, errors included.
+"""click commands: each a settings lookup and one call into commands/ or runtime/; errors become
+the documented exit codes. The global options and the output rules: runtime/options.py.
 """
 
 from __future__ import annotations
@@ -12,136 +7,29 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
-from reconciler import __version__, logs
-from reconciler.config.load import colour_disabled, load_settings
-from reconciler.errors import (
-    EXIT_OK,
-    EXIT_REVISION_FAILED,
-    EXIT_UNREACHABLE,
-    ConfigError,
-    ReconcilerError,
-)
+from reconciler import __version__, errors, logs
+from reconciler.config.load import example_config
+from reconciler.errors import EXIT_OK, ReconcilerError
 from reconciler.redact import redact
-from reconciler.runtime import terminal
-from reconciler.settings import Settings
-
-if TYPE_CHECKING:
-    from reconciler.control.target import TargetHandle
+from reconciler.runtime import options, output
+from reconciler.runtime.options import GLOBAL_OPTIONS, Context, OptionConflict
 
 F = TypeVar("F", bound=Callable[..., Any])
-GLOBAL_KEYS = ("config", "url", "migrations", "models", "log_format")
-GLOBAL_FLAGS = ("quiet", "verbose", "no_color")
-DAEMON_COMMANDS = frozenset({"run"})  # long-running: logs for a collector when not on a terminal
 log = logs.get("reconciler.cli")
 
 
 def _global_options(func: F) -> F:
-    options = [
-        click.option("--config", "config", help="TOML file (default: ./reconciler.toml if present)"),
-        click.option("--url", "url", help="database URL (overrides [target] url)"),
-        click.option("--migrations", "migrations", help="migrations directory"),
-        click.option("--models", "models", help="models as pkg.module:attr"),
-        click.option(
-            "-q", "--quiet", "quiet", is_flag=True, default=None, help="errors and the final summary only"
-        ),
-        click.option(
-            "-v",
-            "--verbose",
-            "verbose",
-            is_flag=True,
-            default=None,
-            help="debug logs, every revision id in summaries",
-        ),
-        click.option(
-            "--log-format",
-            "log_format",
-            type=click.Choice(logs.FORMATS),
-            help="auto (text; JSON lines for `run` when not on a terminal), text or json",
-        ),
-        click.option(
-            "--no-color",
-            "no_color",
-            is_flag=True,
-            default=None,
-            help="no colour (also when NO_COLOR is set or output is not a terminal)",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
+    for names, help_text, kind in reversed(GLOBAL_OPTIONS):
+        extra: dict[str, Any] = {"is_flag": True, "default": None} if kind == "flag" else {}
+        if kind == "log_format":
+            extra["type"] = click.Choice(logs.FORMATS)
+        func = click.option(*names, help=help_text, **extra)(func)
     return func
-
-
-class Context:
-    """Global options gathered from before and after the command name."""
-
-    def __init__(self) -> None:
-        self.options: dict[str, str | None] = dict.fromkeys(GLOBAL_KEYS)
-        self.flags: set[str] = set()
-        self.daemon_overrides: dict[str, Any] = {}
-        self.daemon = False  # the command is `run`
-        self.log_format = "auto"  # as resolved with the settings (`--log-format`, [logging] format)
-
-    @property
-    def verbose(self) -> bool:
-        return "verbose" in self.flags
-
-    @property
-    def quiet(self) -> bool:
-        return "quiet" in self.flags
-
-    def level(self) -> str | None:
-        """The log level the flags ask for: -q errors only, -v debug; None leaves [logging] level."""
-        if self.quiet and self.verbose:
-            raise click.UsageError("-q and -v contradict each other: pass one of them")
-        return "error" if self.quiet else "debug" if self.verbose else None
-
-    def colour(self, stream: Any) -> bool:
-        """Colour on `stream`: a terminal, and neither --no-color nor NO_COLOR."""
-        return "no_color" not in self.flags and not colour_disabled() and stream.isatty()
-
-    def json_logs(self) -> bool:
-        return not logs.use_text(self.options["log_format"] or self.log_format, sys.stderr, self.daemon)
-
-    def setup_logs(self, level: str | None = None, fmt: str | None = None) -> None:
-        self.log_format = fmt or self.options["log_format"] or "auto"
-        logs.setup(
-            level or self.level() or "info",
-            self.log_format,
-            daemon=self.daemon,
-            colour=self.colour(sys.stderr),
-        )
-
-    def settings(
-        self, require_url: bool = True, require_migrations: bool = True, resolve_alerts: bool = False
-    ) -> Settings:
-        overrides = {
-            "target": {
-                "url": self.options["url"],
-                "migrations": self.options["migrations"],
-                "models": self.options["models"],
-            },
-            "daemon": self.daemon_overrides,
-            "logging": {"level": self.level(), "format": self.options["log_format"]},
-        }
-        from reconciler.control.workerclient import resolve_app_url  # CLI start-up time
-
-        settings = load_settings(
-            self.options["config"],
-            overrides,
-            require_url=require_url,
-            require_migrations=require_migrations,
-            resolve_alerts=resolve_alerts,
-            app_url=resolve_app_url,
-        )
-        self.setup_logs(settings.logging.level, settings.logging.format)
-        return settings
 
 
 def command(func: F) -> F:
@@ -151,12 +39,7 @@ def command(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         click_ctx = click.get_current_context()
         ctx: Context = click_ctx.ensure_object(Context)
-        for key in GLOBAL_KEYS:
-            value = kwargs.pop(key, None)
-            if value is not None:
-                ctx.options[key] = value
-        ctx.flags.update(key for key in GLOBAL_FLAGS if kwargs.pop(key, None))
-        ctx.daemon = click_ctx.info_name in DAEMON_COMMANDS
+        ctx.take(kwargs, click_ctx.info_name)
         code = run_guarded(lambda: func(ctx, *args, **kwargs), ctx)
         sys.exit(code)
 
@@ -165,8 +48,15 @@ def command(func: F) -> F:
 
 def run_guarded(body: Callable[[], int | None], ctx: Context) -> int:
     try:
+        return _guarded(body, ctx)
+    except OptionConflict as exc:  # click's usage error (exit 2), as a contradiction of options is
+        raise click.UsageError(str(exc)) from None
+
+
+def _guarded(body: Callable[[], int | None], ctx: Context) -> int:
+    try:
         return body() or EXIT_OK
-    except click.UsageError:
+    except (click.UsageError, OptionConflict):
         raise
     except ReconcilerError as exc:
         report_error(ctx, str(exc), exc.exit_code, exc.__class__.__name__)
@@ -175,15 +65,10 @@ def run_guarded(body: Callable[[], int | None], ctx: Context) -> int:
         report_error(ctx, "interrupted", 130, "KeyboardInterrupt")
         return 130
     except Exception as exc:  # a bug of ours: say so, with a redacted traceback and no locals
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        sys.stderr.write(redact(text))
-        report_error(
-            ctx,
-            f"internal error {exc.__class__.__name__}: {redact(str(exc))}; please report it",
-            EXIT_REVISION_FAILED,
-            exc.__class__.__name__,
-        )
-        return EXIT_REVISION_FAILED
+        trace, message = output.internal_error(exc)
+        sys.stderr.write(trace)
+        report_error(ctx, message, errors.EXIT_REVISION_FAILED, exc.__class__.__name__)
+        return errors.EXIT_REVISION_FAILED
 
 
 def report_error(ctx: Context, message: str, code: int, kind: str) -> None:
@@ -202,27 +87,18 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=None, sort_keys=True, default=str))
 
 
+def _echo(lines: list[str], err: bool = False) -> None:
+    for line in lines:
+        click.echo(line, err=err)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="reconciler")
 @_global_options
 @click.pass_context
-def main(ctx: click.Context, /, **options: Any) -> None:
+def main(ctx: click.Context, /, **values: Any) -> None:
     """Keep a database schema in step with its models and Alembic / Flask-Migrate revisions."""
-    state = ctx.ensure_object(Context)
-    state.options.update({k: v for k, v in options.items() if v is not None and k in GLOBAL_KEYS})
-    state.flags.update(k for k in GLOBAL_FLAGS if options.get(k))
-
-
-@contextmanager
-def _reconciler(ctx: Context) -> Iterator[TargetHandle]:
-    """The target's control plane, closed (connections released) when the command ends."""
-    from reconciler.control.target import close_target, open_target  # deferred: CLI start-up time
-
-    handle = open_target(ctx.settings())
-    try:
-        yield handle
-    finally:
-        close_target(handle)
+    ctx.ensure_object(Context).take(dict(values))
 
 
 @main.command()
@@ -230,42 +106,15 @@ def _reconciler(ctx: Context) -> Iterator[TargetHandle]:
 @command
 def status(ctx: Context, as_json: bool) -> int:
     """State of the database against the repository (exit 0 when read, 5 when unreachable)."""
-    from reconciler.commands import admin
-    from reconciler.control.reading import read_status  # deferred: CLI start-up time
+    from reconciler.commands import inspect  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as handle:
-        result = admin.analysed_status(handle, read_status(handle))
+    with options.reconciler(ctx) as handle:
+        result = inspect.status(handle)
     if as_json:
         emit_json(result.as_dict())
     else:
-        _print_status(result.as_dict(), ctx.colour(sys.stdout))
-    return EXIT_UNREACHABLE if result.sync_state == "unknown" else EXIT_OK
-
-
-def _print_status(data: dict[str, Any], colour: bool = False) -> None:
-    click.echo(f"target:     {data['target']} ({data['url']})")
-    click.echo(f"state:      {terminal.state(data['state'], colour)}")
-    if data["conditions"]:
-        click.echo(f"conditions: {', '.join(terminal.state(c, colour) for c in data['conditions'])}")
-    click.echo(f"db heads:   {', '.join(data['db_heads']) or '(none)'}")
-    click.echo(f"repo heads: {', '.join(data['repo_heads']) or '(none)'}")
-    if data["pending"]:
-        click.echo(f"pending:    {len(data['pending'])}: {', '.join(data['pending'])}")
-    for chain in data.get("chains") or ():
-        _print_chain(chain, colour)
-    if data["state"] != "in_sync":
-        click.echo(data["message"])
-    checked = (data.get("guard") or {}).get("checked_per_operation")
-    if checked:
-        click.echo(f"guard:      checked operation by operation as they run: {', '.join(checked)}")
-
-
-def _print_chain(chain: dict[str, Any], colour: bool = False) -> None:
-    """One line per chain when the database has several (`[[target.chains]]`)."""
-    pending = f"; {len(chain['pending'])} pending" if chain["pending"] else ""
-    heads = ", ".join(chain["db_heads"]) or "(none)"
-    state = terminal.state(chain["state"], colour)
-    click.echo(f"chain {chain['chain']} ({chain['version_table']}): {state} at {heads}{pending}")
+        _echo(output.status_lines(result.as_dict(), ctx.colour(sys.stdout)))
+    return errors.EXIT_UNREACHABLE if result.sync_state == "unknown" else EXIT_OK
 
 
 @main.command()
@@ -281,38 +130,18 @@ def _print_chain(chain: dict[str, Any], colour: bool = False) -> None:
 @command
 def plan(ctx: Context, sql: bool, as_json: bool, fail_on: tuple[str, ...]) -> int:
     """Pending revisions in order with the guard's findings; --sql prints their SQL instead."""
-    from reconciler.commands import admin
-    from reconciler.core.status import refuse_unless_applicable
+    from reconciler.commands import inspect  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as handle:
-        result, steps = admin.plan(handle)
-        refuse_unless_applicable(result)
-        analysis = admin.plan_findings(handle, result)
-        text = admin.plan_sql(handle, result) if sql else None
+    with options.reconciler(ctx) as handle:
+        result, steps = inspect.plan(handle)
+        analysis = inspect.plan_findings(handle, result)
+        text = inspect.plan_sql(handle, result) if sql else None
     if as_json:
-        data = result.as_dict()
-        data["steps"] = [s.__dict__ for s in steps]
-        data["findings"] = [f.as_dict() for f in analysis.findings]
-        data["lock_rules"] = analysis.linter
-        if text is not None:
-            data["sql"] = text
-        emit_json(data)
-    elif text is not None:
-        click.echo(text)
-    elif not steps:
-        click.echo(f"nothing to apply: the database is {result.state}")
+        emit_json(output.plan_dict(result, steps, analysis, text))
     else:
-        _print_plan(steps, analysis.findings)
-    admin.fail_on(analysis, fail_on)
+        _echo(output.plan_lines(result.state, steps, analysis.findings, text))
+    inspect.fail_on(analysis, fail_on)
     return EXIT_OK
-
-
-def _print_plan(steps: list[Any], findings: tuple[Any, ...]) -> None:
-    for index, step in enumerate(steps, start=1):
-        click.echo(f"{index:>3}. {step.revision}  {step.message}")
-        for finding in (f for f in findings if f.revision == step.revision):
-            ack = " (acknowledged)" if finding.acknowledged else ""
-            click.echo(f"       {finding.kind:<12} {finding.where}  {finding.message}{ack}")
 
 
 @main.command()
@@ -320,29 +149,12 @@ def _print_plan(steps: list[Any], findings: tuple[Any, ...]) -> None:
 def apply(ctx: Context) -> int:
     """One reconcile: take the lock, upgrade to the heads, verify."""
     from reconciler.control.applying import summary  # deferred: CLI start-up time
-    from reconciler.control.reconcile import reconcile_once
+    from reconciler.control.reconcile import reconcile_once  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as handle, _progress_line(ctx) as progress:
+    with options.reconciler(ctx) as handle, output.progress_line(ctx) as progress:
         result = reconcile_once(handle, trigger="apply", progress=progress)
     click.echo(summary(result, ids=ctx.verbose), err=True)
     return EXIT_OK
-
-
-@contextmanager
-def _progress_line(ctx: Context) -> Iterator[terminal.ProgressLine | None]:
-    """On a terminal, `n of N, revision` as one line rewritten in place, which replaces the
-    per-revision log lines; none when piped, quiet, verbose or logging JSON."""
-    if not sys.stderr.isatty() or ctx.quiet or ctx.verbose or ctx.json_logs():
-        yield None
-        return
-    line = terminal.ProgressLine(sys.stderr)
-    logs.hide("revision_applied", "reconcile_finished")  # the line, then the summary, say it
-    logs.set_status_line(line)
-    try:
-        yield line
-    finally:
-        logs.set_status_line(None)
-        line.close()
 
 
 @main.command()
@@ -352,23 +164,13 @@ def _progress_line(ctx: Context) -> Iterator[terminal.ProgressLine | None]:
 @command
 def wait(ctx: Context, timeout: float, exact: bool, interval: float) -> int:
     """Block until the database is at or ahead of the repository heads (exit 8 on timeout)."""
-    _check_seconds("--timeout", timeout, zero=True, example="300")
-    _check_seconds("--interval", interval, zero=False, example="1")
     from reconciler.control import waiting  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as handle:
+    options.check_wait(timeout, interval)
+    with options.reconciler(ctx) as handle:
         result = waiting.wait(handle, timeout, exact=exact, poll=interval)
     click.echo(f"database is {result.state}", err=True)
     return EXIT_OK
-
-
-def _check_seconds(option: str, value: float, zero: bool, example: str) -> None:
-    """A duration option: a number, not negative (and more than 0 unless `zero` is allowed);
-    `inf` is a duration too (wait for ever), NaN is not."""
-    if value > 0 or (zero and value == 0):
-        return
-    least = "0 or more" if zero else "more than 0"
-    raise ConfigError(f"{option} must be {least} seconds, got {value:g}; e.g. {option} {example}")
 
 
 @main.command()
@@ -376,9 +178,9 @@ def _check_seconds(option: str, value: float, zero: bool, example: str) -> None:
 @command
 def check(ctx: Context, scratch: bool) -> int:
     """Models vs migrations (CI gate): exit 7 and list the differences."""
-    from reconciler.commands import admin
+    from reconciler.commands import authoring  # deferred: CLI start-up time
 
-    admin.check(ctx.settings(), scratch)
+    authoring.check(ctx.settings(), scratch)
     click.echo("models and migrations agree", err=True)
     return EXIT_OK
 
@@ -388,17 +190,14 @@ def check(ctx: Context, scratch: bool) -> int:
 @command
 def drift(ctx: Context, as_json: bool) -> int:
     """The live schema vs the models, now: exit 7 and list the differences (the daemon's drift)."""
-    from reconciler.commands import admin
-    from reconciler.errors import EXIT_DIFFERENCES
+    from reconciler.commands import inspect  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as handle:
-        found = admin.drift(handle)
+    with options.reconciler(ctx) as handle:
+        found = inspect.drift(handle)
     if as_json:
         emit_json({"drift": bool(found), "count": len(found), "differences": found})
-    for difference in found:
-        click.echo(f"  - {difference['text']}", err=True)
-    click.echo(f"drift: {len(found)} difference(s)" if found else "no drift", err=True)
-    return EXIT_DIFFERENCES if found else EXIT_OK
+    _echo(output.drift_lines(found), err=True)
+    return errors.EXIT_DIFFERENCES if found else EXIT_OK
 
 
 @main.command()
@@ -406,16 +205,11 @@ def drift(ctx: Context, as_json: bool) -> int:
 @command
 def baseline(ctx: Context, scratch: bool) -> int:
     """Write the known-differences file from what autogenerate reports at the heads."""
-    from reconciler.commands import admin
-    from reconciler.project import differences
+    from reconciler.commands import authoring  # deferred: CLI start-up time
 
     settings = ctx.settings()
-    path, count = admin.baseline(settings, scratch)
-    dialect = differences.dialect_of(settings.target.url)
-    click.echo(
-        f"wrote {count} known difference(s) for {dialect} to {path} (the lists of other dialects are kept)",
-        err=True,
-    )
+    path, count = authoring.baseline(settings, scratch)
+    click.echo(output.baseline_line(path, count, settings.target.url), err=True)
     return EXIT_OK
 
 
@@ -424,13 +218,7 @@ def baseline(ctx: Context, scratch: bool) -> int:
 @command
 def config_command(ctx: Context, example: bool) -> int:
     """With --example: print config.example.toml, every key with its default and a comment."""
-    from reconciler.config.load import example_config
-
-    if not example:
-        raise ConfigError(
-            "`reconciler config` needs an option: --example prints every key with its default "
-            "(save it as reconciler.toml and edit)"
-        )
+    options.require_example(example)
     click.echo(example_config(), nl=False)
     return EXIT_OK
 
@@ -446,13 +234,10 @@ def config_command(ctx: Context, example: bool) -> int:
 @command
 def init(ctx: Context, flask_app: str) -> int:
     """Create a migrations directory: `flask db init`'s layout for a Flask project, else Alembic's."""
-    from reconciler.commands import admin
+    from reconciler.commands import authoring  # deferred: CLI start-up time
 
-    made = admin.init(ctx.settings(require_url=False, require_migrations=False), flask_app)
-    click.echo(
-        f"created {made.directory} and {made.alembic_ini} from the {made.template} template: {made.reason}",
-        err=True,
-    )
+    made = authoring.init(ctx.settings(require_url=False, require_migrations=False), flask_app)
+    click.echo(output.init_line(made), err=True)
     return EXIT_OK
 
 
@@ -460,13 +245,11 @@ def init(ctx: Context, flask_app: str) -> int:
 @command
 def history(ctx: Context) -> int:
     """The revision graph, newest first; applied revisions marked."""
-    from reconciler.commands import admin
+    from reconciler.commands import inspect  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as handle:
-        lines, reachable = admin.history(handle)
-    colour = ctx.colour(sys.stdout)
-    for line in lines:
-        click.echo(terminal.history_line(line, colour))
+    with options.reconciler(ctx) as handle:
+        lines, reachable = inspect.history(handle)
+    _echo(output.history_lines(lines, ctx.colour(sys.stdout)))
     if not reachable:
         click.echo("(database unreachable: applied revisions not marked)", err=True)
     return EXIT_OK
@@ -479,28 +262,18 @@ def history(ctx: Context) -> int:
 def downgrade(ctx: Context, revision: str, yes: bool) -> int:
     """Undo revisions down to REVISION: an id, `base`, or `-N` steps down (default -1, as `flask
     db downgrade`). A person's decision: shows what it undoes, asks."""
-    from reconciler.commands import admin
+    from reconciler.commands import repair  # deferred: CLI start-up time
     from reconciler.control.reading import read_graph  # deferred: CLI start-up time
 
-    if revision.startswith("--") or (revision.startswith("-") and not revision[1:].isdigit()):
-        raise ConfigError(f"no such option: {revision} (see `reconciler downgrade --help`)")
-    with _reconciler(ctx) as handle:
+    revision = options.downgrade_revision(revision)
+    with options.reconciler(ctx) as handle:
 
         def confirm(target: str, undo: list[str]) -> bool:
-            click.echo(f"downgrade to {target} will undo, newest first:", err=True)
-            for rev in undo:
-                click.echo(f"  {rev}  {read_graph(handle).revisions[rev].message}", err=True)
-            if yes:
-                return True
-            if not sys.stdin.isatty():
-                raise ConfigError("not on a terminal: pass --yes to confirm the downgrade")
-            return click.confirm("Proceed?", err=True)
+            _echo(output.downgrade_lines(target, undo, read_graph(handle)), err=True)
+            return yes or (options.can_ask() and click.confirm("Proceed?", err=True))
 
-        target, undo = admin.downgrade(handle, revision, confirm)
-    if not undo:
-        click.echo(f"nothing to undo: {target} is the current revision", err=True)
-    else:
-        click.echo(f"downgraded to {target}", err=True)
+        target, undo = repair.downgrade(handle, revision, confirm)
+    click.echo(output.downgraded_line(target, undo), err=True)
     return EXIT_OK
 
 
@@ -510,10 +283,10 @@ def downgrade(ctx: Context, revision: str, yes: bool) -> int:
 @command
 def stamp(ctx: Context, revision: str, force: bool) -> int:
     """Adopt a database with tables but no version table (after comparing it with the models)."""
-    from reconciler.commands import admin
+    from reconciler.commands import repair  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as handle:
-        stamped = admin.stamp(handle, revision, force)
+    with options.reconciler(ctx) as handle:
+        stamped = repair.stamp(handle, revision, force)
     click.echo(f"stamped {', '.join(stamped)}", err=True)
     return EXIT_OK
 
@@ -525,18 +298,11 @@ def stamp(ctx: Context, revision: str, force: bool) -> int:
 @command
 def resolve(ctx: Context, revision: str, applied: bool, rolled_back: bool) -> int:
     """Tell the journal what became of a dirty (half-applied) revision."""
-    from reconciler.commands import admin
+    from reconciler.commands import repair  # deferred: CLI start-up time
 
-    if applied and rolled_back:
-        raise ConfigError(
-            f"--applied and --rolled-back contradict each other: say what became of {revision} "
-            "with one of them"
-        )
-    if not (applied or rolled_back):
-        raise ConfigError("say what happened: --applied or --rolled-back")
-    outcome = "applied" if applied else "rolled_back"
-    with _reconciler(ctx) as handle:
-        resolved = admin.resolve(handle, revision, outcome)
+    outcome = options.resolve_outcome(revision, applied, rolled_back)
+    with options.reconciler(ctx) as handle:
+        resolved = repair.resolve(handle, revision, outcome)
     click.echo(f"revision {resolved} resolved as {outcome}", err=True)
     return EXIT_OK
 
@@ -548,18 +314,16 @@ def resolve(ctx: Context, revision: str, applied: bool, rolled_back: bool) -> in
 @command
 def journal_command(ctx: Context, as_json: bool, limit: int, revision: str | None) -> int:
     """What was applied, when, by whom and how it ended (the journal side table)."""
-    from reconciler.commands import journal_admin
+    from reconciler.commands import inspect  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as handle:
-        rows = journal_admin.steps(handle, limit, revision)
+    with options.reconciler(ctx) as handle:
+        rows = inspect.steps(handle, limit, revision)
     if as_json:
         emit_json(rows)
     elif not rows:
         click.echo("the journal has no steps for this target yet", err=True)
     else:
-        table = journal_admin.table(rows)
-        for line in terminal.column(table, "outcome", terminal.OUTCOME_STYLES, ctx.colour(sys.stdout)):
-            click.echo(line)
+        _echo(output.journal_lines(inspect.table(rows), ctx.colour(sys.stdout)))
     return EXIT_OK
 
 
@@ -569,12 +333,11 @@ def journal_command(ctx: Context, as_json: bool, limit: int, revision: str | Non
 @command
 def accept(ctx: Context, revision: str | None, accept_all: bool) -> int:
     """Record the new checksum of a reviewed, changed applied revision (applying resumes)."""
-    from reconciler.commands import journal_admin
+    from reconciler.commands import repair  # deferred: CLI start-up time
 
-    if bool(revision) == accept_all:
-        raise ConfigError("name one revision, or pass --all (not both): `reconciler accept REV`")
-    with _reconciler(ctx) as handle:
-        accepted = journal_admin.accept(handle, None if accept_all else revision)
+    chosen = options.accepted_revision(revision, accept_all)
+    with options.reconciler(ctx) as handle:
+        accepted = repair.accept(handle, chosen)
     names = ", ".join(m.revision for m in accepted)
     click.echo(f"accepted {names}" if accepted else "no checksum mismatch: nothing to accept", err=True)
     return EXIT_OK
@@ -585,10 +348,10 @@ def accept(ctx: Context, revision: str | None, accept_all: bool) -> int:
 @command
 def suspend(ctx: Context, reason: str) -> int:
     """Stop every replica from applying (e.g. around a manual downgrade) until `resume`."""
-    from reconciler.commands import admin
+    from reconciler.commands import repair  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as handle:
-        admin.suspend(handle, reason)
+    with options.reconciler(ctx) as handle:
+        repair.suspend(handle, reason)
     click.echo("applying is suspended for every replica; `reconciler resume` ends it", err=True)
     return EXIT_OK
 
@@ -597,10 +360,10 @@ def suspend(ctx: Context, reason: str) -> int:
 @command
 def resume(ctx: Context) -> int:
     """Let replicas apply again (clears `suspended`, and a `blocked` revision)."""
-    from reconciler.commands import admin
+    from reconciler.commands import repair  # deferred: CLI start-up time
 
-    with _reconciler(ctx) as handle:
-        cleared = admin.resume(handle)
+    with options.reconciler(ctx) as handle:
+        cleared = repair.resume(handle)
     click.echo(f"resumed ({', '.join(cleared) or 'nothing was suspended or blocked'})", err=True)
     return EXIT_OK
 
@@ -615,10 +378,10 @@ def run(ctx: Context, mode: str | None, interval: float | None, http: str | None
     ctx.daemon_overrides = {"mode": mode, "interval": interval, "http": http}
     settings = ctx.settings(resolve_alerts=True)
     if settings.daemon.mode == "dev":
-        from reconciler.runtime.dev import run_dev
+        from reconciler.runtime.dev import run_dev  # deferred: CLI start-up time
 
         return run_dev(settings)
-    from reconciler.runtime.prod import run_daemon
+    from reconciler.runtime.prod import run_daemon  # deferred: CLI start-up time
 
     return run_daemon(settings)
 
@@ -628,7 +391,7 @@ def run(ctx: Context, mode: str | None, interval: float | None, http: str | None
 @command
 def seal(ctx: Context, message: str) -> int:
     """Turn dev mode's draft revision into a normal revision."""
-    from reconciler.runtime.dev import seal as seal_draft
+    from reconciler.runtime.dev import seal as seal_draft  # deferred: CLI start-up time
 
     path = seal_draft(ctx.settings(), message)
     click.echo(f"sealed {path}", err=True)
@@ -640,7 +403,7 @@ def seal(ctx: Context, message: str) -> int:
 @command
 def confirm(ctx: Context, revision: str) -> int:
     """Confirm a held-back destructive revision (writes `allow_destructive = True` into it)."""
-    from reconciler.runtime.dev import confirm as confirm_revision
+    from reconciler.runtime.dev import confirm as confirm_revision  # deferred: CLI start-up time
 
     path = confirm_revision(ctx.settings(), revision)
     click.echo(f"confirmed {path}; dev mode applies it now", err=True)
@@ -665,38 +428,15 @@ def confirm(ctx: Context, revision: str) -> int:
 def revision(ctx: Context, message: str | None, autogenerate: bool, rev_id: str | None) -> int:
     """Write a revision file: empty (`flask db revision`), or --autogenerate'd from the models
     (`flask db migrate`: the same file, through your env.py)."""
-    from reconciler.commands import admin
+    from reconciler.commands import authoring  # deferred: CLI start-up time
 
     if not autogenerate:
-        written = admin.empty_revision(ctx.settings(require_url=False), message, rev_id)
+        written = authoring.empty_revision(ctx.settings(require_url=False), message, rev_id)
     else:
-        with _reconciler(ctx) as handle:
-            written = admin.generate_revision(handle, message, rev_id)
-    _print_written(written)
+        with options.reconciler(ctx) as handle:
+            written = authoring.generate_revision(handle, message, rev_id)
+    _echo(output.written_lines(written), err=True)
     return EXIT_OK
-
-
-def _print_written(written: Any) -> None:
-    if written.path is None:
-        click.echo("No changes in schema detected.", err=True)
-        return
-    click.echo(f"Generating {written.path} ... done", err=True)
-    for operation in written.operations:
-        click.echo(f"  - {operation['text']}", err=True)
-    for line in written.destructive:
-        click.echo(f"  ! {line}", err=True)
-    if written.destructive:
-        click.echo(
-            f"review it: applying refuses data loss until the file says it is meant "
-            f"(`reconciler confirm {written.revision}` writes `allow_destructive = True`)",
-            err=True,
-        )
-    for failure in written.hook_failures:
-        click.echo(
-            f"  post-write hook {failure.get('hook', '?')} failed (the revision is kept): "
-            f"{failure.get('output', '')}".rstrip(),
-            err=True,
-        )
 
 
 @main.command()
@@ -706,13 +446,10 @@ def _print_written(written: Any) -> None:
 @command
 def merge(ctx: Context, message: str | None, rev_id: str | None, revisions: tuple[str, ...]) -> int:
     """Write a merge revision of REVISIONS (default: every head), as `flask db merge` does."""
-    from reconciler.commands import admin
+    from reconciler.commands import authoring  # deferred: CLI start-up time
 
-    written = admin.merge(ctx.settings(require_url=False), revisions, message, rev_id)
-    if written is None:
-        click.echo("nothing to merge: the repository has one head", err=True)
-        return EXIT_OK
-    _print_written(written)
+    written = authoring.merge(ctx.settings(require_url=False), revisions, message, rev_id)
+    _echo(output.written_lines(written), err=True)
     return EXIT_OK
 
 
@@ -738,25 +475,17 @@ def _alias(
         original.callback(**kwargs, **fixed)  # type: ignore[misc]
 
     params = [p for p in original.params if p.name not in fixed] + list(extra)
+    long, short = options.alias_help(
+        flask_verb, str(original.name), bool(fixed.get("autogenerate")), original.help or ""
+    )
     return click.Command(
         name,
         callback=callback,
         params=params,
-        help=f"`{flask_verb}`: the same as `reconciler {original.name}"
-        f"{' --autogenerate' if fixed.get('autogenerate') else ''}`. "
-        f"{original.help or ''}",
-        short_help=f"`{flask_verb}`: same as `{original.name}"
-        f"{' --autogenerate' if fixed.get('autogenerate') else ''}`",
+        help=long,
+        short_help=short,
         context_settings=original.context_settings,
     )
-
-
-def _upgrade_target(revision: str) -> None:
-    if revision not in ("head", "heads"):
-        raise ConfigError(
-            f"upgrade goes to the repository's heads only, not to {revision!r}: the reconciler "
-            "applies every pending revision, one journaled step each; run `reconciler upgrade`"
-        )
 
 
 main.add_command(
@@ -765,7 +494,7 @@ main.add_command(
         "upgrade",
         "flask db upgrade",
         extra=(click.Argument(["revision"], default="head"),),
-        check=_upgrade_target,
+        check=options.upgrade_target,
     )
 )
 main.add_command(_alias(status, "current", "flask db current"))

@@ -18,22 +18,44 @@ The ignore rules and the report itself are pure: core.drift.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from reconciler import logs
 from reconciler.control.conditions import forget_conditions
 from reconciler.control.locking import ensure_journal, target_lock
-from reconciler.control.target import journal_exists
+from reconciler.control.starting import start_worker
+from reconciler.control.target import TargetHandle, journal_exists
 from reconciler.core.drift import UNSAFE_SWITCH, DriftReport, flag_key, report_of, without_ignored
+from reconciler.db import connection, flags
+from reconciler.errors import LockTimeout
+from reconciler.project import differences
+from reconciler.sessions import replica_id
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
-    from reconciler.control.target import TargetHandle
     from reconciler.core.status import Status
     from reconciler.settings import DriftSettings
 
 log = logs.get("reconciler.drift")
+
+
+# --- the compare -------------------------------------------------------------------------------------
+@contextmanager
+def read_worker(handle: TargetHandle) -> Iterator[Any]:
+    """A worker that only reads (analysis, offline SQL, compares)."""
+    with connection.connect(handle.engine) as conn, start_worker(handle, conn, role="read") as worker:
+        yield worker
+
+
+def compare(handle: TargetHandle) -> list[dict[str, str]]:
+    """Differences between the target database and the models, minus the known ones."""
+    known = differences.load_for(handle.settings)
+    with read_worker(handle) as worker:
+        found = list(worker.compare())
+    return [dict(d) for d in differences.unknown(found, known)]
 
 
 # --- the schedule ------------------------------------------------------------------------------------
@@ -60,8 +82,6 @@ class DriftChecker:
         """Compare if due and ours to do; True when a compare ran (the drift flag was written)."""
         if not self.enabled or now < self._next or status.sync_state != "in_sync":
             return False
-        from reconciler.db import connection
-
         heads = tuple(sorted(status.decision.db_heads))
         with connection.connect(self.handle.engine) as conn:
             if not self.fleet:
@@ -71,8 +91,6 @@ class DriftChecker:
             return self._compare_as_lock_holder(conn, heads, now)
 
     def _compare_as_lock_holder(self, conn: sa.engine.Connection, heads: tuple[str, ...], now: float) -> bool:
-        from reconciler.errors import LockTimeout
-
         if self._fresh(self._read(conn), heads, now):
             return False
         try:
@@ -93,21 +111,15 @@ class DriftChecker:
         return True
 
     def _read(self, conn: sa.engine.Connection) -> DriftReport | None:
-        from reconciler.db import flags
-
         if not journal_exists(self.handle, conn):
             return None
         key = flag_key(self.handle.target_name)
         return DriftReport.loads(flags.read(conn, self.handle.journal, [key]).get(key))
 
     def _compare(self, conn: sa.engine.Connection, heads: tuple[str, ...], last: DriftReport | None) -> None:
-        from reconciler.commands import admin
-        from reconciler.db import flags
-        from reconciler.sessions import replica_id
-
         started = time.monotonic()
         self._next = time.time() + self.settings.interval
-        found = without_ignored(admin.compare(self.handle), self.settings.ignore)
+        found = without_ignored(compare(self.handle), self.settings.ignore)
         report = report_of(found, heads, replica_id(), time.monotonic() - started)
         ensure_journal(self.handle, conn)
         flags.put(conn, self.handle.journal, flag_key(self.handle.target_name), report.dumps())
