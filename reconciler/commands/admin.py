@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from reconciler import logs
 from reconciler.control import guard
 from reconciler.control.reconcile import Reconciler, Status, refuse_unless_applicable
-from reconciler.control.workerclient import start_headers_worker
+from reconciler.control.workers import start_headers_worker
 from reconciler.core import safety
 from reconciler.core.graph import RevisionGraph
 from reconciler.db import connection, journal, placement
@@ -39,7 +39,7 @@ from reconciler.redact import redact
 from reconciler.settings import Settings
 
 if TYPE_CHECKING:
-    from reconciler.control.workerclient import Generated
+    from reconciler.control.workers import Generated
 
 log = logs.get("reconciler.admin")
 
@@ -624,7 +624,7 @@ def merge(
 def _plain_worker(settings: Settings) -> Iterator[Any]:
     """A worker for what needs neither the models nor the database (an in-memory one when no
     URL is set: writing a revision file connects to nothing)."""
-    from reconciler.control.workerclient import Worker, WorkerJob
+    from reconciler.control.workers import Worker, WorkerJob
 
     job = WorkerJob.from_settings(settings, url=settings.target.url or "sqlite://")
     with Worker.start(job, python=settings.target.python or None) as worker:
@@ -655,7 +655,7 @@ def init(settings: Settings, flask_app: str = "") -> InitResult:
             f"migrations directory {directory} already exists and is not empty; "
             "choose another --migrations or use the existing one"
         )
-    from reconciler.control.workerclient import Worker, WorkerJob
+    from reconciler.control.workers import Worker, WorkerJob
 
     template, reason = None, ""
     if not settings.target.models:

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from reconciler import logs, sessions
 from reconciler.config.load import chain_settings
 from reconciler.control import guard
-from reconciler.control.workerclient import start_headers_worker
+from reconciler.control.workers import start_headers_worker
 from reconciler.core import checksums, failures, safety
 from reconciler.core import drift as drift_rules
 from reconciler.core.backoff import backoff
@@ -52,7 +52,7 @@ from reconciler.redact import redact
 from reconciler.settings import MAIN_CHAIN, Settings
 
 if TYPE_CHECKING:
-    from reconciler.control.workerclient import Worker, WorkerJob
+    from reconciler.control.workers import Worker, WorkerJob
 
 log = logs.get("reconciler.reconcile")
 
@@ -1285,7 +1285,7 @@ class Reconciler:
     def start_worker(self, conn: sa.engine.Connection, role: str = "apply") -> Iterator[Worker]:
         """A worker checked against `conn`'s database. `role` "read" for one that applies
         nothing: its sessions are not the orphan wait's (see sessions.application_name)."""
-        from reconciler.control.workerclient import Worker, WorkerJob
+        from reconciler.control.workers import Worker, WorkerJob
 
         roles.check(conn, self.backend, self.settings.apply.role)
         if self._lent is not None:

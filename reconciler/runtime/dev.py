@@ -28,7 +28,8 @@ import sqlalchemy as sa
 
 from reconciler import logs, sessions
 from reconciler.control.reconcile import Reconciler
-from reconciler.control.workerclient import WarmWorker, WorkerJob
+from reconciler.control.workerpool import WarmWorker
+from reconciler.control.workers import WorkerJob
 from reconciler.core.graph import Revision
 from reconciler.db import connection, journal
 from reconciler.errors import ConfigError, ReconcilerError, StateError
