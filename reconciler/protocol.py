@@ -8,7 +8,8 @@ The wire is JSON lines. A request is `{"op": <its op>, **its fields}`; its reply
 `{"ok": true, **the reply's fields}` or `{"ok": false, "error": {ErrorReply's fields}}`; before an
 upgrade's reply the worker may send events (`{"event": "non_transactional", ...}`), each answered
 by a `proceed` request. `encode` and `decode` map a dataclass to and from that JSON over its
-declared fields: nested dataclasses, tuples, lists, frozensets, mappings and `Optional`. The `init`
+declared fields: nested dataclasses, `Sequence[X]` / `tuple[X, ...]` (a tuple), lists,
+frozensets, mappings and `Optional`. The `init`
 request carries `PROTOCOL_VERSION`, the `init` reply the worker's: both ends refuse another one.
 """
 
@@ -103,9 +104,7 @@ class InitReply:
 
 
 @dataclass(frozen=True)
-class StepReply:
-    """An upgrade's or a downgrade's reply: how long it took and the revisions Alembic ran."""
-
+class StepReply:  # an upgrade's or a downgrade's: how long it took, the revisions Alembic ran
     duration_ms: int = 0
     revisions: Sequence[str] = ()
 
@@ -116,16 +115,12 @@ class SqlReply:
 
 
 @dataclass(frozen=True)
-class RecordReply:
-    """Each revision's recorded upgrade operations: {revision, path, ops, error, ...}."""
-
+class RecordReply:  # each revision's recorded upgrade operations: {revision, path, ops, error}
     revisions: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True)
-class CompareReply:
-    """Differences between the models and the database: {kind, key, text, ...} sorted by key."""
-
+class CompareReply:  # the differences between models and database: {kind, key, text} by key
     differences: Sequence[Mapping[str, str]] = ()
 
 
@@ -194,9 +189,7 @@ class InitRequest:
 
 @dataclass(frozen=True)
 class ProbeRequest:
-    """Run env.py without applying or creating anything."""
-
-    op: ClassVar[str] = "probe"
+    op: ClassVar[str] = "probe"  # run env.py without applying or creating anything
     reply: ClassVar[type] = EmptyReply
 
 
@@ -227,9 +220,7 @@ class StampRequest:
 
 @dataclass(frozen=True)
 class SqlRequest:
-    """Offline SQL of the upgrade start:end through env.py."""
-
-    op: ClassVar[str] = "sql"
+    op: ClassVar[str] = "sql"  # offline SQL of the upgrade start:end through env.py
     reply: ClassVar[type] = SqlReply
     end: str
     start: Optional[str] = None  # noqa: UP045
@@ -237,9 +228,7 @@ class SqlRequest:
 
 @dataclass(frozen=True)
 class RecordRequest:
-    """The pending revisions' upgrade operations, recorded (nothing runs on the database)."""
-
-    op: ClassVar[str] = "record"
+    op: ClassVar[str] = "record"  # the revisions' upgrade operations, recorded (nothing runs)
     reply: ClassVar[type] = RecordReply
     revisions: Sequence[str] = ()
 
@@ -252,9 +241,7 @@ class CompareRequest:
 
 @dataclass(frozen=True)
 class HeadersRequest:
-    """Revision identifiers of files whose headers are not literal (executes them)."""
-
-    op: ClassVar[str] = "headers"
+    op: ClassVar[str] = "headers"  # the identifiers of revision files whose headers are not literal
     reply: ClassVar[type] = HeadersReply
     paths: Sequence[str] = ()
 
@@ -355,27 +342,9 @@ class ExitRequest:
     reply: ClassVar[type] = EmptyReply
 
 
+# every request class above, by its op
 REQUESTS: dict[str, type] = {
-    cls.op: cls
-    for cls in (
-        InitRequest,
-        ProbeRequest,
-        UpgradeRequest,
-        DowngradeRequest,
-        StampRequest,
-        SqlRequest,
-        RecordRequest,
-        CompareRequest,
-        HeadersRequest,
-        BindRequest,
-        InitDirRequest,
-        AppUrlRequest,
-        GenerateRequest,
-        RevisionRequest,
-        MergeRequest,
-        ProceedRequest,
-        ExitRequest,
-    )
+    c.op: c for c in list(globals().values()) if dataclasses.is_dataclass(c) and hasattr(c, "reply")
 }
 
 
@@ -399,6 +368,7 @@ def parse_request(data: Mapping[str, Any]) -> Any:
 
 
 def ok_reply(reply: Any) -> dict[str, Any]:
+    """A successful reply's object."""
     return {"ok": True, **encode(reply)}
 
 
@@ -433,10 +403,6 @@ def _wire(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("wire", f.name))
 
 
-def _is_dataclass_type(hint: Any) -> bool:
-    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
-
-
 def _optional_of(hint: Any) -> Any:
     """X for Optional[X], else None."""
     if typing.get_origin(hint) is Union:
@@ -457,12 +423,10 @@ def encode(value: Any, hint: Any = None) -> Any:
     inner = _optional_of(hint)
     if inner is not None:
         return encode(value, inner)
-    if _is_dataclass_type(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         hints = _hints(hint)
         return {_wire(f): encode(getattr(value, f.name), hints[f.name]) for f in dataclasses.fields(hint)}
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        return [encode(v, a) for v, a in zip(value, args)]
     if origin in (tuple, list, Sequence, frozenset, set, AbstractSet):
         items = [encode(v, args[0] if args else Any) for v in value]
         if origin in (frozenset, set, AbstractSet):
@@ -484,16 +448,12 @@ def _decode(hint: Any, data: Any, where: str) -> Any:
     inner = _optional_of(hint)
     if inner is not None:
         return None if data is None else _decode(inner, data, where)
-    if _is_dataclass_type(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _decode_dataclass(hint, data, where)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (tuple, list, Sequence, frozenset, set, AbstractSet):
         if not isinstance(data, list):
             raise ProtocolError(f"{where}: expected a list, got {_kind(data)}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(data) != len(args):
-                raise ProtocolError(f"{where}: expected {len(args)} items, got {len(data)}")
-            return tuple(_decode(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
         item = args[0] if args else Any
         items = [_decode(item, v, f"{where}[{i}]") for i, v in enumerate(data)]
         if origin is list:
