@@ -344,7 +344,7 @@ class ExitRequest:
 
 # every request class above, by its op
 REQUESTS: dict[str, type] = {
-    c.op: c for c in list(globals().values()) if isinstance(c, type) and hasattr(c, "reply")
+    c.op: c for c in list(globals().values()) if isinstance(c, type) and hasattr(c, "reply")  # type: ignore[attr-defined]
 }
 
 
