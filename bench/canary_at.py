@@ -27,7 +27,7 @@ COMMANDS = (("status",), ("status", "--json"), ("apply",), ("wait", "--timeout",
 def _outputs(kind: str, folder: Path) -> list[str]:
     import subprocess
 
-    from reconciler.control.workerclient import Worker, WorkerJob
+    from reconciler.control.workers import Worker, WorkerJob
     from reconciler.errors import ReconcilerError
 
     texts: list[str] = []

@@ -28,15 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from reconciler.worker.inside import in_reconciler_worker
+
 RECONCILER_TABLES = frozenset({"reconciler_journal", "reconciler_journal_flags"})
 RECONCILER_SCHEMA = "reconciler"  # the journal's side schema; on MySQL / MariaDB `<db>_reconciler`
-_IN_WORKER = [False]  # set in reconciler's worker: its control plane already holds the lock
-
-
-def inside_reconciler_worker() -> None:
-    """Called by reconciler's worker at start: `migration_lock` in env.py then takes no lock (the
-    reconciler that runs env.py holds it already, on another connection)."""
-    _IN_WORKER[0] = True
 
 
 def exclude_reconciler_tables(
@@ -86,7 +81,7 @@ def migration_lock(
     `reconciler.errors.LockTimeout` (naming the holder) after `timeout` seconds. Inside
     reconciler's own worker (env.py run by the reconciler) it does nothing: the lock is held.
     """
-    if _IN_WORKER[0]:
+    if in_reconciler_worker():
         yield
         return
     import sqlalchemy as sa

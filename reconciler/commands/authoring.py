@@ -22,7 +22,7 @@ from reconciler.control.drift import compare, read_worker
 from reconciler.control.reading import read_status
 from reconciler.control.reconcile import reconcile_once
 from reconciler.control.target import TargetHandle, close_target, open_target
-from reconciler.control.workerclient import Worker, WorkerJob, start_headers_worker
+from reconciler.control.workers import Worker, WorkerJob, start_headers_worker
 from reconciler.core.status import Status
 from reconciler.db import connection, placement
 from reconciler.errors import ConfigError, DifferencesFound, StateError, UnreachableError
@@ -33,7 +33,7 @@ from reconciler.redact import redact
 from reconciler.settings import Settings
 
 if TYPE_CHECKING:
-    from reconciler.control.workerclient import Generated
+    from reconciler.control.workers import Generated
 
 log = logs.get("reconciler.admin")
 

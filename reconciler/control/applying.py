@@ -23,7 +23,7 @@ from reconciler.control.retries import count_failure, defer_unless_due, unblock_
 from reconciler.control.starting import start_worker
 from reconciler.control.steps import apply_retrying
 from reconciler.control.target import TargetHandle, journal_seen
-from reconciler.control.workerclient import Worker
+from reconciler.control.workers import Worker
 from reconciler.core.graph import RevisionGraph
 from reconciler.core.status import (
     APPLICABLE,

@@ -25,7 +25,7 @@ from reconciler.errors import Refused
 from reconciler.settings import Settings
 
 if TYPE_CHECKING:
-    from reconciler.control.workerclient import Worker
+    from reconciler.control.workers import Worker
 
 log = logs.get("reconciler.guard")
 _noted: set[str] = set()

@@ -25,7 +25,7 @@ from reconciler.errors import ReconcilerError
 from reconciler.redact import redact
 
 if TYPE_CHECKING:
-    from reconciler.control.workerclient import Worker
+    from reconciler.control.workers import Worker
 
 log = logs.get("reconciler.reconcile")
 

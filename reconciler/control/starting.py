@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from reconciler import sessions
 from reconciler.control.progress import LiveRun
 from reconciler.control.target import TargetHandle
-from reconciler.control.workerclient import Worker, WorkerJob
+from reconciler.control.workers import Worker, WorkerJob
 from reconciler.db import roles
 
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from reconciler import logs
 from reconciler.control.progress import LiveRun
 from reconciler.control.target import TargetHandle
-from reconciler.control.workerclient import Worker
+from reconciler.control.workers import Worker
 from reconciler.core.backoff import backoff
 from reconciler.core.graph import RevisionGraph
 from reconciler.core.status import is_lock_timeout

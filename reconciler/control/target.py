@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from reconciler import logs
 from reconciler.config.load import chain_settings
-from reconciler.control.workerclient import Worker, start_headers_worker
+from reconciler.control.workers import Worker, start_headers_worker
 from reconciler.core import checksums
 from reconciler.core.state import Decision
 from reconciler.db import connection, journal, locks, placement

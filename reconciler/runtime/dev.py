@@ -31,7 +31,8 @@ from reconciler.control.applying import apply_pending
 from reconciler.control.locking import target_lock
 from reconciler.control.reading import read_graph, read_status
 from reconciler.control.target import close_target, open_target
-from reconciler.control.workerclient import WarmWorker, WorkerJob
+from reconciler.control.workerpool import WarmWorker
+from reconciler.control.workers import WorkerJob
 from reconciler.core.graph import Revision
 from reconciler.db import connection, journal
 from reconciler.errors import ConfigError, ReconcilerError, StateError

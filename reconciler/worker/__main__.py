@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from reconciler.worker.runner import main
+from reconciler.worker.process import main
 
 main()

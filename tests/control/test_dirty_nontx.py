@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from reconciler.db import journal
-from reconciler.worker import migrations
+from reconciler.worker import sections
 from tests.builders import Project, db_heads, flask_project, journal_rows, table_names
 from tests.pgcluster import wait_until
 from tests.runtime.test_daemon import config, daemon
@@ -295,8 +295,8 @@ class _Conn:
     ],
 )
 def test_statements_that_leave_the_transaction_are_named(dialect: str, statement: str, leaves: bool) -> None:
-    assert bool(migrations.non_transactional_reason(_Conn(dialect), statement)) is leaves
+    assert bool(sections.non_transactional_reason(_Conn(dialect), statement)) is leaves
 
 
 def test_a_postgresql_statement_in_autocommit_mode_leaves_the_transaction() -> None:
-    assert migrations.non_transactional_reason(_Conn("postgresql", autocommit=True), "UPDATE t SET v = 1")
+    assert sections.non_transactional_reason(_Conn("postgresql", autocommit=True), "UPDATE t SET v = 1")

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from reconciler.config.load import load_settings
-from reconciler.control.workerclient import Worker, WorkerJob
+from reconciler.control.workers import Worker, WorkerJob
 from reconciler.core.alert_rules import Observation
 from reconciler.core.alerting import AlertPolicy
 from reconciler.core.drift import DriftReport, ignored, parse_rule, without_ignored

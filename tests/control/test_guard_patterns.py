@@ -249,7 +249,7 @@ def test_the_recording_transaction_is_read_only_and_rolled_back(tmp_path: Path, 
     ],
 )
 def test_what_the_recording_connection_runs(statement: str, reads: bool) -> None:
-    from reconciler.worker.migrations import is_read
+    from reconciler.worker.recorder import is_read
 
     assert is_read(statement) is reads
 

@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from reconciler.core import safety
-from reconciler.worker.migrations import record_revision, type_info
+from reconciler.worker.generated import type_info
+from reconciler.worker.recorder import record_revision
 from tests.builders import Project, db_heads, flask_project, table_names
 from tests.cli import run_cli
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from reconciler import logs
 from reconciler.config.load import load_settings
-from reconciler.control.workerclient import Worker, WorkerJob
+from reconciler.control.workers import Worker, WorkerJob
 from reconciler.errors import ConfigError
 from reconciler.project import differences
 from tests import dbs

@@ -506,7 +506,7 @@ def test_an_invalidation_during_a_read_is_not_lost(tmp_path: Path) -> None:
     """The watcher's thread may invalidate while the loop's thread reads the graph. A file that
     came after the listing must be seen by the next read, even one that trusts the cache."""
     from reconciler.config.load import load_settings
-    from reconciler.control.workerclient import start_headers_worker
+    from reconciler.control.workers import start_headers_worker
     from reconciler.project.repository import Project as Repository
     from tests.builders import flask_project
 

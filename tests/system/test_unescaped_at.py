@@ -94,7 +94,7 @@ def test_unescaped_at_leaks_nothing_in_any_command_or_log_format(tmp_path: Path,
 def test_unescaped_at_leaks_nothing_in_the_workers_error_text(tmp_path: Path, kind: str) -> None:
     """The worker is handed such a URL directly (no config check in front of it): whatever it
     fails with, and whatever env.py logs or prints, shows no piece of the password."""
-    from reconciler.control.workerclient import Worker, WorkerJob
+    from reconciler.control.workers import Worker, WorkerJob
     from reconciler.errors import ReconcilerError
 
     logs: list[str] = []

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from reconciler.control.workerclient import Generated, WarmWorker, Worker, WorkerJob
+from reconciler.control.workerpool import WarmWorker
+from reconciler.control.workers import Generated, Worker, WorkerJob
 from reconciler.errors import ConfigError, StateError
 from reconciler.project import differences, revisions
 from tests import builders
@@ -952,7 +953,7 @@ def test_warm_worker_start_errors_reach_take(gen: Gen, tmp_path: Path) -> None:
 
 
 def test_derived_messages_are_short_slugs() -> None:
-    from reconciler.worker.migrations import OpInfo, derive_message
+    from reconciler.worker.generated import OpInfo, derive_message
 
     long_name = "a_really_long_column_name_that_goes_on_and_on_and_on_forever"
     infos = [
@@ -983,13 +984,13 @@ def test_derived_messages_are_short_slugs() -> None:
     ],
 )
 def test_narrowing(old: Any, new: Any, lossy: bool) -> None:
-    from reconciler.worker.migrations import narrowing
+    from reconciler.worker.generated import narrowing
 
     assert bool(narrowing(old, new)) is lossy
 
 
 def test_draft_marker_goes_after_the_headers(tmp_path: Path) -> None:
-    from reconciler.worker.migrations import mark_draft
+    from reconciler.worker.autogenerate import mark_draft
 
     path = tmp_path / "r1_x.py"
     path.write_bytes(

@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from reconciler import sessions
-from reconciler.control.workerclient import Worker, WorkerJob
+from reconciler.control.workers import Worker, WorkerJob
 from reconciler.errors import (
     ConfigError,
     RevisionFailed,
@@ -874,7 +874,7 @@ def test_a_request_past_its_deadline_kills_the_worker(alembic_proj: Proj, sqlite
 
 PARENT = """\
 import sys, time
-from reconciler.control.workerclient import Worker, WorkerJob
+from reconciler.control.workers import Worker, WorkerJob
 job = WorkerJob(url=sys.argv[1], migrations_dir=sys.argv[2], root=sys.argv[3], timeout=600)
 worker = Worker.start(job, python=sys.argv[4], on_log=lambda line: print(line, flush=True))
 print("worker pid", worker.pid, flush=True)

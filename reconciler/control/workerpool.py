@@ -1,0 +1,166 @@
+"""A pool of one pre-warmed worker: the spare that dev mode hands out, and its starting thread.
+
+`WarmWorker` keeps one spare worker started and initialised (dev mode: each generation gets a
+fresh interpreter without paying for the imports), starting the next when the last one taken is
+closed; its own long-lived thread starts them all (the kernel's parent-death signal fires when
+the thread that started a worker exits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from pathlib import Path
+from typing import Any
+
+from reconciler.control.workers import Worker, WorkerJob
+from reconciler.errors import ReconcilerError, WorkerError
+
+
+class WarmWorker:
+    """Keeps one spare worker started and initialised so that the next job starts at once.
+
+    Each `take()` hands out a fresh interpreter (the project's modules are imported anew by every
+    job) and starts the next spare in the background. All workers are started by this object's own
+    thread, which lives until `close()` and until every worker it started has exited, so the
+    kernel's parent-death signal never fires early. A spare whose alembic.ini or env.py changed
+    since it started is replaced. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        job: WorkerJob,
+        python: str | None = None,
+        on_log: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self._job = job
+        self._python = python
+        self._on_log = on_log
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._orders: queue.Queue[Future[Worker] | None] = queue.Queue()
+        self._started: list[Worker] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._starter, daemon=True, name="warm-worker")
+        self._thread.start()
+        self._spare: tuple[Future[Worker], tuple[Any, ...]] | None = self._order()
+
+    @property
+    def spare_pid(self) -> int | None:
+        """The spare's pid once it is started (None while it starts or when there is none)."""
+        with self._lock:
+            spare = self._spare
+        if spare is None or not spare[0].done() or spare[0].exception() is not None:
+            return None
+        return spare[0].result().pid
+
+    def take(self) -> Worker:
+        """A started, initialised worker: the spare (waited for if still starting), else a new one.
+
+        The next spare is started when the taken worker is closed, not before: on a small
+        machine its start-up (an interpreter importing SQLAlchemy, Alembic, Flask) would take CPU
+        from the generation it was taken for. Raises what starting a worker raises (ConfigError
+        for a missing interpreter, ...); the next take() tries again. The caller closes the worker.
+        """
+        with self._lock:
+            if self._closed:
+                raise WorkerError("the warm worker pool is closed")
+            order, self._spare = self._spare, None
+        try:
+            worker = self._usable(order) or self._wait(self._order()[0])
+        except BaseException:
+            self._replenish()
+            raise
+        worker.after_close.append(self._replenish)
+        return worker
+
+    def _replenish(self) -> None:
+        with self._lock:
+            if not self._closed and self._spare is None:
+                self._spare = self._order()
+
+    def close(self) -> None:
+        """Stop the spare (waiting for it if it is starting) and the starting thread.
+
+        Workers already taken are the caller's: the thread waits for them to exit before it ends.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            order, self._spare = self._spare, None
+        self._orders.put(None)
+        if order is not None and not order[0].cancel():
+            with contextlib.suppress(BaseException):
+                order[0].result().close()
+
+    def __enter__(self) -> WarmWorker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # plumbing
+
+    def _order(self) -> tuple[Future[Worker], tuple[Any, ...]]:
+        future: Future[Worker] = Future()
+        stamp = self._stamp()
+        self._orders.put(future)
+        return future, stamp
+
+    def _usable(self, order: tuple[Future[Worker], tuple[Any, ...]] | None) -> Worker | None:
+        if order is None:
+            return None
+        future, stamp = order
+        try:
+            worker = future.result()
+        except (ReconcilerError, CancelledError):
+            return None  # start a new one: the error, if it persists, is raised from there
+        if worker._process.poll() is None and stamp == self._stamp():
+            return worker
+        worker.close()
+        return None
+
+    @staticmethod
+    def _wait(future: Future[Worker]) -> Worker:
+        return future.result()
+
+    def _stamp(self) -> tuple[Any, ...]:
+        """What a worker reads at init (alembic.ini, env.py): their size and mtime."""
+        migrations = Path(self._job.migrations_dir)
+        paths = [migrations / "env.py", migrations / "alembic.ini"]
+        if self._job.alembic_ini:
+            paths.append(Path(self._job.alembic_ini))
+        out: list[Any] = []
+        for path in paths:
+            try:
+                stat = path.stat()
+                out.append((str(path), stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                out.append((str(path), None))
+        return tuple(out)
+
+    def _starter(self) -> None:
+        while True:
+            future = self._orders.get()
+            if future is None:
+                break
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                worker = Worker.start(
+                    self._job, python=self._python, on_log=self._on_log, timeout=self._timeout, preload=True
+                )
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                self._started = [w for w in self._started if w._process.poll() is None]
+                self._started.append(worker)
+                future.set_result(worker)
+        for worker in self._started:  # they die with this thread: outlive them
+            with contextlib.suppress(OSError):
+                worker._process.wait()

@@ -1,0 +1,501 @@
+"""The worker wire protocol: every message between the control plane and the worker, and one codec.
+
+Standard library only: the worker imports this module in the project's interpreter, which may be
+Python 3.9, and the annotations are evaluated at run time by `typing.get_type_hints` (so unions
+are written `Optional[...]`, never `X | None`).
+
+The wire is JSON lines. A request is `{"op": <its op>, **its fields}`; its reply is
+`{"ok": true, **the reply's fields}` or `{"ok": false, "error": {ErrorReply's fields}}`; before an
+upgrade's reply the worker may send events (`{"event": "non_transactional", ...}`), each answered
+by a `proceed` request. `encode` and `decode` map a dataclass to and from that JSON over its
+declared fields: nested dataclasses, `Sequence[X]` / `tuple[X, ...]` (a tuple), lists, frozensets,
+mappings, `Optional`. `init` carries `PROTOCOL_VERSION` both ways: both ends refuse another one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import typing
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, TypeVar, Union
+
+PROTOCOL_VERSION = 1
+DEFAULT_VERSION_TABLE = "alembic_version"
+JOURNAL_TABLES = ("reconciler_journal", "reconciler_journal_flags")
+
+T = TypeVar("T")
+
+
+class ProtocolError(ValueError):
+    """A line that is not a message of this protocol (or of another version of it)."""
+
+
+def check_version(control: Any, worker: Any) -> None:
+    """Refuse two ends that speak different protocol versions, naming both."""
+    if control != worker:
+        raise ProtocolError(
+            f"the control plane speaks worker protocol version {control} but the worker speaks "
+            f"version {worker}: run the worker from the same reconciler release as the control "
+            "plane (check [target] python and its PYTHONPATH)"
+        )
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs for one target (the `init` request's `job`)."""
+
+    url: str = field(repr=False)
+    migrations_dir: str
+    root: str
+    alembic_ini: Optional[str] = None  # noqa: UP045 (evaluated at run time on Python 3.9)
+    models: str = ""
+    app: str = ""
+    migrate: str = ""
+    imports: Sequence[str] = ()
+    x_args: Mapping[str, str] = field(default_factory=dict)
+    version_table: str = DEFAULT_VERSION_TABLE
+    version_table_schema: str = ""
+    exclude_tables: Sequence[str] = JOURNAL_TABLES
+    app_name: str = ""
+    ddl_lock_timeout: float = 0.0
+    statement_timeout: float = 0.0
+    set_role: str = ""
+    connect_timeout: float = 0.0
+    expected_identity: Optional[Mapping[str, str]] = None  # noqa: UP045
+    secrets: Sequence[str] = field(default=(), repr=False)
+    known_differences: str = ""
+    log_level: str = "info"
+
+
+# --- replies -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """The `error` object of a failed reply; `exit_code` says which exception the control plane raises."""
+
+    error_class: str = field(default="", metadata={"wire": "class"})
+    message: str = ""
+    sqlstate: Optional[str] = None  # noqa: UP045
+    exit_code: int = 1
+    revision: Optional[str] = None  # noqa: UP045
+
+
+@dataclass(frozen=True)
+class EmptyReply:
+    """A reply that says only that the request succeeded."""
+
+
+@dataclass(frozen=True)
+class InitReply:
+    pid: int
+    python: str
+    versions: Mapping[str, str]
+    flask_env: bool
+    protocol: int = 0  # 0: a worker from before the protocol had a version
+
+
+@dataclass(frozen=True)
+class StepReply:  # an upgrade's or a downgrade's: how long it took, the revisions Alembic ran
+    duration_ms: int = 0
+    revisions: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class SqlReply:
+    sql: str = ""
+
+
+@dataclass(frozen=True)
+class RecordReply:  # each revision's recorded upgrade operations: {revision, path, ops, error}
+    revisions: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True)
+class CompareReply:  # the differences between models and database: {kind, key, text} by key
+    differences: Sequence[Mapping[str, str]] = ()
+
+
+@dataclass(frozen=True)
+class HeadersReply:
+    headers: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True)
+class BindReply:
+    bound: bool = False
+
+
+@dataclass(frozen=True)
+class AppUrlReply:
+    """The Flask app's database URL ({url, where}) with its password; None: no Flask app."""
+
+    app_url: Optional[Mapping[str, str]] = None  # noqa: UP045
+
+
+@dataclass(frozen=True)
+class InitDirReply:
+    template: str = ""
+    alembic_ini: str = ""
+
+
+@dataclass(frozen=True)
+class GenerateReply:
+    """A revision file written by generate, revision or merge (path None: nothing to write)."""
+
+    path: Optional[str] = None  # noqa: UP045
+    revision: Optional[str] = None  # noqa: UP045
+    message: str = ""
+    operations: Sequence[Mapping[str, str]] = ()  # {kind, table, name, text}, one per operation
+    destructive: Sequence[str] = ()
+    renames: Sequence[str] = ()
+    compared: Optional[Sequence[str]] = None  # noqa: UP045 (the table scope; None: every table)
+    hook_failures: Sequence[Mapping[str, str]] = ()
+    duration_ms: int = 0
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NonTransactional:
+    """Sent before an upgrade's reply: `revision` is about to leave its transaction."""
+
+    name: ClassVar[str] = "non_transactional"
+    revision: str = ""
+    reason: str = ""
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InitRequest:
+    """The first request: the job, and the protocol version the control plane speaks."""
+
+    op: ClassVar[str] = "init"
+    reply: ClassVar[type] = InitReply
+    job: Job
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    op: ClassVar[str] = "probe"  # run env.py without applying or creating anything
+    reply: ClassVar[type] = EmptyReply
+
+
+@dataclass(frozen=True)
+class UpgradeRequest:
+    """One step up to `revision`; `check`: the guard's per-operation check of this revision."""
+
+    op: ClassVar[str] = "upgrade"
+    reply: ClassVar[type] = StepReply
+    revision: str
+    check: Optional[Mapping[str, Any]] = None  # noqa: UP045
+
+
+@dataclass(frozen=True)
+class DowngradeRequest:
+    op: ClassVar[str] = "downgrade"
+    reply: ClassVar[type] = StepReply
+    revision: str
+
+
+@dataclass(frozen=True)
+class StampRequest:
+    op: ClassVar[str] = "stamp"
+    reply: ClassVar[type] = EmptyReply
+    revisions: Sequence[str]
+    purge: bool = False
+
+
+@dataclass(frozen=True)
+class SqlRequest:
+    op: ClassVar[str] = "sql"  # offline SQL of the upgrade start:end through env.py
+    reply: ClassVar[type] = SqlReply
+    end: str
+    start: Optional[str] = None  # noqa: UP045
+
+
+@dataclass(frozen=True)
+class RecordRequest:
+    op: ClassVar[str] = "record"  # the revisions' upgrade operations, recorded (nothing runs)
+    reply: ClassVar[type] = RecordReply
+    revisions: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class CompareRequest:
+    op: ClassVar[str] = "compare"
+    reply: ClassVar[type] = CompareReply
+
+
+@dataclass(frozen=True)
+class HeadersRequest:
+    op: ClassVar[str] = "headers"  # the identifiers of revision files whose headers are not literal
+    reply: ClassVar[type] = HeadersReply
+    paths: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class BindRequest:
+    """Take on the control plane's database identity and journal tables (before any connection)."""
+
+    op: ClassVar[str] = "bind"
+    reply: ClassVar[type] = BindReply
+    expected_identity: Optional[Mapping[str, str]] = None  # noqa: UP045
+    exclude_tables: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class InitDirRequest:
+    """Create the migrations directory from a template (None: by the kind of models)."""
+
+    op: ClassVar[str] = "init_dir"
+    reply: ClassVar[type] = InitDirReply
+    template: Optional[str] = None  # noqa: UP045
+
+
+@dataclass(frozen=True)
+class AppUrlRequest:
+    op: ClassVar[str] = "app_url"
+    reply: ClassVar[type] = AppUrlReply
+
+
+@dataclass(frozen=True)
+class KnownDifference:
+    """A known difference to leave out of a generate: `detail` None matches the key alone."""
+
+    key: str
+    detail: Optional[str] = None  # noqa: UP045
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What `generate` is asked for.
+
+    `message` None: derived from the operations. `rev_id` None: a new id. `tables` None: compare
+    every table; else only these (bare or schema-qualified names) and their foreign-key
+    neighbours are reflected, and tables the database does not have yet are always compared.
+    `files`: changed model files (absolute, or relative to the project root); the tables they
+    define, with `tables`, become the restriction, and database tables no model defines are
+    compared too (so a model deleted from a file is dropped); when a file defines no table, every
+    table is compared. `classes`: for some of `files`, the only classes of it that changed.
+    `known`: known differences to leave out. `rescan`: read the versions directory again first.
+    """
+
+    op: ClassVar[str] = "generate"
+    reply: ClassVar[type] = GenerateReply
+    message: Optional[str] = None  # noqa: UP045
+    draft: bool = False
+    rev_id: Optional[str] = None  # noqa: UP045
+    head: str = "head"
+    tables: Optional[frozenset[str]] = None  # noqa: UP045
+    files: Optional[frozenset[str]] = None  # noqa: UP045
+    classes: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    known: frozenset[KnownDifference] = frozenset()
+    rescan: bool = False
+
+
+@dataclass(frozen=True)
+class RevisionRequest:
+    """An empty revision from the template (`flask db revision`)."""
+
+    op: ClassVar[str] = "revision"
+    reply: ClassVar[type] = GenerateReply
+    message: Optional[str] = None  # noqa: UP045
+    head: str = "head"
+    rev_id: Optional[str] = None  # noqa: UP045
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """A merge revision of `revisions` (`flask db merge`; `heads`: every head)."""
+
+    op: ClassVar[str] = "merge"
+    reply: ClassVar[type] = GenerateReply
+    revisions: Sequence[str] = ("heads",)
+    message: Optional[str] = None  # noqa: UP045
+    rev_id: Optional[str] = None  # noqa: UP045
+
+
+@dataclass(frozen=True)
+class ProceedRequest:
+    """The answer to a NonTransactional event: the step is journaled, go on."""
+
+    op: ClassVar[str] = "proceed"
+    reply: ClassVar[type] = EmptyReply
+
+
+@dataclass(frozen=True)
+class ExitRequest:
+    op: ClassVar[str] = "exit"
+    reply: ClassVar[type] = EmptyReply
+
+
+# every request class above, by its op
+REQUESTS: dict[str, type] = {
+    getattr(c, "op"): c  # noqa: B009 (a ClassVar that mypy cannot see on a bare `type`)
+    for c in list(globals().values())
+    if isinstance(c, type) and hasattr(c, "reply")
+}
+
+
+# --- lines -------------------------------------------------------------------------------------
+
+
+def request_line(request: Any) -> str:
+    """A request as its JSON line (without the newline)."""
+    return json.dumps({"op": type(request).op, **encode(request)})
+
+
+def parse_request(data: Mapping[str, Any]) -> Any:
+    """The request a decoded line holds; the `init` request's protocol version is checked first."""
+    op = data.get("op")
+    cls = REQUESTS.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown worker request {op!r}")
+    if cls is InitRequest:
+        check_version(data.get("protocol"), PROTOCOL_VERSION)
+    return decode(cls, {k: v for k, v in data.items() if k != "op"})
+
+
+def ok_reply(reply: Any) -> dict[str, Any]:
+    """A successful reply's object."""
+    return {"ok": True, **encode(reply)}
+
+
+def error_reply(error: ErrorReply) -> dict[str, Any]:
+    return {"ok": False, "error": encode(error)}
+
+
+def event_line(event: NonTransactional) -> str:
+    return json.dumps({"event": event.name, **encode(event)})
+
+
+def parse_event(data: Mapping[str, Any]) -> NonTransactional:
+    if data.get("event") != NonTransactional.name:
+        raise ProtocolError(f"unknown worker event {data.get('event')!r}")
+    return decode(NonTransactional, {k: v for k, v in data.items() if k != "event"})
+
+
+def parse_reply(cls: type[T], data: Mapping[str, Any]) -> T:
+    """A successful reply's fields as `cls` (the request's `reply`)."""
+    return decode(cls, {k: v for k, v in data.items() if k != "ok"})
+
+
+# --- the codec ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _wire(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("wire", f.name))
+
+
+def _optional_of(hint: Any) -> Any:
+    """X for Optional[X], else None."""
+    if typing.get_origin(hint) is Union:
+        others = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(others) == 1:
+            return others[0]
+    return None
+
+
+def encode(value: Any, hint: Any = None) -> Any:
+    """`value` as JSON-ready data, walked by its declared type (`hint`; default: its own class).
+
+    A dataclass is encoded over the fields of its declared class: a subclass's extra fields (the
+    control plane's `WorkerJob.python`) stay on this side."""
+    hint = type(value) if hint is None else hint
+    if value is None:
+        return None
+    inner = _optional_of(hint)
+    if inner is not None:
+        return encode(value, inner)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        hints = _hints(hint)
+        return {_wire(f): encode(getattr(value, f.name), hints[f.name]) for f in dataclasses.fields(hint)}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (tuple, list, Sequence, frozenset, set, AbstractSet):
+        items = [encode(v, args[0] if args else Any) for v in value]
+        if origin in (frozenset, set, AbstractSet):
+            items.sort(key=lambda item: json.dumps(item, sort_keys=True, default=str))
+        return items
+    if origin in (dict, Mapping):
+        return {str(k): encode(v, args[1] if args else Any) for k, v in value.items()}
+    return value
+
+
+def decode(cls: type[T], data: Any) -> T:
+    """The `cls` dataclass that `data` (as `encode` made it) holds; ProtocolError when it does not."""
+    return typing.cast(T, _decode(cls, data, cls.__name__))
+
+
+def _decode(hint: Any, data: Any, where: str) -> Any:
+    if hint is Any:
+        return data
+    inner = _optional_of(hint)
+    if inner is not None:
+        return None if data is None else _decode(inner, data, where)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _decode_dataclass(hint, data, where)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (tuple, list, Sequence, frozenset, set, AbstractSet):
+        if not isinstance(data, list):
+            raise ProtocolError(f"{where}: expected a list, got {_kind(data)}")
+        item = args[0] if args else Any
+        items = [_decode(item, v, f"{where}[{i}]") for i, v in enumerate(data)]
+        if origin is list:
+            return items
+        return frozenset(items) if origin in (frozenset, set, AbstractSet) else tuple(items)
+    if origin in (dict, Mapping):
+        if not isinstance(data, dict):
+            raise ProtocolError(f"{where}: expected an object, got {_kind(data)}")
+        value = args[1] if args else Any
+        return {str(k): _decode(value, v, f"{where}.{k}") for k, v in data.items()}
+    return _decode_scalar(hint, data, where)
+
+
+def _decode_dataclass(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{where}: expected an object, got {_kind(data)}")
+    hints = _hints(cls)
+    wires = {_wire(f): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(wires))
+    if unknown:
+        raise ProtocolError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for wire, f in wires.items():
+        if wire in data:
+            values[f.name] = _decode(hints[f.name], data[wire], f"{where}.{wire}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProtocolError(f"{where}: missing field {wire}")
+    return cls(**values)
+
+
+def _decode_scalar(hint: Any, data: Any, where: str) -> Any:
+    if hint is float and isinstance(data, (int, float)) and not isinstance(data, bool):
+        return float(data)
+    if hint is int and isinstance(data, int) and not isinstance(data, bool):
+        return data
+    if hint in (str, bool) and isinstance(data, hint):
+        return data
+    if hint in (str, bool, int, float):
+        raise ProtocolError(f"{where}: expected {hint.__name__}, got {_kind(data)}")
+    return data
+
+
+def _kind(data: Any) -> str:
+    return "null" if data is None else type(data).__name__
