@@ -1,6 +1,5 @@
-"""click commands: each a settings lookup and one call into commands/ or runtime/; errors become
-the documented exit codes. The global options and the output rules: runtime/options.py.
-"""
+"""click commands: each a settings lookup and one call into commands/ or runtime/ (global options
+and output rules: runtime/options.py); errors become the documented exit codes."""
 
 from __future__ import annotations
 
@@ -391,9 +390,9 @@ def run(ctx: Context, mode: str | None, interval: float | None, http: str | None
 @command
 def seal(ctx: Context, message: str) -> int:
     """Turn dev mode's draft revision into a normal revision."""
-    from reconciler.runtime.dev import seal as seal_draft  # deferred: CLI start-up time
+    from reconciler.commands import authoring  # deferred: CLI start-up time
 
-    path = seal_draft(ctx.settings(), message)
+    path = authoring.seal(ctx.settings(), message)
     click.echo(f"sealed {path}", err=True)
     return EXIT_OK
 
@@ -403,9 +402,9 @@ def seal(ctx: Context, message: str) -> int:
 @command
 def confirm(ctx: Context, revision: str) -> int:
     """Confirm a held-back destructive revision (writes `allow_destructive = True` into it)."""
-    from reconciler.runtime.dev import confirm as confirm_revision  # deferred: CLI start-up time
+    from reconciler.commands import authoring  # deferred: CLI start-up time
 
-    path = confirm_revision(ctx.settings(), revision)
+    path = authoring.confirm(ctx.settings(), revision)
     click.echo(f"confirmed {path}; dev mode applies it now", err=True)
     return EXIT_OK
 

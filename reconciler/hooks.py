@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from reconciler.worker.inside import in_reconciler_worker
+from reconciler.sessions import in_reconciler_worker
 
 RECONCILER_TABLES = frozenset({"reconciler_journal", "reconciler_journal_flags"})
 RECONCILER_SCHEMA = "reconciler"  # the journal's side schema; on MySQL / MariaDB `<db>_reconciler`
@@ -84,9 +84,10 @@ def migration_lock(
     if in_reconciler_worker():
         yield
         return
+    # deferred: importing hooks (in any app's env.py) costs the standard library only
     import sqlalchemy as sa
 
-    from reconciler.db import locks
+    from reconciler.db import locks  # deferred: as above
 
     engine = sa.create_engine(bind, poolclass=sa.pool.NullPool) if isinstance(bind, str) else bind.engine
     database = engine.url.database or ""

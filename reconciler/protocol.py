@@ -45,8 +45,6 @@ def check_version(control: Any, worker: Any) -> None:
 
 
 # --- the job -----------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Job:
     """Everything a worker needs for one target (the `init` request's `job`)."""
@@ -75,8 +73,6 @@ class Job:
 
 
 # --- replies -----------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class ErrorReply:
     """The `error` object of a failed reply; `exit_code` says which exception the control plane raises."""
@@ -162,8 +158,6 @@ class GenerateReply:
 
 
 # --- events ------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class NonTransactional:
     """Sent before an upgrade's reply: `revision` is about to leave its transaction."""
@@ -174,8 +168,6 @@ class NonTransactional:
 
 
 # --- requests ----------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class InitRequest:
     """The first request: the job, and the protocol version the control plane speaks."""

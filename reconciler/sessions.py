@@ -156,3 +156,20 @@ def driver_sql(connection: Any) -> Callable[[str], Any]:
     """`exec_driver_sql` (SQLAlchemy 1.4+), else 1.3's `execute` of a plain string (no parsing)."""
     method = getattr(connection, "exec_driver_sql", None)
     return method if callable(method) else connection.execute  # type: ignore[no-any-return]
+
+
+# Whether this process is reconciler's worker: set at the worker's start, read by
+# `reconciler.hooks.migration_lock` (an env.py run by the worker must not wait for the lock its
+# control plane already holds).
+_IN_WORKER = [False]
+
+
+def inside_reconciler_worker() -> None:
+    """Called by reconciler's worker at start: `migration_lock` in env.py then takes no lock (the
+    reconciler that runs env.py holds it already, on another connection)."""
+    _IN_WORKER[0] = True
+
+
+def in_reconciler_worker() -> bool:
+    """True in reconciler's worker process (after its start)."""
+    return _IN_WORKER[0]

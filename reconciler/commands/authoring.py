@@ -19,14 +19,14 @@ from reconciler import logs
 from reconciler.commands.common import listing
 from reconciler.config import appsource
 from reconciler.control.drift import compare, read_worker
-from reconciler.control.reading import read_status
+from reconciler.control.reading import read_graph, read_status
 from reconciler.control.reconcile import reconcile_once
 from reconciler.control.target import TargetHandle, close_target, open_target
 from reconciler.control.workers import Worker, WorkerJob, start_headers_worker
 from reconciler.core.status import Status
 from reconciler.db import connection, placement
 from reconciler.errors import ConfigError, DifferencesFound, StateError, UnreachableError
-from reconciler.project import differences
+from reconciler.project import differences, edits
 from reconciler.project.edits import write_journal_filter
 from reconciler.project.repository import Project
 from reconciler.redact import redact
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from reconciler.control.workers import Generated
 
 log = logs.get("reconciler.admin")
+dev_log = logs.get("reconciler.dev")  # seal and confirm finish what dev mode began
 
 
 # --- check and baseline ------------------------------------------------------------------------
@@ -272,3 +273,47 @@ def _template_without_models(root: Path, flask_app: str) -> tuple[str, str]:
         f"no Flask app creating Migrate(...) was found in {looked} and no models are set; for the "
         "layout `flask db init` makes, pass --models pkg.module:db (or set FLASK_APP)"
     )
+
+
+# --- seal and confirm (dev mode's drafts and held-back revisions) ------------------------------
+def seal(settings: Settings, message: str) -> Path:
+    """Turn the draft revision into a normal one: drop its marker, set its message and file name.
+
+    The result is what `flask db migrate -m MESSAGE` writes for the same change, byte for byte
+    apart from the id and the date: only the `draft = True` line goes (never the blank lines
+    around it), the message replaces the docstring's first line, and the file name's slug is
+    Alembic's for the new message."""
+    handle = open_target(settings)
+    try:
+        drafts = [r for r in read_graph(handle).revisions.values() if r.draft]
+    finally:
+        close_target(handle)
+    if not drafts:
+        raise StateError("there is no draft revision to seal")
+    draft = drafts[0]
+    text = edits.sealed_text(draft.path.read_text(encoding="utf-8"), draft.message, message)
+    length = edits.slug_length(settings)
+    target = draft.path.with_name(
+        edits.sealed_name(draft.path.name, draft.revision, draft.message, message, length)
+    )
+    edits.write_replacing(draft.path, target, text)
+    dev_log.info("sealed", revision=draft.revision, path=str(target), message=message)
+    return target
+
+
+def confirm(settings: Settings, revision: str) -> Path:
+    """Write `allow_destructive = True` into a held-back revision (the marker prod honours too)."""
+    handle = open_target(settings)
+    try:
+        graph = read_graph(handle)
+        rev = graph.resolve(revision)
+        path = graph.revisions[rev].path
+    finally:
+        close_target(handle)
+    text = path.read_text(encoding="utf-8")
+    confirmed = edits.confirmed_text(text)
+    if confirmed == text:
+        return path
+    edits.write_replacing(path, path, confirmed)
+    dev_log.info("destructive_confirmed", revision=rev, path=str(path))
+    return path

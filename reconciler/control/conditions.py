@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
@@ -18,30 +17,8 @@ from reconciler.control.target import TargetHandle, journal_seen
 from reconciler.core import checksums, failures
 from reconciler.core import drift as drift_rules
 from reconciler.core.graph import RevisionGraph
-from reconciler.core.status import CONDITION_ORDER, still_blocked
+from reconciler.core.status import CONDITION_ORDER, Conditions, still_blocked
 from reconciler.db import flags, journal
-
-CONDITIONS_TTL = 10.0  # seconds the in-sync fast path may reuse the flags it read last
-
-
-@dataclass(frozen=True)
-class Conditions:
-    """What the journal says beside the version table: dirty steps, fleet flags, checksums."""
-
-    names: tuple[str, ...] = ()
-    dirty: tuple[str, ...] = ()
-    blocked: failures.Failure | None = None
-    messages: dict[str, str] = field(default_factory=dict)
-    read_at: float = 0.0
-    drift: drift_rules.DriftReport | None = None
-    audit: checksums.Audit = field(default_factory=checksums.Audit)
-    baseline: bool = False  # hashes were recorded once: an unrecorded applied revision is foreign
-    inputs: tuple[object, ...] = ()  # (db heads, graph fingerprint) they were read for
-    settle: tuple[str, ...] = ()  # interrupted, not dirty: settled under a one-try lock
-
-    def fresh_for(self, inputs: tuple[object, ...]) -> bool:
-        """Read for these inputs, recently enough for the in-sync fast path."""
-        return self.inputs == inputs and time.monotonic() - self.read_at <= CONDITIONS_TTL
 
 
 def read_conditions(

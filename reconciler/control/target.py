@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -24,15 +24,13 @@ from reconciler.config.load import chain_settings
 from reconciler.control.workers import Worker, start_headers_worker
 from reconciler.core import checksums
 from reconciler.core.state import Decision
+from reconciler.core.status import Conditions
 from reconciler.db import connection, journal, locks, placement
 from reconciler.db.journal import JournalTables
 from reconciler.errors import UnreachableError
 from reconciler.project.repository import Project
 from reconciler.redact import redact
 from reconciler.settings import Settings
-
-if TYPE_CHECKING:
-    from reconciler.control.conditions import Conditions
 
 log = logs.get("reconciler.reconcile")
 

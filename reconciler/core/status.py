@@ -7,6 +7,7 @@ per read, `/status`, `status --json`, the metrics and the alerts are all made fr
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,29 @@ SYNC_SEVERITY = (
 # A revision that hit our DDL lock timeout is retried with backoff, never counted toward
 # `blocked` (PostgreSQL lock_not_available; MySQL / MariaDB ER_LOCK_WAIT_TIMEOUT).
 LOCK_TIMEOUT_CODES = frozenset({"55P03", "1205"})
+
+
+CONDITIONS_TTL = 10.0  # seconds the in-sync fast path may reuse the flags it read last
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the journal says beside the version table: dirty steps, fleet flags, checksums."""
+
+    names: tuple[str, ...] = ()
+    dirty: tuple[str, ...] = ()
+    blocked: failures.Failure | None = None
+    messages: dict[str, str] = field(default_factory=dict)
+    read_at: float = 0.0
+    drift: drift_rules.DriftReport | None = None
+    audit: checksums.Audit = field(default_factory=checksums.Audit)
+    baseline: bool = False  # hashes were recorded once: an unrecorded applied revision is foreign
+    inputs: tuple[object, ...] = ()  # (db heads, graph fingerprint) they were read for
+    settle: tuple[str, ...] = ()  # interrupted, not dirty: settled under a one-try lock
+
+    def fresh_for(self, inputs: tuple[object, ...]) -> bool:
+        """Read for these inputs, recently enough for the in-sync fast path."""
+        return self.inputs == inputs and time.monotonic() - self.read_at <= CONDITIONS_TTL
 
 
 @dataclass(frozen=True)

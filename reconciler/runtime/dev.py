@@ -15,7 +15,6 @@ a local database. `reconciler seal -m MSG` makes it a normal revision.
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 import signal
 import tempfile
@@ -36,8 +35,7 @@ from reconciler.control.workers import WorkerJob
 from reconciler.core.graph import Revision
 from reconciler.db import connection, journal
 from reconciler.errors import ConfigError, ReconcilerError, StateError
-from reconciler.project import differences
-from reconciler.project.alembic_ini import alembic_ini_path, read_option
+from reconciler.project import differences, edits
 from reconciler.project.revisions import parse_revision_file
 from reconciler.redact import redact
 from reconciler.runtime import signals
@@ -288,7 +286,9 @@ class DevLoop(DraftGeneration):
                 target_lock(self.handle, conn, self.settings.apply.lock_acquire_timeout),
             ):
                 self._downgrade_draft(conn, draft)
-                _write_text(draft.path, reparented(draft.path.read_text(encoding="utf-8"), head))
+                edits.write_replacing(
+                    draft.path, draft.path, edits.reparented(draft.path.read_text(encoding="utf-8"), head)
+                )
                 shutil.move(str(draft.path), backup)
                 self.handle.project.invalidate()
                 graph = read_graph(self.handle)
@@ -367,135 +367,12 @@ def _names_a_missing_attribute(exc: ConfigError, settings: Settings) -> bool:
     return bool(attr) and f"has no attribute '{attr}'" in str(exc)
 
 
-_DOWN_REVISION = re.compile(r"(?m)^(down_revision\s*(?::[^=\n]*)?=[ \t]*)[^\n]*?([ \t]*#[^\n]*)?$")
-_REVISES = re.compile(r"(?m)^Revises:[^\n]*$")
-
-
-def reparented(text: str, head: str) -> str:
-    """A revision file's text with its parent set to `head`: the `down_revision` assignment and
-    the docstring's "Revises:" line, as the template renders them."""
-    text, count = _DOWN_REVISION.subn(lambda m: f"{m.group(1)}{head!r}{m.group(2) or ''}", text, count=1)
-    if count != 1:
-        raise ConfigError(
-            "the draft has no literal `down_revision = ...` line to re-parent; "
-            "seal it and run `reconciler merge`"
-        )
-    return _REVISES.sub(f"Revises: {head}", text, count=1)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".py.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as out:  # write_text(newline=) is 3.10+
-        out.write(text)
-    tmp.replace(path)
-
-
 def _acknowledged(path: Path) -> bool:
     try:
         parsed = parse_revision_file(path)
     except ReconcilerError:
         return False
     return bool(parsed and parsed.allow_destructive)
-
-
-# --- seal and confirm -------------------------------------------------------------------------
-def seal(settings: Settings, message: str) -> Path:
-    """Turn the draft revision into a normal one: drop its marker, set its message and file name.
-
-    The result is what `flask db migrate -m MESSAGE` writes for the same change, byte for byte
-    apart from the id and the date: only the `draft = True` line goes (never the blank lines
-    around it), the message replaces the docstring's first line, and the file name's slug is
-    Alembic's for the new message."""
-    handle = open_target(settings)
-    try:
-        graph = read_graph(handle)
-        drafts = [r for r in graph.revisions.values() if r.draft]
-        if not drafts:
-            raise StateError("there is no draft revision to seal")
-        draft = drafts[0]
-        text = draft.path.read_text(encoding="utf-8")
-        text = DRAFT_LINE.sub("", text, count=1)
-        text = _replace_message(text, draft.message, message)
-        target = draft.path.with_name(
-            sealed_name(draft.path.name, draft.revision, draft.message, message, _slug_length(settings))
-        )
-        _write_replacing(draft.path, target, text)
-        log.info("sealed", revision=draft.revision, path=str(target), message=message)
-        return target
-    finally:
-        close_target(handle)
-
-
-# the marker line alone: `[ \t]*` not `\s*`, which would eat the blank lines after it (E302)
-DRAFT_LINE = re.compile(r"(?m)^draft[ \t]*(:[ \t]*bool)?[ \t]*=[ \t]*True[ \t]*(#[^\n]*)?\r?\n")
-_WORDS = re.compile(r"\w+")
-
-
-def alembic_slug(message: str, length: int = 40) -> str:
-    """The slug Alembic puts in a revision's file name (`ScriptDirectory._rev_path`)."""
-    slug = "_".join(_WORDS.findall(message or "")).lower()
-    if len(slug) > length:
-        slug = slug[:length].rsplit("_", 1)[0] + "_"
-    return slug
-
-
-def sealed_name(name: str, revision: str, old: str, new: str, length: int = 40) -> str:
-    """The draft's file name with its slug for the new message; the rest of the name (alembic.ini's
-    `file_template`: dates, epoch) is kept. A name without the old slug becomes `REV_SLUG.py`."""
-    old_slug, new_slug = alembic_slug(old, length), alembic_slug(new, length)
-    stem = name[:-3] if name.endswith(".py") else name
-    if old_slug and stem.endswith(old_slug):
-        return f"{stem[: len(stem) - len(old_slug)]}{new_slug}.py"
-    return f"{revision}_{new_slug}.py"
-
-
-def _slug_length(settings: Settings) -> int:
-    """alembic.ini's `truncate_slug_length` (Alembic's default 40)."""
-    ini = alembic_ini_path(settings)
-    value = read_option(ini, "truncate_slug_length") if ini is not None else None
-    try:
-        return int(value) if value else 40
-    except ValueError:
-        return 40
-
-
-def _write_replacing(old: Path, target: Path, text: str) -> None:
-    tmp = target.with_suffix(".py.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as out:  # write_text(newline=) is 3.10+
-        out.write(text)
-    tmp.replace(target)
-    if target != old:
-        old.unlink()
-
-
-def _replace_message(text: str, old: str, new: str) -> str:
-    """The docstring's first line is the message (the template's `\"\"\"${message}`)."""
-    for quote in ('"""', "'''"):
-        if old and text.startswith(quote + old):
-            return quote + new + text[len(quote + old) :]
-    if old and old in text:
-        return text.replace(old, new, 1)
-    return text
-
-
-def confirm(settings: Settings, revision: str) -> Path:
-    """Write `allow_destructive = True` into a held-back revision (the marker prod honours too)."""
-    handle = open_target(settings)
-    try:
-        graph = read_graph(handle)
-        rev = graph.resolve(revision)
-        path = graph.revisions[rev].path
-    finally:
-        close_target(handle)
-    text = path.read_text(encoding="utf-8")
-    if re.search(r"(?m)^allow_destructive\s*=\s*True", text):
-        return path
-    text = re.sub(r"(?m)^(depends_on\s*=.*)$", r"\1\nallow_destructive = True", text, count=1)
-    tmp = path.with_suffix(".py.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    log.info("destructive_confirmed", revision=rev, path=str(path))
-    return path
 
 
 def run_dev(settings: Settings) -> int:

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from reconciler import __version__, logs, sessions
 from reconciler.config.validate import check_sink_events, parse_http
+from reconciler.control import claims
 from reconciler.control.drift import DriftChecker
 from reconciler.control.progress import LiveRun
 from reconciler.control.reading import read_status
@@ -27,8 +28,6 @@ from reconciler.control.reconcile import reconcile_once
 from reconciler.control.retries import failure_of
 from reconciler.control.target import (
     close_target,
-    journal_exists,
-    missing_database_file,
     open_target,
     release_target,
 )
@@ -37,7 +36,7 @@ from reconciler.core.alerting import Alert, AlertPolicy
 from reconciler.core.graph import MissingRevision
 from reconciler.core.headers import RevisionFileError, RevisionSyntaxError
 from reconciler.core.status import ApplyResult, Status, is_lock_timeout
-from reconciler.db import connection, flags
+from reconciler.db import connection
 from reconciler.errors import (
     ConfigError,
     LockTimeout,
@@ -276,16 +275,8 @@ class Daemon:
 
     def _mark_prod(self) -> None:
         """Record in the journal that a prod reconciler owns this database: dev mode refuses it."""
-        key = flags.environment_key(self.target)
-        if missing_database_file(self.handle) is not None:
-            return  # an observer on a SQLite file not made yet: connecting would create it
         try:
-            with connection.connect(self.handle.engine) as conn:
-                if not journal_exists(self.handle, conn):
-                    return  # nothing applied by us yet; marked once the journal exists
-                if flags.read(conn, self.handle.journal, [key]).get(key) != "prod":
-                    flags.put(conn, self.handle.journal, key, "prod")
-            self._marked_prod = True
+            self._marked_prod = claims.mark_prod(self.handle)
         except (ReconcilerError, sa.exc.DBAPIError) as exc:
             log.warning("environment_mark_failed", error=redact(str(exc)))
 
@@ -480,13 +471,8 @@ class Daemon:
         """The first replica to record this transition in the journal sends it. A recovery is
         recorded under the event it ends, so a later return of the same episode is claimable."""
         event = str(alert.details.get("recovered_from") or alert.event)
-        if missing_database_file(self.handle) is not None:
-            return True  # no database, so no journal to coordinate in (and no file to create)
         try:
-            with connection.connect(self.handle.engine) as conn:
-                if not journal_exists(self.handle, conn):
-                    return True
-                return flags.claim(conn, self.handle.journal, flags.alert_key(self.target, event), episode)
+            return claims.claim_alert(self.handle, event, episode)
         except (ReconcilerError, sa.exc.DBAPIError) as exc:
             # cannot coordinate: better twice than never, and said, so a double alert is explained
             log.warning("alert_claim_failed", target=self.target, alert_event=event, error=redact(str(exc)))

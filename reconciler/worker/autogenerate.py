@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,7 @@ class HookRuns:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        from alembic.script import write_hooks
+        from alembic.script import write_hooks  # deferred: worker start-up time (a warm spare preloads it)
 
         registry = getattr(write_hooks, "_registry", None)
         if not isinstance(registry, dict):  # another Alembic layout: its hooks run as they are
@@ -168,8 +169,12 @@ class ConfiguredTables:
         self._installed = False
 
     def install(self) -> None:
-        from sqlalchemy import MetaData, Table, event
-        from sqlalchemy.orm import Mapper
+        from sqlalchemy import (  # deferred: worker start-up time: imported when a job needs it
+            MetaData,
+            Table,
+            event,
+        )
+        from sqlalchemy.orm import Mapper  # deferred: worker start-up time: imported when a job needs it
 
         if self._installed:
             return
@@ -336,7 +341,6 @@ def mark_draft(path: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

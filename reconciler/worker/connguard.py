@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,7 @@ def expected_identity(job: Job) -> dict[str, str]:
     """The identity to insist on: the control plane's, else what the URL itself says."""
     if job.expected_identity is not None:
         return dict(job.expected_identity)
-    from sqlalchemy.engine.url import make_url
+    from sqlalchemy.engine.url import make_url  # deferred: worker start-up time: imported when a job needs it
 
     url = make_url(job.url)
     dialect = _normal_dialect(url.get_backend_name())
@@ -68,9 +69,12 @@ class IdentityCheck:
         self.connections = 0  # opened so far (a worker that connected cannot be re-bound)
 
     def install(self) -> None:
-        from sqlalchemy import event
-        from sqlalchemy.engine import Dialect, Engine
-        from sqlalchemy.pool import Pool
+        from sqlalchemy import event  # deferred: worker start-up time: imported when a job needs it
+        from sqlalchemy.engine import (  # deferred: worker start-up time: imported when a job needs it
+            Dialect,
+            Engine,
+        )
+        from sqlalchemy.pool import Pool  # deferred: worker start-up time: imported when a job needs it
 
         event.listen(Dialect, "do_connect", self._do_connect)
         event.listen(Pool, "connect", self._on_connect)
@@ -159,10 +163,11 @@ def lossless_url_rendering() -> None:
     `sqlalchemy.url`); escape '%' too, as SQLAlchemy 2 does, so such env.py files connect. The
     quoting function is `_sqla_url_quote` in 1.4, `_rfc_1738_quote` in 1.3.
     """
-    import re
 
-    import sqlalchemy
-    from sqlalchemy.engine import url as url_module
+    import sqlalchemy  # deferred: worker start-up time: imported when a job needs it
+    from sqlalchemy.engine import (
+        url as url_module,  # deferred: worker start-up time: imported when a job needs it
+    )
 
     if not sqlalchemy.__version__.startswith("1."):
         return

@@ -242,7 +242,9 @@ class Migrations:
         found: list[Any] = []
 
         def fn(heads: Any, context: Any) -> Any:
-            from alembic.autogenerate import compare_metadata
+            from alembic.autogenerate import (
+                compare_metadata,  # deferred: worker start-up time (a warm spare preloads it)
+            )
 
             metadata = context.opts.get("target_metadata") or fallback_metadata
             if metadata is None:
@@ -260,7 +262,7 @@ class Migrations:
         self, paths: Iterable[Path], on_error: Callable[[BaseException, Path], BaseException]
     ) -> list[dict[str, Any]]:
         """Execute revision files and return their identifiers (for non-literal headers)."""
-        from alembic.util import load_python_file
+        from alembic.util import load_python_file  # deferred: worker start-up time (a warm spare preloads it)
 
         out: list[dict[str, Any]] = []
         for path in paths:
@@ -309,8 +311,10 @@ class Migrations:
         without operations is dropped: no file is written then. A failure after a file was written
         removes it.
         """
-        from alembic import autogenerate
-        from alembic.util import rev_id as new_rev_id
+        from alembic import autogenerate  # deferred: worker start-up time (a warm spare preloads it)
+        from alembic.util import (
+            rev_id as new_rev_id,  # deferred: worker start-up time (a warm spare preloads it)
+        )
 
         rev_id = request.rev_id or new_rev_id()
         self._refuse_existing(rev_id)
@@ -425,7 +429,7 @@ class Migrations:
     ) -> GenerateOutcome:
         """An empty revision from the directory's template, as `flask db revision` writes it
         (Alembic's `revision` without autogenerate: env.py runs only with `revision_environment`)."""
-        from alembic import command
+        from alembic import command  # deferred: worker start-up time (a warm spare preloads it)
 
         return self._written(
             lambda: command.revision(self.config, message=message, head=head, rev_id=rev_id), message
@@ -433,7 +437,7 @@ class Migrations:
 
     def merge(self, revisions: list[str], message: str | None, rev_id: str | None = None) -> GenerateOutcome:
         """A merge revision of `revisions` (`heads`: all of them), as `flask db merge` writes it."""
-        from alembic import command
+        from alembic import command  # deferred: worker start-up time (a warm spare preloads it)
 
         return self._written(
             lambda: command.merge(self.config, revisions, message=message, rev_id=rev_id), message
@@ -468,8 +472,8 @@ class Migrations:
         metadata_lines: str | None,
     ) -> None:
         """Create the migrations directory from a template (Alembic's or Flask-Migrate's)."""
-        from alembic import command
-        from alembic.util import CommandError
+        from alembic import command  # deferred: worker start-up time (a warm spare preloads it)
+        from alembic.util import CommandError  # deferred: worker start-up time (a warm spare preloads it)
 
         config = template_config(ini_path, template_dir)
         try:

@@ -68,7 +68,7 @@ def _is_disconnect(exc: BaseException) -> bool:
 
 
 def _is_database_error(exc: BaseException) -> bool:
-    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import DBAPIError  # deferred: worker start-up time: imported when a job needs it
 
     return isinstance(exc, DBAPIError)
 

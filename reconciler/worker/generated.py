@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.core.safety import narrowing as narrowing_of
 from reconciler.protocol import KnownDifference
 from reconciler.worker.autogenerate import ALTER_CLEARS, MESSAGE_LIMIT, NOT_A_SLUG, TEXT_LIMIT
 from reconciler.worker.describe import KnownDifferences, describe_one, described, qualified, render_type
@@ -207,7 +208,6 @@ def _type_shape(type_: Any) -> tuple[Any, ...]:
 
 def narrowing(old: Any, new: Any) -> str:
     """Why changing a column's type from `old` to `new` may lose data; '' when it cannot."""
-    from reconciler.core.safety import narrowing as narrowing_of
 
     return narrowing_of(type_info(old), type_info(new))
 
@@ -275,7 +275,7 @@ def _quietly(get: Callable[[], Any]) -> Any:
 
 
 def columns_of(items: Iterable[Any]) -> list[Any]:
-    from sqlalchemy import Column
+    from sqlalchemy import Column  # deferred: worker start-up time: imported when a job needs it
 
     return [c for c in items if isinstance(c, Column)]
 

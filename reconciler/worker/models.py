@@ -80,7 +80,7 @@ def load_object(spec: str, what: str, root: Path) -> tuple[ModuleType, Any]:
 
 def metadata_of(obj: Any, spec: str) -> Any:
     """The MetaData of a MetaData, declarative base or Flask-SQLAlchemy db."""
-    from sqlalchemy import MetaData
+    from sqlalchemy import MetaData  # deferred: worker start-up time: imported when a job needs it
 
     if isinstance(obj, MetaData):
         return obj
@@ -155,7 +155,7 @@ def tables_of_files(
 
 def _classes_tables(module: ModuleType, names: frozenset[str]) -> set[str] | None:
     """The tables of the named classes of `module`; None when one of them maps no table."""
-    from sqlalchemy import Table
+    from sqlalchemy import Table  # deferred: worker start-up time: imported when a job needs it
 
     out: set[str] = set()
     for name in names:
@@ -170,7 +170,7 @@ def _classes_tables(module: ModuleType, names: frozenset[str]) -> set[str] | Non
 
 
 def _module_tables(module: ModuleType) -> set[str]:
-    from sqlalchemy import Table
+    from sqlalchemy import Table  # deferred: worker start-up time: imported when a job needs it
 
     out: set[str] = set()
     for value in list(vars(module).values()):
@@ -203,7 +203,7 @@ def _class_tables(cls: type, table_type: type) -> set[str]:
 
 def _sqlite_absolute(url: str, root: Path) -> str:
     """Flask-SQLAlchemy 3 puts relative SQLite paths into the instance folder: never let it."""
-    from sqlalchemy.engine.url import make_url
+    from sqlalchemy.engine.url import make_url  # deferred: worker start-up time: imported when a job needs it
 
     parsed = make_url(url)
     database = parsed.database or ""
@@ -237,7 +237,7 @@ def app_database_url(spec: ProjectSpec, project: Project) -> dict[str, str] | No
     Flask app of the project whose Flask-SQLAlchemy extension is the models' db.
     """
     try:
-        from flask import Flask
+        from flask import Flask  # deferred: Flask only when the project uses it
     except ImportError:
         return None
     found = _named_app(spec) if spec.app else _module_app(spec, project, Flask)
@@ -319,7 +319,7 @@ def _flask_side(spec: ProjectSpec, project: Project) -> None:
 
 
 def _minimal_app(spec: ProjectSpec) -> Any:
-    from flask import Flask
+    from flask import Flask  # deferred: Flask only when the project uses it
 
     app = Flask("reconciler")
     app.config["SQLALCHEMY_DATABASE_URI"] = _sqlite_absolute(spec.url, spec.root)
@@ -328,7 +328,7 @@ def _minimal_app(spec: ProjectSpec) -> Any:
 
 
 def _fresh_db() -> Any:
-    from flask_sqlalchemy import SQLAlchemy
+    from flask_sqlalchemy import SQLAlchemy  # deferred: Flask only when the project uses it
 
     return SQLAlchemy()
 
@@ -341,7 +341,7 @@ def _app_db(app: Any) -> Any:
 
 
 def _load_app(spec: ProjectSpec) -> Any:
-    from flask import Flask
+    from flask import Flask  # deferred: Flask only when the project uses it
 
     _, obj = load_object(spec.app, "[target] app", spec.root)
     if isinstance(obj, Flask):
@@ -362,7 +362,7 @@ def _load_app(spec: ProjectSpec) -> Any:
 
 def _project_migrate(spec: ProjectSpec, project: Project) -> Any:
     """The project's own Migrate object (configured or the one in the models module), else a new one."""
-    from flask_migrate import Migrate
+    from flask_migrate import Migrate  # deferred: Flask only when the project uses it
 
     if spec.migrate:
         _, obj = load_object(spec.migrate, "[target] migrate", spec.root)

@@ -11,6 +11,7 @@ from typing import Any
 
 from alembic.operations import Operations
 
+from reconciler.core.safety import OperationCheck
 from reconciler.errors import Refused
 from reconciler.worker.generated import describe_operation
 from reconciler.worker.opfacts import LiveSchema, add_live_facts, recorded_operation
@@ -21,11 +22,9 @@ from reconciler.worker.opfacts import LiveSchema, add_live_facts, recorded_opera
 
 @contextlib.contextmanager
 def checking_operations(module: Any, path: str, revision: str, check: Mapping[str, Any]) -> Iterator[None]:
-    import alembic.operations.base
-    import sqlalchemy as sa
-    from sqlalchemy import event
-
-    from reconciler.core.safety import OperationCheck
+    import alembic.operations.base  # deferred: worker start-up time (a warm spare preloads it)
+    import sqlalchemy as sa  # deferred: worker start-up time: imported when a job needs it
+    from sqlalchemy import event  # deferred: worker start-up time: imported when a job needs it
 
     rules = OperationCheck([str(t) for t in check.get("created") or ()])
     state = {"inside": False, "depth": 0}

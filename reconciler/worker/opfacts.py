@@ -17,7 +17,7 @@ class LiveSchema:
         self._inspector: Any = None
 
     def _reflect(self, method: str, table: str, schema: str | None) -> list[dict[str, Any]]:
-        import sqlalchemy as sa
+        import sqlalchemy as sa  # deferred: worker start-up time: imported when a job needs it
 
         try:
             if self._inspector is None:

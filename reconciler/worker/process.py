@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from reconciler import protocol
 from reconciler.errors import ReconcilerError
-from reconciler.worker.inside import inside_reconciler_worker
+from reconciler.sessions import inside_reconciler_worker
 from reconciler.worker.runner import Runner, preload
 from reconciler.worker.sections import SECTIONS, watch_sections
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import os
 import re
@@ -104,8 +105,8 @@ class RecordingConnection:
     the end; statements that would write are handed to the current recorder and not run."""
 
     def __init__(self, url: str) -> None:
-        import sqlalchemy as sa
-        from sqlalchemy import event
+        import sqlalchemy as sa  # deferred: worker start-up time: imported when a job needs it
+        from sqlalchemy import event  # deferred: worker start-up time: imported when a job needs it
 
         self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         self.connection = self.engine.connect()
@@ -198,8 +199,12 @@ class _Recorder:
         recording: RecordingConnection | None = None,
         environment: EnvironmentContext | None = None,
     ) -> None:
-        from alembic.runtime.migration import MigrationContext
-        from sqlalchemy.engine.url import make_url
+        from alembic.runtime.migration import (
+            MigrationContext,  # deferred: worker start-up time (a warm spare preloads it)
+        )
+        from sqlalchemy.engine.url import (
+            make_url,  # deferred: worker start-up time: imported when a job needs it
+        )
 
         self.context = MigrationContext.configure(
             url=make_url(url),
@@ -325,7 +330,6 @@ def _from_the_bind(exc: BaseException) -> bool:
 def _upgrade_functions(module: Any) -> list[Callable[[], Any]]:
     """`upgrade`, or for a multi-database revision (`upgrade(engine_name)` dispatching to
     `upgrade_<name>()`, Flask-Migrate's multidb template) each of those."""
-    import inspect
 
     upgrade = module.upgrade
     if not inspect.signature(upgrade).parameters:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import os
 import re
 import sys
@@ -346,7 +347,9 @@ def _text_or_none(value: Any) -> str | None:
 def _load_driver(url: str) -> None:
     """Import the URL's dialect and DBAPI driver now, so the first request does not pay for it."""
     with contextlib.suppress(Exception):  # a missing driver is reported when connecting
-        from sqlalchemy.engine.url import make_url
+        from sqlalchemy.engine.url import (
+            make_url,  # deferred: worker start-up time: imported when a job needs it
+        )
 
         dialect = make_url(url).get_dialect()
         loader = getattr(dialect, "import_dbapi", None) or getattr(dialect, "dbapi", None)
@@ -369,7 +372,6 @@ _PRELOAD = (
 
 def preload() -> None:
     """Import what any job needs (never the project's code), for a pre-warmed spare worker."""
-    import importlib
 
     for name in _PRELOAD:
         with contextlib.suppress(Exception):  # Flask is optional
@@ -378,7 +380,7 @@ def preload() -> None:
 
 def _flask_migrate_templates() -> Path:
     try:
-        import flask_migrate
+        import flask_migrate  # deferred: Flask only when the project uses it
     except ImportError:
         raise ConfigError(
             f"the Flask-Migrate template needs flask_migrate, which is not installed in "
@@ -396,7 +398,7 @@ MINIMUM_SQLALCHEMY = (1, 3)
 
 def require_supported_sqlalchemy() -> None:
     """Refuse, naming both versions, an interpreter whose SQLAlchemy is older than we support."""
-    import sqlalchemy
+    import sqlalchemy  # deferred: worker start-up time: imported when a job needs it
 
     version = str(sqlalchemy.__version__)
     numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
@@ -410,7 +412,7 @@ def require_supported_sqlalchemy() -> None:
 
 
 def _versions() -> dict[str, str]:
-    import alembic
-    import sqlalchemy
+    import alembic  # deferred: worker start-up time (a warm spare preloads it)
+    import sqlalchemy  # deferred: worker start-up time: imported when a job needs it
 
     return {"sqlalchemy": sqlalchemy.__version__, "alembic": alembic.__version__}

@@ -88,9 +88,11 @@ SECTIONS = SectionWatch()  # the worker runs one revision at a time
 
 def watch_sections() -> None:
     """Install SECTIONS' listeners (once per worker process)."""
-    from alembic.runtime.migration import MigrationContext
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
+    from alembic.runtime.migration import (
+        MigrationContext,  # deferred: worker start-up time (a warm spare preloads it)
+    )
+    from sqlalchemy import event  # deferred: worker start-up time: imported when a job needs it
+    from sqlalchemy.engine import Engine  # deferred: worker start-up time: imported when a job needs it
 
     if getattr(MigrationContext.autocommit_block, "_watched", False):
         return

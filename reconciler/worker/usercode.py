@@ -8,6 +8,8 @@ import pkgutil
 import sys
 import traceback
 from collections.abc import Iterable
+from importlib.machinery import SourceFileLoader
+from importlib.util import cache_from_source
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,7 +41,6 @@ def distrust_stale_bytecode(folders: Iterable[str | Path]) -> None:
     import stale. Under `folders`, a .pyc not written strictly after its source is deleted (and
     the source compiled afresh) or, when it cannot be deleted, ignored.
     """
-    from importlib.machinery import SourceFileLoader
 
     prefixes = tuple(
         {
@@ -70,7 +71,6 @@ def _project_file(path: str, prefixes: tuple[str, ...]) -> bool:
 
 def _fresh_bytecode(source: str) -> bool:
     """False when the .pyc of `source` may be stale and could not be removed."""
-    from importlib.util import cache_from_source
 
     try:
         cached = cache_from_source(source)

@@ -320,8 +320,8 @@ def test_generate_writes_the_file_flask_db_migrate_writes(
 def test_a_sealed_draft_is_the_file_flask_db_migrate_writes(tmp_path: Path, sqlite_url: str) -> None:
     """The draft dev mode writes (derived message, `draft = True`), sealed with the message the
     user gives flask db migrate: the same file apart from id and date, and PEP 8 clean."""
+    from reconciler.commands.authoring import seal
     from reconciler.config.load import load_settings
-    from reconciler.runtime.dev import seal
 
     if not flask_migrate_renders_batch():
         pytest.skip("Flask-Migrate 2.x renders no batch mode; on SQLite the reconciler does")
@@ -360,7 +360,7 @@ def test_the_blank_line_check_has_teeth(tmp_path: Path) -> None:
     ],
 )
 def test_sealed_names_use_alembic_slugs(message: str, slug: str) -> None:
-    from reconciler.runtime.dev import sealed_name
+    from reconciler.project.edits import sealed_name
 
     assert (
         sealed_name("abc123_add_column_user_x.py", "abc123", "add_column_user_x", message)
