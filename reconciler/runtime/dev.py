@@ -167,6 +167,7 @@ class DevLoop(DraftGeneration):
     # one run
     def _run(self, reason: str) -> float | None:
         try:
+            self._note_revision_files()  # before the first status read (see _files_seen)
             self._sync_first()
             if self._models_changed.is_set():
                 self._models_changed.clear()
@@ -237,6 +238,7 @@ class DevLoop(DraftGeneration):
                 del self._held[rev]  # confirmed: applied with the rest
             elif self._models_changed.is_set() and self.changes.differ():
                 path.unlink(missing_ok=True)
+                self._note_revision_files()  # our own change, not a teammate's
                 del self._held[rev]
                 self._carry |= tables
                 self.handle.project.invalidate()
@@ -290,6 +292,7 @@ class DevLoop(DraftGeneration):
                     draft.path, draft.path, edits.reparented(draft.path.read_text(encoding="utf-8"), head)
                 )
                 shutil.move(str(draft.path), backup)
+                self._note_revision_files()  # our own change, not a teammate's
                 self.handle.project.invalidate()
                 graph = read_graph(self.handle)
                 apply_pending(

@@ -47,6 +47,14 @@ class DraftGeneration:
     _draft_tables: dict[str, frozenset[str]]  # the draft's id -> the tables it touches
     _carry: set[str]  # tables of withdrawn revisions: the next compare covers them
     _lent: Any = None  # the warm worker a generation applies with (no second interpreter start)
+    # The revision files as the run found them, before its first status read, re-taken after
+    # each change dev mode makes itself: a teammate's file that lands after that read (a pull)
+    # is then seen by `_generate` as a change, and the generation is discarded and redone.
+    _files_seen: dict[Path, tuple[int, int]] | None = None
+
+    def _note_revision_files(self) -> None:
+        """Snapshot the revision files: at a run's start, and after each of our own changes."""
+        self._files_seen = self._revision_files()
 
     @contextmanager
     def _lending(self, worker: Any) -> Iterator[None]:
@@ -106,13 +114,14 @@ class DraftGeneration:
         """Generate; discard the result when revision files came or went meanwhile (a pull, a
         checkout): the worker compared against the old set, and what it wrote may duplicate a
         teammate's revision. The follow-up run applies theirs first and compares again."""
-        before = self._revision_files()
+        before = self._files_seen if self._files_seen is not None else self._revision_files()
         try:
             result = worker.generate(**request)
         except ReconcilerError:  # e.g. "not at the heads": the worker saw the new file itself
             self._raise_if_changed(before, None)
             raise
         self._raise_if_changed(before, None if result.path is None else Path(result.path))
+        self._note_revision_files()  # the file just written is ours
         return result
 
     def _raise_if_changed(self, before: dict[Path, tuple[int, int]], written: Path | None) -> None:
@@ -171,6 +180,7 @@ class DraftGeneration:
             ):
                 self._downgrade_draft(conn, draft)
                 shutil.move(str(draft.path), backup)
+                self._note_revision_files()  # our own change, not a teammate's
                 self.handle.project.invalidate()
                 tables = self._draft_tables.get(draft.revision)
                 request = scope.request(None if tables is None else tables | self._carry)
