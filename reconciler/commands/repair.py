@@ -85,17 +85,7 @@ def _record_below(
     held = journal.recorded_hashes(conn, handle.journal, handle.target_name)
     for rev in graph.topological(graph.closure(targets)):
         if rev not in targets and rev not in held:
-            revision = graph.revisions[rev]
-            journal.record_hash(
-                conn,
-                handle.journal,
-                target=handle.target_name,
-                operation=journal.RECORD,
-                revision=rev,
-                file_hash=revision.file_hash,
-                down_revisions=revision.down_revisions,
-                trigger="stamp",
-            )
+            journal.record_seen(conn, handle.journal, handle.target_name, graph.revisions[rev], "stamp")
 
 
 def _stamp_targets(graph: RevisionGraph, revision: str) -> tuple[str, ...]:

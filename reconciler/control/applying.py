@@ -145,18 +145,8 @@ def record_hashes(
     audit, target = status.audit, handle.target_name
     foreign = [r for r in audit.unrecorded if status.baseline or r in during]
     for rev in (*audit.unrecorded, *audit.sealed):
-        revision = graph.revisions[rev]
         trigger = "seal" if rev in audit.sealed else "foreign" if rev in foreign else "first_sight"
-        journal.record_hash(
-            conn,
-            handle.journal,
-            target=handle.journal_target,
-            operation=journal.RECORD,
-            revision=rev,
-            file_hash=revision.file_hash,
-            down_revisions=revision.down_revisions,
-            trigger=trigger,
-        )
+        journal.record_seen(conn, handle.journal, handle.journal_target, graph.revisions[rev], trigger)
     if audit.sealed:
         log.info("checksum_recorded_after_seal", target=target, revisions=list(audit.sealed))
     if foreign:

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 
 from reconciler import logs
 from reconciler.core.checksums import HashRecord
+from reconciler.core.graph import Revision
 from reconciler.redact import redact
 from reconciler.sessions import replica_id
 from reconciler.version import __version__
@@ -267,6 +268,22 @@ def record_hash(
     )
     record_finished(conn, jt, row, outcome=outcome, duration_ms=0)
     return row
+
+
+def record_seen(
+    conn: sa.engine.Connection, jt: JournalTables, target: str, revision: Revision, trigger: str
+) -> int:
+    """`record_hash` of a revision file as it is now (first sight, a foreign writer's, a seal, a stamp)."""
+    return record_hash(
+        conn,
+        jt,
+        target=target,
+        operation=RECORD,
+        revision=revision.revision,
+        file_hash=revision.file_hash,
+        down_revisions=revision.down_revisions,
+        trigger=trigger,
+    )
 
 
 def steps(
