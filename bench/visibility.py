@@ -26,7 +26,7 @@ from bench.common import env_for, project, row
 from reconciler import logs
 from reconciler.config.load import load_settings
 from reconciler.control.reconcile import reconcile_once
-from reconciler.control.target import close_target, open_target
+from reconciler.control.target import open_target, release_target
 from reconciler.db import flags
 from tests import dbs
 from tests.cli import start_cli
@@ -115,7 +115,7 @@ def progress_cost(folder: Path, url: str, revisions: int) -> dict[str, float]:
         total = time.perf_counter() - started
     finally:
         flags.put = put  # type: ignore[assignment]
-        close_target(handle)
+        release_target(handle)
     return {"writes": len(writes), "note_ms": sum(writes) * 1000, "apply_s": total}
 
 

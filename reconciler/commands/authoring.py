@@ -21,7 +21,7 @@ from reconciler.config import appsource
 from reconciler.control.drift import compare, read_worker
 from reconciler.control.reading import read_graph, read_status
 from reconciler.control.reconcile import reconcile_once
-from reconciler.control.target import TargetHandle, close_target, open_target
+from reconciler.control.target import TargetHandle, open_target, release_target
 from reconciler.control.workers import Worker, WorkerJob, start_headers_worker
 from reconciler.core.status import Status
 from reconciler.db import connection, placement
@@ -124,7 +124,7 @@ def _compare_at_heads(settings: Settings, scratch: bool, use_known: bool = True)
             with read_worker(handle) as worker:
                 return list(worker.compare())
         finally:
-            close_target(handle)
+            release_target(handle)
 
 
 def baseline(settings: Settings, scratch: bool) -> tuple[Path, int]:
@@ -287,7 +287,7 @@ def seal(settings: Settings, message: str) -> Path:
     try:
         drafts = [r for r in read_graph(handle).revisions.values() if r.draft]
     finally:
-        close_target(handle)
+        release_target(handle)
     if not drafts:
         raise StateError("there is no draft revision to seal")
     draft = drafts[0]
@@ -309,7 +309,7 @@ def confirm(settings: Settings, revision: str) -> Path:
         rev = graph.resolve(revision)
         path = graph.revisions[rev].path
     finally:
-        close_target(handle)
+        release_target(handle)
     text = path.read_text(encoding="utf-8")
     confirmed = edits.confirmed_text(text)
     if confirmed == text:

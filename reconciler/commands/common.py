@@ -1,4 +1,4 @@
-"""Helpers shared by several commands modules: applied revisions, difference listings, revision ids."""
+"""Helpers shared by several commands modules: difference listings, revision ids."""
 
 from __future__ import annotations
 
@@ -6,16 +6,7 @@ from typing import Any
 
 from reconciler.control.reading import read_graph
 from reconciler.control.target import TargetHandle
-from reconciler.core.graph import RevisionGraph
-from reconciler.core.status import Status
 from reconciler.errors import ConfigError
-
-
-def applied_revisions(graph: RevisionGraph, status: Status) -> frozenset[str]:
-    """The revisions the database has applied: its heads known to the repository and their
-    ancestors."""
-    known = [h for h in status.decision.db_heads if h in graph.revisions]
-    return graph.closure(known)
 
 
 def listing(found: list[Any]) -> str:

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from reconciler import logs
-from reconciler.commands.common import applied_revisions, revision_id
+from reconciler.commands.common import revision_id
 from reconciler.control import guard
 from reconciler.control.drift import compare, read_worker
 from reconciler.control.reading import read_graph, read_status
 from reconciler.control.target import TargetHandle, locate_journal, missing_database_file
 from reconciler.core import safety
 from reconciler.core.drift import without_ignored
-from reconciler.core.status import Status, refuse_unless_applicable
+from reconciler.core.status import Status, applied_revisions, refuse_unless_applicable
 from reconciler.db import connection, journal
 from reconciler.errors import ConfigError, ReconcilerError, Refused, StateError, UnreachableError
 

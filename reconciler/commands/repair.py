@@ -13,14 +13,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler import logs
-from reconciler.commands.common import applied_revisions, listing, revision_id
+from reconciler.commands.common import listing, revision_id
 from reconciler.control.locking import ensure_journal, target_lock
 from reconciler.control.reading import read_graph, read_status
 from reconciler.control.starting import start_worker
 from reconciler.control.target import TargetHandle, journal_exists
 from reconciler.core import checksums
 from reconciler.core.graph import RevisionGraph
-from reconciler.core.status import Status, refuse_unless_applicable
+from reconciler.core.status import Status, applied_revisions, refuse_unless_applicable
 from reconciler.db import connection, flags, journal
 from reconciler.errors import ConfigError, Refused, RevisionFailed, StateError, UnreachableError
 from reconciler.project import differences

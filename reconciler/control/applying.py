@@ -179,7 +179,7 @@ def settled_status(handle: TargetHandle, conn: sa.engine.Connection, graph: Revi
         return chain_status(handle, conn, graph)  # nothing to settle, and nothing is created here
     unblock_if_changed(handle, conn, graph)
     status = chain_status(handle, conn, graph)
-    applied = graph.closure(h for h in status.decision.db_heads if h in graph.revisions)
+    applied = applied_revisions(graph, status)
     unsafe = "dirty" in handle.settings.unsafe
     if journal.settle_interrupted(conn, handle.journal, applied, handle.backend, handle.row_target, unsafe):
         return chain_status(handle, conn, graph)

@@ -9,6 +9,7 @@ lock, the run reads again with it).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -105,7 +106,7 @@ def chain_status(
     )
 
 
-def _status_of_missing_file(handle: TargetHandle, graph: RevisionGraph, path: object) -> Status:
+def _status_of_missing_file(handle: TargetHandle, graph: RevisionGraph, path: Path) -> Status:
     """Every chain as on an empty database (all pending), saying the file does not exist. The
     guard has nothing to refuse there (nothing can be lost), so no worker is started for it."""
     empty = DbSnapshot(

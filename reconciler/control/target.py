@@ -169,7 +169,8 @@ class TargetHandle:
 
 
 def open_target(settings: Settings, on_worker_log: Callable[[str], None] | None = None) -> TargetHandle:
-    """The handle of `settings`' target and its chains. Connects to nothing."""
+    """The handle of `settings`' target and its chains. Connects to nothing; `release_target`
+    closes what it opened."""
     place = placement.Place(
         settings.journal.table,
         settings.target.url,
@@ -205,16 +206,12 @@ def open_target(settings: Settings, on_worker_log: Callable[[str], None] | None 
 
 
 def release_target(handle: TargetHandle) -> None:
-    """Close every pooled connection, keeping the engines: the next run connects anew but,
-    its dialect already initialised, sends none of SQLAlchemy's first-connect queries."""
+    """Stop the kept worker and close every pooled connection (between runs, and at the end),
+    keeping the engines: the next run connects anew but, its dialect already initialised,
+    sends none of SQLAlchemy's first-connect queries."""
     for chain in handle.every_chain:
         chain.project.close_worker()
     handle.engines.dispose()
-
-
-def close_target(handle: TargetHandle) -> None:
-    """Stop the kept worker and close every connection (the engines stay usable)."""
-    release_target(handle)
 
 
 def locate_journal(handle: TargetHandle, conn: sa.engine.Connection) -> JournalTables:

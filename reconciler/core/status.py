@@ -282,4 +282,4 @@ def still_blocked(blocked: failures.Failure, graph: RevisionGraph) -> bool:
 
 def applied_revisions(graph: RevisionGraph, status: Status) -> frozenset[str]:
     """The revisions of `graph` the database heads of `status` include."""
-    return frozenset(graph.closure(h for h in status.decision.db_heads if h in graph.revisions))
+    return graph.closure(h for h in status.decision.db_heads if h in graph.revisions)

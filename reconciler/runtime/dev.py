@@ -29,7 +29,7 @@ from reconciler import logs, sessions
 from reconciler.control.applying import apply_pending
 from reconciler.control.locking import target_lock
 from reconciler.control.reading import read_graph, read_status
-from reconciler.control.target import close_target, open_target
+from reconciler.control.target import open_target, release_target
 from reconciler.control.workerpool import WarmWorker
 from reconciler.control.workers import WorkerJob
 from reconciler.core.graph import Revision
@@ -148,7 +148,7 @@ class DevLoop(DraftGeneration):
             self.version_watcher.stop()
             if self._warm is not None:
                 self._warm.close()
-            close_target(self.handle)
+            release_target(self.handle)
             log.info("dev_stopped", target=self.target)
         except Exception as exc:  # a hung SIGTERM is worse than an untidy stop
             log.error("dev_stop_failed", error=redact(str(exc)), kind=exc.__class__.__name__)

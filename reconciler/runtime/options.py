@@ -134,13 +134,13 @@ class Context:
 @contextmanager
 def reconciler(ctx: Context) -> Iterator[TargetHandle]:
     """The target's control plane, closed (connections released) when the command ends."""
-    from reconciler.control.target import close_target, open_target  # deferred: CLI start-up time
+    from reconciler.control.target import open_target, release_target  # deferred: CLI start-up time
 
     handle = open_target(ctx.settings())
     try:
         yield handle
     finally:
-        close_target(handle)
+        release_target(handle)
 
 
 def check_seconds(option: str, value: float, zero: bool, example: str) -> None:

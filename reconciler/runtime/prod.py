@@ -27,7 +27,6 @@ from reconciler.control.reading import read_status
 from reconciler.control.reconcile import reconcile_once
 from reconciler.control.retries import failure_of
 from reconciler.control.target import (
-    close_target,
     open_target,
     release_target,
 )
@@ -220,7 +219,7 @@ class Daemon:
             self.watcher.stop()
             self.http.stop()
             self.dispatcher.close(timeout=2.0)
-            close_target(self.handle)
+            release_target(self.handle)
             log.info("daemon_stopped", target=self.target, clean=finished and not self._exit_code)
         except Exception as exc:  # a hung SIGTERM is worse than an untidy stop
             log.error("daemon_stop_failed", error=redact(str(exc)), kind=exc.__class__.__name__)

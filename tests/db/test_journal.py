@@ -230,7 +230,7 @@ def test_accept_needs_a_revision_or_all(tmp_path: Path, sqlite_url: str) -> None
 def test_a_draft_is_exempt_until_sealed(tmp_path: Path, sqlite_url: str) -> None:
     from reconciler.config.load import load_settings
     from reconciler.control.reconcile import reconcile_once
-    from reconciler.control.target import close_target, open_target
+    from reconciler.control.target import open_target, release_target
 
     project = flask_project(tmp_path / "p", sqlite_url)
     project.chain(1)
@@ -239,7 +239,7 @@ def test_a_draft_is_exempt_until_sealed(tmp_path: Path, sqlite_url: str) -> None
     try:
         reconcile_once(handle, trigger="draft")  # as dev mode applies its draft
     finally:
-        close_target(handle)
+        release_target(handle)
     edit(file_of(project, "d1"), 'create_table("t_d1"', 'create_table("t_d1_renamed"')
     assert status(project)["conditions"] == []  # drafts change on every save
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from reconciler import sessions
 from reconciler.config.load import UNSAFE_ENV, load_settings
 from reconciler.control.locking import target_lock
-from reconciler.control.target import TargetHandle, close_target, open_target
+from reconciler.control.target import TargetHandle, open_target, release_target
 from reconciler.db import connection, locks
 from reconciler.errors import LockTimeout, Refused, UnreachableError
 from tests import pgbouncer
@@ -123,8 +123,8 @@ def _hold_twice(project: Project, env: dict[str, str]) -> int:
                 inside += 1
             return inside
     finally:
-        close_target(one)
-        close_target(two)
+        release_target(one)
+        release_target(two)
 
 
 def test_affinity_safeguard_refuses_before_any_lock_is_taken(
