@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from reconciler.cli import main
+from reconciler.launch import main
 
 if __name__ == "__main__":
     main()

@@ -6,10 +6,12 @@ are written `Optional[...]`, never `X | None`).
 
 The wire is JSON lines. A request is `{"op": <its op>, **its fields}`; its reply is
 `{"ok": true, **the reply's fields}` or `{"ok": false, "error": {ErrorReply's fields}}`; before an
-upgrade's reply the worker may send events (`{"event": "non_transactional", ...}`), each answered
-by a `proceed` request. `encode` and `decode` map a dataclass to and from that JSON over its
-declared fields: nested dataclasses, `Sequence[X]` / `tuple[X, ...]` (a tuple), lists, frozensets,
-mappings, `Optional`. `init` carries `PROTOCOL_VERSION` both ways: both ends refuse another one.
+upgrade's reply the worker sends events (`{"event": "step", ...}` before each revision it runs,
+`{"event": "non_transactional", ...}` before one leaves its transaction), each answered by a
+`proceed` request (or, for a step, `stop`). `encode` and `decode` map a dataclass to and from
+that JSON over its declared fields: nested dataclasses, `Sequence[X]` / `tuple[X, ...]` (a tuple),
+lists, frozensets, mappings, `Optional`. `init` carries `PROTOCOL_VERSION` both ways: both ends
+refuse another one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, TypeVar, Union
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: one upgrade request per plan, with step events
 DEFAULT_VERSION_TABLE = "alembic_version"
 JOURNAL_TABLES = ("reconciler_journal", "reconciler_journal_flags")
 
@@ -105,6 +107,25 @@ class StepReply:  # an upgrade's or a downgrade's: how long it took, the revisio
 
 
 @dataclass(frozen=True)
+class StepDone:
+    """One revision of an upgrade plan, committed: `ran` False when Alembic found it applied."""
+
+    revision: str
+    ran: bool = True
+    duration_ms: int = 0
+
+
+@dataclass(frozen=True)
+class UpgradeReply:
+    """An upgrade plan's end: its last step (None: none ran), and whether the control plane
+    stopped it. The steps before the last were reported by `StepEvent`s."""
+
+    last: Optional[StepDone] = None  # noqa: UP045
+    stopped: bool = False
+    duration_ms: int = 0
+
+
+@dataclass(frozen=True)
 class SqlReply:
     sql: str = ""
 
@@ -167,6 +188,19 @@ class NonTransactional:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class StepEvent:
+    """Sent between two revisions of an upgrade plan: `finished` committed, `begins` is the next
+    one (the first was journaled before the request). Answered `proceed` (run it) or `stop`."""
+
+    name: ClassVar[str] = "step"
+    begins: str = ""
+    finished: Optional[StepDone] = None  # noqa: UP045
+
+
+EVENTS: dict[str, type] = {NonTransactional.name: NonTransactional, StepEvent.name: StepEvent}
+
+
 # --- requests ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class InitRequest:
@@ -186,12 +220,13 @@ class ProbeRequest:
 
 @dataclass(frozen=True)
 class UpgradeRequest:
-    """One step up to `revision`; `check`: the guard's per-operation check of this revision."""
+    """Apply `revisions` in order in one run of env.py, one step and one transaction each;
+    `checks`: the guard's per-operation check of some of them."""
 
     op: ClassVar[str] = "upgrade"
-    reply: ClassVar[type] = StepReply
-    revision: str
-    check: Optional[Mapping[str, Any]] = None  # noqa: UP045
+    reply: ClassVar[type] = UpgradeReply
+    revisions: Sequence[str]
+    checks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -321,9 +356,17 @@ class MergeRequest:
 
 @dataclass(frozen=True)
 class ProceedRequest:
-    """The answer to a NonTransactional event: the step is journaled, go on."""
+    """The answer to an event: the step is journaled, go on."""
 
     op: ClassVar[str] = "proceed"
+    reply: ClassVar[type] = EmptyReply
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """The answer to a StepEvent: run no more revisions (a stop was asked for); end the plan."""
+
+    op: ClassVar[str] = "stop"
     reply: ClassVar[type] = EmptyReply
 
 
@@ -369,14 +412,17 @@ def error_reply(error: ErrorReply) -> dict[str, Any]:
     return {"ok": False, "error": encode(error)}
 
 
-def event_line(event: NonTransactional) -> str:
-    return json.dumps({"event": event.name, **encode(event)})
+def event_line(event: Any) -> str:
+    return json.dumps({"event": type(event).name, **encode(event)})
 
 
-def parse_event(data: Mapping[str, Any]) -> NonTransactional:
-    if data.get("event") != NonTransactional.name:
-        raise ProtocolError(f"unknown worker event {data.get('event')!r}")
-    return decode(NonTransactional, {k: v for k, v in data.items() if k != "event"})
+def parse_event(data: Mapping[str, Any]) -> Any:
+    """The event (a NonTransactional or a StepEvent) a decoded line holds."""
+    name = data.get("event")
+    cls = EVENTS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown worker event {name!r}")
+    return decode(cls, {k: v for k, v in data.items() if k != "event"})
 
 
 def parse_reply(cls: type[T], data: Mapping[str, Any]) -> T:

@@ -22,7 +22,7 @@ from tests.test_environ import environ_reads
 PACKAGE = Path(reconciler.__file__).resolve().parent
 ROOT = PACKAGE.parent
 MAX_LINES = 500
-ENVIRON_READER = PACKAGE / "config" / "load.py"
+ENVIRON_READER = PACKAGE / "config" / "processenv.py"
 
 
 def modules() -> Iterator[tuple[str, Path]]:
@@ -58,8 +58,8 @@ def test_the_import_contract_holds() -> None:
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
-def test_only_config_load_reads_the_environment() -> None:
-    """Narrower than tests/test_environ.py (the config package): within it, load.py alone."""
+def test_only_config_processenv_reads_the_environment() -> None:
+    """Narrower than tests/test_environ.py (the config package): within it, processenv.py alone."""
     found = {
         str(path.relative_to(ROOT)): lines
         for _name, path in modules()
@@ -67,7 +67,7 @@ def test_only_config_load_reads_the_environment() -> None:
         for lines in [environ_reads(path.read_text(encoding="utf-8"))]
         if lines
     }
-    assert found == {}, f"os.environ read outside reconciler/config/load.py: {found}"
+    assert found == {}, f"os.environ read outside reconciler/config/processenv.py: {found}"
     assert environ_reads(ENVIRON_READER.read_text(encoding="utf-8")), "the scan sees the reader it allows"
 
 

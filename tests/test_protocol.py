@@ -29,8 +29,8 @@ JOB = protocol.Job(
 REQUESTS: list[Any] = [
     protocol.InitRequest(job=JOB),
     protocol.ProbeRequest(),
-    protocol.UpgradeRequest("r2", {"allow": ["drop_column"], "tables": {"users": 3}}),
-    protocol.UpgradeRequest("r3"),
+    protocol.UpgradeRequest(("r2", "r3"), {"r2": {"allow": ["drop_column"], "tables": {"users": 3}}}),
+    protocol.UpgradeRequest(("r3",)),
     protocol.DowngradeRequest("r1"),
     protocol.StampRequest(("r1", "r2"), purge=True),
     protocol.SqlRequest(end="r3", start="r1"),
@@ -55,6 +55,7 @@ REQUESTS: list[Any] = [
     protocol.RevisionRequest("empty", "head", None),
     protocol.MergeRequest(("a", "b"), "merge", "m1"),
     protocol.ProceedRequest(),
+    protocol.StopRequest(),
     protocol.ExitRequest(),
 ]
 
@@ -62,6 +63,8 @@ REPLIES: list[Any] = [
     protocol.InitReply(4242, "3.9.18", {"sqlalchemy": "1.4.54", "alembic": "1.13.0"}, True, 1),
     protocol.EmptyReply(),
     protocol.StepReply(1500, ("r2",)),
+    protocol.UpgradeReply(protocol.StepDone("r3", True, 12), stopped=False, duration_ms=40),
+    protocol.UpgradeReply(None, stopped=True),
     protocol.SqlReply("ALTER TABLE users ADD COLUMN age INTEGER;"),
     protocol.RecordReply(({"revision": "r2", "ops": [{"kind": "drop_column"}], "error": None},)),
     protocol.CompareReply(({"kind": "add_table", "key": "add_table users", "text": "users"},)),
@@ -110,11 +113,23 @@ def test_each_reply_survives_its_json_line(reply: Any) -> None:
         assert protocol.parse_reply(type(reply), wire) == reply
 
 
-def test_the_non_transactional_event_survives_its_json_line() -> None:
-    event = protocol.NonTransactional("r2", "autocommit_block()")
+@pytest.mark.parametrize(
+    "event",
+    [
+        protocol.NonTransactional("r2", "autocommit_block()"),
+        protocol.StepEvent("r3", protocol.StepDone("r2", ran=False, duration_ms=7)),
+        protocol.StepEvent("r1"),
+    ],
+)
+def test_each_event_survives_its_json_line(event: Any) -> None:
     line = json.loads(protocol.event_line(event))
-    assert line["event"] == "non_transactional"
+    assert line["event"] == type(event).name
     assert protocol.parse_event(line) == event
+
+
+def test_an_unknown_event_is_refused() -> None:
+    with pytest.raises(protocol.ProtocolError, match="unknown worker event 'fly'"):
+        protocol.parse_event({"event": "fly"})
 
 
 def test_every_op_has_one_request_class_whose_reply_class_is_a_message() -> None:
@@ -138,8 +153,8 @@ def test_the_job_sends_only_its_declared_fields() -> None:
 
 
 def test_a_request_with_a_field_of_the_wrong_type_or_an_unknown_field_is_refused() -> None:
-    with pytest.raises(protocol.ProtocolError, match=r"UpgradeRequest\.revision: expected str"):
-        protocol.parse_request({"op": "upgrade", "revision": 3})
+    with pytest.raises(protocol.ProtocolError, match=r"UpgradeRequest\.revisions: expected"):
+        protocol.parse_request({"op": "upgrade", "revisions": 3})
     with pytest.raises(protocol.ProtocolError, match="unknown field"):
         protocol.parse_request({"op": "probe", "surprise": True})
     with pytest.raises(protocol.ProtocolError, match="missing field revision"):

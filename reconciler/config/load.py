@@ -1,6 +1,6 @@
 """Configuration: TOML file → `RECONCILER_*` environment → CLI flags, resolved once into frozen settings.
 
-This is the only module that reads `os.environ` (`process_environment`). Everything is checked
+The environment comes from `processenv` (the one reader of `os.environ`). Everything is checked
 here (`validate`), before any connection is attempted: unknown keys (with a "did you mean"), wrong
 types, missing values, malformed URLs, a missing migrations directory, a models path that names no
 module.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -21,6 +20,7 @@ from reconciler import sessions
 from reconciler.config import appsource
 from reconciler.config import environment as envsettings
 from reconciler.config.coerce import build_section
+from reconciler.config.processenv import process_environment
 from reconciler.config.tomlfile import Source, read_file
 from reconciler.config.urls import default_target_name, normalize_url, same_database
 from reconciler.config.validate import ALERT_KINDS, check_alert_url, validate
@@ -61,12 +61,6 @@ UNSAFE_SWITCHES = (
 # The worker's lookup of a Flask app's URL (`control.workers.resolve_app_url`), run in the
 # environment the settings were resolved in. Passed in by the caller: config sits below control.
 AppUrlLookup = Callable[[Settings, Mapping[str, str]], "AppUrl | None"]
-
-
-def process_environment() -> Mapping[str, str]:
-    """This process's environment: the one read of `os.environ` in the package (a worker's child
-    environment starts from it; settings are resolved in it unless a caller passes another)."""
-    return os.environ
 
 
 def _config_path(flag: str | None, environ: Mapping[str, str], cwd: Path) -> Path | None:

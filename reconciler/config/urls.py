@@ -7,9 +7,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
 from reconciler.errors import ConfigError
 from reconciler.redact import is_ambiguous, redact, register_url
 from reconciler.settings import resolve_path
@@ -21,7 +18,7 @@ _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1
 def same_database(first: str, second: str) -> bool:
     """Whether two URLs name one database: the same backend, server, user and database (SQLite:
     the same file). Drivers and passwords may differ."""
-    a, b = make_url(first), make_url(second)
+    a, b = _make_url(first), _make_url(second)
     if a.get_backend_name() != b.get_backend_name():
         return False
     if a.get_backend_name() == "sqlite":
@@ -48,8 +45,10 @@ def normalize_url(url: str, base_dir: Path, where: str) -> str:
             "password cannot be told from its host; URL-encode the password "
             "(an '@' in it is written %40: urllib.parse.quote(password, safe=''))"
         )
+    from sqlalchemy.exc import ArgumentError  # deferred: CLI start-up time (SQLAlchemy's import)
+
     try:
-        parsed = make_url(url)
+        parsed = _make_url(url)
     except (ArgumentError, ValueError) as exc:
         raise ConfigError(
             f"{where}: '{redact(url)}' is not a database URL ({redact(str(exc))}); "
@@ -74,7 +73,7 @@ def normalize_url(url: str, base_dir: Path, where: str) -> str:
         if database and database != ":memory:" and not database.startswith("file:"):
             absolute = resolve_path(base_dir, database)
             parsed = parsed.set(database=str(absolute))
-        return parsed.render_as_string(hide_password=False)
+        return str(parsed.render_as_string(hide_password=False))
     if not parsed.database:
         raise ConfigError(f"{where}: the URL '{redact(url)}' names no database; add /dbname at its end")
     return url
@@ -104,6 +103,14 @@ def _check_driver(dialect: Any, backend: str, url: str, where: str) -> None:
 
 
 def default_target_name(url: str) -> str:
-    database = make_url(url).database or "db"
+    database = _make_url(url).database or "db"
     stem = Path(database).stem if "/" in database or database.endswith(".db") else database
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:24] or "db"
+
+
+def _make_url(url: str) -> Any:
+    """SQLAlchemy's parse of `url` (imported on first use: the CLI, and the worker started early
+    for an apply, start without it)."""
+    from sqlalchemy.engine import make_url  # deferred: CLI start-up time (SQLAlchemy's import)
+
+    return make_url(url)

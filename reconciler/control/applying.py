@@ -17,11 +17,11 @@ import sqlalchemy as sa
 from reconciler import logs
 from reconciler.control import guard as destructive
 from reconciler.control.locking import ensure_journal
-from reconciler.control.progress import LiveRun, clear_plan, progress_done, record_progress, set_plan
+from reconciler.control.progress import LiveRun, clear_plan, progress_done, set_plan
 from reconciler.control.reading import chain_status, read_graph, status_all
 from reconciler.control.retries import count_failure, defer_unless_due, unblock_if_changed
 from reconciler.control.starting import start_worker
-from reconciler.control.steps import apply_retrying
+from reconciler.control.steps import PlanRun, ProgressFn, Steps
 from reconciler.control.target import TargetHandle, journal_seen
 from reconciler.control.workers import Worker
 from reconciler.core.graph import RevisionGraph
@@ -37,9 +37,6 @@ from reconciler.db import flags, journal
 from reconciler.errors import ReconcilerError, Refused, RevisionFailed
 
 log = logs.get("reconciler.reconcile")
-
-ProgressFn = Callable[[int, int, str, str], None]
-Steps = tuple[tuple[str, float], ...]
 
 
 def apply_pending(
@@ -253,27 +250,18 @@ def _run_pending(
     guard: bool,
     empty: bool,
 ) -> Steps:
-    done: list[tuple[str, float]] = []
     if guard:
         analysis = destructive.check_pending(handle, worker, graph, pending, empty)
         verdict = destructive.enforce(analysis, handle.settings, handle.target_name)
         worker.check_operations({rev: c.payload() for rev, c in verdict.live.items()})
-    for index, rev in enumerate(pending, start=1):
-        if should_stop and should_stop():
-            log.info("apply_stopped", target=handle.target_name, before=rev, applied=len(done))
-            break
-        revision = graph.revisions[rev]
-        # Why here: before the revision runs, so /status, the metrics and `wait` name it.
-        record_progress(handle, run, conn, rev, revision.message, index, pending)
-        if progress:
-            progress(index, len(pending), rev, revision.message)
-        try:
-            seconds = apply_retrying(handle, run, conn, worker, rev, graph, trigger)
-        except Refused as exc:  # refused as it ran: say so until the files change
-            destructive.remember_refusal(handle, graph, pending[index - 1 :], str(exc))
-            raise
-        done.append((rev, seconds))
-    return tuple(done)
+    plan = PlanRun(
+        handle, run, conn, graph, pending, trigger=trigger, progress=progress, should_stop=should_stop
+    )
+    try:
+        return plan.apply(worker)
+    except Refused as exc:  # refused as it ran: say so until the files change
+        destructive.remember_refusal(handle, graph, pending[plan.position :], str(exc))
+        raise
 
 
 def finish(

@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from reconciler.control.applying import ProgressFn, apply_pending, finish, refuse, settled_status
+from reconciler.control.applying import apply_pending, finish, refuse, settled_status
 from reconciler.control.conditions import forget_conditions
 from reconciler.control.locking import target_lock
 from reconciler.control.progress import LiveRun, clear_plan, set_plan
 from reconciler.control.reading import first_look, read_graph
+from reconciler.control.steps import ProgressFn
 from reconciler.control.target import TargetHandle, retrying
 from reconciler.core.graph import RevisionGraph
 from reconciler.core.status import ApplyResult, Status

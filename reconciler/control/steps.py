@@ -1,159 +1,238 @@
-"""One revision, one journaled step: `started` before it runs, its outcome after.
+"""A plan of revisions, one journaled step each: `started` before a revision runs, its outcome after.
 
-A revision that hit the DDL lock timeout is retried in place with backoff; one that left its
-transaction before failing is `dirty`; one Alembic found already applied is `skipped` and
-counted as another writer's (`LiveRun.foreign`).
+The worker applies the whole plan in one run of env.py. The first revision is journaled `started`
+(and the progress noted) before the request; before each next one the worker stops to say so
+(`protocol.StepEvent`), and goes on once that step is journaled `started` and the previous one,
+committed, with its outcome; a stop asked for (SIGTERM) is the answer that ends the plan between
+two revisions. A revision that hit the DDL lock
+timeout is retried in place with backoff (the plan goes on from it); one that left its transaction
+before failing is `dirty`; one Alembic found already applied is `skipped` and counted as another
+writer's (`LiveRun.foreign`).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from reconciler import logs
-from reconciler.control.progress import LiveRun
+from reconciler import logs, protocol
+from reconciler.control.progress import LiveRun, record_progress
 from reconciler.control.target import TargetHandle
 from reconciler.control.workers import Worker
 from reconciler.core.backoff import backoff
 from reconciler.core.graph import RevisionGraph
 from reconciler.core.status import is_lock_timeout
 from reconciler.db import journal
-from reconciler.errors import Refused, RevisionFailed
+from reconciler.errors import Refused, RevisionFailed, WorkerError
 
 log = logs.get("reconciler.reconcile")
 
+ProgressFn = Callable[[int, int, str, str], None]
+Steps = tuple[tuple[str, float], ...]
 
-def apply_retrying(
-    handle: TargetHandle,
-    run: LiveRun,
-    conn: sa.engine.Connection,
-    worker: Worker,
-    rev: str,
-    graph: RevisionGraph,
-    trigger: str,
-) -> float:
-    """Apply one revision; one that hit the DDL lock timeout is retried in place with exponential
-    backoff and jitter, `[apply] lock_timeout_retries` times, each attempt journaled."""
-    retries = max(0, handle.settings.apply.lock_timeout_retries)
-    attempt = 0
-    while True:
-        try:
-            return apply_one(handle, run, conn, worker, rev, graph, trigger)
-        except RevisionFailed as exc:
-            if not is_lock_timeout(exc) or attempt >= retries:
+
+class PlanRun:
+    """Applies `pending` through a worker, journaling each step as the worker reaches it.
+    `position`: the index in `pending` of the revision running or next to run."""
+
+    def __init__(
+        self,
+        handle: TargetHandle,
+        run: LiveRun,
+        conn: sa.engine.Connection,
+        graph: RevisionGraph,
+        pending: tuple[str, ...],
+        *,
+        trigger: str,
+        progress: ProgressFn | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.handle, self.run, self.conn, self.graph = handle, run, conn, graph
+        self.pending, self.trigger = pending, trigger
+        self.progress, self.should_stop = progress, should_stop
+        self.done: list[tuple[str, float]] = []
+        self.position = 0
+        self._row: int | None = None  # the open journal step, of pending[position]
+        self._began = 0.0
+        self._marked: list[str] = []
+
+    def apply(self, worker: Worker) -> Steps:
+        """Run the plan to its end or to a stop; (revision, seconds) per revision that ran."""
+        retries = max(0, self.handle.settings.apply.lock_timeout_retries)
+        attempt = 0
+        while self.position < len(self.pending):
+            reached = self.position
+            if not self._may_start(self.pending[reached]):
+                break
+            try:
+                result = worker.upgrade(
+                    self.pending[reached:], on_step=self._on_step, on_non_transactional=self._leaving
+                )
+            except RevisionFailed as exc:
+                self._failed(exc)
+                if not is_lock_timeout(exc) or attempt >= retries:
+                    raise
+                attempt += 1
+                self._pause_before_retry(exc.revision or self.pending[self.position], attempt, retries)
+                continue
+            except Refused as exc:  # the guard's per-operation check: the revision was rolled back
+                self._refused(exc)
                 raise
-            attempt += 1
-            pause = backoff(attempt, base=handle.settings.apply.lock_timeout_backoff, cap=math.inf)
-            log.warning(
-                "revision_lock_timeout_retry",
-                target=handle.target_name,
-                revision=rev,
-                attempt=attempt,
-                retries=retries,
-                retry_in=round(pause, 3),
+            for step in result.steps:
+                self._finished(step)
+            if result.stopped:
+                break
+            if self.position == reached:
+                raise WorkerError(
+                    f"the worker ended the upgrade before {self.pending[reached]} without an error; "
+                    "run the apply again (and report this, with the worker's log)"
+                )
+            attempt = 0
+        return tuple(self.done)
+
+    # the worker's events
+
+    def _on_step(self, event: protocol.StepEvent) -> bool:
+        """The worker is about to run `event.begins` (`event.finished` committed): journal it."""
+        if event.finished is not None:
+            self._finished(event.finished)
+        if event.begins != self.pending[self.position]:
+            raise WorkerError(
+                f"the worker began {event.begins}, not {self.pending[self.position]} as planned"
             )
-            time.sleep(pause)
+        return self._may_start(event.begins)
 
+    def _may_start(self, rev: str) -> bool:
+        """Journal `rev` as started, unless a stop was asked for (then: False)."""
+        if self.should_stop and self.should_stop():
+            log.info("apply_stopped", target=self.handle.target_name, before=rev, applied=len(self.done))
+            return False
+        self._started(rev, self.position + 1)
+        return True
 
-def apply_one(
-    handle: TargetHandle,
-    run: LiveRun,
-    conn: sa.engine.Connection,
-    worker: Worker,
-    rev: str,
-    graph: RevisionGraph,
-    trigger: str,
-) -> float:
-    """Run `rev` in the worker between its two journal writes; its duration in seconds."""
-    revision = graph.revisions[rev]
-    tables, target = handle.journal, handle.target_name
-    row = journal.record_started(
-        conn,
-        tables,
-        target=handle.journal_target,
-        operation="upgrade",
-        revision=rev,
-        down_revisions=revision.down_revisions,
-        file_hash=revision.file_hash,
-        trigger=trigger,
-    )
-    began = time.monotonic()
-    marked: list[str] = []
-
-    def leaving(revision: str, reason: str) -> None:
-        # Why here: the worker waits until this is durable; a kill from now on is `dirty`.
-        if "dirty" in handle.settings.unsafe:
-            return
-        journal.mark_non_transactional(conn, tables, row, revision, reason)
-        marked.append(reason)
-        log.info("revision_non_transactional", target=target, revision=revision, reason=reason)
-
-    try:
-        step = worker.upgrade(rev, on_non_transactional=leaving)
-    except RevisionFailed as exc:
-        _record_failure(handle, conn, row, rev, exc, int((time.monotonic() - began) * 1000), bool(marked))
-        raise
-    except Refused as exc:  # the guard's per-operation check: the revision was rolled back
-        ms = int((time.monotonic() - began) * 1000)
-        journal.record_finished(conn, tables, row, outcome="refused", duration_ms=ms)
-        log.error("destructive_refused", target=target, revisions=[rev], findings=[str(exc)])
-        raise
-    ms = int(step.seconds * 1000)
-    if rev not in step.revisions:
-        # Alembic found nothing to run: something without our lock applied it meanwhile.
-        journal.record_finished(conn, tables, row, outcome="skipped", duration_ms=ms)
-        run.foreign.append(rev)
-        log.warning(
-            "foreign_writer",
-            target=target,
-            revisions=[rev],
-            detail="revision already applied when our turn came",
-            hint="another process applies migrations without the advisory lock",
+    def _started(self, rev: str, index: int) -> None:
+        handle, revision = self.handle, self.graph.revisions[rev]
+        # Why here: before the revision runs, so /status, the metrics and `wait` name it.
+        record_progress(handle, self.run, self.conn, rev, revision.message, index, self.pending)
+        if self.progress:
+            self.progress(index, len(self.pending), rev, revision.message)
+        self._row = journal.record_started(
+            self.conn,
+            handle.journal,
+            target=handle.journal_target,
+            operation="upgrade",
+            revision=rev,
+            down_revisions=revision.down_revisions,
+            file_hash=revision.file_hash,
+            trigger=self.trigger,
         )
-        return step.seconds
-    journal.record_finished(conn, tables, row, outcome="applied", duration_ms=ms)
-    if marked:
-        journal.unmark(conn, tables, [row])
-    log.info("revision_applied", target=target, revision=rev, message=revision.message, duration_ms=ms)
-    return step.seconds
+        self._began, self._marked = time.monotonic(), []
 
+    def _leaving(self, revision: str, reason: str) -> None:
+        # Why here: the worker waits until this is durable; a kill from now on is `dirty`.
+        if "dirty" in self.handle.settings.unsafe or self._row is None:
+            return
+        journal.mark_non_transactional(self.conn, self.handle.journal, self._row, revision, reason)
+        self._marked.append(reason)
+        log.info(
+            "revision_non_transactional", target=self.handle.target_name, revision=revision, reason=reason
+        )
 
-def _record_failure(
-    handle: TargetHandle,
-    conn: sa.engine.Connection,
-    row: int,
-    rev: str,
-    exc: RevisionFailed,
-    ms: int,
-    marked: bool = False,
-) -> None:
-    # A failed revision that had left its transaction (DDL that commits as it goes on MySQL /
-    # MariaDB, an autocommit block) may be half-applied: it is `dirty` and is not retried
-    # until an operator resolves it (the mark stays for status to say why). A lock timeout
-    # is not: its statement never ran, and a retry of statements that did fails in a way
-    # that is. One that never left it was rolled back.
-    outcome = "dirty" if marked and "dirty" not in handle.settings.unsafe else "failed"
-    if is_lock_timeout(exc):
-        outcome = "lock_timeout"
-    if outcome != "dirty":
-        journal.unmark(conn, handle.journal, [row])
-    journal.record_finished(
-        conn,
-        handle.journal,
-        row,
-        outcome=outcome,
-        duration_ms=ms,
-        error_class=exc.error_class,
-        error=str(exc),
-        sqlstate=exc.sqlstate,
-    )
-    log.error(
-        "revision_failed",
-        target=handle.target_name,
-        revision=rev,
-        error_class=exc.error_class,
-        sqlstate=exc.sqlstate,
-        error=str(exc),
-    )
+    def _finished(self, step: protocol.StepDone) -> None:
+        """Journal the open step's outcome (once: the reply repeats the steps events reported)."""
+        if self._row is None or step.revision != self.pending[self.position]:
+            return
+        row, tables, target = self._row, self.handle.journal, self.handle.target_name
+        self._row = None
+        self.position += 1
+        seconds = step.duration_ms / 1000.0
+        if not step.ran:
+            # Alembic found nothing to run: something without our lock applied it meanwhile.
+            journal.record_finished(self.conn, tables, row, outcome="skipped", duration_ms=step.duration_ms)
+            self.run.foreign.append(step.revision)
+            log.warning(
+                "foreign_writer",
+                target=target,
+                revisions=[step.revision],
+                detail="revision already applied when our turn came",
+                hint="another process applies migrations without the advisory lock",
+            )
+            self.done.append((step.revision, seconds))
+            return
+        journal.record_finished(self.conn, tables, row, outcome="applied", duration_ms=step.duration_ms)
+        if self._marked:
+            journal.unmark(self.conn, tables, [row])
+        message = self.graph.revisions[step.revision].message
+        log.info(
+            "revision_applied",
+            target=target,
+            revision=step.revision,
+            message=message,
+            duration_ms=step.duration_ms,
+        )
+        self.done.append((step.revision, seconds))
+
+    # failures
+
+    def _failed(self, exc: RevisionFailed) -> None:
+        # A failed revision that had left its transaction (DDL that commits as it goes on MySQL /
+        # MariaDB, an autocommit block) may be half-applied: it is `dirty` and is not retried
+        # until an operator resolves it (the mark stays for status to say why). A lock timeout
+        # is not: its statement never ran, and a retry of statements that did fails in a way
+        # that is. One that never left it was rolled back.
+        row, self._row = self._row, None
+        if row is None:
+            return
+        handle, ms = self.handle, self._elapsed_ms()
+        outcome = "dirty" if self._marked and "dirty" not in handle.settings.unsafe else "failed"
+        if is_lock_timeout(exc):
+            outcome = "lock_timeout"
+        if outcome != "dirty":
+            journal.unmark(self.conn, handle.journal, [row])
+        journal.record_finished(
+            self.conn,
+            handle.journal,
+            row,
+            outcome=outcome,
+            duration_ms=ms,
+            error_class=exc.error_class,
+            error=str(exc),
+            sqlstate=exc.sqlstate,
+        )
+        log.error(
+            "revision_failed",
+            target=handle.target_name,
+            revision=exc.revision,
+            error_class=exc.error_class,
+            sqlstate=exc.sqlstate,
+            error=str(exc),
+        )
+
+    def _refused(self, exc: Refused) -> None:
+        row, self._row = self._row, None
+        if row is not None:
+            journal.record_finished(
+                self.conn, self.handle.journal, row, outcome="refused", duration_ms=self._elapsed_ms()
+            )
+        rev = self.pending[self.position]
+        log.error("destructive_refused", target=self.handle.target_name, revisions=[rev], findings=[str(exc)])
+
+    def _pause_before_retry(self, rev: str, attempt: int, retries: int) -> None:
+        """A revision that hit the DDL lock timeout is retried in place with exponential backoff
+        and jitter, `[apply] lock_timeout_retries` times, each attempt journaled."""
+        pause = backoff(attempt, base=self.handle.settings.apply.lock_timeout_backoff, cap=math.inf)
+        log.warning(
+            "revision_lock_timeout_retry",
+            target=self.handle.target_name,
+            revision=rev,
+            attempt=attempt,
+            retries=retries,
+            retry_in=round(pause, 3),
+        )
+        time.sleep(pause)
+
+    def _elapsed_ms(self) -> int:
+        return int((time.monotonic() - self._began) * 1000)

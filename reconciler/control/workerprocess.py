@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import reconciler
 from reconciler import protocol
-from reconciler.config.load import process_environment
+from reconciler.config.processenv import process_environment
 from reconciler.errors import ConfigError, WorkerError
 from reconciler.redact import redact
 
@@ -78,6 +78,13 @@ def spawn(
     interpreter: str, root: str, preload: bool, environ: Mapping[str, str] | None
 ) -> subprocess.Popen[bytes]:
     """Start `python -m reconciler.worker` in `interpreter`, in the project root."""
+    return spawn_process(interpreter, root, preload, child_env(interpreter, environ))
+
+
+def spawn_process(
+    interpreter: str, root: str, preload: bool, env: Mapping[str, str]
+) -> subprocess.Popen[bytes]:
+    """`spawn` with the child's environment given (`child_env`'s)."""
     command = [interpreter, "-m", "reconciler.worker", "--parent", str(os.getpid())]
     if preload:
         command.append("--preload")
@@ -88,7 +95,7 @@ def spawn(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=root,
-            env=child_env(interpreter, environ),
+            env=dict(env),
             close_fds=True,
         )
     except OSError as exc:
@@ -124,11 +131,12 @@ class Pipes:
         self,
         request: Any,
         timeout: float,
-        on_event: Callable[[str, str], None] | None,
+        on_event: Callable[[Any], Any] | None,
         kill: Callable[[], None],
     ) -> dict[str, Any]:
         """Send `request` (a protocol request) and return its reply line's object; the events
-        sent before it are answered on the way (`kill`: what a failed answer or a timeout does)."""
+        sent before it are answered on the way: `on_event(event)` returns the answer (a
+        protocol request; None: proceed). `kill`: what a failed answer or a timeout does."""
         op = type(request).op
         try:
             self.send(protocol.request_line(request))
@@ -141,18 +149,18 @@ class Pipes:
             self._answer_event(reply, on_event, kill)
 
     def _answer_event(
-        self, event: Mapping[str, Any], on_event: Callable[[str, str], None] | None, kill: Callable[[], None]
+        self, event: Mapping[str, Any], on_event: Callable[[Any], Any] | None, kill: Callable[[], None]
     ) -> None:
-        """A revision is about to leave its transaction: record it (on_event), then let it go on."""
+        """A revision is about to run, or to leave its transaction: record it (on_event), then
+        let the worker go on (or stop, when on_event says so)."""
         try:
             parsed = protocol.parse_event(event)
-            if on_event is not None:
-                on_event(parsed.revision, parsed.reason)
+            answer = on_event(parsed) if on_event is not None else None
         except BaseException:
             kill()  # it waits inside its transaction: dying there rolls it back
             raise
         try:
-            self.send(protocol.request_line(protocol.ProceedRequest()))
+            self.send(protocol.request_line(answer or protocol.ProceedRequest()))
         except OSError:
             raise self.died("upgrade") from None
 

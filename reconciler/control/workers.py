@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from reconciler import protocol, sessions
-from reconciler.config.load import process_environment
-from reconciler.control.workerprocess import Pipes, spawn
+from reconciler.config.processenv import process_environment
+from reconciler.control import prestart
+from reconciler.control.workerprocess import Pipes, child_env, spawn_process
 from reconciler.db import journal
 from reconciler.errors import (
     EXIT_CONFIG,
@@ -48,10 +49,13 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class StepResult:
-    """One upgrade step: seconds it took and the revisions Alembic really ran (empty: none)."""
+    """An upgrade: seconds it took, the revisions Alembic really ran (empty: none), each step
+    committed in order, and whether it was told to stop."""
 
     seconds: float
     revisions: tuple[str, ...]
+    steps: tuple[protocol.StepDone, ...] = ()
+    stopped: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,9 @@ class Worker:
             register_secret(secret)
         register_url(job.url)
         interpreter = python or job.python or sys.executable
-        process = spawn(interpreter, job.root, preload, environ)
+        env = child_env(interpreter, environ)
+        early = prestart.take(interpreter, job.root, env)
+        process = early or spawn_process(interpreter, job.root, preload, env)
         worker = cls(process, on_log, timeout or job.timeout)
         worker.job = job
         try:
@@ -250,17 +256,40 @@ class Worker:
         self._request(protocol.ProbeRequest())
 
     def upgrade(
-        self, revision: str, on_non_transactional: Callable[[str, str], None] | None = None
+        self,
+        revisions: str | Sequence[str],
+        on_step: Callable[[protocol.StepEvent], bool] | None = None,
+        on_non_transactional: Callable[[str, str], None] | None = None,
     ) -> StepResult:
-        """Apply one revision (one step from the database's heads): what ran, and how long.
+        """Apply `revisions` in order in one run of env.py, one step (one transaction) each, as
+        far as it goes: what ran, and how long.
 
-        `on_non_transactional(revision, reason)` is called when the revision is about to leave
-        its transaction (worker.process.section_reporter); the worker goes on only once it
-        returned. When it raises, the worker (still inside the transaction) is killed and the
-        error raised."""
-        request = protocol.UpgradeRequest(revision, self._checks.get(revision))
-        reply = self._request(request, on_event=on_non_transactional)
-        return StepResult(reply.duration_ms / 1000.0, tuple(reply.revisions))
+        `on_step(event)` is called before each revision runs (`event.finished`: the previous
+        one, committed); it returns False to stop there. `on_non_transactional(revision,
+        reason)` is called when a revision is about to leave its transaction
+        (worker.process.section_reporter). The worker goes on only once they returned; when one
+        raises, the worker (still inside the transaction) is killed and the error raised. A run
+        may end early without being stopped (env.py's own transaction: one revision per run):
+        `StepResult.steps` says how far it got."""
+        plan = (revisions,) if isinstance(revisions, str) else tuple(revisions)
+        request = protocol.UpgradeRequest(plan, {r: self._checks[r] for r in plan if r in self._checks})
+        done: list[protocol.StepDone] = []
+
+        def answer(event: Any) -> Any:
+            if isinstance(event, protocol.NonTransactional):
+                if on_non_transactional is not None:
+                    on_non_transactional(event.revision, event.reason)
+                return None
+            if event.finished is not None:
+                done.append(event.finished)
+            go_on = on_step(event) if on_step is not None else True
+            return None if go_on else protocol.StopRequest()
+
+        reply = self._request(request, on_event=answer)
+        if reply.last is not None:
+            done.append(reply.last)
+        ran = tuple(step.revision for step in done if step.ran)
+        return StepResult(reply.duration_ms / 1000.0, ran, tuple(done), reply.stopped)
 
     def downgrade(self, revision: str) -> float:
         reply = self._request(protocol.DowngradeRequest(revision))
@@ -421,7 +450,7 @@ class Worker:
         for callback in callbacks:
             callback()
 
-    def _request(self, request: Any, on_event: Callable[[str, str], None] | None = None) -> Any:
+    def _request(self, request: Any, on_event: Callable[[Any], Any] | None = None) -> Any:
         """Send `request`; its reply, as the request's reply class."""
         raw = self._request_raw(request, on_event)
         try:
@@ -429,9 +458,7 @@ class Worker:
         except protocol.ProtocolError as exc:
             raise WorkerError(f"the worker's reply to {type(request).op} is not understood: {exc}") from None
 
-    def _request_raw(
-        self, request: Any, on_event: Callable[[str, str], None] | None = None
-    ) -> dict[str, Any]:
+    def _request_raw(self, request: Any, on_event: Callable[[Any], Any] | None = None) -> dict[str, Any]:
         with self._lock:
             reply = self._pipes.exchange(request, self._timeout, on_event, self.kill)
             if reply.get("ok"):

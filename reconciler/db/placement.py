@@ -13,6 +13,7 @@ place, under the lock, rows and ids kept.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,14 +56,28 @@ class Attachment:
 
     def attach(self, dbapi_connection: Any, create: bool = False) -> bool:
         """ATTACH the side file (a no-op when attached; when it does not exist, only with `create`,
-        so that reading a database never creates a file). True when attached."""
+        so that reading a database never creates a file). True when attached. With `create` (a
+        writer, under the lock) the side file is put in WAL mode: it is ours, not the user's, and
+        a step's `started` row then costs one sync of the log instead of a rollback journal's
+        three, with the same durability; a reader open elsewhere leaves it as it is for now."""
         attached = {row[1] for row in dbapi_connection.execute("PRAGMA database_list").fetchall()}
-        if self.schema in attached:
-            return True
-        if not create and not self.path.exists():
-            return False
-        dbapi_connection.execute("ATTACH DATABASE ? AS " + _quote_plain(self.schema), (str(self.path),))
+        if self.schema not in attached:
+            if not create and not self.path.exists():
+                return False
+            dbapi_connection.execute("ATTACH DATABASE ? AS " + _quote_plain(self.schema), (str(self.path),))
+        if create:
+            _write_ahead(dbapi_connection, self.schema)
         return True
+
+
+def _write_ahead(dbapi_connection: Any, schema: str) -> None:
+    """The attached side file in WAL mode (persistent: once per file); busy: left as it is."""
+    quoted = _quote_plain(schema)
+    mode = dbapi_connection.execute(f"PRAGMA {quoted}.journal_mode").fetchone()
+    if mode and str(mode[0]).lower() == "wal":
+        return
+    with contextlib.suppress(Exception):  # a reader holds it, or the folder is read-only
+        dbapi_connection.execute(f"PRAGMA {quoted}.journal_mode=WAL")
 
 
 def _quote_plain(name: str) -> str:

@@ -9,7 +9,7 @@ import contextlib
 import io
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,9 @@ from reconciler.worker.autogenerate import (
 )
 from reconciler.worker.failures import RevisionError
 from reconciler.worker.generated import OpInfo, finish_scripts, known_of, possible_renames
-from reconciler.worker.opcheck import checking_operations
 from reconciler.worker.recorder import RecordingConnection, record_revision
 from reconciler.worker.scaffold import set_target_metadata, template_config
-from reconciler.worker.sections import SECTIONS
+from reconciler.worker.upgrading import PlanOutcome, StepAsk, UpgradePlan, per_migration
 
 _SPLIT_PATHS = re.compile(r"[,\s" + re.escape(os.pathsep) + r"]+")
 
@@ -172,34 +171,23 @@ class Migrations:
         its connection and configure() call are checked before the control plane writes."""
         self._run(lambda _heads, _context: [], dont_mutate=True)
 
-    def upgrade(self, revision: str, check: Mapping[str, Any] | None = None) -> list[str]:
-        """Apply exactly one step from the database's heads to `revision`; the ids applied.
-        `check`: the guard's per-operation check for this revision (`checking_operations`)."""
-        if check is not None:
-            script = self.script.get_revision(revision)
-            with checking_operations(script.module, str(script.path), revision, check):
-                return self.upgrade(revision)
-        applied: list[str] = []
-
-        def fn(heads: Any, context: Any) -> Any:
-            steps = self.script._upgrade_revs(revision, heads)
-            ids = [r for r in (_step_revision(s) for s in steps) if r]
-            if len(steps) > 1:
-                raise StateError(
-                    f"upgrade to {revision} would apply {len(steps)} revisions "
-                    f"({', '.join(ids)}) from the database heads {', '.join(heads) or 'base'}; "
-                    "the reconciler applies one revision per step: upgrade to the next one first"
-                )
-            applied.extend(ids)
-            self._running = ids[0] if ids else None
-            SECTIONS.begin(self._running)
-            return steps
-
+    def upgrade(
+        self, revisions: Sequence[str], checks: Mapping[str, Mapping[str, Any]], ask: StepAsk
+    ) -> PlanOutcome:
+        """Apply `revisions` in order, one step and one transaction each, in one run of env.py
+        (`upgrading.UpgradePlan`; `ask` before each). `checks`: the guard's per-operation check of
+        some of them (`checking_operations`)."""
+        plan = UpgradePlan(self.script, revisions, checks, ask)
         try:
-            self._run_steps("upgrade", fn, destination_rev=revision)
+            with per_migration():
+                self._run(plan.steps, destination_rev=revisions[-1] if revisions else None)
+        except BaseException as exc:
+            if plan.running is not None:
+                raise RevisionError(plan.running, "upgrade", exc) from exc
+            raise
         finally:
-            SECTIONS.end()
-        return applied
+            plan.close()
+        return plan.outcome
 
     def downgrade(self, revision: str) -> list[str]:
         """Downgrade the database to `revision`; the ids reverted."""

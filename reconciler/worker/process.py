@@ -73,20 +73,30 @@ def claim_stdio() -> tuple[IO[str], IO[str]]:
     return proto_in, proto_out
 
 
-def section_reporter(proto_in: IO[str], proto_out: IO[str]) -> Callable[[str, str], None]:
-    """Tell the control plane that `revision` leaves its transaction (an event line before the
-    reply), and wait for its `proceed`: the journal marks the step first, so a kill from here on
-    leaves a step that is judged `dirty`, never rolled back and run again."""
+def event_asker(proto_in: IO[str], proto_out: IO[str]) -> Callable[[Any], str]:
+    """Send an event line before the reply and wait for the control plane's answer: its op
+    ("" when the line is no request)."""
 
-    def report(revision: str, reason: str) -> None:
-        proto_out.write(protocol.event_line(protocol.NonTransactional(revision, reason)) + "\n")
+    def ask(event: Any) -> str:
+        proto_out.write(protocol.event_line(event) + "\n")
         proto_out.flush()
         line = proto_in.readline()
         try:
             answer = json.loads(line) if line.strip() else {}
         except ValueError:
             answer = {}
-        if not isinstance(answer, dict) or answer.get("op") != protocol.ProceedRequest.op:
+        return str(answer.get("op", "")) if isinstance(answer, dict) else ""
+
+    return ask
+
+
+def section_reporter(ask: Callable[[Any], str]) -> Callable[[str, str], None]:
+    """Tell the control plane that `revision` leaves its transaction, and wait for its
+    `proceed`: the journal marks the step first, so a kill from here on leaves a step that is
+    judged `dirty`, never rolled back and run again."""
+
+    def report(revision: str, reason: str) -> None:
+        if ask(protocol.NonTransactional(revision, reason)) != protocol.ProceedRequest.op:
             raise ReconcilerError(
                 f"revision {revision} was stopped before {reason}: the control plane did not "
                 "confirm it journaled the step; it is retried on the next run"
@@ -96,9 +106,10 @@ def section_reporter(proto_in: IO[str], proto_out: IO[str]) -> Callable[[str, st
 
 
 def serve(proto_in: IO[str], proto_out: IO[str]) -> None:
-    runner = Runner()
+    ask = event_asker(proto_in, proto_out)
+    runner = Runner(ask)
     watch_sections()
-    SECTIONS.report = section_reporter(proto_in, proto_out)
+    SECTIONS.report = section_reporter(ask)
     for line in iter(proto_in.readline, ""):
         if not line.strip():
             continue

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import protocol
-from reconciler.errors import ConfigError
+from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.protocol import Job
 from reconciler.redact import redact
 from reconciler.worker.autogenerate import CONFIGURED_TABLES
@@ -60,7 +60,8 @@ def _redact_all(value: Any) -> Any:
 class Runner:
     """Holds one job's state across requests and answers each request."""
 
-    def __init__(self) -> None:
+    def __init__(self, ask: Callable[[Any], str] | None = None) -> None:
+        self.ask = ask or _no_control_plane  # an event out, its answer's op back (process.ask)
         self.job: Job | None = None
         self.identity: IdentityCheck | None = None
         self.migrations: Migrations | None = None
@@ -193,12 +194,25 @@ class Runner:
         self._migrations().probe()
         return protocol.EmptyReply()
 
-    def op_upgrade(self, request: protocol.UpgradeRequest) -> protocol.StepReply:
+    def op_upgrade(self, request: protocol.UpgradeRequest) -> protocol.UpgradeReply:
         self._prepare_env()
         started = time.monotonic()
-        check = request.check  # the guard's per-operation check of this revision
-        applied = self._migrations().upgrade(request.revision, dict(check) if check is not None else None)
-        return protocol.StepReply(_ms_since(started), tuple(applied))
+        checks = {rev: dict(check) for rev, check in request.checks.items()}
+        outcome = self._migrations().upgrade(list(request.revisions), checks, self._step)
+        return protocol.UpgradeReply(outcome.last, outcome.stopped, _ms_since(started))
+
+    def _step(self, begins: str, finished: protocol.StepDone | None) -> bool:
+        """Announce the next revision of a plan (and the previous one, committed): True to run
+        it, False when the control plane says stop."""
+        answer = self.ask(protocol.StepEvent(begins, finished))
+        if answer == protocol.StopRequest.op:
+            return False
+        if answer != protocol.ProceedRequest.op:
+            raise ReconcilerError(
+                f"revision {begins} was not started: the control plane did not confirm it "
+                "journaled the step; it is applied on the next run"
+            )
+        return True
 
     def op_downgrade(self, request: protocol.DowngradeRequest) -> protocol.StepReply:
         self._prepare_env()
@@ -322,6 +336,10 @@ class Runner:
         self.project = None
         self._build_migrations()
         return protocol.InitDirReply(template, str(ini))
+
+
+def _no_control_plane(_event: Any) -> str:
+    return protocol.ProceedRequest.op
 
 
 def _configure_wrapper(job: Job) -> ConfigureWrapper:
