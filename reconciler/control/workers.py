@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from reconciler import protocol, sessions
 from reconciler.config.load import process_environment
-from reconciler.control.workerprocess import Pipes, spawn
+from reconciler.control.workerprocess import Pipes, WorkerProcess, spawn
 from reconciler.db import journal
 from reconciler.errors import (
     EXIT_CONFIG,
@@ -181,7 +181,7 @@ class Worker:
 
     def __init__(
         self,
-        process: subprocess.Popen[bytes],
+        process: WorkerProcess,
         on_log: Callable[[str], None] | None,
         timeout: float,
     ) -> None:
@@ -209,11 +209,22 @@ class Worker:
         `preload`: the worker imports Flask and friends before the job arrives (a warm spare).
         `environ`: the worker's environment instead of ours (the one the settings came from).
         """
+        interpreter = python or job.python or sys.executable
+        return cls.adopt(spawn(interpreter, job.root, preload, environ), job, on_log, timeout)
+
+    @classmethod
+    def adopt(
+        cls,
+        process: WorkerProcess,
+        job: WorkerJob,
+        on_log: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> Worker:
+        """A worker for `process`, just started (spawned, or forked by `control.zygote`): send
+        it the job; it is killed when the init fails."""
         for secret in job.secrets:
             register_secret(secret)
         register_url(job.url)
-        interpreter = python or job.python or sys.executable
-        process = spawn(interpreter, job.root, preload, environ)
         worker = cls(process, on_log, timeout or job.timeout)
         worker.job = job
         try:
