@@ -259,7 +259,8 @@ class ForkedProcess:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self._close_pidfd()
+            if self._pidfd is not None:
+                os.close(self._pidfd)
 
     def _result(self, timeout: float | None) -> int | None:
         if self.returncode is not None:
@@ -277,10 +278,6 @@ class ForkedProcess:
         with self._lock:
             if self._pidfd is not None:
                 select.select([self._pidfd], [], [], _EXIT_WAIT if timeout is None else timeout)
-
-    def _close_pidfd(self) -> None:
-        with self._lock:
-            self._close_pidfd_locked()
 
     def _close_pidfd_locked(self) -> None:
         if self.returncode is not None and self._pidfd is not None:
