@@ -7,6 +7,7 @@ process a worker's parent is, its threads, its descriptors, which processes are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -20,7 +21,8 @@ import sqlalchemy as sa
 
 from reconciler.control.workerpool import WarmWorker
 from reconciler.control.workers import Worker
-from reconciler.control.zygote import Zygote
+from reconciler.control.zygote import Zygote, ZygoteStale
+from tests import dbs
 from tests.builders import flask_project
 from tests.cli import cli_command, cli_env
 from tests.pgcluster import wait_until
@@ -146,8 +148,6 @@ def _open_files(pid: int) -> set[str]:
 def test_the_zygote_holds_one_thread_and_no_connection(tmp_path: Path) -> None:
     """The zygote, after forking workers that connected to PostgreSQL, has one thread and no
     TCP socket; the control (this process, connected and threaded) shows both checks can fail."""
-    from tests import dbs
-
     with dbs.database("postgresql", tmp_path) as url:
         made = flask_gen(tmp_path / "proj", url)
         made.baseline()
@@ -193,6 +193,76 @@ def test_a_forked_worker_has_the_signal_dispositions_of_a_spawned_one(gen: Gen, 
     with pool.take() as forked, gen.start() as spawned:
         assert _ppid(forked.pid) == pool.zygote_pid and _ppid(spawned.pid) == os.getpid()
         assert _signals(forked.pid) == _signals(spawned.pid)
+
+
+def _descriptors(pid: int) -> list[tuple[int, str]]:
+    """`pid`'s descriptors and what kind of file each is (`pipe:`, `socket:`, a path)."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            out.append((int(fd.name), os.readlink(fd).split("[", 1)[0]))
+    return sorted(out)
+
+
+@linux
+def test_a_forked_worker_holds_the_descriptors_of_a_spawned_one(gen: Gen, pool: WarmWorker) -> None:
+    """Nothing of the zygote's (its socket, its children's pidfds) leaks into a child."""
+    with pool.take() as forked, gen.start() as spawned:
+        zygote = pool.zygote_pid
+        assert zygote is not None and _ppid(forked.pid) == zygote
+        assert ("socket:" in dict(_descriptors(zygote)).values()) is True  # the control
+        assert _descriptors(forked.pid) == _descriptors(spawned.pid)
+
+
+def _user_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user site-packages folder the worker's interpreter reads (PYTHONUSERBASE), not made yet."""
+    monkeypatch.setenv("PYTHONUSERBASE", str(tmp_path / "userbase"))
+    found = subprocess.run(
+        [WORKER_PYTHON, "-c", "import site; print(site.getusersitepackages())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert found.startswith(str(tmp_path))
+    return Path(found)
+
+
+@linux
+def test_a_zygote_whose_libraries_changed_on_disk_is_replaced(
+    gen: Gen, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An install into a site-packages folder of the zygote's interpreter (here the user site)
+    makes the zygote stale: the next worker comes from a new one."""
+    user_site = _user_site(tmp_path, monkeypatch)
+    with WarmWorker(gen.job(), python=WORKER_PYTHON, timeout=60) as warm:
+        with warm.take():
+            first = warm.zygote_pid
+        assert first is not None
+        wait_until(lambda: warm.spare_pid is not None, 60, "the next spare")
+        with warm.take():  # the control: nothing changed, the same zygote
+            assert warm.zygote_pid == first
+            user_site.mkdir(parents=True)  # as `pip install --user` does
+        with warm.take() as worker:
+            assert worker.generate().path is None
+            assert warm.zygote_pid not in (None, first) and _ppid(worker.pid) == warm.zygote_pid
+
+
+@linux
+def test_a_stale_zygote_forks_no_more_and_leaves_its_children_running(
+    gen: Gen, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_site = _user_site(tmp_path, monkeypatch)
+    zygote = Zygote.start(WORKER_PYTHON, str(gen.project.root))
+    try:
+        running = zygote.fork(gen.job().url)
+        user_site.mkdir(parents=True)
+        with pytest.raises(ZygoteStale, match="changed on disk"):
+            zygote.fork(gen.job().url)
+        with Worker.adopt(running, gen.job(), timeout=60) as worker:
+            assert worker.generate().path is None
+        assert running.returncode == 0 and zygote.alive()
+    finally:
+        zygote.close()
 
 
 @linux
