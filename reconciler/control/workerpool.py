@@ -215,7 +215,7 @@ class WarmWorker:
             return None
         except ReconcilerError:
             return None  # the interpreter cannot start: spawning it says why, to take()
-        log.info("zygote_started", pid=self._zygote.pid)
+        log.debug("zygote_started", pid=self._zygote.pid)
         return self._zygote
 
     def _retire(self) -> None:

@@ -105,6 +105,7 @@ class Zygote:
             raise ZygoteStale(f"the zygote (pid {self.pid}) is stale; start a new one")
         ends = [os.pipe() for _ in range(3)]
         theirs = [ends[0][0], ends[1][1], ends[2][1]]
+        ours = [ends[0][1], ends[1][0], ends[2][0]]
         try:
             with self._send_lock:
                 try:
@@ -112,17 +113,17 @@ class Zygote:
                 except OSError as exc:
                     raise self._unavailable(f"its socket failed: {exc}") from None
                 reply, fds = self._reply(_REPLY_WAIT, "pid")
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise self._unavailable(f"it sent {len(fds)} descriptors with a child, not its pidfd")
         except BaseException:
-            for read, write in ends:
-                os.close(read)
-                os.close(write)
+            for fd in ours:
+                os.close(fd)
             raise
         finally:
             for fd in theirs:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        if len(fds) != 1:
-            raise self._unavailable(f"it sent {len(fds)} descriptors with a child, not its pidfd")
+                os.close(fd)
         return ForkedProcess(
             self,
             int(reply["pid"]),
@@ -194,7 +195,7 @@ class Zygote:
         )
 
     def _read_socket(self) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):  # garbage ends it too
             while True:
                 data, fds, _flags, _addr = socket.recv_fds(self._sock, _PACKET, 1)
                 if not data:
@@ -267,7 +268,7 @@ class ForkedProcess:
             return self.returncode
         code = self.zygote.exit_code(self.pid, timeout)
         if code == _KILLED and self._pidfd is not None:
-            self._await_death(timeout)  # the zygote is gone: its parent-death signal kills us
+            self._await_death(timeout)  # the zygote is gone: its parent-death signal kills the child
         with self._lock:
             if code is not None and self.returncode is None:
                 self.returncode = code
