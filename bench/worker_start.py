@@ -7,6 +7,7 @@ Two cases for each kind of pool (`WarmWorker(fork=False)`: a spawned `--preload`
 `fork=None`: a child of the zygote):
 - cold: `take()` right after the previous worker was closed (the next spare is still starting);
 - warm: `take()` once the spare is ready.
+and, for comparison, a generate() in the taken worker (the models imported, compared).
 Prints the medians (ms) and the spawned/forked ratio.
 """
 
@@ -20,20 +21,25 @@ from pathlib import Path
 
 from bench.common import median
 from reconciler.control.workerpool import WarmWorker
-from reconciler.control.workers import WorkerJob
+from reconciler.control.workers import Worker, WorkerJob
 from tests.builders import flask_project
 
 
 def _job(folder: Path) -> WorkerJob:
     url = f"sqlite:///{folder / 'dev.db'}"
     project = flask_project(folder / "p", url)
-    return WorkerJob(
+    job = WorkerJob(
         url=url,
         migrations_dir=str(project.migrations),
         root=str(project.root),
         models="myapp.models:db",
         timeout=120.0,
     )
+    with Worker.start(job) as worker:  # the database at the first revision: generate finds nothing
+        first = worker.generate()
+        assert first.revision is not None
+        worker.upgrade(first.revision)
+    return job
 
 
 def _until(condition: Callable[[], bool], seconds: float = 120) -> None:
@@ -44,10 +50,11 @@ def _until(condition: Callable[[], bool], seconds: float = 120) -> None:
         time.sleep(0.005)
 
 
-def measure(job: WorkerJob, fork: bool, runs: int) -> tuple[list[float], list[float]]:
-    """(cold, warm) take() durations in ms."""
+def measure(job: WorkerJob, fork: bool, runs: int) -> tuple[list[float], list[float], list[float]]:
+    """(cold, warm) take() durations and a generate()'s in the taken worker, in ms."""
     cold: list[float] = []
     warm: list[float] = []
+    generate: list[float] = []
     with WarmWorker(job, fork=None if fork else False) as pool:
         pool.take().close()  # the zygote (or the first spare) is up
         for _ in range(runs):
@@ -59,8 +66,11 @@ def measure(job: WorkerJob, fork: bool, runs: int) -> tuple[list[float], list[fl
             started = time.perf_counter()
             worker = pool.take()
             warm.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            worker.generate()  # imports the models: the same work in either kind of worker
+            generate.append((time.perf_counter() - started) * 1000)
             worker.close()
-    return cold, warm
+    return cold, warm, generate
 
 
 def main() -> None:
@@ -76,6 +86,7 @@ def main() -> None:
     for name, s, f in (
         ("cold (take right after a close)", spawned[0], forked[0]),
         ("warm (spare ready)", spawned[1], forked[1]),
+        ("generate() in the taken worker", spawned[2], forked[2]),
     ):
         ratio = median(s) / median(f) if median(f) else float("inf")
         print(f"{name:<34}{median(s):>10.1f}{median(f):>10.2f}{ratio:>8.1f}")
