@@ -75,6 +75,7 @@ def _lines(mark: Path) -> list[tuple[int, int, str]]:
 
 
 @linux
+@pytest.mark.core
 def test_each_generation_imports_the_models_in_a_fresh_child(
     gen: Gen, pool: WarmWorker, tmp_path: Path
 ) -> None:
