@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from reconciler import protocol
+from reconciler import codec, protocol
 
 JOB = protocol.Job(
     url="postgresql://app:s3cret@db/app",
@@ -106,7 +106,7 @@ def test_each_reply_survives_its_json_line(reply: Any) -> None:
     if isinstance(reply, protocol.ErrorReply):
         wire = _line(protocol.error_reply(reply))
         assert wire["ok"] is False and wire["error"]["class"] == reply.error_class
-        assert protocol.decode(protocol.ErrorReply, wire["error"]) == reply
+        assert codec.decode(protocol.ErrorReply, wire["error"]) == reply
     else:
         wire = _line(protocol.ok_reply(reply))
         assert wire["ok"] is True

@@ -58,7 +58,7 @@ UNSAFE_SWITCHES = (
     "retry_gate",
 )
 
-# The worker's lookup of a Flask app's URL (`control.workers.resolve_app_url`), run in the
+# The worker's lookup of a Flask app's URL (`control.appurl.resolve_app_url`), run in the
 # environment the settings were resolved in. Passed in by the caller: config sits below control.
 AppUrlLookup = Callable[[Settings, Mapping[str, str]], "AppUrl | None"]
 
@@ -113,7 +113,7 @@ def load_settings(
 
     With `require_url`, the database URL is settled too: a Flask project's default is its app's
     `SQLALCHEMY_DATABASE_URI` as the app resolves it, asked of a worker through `app_url` (the
-    caller passes `control.workers.resolve_app_url`; without it, a project that needs the
+    caller passes `control.appurl.resolve_app_url`; without it, a project that needs the
     app's URL is refused); nothing is connected before this is settled. The replica id's host is
     taken from the same environment (`HOSTNAME`, else the host name)."""
     environ = process_environment() if environ is None else environ
@@ -334,7 +334,7 @@ def settle_url(
     if app_url is None:
         raise TypeError(
             "load_settings(app_url=...) is needed to settle the URL of a project with a Flask app: "
-            "pass control.workers.resolve_app_url"
+            "pass control.appurl.resolve_app_url"
         )
     try:
         found = app_url(settings)

@@ -3,21 +3,28 @@
 `WarmWorker` keeps one spare worker started and initialised (dev mode: each generation gets a
 fresh interpreter without paying for the imports), starting the next when the last one taken is
 closed; its own long-lived thread starts them all (the kernel's parent-death signal fires when
-the thread that started a worker exits).
+the thread that started a worker exits). On Linux the spare is forked from a fork server
+(`control.zygote`) that has the libraries imported, in milliseconds; elsewhere, or when the
+zygote cannot start, it is spawned (`python -m reconciler.worker --preload`, about a second).
 """
 
 from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from pathlib import Path
 from typing import Any
 
+from reconciler import logs
 from reconciler.control.workers import Worker, WorkerJob
+from reconciler.control.zygote import ForkedProcess, Zygote, ZygoteStale, ZygoteUnavailable, supported
 from reconciler.errors import ReconcilerError, WorkerError
+
+log = logs.get("reconciler.dev")
 
 
 class WarmWorker:
@@ -27,7 +34,8 @@ class WarmWorker:
     job) and starts the next spare in the background. All workers are started by this object's own
     thread, which lives until `close()` and until every worker it started has exited, so the
     kernel's parent-death signal never fires early. A spare whose alembic.ini or env.py changed
-    since it started is replaced. Thread-safe.
+    since it started is replaced. `fork`: fork the workers from a zygote (None: where fork is
+    safe, Linux; False: always spawn them). Thread-safe.
     """
 
     def __init__(
@@ -36,6 +44,7 @@ class WarmWorker:
         python: str | None = None,
         on_log: Callable[[str], None] | None = None,
         timeout: float | None = None,
+        fork: bool | None = None,
     ) -> None:
         self._job = job
         self._python = python
@@ -45,9 +54,18 @@ class WarmWorker:
         self._orders: queue.Queue[Future[Worker] | None] = queue.Queue()
         self._started: list[Worker] = []
         self._closed = False
+        self._fork = supported() if fork is None else fork and supported()
+        self._zygote: Zygote | None = None  # the starting thread's
+        self._retired: list[Zygote] = []  # stale or failed, closed once their children exited
         self._thread = threading.Thread(target=self._starter, daemon=True, name="warm-worker")
         self._thread.start()
         self._spare: tuple[Future[Worker], tuple[Any, ...]] | None = self._order()
+
+    @property
+    def zygote_pid(self) -> int | None:
+        """The fork server's pid while one runs (None: workers are spawned)."""
+        zygote = self._zygote
+        return zygote.pid if zygote is not None and zygote.alive() else None
 
     @property
     def spare_pid(self) -> int | None:
@@ -152,15 +170,71 @@ class WarmWorker:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                worker = Worker.start(
-                    self._job, python=self._python, on_log=self._on_log, timeout=self._timeout, preload=True
-                )
+                worker = self._start()
             except BaseException as exc:
                 future.set_exception(exc)
             else:
                 self._started = [w for w in self._started if w._process.poll() is None]
                 self._started.append(worker)
                 future.set_result(worker)
+            self._close_retired()
         for worker in self._started:  # they die with this thread: outlive them
             with contextlib.suppress(OSError):
                 worker._process.wait()
+        for zygote in [*self._retired, *([self._zygote] if self._zygote else [])]:
+            zygote.close()
+
+    def _start(self) -> Worker:
+        """A forked worker when the zygote serves (started or replaced here), else a spawned one."""
+        for _attempt in range(2):
+            zygote = self._live_zygote()
+            if zygote is None:
+                break
+            try:
+                process = zygote.fork(self._job.url)
+            except (ZygoteStale, ZygoteUnavailable) as exc:
+                log.info("zygote_replaced", pid=zygote.pid, reason=str(exc).splitlines()[0])
+                self._retire()
+                continue
+            return Worker.adopt(process, self._job, on_log=self._on_log, timeout=self._timeout)
+        return Worker.start(
+            self._job, python=self._python, on_log=self._on_log, timeout=self._timeout, preload=True
+        )
+
+    def _live_zygote(self) -> Zygote | None:
+        if not self._fork:
+            return None
+        if self._zygote is not None and self._zygote.alive():
+            return self._zygote
+        self._retire()
+        try:
+            self._zygote = Zygote.start(self._python or self._job.python or sys.executable, self._job.root)
+        except ZygoteUnavailable as exc:
+            self._fork = False
+            log.warning("zygote_unavailable", error=str(exc), next_step="workers are spawned instead")
+            return None
+        except ReconcilerError:
+            return None  # the interpreter cannot start: spawning it says why, to take()
+        log.debug("zygote_started", pid=self._zygote.pid)
+        return self._zygote
+
+    def _retire(self) -> None:
+        if self._zygote is not None:
+            self._retired.append(self._zygote)
+            self._zygote = None
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        """Close the retired zygotes none of whose children still runs (they die with it)."""
+        running = {
+            id(w._process.zygote)
+            for w in self._started
+            if isinstance(w._process, ForkedProcess) and w._process.poll() is None
+        }
+        keep = []
+        for zygote in self._retired:
+            if id(zygote) in running:
+                keep.append(zygote)
+            else:
+                zygote.close()
+        self._retired = keep

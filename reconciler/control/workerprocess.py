@@ -23,7 +23,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import reconciler
 from reconciler import protocol
@@ -74,25 +74,50 @@ def child_env(interpreter: str, environ: Mapping[str, str] | None = None) -> dic
     return env
 
 
+class WorkerProcess(Protocol):
+    """What the control plane uses of a worker's process: a `subprocess.Popen`, or a child of the
+    fork server (`control.zygote.ForkedProcess`)."""
+
+    pid: int
+    returncode: int | None
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+    stderr: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
 def spawn(
-    interpreter: str, root: str, preload: bool, environ: Mapping[str, str] | None
+    interpreter: str,
+    root: str,
+    preload: bool,
+    environ: Mapping[str, str] | None,
+    zygote: int | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start `python -m reconciler.worker` in `interpreter`, in the project root."""
-    return spawn_process(interpreter, root, preload, child_env(interpreter, environ))
+    """Start `python -m reconciler.worker` in `interpreter`, in the project root.
+
+    `zygote`: start the fork server instead (`control.zygote`), this socket as its stdin."""
+    return spawn_process(interpreter, root, preload, child_env(interpreter, environ), zygote)
 
 
 def spawn_process(
-    interpreter: str, root: str, preload: bool, env: Mapping[str, str]
+    interpreter: str, root: str, preload: bool, env: Mapping[str, str], zygote: int | None = None
 ) -> subprocess.Popen[bytes]:
     """`spawn` with the child's environment given (`child_env`'s)."""
     command = [interpreter, "-m", "reconciler.worker", "--parent", str(os.getpid())]
     if preload:
         command.append("--preload")
+    if zygote is not None:
+        command.append("--zygote")
     try:
         return subprocess.Popen(
             command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE if zygote is None else zygote,
+            stdout=subprocess.PIPE if zygote is None else subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             cwd=root,
             env=dict(env),
@@ -108,7 +133,7 @@ def spawn_process(
 class Pipes:
     """A started worker's stdin (requests), stdout (replies and events) and stderr (its log)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], on_log: Callable[[str], None] | None) -> None:
+    def __init__(self, process: WorkerProcess, on_log: Callable[[str], None] | None) -> None:
         self.process = process
         self.on_log = on_log
         self._replies: queue.Queue[bytes | None] = queue.Queue()

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from reconciler import protocol, sessions
-from reconciler.config.processenv import process_environment
+from reconciler import codec, protocol, sessions
 from reconciler.control import prestart
-from reconciler.control.workerprocess import Pipes, child_env, spawn_process
+from reconciler.control.workerprocess import Pipes, WorkerProcess, child_env, spawn_process
 from reconciler.db import journal
 from reconciler.errors import (
     EXIT_CONFIG,
@@ -146,7 +145,7 @@ def _known_differences(settings: Settings) -> str:
 def error_from_reply(error: Mapping[str, Any]) -> ReconcilerError:
     """The exception for a worker's error reply (its `error` object), by its exit code."""
     try:
-        reply = protocol.decode(protocol.ErrorReply, dict(error))
+        reply = codec.decode(protocol.ErrorReply, dict(error))
     except protocol.ProtocolError as exc:
         return WorkerError(redact(f"the worker sent an error reply this side cannot read: {exc}"))
     code = reply.exit_code or EXIT_REVISION_FAILED
@@ -185,7 +184,7 @@ class Worker:
 
     def __init__(
         self,
-        process: subprocess.Popen[bytes],
+        process: WorkerProcess,
         on_log: Callable[[str], None] | None,
         timeout: float,
     ) -> None:
@@ -213,13 +212,25 @@ class Worker:
         `preload`: the worker imports Flask and friends before the job arrives (a warm spare).
         `environ`: the worker's environment instead of ours (the one the settings came from).
         """
+        interpreter = python or job.python or sys.executable
+        env = child_env(interpreter, environ)
+        early = prestart.take(interpreter, job.root, env)  # started before the CLI's imports
+        process = early or spawn_process(interpreter, job.root, preload, env)
+        return cls.adopt(process, job, on_log, timeout)
+
+    @classmethod
+    def adopt(
+        cls,
+        process: WorkerProcess,
+        job: WorkerJob,
+        on_log: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> Worker:
+        """A worker for `process`, just started (spawned, or forked by `control.zygote`): send
+        it the job; it is killed when the init fails."""
         for secret in job.secrets:
             register_secret(secret)
         register_url(job.url)
-        interpreter = python or job.python or sys.executable
-        env = child_env(interpreter, environ)
-        early = prestart.take(interpreter, job.root, env)
-        process = early or spawn_process(interpreter, job.root, preload, env)
         worker = cls(process, on_log, timeout or job.timeout)
         worker.job = job
         try:
@@ -470,38 +481,3 @@ def start_headers_worker(settings: Settings) -> Worker:
     """A worker that reads the headers of revision files that must be executed (`Project`'s
     `start_worker`)."""
     return Worker.start(WorkerJob.from_settings(settings), python=settings.target.python or None)
-
-
-_app_urls: dict[tuple[Any, ...], AppUrl | None] = {}
-_app_urls_lock = threading.Lock()
-
-
-def resolve_app_url(settings: Settings, environ: Mapping[str, str] | None = None) -> AppUrl | None:
-    """The project's Flask app's database URL, asked of a worker once per process and setting.
-
-    Cached per process, not on disk: an app's URI often comes from its environment or from files
-    anywhere in the project, and a stale answer would migrate the wrong database. A one-shot
-    command asks once; the daemon asks once at start. The worker gets no database URL (an
-    in-memory SQLite one satisfies its job) and nothing connects. The app runs in `environ` (the
-    environment the settings were resolved in; default: ours): its URI may come from there.
-    """
-    t = settings.target
-    env = dict(process_environment() if environ is None else environ)
-    key = (
-        t.python,
-        str(settings.root_dir),
-        str(settings.migrations_dir),
-        t.models,
-        t.app,
-        tuple(t.imports),
-        tuple(sorted(env.items())),
-    )
-    with _app_urls_lock:
-        if key in _app_urls:
-            return _app_urls[key]
-        job = WorkerJob.from_settings(settings, url="sqlite://", role="config")
-        job = dataclasses.replace(job, alembic_ini=None, known_differences="")
-        with Worker.start(job, python=t.python or None, environ=env) as worker:
-            found = worker.app_url()
-        _app_urls[key] = found
-        return found

@@ -117,7 +117,7 @@ class Context:
             "daemon": self.daemon_overrides,
             "logging": {"level": self.level(), "format": self.options["log_format"]},
         }
-        from reconciler.control.workers import resolve_app_url  # deferred: CLI start-up time
+        from reconciler.control.appurl import resolve_app_url  # deferred: CLI start-up time
 
         settings = load_settings(
             self.options["config"],

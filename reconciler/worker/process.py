@@ -5,6 +5,8 @@ It runs everything that executes user code (env.py, revisions, models, Flask) in
 interpreter, so it imports only the standard library, SQLAlchemy and Alembic (Flask lazily). With
 `--preload` (a pre-warmed spare for dev mode) it imports Flask, Flask-SQLAlchemy and Flask-Migrate
 at start too, when installed; the project's own modules are imported only when a request needs them.
+With `--zygote` (Linux) it is a fork server instead (`zygote`): preloaded once, it forks one fresh
+worker per request, which then runs the same loop as a spawned one.
 
 Protocol (`reconciler.protocol`): JSON lines. Requests arrive on stdin, one reply per request goes
 to the original stdout; fd 1 is pointed at stderr first, so `print()` in user code and Alembic's
@@ -29,6 +31,7 @@ from typing import IO, Any
 from reconciler import protocol
 from reconciler.errors import ReconcilerError
 from reconciler.sessions import inside_reconciler_worker
+from reconciler.worker import zygote
 from reconciler.worker.runner import Runner, preload
 from reconciler.worker.sections import SECTIONS, watch_sections
 
@@ -135,12 +138,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--preload", action="store_true", help="import Flask and friends at start (a pre-warmed spare)"
     )
+    parser.add_argument("--zygote", action="store_true", help="a fork server of fresh workers (Linux)")
     args = parser.parse_args(argv)
-    die_with_parent(args.parent)
+    if args.zygote:
+        zygote.run(args.parent or 0, lambda zygote_pid: run_worker(zygote_pid, preload_first=False))
+    run_worker(args.parent, preload_first=args.preload)
+
+
+def run_worker(parent: int | None, preload_first: bool) -> None:
+    """A worker's life after its start (spawned, or forked by the zygote): serve, then exit."""
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; its death kills us
     inside_reconciler_worker()  # an env.py using migration_lock must not wait for our own lock
     proto_in, proto_out = claim_stdio()
-    if args.preload:
+    if preload_first:
         preload()
     try:
         serve(proto_in, proto_out)

@@ -128,7 +128,7 @@ class Runner:
         self.identity = IdentityCheck(job)
         self.identity.install()
         lossless_url_rendering()
-        _load_driver(job.url)
+        load_driver(job.url)
         install_configure_wrapper(_configure_wrapper(job))
         CONFIGURED_TABLES.install()  # before any user code: tables made at configuration
         return protocol.InitReply(
@@ -362,7 +362,7 @@ def _text_or_none(value: Any) -> str | None:
     return str(value) if value else None
 
 
-def _load_driver(url: str) -> None:
+def load_driver(url: str) -> None:
     """Import the URL's dialect and DBAPI driver now, so the first request does not pay for it."""
     with contextlib.suppress(Exception):  # a missing driver is reported when connecting
         from sqlalchemy.engine.url import (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.config.load import load_settings, setting_defaults, setting_keys
-from reconciler.control.workers import resolve_app_url
+from reconciler.control.appurl import resolve_app_url
 from reconciler.errors import ConfigError
 
 if sys.version_info >= (3, 11):

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from reconciler.config import appsource
 from reconciler.config.load import load_settings
-from reconciler.control import workers
+from reconciler.control import appurl
 from reconciler.errors import ConfigError
 from reconciler.settings import AppUrl
 from tests import dbs
@@ -131,10 +131,10 @@ def test_the_apps_url_is_asked_once_per_process(tmp_path: Path) -> None:
     app_py = root / "app.py"
     source = app_py.read_text(encoding="utf-8")
 
-    first = load_settings(str(config), environ={}, app_url=workers.resolve_app_url)
+    first = load_settings(str(config), environ={}, app_url=appurl.resolve_app_url)
     app_py.write_text('import flask\nraise RuntimeError("imported twice")\ndb = None\n', encoding="utf-8")
     second = load_settings(
-        str(config), environ={}, app_url=workers.resolve_app_url
+        str(config), environ={}, app_url=appurl.resolve_app_url
     )  # a worker would fail now: the cache answers
     app_py.write_text(source, encoding="utf-8")
 
@@ -206,7 +206,7 @@ def test_a_factory_named_by_target_app_gives_its_url(tmp_path: Path) -> None:
         encoding="utf-8",
     )
 
-    settings = load_settings(str(project.config), environ={}, app_url=workers.resolve_app_url)
+    settings = load_settings(str(project.config), environ={}, app_url=appurl.resolve_app_url)
 
     database = sa.engine.make_url(settings.target.url).database
     assert database == factory_database(project.root) and Path(str(database)).name == "factory.db"
@@ -266,6 +266,6 @@ def test_the_app_is_asked_in_the_environment_the_settings_came_from(tmp_path: Pa
     config = write_quickstart_config(root)
     wanted = f"sqlite:///{tmp_path / 'from-env.db'}"
 
-    settings = load_settings(str(config), environ={"DATABASE_URL": wanted}, app_url=workers.resolve_app_url)
+    settings = load_settings(str(config), environ={"DATABASE_URL": wanted}, app_url=appurl.resolve_app_url)
 
     assert settings.target.url == wanted

@@ -891,17 +891,22 @@ def test_warm_worker_hands_out_fresh_started_workers(gen: Gen, warm: WarmWorker)
     assert last_spare is not None and all(_gone(pid) for pid in (*pids, last_spare))
 
 
-def _children() -> set[int]:
-    """This process's child processes (the workers are started by the pool's thread)."""
-    me, out = os.getpid(), set()
+def _workers(warm: WarmWorker) -> set[int]:
+    """This process's descendants (the workers, started by the pool's thread or forked by its
+    zygote), the zygote left out."""
+    parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == me and fields[0] != "Z":
-            out.add(int(stat.parent.name))
-    return out
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    out, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - out
+        out |= frontier
+    return out - {warm.zygote_pid}
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
@@ -911,9 +916,9 @@ def test_warm_worker_starts_the_next_spare_after_the_taken_one_is_closed(gen: Ge
     assert _wait_for(lambda: warm.spare_pid is not None, 60)
     with warm.take() as worker:
         assert worker.generate().path is None  # long enough for a spare's process to exist
-        assert _children() == {worker.pid} and warm.spare_pid is None
+        assert _workers(warm) == {worker.pid} and warm.spare_pid is None
     assert _wait_for(lambda: warm.spare_pid is not None, 60)
-    assert warm.spare_pid != worker.pid and _children() == {warm.spare_pid}
+    assert warm.spare_pid != worker.pid and _workers(warm) == {warm.spare_pid}
 
 
 @pytest.mark.core
