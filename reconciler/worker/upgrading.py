@@ -97,13 +97,13 @@ class UpgradePlan:
             if n and not self.ask(rev, finished):
                 self.outcome.stopped = True  # `finished` went with the question
                 return
-            self.running = rev
-            SECTIONS.begin(rev)
             began = time.monotonic()
-            steps = self._one_step(rev, context)
-            if steps:
-                with ExitStack() as stack:
-                    self._check(rev, stack)
+            with ExitStack() as stack:
+                self._check(rev, stack)  # first: a step holds the module's upgrade() it was made with
+                steps = self._one_step(rev, context)  # (a revision file failing to load is no step's)
+                self.running = rev
+                SECTIONS.begin(rev)
+                if steps:
                     yield steps[0]  # Alembic runs it; it has committed when we are resumed
             SECTIONS.end()
             self.running = None
