@@ -24,6 +24,7 @@ from reconciler.control.starting import start_worker
 from reconciler.control.steps import PlanRun, ProgressFn, Steps
 from reconciler.control.target import TargetHandle, journal_seen
 from reconciler.control.workers import Worker
+from reconciler.core import safety
 from reconciler.core.graph import RevisionGraph
 from reconciler.core.status import (
     APPLICABLE,
@@ -250,7 +251,11 @@ def _run_pending(
     guard: bool,
     empty: bool,
 ) -> Steps:
-    if guard:
+    if guard and empty:  # every finding would be exempt: nothing to lose, nothing to record
+        log.info(
+            "guard_exempt", target=handle.target_name, revisions=len(pending), reason=safety.EMPTY_DATABASE
+        )
+    elif guard:
         analysis = destructive.check_pending(handle, worker, graph, pending, empty)
         verdict = destructive.enforce(analysis, handle.settings, handle.target_name)
         worker.check_operations({rev: c.payload() for rev, c in verdict.live.items()})
