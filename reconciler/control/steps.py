@@ -61,6 +61,10 @@ class PlanRun:
 
     def apply(self, worker: Worker) -> Steps:
         """Run the plan to its end or to a stop; (revision, seconds) per revision that ran."""
+        with journal.flushed_by_the_worker(self.conn):
+            return self._apply(worker)
+
+    def _apply(self, worker: Worker) -> Steps:
         retries = max(0, self.handle.settings.apply.lock_timeout_retries)
         attempt = 0
         while self.position < len(self.pending):

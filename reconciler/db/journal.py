@@ -20,8 +20,10 @@ write "" until the step ends), keep the old rule (`dirty` where DDL commits as i
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -144,6 +146,29 @@ def record_started(
     _commit(conn)
     key = result.inserted_primary_key
     return int(key[0]) if key and key[0] is not None else _last_id(conn, jt)
+
+
+@contextmanager
+def flushed_by_the_worker(conn: sa.engine.Connection) -> Iterator[None]:
+    """While a plan runs, PostgreSQL flushes our step writes with the worker's commits.
+
+    WAL is one ordered log: the worker's next (synchronous) commit makes every record before it
+    durable, our `started` row and dirty mark included, so they need no flush of their own
+    (`synchronous_commit` off on our connection). A crash can only lose a suffix of the log: the
+    worker's uncommitted revision and what we wrote after its last commit, which is what an
+    interrupted step is judged from anyway. At the end `RESET` makes our next write flush again.
+    Other dialects: nothing changes (SQLite's side file is its own file)."""
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        conn.exec_driver_sql("SET synchronous_commit TO off")
+        _commit(conn)
+    try:
+        yield
+    finally:
+        if postgres:
+            with contextlib.suppress(sa.exc.DBAPIError):  # a broken connection: nothing to reset
+                conn.exec_driver_sql("RESET synchronous_commit")
+                _commit(conn)
 
 
 def _last_id(conn: sa.engine.Connection, jt: JournalTables) -> int:
