@@ -57,9 +57,11 @@ class Attachment:
     def attach(self, dbapi_connection: Any, create: bool = False) -> bool:
         """ATTACH the side file (a no-op when attached; when it does not exist, only with `create`,
         so that reading a database never creates a file). True when attached. With `create` (a
-        writer, under the lock) the side file is put in WAL mode: it is ours, not the user's, and
-        a step's `started` row then costs one sync of the log instead of a rollback journal's
-        three, with the same durability; a reader open elsewhere leaves it as it is for now."""
+        writer, under the lock) the side file is put in WAL mode (it is ours, not the user's; a
+        reader open elsewhere leaves it as it is for now), written with `synchronous = NORMAL`:
+        a step's row then costs no sync of its own. A killed process loses nothing; a power cut
+        may lose the last rows, which the next run treats as an interrupted step or a first
+        sight (see docs/architecture.md)."""
         attached = {row[1] for row in dbapi_connection.execute("PRAGMA database_list").fetchall()}
         if self.schema not in attached:
             if not create and not self.path.exists():
@@ -71,13 +73,15 @@ class Attachment:
 
 
 def _write_ahead(dbapi_connection: Any, schema: str) -> None:
-    """The attached side file in WAL mode (persistent: once per file); busy: left as it is."""
+    """The attached side file in WAL mode (persistent: once per file; busy: left as it is), and
+    this connection's writes to it synced at checkpoints only (per connection)."""
     quoted = _quote_plain(schema)
     mode = dbapi_connection.execute(f"PRAGMA {quoted}.journal_mode").fetchone()
+    if not (mode and str(mode[0]).lower() == "wal"):
+        with contextlib.suppress(Exception):  # a reader holds it, or the folder is read-only
+            mode = dbapi_connection.execute(f"PRAGMA {quoted}.journal_mode=WAL").fetchone()
     if mode and str(mode[0]).lower() == "wal":
-        return
-    with contextlib.suppress(Exception):  # a reader holds it, or the folder is read-only
-        dbapi_connection.execute(f"PRAGMA {quoted}.journal_mode=WAL")
+        dbapi_connection.execute(f"PRAGMA {quoted}.synchronous=NORMAL")
 
 
 def _quote_plain(name: str) -> str:
