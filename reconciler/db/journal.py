@@ -150,14 +150,16 @@ def record_started(
 
 @contextmanager
 def flushed_by_the_worker(conn: sa.engine.Connection) -> Iterator[None]:
-    """While a plan runs, PostgreSQL flushes our step writes with the worker's commits.
+    """While a plan runs on PostgreSQL, its commits (ours and the worker's, see
+    worker.upgrading) are not flushed one by one; the end flushes them all.
 
-    WAL is one ordered log: the worker's next (synchronous) commit makes every record before it
-    durable, our `started` row and dirty mark included, so they need no flush of their own
-    (`synchronous_commit` off on our connection). A crash can only lose a suffix of the log: the
-    worker's uncommitted revision and what we wrote after its last commit, which is what an
-    interrupted step is judged from anyway. At the end `RESET` makes our next write flush again.
-    Other dialects: nothing changes (SQLite's side file is its own file)."""
+    WAL is one ordered log: a crash can only lose a suffix of it, so what survives is always
+    consistent: a revision's commit and the step rows and dirty marks written before it, and
+    never a step row without the commits that came before it. `synchronous_commit` is off on
+    our connection while the plan runs; at the end it is reset and one synchronous commit (of a
+    transaction id) flushes the log up to it, every revision of the plan included, before the
+    run reports them applied: as durable as `flask db upgrade`'s one commit at the end. Other
+    dialects: nothing changes (SQLite's side file is its own file)."""
     postgres = conn.dialect.name == "postgresql"
     if postgres:
         conn.exec_driver_sql("SET synchronous_commit TO off")
@@ -166,8 +168,9 @@ def flushed_by_the_worker(conn: sa.engine.Connection) -> Iterator[None]:
         yield
     finally:
         if postgres:
-            with contextlib.suppress(sa.exc.DBAPIError):  # a broken connection: nothing to reset
+            with contextlib.suppress(sa.exc.DBAPIError):  # a broken connection: nothing to flush
                 conn.exec_driver_sql("RESET synchronous_commit")
+                conn.exec_driver_sql("SELECT txid_current()")  # a commit record, flushed
                 _commit(conn)
 
 

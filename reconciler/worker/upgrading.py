@@ -50,6 +50,15 @@ class PlanOutcome:
     stopped: bool = False
 
 
+def flush_at_the_end(context: Any) -> None:
+    """PostgreSQL: the next step's commit is not flushed on its own (`SET LOCAL
+    synchronous_commit`, this transaction only: it begins here and Alembic's step goes on in
+    it). The control plane's synchronous commit after the plan flushes the whole log, this
+    commit included (`db.journal.flushed_by_the_worker` says why that is safe)."""
+    if getattr(context.dialect, "name", "") == "postgresql":
+        context.execute("SET LOCAL synchronous_commit TO off")
+
+
 def commits_per_step(context: Any) -> bool:
     """Whether Alembic commits each step on its own in this migration context."""
     if getattr(context, "_in_external_transaction", False):
@@ -101,6 +110,8 @@ class UpgradePlan:
             with ExitStack() as stack:
                 self._check(rev, stack)  # first: a step holds the module's upgrade() it was made with
                 steps = self._one_step(rev, context)  # (a revision file failing to load is no step's)
+                if steps and one_by_one:
+                    flush_at_the_end(context)
                 self.running = rev
                 SECTIONS.begin(rev)
                 if steps:
