@@ -49,7 +49,8 @@ from bench.common import APP, BIN, env_for, median, reconciler
 from tests import dbs
 from tests.builders import Project, flask_project
 
-GENERATION_EVENTS = ("revision_generated", "draft_removed", "generation_discarded")
+APPLIED_EVENTS = ("revision_generated", "draft_removed")  # a generation that wrote (or removed) its revision
+DISCARDED_EVENT = "generation_discarded"  # one dropped before it was applied (a newer save, a pull)
 
 
 @dataclass(frozen=True)
@@ -214,10 +215,12 @@ def polling_reader(url: str, every: float | None) -> Iterator[None]:
 class Daemon:
     """`reconciler run --mode dev` on a project, its JSON log readable while it runs."""
 
-    def __init__(self, proj: Project, url: str) -> None:
+    def __init__(self, proj: Project, url: str, verbose: bool = False) -> None:
         self.proj, self.url = proj, url
         self.log = proj.root / "dev.log"
-        cmd = [*reconciler(proj, "--log-format", "json", "run", "--mode", "dev")]
+        cmd = [
+            *reconciler(proj, "--log-format", "json", *(["-v"] if verbose else []), "run", "--mode", "dev")
+        ]
         with open(self.log, "w") as stderr:
             self.proc = subprocess.Popen(
                 cmd, cwd=proj.root, env=env_for(url), stdout=subprocess.DEVNULL, stderr=stderr
@@ -244,9 +247,11 @@ class Daemon:
 
 def ours(
     daemon: Daemon, probe: ColumnProbe, tables: int, case: Case, saves: int, extra: list[str]
-) -> tuple[list[float], list[int]]:
-    """Seconds from the (last) save to its column present; generations per burst."""
-    times, generations = [], []
+) -> tuple[list[float], list[tuple[int, int]]]:
+    """Seconds from the (last) save to its column present; per burst, (generations applied,
+    generations discarded)."""
+    times: list[float] = []
+    generations: list[tuple[int, int]] = []
     with polling_reader(daemon.url, case.reader):
         for _ in range(saves):
             time.sleep(case.pause)
@@ -261,7 +266,8 @@ def ours(
             times.append(time.perf_counter() - started)
             if case.burst > 1:
                 time.sleep(1.0)  # a generation still to come after the last column
-                generations.append(sum(e in GENERATION_EVENTS for e in daemon.events(since)))
+                events = daemon.events(since)
+                generations.append((sum(e in APPLIED_EVENTS for e in events), events.count(DISCARDED_EVENT)))
     return times, generations
 
 
@@ -290,12 +296,12 @@ def theirs(folder: Path, url: str, tables: int, saves: int, reader: float | None
 
 def run_ours(
     folder: Path, kind: str, tables: int, draft: bool, cases: list[str], args: argparse.Namespace
-) -> dict[str, tuple[float, list[int]]]:
+) -> dict[str, tuple[float, list[tuple[int, int]]]]:
     with dbs.database(kind, folder) as url:
         proj = project(folder / ("d" if draft else "o"), url, tables, draft, args.debounce)
-        daemon = Daemon(proj, url)
+        daemon = Daemon(proj, url, args.verbose)
         probe = ColumnProbe(url)
-        out: dict[str, tuple[float, list[int]]] = {}
+        out: dict[str, tuple[float, list[tuple[int, int]]]] = {}
         extra: list[str] = []
         try:
             for name in cases:
@@ -308,6 +314,10 @@ def run_ours(
                 target = Path(args.keep_logs) / f"{kind}-{tables}-{'draft' if draft else 'plain'}.log"
                 target.write_text(daemon.log.read_text())
     return out
+
+
+def _gens(runs: list[tuple[int, int]]) -> str:
+    return ",".join(f"{a}+{d}d" if d else str(a) for a, d in runs)
 
 
 def main() -> None:
@@ -323,13 +333,17 @@ def main() -> None:
     )
     parser.add_argument("--no-flask", action="store_true", help="skip flask migrate+upgrade")
     parser.add_argument("--no-drafts", action="store_true", help="skip the drafts-on daemon")
+    parser.add_argument("--verbose", action="store_true", help="the daemons log at debug level")
     parser.add_argument("--keep-logs", default=None, help="a directory to copy the daemons' JSON logs to")
     args = parser.parse_args()
     cases = args.cases.split(",")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {','.join(CASES)}")
-    print("save -> column present in the database (seconds, median); gens: generations per burst")
+    print(
+        "save -> column present in the database (seconds, median); gens: generations per burst "
+        "(applied+discarded), drafts off / on"
+    )
     print(
         f"{'dialect':<11} {'tables':>6}  {'case':<9}  {'ours':>6}  {'drafts':>6}  {'flask':>6}  "
         f"{'ratio':>6}  {'drafts':>6}  gens",
@@ -352,7 +366,7 @@ def main() -> None:
                     a, gens = plain[name]
                     d, dgens = drafts.get(name, (float("nan"), []))
                     b = flask.get(reader, float("nan"))
-                    g = f"{gens}/{dgens}" if gens else ""
+                    g = f"{_gens(gens)} / {_gens(dgens)}" if gens else ""
                     print(
                         f"{kind:<11} {size:>6}  {name:<9}  {a:6.3f}  {d:6.3f}  {b:6.3f}  "
                         f"{a / b:5.2f}x  {d / b:5.2f}x  {g}",
