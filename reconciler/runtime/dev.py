@@ -173,8 +173,29 @@ class DevLoop(DraftGeneration):
         self.loop.trigger("models_changed")
 
     def _on_versions(self, paths: set[Path]) -> None:
+        if self._ours(paths):
+            return  # the revision this loop just wrote (or removed): already applied, nothing to do
         self.handle.project.invalidate()
         self.loop.trigger("revisions_changed")
+
+    def _ours(self, paths: set[Path]) -> bool:
+        """Every path is a revision file as this loop itself last left it (`_files_seen`, taken
+        after each of its own changes): written with that size and time, or removed. An event
+        that comes before the loop noted its change counts as a teammate's (one extra run)."""
+        seen = self._files_seen
+        if seen is None:
+            return False
+        for path in paths:
+            real = path.resolve()
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                if real in seen:
+                    return False
+                continue
+            if path.suffix != ".py" or seen.get(real) != (stat.st_size, stat.st_mtime_ns):
+                return False
+        return True
 
     # one run
     def _run(self, reason: str) -> float | None:
