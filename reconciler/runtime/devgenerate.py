@@ -101,6 +101,7 @@ class DraftGeneration:
             raise
         self.changes.remember(scope)
         self._carry.clear()
+        self._superseded_last = False
 
     def _generate_and_apply_with(self, worker: Any, scope: Scope) -> None:
         result = self._generate(
@@ -116,20 +117,19 @@ class DraftGeneration:
         stale before it is applied. Drop it (never applied, nothing to undo); the follow-up
         generation, after the burst goes quiet, compares this one's files too. Not twice in a
         row: saves that never stop still get applied."""
-        superseded = (
-            not self._superseded_last
-            and self.pace.saved_since(self._taken)
-            and self.changes.changed_since(scope)
-        )
-        self._superseded_last = superseded
-        if not superseded:
+        if (
+            result.path is None  # nothing to apply: the follow-up generation sees the new save
+            or self._superseded_last
+            or not self.pace.saved_since(self._taken)
+            or not self.changes.changed_since(scope)
+        ):
             return
-        if result.path is not None:
-            Path(result.path).unlink(missing_ok=True)
-            self._note_revision_files()  # our own change, not a teammate's
-            self.handle.project.invalidate()
+        self._superseded_last = True
+        Path(result.path).unlink(missing_ok=True)
+        self._note_revision_files()  # our own change, not a teammate's
+        self.handle.project.invalidate()
         raise Superseded(
-            f"a newer save changed the models while revision {result.revision or '(none)'} was generated; "
+            f"a newer save changed the models while revision {result.revision} was generated; "
             "it was not applied: the next generation compares both saves"
         )
 
