@@ -3,6 +3,7 @@ and an app polling its own SQLite file does not stop changes from being applied.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -180,3 +181,26 @@ def test_an_app_polling_its_sqlite_file_does_not_stop_changes(
                 wait_until(lambda c=f"c{n}": c in columns(sqlite_url, "user"), 60, f"c{n} applied")
             before = reads(count)
             wait_until(lambda: reads(count) > before, 30, "the reader still reading")
+
+
+@pytest.mark.slow
+def test_an_app_read_transaction_longer_than_the_busy_timeout_delays_a_change_never_loses_it(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """SQLite's busy timeout (5 s) ends the worker's commit while an app holds a read transaction
+    (a debugger paused in a request, a database browser): a lock timeout, retried in place, not a
+    failed revision that is removed with the change it carried."""
+    project = baseline_project(tmp_path, sqlite_url)
+    with dev(project, "draft = false") as log:
+        started(project, sqlite_url)
+        reader = sqlite3.connect(str(sa.engine.make_url(sqlite_url).database), isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM user").fetchall()  # holds the file's SHARED lock
+            write_in_place(project, BASE + "    nickname = db.Column(db.String(40))\n")
+            wait_until(lambda: "revision_lock_timeout_retry" in log.text(), 60, "the commit timed out")
+        finally:
+            reader.execute("COMMIT")
+            reader.close()
+        wait_until(lambda: "nickname" in columns(sqlite_url, "user"), 60, "the change applied")
+        assert "revision_removed" not in log.text()
