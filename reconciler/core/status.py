@@ -33,8 +33,9 @@ SYNC_SEVERITY = (
     "in_sync",
 )
 # A revision that hit our DDL lock timeout is retried with backoff, never counted toward
-# `blocked` (PostgreSQL lock_not_available; MySQL / MariaDB ER_LOCK_WAIT_TIMEOUT).
-LOCK_TIMEOUT_CODES = frozenset({"55P03", "1205"})
+# `blocked` (PostgreSQL lock_not_available; MySQL / MariaDB ER_LOCK_WAIT_TIMEOUT; SQLite's busy
+# timeout, SQLITE_BUSY / SQLITE_LOCKED: an app's connection held the file's lock longer).
+LOCK_TIMEOUT_CODES = frozenset({"55P03", "1205", "SQLITE_BUSY", "SQLITE_LOCKED"})
 
 
 CONDITIONS_TTL = 10.0  # seconds the in-sync fast path may reuse the flags it read last

@@ -1,8 +1,10 @@
 """Dev mode: a saved model file becomes a revision file and a migrated dev database.
 
 `models-dir event (debounced) → generate in a fresh (pre-warmed) worker → revision file →
-reconcile.apply`, the `flask db migrate && flask db upgrade` loop done on save. Saves during a
-generation coalesce into one follow-up (the scheduler's trigger). The versions directory is
+reconcile.apply`, the `flask db migrate && flask db upgrade` loop done on save. A burst of saves
+is one generation (`devpace`): saves during a generation coalesce into one follow-up (the
+scheduler's trigger), which waits for the burst to go quiet; a generation a newer save overtook
+before it was applied is dropped, not applied and then redone. The versions directory is
 watched too: a teammate's revision or a branch switch is applied before anything is generated,
 and a database that is ahead, diverged or forked stops generation with the command that fixes it.
 
@@ -39,7 +41,14 @@ from reconciler.project import differences, edits
 from reconciler.project.revisions import parse_revision_file
 from reconciler.redact import redact
 from reconciler.runtime import signals
-from reconciler.runtime.devgenerate import DRAFT_TRIGGER, DraftGeneration, RevisionsChanged, tables_of
+from reconciler.runtime.devgenerate import (
+    DRAFT_TRIGGER,
+    DraftGeneration,
+    RevisionsChanged,
+    Superseded,
+    tables_of,
+)
+from reconciler.runtime.devpace import SavePace
 from reconciler.runtime.devscope import ModelChanges
 from reconciler.runtime.devtarget import check_dev_target, watch_paths
 from reconciler.runtime.filescan import DEFAULT_IGNORE
@@ -89,6 +98,7 @@ class DevLoop(DraftGeneration):
         )
         self._warm: Any = None
         self.changes = ModelChanges(self.model_watcher.files)
+        self.pace = SavePace()
         self._draft_tables: dict[str, frozenset[str]] = {}  # the draft's id -> the tables it touches
         self._held: dict[str, tuple[Path, frozenset[str]]] = {}  # held back: id -> (file, tables)
         self._carry: set[str] = set()  # tables of withdrawn revisions: the next compare covers them
@@ -157,15 +167,43 @@ class DevLoop(DraftGeneration):
 
     def _on_models(self, paths: set[Path]) -> None:
         self.changes.add(paths)
+        self.pace.saved()
+        log.debug("models_saved", paths=sorted(str(p) for p in paths), burst_spacing=self.pace.spacing)
         self._models_changed.set()
         self.loop.trigger("models_changed")
 
     def _on_versions(self, paths: set[Path]) -> None:
+        if self._ours(paths):
+            return  # the revision this loop just wrote (or removed): already applied, nothing to do
         self.handle.project.invalidate()
         self.loop.trigger("revisions_changed")
 
+    def _ours(self, paths: set[Path]) -> bool:
+        """Every path is a revision file as this loop itself last left it (`_files_seen`, taken
+        after each of its own changes): written with that size and time, or removed. An event
+        that comes before the loop noted its change counts as a teammate's (one extra run)."""
+        seen = self._files_seen
+        if seen is None:
+            return False
+        for path in paths:
+            real = path.resolve()
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                if real in seen:
+                    return False
+                continue
+            if path.suffix != ".py" or seen.get(real) != (stat.st_size, stat.st_mtime_ns):
+                return False
+        return True
+
     # one run
     def _run(self, reason: str) -> float | None:
+        if self._models_changed.is_set():
+            # Why here: a burst of saves (each delivered after the debounce) becomes one generation.
+            waited = self.pace.wait_for_quiet(self._stopping)
+            if waited > 0:
+                log.debug("saves_quiet", waited_ms=int(waited * 1000))
         try:
             self._note_revision_files()  # before the first status read (see _files_seen)
             self._sync_first()
@@ -182,6 +220,9 @@ class DevLoop(DraftGeneration):
                     self._generated = True  # past the first generation: later errors are edits
         except StopGenerating as exc:
             log.warning("dev_paused", reason=str(exc))
+        except Superseded as exc:
+            log.info("generation_discarded", reason=str(exc))
+            self._models_changed.set()  # the save that overtook it has triggered the follow-up
         except RevisionsChanged as exc:
             log.info("generation_discarded", reason=str(exc))
             self._models_changed.set()

@@ -24,6 +24,7 @@ from reconciler.core.graph import Revision, RevisionGraph
 from reconciler.db import connection, journal
 from reconciler.errors import ReconcilerError, RevisionFailed
 from reconciler.project.revisions import revision_files
+from reconciler.runtime.devpace import SavePace
 from reconciler.runtime.devscope import ModelChanges, Scope
 from reconciler.settings import Settings
 
@@ -43,10 +44,13 @@ class DraftGeneration:
     guard: bool  # the destructive-change guard: on unless [dev] allow_destructive
     target: str
     changes: ModelChanges
+    pace: SavePace  # the saves' timing: a burst is one generation
     _warm: Any  # the pre-warmed worker (`WarmWorker`), once started
     _draft_tables: dict[str, frozenset[str]]  # the draft's id -> the tables it touches
     _carry: set[str]  # tables of withdrawn revisions: the next compare covers them
     _lent: Any = None  # the warm worker a generation applies with (no second interpreter start)
+    _taken = 0  # the saves the generation in progress took (`SavePace.generating`)
+    _superseded_last = False  # the last generation was overtaken by a save (never twice in a row)
     # The revision files as the run found them, before its first status read, re-taken after
     # each change dev mode makes itself: a teammate's file that lands after that read (a pull)
     # is then seen by `_generate` as a change, and the generation is discarded and redone.
@@ -72,6 +76,13 @@ class DraftGeneration:
         raise NotImplementedError  # DevLoop's: it holds back destructive revisions
 
     def generate_and_apply(self) -> None:
+        self._taken = self.pace.generating()
+        try:
+            self._generate_and_apply()
+        finally:
+            self.pace.generated()
+
+    def _generate_and_apply(self) -> None:
         scope = self.changes.next_scope()
         if scope.files == [] and not self._carry:
             self.changes.remember(scope)
@@ -90,14 +101,37 @@ class DraftGeneration:
             raise
         self.changes.remember(scope)
         self._carry.clear()
+        self._superseded_last = False
 
     def _generate_and_apply_with(self, worker: Any, scope: Scope) -> None:
         result = self._generate(
             worker, draft=self.settings.dev.draft, **scope.request(frozenset(self._carry))
         )
         self._log_compared(result, scope)
+        self._drop_if_superseded(result, scope)
         with self._lending(worker):
             self._after_generate(result, rebuilt=False)
+
+    def _drop_if_superseded(self, result: Any, scope: Any) -> None:
+        """A save that changed model code landed while this generation ran: what it wrote is
+        stale before it is applied. Drop it (never applied, nothing to undo); the follow-up
+        generation, after the burst goes quiet, compares this one's files too. Not twice in a
+        row: saves that never stop still get applied."""
+        if (
+            result.path is None  # nothing to apply: the follow-up generation sees the new save
+            or self._superseded_last
+            or not self.pace.saved_since(self._taken)
+            or not self.changes.changed_since(scope)
+        ):
+            return
+        self._superseded_last = True
+        Path(result.path).unlink(missing_ok=True)
+        self._note_revision_files()  # our own change, not a teammate's
+        self.handle.project.invalidate()
+        raise Superseded(
+            f"a newer save changed the models while revision {result.revision} was generated; "
+            "it was not applied: the next generation compares both saves"
+        )
 
     def _log_compared(self, result: Any, scope: Scope) -> None:
         """Log what was compared; remember the tables a new draft touches (its next amend)."""
@@ -262,6 +296,12 @@ class DraftGeneration:
 
 class RevisionsChanged(ReconcilerError):
     """Revision files arrived or vanished during a generation: its result is discarded."""
+
+    transient = True
+
+
+class Superseded(ReconcilerError):
+    """A save landed during a generation: its result is dropped before it is applied."""
 
     transient = True
 

@@ -59,6 +59,12 @@ class ModelChanges:
             changed = set(self._changed)
         return any(changed_classes(self._digests.get(p), read_digest(p)) != frozenset() for p in changed)
 
+    def changed_since(self, scope: Scope) -> bool:
+        """Whether a file saved after `scope` was taken holds model code other than it read."""
+        with self._lock:
+            changed = set(self._changed)
+        return any(changed_classes(scope.digests.get(p), read_digest(p)) != frozenset() for p in changed)
+
     def remember(self, scope: Scope) -> None:
         """The files as this generation saw them: the next save is compared with these."""
         if scope.files is None:

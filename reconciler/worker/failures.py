@@ -45,8 +45,23 @@ def _clean(text: str) -> str:
     return out if len(out) <= _MAX_MESSAGE else out[:_MAX_MESSAGE] + "..."
 
 
+_SQLITE_BUSY_TEXTS = {"database is locked": "SQLITE_BUSY", "database table is locked": "SQLITE_LOCKED"}
+
+
+def _sqlite_busy(orig: BaseException) -> str | None:
+    """SQLITE_BUSY / SQLITE_LOCKED (another connection's lock outlasted the busy timeout: an app
+    reading its own file in a long transaction), the one SQLite error that is a lock timeout;
+    by its name (Python >= 3.11) or its message (older interpreters). Other errors: None."""
+    name = getattr(orig, "sqlite_errorname", None)
+    if isinstance(name, str):  # extended codes too: SQLITE_BUSY_TIMEOUT, SQLITE_LOCKED_SHAREDCACHE, ...
+        return next((b for b in _SQLITE_BUSY_TEXTS.values() if name == b or name.startswith(b + "_")), None)
+    text = str(orig).strip().lower()
+    return _SQLITE_BUSY_TEXTS.get(text)
+
+
 def sqlstate_of(exc: BaseException | None) -> str | None:
-    """SQLSTATE (PostgreSQL) or error number (MySQL) from a DBAPI error anywhere in the chain."""
+    """SQLSTATE (PostgreSQL), error number (MySQL) or SQLITE_BUSY / SQLITE_LOCKED (SQLite) from a
+    DBAPI error anywhere in the chain."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -55,6 +70,10 @@ def sqlstate_of(exc: BaseException | None) -> str | None:
         args = getattr(orig, "args", ())
         if module.startswith(("pymysql", "MySQLdb")) and args and isinstance(args[0], int):
             return str(args[0])  # MySQL's error number says more than its SQLSTATE
+        if module.startswith(("sqlite3", "pysqlite2")):
+            busy = _sqlite_busy(orig)
+            if busy is not None:
+                return busy
         for attr in ("pgcode", "sqlstate"):
             value = getattr(orig, attr, None)
             if isinstance(value, str) and value:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+
 import pytest
 
-from reconciler.project.modelscan import changed_classes, digest
+from reconciler.core.headers import node_hash
+from reconciler.project.modelscan import FileDigest, changed_classes, digest
 
 pytestmark = pytest.mark.core
 
@@ -57,3 +60,60 @@ def test_code_outside_the_classes_means_the_whole_file(after: bytes) -> None:
 
 def test_no_earlier_digest_means_the_whole_file() -> None:
     assert changed_classes(None, digest(BEFORE)) is None
+
+
+TRICKY = b'''"""Models."""
+from __future__ import annotations
+import x
+
+@dec
+@dec2(
+    1)
+class A(B):
+    a = 1
+# a comment at column 0 inside a class
+    b = 2
+
+if X:
+    pass
+else:
+    y = 1
+try:
+    import q
+except ImportError:
+    q = None
+s = """
+class Q:
+    pass
+"""
+z = 1 + \\
+2
+class A: pass
+'''
+
+
+def whole_parse_digest(source: bytes) -> FileDigest | None:
+    """What the digest was before files were parsed piece by piece: one `ast.parse`."""
+    tree = ast.parse(source)
+    classes: dict[str, str] = {}
+    rest = ast.Module(body=[], type_ignores=[])
+    for stmt in tree.body:
+        if isinstance(stmt, ast.ClassDef) and stmt.name not in classes:
+            classes[stmt.name] = str(node_hash(stmt))
+        else:
+            rest.body.append(stmt)
+    return FileDigest(classes, str(node_hash(rest)))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [BEFORE, BEFORE.replace(b"\n", b"\r\n"), TRICKY, b"import x\nfrom __future__ import annotations\n", b""],
+)
+def test_a_file_read_piece_by_piece_digests_as_a_whole_parse(source: bytes) -> None:
+    assert digest(source) == whole_parse_digest(source)
+    assert digest(source) == whole_parse_digest(source)  # from the memo
+
+
+def test_a_string_that_looks_like_a_class_is_not_one() -> None:
+    after = TRICKY.replace(b"class Q:\n    pass", b"class Q:\n    passed = 1")
+    assert changed_classes(digest(TRICKY), digest(after)) is None  # the string is code outside classes

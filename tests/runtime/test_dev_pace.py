@@ -1,0 +1,206 @@
+"""Dev mode at any pace: a burst of saves is one generation, no generation sees stale modules,
+and an app polling its own SQLite file does not stop changes from being applied."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from reconciler.runtime.devpace import MAX_HOLD, SavePace
+from tests.builders import Project
+from tests.pgcluster import wait_until
+from tests.runtime.test_devloop import BASE, baseline_project, columns, dev, revision_files, started
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_lone_save_waits_for_nothing_more() -> None:
+    clock = Clock()
+    pace = SavePace(clock)
+    pace.saved()
+    assert pace.quiet_left() == 0
+    pace.generating()
+    pace.generated()
+    clock.now += 0.4  # the next save, soon after the last change was applied
+    pace.saved()
+    assert pace.quiet_left() == 0
+
+
+def test_a_burst_waits_until_its_saves_go_quiet() -> None:
+    clock = Clock()
+    pace = SavePace(clock)
+    pace.saved()
+    taken = pace.generating()
+    clock.now += 0.1
+    pace.saved()  # during the generation: a burst
+    assert pace.saved_since(taken)
+    pace.generated()
+    assert pace.quiet_left() > 0
+    for _ in range(5):  # the saves keep coming: the next generation keeps waiting
+        clock.now += 0.1
+        pace.saved()
+        assert pace.quiet_left() > 0
+    clock.now += 0.5
+    assert pace.quiet_left() == 0
+
+
+def test_saves_that_never_stop_are_held_back_only_so_long() -> None:
+    clock = Clock()
+    pace = SavePace(clock)
+    pace.saved()
+    pace.generating()
+    pace.generated()
+    started_at = clock.now
+    while clock.now < started_at + MAX_HOLD + 1:
+        clock.now += 0.1
+        pace.saved()
+        if pace.quiet_left() == 0:
+            break
+    assert pace.quiet_left() == 0 and clock.now <= started_at + MAX_HOLD + 0.2
+
+
+def test_a_stop_ends_the_wait() -> None:
+    clock = Clock()  # it never moves: only the stop can end the wait
+    pace = SavePace(clock)
+    pace.saved()
+    pace.generating()
+    clock.now += 0.1
+    pace.saved()
+    pace.generated()
+    assert pace.quiet_left() > 0
+    stopping = threading.Event()
+    stopping.set()
+    pace.wait_for_quiet(stopping)
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+def write_in_place(project: Project, text: str) -> None:
+    (project.root / "myapp" / "models.py").write_text(text)  # as most editors save
+
+
+@pytest.mark.slow
+def test_a_burst_of_saves_is_one_generation(tmp_path: Path, sqlite_url: str) -> None:
+    """Ten saves 0.1 s apart (a formatter, "save all", typing with autosave): one generation after
+    the burst, or at most one more for the save a generation was running at; never one per save."""
+    project = baseline_project(tmp_path, sqlite_url)
+    with dev(project, "draft = false"):
+        started(project, sqlite_url)
+        models = BASE
+        for n in range(10):
+            models += f"    c{n} = db.Column(db.Integer)\n"
+            write_in_place(project, models)
+            time.sleep(0.1)  # the burst's pace, not a wait for anything
+        wanted = {f"c{n}" for n in range(10)}
+        wait_until(lambda: wanted <= set(columns(sqlite_url, "user")), 60, "all ten columns")
+        generated = [p for p in revision_files(project) if "base0001" not in p.name]
+        assert 1 <= len(generated) <= 2, [p.name for p in generated]
+
+
+@pytest.mark.slow
+def test_two_quick_edits_leave_the_final_one_in_the_schema(tmp_path: Path, sqlite_url: str) -> None:
+    """A generation that imported the models before the second edit must not be the last word."""
+    project = baseline_project(tmp_path, sqlite_url)
+    first = BASE + "\n\nclass Tag(db.Model):\n    id = db.Column(db.Integer, primary_key=True)\n"
+    second = first + "    label = db.Column(db.String(40))\n"
+    with dev(project, "draft = false"):
+        started(project, sqlite_url)
+        write_in_place(project, first)
+        time.sleep(0.1)  # the second edit lands while the first one's generation runs, or after it
+        write_in_place(project, second)
+        wait_until(lambda: "label" in columns(sqlite_url, "tag"), 60, "the second edit applied")
+    assert set(columns(sqlite_url, "tag")) == {"id", "label"}
+
+
+READER = """
+import sqlite3, sys, time
+path, out = sys.argv[1], sys.argv[2]
+reads = 0
+while True:
+    try:
+        conn = sqlite3.connect(path, timeout=5.0)
+        conn.execute("SELECT count(*) FROM user").fetchall()
+        conn.close()
+        reads += 1
+        if reads % 10 == 0:
+            open(out, "w").write(str(reads))
+    except sqlite3.Error:
+        pass  # a table being rebuilt: an app retries on its next poll
+    time.sleep(0.01)
+"""
+
+
+@contextmanager
+def polling_reader(url: str, tmp_path: Path) -> Iterator[Path]:
+    """Another process opening the SQLite file every 10 ms and reading a table, as an app's dev
+    server or a test polling its database does; yields the file its read count is written to."""
+    count = tmp_path / "reads"
+    database = str(sa.engine.make_url(url).database)
+    proc = subprocess.Popen([sys.executable, "-c", READER, database, str(count)])
+    try:
+        wait_until(count.exists, 30, "the reader polling")
+        yield count
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def reads(count: Path) -> int:
+    return int(count.read_text() or 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft", ["false", "true"])
+def test_an_app_polling_its_sqlite_file_does_not_stop_changes(
+    tmp_path: Path, sqlite_url: str, draft: str
+) -> None:
+    project = baseline_project(tmp_path, sqlite_url)
+    with dev(project, f"draft = {draft}"):
+        started(project, sqlite_url)
+        with polling_reader(sqlite_url, tmp_path) as count:
+            models = BASE
+            for n in range(3):
+                models += f"    c{n} = db.Column(db.Integer)\n"
+                write_in_place(project, models)
+                wait_until(lambda c=f"c{n}": c in columns(sqlite_url, "user"), 60, f"c{n} applied")
+            before = reads(count)
+            wait_until(lambda: reads(count) > before, 30, "the reader still reading")
+
+
+@pytest.mark.slow
+def test_an_app_read_transaction_longer_than_the_busy_timeout_delays_a_change_never_loses_it(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """SQLite's busy timeout (5 s) ends the worker's commit while an app holds a read transaction
+    (a debugger paused in a request, a database browser): a lock timeout, retried in place, not a
+    failed revision that is removed with the change it carried."""
+    project = baseline_project(tmp_path, sqlite_url)
+    with dev(project, "draft = false") as log:
+        started(project, sqlite_url)
+        reader = sqlite3.connect(str(sa.engine.make_url(sqlite_url).database), isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM user").fetchall()  # holds the file's SHARED lock
+            write_in_place(project, BASE + "    nickname = db.Column(db.String(40))\n")
+            wait_until(lambda: "revision_lock_timeout_retry" in log.text(), 60, "the commit timed out")
+        finally:
+            reader.execute("COMMIT")
+            reader.close()
+        wait_until(lambda: "nickname" in columns(sqlite_url, "user"), 60, "the change applied")
+        assert "revision_removed" not in log.text()
