@@ -61,4 +61,4 @@ def test_negative_control_the_scan_flags_every_way_of_reading_it() -> None:
 
 def test_the_config_package_is_where_the_environment_is_read() -> None:
     """The scan would see the one reader it allows (else it scans nothing)."""
-    assert environ_reads((ALLOWED / "load.py").read_text(encoding="utf-8"))
+    assert environ_reads((ALLOWED / "processenv.py").read_text(encoding="utf-8"))

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reconciler import errors
 from reconciler.config.load import load_settings, setting_defaults
 from reconciler.config.validate import parse_http
-from reconciler.control.workers import resolve_app_url
+from reconciler.control.appurl import resolve_app_url
 from reconciler.runtime.http import HttpServer
 from reconciler.runtime.metrics import METRIC_NAMES, Metrics
 from tests.pgcluster import wait_until
