@@ -252,7 +252,7 @@ def _run_pending(
     empty: bool,
 ) -> Steps:
     if guard and empty:  # every finding would be exempt: nothing to lose, nothing to record
-        log.info(
+        log.debug(
             "guard_exempt", target=handle.target_name, revisions=len(pending), reason=safety.EMPTY_DATABASE
         )
     elif guard:
