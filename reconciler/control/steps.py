@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 
@@ -32,6 +33,15 @@ log = logs.get("reconciler.reconcile")
 
 ProgressFn = Callable[[int, int, str, str], None]
 Steps = tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class _Closed:
+    """A step that ended: its journal row, what the worker said, whether it had been marked."""
+
+    row: int
+    step: protocol.StepDone
+    marked: bool
 
 
 class PlanRun:
@@ -58,6 +68,7 @@ class PlanRun:
         self._row: int | None = None  # the open journal step, of pending[position]
         self._began = 0.0
         self._marked: list[str] = []
+        self._later: _Closed | None = None  # an outcome to write once the worker went on
 
     def apply(self, worker: Worker) -> Steps:
         """Run the plan to its end or to a stop; (revision, seconds) per revision that ran."""
@@ -73,9 +84,13 @@ class PlanRun:
                 break
             try:
                 result = worker.upgrade(
-                    self.pending[reached:], on_step=self._on_step, on_non_transactional=self._leaving
+                    self.pending[reached:],
+                    on_step=self._on_step,
+                    after_step=self._flush,
+                    on_non_transactional=self._leaving,
                 )
             except RevisionFailed as exc:
+                self._flush()
                 self._failed(exc)
                 if not is_lock_timeout(exc) or attempt >= retries:
                     raise
@@ -83,10 +98,15 @@ class PlanRun:
                 self._pause_before_retry(exc.revision or self.pending[self.position], attempt, retries)
                 continue
             except Refused as exc:  # the guard's per-operation check: the revision was rolled back
+                self._flush()
                 self._refused(exc)
                 raise
+            except BaseException:
+                self._flush()
+                raise
+            self._flush()
             for step in result.steps:
-                self._finished(step)
+                self._record(self._close(step))
             if result.stopped:
                 break
             if self.position == reached:
@@ -100,14 +120,22 @@ class PlanRun:
     # the worker's events
 
     def _on_step(self, event: protocol.StepEvent) -> bool:
-        """The worker is about to run `event.begins` (`event.finished` committed): journal it."""
-        if event.finished is not None:
-            self._finished(event.finished)
+        """The worker is about to run `event.begins` (`event.finished` committed): journal it
+        `started` now; the finished one's outcome is written once the worker goes on
+        (`_flush`, called after the answer is sent), beside the next revision's run."""
+        closed = self._close(event.finished) if event.finished is not None else None
         if event.begins != self.pending[self.position]:
+            self._record(closed)
             raise WorkerError(
                 f"the worker began {event.begins}, not {self.pending[self.position]} as planned"
             )
+        self._later = closed
         return self._may_start(event.begins)
+
+    def _flush(self) -> None:
+        """Write the outcome an event left for after its answer."""
+        closed, self._later = self._later, None
+        self._record(closed)
 
     def _may_start(self, rev: str) -> bool:
         """Journal `rev` as started, unless a stop was asked for (then: False)."""
@@ -145,14 +173,22 @@ class PlanRun:
             "revision_non_transactional", target=self.handle.target_name, revision=revision, reason=reason
         )
 
-    def _finished(self, step: protocol.StepDone) -> None:
-        """Journal the open step's outcome (once: the reply repeats the steps events reported)."""
-        if self._row is None or step.revision != self.pending[self.position]:
-            return
-        row, tables, target = self._row, self.handle.journal, self.handle.target_name
+    def _close(self, step: protocol.StepDone | None) -> _Closed | None:
+        """The open step `step` ends (once: the reply repeats the steps events reported)."""
+        if step is None or self._row is None or step.revision != self.pending[self.position]:
+            return None
+        closed = _Closed(self._row, step, bool(self._marked))
         self._row = None
         self.position += 1
+        return closed
+
+    def _record(self, closed: _Closed | None) -> None:
+        """Journal a closed step's outcome."""
+        if closed is None:
+            return
+        row, step, tables, target = closed.row, closed.step, self.handle.journal, self.handle.target_name
         seconds = step.duration_ms / 1000.0
+        self.done.append((step.revision, seconds))
         if not step.ran:
             # Alembic found nothing to run: something without our lock applied it meanwhile.
             journal.record_finished(self.conn, tables, row, outcome="skipped", duration_ms=step.duration_ms)
@@ -164,10 +200,9 @@ class PlanRun:
                 detail="revision already applied when our turn came",
                 hint="another process applies migrations without the advisory lock",
             )
-            self.done.append((step.revision, seconds))
             return
         journal.record_finished(self.conn, tables, row, outcome="applied", duration_ms=step.duration_ms)
-        if self._marked:
+        if closed.marked:
             journal.unmark(self.conn, tables, [row])
         message = self.graph.revisions[step.revision].message
         log.info(
@@ -177,7 +212,6 @@ class PlanRun:
             message=message,
             duration_ms=step.duration_ms,
         )
-        self.done.append((step.revision, seconds))
 
     # failures
 

@@ -158,10 +158,12 @@ class Pipes:
         timeout: float,
         on_event: Callable[[Any], Any] | None,
         kill: Callable[[], None],
+        after_event: Callable[[Any], None] | None = None,
     ) -> dict[str, Any]:
         """Send `request` (a protocol request) and return its reply line's object; the events
         sent before it are answered on the way: `on_event(event)` returns the answer (a
-        protocol request; None: proceed). `kill`: what a failed answer or a timeout does."""
+        protocol request; None: proceed), `after_event(event)` runs once it is sent. `kill`:
+        what a failed answer or a timeout does."""
         op = type(request).op
         try:
             self.send(protocol.request_line(request))
@@ -171,10 +173,14 @@ class Pipes:
             reply = self.next_line(op, timeout, kill)
             if "event" not in reply:
                 return reply
-            self._answer_event(reply, on_event, kill)
+            self._answer_event(reply, on_event, kill, after_event)
 
     def _answer_event(
-        self, event: Mapping[str, Any], on_event: Callable[[Any], Any] | None, kill: Callable[[], None]
+        self,
+        event: Mapping[str, Any],
+        on_event: Callable[[Any], Any] | None,
+        kill: Callable[[], None],
+        after_event: Callable[[Any], None] | None,
     ) -> None:
         """A revision is about to run, or to leave its transaction: record it (on_event), then
         let the worker go on (or stop, when on_event says so)."""
@@ -188,6 +194,12 @@ class Pipes:
             self.send(protocol.request_line(answer or protocol.ProceedRequest()))
         except OSError:
             raise self.died("upgrade") from None
+        if after_event is not None:
+            try:
+                after_event(parsed)
+            except BaseException:
+                kill()  # what it records must not go missing while the worker goes on
+                raise
 
     def next_line(self, op: str, timeout: float, on_timeout: Callable[[], None]) -> dict[str, Any]:
         """The next line the worker sent: a reply, or an event before the reply."""

@@ -271,12 +271,14 @@ class Worker:
         revisions: str | Sequence[str],
         on_step: Callable[[protocol.StepEvent], bool] | None = None,
         on_non_transactional: Callable[[str, str], None] | None = None,
+        after_step: Callable[[], None] | None = None,
     ) -> StepResult:
         """Apply `revisions` in order in one run of env.py, one step (one transaction) each, as
         far as it goes: what ran, and how long.
 
         `on_step(event)` is called before each revision runs (`event.finished`: the previous
-        one, committed); it returns False to stop there. `on_non_transactional(revision,
+        one, committed); it returns False to stop there; `after_step()` once the answer is sent,
+        while the worker goes on (work that must not hold it up). `on_non_transactional(revision,
         reason)` is called when a revision is about to leave its transaction
         (worker.process.section_reporter). The worker goes on only once they returned; when one
         raises, the worker (still inside the transaction) is killed and the error raised. A run
@@ -296,7 +298,11 @@ class Worker:
             go_on = on_step(event) if on_step is not None else True
             return None if go_on else protocol.StopRequest()
 
-        reply = self._request(request, on_event=answer)
+        def answered(event: Any) -> None:
+            if after_step is not None and isinstance(event, protocol.StepEvent):
+                after_step()
+
+        reply = self._request(request, on_event=answer, after_event=answered)
         if reply.last is not None:
             done.append(reply.last)
         ran = tuple(step.revision for step in done if step.ran)
@@ -461,17 +467,27 @@ class Worker:
         for callback in callbacks:
             callback()
 
-    def _request(self, request: Any, on_event: Callable[[Any], Any] | None = None) -> Any:
+    def _request(
+        self,
+        request: Any,
+        on_event: Callable[[Any], Any] | None = None,
+        after_event: Callable[[Any], None] | None = None,
+    ) -> Any:
         """Send `request`; its reply, as the request's reply class."""
-        raw = self._request_raw(request, on_event)
+        raw = self._request_raw(request, on_event, after_event)
         try:
             return protocol.parse_reply(type(request).reply, raw)
         except protocol.ProtocolError as exc:
             raise WorkerError(f"the worker's reply to {type(request).op} is not understood: {exc}") from None
 
-    def _request_raw(self, request: Any, on_event: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    def _request_raw(
+        self,
+        request: Any,
+        on_event: Callable[[Any], Any] | None = None,
+        after_event: Callable[[Any], None] | None = None,
+    ) -> dict[str, Any]:
         with self._lock:
-            reply = self._pipes.exchange(request, self._timeout, on_event, self.kill)
+            reply = self._pipes.exchange(request, self._timeout, on_event, self.kill, after_event)
             if reply.get("ok"):
                 return reply
             raise error_from_reply(reply.get("error") or {})

@@ -85,6 +85,7 @@ class UpgradePlan:
         self.outcome = PlanOutcome()
         self.running: str | None = None
         self._steps: Iterator[Any] | None = None
+        self._planned: dict[str, Any] | None = None  # Alembic's steps for the plan, worked out once
 
     def steps(self, _heads: Any, context: Any) -> Iterator[Any]:
         """The `fn` of env.py's run: the plan's steps, one at a time."""
@@ -124,8 +125,18 @@ class UpgradePlan:
         self.outcome.last = finished
 
     def _one_step(self, rev: str, context: Any) -> list[Any]:
-        """Alembic's steps from the database's heads now to `rev`: one, or none (applied)."""
+        """Alembic's steps from the database's heads now to `rev`: one, or none (applied). The
+        plan's steps are worked out once (Alembic walks the whole history for each): one is
+        used as planned while the database's heads are the ones it starts from, and never for
+        a revision checked per operation (a step holds the upgrade() it was made with)."""
         heads = context.get_current_heads()
+        if self._planned is None:
+            self._planned = self._plan_steps(heads)
+        planned = self._planned.get(rev)
+        origin = getattr(planned, "from_revisions_no_deps", None)
+        starts_here = planned is not None and set(heads) == set(origin or ())
+        if starts_here and rev not in self.checks:
+            return [planned]
         steps = list(self.script._upgrade_revs(rev, heads))
         if len(steps) > 1:
             ids = [str(getattr(getattr(s, "revision", None), "revision", "?")) for s in steps]
@@ -135,6 +146,16 @@ class UpgradePlan:
                 "per step: upgrade to the next one first"
             )
         return steps
+
+    def _plan_steps(self, heads: Any) -> dict[str, Any]:
+        """Alembic's steps from `heads` to the plan's last revision, by revision."""
+        if not self.revisions:
+            return {}
+        try:
+            steps = self.script._upgrade_revs(self.revisions[-1], heads)
+        except Exception:  # e.g. a revision of another branch: each step is worked out alone
+            return {}
+        return {str(getattr(getattr(s, "revision", None), "revision", "")): s for s in steps}
 
     def _check(self, rev: str, stack: ExitStack) -> None:
         check = self.checks.get(rev)
