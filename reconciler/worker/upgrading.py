@@ -50,13 +50,19 @@ class PlanOutcome:
     stopped: bool = False
 
 
-def flush_at_the_end(context: Any) -> None:
-    """PostgreSQL: the next step's commit is not flushed on its own (`SET LOCAL
-    synchronous_commit`, this transaction only: it begins here and Alembic's step goes on in
-    it). The control plane's synchronous commit after the plan flushes the whole log, this
-    commit included (`db.journal.flushed_by_the_worker` says why that is safe)."""
-    if getattr(context.dialect, "name", "") == "postgresql":
-        context.execute("SET LOCAL synchronous_commit TO off")
+def defer_flushes(context: Any, deferring: bool, last: bool) -> bool:
+    """PostgreSQL: the steps' commits are not flushed one by one; the last one flushes them all.
+
+    Said in the transaction the next step runs in (it begins here, Alembic's step goes on in
+    it): `SET synchronous_commit TO off` for the session, committed with the first step, and
+    `RESET` in the last step's, so that its commit flushes the log, every earlier commit of the
+    plan included (a plan stopped or failed half-way is flushed by the control plane's commit
+    after it, see `db.journal.flushed_by_the_worker`, which says why this is safe). Whether the
+    session defers now."""
+    if getattr(context.dialect, "name", "") != "postgresql" or deferring == (not last):
+        return deferring
+    context.execute("RESET synchronous_commit" if last else "SET synchronous_commit TO off")
+    return not last
 
 
 def commits_per_step(context: Any) -> bool:
@@ -100,6 +106,7 @@ class UpgradePlan:
 
     def _generate(self, context: Any) -> Iterator[Any]:
         one_by_one = commits_per_step(context)
+        deferring = False
         finished: StepDone | None = None
         for n, rev in enumerate(self.revisions):
             # the first was journaled before the request: here env.py's connection may hold the
@@ -112,7 +119,7 @@ class UpgradePlan:
                 self._check(rev, stack)  # first: a step holds the module's upgrade() it was made with
                 steps = self._one_step(rev, context)  # (a revision file failing to load is no step's)
                 if steps and one_by_one:
-                    flush_at_the_end(context)
+                    deferring = defer_flushes(context, deferring, last=n == len(self.revisions) - 1)
                 self.running = rev
                 SECTIONS.begin(rev)
                 if steps:
