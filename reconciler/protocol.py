@@ -388,10 +388,7 @@ def request_line(request: Any) -> str:
 
 def parse_request(data: Mapping[str, Any]) -> Any:
     """The request a decoded line holds; the `init` request's protocol version is checked first."""
-    op = data.get("op")
-    cls = REQUESTS.get(op) if isinstance(op, str) else None
-    if cls is None:
-        raise ProtocolError(f"unknown worker request {op!r}")
+    cls = _class_of(data, "op", REQUESTS, "request")
     if cls is InitRequest:
         check_version(data.get("protocol"), PROTOCOL_VERSION)
     return decode(cls, {k: v for k, v in data.items() if k != "op"})
@@ -412,11 +409,17 @@ def event_line(event: Any) -> str:
 
 def parse_event(data: Mapping[str, Any]) -> Any:
     """The event (a NonTransactional or a StepEvent) a decoded line holds."""
-    name = data.get("event")
-    cls = EVENTS.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise ProtocolError(f"unknown worker event {name!r}")
+    cls = _class_of(data, "event", EVENTS, "event")
     return decode(cls, {k: v for k, v in data.items() if k != "event"})
+
+
+def _class_of(data: Mapping[str, Any], key: str, classes: Mapping[str, type], kind: str) -> type:
+    """The message class `data[key]` names, else ProtocolError ("unknown worker <kind>")."""
+    name = data.get(key)
+    cls = classes.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown worker {kind} {name!r}")
+    return cls
 
 
 def parse_reply(cls: type[T], data: Mapping[str, Any]) -> T:
