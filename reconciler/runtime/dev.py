@@ -396,6 +396,8 @@ class DevLoop(DraftGeneration):
                 confirm=f"reconciler confirm {result.revision}",
                 hint="or set [dev] allow_destructive = true; nothing was dropped",
             )
+            # Why here: the versions watcher skips the file this loop wrote; a run says it waits.
+            self.loop.trigger("held_back")
             return
         self._apply(DRAFT_TRIGGER if self.settings.dev.draft else "dev", Path(result.path), locked)
 
