@@ -83,14 +83,16 @@ class PlanRun:
             if not self._may_start(self.pending[reached]):
                 break
             try:
-                result = worker.upgrade(
-                    self.pending[reached:],
-                    on_step=self._on_step,
-                    after_step=self._flush,
-                    on_non_transactional=self._leaving,
-                )
+                try:
+                    result = worker.upgrade(
+                        self.pending[reached:],
+                        on_step=self._on_step,
+                        after_step=self._flush,
+                        on_non_transactional=self._leaving,
+                    )
+                finally:
+                    self._flush()  # the outcome an event left, before what this one ends with
             except RevisionFailed as exc:
-                self._flush()
                 self._failed(exc)
                 if not is_lock_timeout(exc) or attempt >= retries:
                     raise
@@ -98,13 +100,8 @@ class PlanRun:
                 self._pause_before_retry(exc.revision or self.pending[self.position], attempt, retries)
                 continue
             except Refused as exc:  # the guard's per-operation check: the revision was rolled back
-                self._flush()
                 self._refused(exc)
                 raise
-            except BaseException:
-                self._flush()
-                raise
-            self._flush()
             for step in result.steps:
                 self._record(self._close(step))
             if result.stopped:
@@ -123,7 +120,7 @@ class PlanRun:
         """The worker is about to run `event.begins` (`event.finished` committed): journal it
         `started` now; the finished one's outcome is written once the worker goes on
         (`_flush`, called after the answer is sent), beside the next revision's run."""
-        closed = self._close(event.finished) if event.finished is not None else None
+        closed = self._close(event.finished)
         if event.begins != self.pending[self.position]:
             self._record(closed)
             raise WorkerError(
