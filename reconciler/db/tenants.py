@@ -16,7 +16,9 @@ server can do better:
 - SQLite files: each opened read-only (`mode=ro`), read and closed; nothing is created.
 
 `heads` is None where the version table does not exist (never migrated), `()` where it is empty.
-`error` says why a tenant could not be read (heads None then); the others are still read.
+`error` says why a tenant could not be read (heads None then): a file that is no database, a
+PostgreSQL version table the login may not SELECT from (checked in the statement, which would fail
+whole otherwise), a database that cannot be connected to or does not exist; the others are read.
 Globs are fnmatch globs (case-sensitive); on a server, a LIKE pattern preselects (a superset) and
 fnmatch decides. The journal's side places (`db.placement`) are never tenants.
 """
@@ -102,10 +104,13 @@ _PG_ROWS = """(
     WHERE v.version_num IS NOT NULL)"""
 
 _PG_SCHEMA_ROWS = _PG_ROWS.format(query="format('SELECT version_num FROM %I.%I', n.nspname, c.relname)")
+# A table the login may not read would fail the whole statement: it is left unread, and said so.
+_PG_READABLE = "has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT')"
+_PG_SCHEMA_COLUMNS = f"""c.oid IS NOT NULL AS present, coalesce({_PG_READABLE}, false) AS readable,
+       CASE WHEN {_PG_READABLE} THEN {_PG_SCHEMA_ROWS} END AS heads"""
 
 _PG_SCHEMAS = f"""
-SELECT n.nspname, c.oid IS NOT NULL AS present,
-       CASE WHEN c.oid IS NOT NULL THEN {_PG_SCHEMA_ROWS} END AS heads
+SELECT n.nspname, true AS found, {_PG_SCHEMA_COLUMNS}
 FROM pg_namespace AS n
 LEFT JOIN pg_class AS c
        ON c.relnamespace = n.oid AND c.relname = :table AND c.relkind IN ('r', 'p')
@@ -114,8 +119,7 @@ WHERE n.nspname <> 'information_schema' AND left(n.nspname, 3) <> 'pg_'
 ORDER BY n.nspname"""
 
 _PG_NAMED_SCHEMAS = f"""
-SELECT t.name, n.oid IS NOT NULL AS found, c.oid IS NOT NULL AS present,
-       CASE WHEN c.oid IS NOT NULL THEN {_PG_SCHEMA_ROWS} END AS heads
+SELECT t.name, n.oid IS NOT NULL AS found, {_PG_SCHEMA_COLUMNS}
 FROM unnest(CAST(:names AS text[])) AS t(name)
 LEFT JOIN pg_namespace AS n ON n.nspname = t.name
 LEFT JOIN pg_class AS c
@@ -125,7 +129,8 @@ LEFT JOIN pg_class AS c
 _PG_DATABASE_ROWS = _PG_ROWS.format(query="'SELECT version_num FROM ' || r.oid::regclass::text")
 
 _PG_ONE_DATABASE = f"""
-SELECT r.oid IS NOT NULL AS present, CASE WHEN r.oid IS NOT NULL THEN {_PG_DATABASE_ROWS} END
+SELECT r.oid IS NOT NULL AS present, coalesce(has_table_privilege(r.oid, 'SELECT'), false),
+       CASE WHEN has_table_privilege(r.oid, 'SELECT') THEN {_PG_DATABASE_ROWS} END
 FROM (SELECT to_regclass(quote_ident(:table))::oid AS oid) AS r"""
 
 _PG_DATABASES = f"""
@@ -140,11 +145,7 @@ def discover_schemas(conn: sa.engine.Connection, match: str, version_table: str)
     rows = conn.execute(
         sa.text(_PG_SCHEMAS), {"table": version_table, "side": SIDE_SCHEMA, "like": like_pattern(match)}
     ).fetchall()
-    found = [
-        TenantVersions(str(name), _heads(heads) if present else None)
-        for name, present, heads in rows
-        if fnmatchcase(str(name), match)
-    ]
+    found = [_pg_tenant(row, version_table) for row in rows if fnmatchcase(str(row[0]), match)]
     return sorted(found, key=lambda tenant: tenant.name)
 
 
@@ -153,13 +154,22 @@ def _read_named_schemas(
 ) -> list[TenantVersions]:
     statement = sa.text(_PG_NAMED_SCHEMAS).bindparams(sa.bindparam("names", type_=postgresql.ARRAY(sa.Text)))
     rows = conn.execute(statement, {"names": list(names), "table": version_table}).fetchall()
-    out = []
-    for name, found, present, heads in rows:
-        if not found:
-            out.append(TenantVersions(str(name), None, f"schema {name!r} does not exist"))
-        else:
-            out.append(TenantVersions(str(name), _heads(heads) if present else None))
-    return out
+    return [_pg_tenant(row, version_table) for row in rows]
+
+
+def _pg_tenant(row: Sequence[object], version_table: str, what: str = "schema") -> TenantVersions:
+    """A tenant from (name, found, present, readable, heads)."""
+    name, found, present, readable, heads = row
+    if not found:
+        return TenantVersions(str(name), None, f"{what} {name!r} does not exist")
+    if present and not readable:
+        return TenantVersions(
+            str(name),
+            None,
+            f"the login may not read {version_table} in {what} {str(name)!r}: grant it SELECT on "
+            f"the table{' and USAGE on the schema' if what == 'schema' else ''}",
+        )
+    return TenantVersions(str(name), _heads(heads) if present else None)
 
 
 def _heads(values: object) -> tuple[str, ...]:
@@ -211,11 +221,11 @@ def _pg_databases(
     for name in names:
         try:
             with opener(name) as tenant:
-                present, heads = tenant.execute(sa.text(_PG_ONE_DATABASE), {"table": version_table}).one()
+                row = tenant.execute(sa.text(_PG_ONE_DATABASE), {"table": version_table}).one()
         except sa.exc.DBAPIError as exc:
             out.append(TenantVersions(name, None, f"database {name!r} could not be read: {_detail(exc)}"))
             continue
-        out.append(TenantVersions(name, _heads(heads) if present else None))
+        out.append(_pg_tenant((name, True, *row), version_table, "database"))
     return out
 
 

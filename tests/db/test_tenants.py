@@ -194,6 +194,33 @@ def test_discover_schemas_reads_200_schemas_in_one_statement(pg_url: str) -> Non
 
 
 @pytest.mark.postgres
+def test_discover_schemas_reports_a_version_table_the_login_may_not_read_and_reads_the_others(
+    pg_fleet: str,
+) -> None:
+    role = dbs.new_name("fleet_reader")
+    _run(pg_fleet, f"CREATE ROLE {role} NOLOGIN", f"GRANT USAGE ON SCHEMA tenant_a, tenant_empty TO {role}")
+    _run(pg_fleet, f"GRANT SELECT ON tenant_a.{VT} TO {role}")
+    engine = _engine(pg_fleet)
+    try:
+        with engine.connect() as conn:
+            conn.execute(verbatim(f"SET ROLE {role}"))
+            found = tenants.discover_schemas(conn, "tenant_[ae]*", VT)
+            conn.rollback()
+    finally:
+        engine.dispose()
+        _run(pg_fleet, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+    assert found == [
+        TenantVersions("tenant_a", ("a1",)),
+        TenantVersions(
+            "tenant_empty",
+            None,
+            f"the login may not read {VT} in schema 'tenant_empty': grant it SELECT on the table "
+            "and USAGE on the schema",
+        ),
+    ]
+
+
+@pytest.mark.postgres
 def test_read_versions_of_named_schemas_is_one_statement_and_names_a_missing_schema(pg_fleet: str) -> None:
     engine = _engine(pg_fleet)
     try:
@@ -272,7 +299,7 @@ def test_discover_databases_on_mariadb_reads_every_matching_database_in_two_roun
             conn.execute(sa.text("SELECT 1"))
             with _statements(engine) as sent:
                 found = tenants.discover_databases(conn, f"{mysql_fleet}_*", VT)
-        assert len(sent) <= 3, sent
+        assert len(sent) == 2, sent  # information_schema, then one UNION ALL: none per database
     finally:
         engine.dispose()
     assert found == [
@@ -557,3 +584,12 @@ def test_discover_files_reads_rows_still_in_the_write_ahead_log_of_an_open_write
         assert set(_snapshot(tmp_path)) == set(before)
     finally:
         writer.close()
+
+
+def test_read_versions_of_an_unknown_kind_is_a_value_error(tmp_path: Path) -> None:
+    engine = _engine(f"sqlite:///{tmp_path / 'q.db'}")
+    try:
+        with engine.connect() as conn, pytest.raises(ValueError, match="'files'"):
+            tenants.read_versions(conn, ["a"], VT, "files")
+    finally:
+        engine.dispose()
