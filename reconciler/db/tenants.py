@@ -13,7 +13,8 @@ server can do better:
   UNION ALL over those tables: two round trips, on the one connection.
 - PostgreSQL databases: a database is only readable from a connection to it; the caller's
   `connect(dbname)` gives one, read one after another, one statement each.
-- SQLite files: each opened read-only (`mode=ro`), read and closed; nothing is created.
+- SQLite files: each opened read-only (`mode=ro`), read and closed; nothing is created (a file in
+  WAL mode without a -wal file is read as `immutable`, else SQLite would create -wal and -shm).
 
 `heads` is None where the version table does not exist (never migrated), `()` where it is empty.
 `error` says why a tenant could not be read (heads None then): a file that is no database, a
