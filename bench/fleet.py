@@ -3,7 +3,7 @@ side with the peer, Flask-Migrate with `-x tenant=NAME` added to its env.py, run
 
     python -m bench.fleet [--tenants 1000 | --tenants postgresql=1000,mysql=50,sqlite=100]
                           [--dialects postgresql,mysql,sqlite] [--replicas 4] [--peer-sample 30]
-                          [--only status,apply,noop] [--history 3]
+                          [--only status,apply,noop] [--history 3] [--waves 1,10%,100%]
 
 Fleets (default sizes): 1,000 schemas in one PostgreSQL database, 50 MariaDB databases, 100 SQLite
 files, built in bulk at the project's head (--history revisions); the project is the generated
@@ -18,7 +18,8 @@ Flask-SQLAlchemy one with Flask-Migrate's unchanged env.py and a `[fleet]` secti
    (read with our own SQL); every tenant witnessed exactly once; 0 lock errors (a replica exiting 3,
    or a stderr line naming a lock timeout).
 3. noop: one tick of the daemon (`reconcile_fleet`, median of 3 after one warm-up) with every tenant
-   in sync, against the peer's upgrade loop at head. Goal: ≤ 1 s.
+   in sync, against the peer's upgrade loop at head. Goal: ≤ 1 s. Also shown: one whole
+   `reconciler apply` process at head, and the fleet's counts from `status --json` at the end.
 
 The peer takes about a second per tenant, so it runs on --peer-sample tenants of its own (a copy of
 the project, `peer_*` tenants) and its total is extrapolated linearly to the fleet size; the table
@@ -251,7 +252,10 @@ def status_case(found: Fleet, report: Report) -> None:
     read_result = ours_or_note(report, "fleet read", read)
     if read_result is not None:
         first, _typical, result = read_result
-        report.note(f"fleet read: first {first * 1000:.1f} ms, tenants={_field(result, 'tenants')}")
+        counted = _field(result, "tenants")
+        report.note(f"fleet read: first {first * 1000:.1f} ms, tenants={counted}")
+        if counted != len(found.tenants):
+            report.note(f"read_fleet counted {counted} tenants, the fleet has {len(found.tenants)}")
     cli = ours_or_note(report, "status --json", lambda: cli_status(found))
     if cli is not None:
         shown = cli[1].get("tenants")
@@ -317,11 +321,27 @@ def noop_case(found: Fleet, report: Report) -> None:
     if result is not None:
         typical = result[1]
         report.note(f"no-op tick: first {result[0] * 1000:.1f} ms")
-        after = found.witness.read_text() if found.witness.exists() else ""
-        if after != before:
-            report.note("the no-op ticks ran the new revision again (the witness grew)")
-            typical = f"{typical:.3f} (applied)"
+    process = ours_or_note(report, "apply process at head", lambda: apply_process(found))
+    cli = ours_or_note(report, "status --json after", lambda: cli_status(found, repeat=1))
+    if cli is not None:
+        report.note(f"status --json at the end: counts={cli[1].get('counts')} failed={cli[1].get('failed')}")
+    if (found.witness.read_text() if found.witness.exists() else "") != before:
+        report.note("the no-op runs ran the new revision again (the witness grew)")
+        typical = f"{typical:.3f} (applied)" if isinstance(typical, float) else "applied"
     report.cases.append(Case("noop: tick, all in sync", typical, peer, "≤ 1 s", _at_most(typical, 1.0)))
+    report.cases.append(Case("noop: apply process", process, peer, "(info)", None))
+
+
+def apply_process(found: Fleet) -> float:
+    """Seconds of one whole `reconciler apply` process with every tenant in sync."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        reconciler(found.ours, "apply"), cwd=found.ours.root, env=found.env, capture_output=True, text=True
+    )
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise OursUnavailable(f"`reconciler apply` exited {done.returncode}: {_last_line(done.stderr)}")
+    return elapsed
 
 
 def _at_most(value: float | str | None, goal: float) -> bool | None:
@@ -335,7 +355,7 @@ def measure(dialect: str, size: int, args: argparse.Namespace, folder: Path) -> 
     sample = args.peer_sample
     report = Report(dialect, size, sample)
     started = time.perf_counter()
-    with fleet(dialect, folder, size, sample, args.history) as found:
+    with fleet(dialect, folder, size, sample, args.history, args.waves) as found:
         report.note(
             f"{size} tenants and {sample} peer tenants built in {time.perf_counter() - started:.1f} s"
         )
@@ -392,6 +412,7 @@ def main() -> None:
     parser.add_argument("--peer-sample", type=int, default=30, help="tenants the peer loop runs on")
     parser.add_argument("--only", default="status,apply,noop", help="cases, comma-separated")
     parser.add_argument("--history", type=int, default=3, help="revisions the tenants are at before")
+    parser.add_argument("--waves", help="[fleet] waves, e.g. 1,10%%,100%% (default: the tool's default)")
     args = parser.parse_args()
     args.only = set(args.only.split(","))
     unknown = args.only - {"status", "apply", "noop"}

@@ -102,13 +102,16 @@ class Fleet:
         return {**self.env, WITNESS_VARIABLE: str(self.peer_witness)}
 
 
-def _fleet_section(dialect: str, uid: str) -> str:
+def _fleet_section(dialect: str, uid: str, waves: str | None) -> str:
     source, match = {
         "postgresql": ("schemas", "tenant_*"),
         "mysql": ("databases", f"tenant_{uid}_*"),
         "sqlite": ("files", "tenants/*.db"),
     }[dialect]
-    return f'\n[fleet]\nsource = "{source}"\nmatch = "{match}"\nconcurrency = 8\n'
+    section = f'\n[fleet]\nsource = "{source}"\nmatch = "{match}"\nconcurrency = 8\n'
+    if waves:
+        section += "waves = [" + ", ".join(f'"{w.strip()}"' for w in waves.split(",")) + "]\n"
+    return section
 
 
 def _peer_project(folder: Path, url: str, history: int) -> Project:
@@ -209,7 +212,9 @@ def _mysql_cleanup(uid: str) -> None:
 
 
 @contextmanager
-def fleet(dialect: str, folder: Path, size: int, peers: int, history: int) -> Iterator[Fleet]:
+def fleet(
+    dialect: str, folder: Path, size: int, peers: int, history: int, waves: str | None = None
+) -> Iterator[Fleet]:
     """A throwaway fleet of `size` tenants (and `peers` peer tenants) at revision `history`."""
     uid = uuid.uuid4().hex[:8]
     folder = folder.resolve()  # SQLite reports a tenant file by its resolved path
@@ -220,7 +225,7 @@ def fleet(dialect: str, folder: Path, size: int, peers: int, history: int) -> It
         with redirect_stdout(io.StringIO()):  # Alembic's init lists every file it writes
             ours = project(folder / "ours", url, history)
             peer = _peer_project(folder / "peer", url, history)
-        ours.write_config(extra=_fleet_section(dialect, uid), models="myapp.models:db")
+        ours.write_config(extra=_fleet_section(dialect, uid, waves), models="myapp.models:db")
         if dialect == "postgresql":
             tenants = [f"tenant_{n:04d}" for n in range(size)]
             peer_tenants = [f"peer_{n:04d}" for n in range(peers)]
