@@ -253,6 +253,7 @@ def status_case(found: Fleet, report: Report) -> None:
     if read_result is not None:
         first, _typical, result = read_result
         counted = _field(result, "tenants")
+        counted = len(counted) if isinstance(counted, (tuple, list)) else counted
         report.note(f"fleet read: first {first * 1000:.1f} ms, tenants={counted}")
         if counted != len(found.tenants):
             report.note(f"read_fleet counted {counted} tenants, the fleet has {len(found.tenants)}")

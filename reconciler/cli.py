@@ -109,10 +109,11 @@ def status(ctx: Context, as_json: bool) -> int:
 
     with options.reconciler(ctx) as handle:
         result = inspect.status(handle)
+        fleet = inspect.fleet(handle.settings)
     if as_json:
-        emit_json(result.as_dict())
+        emit_json({**result.as_dict(), **({"fleet": fleet} if fleet else {})})
     else:
-        _echo(output.status_lines(result.as_dict(), ctx.colour(sys.stdout)))
+        _echo(output.status_lines(result.as_dict(), ctx.colour(sys.stdout), fleet))
     return errors.EXIT_UNREACHABLE if result.sync_state == "unknown" else EXIT_OK
 
 
@@ -120,11 +121,7 @@ def status(ctx: Context, as_json: bool) -> int:
 @click.option("--sql", is_flag=True, help="print the pending revisions' SQL (offline)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
 @click.option(
-    "--fail-on",
-    "fail_on",
-    multiple=True,
-    type=click.Choice(["data-loss", "lock-risk"]),
-    help="exit 6 when the pending revisions have findings of this class (a CI gate)",
+    "--fail-on", "fail_on", multiple=True, type=click.Choice(options.FAIL_ON), help=options.FAIL_ON_HELP
 )
 @command
 def plan(ctx: Context, sql: bool, as_json: bool, fail_on: tuple[str, ...]) -> int:
@@ -147,9 +144,13 @@ def plan(ctx: Context, sql: bool, as_json: bool, fail_on: tuple[str, ...]) -> in
 @command
 def apply(ctx: Context) -> int:
     """One reconcile: take the lock, upgrade to the heads, verify."""
+    from reconciler.commands import fleet  # deferred: CLI start-up time
     from reconciler.control.applying import summary  # deferred: CLI start-up time
     from reconciler.control.reconcile import reconcile_once  # deferred: CLI start-up time
 
+    if ctx.fleet() is not None:
+        click.echo(fleet.summary(fleet.apply(ctx.settings())), err=True)
+        return EXIT_OK
     with options.reconciler(ctx) as handle, output.progress_line(ctx) as progress:
         result = reconcile_once(handle, trigger="apply", progress=progress)
     click.echo(summary(result, ids=ctx.verbose), err=True)
@@ -223,13 +224,7 @@ def config_command(ctx: Context, example: bool) -> int:
 
 
 @main.command()
-@click.option(
-    "--flask-app",
-    "flask_app",
-    envvar="FLASK_APP",
-    default="",
-    help="the Flask app's module, as FLASK_APP (default: FLASK_APP, else wsgi.py / app.py)",
-)
+@click.option("--flask-app", "flask_app", envvar="FLASK_APP", default="", help=options.FLASK_APP_HELP)
 @command
 def init(ctx: Context, flask_app: str) -> int:
     """Create a migrations directory: `flask db init`'s layout for a Flask project, else Alembic's."""
@@ -358,11 +353,13 @@ def suspend(ctx: Context, reason: str) -> int:
 @main.command()
 @command
 def resume(ctx: Context) -> int:
-    """Let replicas apply again (clears `suspended`, and a `blocked` revision)."""
-    from reconciler.commands import repair  # deferred: CLI start-up time
+    """Let replicas apply again (clears `suspended`, a `blocked` revision, a fleet's halt)."""
+    from reconciler.commands import fleet, repair  # deferred: CLI start-up time
 
     with options.reconciler(ctx) as handle:
         cleared = repair.resume(handle)
+    if ctx.fleet() is not None and (lifted := fleet.lift_halt(ctx.settings())) is not None:
+        cleared.append(f"the halt of wave {lifted + 1}")
     click.echo(f"resumed ({', '.join(cleared) or 'nothing was suspended or blocked'})", err=True)
     return EXIT_OK
 

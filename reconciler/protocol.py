@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Optional, TypeVar
 from reconciler.codec import ProtocolError as ProtocolError
 from reconciler.codec import decode, encode
 
-PROTOCOL_VERSION = 2  # 2: one upgrade request per plan, with step events
+PROTOCOL_VERSION = 3  # 2: one upgrade request per plan, with step events; 3: a job's search_path
 DEFAULT_VERSION_TABLE = "alembic_version"
 JOURNAL_TABLES = ("reconciler_journal", "reconciler_journal_flags")
 
@@ -61,6 +61,7 @@ class Job:
     ddl_lock_timeout: float = 0.0
     statement_timeout: float = 0.0
     set_role: str = ""
+    search_path: str = ""  # PostgreSQL: the tenant's schema, set on every connection (see sessions)
     connect_timeout: float = 0.0
     expected_identity: Optional[Mapping[str, str]] = None  # noqa: UP045
     secrets: Sequence[str] = field(default=(), repr=False)

@@ -73,14 +73,19 @@ def session_statements(
     ddl_lock_timeout: float = 0.0,
     statement_timeout: float = 0.0,
     set_role: str = "",
+    search_path: str = "",
 ) -> list[str]:
-    """SQL statements that configure one new connection for `dialect` (a backend name)."""
+    """SQL statements that configure one new connection for `dialect` (a backend name);
+    `search_path` (a PostgreSQL schema: a tenant's) becomes the only schema searched."""
     out: list[str] = []
     if dialect == "postgresql":
         safe = app_name.replace("'", "''")
         out.append(f"SET application_name = '{safe}'")
         out.append(f"SET lock_timeout = {_seconds_ms(ddl_lock_timeout)}")
         out.append(f"SET statement_timeout = {_seconds_ms(statement_timeout)}")
+        if search_path:
+            quoted = search_path.replace('"', '""')
+            out.append(f'SET search_path TO "{quoted}"')
     elif dialect in ("mysql", "mariadb") and ddl_lock_timeout > 0:
         out.append(f"SET SESSION lock_wait_timeout = {max(1, round(ddl_lock_timeout))}")
     role = set_role_statement(dialect, set_role)

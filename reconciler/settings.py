@@ -73,6 +73,10 @@ class TargetSettings:
     worker_timeout: float = field(
         default=3600.0, metadata={"doc": "seconds one worker job may take before it is killed"}
     )
+    search_path: str = field(
+        default="",
+        metadata={"doc": "PostgreSQL: a schema set as the worker's search_path ([fleet]: each tenant's)"},
+    )
     revision_id_length: int = field(
         default=32,
         metadata={"doc": "longest revision id accepted: the version table's column width (Alembic: 32)"},
@@ -278,6 +282,36 @@ class SafetySettings:
     )
 
 
+FLEET_SOURCES = ("schemas", "databases", "files", "query", "list")
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    source: str = field(
+        default="",
+        metadata={"doc": "schemas | databases | files | query | list; empty: no fleet (one target)"},
+    )
+    match: str = field(default="*", metadata={"doc": "glob over schema names, database names or file paths"})
+    query: str = field(default="", metadata={"doc": "source = query: SQL returning one tenant name per row"})
+    names: list[str] = field(default_factory=list, metadata={"doc": "source = list: the tenants"})
+    kind: str = field(
+        default="schemas",
+        metadata={"doc": "source = query or list: whether a name is a schema or a database"},
+    )
+    concurrency: int = field(default=8, metadata={"doc": "tenants one replica applies at once"})
+    waves: list[str] = field(
+        default_factory=lambda: ["100%"],
+        metadata={"doc": "rollout waves, cumulative: a count or a share of the tenants, in order"},
+    )
+    halt_after: int = field(
+        default=1, metadata={"doc": "failed tenants in a wave that halt the rollout; 0 = never"}
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.source)
+
+
 @dataclass(frozen=True)
 class AlertSink:
     kind: str = field(default="webhook", metadata={"doc": "webhook (JSON) or slack"})
@@ -301,6 +335,7 @@ class Settings:
     alerting: AlertingSettings = AlertingSettings()
     drift: DriftSettings = DriftSettings()
     safety: SafetySettings = SafetySettings()
+    fleet: FleetSettings = FleetSettings()
     alerts: tuple[AlertSink, ...] = ()
     unsafe: frozenset[str] = frozenset()  # safeguards switched off, for negative-control tests only
     chains: tuple[ChainSettings, ...] = ()  # [[target.chains]]: more chains of the same database
@@ -332,6 +367,7 @@ SECTIONS: dict[str, type] = {
     "alerting": AlertingSettings,
     "drift": DriftSettings,
     "safety": SafetySettings,
+    "fleet": FleetSettings,
 }
 LIST_SECTIONS: dict[str, type] = {"alerts": AlertSink}
 NESTED_LISTS: dict[str, type] = {"target.chains": ChainSettings}  # [[target.chains]] tables

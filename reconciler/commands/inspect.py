@@ -12,6 +12,7 @@ from typing import Any
 
 from reconciler import logs
 from reconciler.commands.common import revision_id
+from reconciler.control import fleet as control_fleet
 from reconciler.control import guard
 from reconciler.control.drift import compare, read_worker
 from reconciler.control.reading import read_graph, read_status
@@ -21,6 +22,7 @@ from reconciler.core.drift import without_ignored
 from reconciler.core.status import Status, applied_revisions, refuse_unless_applicable
 from reconciler.db import connection, journal
 from reconciler.errors import ConfigError, ReconcilerError, Refused, StateError, UnreachableError
+from reconciler.settings import Settings
 
 log = logs.get("reconciler.admin")
 
@@ -59,8 +61,22 @@ def plan_findings(handle: TargetHandle, status: Status) -> guard.Analysis:
 
 
 def status(handle: TargetHandle) -> Status:
-    """`reconciler status`: the target's state, pending revisions analysed by the guard."""
+    """`reconciler status`: the target's state, pending revisions analysed by the guard (not a
+    fleet's base target: its tenants are what a fleet applies, `fleet` reads them)."""
+    if handle.settings.fleet.enabled:
+        return read_status(handle)
     return analysed_status(handle, read_status(handle))
+
+
+def fleet(settings: Settings) -> dict[str, Any] | None:
+    """The fleet's part of `status` ([fleet] set, no --tenant): None without a fleet."""
+    if not settings.fleet.enabled:
+        return None
+    found = control_fleet.open_fleet(settings)
+    try:
+        return control_fleet.read_fleet(found).as_dict()
+    finally:
+        control_fleet.release_fleet(found)
 
 
 def analysed_status(handle: TargetHandle, status: Status) -> Status:

@@ -148,6 +148,7 @@ def load_settings(
         alerting=sections["alerting"],
         drift=sections["drift"],
         safety=sections["safety"],
+        fleet=sections["fleet"],
         alerts=_alert_sinks(
             tables.get("alerts", []),
             origin,

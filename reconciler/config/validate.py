@@ -11,13 +11,16 @@ from reconciler.config import appsource
 from reconciler.core import urlcheck
 from reconciler.core.alert_rules import EVENTS
 from reconciler.core.drift import parse_rule
+from reconciler.core.fleet import check_tenant_name, parse_waves
 from reconciler.errors import ConfigError
 from reconciler.redact import redact
 from reconciler.settings import (
+    FLEET_SOURCES,
     JOURNAL_PLACEMENTS,
     MAIN_CHAIN,
     DaemonSettings,
     DriftSettings,
+    FleetSettings,
     JournalSettings,
     SafetySettings,
     Settings,
@@ -82,6 +85,9 @@ def validate(settings: Settings, origin: dict[tuple[str, str], str], need_dir: b
     _validate_role(settings.apply.role, origin.get(("apply", "role"), "[apply] role"))
     _validate_drift(settings.drift, origin)
     _validate_safety(settings.safety, origin)
+    _validate_fleet(settings.fleet, origin)
+    if target.search_path and (problem := check_tenant_name(target.search_path)):
+        raise ConfigError(f"{where('search_path')}: {target.search_path!r}: {problem}")
     if target.python and not Path(target.python).exists():
         raise ConfigError(f"{where('python')}: interpreter {target.python} does not exist")
 
@@ -126,6 +132,49 @@ def _validate_chains(settings: Settings, origin: dict[tuple[str, str], str], nee
         tables[chain.version_table] = f"chain {chain.name!r}"
         dirs[directory] = chain.name
         names.add(chain.name)
+
+
+_FLEET_KINDS = ("schemas", "databases", "files")
+
+
+def _validate_fleet(fleet: FleetSettings, origin: dict[tuple[str, str], str]) -> None:
+    """[fleet]: a known source with what it needs, a bounded concurrency, waves that parse."""
+
+    def where(key: str) -> str:
+        return origin.get(("fleet", key), f"[fleet] {key}")
+
+    if not fleet.source:
+        return
+    if fleet.source not in FLEET_SOURCES:
+        raise ConfigError(
+            f"{where('source')}: source must be one of {', '.join(FLEET_SOURCES)}, got {fleet.source!r}"
+        )
+    if fleet.source == "query" and not fleet.query.strip():
+        raise ConfigError(
+            f'{where("query")}: source = "query" needs a query returning one tenant name per row'
+        )
+    if fleet.source == "list" and not fleet.names:
+        raise ConfigError(f'{where("names")}: source = "list" needs names = ["tenant_a", ...]')
+    for name in fleet.names:
+        if problem := check_tenant_name(name):
+            raise ConfigError(f"{where('names')}: {name!r}: {problem}")
+    if fleet.kind not in _FLEET_KINDS:
+        raise ConfigError(
+            f"{where('kind')}: kind must be one of {', '.join(_FLEET_KINDS)}, got {fleet.kind!r}"
+        )
+    if not 1 <= fleet.concurrency <= 64:
+        raise ConfigError(
+            f"{where('concurrency')}: concurrency must be 1 to 64 (each applying tenant holds a "
+            f"connection), got {fleet.concurrency}"
+        )
+    if fleet.halt_after < 0:
+        raise ConfigError(
+            f"{where('halt_after')}: halt_after must be 0 (never) or more, got {fleet.halt_after}"
+        )
+    try:
+        parse_waves(fleet.waves)
+    except ValueError as exc:
+        raise ConfigError(f"{where('waves')}: {exc}") from None
 
 
 _ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$.-]{0,62}$")

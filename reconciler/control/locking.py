@@ -148,11 +148,17 @@ def _announced(
 
 
 def _prove_affinity(handle: TargetHandle, lock_conn: sa.engine.Connection, engine: sa.engine.Engine) -> None:
-    """Invariant 5: a session lock is trusted only on a provably private server session."""
+    """Invariant 5: a session lock is trusted only on a provably private server session (a
+    fleet's shared session once, see `Engines.shared`)."""
     where = redact(engine.url.render_as_string(hide_password=True))
-    affinity.require(
-        lock_conn,
-        lambda: connection.connect(handle.engines.get_probe(engine)),
-        where,
-        bool(handle.settings.target.lock_url),
-    )
+    proof = handle.engines.proof
+    with proof.lock:
+        if proof.proven:
+            return
+        affinity.require(
+            lock_conn,
+            lambda: connection.connect(handle.engines.get_probe(engine)),
+            where,
+            bool(handle.settings.target.lock_url),
+        )
+        proof.proven = handle.engines.shared

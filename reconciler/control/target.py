@@ -12,6 +12,7 @@ main handle's engines, journal place and lock key: one database, one connection,
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,16 +38,33 @@ log = logs.get("reconciler.reconcile")
 T = TypeVar("T")
 
 
+@dataclass
+class AffinityProof:
+    """Whether the lock's session was proven private: kept only for a shared session."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    proven: bool = False
+
+
 class Engines:
     """The target's engines, made on first use and kept: the main one (one pooled connection),
-    the lock's (`[target] lock_url`), and the affinity proof's unpooled second client."""
+    the lock's (`[target] lock_url`), and the affinity proof's unpooled second client.
 
-    def __init__(self, settings: Settings, place: placement.Place) -> None:
+    `shared` engines serve many tenants of a fleet over one server session (control.fleet): its
+    affinity is proven once (`proof`, shared by the tenants), since concurrent proofs on one
+    session would read each other's marker."""
+
+    shared = False
+
+    def __init__(
+        self, settings: Settings, place: placement.Place, proof: AffinityProof | None = None
+    ) -> None:
         self._settings = settings
         self._place = place
         self.main: sa.engine.Engine | None = None
         self.lock: sa.engine.Engine | None = None
         self.probe: sa.engine.Engine | None = None
+        self.proof = proof or AffinityProof()
 
     def get_main(self) -> sa.engine.Engine:
         if self.main is None:
@@ -168,9 +186,19 @@ class TargetHandle:
         return None
 
 
-def open_target(settings: Settings, on_worker_log: Callable[[str], None] | None = None) -> TargetHandle:
+EnginesFactory = Callable[[Settings, placement.Place], Engines]
+
+
+def open_target(
+    settings: Settings,
+    on_worker_log: Callable[[str], None] | None = None,
+    *,
+    engines_of: EnginesFactory = Engines,
+    project: Project[Worker] | None = None,
+) -> TargetHandle:
     """The handle of `settings`' target and its chains. Connects to nothing; `release_target`
-    closes what it opened."""
+    closes what it opened. A fleet passes its tenants the engines (`engines_of`) and the
+    project (one revision graph for all of them) they share."""
     place = placement.Place(
         settings.journal.table,
         settings.target.url,
@@ -178,7 +206,7 @@ def open_target(settings: Settings, on_worker_log: Callable[[str], None] | None 
         settings.journal.schema,
         settings.target.version_table_schema or None,
     )
-    engines = Engines(settings, place)
+    engines = engines_of(settings, place)
     key = locks.lock_key(
         sa.engine.make_url(settings.target.url).database or "",
         settings.target.version_table_schema or None,
@@ -191,7 +219,9 @@ def open_target(settings: Settings, on_worker_log: Callable[[str], None] | None 
     def handle(chain_of: Settings, chain: str, chains: tuple[TargetHandle, ...]) -> TargetHandle:
         return TargetHandle(
             chain_of,
-            Project(chain_of, start_worker=start_headers_worker),
+            project
+            if project is not None and not chain
+            else Project(chain_of, start_worker=start_headers_worker),
             place,
             engines,
             key,

@@ -110,6 +110,7 @@ class WorkerJob(protocol.Job):
             ddl_lock_timeout=settings.apply.ddl_lock_timeout,
             statement_timeout=settings.apply.statement_timeout,
             set_role=settings.apply.role,
+            search_path=t.search_path,
             connect_timeout=settings.apply.connect_timeout,
             expected_identity=dict(expected_identity) if expected_identity else None,
             secrets=tuple(p for p in (_password(the_url), _password(t.lock_url)) if p),

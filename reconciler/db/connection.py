@@ -16,6 +16,7 @@ from sqlalchemy import event
 
 from reconciler import sessions
 from reconciler.core.state import DbSnapshot
+from reconciler.db.journal import SHARED_SESSION
 from reconciler.errors import UnreachableError
 from reconciler.redact import redact
 
@@ -52,15 +53,33 @@ def make_engine(
     role: str = "ctl",
     pooled: bool = True,
     on_connect: Callable[[Any], object] | None = None,
+    shared: bool = False,
 ) -> sa.engine.Engine:
     """`pooled` False: every connection is new and closed for good afterwards (a probe's).
-    `on_connect` runs on each new DBAPI connection (SQLite: attach the journal's side file)."""
+    `on_connect` runs on each new DBAPI connection (SQLite: attach the journal's side file).
+    `shared` (see `shares_sessions`): every connection of the engine, in any thread, is one
+    server session, in autocommit: a fleet's tenants take their locks and write their journal
+    rows on it, so a fleet of any size costs one control-plane connection."""
     parsed = sa.engine.make_url(url)
     backend = parsed.get_backend_name()
     connect_args = _connect_args(backend, parsed.get_driver_name(), connect_timeout)
     # One pooled connection, kept between runs: the in-sync run is then a single round trip
     # (no pre-ping; a connection the server dropped is retried once by the caller).
-    if not pooled:
+    if shared and shares_sessions(url):
+        engine = sa.create_engine(
+            parsed,
+            future=True,
+            isolation_level="AUTOCOMMIT",
+            poolclass=sa.pool.StaticPool,
+            pool_reset_on_return=None,
+            connect_args=connect_args,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _mark_shared(_dbapi_connection: Any, record: Any) -> None:
+            record.info[SHARED_SESSION] = True
+
+    elif not pooled:
         engine = sa.create_engine(
             parsed,
             future=True,
@@ -103,6 +122,17 @@ def make_engine(
 def backend_of(engine: sa.engine.Engine) -> str:
     name = engine.dialect.name
     return "mysql" if name == "mariadb" else name
+
+
+_THREAD_SAFE_DRIVERS = ("psycopg2", "psycopg")  # a connection may be used by several threads
+
+
+def shares_sessions(url: str) -> bool:
+    """Whether `make_engine(shared=True)` gives one shared session for `url`: PostgreSQL through
+    a driver whose connections are thread-safe (psycopg2, psycopg 3). Else the engine is an
+    ordinary pooled one."""
+    parsed = sa.engine.make_url(url)
+    return parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in _THREAD_SAFE_DRIVERS
 
 
 @contextmanager

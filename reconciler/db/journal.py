@@ -148,6 +148,9 @@ def record_started(
     return int(key[0]) if key and key[0] is not None else _last_id(conn, jt)
 
 
+SHARED_SESSION = "reconciler_shared_session"  # a connection's info key: see db.connection.make_engine
+
+
 @contextmanager
 def flushed_by_the_worker(conn: sa.engine.Connection) -> Iterator[None]:
     """While a plan runs on PostgreSQL, its commits (ours and the worker's, see
@@ -160,7 +163,9 @@ def flushed_by_the_worker(conn: sa.engine.Connection) -> Iterator[None]:
     transaction id) flushes the log up to it, every revision of the plan included, before the
     run reports them applied: as durable as `flask db upgrade`'s one commit at the end. Other
     dialects: nothing changes (SQLite's side file is its own file)."""
-    postgres = conn.dialect.name == "postgresql"
+    # A fleet's shared session (control.fleet) serves other tenants' runs at the same time: one
+    # of them resetting the setting would leave another's end unflushed. It keeps it on.
+    postgres = conn.dialect.name == "postgresql" and not conn.info.get(SHARED_SESSION)
     if postgres:
         conn.exec_driver_sql("SET synchronous_commit TO off")
         _commit(conn)

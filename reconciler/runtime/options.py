@@ -26,8 +26,11 @@ from reconciler.settings import Settings
 if TYPE_CHECKING:
     from reconciler.control.target import TargetHandle
 
-GLOBAL_KEYS = ("config", "url", "migrations", "models", "log_format")
+GLOBAL_KEYS = ("config", "url", "migrations", "models", "log_format", "tenant")
 GLOBAL_FLAGS = ("quiet", "verbose", "no_color")
+FLASK_APP_HELP = "the Flask app's module, as FLASK_APP (default: FLASK_APP, else wsgi.py / app.py)"
+FAIL_ON = ("data-loss", "lock-risk")
+FAIL_ON_HELP = "exit 6 when the pending revisions have findings of this class (a CI gate)"
 DAEMON_COMMANDS = frozenset({"run"})  # long-running: logs for a collector when not on a terminal
 # The global options, accepted before and after the command name: (names, help, kind), kind one of
 # "value", "flag" (is_flag, default None) or "log_format" (a choice of logs.FORMATS).
@@ -36,6 +39,7 @@ GLOBAL_OPTIONS = (
     (("--url", "url"), "database URL (overrides [target] url)", "value"),
     (("--migrations", "migrations"), "migrations directory", "value"),
     (("--models", "models"), "models as pkg.module:attr", "value"),
+    (("--tenant", "tenant"), "one tenant of [fleet] (its schema, database or file) as the target", "value"),
     (("-q", "--quiet", "quiet"), "errors and the final summary only", "flag"),
     (("-v", "--verbose", "verbose"), "debug logs, every revision id in summaries", "flag"),
     (
@@ -64,6 +68,7 @@ class Context:
         self.daemon_overrides: dict[str, Any] = {}
         self.daemon = False  # the command is `run`
         self.log_format = "auto"  # as resolved with the settings (`--log-format`, [logging] format)
+        self._settings: dict[tuple[bool, bool, bool], Settings] = {}  # loaded once per command
 
     def take(self, values: dict[str, Any], command: str | None = None) -> None:
         """Take the global options out of a command's `values` (the group's: `command` None)."""
@@ -105,9 +110,20 @@ class Context:
             colour=self.colour(sys.stderr),
         )
 
+    def fleet(self) -> Settings | None:
+        """The settings when they set a [fleet] and no --tenant picks one of it (else None)."""
+        settings = self.settings()
+        return settings if settings.fleet.enabled and not self.options["tenant"] else None
+
     def settings(
         self, require_url: bool = True, require_migrations: bool = True, resolve_alerts: bool = False
     ) -> Settings:
+        key = (require_url, require_migrations, resolve_alerts)
+        if key not in self._settings:
+            self._settings[key] = self._load(require_url, require_migrations, resolve_alerts)
+        return self._settings[key]
+
+    def _load(self, require_url: bool, require_migrations: bool, resolve_alerts: bool) -> Settings:
         overrides = {
             "target": {
                 "url": self.options["url"],
@@ -133,14 +149,37 @@ class Context:
 
 @contextmanager
 def reconciler(ctx: Context) -> Iterator[TargetHandle]:
-    """The target's control plane, closed (connections released) when the command ends."""
+    """The target's control plane, closed (connections released) when the command ends; with
+    `--tenant`, that tenant of the fleet."""
     from reconciler.control.target import open_target, release_target  # deferred: CLI start-up time
 
+    tenant = ctx.options["tenant"]
+    if tenant:
+        with tenant_handle(ctx.settings(), tenant) as handle:
+            yield handle
+        return
     handle = open_target(ctx.settings())
     try:
         yield handle
     finally:
         release_target(handle)
+
+
+@contextmanager
+def tenant_handle(settings: Settings, tenant: str) -> Iterator[TargetHandle]:
+    """One tenant of the fleet (refused unless the fleet lists it), released at the end."""
+    from reconciler.control import fleet  # deferred: CLI start-up time
+
+    if not settings.fleet.enabled:
+        raise ConfigError(
+            f"--tenant {tenant}: no [fleet] is configured; set [fleet] source, or drop --tenant"
+        )
+    found = fleet.open_fleet(settings)
+    try:
+        fleet.require_tenant(found, tenant)
+        yield found.handle(tenant)
+    finally:
+        fleet.release_fleet(found)
 
 
 def check_seconds(option: str, value: float, zero: bool, example: str) -> None:

@@ -26,8 +26,10 @@ if TYPE_CHECKING:
     from reconciler.runtime.options import Context
 
 
-def status_lines(data: dict[str, Any], colour: bool = False) -> list[str]:
-    """`status` as text (stdout)."""
+def status_lines(
+    data: dict[str, Any], colour: bool = False, fleet: dict[str, Any] | None = None
+) -> list[str]:
+    """`status` as text (stdout); a fleet's counts, wave and failed tenants after it."""
     lines = [
         f"target:     {data['target']} ({data['url']})",
         f"state:      {terminal.state(data['state'], colour)}",
@@ -44,6 +46,23 @@ def status_lines(data: dict[str, Any], colour: bool = False) -> list[str]:
     checked = (data.get("guard") or {}).get("checked_per_operation")
     if checked:
         lines.append(f"guard:      checked operation by operation as they run: {', '.join(checked)}")
+    return lines + (fleet_lines(fleet, colour) if fleet else [])
+
+
+def fleet_lines(fleet: dict[str, Any], colour: bool) -> list[str]:
+    counts = ", ".join(f"{n} {terminal.state(state, colour)}" for state, n in fleet["counts"].items())
+    wave = fleet["wave"]
+    lines = [f"fleet:      {fleet['tenants']} tenants ({fleet['source']}): {counts or 'none'}"]
+    if wave["count"] > 1 or wave["halted"]:
+        lines.append(
+            f"wave:       {wave['index'] + 1} of {wave['count']}"
+            + (" (complete)" if wave["complete"] else "")
+        )
+    if wave["halted"]:
+        lines.append(f"halted:     {wave['reason']}")
+    if fleet["suspended"]:
+        lines.append("suspended:  no tenant is applied until `reconciler resume`")
+    lines += [f"failed:     {t['name']}: {t['error'] or t['revision']}" for t in fleet["failed"][:20]]
     return lines
 
 

@@ -126,6 +126,7 @@ class IdentityCheck:
             self.job.ddl_lock_timeout,
             self.job.statement_timeout,
             self.job.set_role,
+            self.job.search_path,
         )
         sessions.run_session_statements(dbapi_connection, statements)
 
@@ -189,6 +190,7 @@ class ConfigureWrapper:
     exclude_tables: frozenset[str]
     version_table: str = DEFAULT_VERSION_TABLE
     version_table_schema: str = ""
+    search_path: str = ""  # a tenant's schema: env.py that names no version schema gets this one
 
 
 def install_configure_wrapper(wrapper: ConfigureWrapper) -> None:
@@ -226,6 +228,9 @@ def install_configure_wrapper(wrapper: ConfigureWrapper) -> None:
 
 def _check_version_table(kwargs: dict[str, Any], wrapper: ConfigureWrapper) -> None:
     table = kwargs.get("version_table") or DEFAULT_VERSION_TABLE
+    if wrapper.search_path and not kwargs.get("version_table_schema"):
+        # a tenant's schema: an unchanged env.py names none, and its version table is the tenant's
+        kwargs["version_table_schema"] = wrapper.search_path
     schema = kwargs.get("version_table_schema") or ""
     if (table, schema) != (wrapper.version_table, wrapper.version_table_schema or ""):
         ours = qualified(wrapper.version_table, wrapper.version_table_schema)

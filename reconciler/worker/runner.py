@@ -343,7 +343,9 @@ def _no_control_plane(_event: Any) -> str:
 
 
 def _configure_wrapper(job: Job) -> ConfigureWrapper:
-    return ConfigureWrapper(frozenset(job.exclude_tables), job.version_table, job.version_table_schema)
+    return ConfigureWrapper(
+        frozenset(job.exclude_tables), job.version_table, job.version_table_schema, job.search_path
+    )
 
 
 def _project_spec(job: Job) -> ProjectSpec:

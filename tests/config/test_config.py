@@ -302,6 +302,10 @@ ENV_SAMPLES: dict[tuple[str, str], object] = {
     ("drift", "ignore"): ["table:audit_*", "index:*"],
     ("safety", "on_unanalysable"): "warn",
     ("safety", "squawk"): "off",
+    ("fleet", "source"): "schemas",
+    ("fleet", "kind"): "databases",
+    ("fleet", "waves"): ["1", "50%"],
+    ("fleet", "match"): "tenant_*",
 }
 BY_TYPE: dict[type, object] = {
     str: "sample_value",

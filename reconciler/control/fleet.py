@@ -1,0 +1,315 @@
+"""A tenant fleet: one migrations directory, many schemas, databases or files, every replica helping.
+
+Each tenant is an ordinary target (`config.tenants`): its own version table, lock key, journal
+rows and failure counts, reconciled by `reconcile_once` with a zero lock wait. A tenant another
+replica holds is skipped (`held`): the database's lock manager is the only coordinator, and a
+replica that dies frees its tenants with its session.
+
+- One read of the fleet per pass (`fleetread.fleet_status`), never an Alembic environment per
+  tenant; the revision graph is read once per tick and shared by every tenant.
+- At most `[fleet] concurrency` tenants run at once on this replica, each in a fresh worker (a
+  fresh interpreter, Alembic environment and connection): no tenant's state reaches another's.
+- Connections: with a schema per tenant on psycopg, every tenant's control-plane work (locks,
+  journal, reads) shares one server session (`db.connection.make_engine(shared=True)`), so the
+  fleet holds that one plus a worker's per running tenant. Elsewhere (a database or file per
+  tenant) each running tenant has its own control connection, closed when its run ends.
+- Waves (`core.fleet`): a pass applies the tenants the current wave allows; when the wave is
+  done the next pass goes on with the next one, in the same call, until the rollout is complete,
+  halted, or nothing changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from reconciler import logs
+from reconciler.config.tenants import check_dialect, tenant_kind, tenant_settings
+from reconciler.control import fleetread
+from reconciler.control.fleetread import FleetMemory, FleetStatus, TenantState
+from reconciler.control.reconcile import reconcile_once
+from reconciler.control.target import Engines, TargetHandle, log_worker_line, open_target, release_target
+from reconciler.core import fleet as rules
+from reconciler.core.graph import RevisionGraph
+from reconciler.db import connection, placement
+from reconciler.errors import ConfigError, LockTimeout, ReconcilerError
+from reconciler.redact import redact
+from reconciler.sessions import backend_name
+from reconciler.settings import Settings
+
+log = logs.get("reconciler.fleet")
+
+_MAX_PASSES = 100  # waves and retries of one call; a rollout has at most a handful of waves
+
+
+class FleetEngines(Engines):
+    """The fleet's engines: the base target's, its main one a shared session where the driver
+    allows it (`shared`); `for_tenant` gives a tenant engines that use that same session."""
+
+    def __init__(self, settings: Settings, place: placement.Place, shared: bool) -> None:
+        super().__init__(settings, place)
+        self.shared = shared
+
+    def get_main(self) -> sa.engine.Engine:
+        if self.main is None:
+            self.main = connection.make_engine(
+                self._settings.target.url,
+                self._settings.target.name,
+                self._settings.apply.connect_timeout,
+                shared=self.shared,
+            )
+        return self.main
+
+    def for_tenant(self, settings: Settings, place: placement.Place) -> Engines:
+        return _TenantEngines(settings, place, self) if self.shared else Engines(settings, place)
+
+
+class _TenantEngines(Engines):
+    """A tenant's engines on the fleet's shared session."""
+
+    shared = True
+
+    def __init__(self, settings: Settings, place: placement.Place, fleet: FleetEngines) -> None:
+        super().__init__(settings, place, fleet.proof)
+        self._fleet = fleet
+
+    def get_main(self) -> sa.engine.Engine:
+        return self._fleet.get_main()
+
+    def get_lock(self) -> sa.engine.Engine:
+        return self.get_main() if not self._settings.target.lock_url else super().get_lock()
+
+    def dispose(self) -> None:
+        """The fleet's session stays: `release_fleet` closes it."""
+        if self.lock is not None:
+            self.lock.dispose()
+
+
+@dataclass
+class TenantRun:
+    """What one tenant's run ended in: an outcome (noop, applied, held, failed, ...)."""
+
+    name: str
+    outcome: str
+    applied: tuple[str, ...] = ()
+    error: str = ""
+    revision: str = ""
+    exit_code: int = 0
+
+
+@dataclass
+class FleetRun:
+    """One `reconcile_fleet` call: every tenant run, and the fleet read after them."""
+
+    status: FleetStatus
+    runs: list[TenantRun] = field(default_factory=list)
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        return rules.counts({r.name: r.outcome for r in self.runs})
+
+    @property
+    def outcome(self) -> str:
+        """The fleet's run outcome: applied when any tenant was, else failed, held, or noop."""
+        seen = {r.outcome for r in self.runs}
+        for outcome in ("failed", "applied", "blocked", "lock_busy"):
+            if outcome in seen:
+                return outcome
+        if self.status.suspended:
+            return "suspended"
+        return "noop"
+
+
+@dataclass
+class Fleet:
+    """The fleet's handles: the base target (the listing, the fleet's flags) and each tenant's."""
+
+    settings: Settings
+    base: TargetHandle
+    kind: str
+    engines: FleetEngines
+    memory: FleetMemory = field(default_factory=FleetMemory)
+    _handles: dict[str, TargetHandle] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.base.target_name
+
+    def handle(self, tenant: str) -> TargetHandle:
+        """The tenant's handle, opened once and kept (it connects to nothing by itself)."""
+        with self._lock:
+            found = self._handles.get(tenant)
+            if found is None:
+                found = self._handles[tenant] = self._open(tenant)
+            return found
+
+    def _open(self, tenant: str) -> TargetHandle:
+        settings = tenant_settings(self.settings, tenant, self.kind)
+        return open_target(
+            settings, self.base.on_worker_log, engines_of=self.engines.for_tenant, project=self.base.project
+        )
+
+    def connect_database(self, database: str) -> Any:
+        return fleetread.database_connection(self.base, database)
+
+
+def open_fleet(settings: Settings, on_worker_log: Callable[[str], None] | None = None) -> Fleet:
+    """The fleet of `settings` ([fleet] set). Connects to nothing; a wrong layout for the URL's
+    database is refused here (a ConfigError), before anything is connected."""
+    dialect = backend_name(settings.target.url)
+    kind = tenant_kind(settings, dialect)
+    check_dialect(kind, dialect)
+    shared = kind == "schemas" and connection.shares_sessions(settings.target.url)
+    made: list[FleetEngines] = []
+
+    def engines_of(base_settings: Settings, place: placement.Place) -> Engines:
+        made.append(FleetEngines(base_settings, place, shared))
+        return made[0]
+
+    base = open_target(settings, on_worker_log or log_worker_line, engines_of=engines_of)
+    return Fleet(settings, base, kind, made[0])
+
+
+def release_fleet(fleet: Fleet) -> None:
+    """Close every tenant's connections and the fleet's own."""
+    with fleet._lock:
+        handles = list(fleet._handles.values())
+    for handle in handles:
+        release_target(handle)
+    release_target(fleet.base)
+
+
+def read_graph(fleet: Fleet, check_files: bool = True) -> RevisionGraph:
+    return fleet.base.project.graph(check=check_files)
+
+
+def read_fleet(fleet: Fleet, graph: RevisionGraph | None = None) -> FleetStatus:
+    """The fleet read: every tenant's state and the rollout's wave (see `fleetread`)."""
+    graph = graph if graph is not None else read_graph(fleet)
+    return fleetread.fleet_status(fleet.base, graph, fleet.kind, fleet.memory, fleet.connect_database)
+
+
+def reconcile_fleet(
+    fleet: Fleet,
+    *,
+    trigger: str = "apply",
+    only: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    check_files: bool = True,
+    retry_gate: bool = False,
+    on_tenant: Callable[[TenantRun], None] | None = None,
+) -> FleetRun:
+    """Bring every tenant the waves allow to the repository's heads (`only`: that tenant, at
+    once, whatever its wave: the sign-up path). Tenants another replica holds are skipped."""
+    graph = read_graph(fleet, check_files)
+    status = read_fleet(fleet, graph)
+    run = FleetRun(status)
+    if only is not None:
+        require_tenant(fleet, only, status)
+        if not status.suspended:
+            run.runs.append(_run_tenant(fleet, only, trigger, should_stop, retry_gate, 300.0))
+            run.status = read_fleet(fleet, graph)
+        return run
+    tried: set[str] = set()
+    for _ in range(_MAX_PASSES):
+        todo = sorted(status.wave.allowed - tried)
+        if status.suspended or not todo or (should_stop and should_stop()):
+            break
+        tried.update(todo)
+        run.runs.extend(_run_all(fleet, todo, trigger, should_stop, retry_gate, on_tenant))
+        status = run.status = read_fleet(fleet, graph)
+    _log_pass(fleet, run)
+    return run
+
+
+def require_tenant(fleet: Fleet, name: str, status: FleetStatus | None = None) -> None:
+    """Refuse a tenant the fleet does not list (a typo must not create a schema's tables)."""
+    status = status if status is not None else read_fleet(fleet)
+    if status.tenant(name) is None:
+        shown = ", ".join(t.name for t in status.tenants[:5]) or "none"
+        raise ConfigError(
+            f"tenant {name!r} is not in the fleet ([fleet] source = {status.source!r} lists "
+            f"{len(status.tenants)}: {shown}{', ...' if len(status.tenants) > 5 else ''}); "
+            "create it first, or check [fleet] match"
+        )
+
+
+def _run_all(
+    fleet: Fleet,
+    names: list[str],
+    trigger: str,
+    should_stop: Callable[[], bool] | None,
+    retry_gate: bool,
+    on_tenant: Callable[[TenantRun], None] | None,
+) -> list[TenantRun]:
+    def one(name: str) -> TenantRun:
+        result = _run_tenant(fleet, name, trigger, should_stop, retry_gate, 0.0)
+        if on_tenant is not None:
+            on_tenant(result)
+        return result
+
+    width = max(1, min(fleet.settings.fleet.concurrency, len(names)))
+    # Why threads: each tenant waits on its worker process; the pool's threads live until every
+    # run ended, so a worker never outlives the thread that started it (PR_SET_PDEATHSIG).
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="tenant") as pool:
+        return list(pool.map(one, names))
+
+
+def _run_tenant(
+    fleet: Fleet,
+    name: str,
+    trigger: str,
+    should_stop: Callable[[], bool] | None,
+    retry_gate: bool,
+    lock_timeout: float,
+) -> TenantRun:
+    """One tenant, reconciled; a failure is its own, never the fleet's."""
+    handle = fleet.handle(name)
+    try:
+        result = reconcile_once(
+            handle,
+            trigger=trigger,
+            lock_timeout=lock_timeout,
+            should_stop=should_stop,
+            check_files=False,
+            retry_gate=retry_gate,
+        )
+        fleet.memory.failed.pop(name, None)
+        return TenantRun(name, result.outcome, tuple(rev for rev, _ in result.applied))
+    except LockTimeout:
+        log.debug("tenant_held", tenant=name)
+        return TenantRun(name, "held")
+    except ReconcilerError as exc:
+        message = redact(str(exc))
+        revision = str(getattr(exc, "revision", "") or "")
+        outcome = exc.outcome if exc.outcome != "lock_busy" else "held"
+        log.warning("tenant_failed", tenant=name, outcome=outcome, revision=revision or None, error=message)
+        if outcome in ("failed", "refused", "blocked"):
+            state = "blocked" if outcome == "blocked" else "failed"
+            fleet.memory.failed[name] = TenantState(name, state, revision=revision, error=message)
+        return TenantRun(name, outcome, error=message, revision=revision, exit_code=exc.exit_code)
+    finally:
+        if not handle.engines.shared:
+            release_target(handle)  # a connection per running tenant at most, never one per tenant
+
+
+def _log_pass(fleet: Fleet, run: FleetRun) -> None:
+    status = run.status
+    log.info(
+        "fleet_reconciled",
+        fleet=fleet.name,
+        tenants=len(status.tenants),
+        counts=status.counts,
+        runs=run.outcomes,
+        wave=status.wave.index + 1,
+        waves=status.wave.count,
+        halted=status.wave.halted,
+    )
+    if status.wave.halted:
+        log.warning("fleet_halted", fleet=fleet.name, reason=status.wave.reason)
