@@ -20,6 +20,8 @@ replica that dies frees its tenants with its session.
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,12 +30,22 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import logs
+from reconciler import logs, sessions
 from reconciler.config.tenants import check_dialect, tenant_kind, tenant_settings
 from reconciler.control import fleetread
 from reconciler.control.fleetread import FleetMemory, FleetStatus, TenantState
+from reconciler.control.progress import LiveRun
 from reconciler.control.reconcile import reconcile_once
-from reconciler.control.target import Engines, TargetHandle, log_worker_line, open_target, release_target
+from reconciler.control.target import (
+    Engines,
+    TargetHandle,
+    locate_journal,
+    log_worker_line,
+    open_target,
+    release_target,
+)
+from reconciler.control.workerpool import WarmWorker
+from reconciler.control.workers import Worker, WorkerJob
 from reconciler.core import fleet as rules
 from reconciler.core.graph import RevisionGraph
 from reconciler.db import connection, placement
@@ -134,6 +146,7 @@ class Fleet:
     kind: str
     engines: FleetEngines
     memory: FleetMemory = field(default_factory=FleetMemory)
+    _pool: WarmWorker | None = None
     _handles: dict[str, TargetHandle] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -154,6 +167,36 @@ class Fleet:
         return open_target(
             settings, self.base.on_worker_log, engines_of=self.engines.for_tenant, project=self.base.project
         )
+
+    def worker_for(self, handle: TargetHandle) -> Worker:
+        """A fresh worker for the tenant, forked from the fleet's zygote (Linux; spawned
+        elsewhere), checked against the tenant's database like `starting.start_worker` does."""
+        with self._lock:
+            if self._pool is None:
+                settings = self.settings
+                self._pool = WarmWorker(
+                    WorkerJob.from_settings(settings),
+                    python=settings.target.python or None,
+                    on_log=self.base.on_worker_log,
+                    timeout=settings.target.worker_timeout,
+                    spare=False,
+                )
+            pool = self._pool
+        with connection.connect(handle.engine) as conn:
+            locate_journal(handle, conn)
+            identity = sessions.identity_from_dbapi(conn.connection, handle.backend)
+        job = dataclasses.replace(
+            WorkerJob.from_settings(handle.settings),
+            expected_identity=identity,
+            exclude_tables=[*handle.journal.names, *handle.other_version_tables],
+        )
+        return pool.start(job)
+
+    def close_pool(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
     def connect_database(self, database: str) -> Any:
         return fleetread.database_connection(self.base, database)
@@ -183,6 +226,7 @@ def release_fleet(fleet: Fleet) -> None:
     for handle in handles:
         release_target(handle)
     release_target(fleet.base)
+    fleet.close_pool()
 
 
 def read_graph(fleet: Fleet, check_files: bool = True) -> RevisionGraph:
@@ -218,7 +262,7 @@ def reconcile_fleet(
         return run
     tried: set[str] = set()
     for _ in range(_MAX_PASSES):
-        todo = sorted(status.wave.allowed - tried)
+        todo = _spread(sorted(status.wave.allowed - tried))
         if status.suspended or not todo or (should_stop and should_stop()):
             break
         tried.update(todo)
@@ -226,6 +270,15 @@ def reconcile_fleet(
         status = run.status = read_fleet(fleet, graph)
     _log_pass(fleet, run)
     return run
+
+
+def _spread(names: list[str]) -> list[str]:
+    """The tenants from a random place on: replicas that read the same fleet then start on
+    different tenants instead of all trying the first one's lock at once."""
+    if not names:
+        return names
+    start = random.randrange(len(names))
+    return names[start:] + names[:start]
 
 
 def require_tenant(fleet: Fleet, name: str, status: FleetStatus | None = None) -> None:
@@ -271,9 +324,12 @@ def _run_tenant(
 ) -> TenantRun:
     """One tenant, reconciled; a failure is its own, never the fleet's."""
     handle = fleet.handle(name)
+    lent: Worker | None = None
     try:
+        lent = fleet.worker_for(handle)
         result = reconcile_once(
             handle,
+            run=LiveRun(lent=lent),
             trigger=trigger,
             lock_timeout=lock_timeout,
             should_stop=should_stop,
@@ -295,6 +351,8 @@ def _run_tenant(
             fleet.memory.failed[name] = TenantState(name, state, revision=revision, error=message)
         return TenantRun(name, outcome, error=message, revision=revision, exit_code=exc.exit_code)
     finally:
+        if lent is not None:
+            lent.close()
         if not handle.engines.shared:
             release_target(handle)  # a connection per running tenant at most, never one per tenant
 

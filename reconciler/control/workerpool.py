@@ -35,7 +35,8 @@ class WarmWorker:
     thread, which lives until `close()` and until every worker it started has exited, so the
     kernel's parent-death signal never fires early. A spare whose alembic.ini or env.py changed
     since it started is replaced. `fork`: fork the workers from a zygote (None: where fork is
-    safe, Linux; False: always spawn them). Thread-safe.
+    safe, Linux; False: always spawn them). `spare` False keeps no spare: `start(job)` forks a
+    worker for any job on demand (a tenant fleet's, one per tenant). Thread-safe.
     """
 
     def __init__(
@@ -45,13 +46,14 @@ class WarmWorker:
         on_log: Callable[[str], None] | None = None,
         timeout: float | None = None,
         fork: bool | None = None,
+        spare: bool = True,
     ) -> None:
         self._job = job
         self._python = python
         self._on_log = on_log
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._orders: queue.Queue[Future[Worker] | None] = queue.Queue()
+        self._orders: queue.Queue[tuple[Future[Worker], WorkerJob | None] | None] = queue.Queue()
         self._started: list[Worker] = []
         self._closed = False
         self._fork = supported() if fork is None else fork and supported()
@@ -59,7 +61,8 @@ class WarmWorker:
         self._retired: list[Zygote] = []  # stale or failed, closed once their children exited
         self._thread = threading.Thread(target=self._starter, daemon=True, name="warm-worker")
         self._thread.start()
-        self._spare: tuple[Future[Worker], tuple[Any, ...]] | None = self._order()
+        self._keep_spare = spare
+        self._spare: tuple[Future[Worker], tuple[Any, ...]] | None = self._order() if spare else None
 
     @property
     def zygote_pid(self) -> int | None:
@@ -96,9 +99,19 @@ class WarmWorker:
         worker.after_close.append(self._replenish)
         return worker
 
+    def start(self, job: WorkerJob) -> Worker:
+        """A fresh worker for `job`, started by this pool's thread (forked when the zygote
+        serves): the caller closes it."""
+        with self._lock:
+            if self._closed:
+                raise WorkerError("the warm worker pool is closed")
+        future: Future[Worker] = Future()
+        self._orders.put((future, job))
+        return future.result()
+
     def _replenish(self) -> None:
         with self._lock:
-            if not self._closed and self._spare is None:
+            if self._keep_spare and not self._closed and self._spare is None:
                 self._spare = self._order()
 
     def close(self) -> None:
@@ -127,7 +140,7 @@ class WarmWorker:
     def _order(self) -> tuple[Future[Worker], tuple[Any, ...]]:
         future: Future[Worker] = Future()
         stamp = self._stamp()
-        self._orders.put(future)
+        self._orders.put((future, None))
         return future, stamp
 
     def _usable(self, order: tuple[Future[Worker], tuple[Any, ...]] | None) -> Worker | None:
@@ -164,13 +177,14 @@ class WarmWorker:
 
     def _starter(self) -> None:
         while True:
-            future = self._orders.get()
-            if future is None:
+            order = self._orders.get()
+            if order is None:
                 break
+            future, job = order
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                worker = self._start()
+                worker = self._start(job or self._job)
             except BaseException as exc:
                 future.set_exception(exc)
             else:
@@ -184,21 +198,21 @@ class WarmWorker:
         for zygote in [*self._retired, *([self._zygote] if self._zygote else [])]:
             zygote.close()
 
-    def _start(self) -> Worker:
+    def _start(self, job: WorkerJob) -> Worker:
         """A forked worker when the zygote serves (started or replaced here), else a spawned one."""
         for _attempt in range(2):
             zygote = self._live_zygote()
             if zygote is None:
                 break
             try:
-                process = zygote.fork(self._job.url)
+                process = zygote.fork(job.url)
             except (ZygoteStale, ZygoteUnavailable) as exc:
                 log.info("zygote_replaced", pid=zygote.pid, reason=str(exc).splitlines()[0])
                 self._retire()
                 continue
-            return Worker.adopt(process, self._job, on_log=self._on_log, timeout=self._timeout)
+            return Worker.adopt(process, job, on_log=self._on_log, timeout=self._timeout)
         return Worker.start(
-            self._job, python=self._python, on_log=self._on_log, timeout=self._timeout, preload=True
+            job, python=self._python, on_log=self._on_log, timeout=self._timeout, preload=True
         )
 
     def _live_zygote(self) -> Zygote | None:
