@@ -155,8 +155,10 @@ def _field(result: Any, key: str) -> Any:
 
 
 def _last_line(text: str) -> str:
+    """The `Error: ...` line a command printed, else its last line."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][-300:] if lines else "(no output)"
+    errors = [line for line in lines if line.startswith("Error:")]
+    return (errors or lines or ["(no output)"])[-1][-600:]
 
 
 def cli_status(found: Fleet, repeat: int = 3) -> tuple[float, dict[str, Any]]:

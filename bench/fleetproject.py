@@ -81,7 +81,8 @@ if bind.dialect.name == "postgresql":
 elif bind.dialect.name == "sqlite":
     recording = bool(bind.execute(sa.text("PRAGMA query_only")).scalar())
 else:
-    recording = bool(bind.execute(sa.text("SELECT @@session.transaction_read_only")).scalar())
+    variable = "tx_read_only" if bind.dialect.is_mariadb else "transaction_read_only"
+    recording = bool(bind.execute(sa.text("SELECT @@session." + variable)).scalar())
 if not recording:
     fd = os.open(os.environ["{WITNESS_VARIABLE}"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:

@@ -34,11 +34,13 @@ from reconciler import logs, sessions
 from reconciler.config.tenants import check_dialect, tenant_kind, tenant_settings
 from reconciler.control import fleetread
 from reconciler.control.fleetread import FleetMemory, FleetStatus, TenantState
+from reconciler.control.locking import ensure_journal, target_lock
 from reconciler.control.progress import LiveRun
 from reconciler.control.reconcile import reconcile_once
 from reconciler.control.target import (
     Engines,
     TargetHandle,
+    journal_exists,
     locate_journal,
     log_worker_line,
     open_target,
@@ -261,6 +263,8 @@ def reconcile_fleet(
             run.status = read_fleet(fleet, graph)
         return run
     tried: set[str] = set()
+    if status.wave.allowed and not status.suspended:
+        _shared_journal(fleet)
     for _ in range(_MAX_PASSES):
         todo = _spread(sorted(status.wave.allowed - tried))
         if status.suspended or not todo or (should_stop and should_stop()):
@@ -270,6 +274,20 @@ def reconcile_fleet(
         status = run.status = read_fleet(fleet, graph)
     _log_pass(fleet, run)
     return run
+
+
+def _shared_journal(fleet: Fleet) -> None:
+    """With a schema per tenant every tenant's journal rows go to one shared journal: create it
+    once, under the fleet's own lock (the base target's), before tenants run. Each tenant's run
+    would create it under its own lock, and two tenants' CREATE TABLE at once collide."""
+    if fleet.kind != "schemas":
+        return
+    base = fleet.base
+    with connection.connect(base.engine) as conn:
+        if journal_exists(base, conn):
+            return
+        with target_lock(base, conn, base.settings.apply.lock_acquire_timeout):
+            ensure_journal(base, conn)
 
 
 def _spread(names: list[str]) -> list[str]:
