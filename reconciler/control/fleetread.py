@@ -182,9 +182,17 @@ def tenant_state(
             return TenantState(
                 found.name, label, state.db_heads, state.pending, failure.revision, redact(failure.message)
             )
+    # a failure this replica saw holds while its revision is still pending (the run that failed
+    # knows the revision, not the tenant's heads; a failure without one: while the heads stand)
     remembered = memory.failed.get(found.name)
-    if remembered is not None and remembered.db_heads == state.db_heads:
-        return remembered
+    if remembered is not None and (
+        remembered.revision in decision.pending
+        if remembered.revision
+        else remembered.db_heads == state.db_heads
+    ):
+        return TenantState(
+            found.name, remembered.state, state.db_heads, state.pending, remembered.revision, remembered.error
+        )
     return state
 
 
