@@ -183,8 +183,12 @@ def test_an_unknown_tenant_exits_2_naming_it_and_touches_nothing(tmp_path: Path,
         assert found.witnessed() == {}
         if dialect == "sqlite":
             assert not (found.project.root / unknown).exists()
-        elif dialect == "postgresql":
-            assert unknown not in sa.inspect(sa.create_engine(found.url)).get_schema_names()
+        else:
+            engine = sa.create_engine(found.url, poolclass=sa.pool.NullPool)
+            try:
+                assert unknown not in sa.inspect(engine).get_schema_names()  # no schema, no database
+            finally:
+                engine.dispose()
 
 
 # --- the worker and an unchanged env.py ------------------------------------------------------------
