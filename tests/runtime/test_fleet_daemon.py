@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from reconciler.core.alert_rules import EVENTS, RULES, Observation
+from reconciler.core.alerting import AlertPolicy
+from reconciler.settings import AlertingSettings
 from tests.builders import flask_project
 from tests.pgcluster import wait_until
 from tests.runtime.test_daemon import config, daemon
 from tests.webhooks import Recorder
-
-pytestmark = pytest.mark.slow
 
 FLEET = '\n[fleet]\nsource = "schemas"\nmatch = "tenant_*"\nconcurrency = 2\n'
 
@@ -47,6 +48,7 @@ def tenants_gauge(body: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_daemon_builds_every_tenant_and_a_schema_created_later_within_a_tick(
     tmp_path: Path, pg_url: str
 ) -> None:
@@ -81,6 +83,7 @@ def test_daemon_builds_every_tenant_and_a_schema_created_later_within_a_tick(
         assert d.status()["sync_state"] == "in_sync" and d.get("/readyz")[0] == 200
 
 
+@pytest.mark.slow
 def test_broken_tenants_raise_one_fleet_alert_not_one_per_tenant(tmp_path: Path, pg_url: str) -> None:
     hooks = Recorder()
     project = flask_project(tmp_path / "p", pg_url)
@@ -122,3 +125,46 @@ def test_broken_tenants_raise_one_fleet_alert_not_one_per_tenant(tmp_path: Path,
         assert not hooks.events("failed") and not hooks.events("blocked")  # not one per tenant
     finally:
         hooks.close()
+
+
+# --------------------------------------------------------------------------- the fleet's alert policy (pure)
+
+
+def fleet_obs(failed: dict[str, str], halted: str = "", read: bool = True) -> Observation:
+    """A fleet tick that read `failed` (tenant -> failing revision) out of 100 tenants."""
+    return Observation(
+        outcome="failed" if failed else "noop",
+        state="behind" if failed else "in_sync",
+        sync_state="behind" if failed else "in_sync",
+        conditions=(),
+        fleet=True,
+        fleet_read=read,
+        halted=halted,
+        halt_reason="1 failed tenant in wave 1 of 3" if halted else "",
+        tenants=100,
+        failed_tenants=tuple(sorted(failed)),
+        failed_causes=tuple(sorted(set(failed.values()))),
+    )
+
+
+def test_tenants_failing_on_one_revision_are_one_alert_and_a_new_cause_another() -> None:
+    policy = AlertPolicy("fleet", AlertingSettings(repeat_interval=0))
+    sent = [a for a, _ in policy.observe(fleet_obs({"t1": "r2"}), 1000.0)]
+    sent += [a for a, _ in policy.observe(fleet_obs({"t1": "r2", "t2": "r2", "t3": "r2"}), 1010.0)]
+    assert [a.event for a in sent] == ["tenants_blocked"]  # more tenants, the same cause: no new alert
+    again = [a for a, _ in policy.observe(fleet_obs({"t1": "r2", "t4": "r3"}), 1020.0)]
+    assert [a.event for a in again] == ["tenants_blocked"] and "r3" in again[0].message
+    assert policy.observe(fleet_obs({"t1": "r2"}, read=False), 1030.0) == []  # a blind tick cannot tell
+    over = [a for a, _ in policy.observe(fleet_obs({}), 1040.0)]
+    assert [(a.event, a.details["recovered_from"]) for a in over] == [("recovered", "tenants_blocked")]
+
+
+def test_a_fleet_tick_is_judged_by_the_fleet_rules_only_and_each_transition_is_claimable() -> None:
+    policy = AlertPolicy("fleet", AlertingSettings(repeat_interval=0))
+    pairs = policy.observe(fleet_obs({"t1": "r2"}, halted="wave 1:r2"), 1000.0)
+    assert sorted(a.event for a, _ in pairs) == ["fleet_halted", "tenants_blocked"]  # no `failed`
+    assert all(key for _, key in pairs)  # fleet-wide: claimed in the journal, one replica sends
+    target = Observation(outcome="noop", state="in_sync", sync_state="in_sync", conditions=())
+    assert AlertPolicy("one", AlertingSettings()).observe(target, 1000.0) == []
+    assert {"fleet_halted", "tenants_blocked"} <= set(EVENTS)  # `[[alerts]] events` accepts them
+    assert RULES["fleet_halted"].scope == RULES["tenants_blocked"].scope == "fleet"
