@@ -67,7 +67,7 @@ class Daemon:
         self.handle = self.fleet.base if self.fleet else open_target(settings)
         self.target = self.handle.target_name
         self.drift = DriftChecker(self.handle, settings.drift, settings.unsafe)
-        self.metrics = Metrics(self.target, __version__)
+        self.metrics = Metrics(self.target, __version__, fleet=self.fleet is not None)
         self.policy = AlertPolicy(self.target, settings.alerting)
         check_sink_events(settings)
         self.metrics.declare_sinks([sink.name for sink in settings.alerts], EVENTS)

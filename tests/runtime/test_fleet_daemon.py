@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from reconciler.core.alert_rules import EVENTS, RULES, Observation
 from reconciler.core.alerting import AlertPolicy
+from reconciler.runtime.metrics import Metrics
 from reconciler.settings import AlertingSettings
 from tests.builders import flask_project
 from tests.pgcluster import wait_until
@@ -168,3 +169,13 @@ def test_a_fleet_tick_is_judged_by_the_fleet_rules_only_and_each_transition_is_c
     assert AlertPolicy("one", AlertingSettings()).observe(target, 1000.0) == []
     assert {"fleet_halted", "tenants_blocked"} <= set(EVENTS)  # `[[alerts]] events` accepts them
     assert RULES["fleet_halted"].scope == RULES["tenants_blocked"].scope == "fleet"
+
+
+def test_tenant_counts_that_went_to_zero_are_zero_and_a_single_target_has_no_tenant_series() -> None:
+    metrics = Metrics("fleet", "1.0", fleet=True)
+    assert tenants_gauge(metrics.exposition()[0].decode())["in_sync"] == 0  # known from the start
+    metrics.set_tenants({"behind": 3, "a_state_not_known_up_front": 1})
+    metrics.set_tenants({"in_sync": 4})
+    gauge = tenants_gauge(metrics.exposition()[0].decode())
+    assert gauge["in_sync"] == 4 and gauge["behind"] == 0 and gauge["a_state_not_known_up_front"] == 0
+    assert tenants_gauge(Metrics("one", "1.0").exposition()[0].decode()) == {}
