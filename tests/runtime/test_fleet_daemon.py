@@ -38,6 +38,19 @@ def schema_heads(url: str, schema: str) -> set[str]:
         engine.dispose()
 
 
+def reconciler_sessions(url: str) -> int:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            found = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name LIKE 'reconciler/%%' AND pid <> pg_backend_pid()"
+            ).scalar()
+            return int(found or 0)
+    finally:
+        engine.dispose()
+
+
 def tenants_gauge(body: str) -> dict[str, float]:
     """`reconciler_tenants` samples of a /metrics body: state -> value."""
     out: dict[str, float] = {}
@@ -82,6 +95,11 @@ def test_daemon_builds_every_tenant_and_a_schema_created_later_within_a_tick(
         ]
         assert applied and float(applied[0].rsplit(" ", 1)[1]) >= 1  # the fleet's tick is the run
         assert d.status()["sync_state"] == "in_sync" and d.get("/readyz")[0] == 200
+        # between ticks: the fleet's shared session at most, never a connection per tenant
+        runs = d.status()["runs"]
+        d.wait_status(lambda s: s["runs"] >= runs + 2, 30, "two more ticks")
+        assert reconciler_sessions(pg_url) <= 2 + 2  # concurrency + 2
+        assert d.stop() == 0  # SIGTERM: a clean stop
 
 
 @pytest.mark.slow
