@@ -121,16 +121,21 @@ def _one_file(base: TargetHandle, name: str, table: str) -> TenantVersions:
     return found[0] if found else TenantVersions(name, None, f"file {name!r} does not exist")
 
 
-def read_tenant_flags(base: TargetHandle, conn: sa.engine.Connection) -> dict[str, dict[str, str]]:
-    """The shared journal's blocked / failures / suspended flags of every tenant, in one query:
-    {flag kind: {tenant: value}}. Empty when the journal does not exist yet."""
+def read_tenant_flags(
+    base: TargetHandle, conn: sa.engine.Connection, also: tuple[str, ...] = ()
+) -> dict[str, dict[str, str]]:
+    """The shared journal's blocked / failures / suspended flags of every tenant, and the keys
+    `also` (the fleet's own), in one query: {flag kind: {tenant: value}}. Empty when the journal
+    does not exist yet."""
     if not journal_seen(base, conn):
         return {}
     jt = base.journal
-    where = sa.or_(*(jt.flags.c.key.like(f"{kind}/%") for kind in _TENANT_FLAGS))
+    where = sa.or_(*(jt.flags.c.key.like(f"{kind}/%") for kind in _TENANT_FLAGS), jt.flags.c.key.in_(also))
     try:
         rows = conn.execute(sa.select(jt.flags.c.key, jt.flags.c.value).where(where)).fetchall()
     except sa.exc.DBAPIError:
+        if conn.in_transaction():  # PostgreSQL: the failed statement ended the transaction
+            conn.rollback()
         return {}
     out: dict[str, dict[str, str]] = {kind: {} for kind in _TENANT_FLAGS}
     for key, value in rows:
@@ -146,6 +151,10 @@ def fleet_flags(base: TargetHandle, conn: sa.engine.Connection, heads: tuple[str
         return False, -1
     name = base.target_name
     found = flags.read(conn, base.journal, [flags.suspended_key(name), lifted_key(name)])
+    return _fleet_flags(found, name, heads)
+
+
+def _fleet_flags(found: Mapping[str, str], name: str, heads: tuple[str, ...]) -> tuple[bool, int]:
     index, _, lifted_heads = found.get(lifted_key(name), "-1").partition(" ")
     lifted = int(index) if index.lstrip("-").isdigit() and lifted_heads == ",".join(heads) else -1
     return flags.suspended_key(name) in found, lifted
@@ -182,9 +191,17 @@ def tenant_state(
             return TenantState(
                 found.name, label, state.db_heads, state.pending, failure.revision, redact(failure.message)
             )
+    # a failure this replica saw holds while its revision is still pending (the run that failed
+    # knows the revision, not the tenant's heads; a failure without one: while the heads stand)
     remembered = memory.failed.get(found.name)
-    if remembered is not None and remembered.db_heads == state.db_heads:
-        return remembered
+    if remembered is not None and (
+        remembered.revision in decision.pending
+        if remembered.revision
+        else remembered.db_heads == state.db_heads
+    ):
+        return TenantState(
+            found.name, remembered.state, state.db_heads, state.pending, remembered.revision, remembered.error
+        )
     return state
 
 
@@ -199,8 +216,14 @@ def fleet_status(
     settings = base.settings.fleet
     with connection.connect(base.engine) as conn:
         found = list_tenants(base, conn, kind, connect)
-        tenant_flags = read_tenant_flags(base, conn) if kind == "schemas" else {}
-        suspended, lifted = fleet_flags(base, conn, tuple(sorted(graph.heads)))
+        heads = tuple(sorted(graph.heads))
+        if kind == "schemas":  # the fleet's flags come with the tenants': two statements in all
+            tenant_flags = read_tenant_flags(base, conn, also=(lifted_key(base.target_name),))
+            fleet_keys = {f"{k}/{t}": v for k, by in tenant_flags.items() for t, v in by.items()}
+            suspended, lifted = _fleet_flags(fleet_keys, base.target_name, heads)
+        else:
+            tenant_flags = {}
+            suspended, lifted = fleet_flags(base, conn, heads)
     states = tuple(tenant_state(graph, item, tenant_flags, memory) for item in found)
     waves = rules.parse_waves(settings.waves)
     wave = rules.decide_wave({t.name: t.state for t in states}, waves, settings.halt_after, lifted)

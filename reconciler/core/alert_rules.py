@@ -53,6 +53,14 @@ class Observation:
     foreign: tuple[str, ...] = ()  # revisions found applied without our journal in this run
     unreadable: str = ""  # `path:line` of a revision file that does not parse (nothing was decided)
     unreadable_hash: str = ""  # that file's hash: breaking it anew is a new episode
+    # A tenant fleet's tick ([fleet]): the fleet rules judge it, a single target's rules do not.
+    fleet: bool = False
+    fleet_read: bool = False  # the fleet read succeeded: its tenants' states are known
+    halted: str = ""  # the halted wave as "wave N:heads" (the same on every replica); "" when not
+    halt_reason: str = ""
+    tenants: int = 0
+    failed_tenants: tuple[str, ...] = ()  # names of the tenants failed or blocked, sorted
+    failed_causes: tuple[str, ...] = ()  # their failing revisions (or states), distinct, sorted
 
     @property
     def blind(self) -> bool:
@@ -146,6 +154,21 @@ def _unreadable(obs: Observation, _a: AlertingSettings) -> Verdict:
     return f"{obs.unreadable}@{obs.unreadable_hash[:16]}" if obs.unreadable_hash else obs.unreadable
 
 
+def _fleet_halted(obs: Observation, _a: AlertingSettings) -> Verdict:
+    """The rollout's wave halted; over when it is lifted (`reconciler resume`) or complete."""
+    if not obs.fleet_read:
+        return KEEP
+    return obs.halted or None
+
+
+def _tenants_blocked(obs: Observation, _a: AlertingSettings) -> Verdict:
+    """Tenants failed or blocked, one episode per set of causes (not per tenant): a thousand
+    tenants failing on one revision are one alert; over when none is left."""
+    if not obs.fleet_read:
+        return KEEP
+    return "tenants:" + _joined(obs.failed_causes or ("-",)) if obs.failed_tenants else None
+
+
 def _joined(values: Sequence[str]) -> str:
     return ",".join(sorted(values))
 
@@ -160,6 +183,10 @@ class Rule:
     enabled: Callable[[AlertingSettings], bool] = lambda _a: True
     min_runs: Callable[[AlertingSettings], int] = lambda _a: 1
     grace: Callable[[AlertingSettings], float] = lambda _a: 0.0
+    scope: str = "target"  # what it judges: one target's runs, a fleet's ticks ("fleet"), or "any"
+
+    def judges(self, obs: Observation) -> bool:
+        return self.scope == "any" or (self.scope == "fleet") == obs.fleet
 
 
 RULES: dict[str, Rule] = {
@@ -232,13 +259,25 @@ RULES: dict[str, Rule] = {
         "accept it with `reconciler baseline`, or add a [drift] ignore rule",
         extras=("drift",),
     ),
-    "revision_unreadable": Rule(_unreadable, "{error}", extras=("error", "unreadable")),
+    "revision_unreadable": Rule(_unreadable, "{error}", extras=("error", "unreadable"), scope="any"),
     "unreachable": Rule(
         _unreachable,
         "the database is unreachable ({runs} runs in a row): {error}",
         local=True,
         extras=("error", "runs"),
         min_runs=lambda a: a.unreachable_after,
+        scope="any",
+    ),
+    "fleet_halted": Rule(
+        _fleet_halted, "the rollout is halted: {halt_reason}", extras=("halt_reason",), scope="fleet"
+    ),
+    "tenants_blocked": Rule(
+        _tenants_blocked,
+        "{failed_count} of {tenants} tenants failed or are blocked ({causes}): {failed_names}; the "
+        "others went on. `reconciler status --json` lists them; fix the revision or the tenant's "
+        "data (`reconciler status --tenant NAME` shows one)",
+        extras=("failed_count", "failed_tenants", "causes"),
+        scope="fleet",
     ),
 }
 EVENTS: tuple[str, ...] = ("applied", *RULES, "recovered")

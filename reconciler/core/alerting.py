@@ -79,7 +79,10 @@ _COLORS = {
     "unreachable": "danger",
     "dirty": "danger",
     "destructive_refused": "danger",
+    "fleet_halted": "danger",
+    "tenants_blocked": "danger",
 }
+_NAMES_SHOWN = 10  # tenants an alert names; the rest are counted
 
 
 def _redacted(value: Any) -> Any:
@@ -95,6 +98,11 @@ def _redacted(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- the policy
+
+
+def _names(names: tuple[str, ...]) -> str:
+    shown = ", ".join(names[:_NAMES_SHOWN]) or "-"
+    return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
 
 
 def _cause(revision: str, error: str) -> str:
@@ -170,7 +178,7 @@ class AlertPolicy:
             for rev in obs.applied
         ]
         for event, rule in RULES.items():
-            if rule.enabled(self.alerting):
+            if rule.enabled(self.alerting) and rule.judges(obs):
                 out.extend(self._step(event, rule, obs, now))
         return out
 
@@ -290,6 +298,12 @@ class AlertPolicy:
             "lasted": _duration(now - track.since),
             "drift": "; ".join(obs.drift_texts[:10]) + ("; ..." if len(obs.drift_texts) > 10 else ""),
             "drift_count": len(obs.drift),
+            "halt_reason": obs.halt_reason or "-",
+            "tenants": obs.tenants,
+            "failed_count": len(obs.failed_tenants),
+            "failed_tenants": list(obs.failed_tenants[:_NAMES_SHOWN]),
+            "failed_names": _names(obs.failed_tenants),
+            "causes": ", ".join(obs.failed_causes) or "-",
         }
 
     def _text(self, rule: Rule, track: _Track, obs: Observation, now: float) -> str:

@@ -66,6 +66,9 @@ APPLYING_TOTAL = "reconciler_applying_revisions"
 INFO = "reconciler_info"
 DRIFT_DIFFERENCES = "reconciler_drift_differences"
 DRIFT_CHECKED = "reconciler_drift_checked_timestamp_seconds"
+TENANTS = "reconciler_tenants"
+# a fleet's tenant states known up front (a tenant's sync state or condition, or the fleet's own)
+TENANT_STATES = tuple(dict.fromkeys((*STATES, "failed", "held")))
 
 # The metric family names as they appear in the exposition (and in PromQL). Histograms expose
 # their samples as NAME_bucket, NAME_count and NAME_sum.
@@ -90,6 +93,7 @@ METRIC_NAMES = (
     DRIFT_DIFFERENCES,
     DRIFT_CHECKED,
 )
+FLEET_METRIC_NAMES = (TENANTS,)  # a fleet daemon's ([fleet] set) besides METRIC_NAMES
 HISTOGRAM_NAMES = (RUN_DURATION, REVISION_APPLY, LOCK_WAIT)
 
 
@@ -121,7 +125,9 @@ class _OneHot:
 class Metrics:
     """The metrics of one target; `exposition()` renders them for `/metrics`."""
 
-    def __init__(self, target: str, version: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, target: str, version: str, registry: CollectorRegistry | None = None, fleet: bool = False
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.target = target
         reg = self.registry
@@ -211,6 +217,19 @@ class Metrics:
             DRIFT_DIFFERENCES, "Differences between the schema and the models at the last drift compare."
         )
         self._drift_checked = self._gauge(DRIFT_CHECKED, "Unix time of the last drift compare (0: never).")
+        self._tenants_gauge = (
+            None
+            if not fleet
+            else Gauge(
+                TENANTS,
+                "A fleet's tenants per state ([fleet] set; no per-tenant label).",
+                ["target", "state"],
+                registry=reg,
+            )
+        )
+        self._tenants: dict[str, Gauge] = {}
+        self._tenants_lock = threading.Lock()
+        self.set_tenants({})  # a fleet's every known state from the start, at 0
         Gauge(
             INFO, "Constant 1, labelled with the reconciler version.", ["target", "version"], registry=reg
         ).labels(target, version).set(1)
@@ -231,6 +250,19 @@ class Metrics:
         self._state.set((state,))
         self._sync_state.set((sync_state,))
         self._conditions.set(conditions)
+
+    def set_tenants(self, counts: dict[str, int]) -> None:
+        """Tenants per state; a state no tenant is in any more is 0, never left at its old count."""
+        gauge = self._tenants_gauge
+        if gauge is None:
+            return
+        with self._tenants_lock:
+            if not self._tenants:
+                self._tenants = {state: gauge.labels(self.target, state) for state in TENANT_STATES}
+            for state in counts.keys() - self._tenants.keys():
+                self._tenants[state] = gauge.labels(self.target, state)
+            for state, child in self._tenants.items():
+                child.set(counts.get(state, 0))
 
     def set_pending(self, count: int) -> None:
         self._pending.set(count)

@@ -26,10 +26,7 @@ from reconciler.control.progress import LiveRun
 from reconciler.control.reading import read_status
 from reconciler.control.reconcile import reconcile_once
 from reconciler.control.retries import failure_of
-from reconciler.control.target import (
-    open_target,
-    release_target,
-)
+from reconciler.control.target import open_target, release_target
 from reconciler.core.alert_rules import EVENTS
 from reconciler.core.alerting import Alert, AlertPolicy
 from reconciler.core.graph import MissingRevision
@@ -48,9 +45,10 @@ from reconciler.redact import redact
 from reconciler.runtime import runs, signals
 from reconciler.runtime.delivery import AlertDispatcher
 from reconciler.runtime.filescan import fingerprint
+from reconciler.runtime.fleetloop import FleetLoop
 from reconciler.runtime.http import SHED_SWITCH, HttpServer
 from reconciler.runtime.metrics import Metrics
-from reconciler.runtime.runs import RunRecord, RunResult, next_delay
+from reconciler.runtime.runs import RunRecord, RunResult, next_delay, paced_outcome
 from reconciler.runtime.scheduler import Loop
 from reconciler.runtime.statusdoc import STATUS_DEFAULTS, RunState, iso, state_dict
 from reconciler.runtime.watcher import DirWatcher
@@ -65,10 +63,11 @@ EXIT_GRACE_EXPIRED = 1
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.handle = open_target(settings)
+        self.fleet = FleetLoop(settings) if settings.fleet.enabled else None  # the fleet is the target
+        self.handle = self.fleet.base if self.fleet else open_target(settings)
         self.target = self.handle.target_name
         self.drift = DriftChecker(self.handle, settings.drift, settings.unsafe)
-        self.metrics = Metrics(self.target, __version__)
+        self.metrics = Metrics(self.target, __version__, fleet=self.fleet is not None)
         self.policy = AlertPolicy(self.target, settings.alerting)
         check_sink_events(settings)
         self.metrics.declare_sinks([sink.name for sink in settings.alerts], EVENTS)
@@ -219,7 +218,7 @@ class Daemon:
             self.watcher.stop()
             self.http.stop()
             self.dispatcher.close(timeout=2.0)
-            release_target(self.handle)
+            self._release()
             log.info("daemon_stopped", target=self.target, clean=finished and not self._exit_code)
         except Exception as exc:  # a hung SIGTERM is worse than an untidy stop
             log.error("daemon_stop_failed", error=redact(str(exc)), kind=exc.__class__.__name__)
@@ -229,6 +228,8 @@ class Daemon:
 
     def _cancel_in_flight(self) -> None:
         """Cancel the revision our worker is running (PostgreSQL), else stop the worker."""
+        if self.fleet is not None:
+            return self.fleet.cancel_in_flight()
         name = sessions.application_name(self.target, "apply")
         if self.handle.backend == "postgresql":
             try:
@@ -270,7 +271,10 @@ class Daemon:
         sidecars holding one idle backend each would take 200 server slots for nothing."""
         daemon = self.settings.daemon
         if (daemon.interval if delay is None else delay) >= daemon.idle_disconnect_after:
-            release_target(self.handle)
+            self._release()
+
+    def _release(self) -> None:
+        self.fleet.release() if self.fleet is not None else release_target(self.handle)
 
     def _mark_prod(self) -> None:
         """Record in the journal that a prod reconciler owns this database: dev mode refuses it."""
@@ -289,6 +293,8 @@ class Daemon:
             self.handle.project.invalidate()
 
     def _reconcile(self, reason: str) -> RunResult:
+        if self.fleet is not None:
+            return self.fleet.tick(reason, self._stopping.is_set, self._check_files, self._ended_by)
         try:
             if not self.settings.daemon.apply:
                 return RunResult("noop", read_status(self.handle, check_files=self._check_files))
@@ -390,7 +396,7 @@ class Daemon:
             return self.settings.daemon.debounce
         if result.unreadable is not None:
             return None  # retrying sooner cannot help: the watcher (or the next tick) sees the fix
-        return next_delay(result.outcome, self.record.consecutive_failures, self.settings.daemon)
+        return next_delay(paced_outcome(result), self.record.consecutive_failures, self.settings.daemon)
 
     # --- reporting -----------------------------------------------------------------------------
     def _report(self, result: RunResult, seconds: float) -> None:
@@ -434,6 +440,8 @@ class Daemon:
         if result.lock_wait:
             m.observe_lock_wait(result.lock_wait)
         m.set_consecutive_failures(self.record.consecutive_failures)
+        if result.fleet is not None:
+            m.set_tenants(result.fleet.counts)
         status = result.status
         if status is not None and status.sync_state != "unknown":
             report = status.drift

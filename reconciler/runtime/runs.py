@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler import errors
+from reconciler.control.fleetread import FleetStatus
 from reconciler.core.alert_rules import Observation
 from reconciler.core.backoff import backoff
 from reconciler.core.status import Status
@@ -48,13 +49,25 @@ class RunResult:
     lock_timeout: bool = False
     foreign: tuple[str, ...] = ()
     unreadable: dict[str, Any] | None = None  # the revision file that does not parse: path, line
+    fleet: FleetStatus | None = None  # a fleet's tick: the fleet read after it ([fleet] set)
+    of_fleet: bool = False  # a fleet's tick, read or not (the fleet's alert rules judge it)
 
     @property
     def state(self) -> RunState:
         """The state this run read (or, blind, why it read none)."""
+        if self.fleet is not None:
+            return RunState.of_fleet(self.fleet)
         if self.status is not None:
             return RunState.read(self.status)
         return RunState.blind(self.error, self.unreadable)
+
+
+def paced_outcome(result: RunResult) -> str:
+    """The outcome the next delay is decided by: a tenant's failure is its own (its retries wait
+    for `retry_after`), so a fleet that was read keeps its interval."""
+    if result.fleet is not None and result.outcome in TRANSIENT:
+        return errors.OUTCOME_NOOP
+    return result.outcome
 
 
 def next_delay(outcome: str, failures: int, daemon: DaemonSettings) -> float | None:
@@ -95,10 +108,30 @@ def observation(result: RunResult, state: RunState, record: RunRecord) -> Observ
         unreadable_hash=str((result.unreadable or {}).get("file_hash") or ""),
         **_drift_fields(status),
         foreign=tuple(dict.fromkeys((*result.foreign, *(status.foreign if status is not None else ())))),
+        **_fleet_fields(result),
     )
 
 
-def _read_fields(status: Status | None) -> dict[str, tuple[str, ...]]:
+def _fleet_fields(result: RunResult) -> dict[str, Any]:
+    """A fleet tick's part: the halted wave and the failed tenants (the same on every replica
+    that read the same fleet), never one field per tenant run."""
+    fleet = result.fleet
+    if fleet is None:
+        return {"fleet": result.of_fleet}
+    failed = fleet.failed
+    wave = fleet.wave
+    return {
+        "fleet": True,
+        "fleet_read": True,
+        "halted": f"wave {wave.index + 1}:{','.join(fleet.repo_heads)}" if wave.halted else "",
+        "halt_reason": wave.reason,
+        "tenants": len(fleet.tenants),
+        "failed_tenants": tuple(t.name for t in failed),
+        "failed_causes": tuple(sorted({t.revision or t.state for t in failed})),
+    }
+
+
+def _read_fields(status: Status | None) -> dict[str, Any]:
     """The revisions the status names: unknown to the repository, the fork (else the repository's
     heads), dirty, and those whose applied file changed or vanished."""
     if status is None:
@@ -120,7 +153,7 @@ def _where(unreadable: dict[str, Any] | None) -> str:
     return f"{unreadable['path']}:{line}" if line else str(unreadable["path"])
 
 
-def _drift_fields(status: Status | None) -> dict[str, tuple[str, ...]]:
+def _drift_fields(status: Status | None) -> dict[str, Any]:
     report = status.drift if status is not None and "drift" in status.conditions else None
     if report is None:
         return {}

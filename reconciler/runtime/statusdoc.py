@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.control.fleetread import FleetStatus
 from reconciler.core.alerting import iso_utc
-from reconciler.core.status import Progress, Status
+from reconciler.core.state import CONDITIONS, SYNC_STATES
+from reconciler.core.status import SYNC_SEVERITY, Progress, Status
 from reconciler.redact import redact
 
 UNREADABLE = "revision_unreadable"  # the condition (and alert event) of a revision file we cannot read
@@ -35,6 +37,7 @@ STATUS_DEFAULTS: dict[str, Any] = {
     "chains": [],
     UNREADABLE: None,
     "applying": None,
+    "fleet": None,  # [fleet]: the fleet read of the last tick (`FleetStatus.as_dict`)
 }
 
 
@@ -48,6 +51,12 @@ class RunState:
     progress: Progress | None = None
     unreadable: dict[str, Any] | None = None  # the revision file that does not parse: path, line
     error: str = ""
+    fleet: FleetStatus | None = None  # a fleet's tick: the fleet read (`status` is then None)
+
+    @classmethod
+    def of_fleet(cls, fleet: FleetStatus) -> RunState:
+        """The fleet as one target: the worst sync state of its tenants, their conditions."""
+        return cls(fleet=fleet)
 
     @classmethod
     def read(cls, status: Status) -> RunState:
@@ -69,6 +78,8 @@ class RunState:
 
     @property
     def sync_state(self) -> str:
+        if self.fleet is not None:
+            return fleet_sync_state(self.fleet)
         if self.status is None:
             return "unknown"
         sync_state = self.status.sync_state
@@ -78,6 +89,8 @@ class RunState:
 
     @property
     def state(self) -> str:
+        if self.fleet is not None:
+            return self.conditions[0] if self.conditions else self.sync_state
         if self.status is None:
             return "unknown" if self.unreadable is None else UNREADABLE
         state = self.status.state
@@ -91,6 +104,8 @@ class RunState:
 
     @property
     def conditions(self) -> tuple[str, ...]:
+        if self.fleet is not None:
+            return fleet_conditions(self.fleet)
         if self.status is None:
             return () if self.unreadable is None else (UNREADABLE,)
         return self.status.conditions
@@ -104,6 +119,8 @@ class RunState:
 
     def as_dict(self) -> dict[str, Any]:
         """This state's part of the /status document (STATUS_DEFAULTS fill the rest)."""
+        if self.fleet is not None:
+            return self._fleet_doc(self.fleet)
         if self.status is None:
             return self._blind_doc()
         doc = self.status.as_dict()
@@ -120,6 +137,23 @@ class RunState:
         )
         return doc
 
+    def _fleet_doc(self, fleet: FleetStatus) -> dict[str, Any]:
+        counts = ", ".join(f"{n} {state}" for state, n in fleet.counts.items()) or "no tenants"
+        wave = fleet.wave
+        message = f"fleet: {len(fleet.tenants)} tenants ({counts})"
+        if wave.count > 1:
+            message += f"; wave {wave.index + 1} of {wave.count}"
+        if wave.halted:
+            message += f"; halted: {wave.reason}"
+        return {
+            "state": self.state,
+            "sync_state": self.sync_state,
+            "conditions": list(self.conditions),
+            "repo_heads": list(fleet.repo_heads),
+            "message": message,
+            "fleet": fleet.as_dict(),
+        }
+
     def _blind_doc(self) -> dict[str, Any]:
         if self.unreadable is None:
             return {"state": "unknown", "sync_state": "unknown"}
@@ -130,6 +164,25 @@ class RunState:
             "message": redact(self.error),
             UNREADABLE: self.unreadable,
         }
+
+
+def fleet_sync_state(fleet: FleetStatus) -> str:
+    """The worst sync state of the tenants (`in_sync` for none); a tenant in a condition or a
+    fleet state (failed, held) counts as `behind` while it has revisions pending."""
+    states = {_tenant_sync_state(t.state, t.pending) for t in fleet.tenants} or {"in_sync"}
+    return min(states, key=lambda s: SYNC_SEVERITY.index(s) if s in SYNC_SEVERITY else 0)
+
+
+def _tenant_sync_state(state: str, pending: int) -> str:
+    if state in SYNC_STATES:
+        return state
+    return "behind" if pending else "in_sync"
+
+
+def fleet_conditions(fleet: FleetStatus) -> tuple[str, ...]:
+    """The conditions any tenant is in (and `suspended` for a suspended fleet), worst first."""
+    seen = {t.state for t in fleet.tenants} | ({"suspended"} if fleet.suspended else set())
+    return tuple(c for c in CONDITIONS if c in seen)
 
 
 def state_dict(state: RunState | None) -> dict[str, Any]:
