@@ -2,7 +2,8 @@
 side with the peer, Flask-Migrate with `-x tenant=NAME` added to its env.py, run once per tenant.
 
     python -m bench.fleet [--tenants 1000 | --tenants postgresql=1000,mysql=50,sqlite=100]
-                          [--dialects postgresql,mysql,sqlite] [--replicas 4] [--peer-sample 30]
+                          [--dialects postgresql,mysql,sqlite] [--replicas 4] [--concurrency 8]
+                          [--peer-sample 30]
                           [--only status,apply,noop] [--history 3] [--waves 1,10%,100%]
 
 Fleets (default sizes): 1,000 schemas in one PostgreSQL database, 50 MariaDB databases, 100 SQLite
@@ -358,7 +359,7 @@ def measure(dialect: str, size: int, args: argparse.Namespace, folder: Path) -> 
     sample = args.peer_sample
     report = Report(dialect, size, sample)
     started = time.perf_counter()
-    with fleet(dialect, folder, size, sample, args.history, args.waves) as found:
+    with fleet(dialect, folder, size, sample, args.history, args.waves, args.concurrency) as found:
         report.note(
             f"{size} tenants and {sample} peer tenants built in {time.perf_counter() - started:.1f} s"
         )
@@ -412,6 +413,7 @@ def main() -> None:
     parser.add_argument("--tenants", help="tenants per dialect: N for all, or postgresql=1000,mysql=50,...")
     parser.add_argument("--dialects", default="postgresql,mysql,sqlite")
     parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=8, help="[fleet] concurrency of each replica")
     parser.add_argument("--peer-sample", type=int, default=30, help="tenants the peer loop runs on")
     parser.add_argument("--only", default="status,apply,noop", help="cases, comma-separated")
     parser.add_argument("--history", type=int, default=3, help="revisions the tenants are at before")

@@ -111,13 +111,13 @@ class Fleet:
         return {**self.env, WITNESS_VARIABLE: str(self.peer_witness)}
 
 
-def _fleet_section(dialect: str, uid: str, waves: str | None) -> str:
+def _fleet_section(dialect: str, uid: str, waves: str | None, concurrency: int) -> str:
     source, match = {
         "postgresql": ("schemas", "tenant_*"),
         "mysql": ("databases", f"tenant_{uid}_*"),
         "sqlite": ("files", "tenants/*.db"),
     }[dialect]
-    section = f'\n[fleet]\nsource = "{source}"\nmatch = "{match}"\nconcurrency = 8\n'
+    section = f'\n[fleet]\nsource = "{source}"\nmatch = "{match}"\nconcurrency = {concurrency}\n'
     if waves:
         section += "waves = [" + ", ".join(f'"{w.strip()}"' for w in waves.split(",")) + "]\n"
     return section
@@ -222,7 +222,13 @@ def _mysql_cleanup(uid: str) -> None:
 
 @contextmanager
 def fleet(
-    dialect: str, folder: Path, size: int, peers: int, history: int, waves: str | None = None
+    dialect: str,
+    folder: Path,
+    size: int,
+    peers: int,
+    history: int,
+    waves: str | None = None,
+    concurrency: int = 8,
 ) -> Iterator[Fleet]:
     """A throwaway fleet of `size` tenants (and `peers` peer tenants) at revision `history`."""
     uid = uuid.uuid4().hex[:8]
@@ -234,7 +240,7 @@ def fleet(
         with redirect_stdout(io.StringIO()):  # Alembic's init lists every file it writes
             ours = project(folder / "ours", url, history)
             peer = _peer_project(folder / "peer", url, history)
-        ours.write_config(extra=_fleet_section(dialect, uid, waves), models="myapp.models:db")
+        ours.write_config(extra=_fleet_section(dialect, uid, waves, concurrency), models="myapp.models:db")
         if dialect == "postgresql":
             tenants = [f"tenant_{n:04d}" for n in range(size)]
             peer_tenants = [f"peer_{n:04d}" for n in range(peers)]

@@ -201,9 +201,11 @@ def _validated(
     if status.sync_state not in APPLICABLE:
         yield None
         return
-    lent = run.lent is not None  # dev mode's worker already ran env.py for its generation
+    # dev mode's worker already ran env.py for its generation; a fleet's tenant worker runs it
+    # once, for the upgrade (its failure is that tenant's, journaled: the others go on)
+    probe = run.lent is None and run.starter is None
     with start_worker(handle, conn, run=run) as worker:
-        if not lent:
+        if probe:
             worker.probe()
         yield worker
 

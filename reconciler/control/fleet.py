@@ -9,6 +9,11 @@ replica that dies frees its tenants with its session.
   tenant; the revision graph is read once per tick and shared by every tenant.
 - At most `[fleet] concurrency` tenants run at once on this replica, each in a fresh worker (a
   fresh interpreter, Alembic environment and connection): no tenant's state reaches another's.
+  The fleet read stands for each tenant's first look: a run goes straight to the tenant's
+  try-lock, and its worker is forked only once the lock is held and there is work under it.
+- Each replica takes the pass's tenants in its own random order and, every few tenants, reads
+  the fleet again to drop the ones other replicas finished: replicas share a fleet without
+  trying each tenant once each.
 - Connections: with a schema per tenant on psycopg, every tenant's control-plane work (locks,
   journal, reads) shares one server session (`db.connection.make_engine(shared=True)`), so the
   fleet holds that one plus a worker's per running tenant. Elsewhere (a database or file per
@@ -20,7 +25,6 @@ replica that dies frees its tenants with its session.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import threading
 from collections.abc import Callable
@@ -30,7 +34,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from reconciler import logs, sessions
+from reconciler import logs
 from reconciler.config.tenants import check_dialect, tenant_kind, tenant_settings
 from reconciler.control import fleetread
 from reconciler.control.fleetread import FleetMemory, FleetStatus, TenantState
@@ -41,7 +45,6 @@ from reconciler.control.target import (
     Engines,
     TargetHandle,
     journal_exists,
-    locate_journal,
     log_worker_line,
     open_target,
     release_target,
@@ -59,6 +62,7 @@ from reconciler.settings import Settings
 log = logs.get("reconciler.fleet")
 
 _MAX_PASSES = 100  # waves and retries of one call; a rollout has at most a handful of waves
+_REFRESH = 32  # tenants a replica takes between two reads of the fleet (pruning the finished)
 
 
 class FleetEngines(Engines):
@@ -170,9 +174,11 @@ class Fleet:
             settings, self.base.on_worker_log, engines_of=self.engines.for_tenant, project=self.base.project
         )
 
-    def worker_for(self, handle: TargetHandle) -> Worker:
-        """A fresh worker for the tenant, forked from the fleet's zygote (Linux; spawned
-        elsewhere), checked against the tenant's database like `starting.start_worker` does."""
+    def start_worker(self, job: WorkerJob) -> Worker:
+        """A fresh worker for a tenant's job (`starting.start_worker` made it, checked against
+        the tenant's database), forked from the fleet's zygote (Linux; spawned elsewhere). It
+        is asked for only once the tenant's lock is held: a tenant another replica holds, or one
+        already in sync, costs no worker."""
         with self._lock:
             if self._pool is None:
                 settings = self.settings
@@ -184,14 +190,6 @@ class Fleet:
                     spare=False,
                 )
             pool = self._pool
-        with connection.connect(handle.engine) as conn:
-            locate_journal(handle, conn)
-            identity = sessions.identity_from_dbapi(conn.connection, handle.backend)
-        job = dataclasses.replace(
-            WorkerJob.from_settings(handle.settings),
-            expected_identity=identity,
-            exclude_tables=[*handle.journal.names, *handle.other_version_tables],
-        )
         return pool.start(job)
 
     def close_pool(self) -> None:
@@ -266,11 +264,12 @@ def reconcile_fleet(
     if status.wave.allowed and not status.suspended:
         _shared_journal(fleet)
     for _ in range(_MAX_PASSES):
-        todo = _spread(sorted(status.wave.allowed - tried))
+        todo = sorted(status.wave.allowed - tried)
         if status.suspended or not todo or (should_stop and should_stop()):
             break
         tried.update(todo)
-        run.runs.extend(_run_all(fleet, todo, trigger, should_stop, retry_gate, on_tenant))
+        queue = _Queue(fleet, graph, todo)
+        run.runs.extend(_run_all(fleet, queue, trigger, should_stop, retry_gate, on_tenant))
         status = run.status = read_fleet(fleet, graph)
     _log_pass(fleet, run)
     return run
@@ -290,13 +289,38 @@ def _shared_journal(fleet: Fleet) -> None:
             ensure_journal(base, conn)
 
 
-def _spread(names: list[str]) -> list[str]:
-    """The tenants from a random place on: replicas that read the same fleet then start on
-    different tenants instead of all trying the first one's lock at once."""
-    if not names:
-        return names
-    start = random.randrange(len(names))
-    return names[start:] + names[:start]
+class _Queue:
+    """One pass's tenants, in this replica's own random order (replicas reading the same fleet
+    then start apart instead of all trying the first one's lock). Every `_REFRESH` tenants it
+    reads the fleet again (one statement for a schema fleet) and drops the tenants no longer
+    pending: the ones other replicas finished meanwhile are not tried again here."""
+
+    def __init__(self, fleet: Fleet, graph: RevisionGraph, names: list[str]) -> None:
+        self._fleet, self._graph = fleet, graph
+        self._names = random.sample(names, len(names))
+        self._taken = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def take(self) -> str | None:
+        with self._lock:
+            if self._taken and self._taken % _REFRESH == 0 and self._names:
+                self._prune()
+            if not self._names:
+                return None
+            self._taken += 1
+            return self._names.pop()
+
+    def _prune(self) -> None:
+        try:
+            status = read_fleet(self._fleet, self._graph)
+        except ReconcilerError as exc:  # the tenants' own runs will say it; try them as listed
+            log.debug("fleet_reread_failed", error=redact(str(exc)))
+            return
+        pending = {t.name for t in status.tenants if t.state in rules.PENDING_STATES}
+        self._names = [name for name in self._names if name in pending]
 
 
 def require_tenant(fleet: Fleet, name: str, status: FleetStatus | None = None) -> None:
@@ -313,23 +337,26 @@ def require_tenant(fleet: Fleet, name: str, status: FleetStatus | None = None) -
 
 def _run_all(
     fleet: Fleet,
-    names: list[str],
+    queue: _Queue,
     trigger: str,
     should_stop: Callable[[], bool] | None,
     retry_gate: bool,
     on_tenant: Callable[[TenantRun], None] | None,
 ) -> list[TenantRun]:
-    def one(name: str) -> TenantRun:
-        result = _run_tenant(fleet, name, trigger, should_stop, retry_gate, 0.0)
-        if on_tenant is not None:
-            on_tenant(result)
-        return result
+    def lane() -> list[TenantRun]:
+        done: list[TenantRun] = []
+        while not (should_stop and should_stop()) and (name := queue.take()) is not None:
+            done.append(_run_tenant(fleet, name, trigger, should_stop, retry_gate, 0.0))
+            if on_tenant is not None:
+                on_tenant(done[-1])
+        return done
 
-    width = max(1, min(fleet.settings.fleet.concurrency, len(names)))
+    width = max(1, min(fleet.settings.fleet.concurrency, len(queue)))
     # Why threads: each tenant waits on its worker process; the pool's threads live until every
     # run ended, so a worker never outlives the thread that started it (PR_SET_PDEATHSIG).
     with ThreadPoolExecutor(max_workers=width, thread_name_prefix="tenant") as pool:
-        return list(pool.map(one, names))
+        lanes = [pool.submit(lane) for _ in range(width)]
+        return [result for future in lanes for result in future.result()]
 
 
 def _run_tenant(
@@ -342,12 +369,11 @@ def _run_tenant(
 ) -> TenantRun:
     """One tenant, reconciled; a failure is its own, never the fleet's."""
     handle = fleet.handle(name)
-    lent: Worker | None = None
     try:
-        lent = fleet.worker_for(handle)
         result = reconcile_once(
             handle,
-            run=LiveRun(lent=lent),
+            run=LiveRun(starter=fleet.start_worker),
+            look_first=False,  # the fleet read was the first look
             trigger=trigger,
             lock_timeout=lock_timeout,
             should_stop=should_stop,
@@ -369,8 +395,6 @@ def _run_tenant(
             fleet.memory.failed[name] = TenantState(name, state, revision=revision, error=message)
         return TenantRun(name, outcome, error=message, revision=revision, exit_code=exc.exit_code)
     finally:
-        if lent is not None:
-            lent.close()
         if not handle.engines.shared:
             release_target(handle)  # a connection per running tenant at most, never one per tenant
 

@@ -25,7 +25,7 @@ from reconciler.errors import ReconcilerError
 from reconciler.redact import redact
 
 if TYPE_CHECKING:
-    from reconciler.control.workers import Worker
+    from reconciler.control.workers import Worker, WorkerJob
 
 log = logs.get("reconciler.reconcile")
 
@@ -36,6 +36,8 @@ class LiveRun:
 
     on_plan: Callable[[Status], None] | None = None  # told when a chain's plan is set (the daemon)
     lent: Worker | None = None  # a worker the caller already has (dev mode): no second start
+    starter: Callable[[WorkerJob], Worker] | None = None  # starts the apply's worker instead of
+    # Worker.start (a fleet's zygote), once the lock is held: a tenant held elsewhere starts none
     current_worker: Worker | None = None  # the worker of the apply in progress
     plans: dict[str, Status] = field(default_factory=dict)  # first look, then the lock's re-read
     applying: dict[str, Progress] = field(default_factory=dict)  # the revision each chain runs

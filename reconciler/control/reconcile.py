@@ -37,28 +37,25 @@ def reconcile_once(
     check_files: bool = True,
     guard: bool = True,
     retry_gate: bool = False,
+    look_first: bool = True,
 ) -> ApplyResult:
     """Bring the database to the repository's heads, or raise saying why not.
 
     `run` is where the caller watches the run (the daemon's /status); `fast` lets an in-sync
     run reuse recent journal flags (the daemon's no-op: one query); `should_stop` is asked
     before each revision (graceful shutdown); `check_files` False trusts the graph cache (a
-    watcher is looking); `guard` and `retry_gate` as in `applying.apply_pending`."""
+    watcher is looking); `guard` and `retry_gate` as in `applying.apply_pending`; `look_first`
+    False: the caller's read stands for the first look (a fleet's one read of every tenant), so
+    the run goes straight to the lock and decides on the re-read under it (a tenant another
+    replica holds costs one try)."""
     started = time.monotonic()
     run = run if run is not None else LiveRun()
     graph = read_graph(handle, check_files=check_files)
-    # Why here: the first look needs no lock; an in-sync target costs this one query.
-    status = retrying(handle, lambda: first_look(handle, graph, fast=fast))
-    refuse(handle, status)
-    if status.sync_state == "in_sync" and status.settle:
-        status = _settle_once(handle, graph, status)
-    if status.sync_state == "in_sync" and not status.needs_recording:
-        handle.project.close_worker()  # nothing to apply: a worker kept from the headers goes
-        return finish(handle, run, "noop", (), status, 0.0, started)
-    if guard and "destructive_pending" in status.conditions:
-        raise Refused(status.messages["destructive_pending"])  # nothing changed since it was refused
+    if look_first:
+        noop = _look_first(handle, run, graph, fast, guard, started)
+        if noop is not None:
+            return noop
     timeout = handle.settings.apply.lock_acquire_timeout if lock_timeout is None else lock_timeout
-    set_plan(handle, run, status)  # until the lock's re-read: the lock wait and the worker's start show it
     try:
         # Why here: the lock is polled for, then the state is read again under it (invariant 3).
         with connection.connect(handle.engine) as conn, target_lock(handle, conn, timeout) as waited:
@@ -77,6 +74,25 @@ def reconcile_once(
             )
     finally:
         clear_plan(handle, run)
+
+
+def _look_first(
+    handle: TargetHandle, run: LiveRun, graph: RevisionGraph, fast: bool, guard: bool, started: float
+) -> ApplyResult | None:
+    """The read before the lock: the no-op result when there is nothing to do, else None (the
+    plan is set: until the lock's re-read, the lock wait and the worker's start show it)."""
+    # Why here: the first look needs no lock; an in-sync target costs this one query.
+    status = retrying(handle, lambda: first_look(handle, graph, fast=fast))
+    refuse(handle, status)
+    if status.sync_state == "in_sync" and status.settle:
+        status = _settle_once(handle, graph, status)
+    if status.sync_state == "in_sync" and not status.needs_recording:
+        handle.project.close_worker()  # nothing to apply: a worker kept from the headers goes
+        return finish(handle, run, "noop", (), status, 0.0, started)
+    if guard and "destructive_pending" in status.conditions:
+        raise Refused(status.messages["destructive_pending"])  # nothing changed since it was refused
+    set_plan(handle, run, status)
+    return None
 
 
 def _settle_once(handle: TargetHandle, graph: RevisionGraph, status: Status) -> Status:
