@@ -45,6 +45,7 @@ from reconciler.control.target import (
     Engines,
     TargetHandle,
     journal_exists,
+    journal_seen,
     log_worker_line,
     open_target,
     release_target,
@@ -53,7 +54,7 @@ from reconciler.control.workerpool import WarmWorker
 from reconciler.control.workers import Worker, WorkerJob
 from reconciler.core import fleet as rules
 from reconciler.core.graph import RevisionGraph
-from reconciler.db import connection, placement
+from reconciler.db import connection, flags, placement
 from reconciler.errors import ConfigError, LockTimeout, ReconcilerError
 from reconciler.redact import redact
 from reconciler.sessions import backend_name
@@ -201,6 +202,31 @@ class Fleet:
     def connect_database(self, database: str) -> Any:
         return fleetread.database_connection(self.base, database)
 
+    def read_own_flags(self, names: list[str]) -> fleetread.TenantFlags:
+        """The blocked / failures / suspended flags in each named tenant's own journal (a
+        database or file per tenant), `concurrency` tenants at a time, each connection closed
+        when read: the connection bound holds. A tenant that cannot be read has none."""
+        width = max(1, min(self.settings.fleet.concurrency, len(names)))
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="tenant-read") as pool:
+            found = list(pool.map(self._own_flags, names))
+        return fleetread.flags_by_kind(row for rows in found for row in rows)
+
+    def _own_flags(self, name: str) -> list[tuple[str, str]]:
+        handle = self.handle(name)
+        try:
+            with connection.connect(handle.engine) as conn:
+                if not journal_seen(handle, conn):
+                    return []
+                keys = fleetread.own_flag_keys(handle.target_name)
+                read = flags.read(conn, handle.journal, keys)
+        except (sa.exc.SQLAlchemyError, ReconcilerError) as exc:
+            log.debug("tenant_journal_unread", tenant=name, error=redact(str(exc)))
+            return []
+        finally:
+            release_target(handle)
+        # the tenant's journal knows it by its target name: the fleet's rows are by tenant
+        return [(f"{key.partition('/')[0]}/{name}", value) for key, value in read.items()]
+
 
 def open_fleet(settings: Settings, on_worker_log: Callable[[str], None] | None = None) -> Fleet:
     """The fleet of `settings` ([fleet] set). Connects to nothing; a wrong layout for the URL's
@@ -233,10 +259,13 @@ def read_graph(fleet: Fleet, check_files: bool = True) -> RevisionGraph:
     return fleet.base.project.graph(check=check_files)
 
 
-def read_fleet(fleet: Fleet, graph: RevisionGraph | None = None) -> FleetStatus:
-    """The fleet read: every tenant's state and the rollout's wave (see `fleetread`)."""
+def read_fleet(fleet: Fleet, graph: RevisionGraph | None = None, own_journals: bool = True) -> FleetStatus:
+    """The fleet read: every tenant's state and the rollout's wave (see `fleetread`);
+    `own_journals` False skips a database or file fleet's tenant journals (a pass's re-read,
+    which only asks which tenants are still pending)."""
     graph = graph if graph is not None else read_graph(fleet)
-    return fleetread.fleet_status(fleet.base, graph, fleet.kind, fleet.memory, fleet.connect_database)
+    own = fleet.read_own_flags if own_journals else None
+    return fleetread.fleet_status(fleet.base, graph, fleet.kind, fleet.memory, fleet.connect_database, own)
 
 
 def reconcile_fleet(
@@ -315,7 +344,7 @@ class _Queue:
 
     def _prune(self) -> None:
         try:
-            status = read_fleet(self._fleet, self._graph)
+            status = read_fleet(self._fleet, self._graph, own_journals=False)
         except ReconcilerError as exc:  # the tenants' own runs will say it; try them as listed
             log.debug("fleet_reread_failed", error=redact(str(exc)))
             return

@@ -3,13 +3,16 @@ each (blocked, failed, suspended), and the rollout's wave.
 
 For a schema per tenant that is two round trips however many tenants there are: one statement
 lists the schemas with every version table's rows (`db.tenants`), one reads the shared journal's
-flags of all of them. Nothing here starts a worker or an Alembic environment: a tenant's state is
-`core.state.decide` over its rows and the revision graph read once.
+flags of all of them. With a database or a file per tenant each tenant keeps its own journal: the
+caller's `own_flags` reads those of the tenants not in sync (one short connection each; a fleet
+in sync costs none), so that a failure another process recorded is seen by a new one. Nothing
+here starts a worker or an Alembic environment: a tenant's state is `core.state.decide` over its
+rows and the revision graph read once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +95,8 @@ class FleetMemory:
 
 
 Connect = Callable[[str], AbstractContextManager[sa.engine.Connection]]
+TenantFlags = dict[str, dict[str, str]]  # {flag kind: {tenant: value}}
+OwnFlags = Callable[[list[str]], TenantFlags]  # the named tenants' own journals' flags
 
 
 def list_tenants(
@@ -123,7 +128,7 @@ def _one_file(base: TargetHandle, name: str, table: str) -> TenantVersions:
 
 def read_tenant_flags(
     base: TargetHandle, conn: sa.engine.Connection, also: tuple[str, ...] = ()
-) -> dict[str, dict[str, str]]:
+) -> TenantFlags:
     """The shared journal's blocked / failures / suspended flags of every tenant, and the keys
     `also` (the fleet's own), in one query: {flag kind: {tenant: value}}. Empty when the journal
     does not exist yet."""
@@ -137,11 +142,21 @@ def read_tenant_flags(
         if conn.in_transaction():  # PostgreSQL: the failed statement ended the transaction
             conn.rollback()
         return {}
-    out: dict[str, dict[str, str]] = {kind: {} for kind in _TENANT_FLAGS}
+    return flags_by_kind((str(key), str(value)) for key, value in rows)
+
+
+def flags_by_kind(rows: Iterable[tuple[str, str]]) -> TenantFlags:
+    """Flag rows (`kind/tenant`, value) as {kind: {tenant: value}}, every tenant kind present."""
+    out: TenantFlags = {kind: {} for kind in _TENANT_FLAGS}
     for key, value in rows:
-        kind, _, tenant = str(key).partition("/")
-        out.setdefault(kind, {})[tenant] = str(value)
+        kind, _, tenant = key.partition("/")
+        out.setdefault(kind, {})[tenant] = value
     return out
+
+
+def own_flag_keys(target: str) -> list[str]:
+    """The keys `tenant_state` reads of one tenant, in the tenant's own journal."""
+    return [flags.blocked_key(target), flags.failures_key(target), flags.suspended_key(target)]
 
 
 def fleet_flags(base: TargetHandle, conn: sa.engine.Connection, heads: tuple[str, ...]) -> tuple[bool, int]:
@@ -211,8 +226,10 @@ def fleet_status(
     kind: str,
     memory: FleetMemory,
     connect: Connect,
+    own_flags: OwnFlags | None = None,
 ) -> FleetStatus:
-    """The fleet read (see the module docstring)."""
+    """The fleet read (see the module docstring). `own_flags` None: a database or file fleet's
+    tenant journals are not read (this replica's memory stands for them)."""
     settings = base.settings.fleet
     with connection.connect(base.engine) as conn:
         found = list_tenants(base, conn, kind, connect)
@@ -224,10 +241,17 @@ def fleet_status(
         else:
             tenant_flags = {}
             suspended, lifted = fleet_flags(base, conn, heads)
+    if own_flags is not None and kind != "schemas":
+        tenant_flags = own_flags([t.name for t in found if not t.error and not _at(t, graph)])
     states = tuple(tenant_state(graph, item, tenant_flags, memory) for item in found)
     waves = rules.parse_waves(settings.waves)
     wave = rules.decide_wave({t.name: t.state for t in states}, waves, settings.halt_after, lifted)
     return FleetStatus(states, wave, tuple(sorted(graph.heads)), suspended, settings.source)
+
+
+def _at(found: TenantVersions, graph: RevisionGraph) -> bool:
+    """The tenant's rows are the repository's heads: nothing its journal says changes its state."""
+    return found.heads is not None and frozenset(found.heads) == frozenset(graph.heads)
 
 
 @contextmanager
