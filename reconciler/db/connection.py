@@ -7,18 +7,20 @@ A failure to connect becomes `UnreachableError` with the password masked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from reconciler import sessions
+from reconciler import logs, sessions
 from reconciler.core.state import DbSnapshot
 from reconciler.db.journal import SHARED_SESSION
 from reconciler.errors import UnreachableError
 from reconciler.redact import redact
+
+log = logs.get("reconciler.db")
 
 CTL_STATEMENT_TIMEOUT = 60.0
 
@@ -157,6 +159,27 @@ def unreachable(engine: sa.engine.Engine, exc: BaseException) -> UnreachableErro
         f"database {where} is unreachable: {detail}; check that the server is up and the URL, "
         "user and network are right"
     )
+
+
+def cancel_statements(engine: sa.engine.Engine, names: Sequence[str], this_database: bool = True) -> bool:
+    """PostgreSQL: cancel the statement each session named one of `names` (our appliers'
+    `application_name`) is running, on the engine's database only unless `this_database` is
+    False (a fleet with a database per tenant). False when the server could not be asked: the
+    caller stops its worker another way."""
+    where = " AND datname = current_database()" if this_database else ""
+    try:
+        with connect(engine) as conn:
+            conn.execute(
+                sa.text(
+                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                    f"WHERE application_name = ANY(:names){where}"
+                ),
+                {"names": list(names)},
+            )
+    except (UnreachableError, sa.exc.DBAPIError) as exc:
+        log.warning("cancel_failed", error=redact(str(exc)))
+        return False
+    return True
 
 
 def is_disconnect(exc: BaseException) -> bool:

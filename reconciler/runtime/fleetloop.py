@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import sqlalchemy as sa
-
 from reconciler import logs, sessions
 from reconciler.config.tenants import TENANT_NAME_LIMIT
 from reconciler.control import fleet
@@ -26,7 +24,6 @@ from reconciler.core.graph import MissingRevision
 from reconciler.core.headers import RevisionFileError
 from reconciler.db import connection
 from reconciler.errors import ReconcilerError
-from reconciler.redact import redact
 from reconciler.runtime.runs import RunResult
 from reconciler.settings import Settings
 
@@ -81,17 +78,8 @@ class FleetLoop:
         if self.base.backend != "postgresql" or self.last is None:
             return
         names = [sessions.application_name(t.name[:TENANT_NAME_LIMIT], "apply") for t in self.last.tenants]
-        try:
-            with connection.connect(self.base.engine) as conn:
-                conn.execute(
-                    sa.text(
-                        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name = ANY(:names)"
-                    ),
-                    {"names": names},
-                )
-        except (ReconcilerError, sa.exc.DBAPIError) as exc:
-            log.warning("fleet_cancel_failed", error=redact(str(exc)))
+        # a database per tenant: the tenants' sessions are on other databases of the server
+        connection.cancel_statements(self.base.engine, names, this_database=self.fleet.kind == "schemas")
 
 
 def _errors(run: FleetRun) -> str:

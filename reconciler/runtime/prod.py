@@ -231,19 +231,8 @@ class Daemon:
         if self.fleet is not None:
             return self.fleet.cancel_in_flight()
         name = sessions.application_name(self.target, "apply")
-        if self.handle.backend == "postgresql":
-            try:
-                with connection.connect(self.handle.engine) as conn:
-                    conn.execute(
-                        sa.text(
-                            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
-                            "WHERE application_name = :name AND datname = current_database()"
-                        ),
-                        {"name": name},
-                    )
-                return
-            except ReconcilerError:
-                pass
+        if self.handle.backend == "postgresql" and connection.cancel_statements(self.handle.engine, [name]):
+            return
         worker = self._live.current_worker
         if worker is not None:
             worker.kill()
