@@ -4,7 +4,7 @@ side with the peer, Flask-Migrate with `-x tenant=NAME` added to its env.py, run
     python -m bench.fleet [--tenants 1000 | --tenants postgresql=1000,mysql=50,sqlite=100]
                           [--dialects postgresql,mysql,sqlite] [--replicas 4] [--concurrency 8]
                           [--peer-sample 30]
-                          [--only status,apply,noop] [--history 3] [--waves 1,10%,100%]
+                          [--only status,apply,noop,daemon] [--history 3] [--waves 1,10%,100%]
 
 Fleets (default sizes): 1,000 schemas in one PostgreSQL database, 50 MariaDB databases, 100 SQLite
 files, built in bulk at the project's head (--history revisions); the project is the generated
@@ -21,6 +21,9 @@ Flask-SQLAlchemy one with Flask-Migrate's unchanged env.py and a `[fleet]` secti
 3. noop: one tick of the daemon (`reconcile_fleet`, median of 3 after one warm-up) with every tenant
    in sync, against the peer's upgrade loop at head. Goal: ≤ 1 s. Also shown: one whole
    `reconciler apply` process at head, and the fleet's counts from `status --json` at the end.
+4. daemon: one `reconciler run --mode prod` applies one more revision to every tenant
+   (`bench.fleetdaemon`). Goals: the daemon's peak RSS ≤ 100 MiB; on PostgreSQL at most
+   `[fleet] concurrency` + 2 server sessions of ours at once.
 
 The peer takes about a second per tenant, so it runs on --peer-sample tenants of its own (a copy of
 the project, `peer_*` tenants) and its total is extrapolated linearly to the fleet size; the table
@@ -44,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import flask_db, median, reconciler, row, timed
-from bench.fleetproject import Fleet, add_revision, fleet, versions, witnessed
+from bench.fleetdaemon import run_daemon
+from bench.fleetproject import NEW_REVISION, Fleet, add_revision, fleet, versions, witnessed
 from reconciler import logs
 
 SIZES = {"postgresql": 1000, "mysql": 50, "sqlite": 100}
@@ -336,6 +340,31 @@ def noop_case(found: Fleet, report: Report) -> None:
     report.cases.append(Case("noop: apply process", process, peer, "(info)", None))
 
 
+def daemon_case(found: Fleet, report: Report, concurrency: int, parent: str) -> None:
+    """One prod daemon applies a revision to the whole fleet: its peak RSS and server sessions."""
+    seen = run_daemon(found, parent)
+    size = len(found.tenants)
+    report.note(
+        f"daemon: every tenant at the new head after {seen.seconds:.1f} s ({seen.at_head}/{size}); "
+        f"peak RSS {seen.peak_rss_mib:.1f} MiB (with its workers {seen.peak_tree_mib:.1f} MiB PSS, "
+        f"{seen.peak_processes} processes at most); "
+        f"exit {seen.exit_code} on SIGTERM"
+    )
+    if seen.exit_code != 0 or seen.at_head != size:
+        report.note(f"daemon stderr: {seen.stderr_tail}")
+    report.cases.append(
+        Case("daemon: at head", f"{seen.at_head}/{size}", None, f"{size}/{size}", seen.at_head == size)
+    )
+    rss = f"{seen.peak_rss_mib:.1f} MiB"
+    report.cases.append(Case("daemon: peak RSS", rss, None, "≤ 100 MiB", seen.peak_rss_mib <= 100))
+    if seen.peak_sessions is not None:
+        bound = concurrency + 2
+        shown = str(seen.peak_sessions)
+        report.cases.append(
+            Case("daemon: server sessions", shown, None, f"≤ {bound}", seen.peak_sessions <= bound)
+        )
+
+
 def apply_process(found: Fleet) -> float:
     """Seconds of one whole `reconciler apply` process with every tenant in sync."""
     started = time.perf_counter()
@@ -369,6 +398,9 @@ def measure(dialect: str, size: int, args: argparse.Namespace, folder: Path) -> 
             apply_case(found, report, args.replicas)
         if "noop" in args.only:
             noop_case(found, report)
+        if "daemon" in args.only:
+            parent = NEW_REVISION if "apply" in args.only else found.head
+            daemon_case(found, report, args.concurrency, parent)
     return report
 
 
@@ -415,14 +447,14 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=8, help="[fleet] concurrency of each replica")
     parser.add_argument("--peer-sample", type=int, default=30, help="tenants the peer loop runs on")
-    parser.add_argument("--only", default="status,apply,noop", help="cases, comma-separated")
+    parser.add_argument("--only", default="status,apply,noop,daemon", help="cases, comma-separated")
     parser.add_argument("--history", type=int, default=3, help="revisions the tenants are at before")
     parser.add_argument("--waves", help="[fleet] waves, e.g. 1,10%%,100%% (default: the tool's default)")
     args = parser.parse_args()
     args.only = set(args.only.split(","))
-    unknown = args.only - {"status", "apply", "noop"}
+    unknown = args.only - {"status", "apply", "noop", "daemon"}
     if unknown:
-        parser.error(f"--only {','.join(sorted(unknown))}: the cases are status, apply, noop")
+        parser.error(f"--only {','.join(sorted(unknown))}: the cases are status, apply, noop, daemon")
     dialects = args.dialects.split(",")
     bad = [d for d in dialects if d not in SIZES]
     if bad:
