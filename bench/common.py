@@ -67,6 +67,19 @@ def reconciler(proj: Project, *args: str) -> list[str]:
     return [sys.executable, "-m", "reconciler", "--config", str(proj.config), *args]
 
 
+def proc_kib(pid: int, key: str, table: str = "status") -> int:
+    """A KiB figure of /proc/<pid>/<table> (`VmHWM`, `VmRSS` of status; `Pss` of smaps_rollup);
+    0 when the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/{table}").read_text()
+    except OSError:  # it ended between the listing and the read
+        return 0
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bench.common import reconciler
+from bench.common import proc_kib, reconciler
 from bench.fleetproject import Fleet, versions
 
 DAEMON_REVISION = "fleet0002"
@@ -46,17 +46,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _status_kib(pid: int, key: str, table: str = "status") -> int:
-    try:
-        text = Path(f"/proc/{pid}/{table}").read_text()
-    except OSError:  # the process ended between the listing and the read
-        return 0
-    for line in text.splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def _descendants(pid: int) -> list[int]:
@@ -101,9 +90,9 @@ def run_daemon(found: Fleet, parent: str, timeout: float = 1800.0) -> DaemonFigu
     try:
         conn = watcher.connect() if watcher is not None else None
         while time.perf_counter() - started < timeout and proc.poll() is None:
-            rss = max(rss, _status_kib(proc.pid, "VmHWM"))
+            rss = max(rss, proc_kib(proc.pid, "VmHWM"))
             family = _descendants(proc.pid)
-            tree = max(tree, sum(_status_kib(pid, "Pss", "smaps_rollup") for pid in family))
+            tree = max(tree, sum(proc_kib(pid, "Pss", "smaps_rollup") for pid in family))
             processes = max(processes, len(family))
             if conn is not None and sessions is not None:
                 sessions = max(sessions, _sessions(conn))
@@ -114,7 +103,7 @@ def run_daemon(found: Fleet, parent: str, timeout: float = 1800.0) -> DaemonFigu
                     break
             time.sleep(SAMPLE_EVERY)
         seconds = time.perf_counter() - started
-        rss = max(rss, _status_kib(proc.pid, "VmHWM"))
+        rss = max(rss, proc_kib(proc.pid, "VmHWM"))
         if conn is not None:
             conn.close()
     finally:

@@ -42,22 +42,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests import builders, dbs  # noqa: E402  (the repository root must be on sys.path first)
+from bench.common import proc_kib  # noqa: E402  (the repository root must be on sys.path first)
+from tests import builders, dbs  # noqa: E402
 from tests.cli import cli_command, cli_env  # noqa: E402
 
 SAMPLE_EVERY = 0.01
 IDLE_SECONDS = 10.0
-
-
-def _kib(pid: int, key: str) -> int:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def _children(pid: int) -> list[int]:
@@ -90,9 +80,9 @@ class Sampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak_kib = max(self.peak_kib, _kib(self.pid, "VmHWM"))
+            self.peak_kib = max(self.peak_kib, proc_kib(self.pid, "VmHWM"))
             for child in _children(self.pid):
-                peak = _kib(child, "VmHWM")
+                peak = proc_kib(child, "VmHWM")
                 self.children_peak_kib[child] = max(self.children_peak_kib.get(child, 0), peak)
             self._stop.wait(SAMPLE_EVERY)
 
@@ -155,7 +145,7 @@ def measure_run(project: builders.Project) -> dict[str, object]:
     try:
         _wait(lambda: _status(port).get("state") == "in_sync", 300, "the daemon to reach in_sync")
         time.sleep(IDLE_SECONDS)  # a few idle ticks (measuring, not synchronising)
-        idle = _kib(process.pid, "VmRSS")
+        idle = proc_kib(process.pid, "VmRSS")
     finally:
         process.terminate()
         process.wait(60)
