@@ -162,12 +162,25 @@ class Fleet:
         return self.base.target_name
 
     def handle(self, tenant: str) -> TargetHandle:
-        """The tenant's handle, opened once and kept (it connects to nothing by itself)."""
+        """The tenant's handle, opened on first use (it connects to nothing by itself) and kept
+        until `forget`: a fleet holds handles only for the tenants it is running."""
         with self._lock:
             found = self._handles.get(tenant)
             if found is None:
                 found = self._handles[tenant] = self._open(tenant)
             return found
+
+    def forget(self, tenant: str) -> None:
+        """Close the tenant's connections and drop its handle: memory stays bounded by the
+        tenants running, not the fleet's size (the fleet read is each run's first look)."""
+        with self._lock:
+            handle = self._handles.pop(tenant, None)
+        if handle is None:
+            return
+        if handle.engines.shared:
+            handle.engines.dispose()  # its own lock engine, if any; the shared session stays
+        else:
+            release_target(handle)
 
     def _open(self, tenant: str) -> TargetHandle:
         settings = tenant_settings(self.settings, tenant, self.kind)
@@ -223,7 +236,7 @@ class Fleet:
             log.debug("tenant_journal_unread", tenant=name, error=redact(str(exc)))
             return []
         finally:
-            release_target(handle)
+            self.forget(name)
         # the tenant's journal knows it by its target name: the fleet's rows are by tenant
         return [(f"{key.partition('/')[0]}/{name}", value) for key, value in read.items()]
 
@@ -424,8 +437,7 @@ def _run_tenant(
             fleet.memory.failed[name] = TenantState(name, state, revision=revision, error=message)
         return TenantRun(name, outcome, error=message, revision=revision, exit_code=exc.exit_code)
     finally:
-        if not handle.engines.shared:
-            release_target(handle)  # a connection per running tenant at most, never one per tenant
+        fleet.forget(name)  # a connection and a handle per running tenant at most, never per tenant
 
 
 def _log_pass(fleet: Fleet, run: FleetRun) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,7 +56,11 @@ class JournalTables:
         return (self.steps.name, self.flags.name)
 
 
+@functools.lru_cache(maxsize=128)
 def tables(name: str, schema: str | None = None) -> JournalTables:
+    """The journal's table definitions in `schema`, made once per (name, schema) and shared by
+    every handle placed there (a fleet's tenants: one set, not one per tenant, and SQLAlchemy's
+    compiled statements are reused across them). Read-only once made."""
     metadata = sa.MetaData(schema=schema or None)
     steps = sa.Table(
         name,
