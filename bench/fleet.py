@@ -285,7 +285,12 @@ def apply_case(found: Fleet, report: Report, count: int) -> None:
     peer_seen = witnessed(found.peer_witness, found.dialect)
     if peer_behind or sorted(peer_seen.values()) != [1] * len(found.peer_tenants):
         report.note(f"the peer left {len(peer_behind)} tenants behind; witness counts {peer_seen}")
+    sessions = _server_sessions(found)
     done = replicas(found, count)
+    if sessions is not None:
+        opened_now = (_server_sessions(found) or 0) - sessions
+        each = opened_now / len(found.tenants)
+        report.note(f"server sessions opened by the replicas: {opened_now} ({each:.1f} a tenant)")
     exits = ", ".join(str(code) for code in done.codes)
     report.note(f"{count} replicas exited {exits} in {done.seconds:.2f} s")
     for line in done.last_errors[:count]:
@@ -314,6 +319,25 @@ def apply_case(found: Fleet, report: Report, count: int) -> None:
     ran = any(code in (0, EXIT_LOCK) for code in done.codes)  # else no replica got as far as a lock
     lock_ok = done.lock_errors == 0 if ran else None
     report.cases.append(Case("apply: lock errors", str(done.lock_errors), None, "0", lock_ok))
+
+
+def _server_sessions(found: Fleet) -> int | None:
+    """PostgreSQL's count of sessions opened on the fleet's database so far (its statistics)."""
+    if found.dialect != "postgresql":
+        return None
+    import sqlalchemy as sa  # deferred: only the PostgreSQL fleet reads it
+
+    engine = sa.create_engine(found.url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_stat_clear_snapshot()")
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
 
 
 def noop_case(found: Fleet, report: Report) -> None:

@@ -202,6 +202,7 @@ class Fleet:
                     on_log=self.base.on_worker_log,
                     timeout=settings.target.worker_timeout,
                     spare=False,
+                    prefault=False,  # see WarmWorker: a tenant's worker is short, CPU is the cost
                 )
             pool = self._pool
         return pool.start(job)

@@ -36,7 +36,9 @@ class WarmWorker:
     kernel's parent-death signal never fires early. A spare whose alembic.ini or env.py changed
     since it started is replaced. `fork`: fork the workers from a zygote (None: where fork is
     safe, Linux; False: always spawn them). `spare` False keeps no spare: `start(job)` forks a
-    worker for any job on demand (a tenant fleet's, one per tenant). Thread-safe.
+    worker for any job on demand (a tenant fleet's, one per tenant). `prefault` False: a forked
+    worker copies the zygote's pages only as it writes them (a fleet's short upgrade workers:
+    less CPU a tenant; dev mode's generation wants them copied up front). Thread-safe.
     """
 
     def __init__(
@@ -47,8 +49,10 @@ class WarmWorker:
         timeout: float | None = None,
         fork: bool | None = None,
         spare: bool = True,
+        prefault: bool = True,
     ) -> None:
         self._job = job
+        self._prefault = prefault
         self._python = python
         self._on_log = on_log
         self._timeout = timeout
@@ -205,7 +209,7 @@ class WarmWorker:
             if zygote is None:
                 break
             try:
-                process = zygote.fork(job.url)
+                process = zygote.fork(job.url, self._prefault)
             except (ZygoteStale, ZygoteUnavailable) as exc:
                 log.info("zygote_replaced", pid=zygote.pid, reason=str(exc).splitlines()[0])
                 self._retire()

@@ -96,11 +96,14 @@ class Zygote:
     def alive(self) -> bool:
         return not self._gone and self.process.poll() is None
 
-    def fork(self, url: str = "") -> ForkedProcess:
+    def fork(self, url: str = "", prefault: bool = True) -> ForkedProcess:
         """A fresh child: its stdin, stdout and stderr are pipes to us. `url`: the job's (only
-        its scheme is sent: the zygote imports that dialect and driver once). ZygoteStale when
-        the preloaded libraries changed on disk, ZygoteUnavailable when the zygote is gone."""
-        request = {"op": "fork", "driver": url.split(":", 1)[0] if "://" in url else ""}
+        its scheme is sent: the zygote imports that dialect and driver once). `prefault`: the
+        child copies the preloaded pages before it answers (see `worker.zygote.own_pages`).
+        ZygoteStale when the preloaded libraries changed on disk, ZygoteUnavailable when the
+        zygote is gone."""
+        driver = url.split(":", 1)[0] if "://" in url else ""
+        request = {"op": "fork", "driver": driver, "prefault": prefault}
         if self.stale:
             raise ZygoteStale(f"the zygote (pid {self.pid}) is stale; start a new one")
         ends = [os.pipe() for _ in range(3)]

@@ -17,6 +17,7 @@ from reconciler import sessions
 from reconciler.errors import ConfigError
 from reconciler.protocol import DEFAULT_VERSION_TABLE, Job
 from reconciler.redact import redact
+from reconciler.worker import handover
 from reconciler.worker.autogenerate import SCOPE
 from reconciler.worker.describe import qualified
 from reconciler.worker.upgrading import PER_MIGRATION
@@ -85,7 +86,9 @@ class IdentityCheck:
         self.refusal = None
         self.connecting = False
 
-    def _do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    def _do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        """Our connect arguments; the recording's session when it was made with the same ones
+        (`handover`), else None: the driver connects."""
         self.connecting = True
         timeout = self.job.connect_timeout
         driver = getattr(dialect, "driver", "")
@@ -103,6 +106,9 @@ class IdentityCheck:
                 cparams.setdefault("prepare_threshold", None)
         elif driver in ("pymysql", "mysqldb") and timeout > 0:
             cparams.setdefault("connect_timeout", max(1, math.ceil(timeout)))
+        made_with = handover.connect_key(str(driver), cargs, cparams)
+        record.info[handover.CONNECT_KEY] = made_with
+        return handover.take(made_with, cparams)
 
     def _dialect_of(self, dbapi_connection: Any, record: Any) -> str:
         pool = getattr(record, "_ConnectionRecord__pool", None)

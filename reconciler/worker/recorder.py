@@ -17,6 +17,7 @@ from alembic.runtime.environment import EnvironmentContext
 
 from reconciler.redact import redact
 from reconciler.sessions import driver_sql
+from reconciler.worker import handover
 from reconciler.worker.generated import short_text
 from reconciler.worker.opfacts import LiveSchema, add_live_facts, recorded_operation
 
@@ -109,6 +110,9 @@ class RecordingConnection:
         from sqlalchemy import event  # deferred: worker start-up time: imported when a job needs it
 
         self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        self._handed_over: Any = None  # the DBAPI connection `handover` keeps: not to be closed
+        self._close_dbapi = self.engine.dialect.do_close
+        self.engine.dialect.do_close = self._do_close  # type: ignore[method-assign]
         self.connection = self.engine.connect()
         self.transaction = self._read_only()
         self.recorder: _Recorder | None = None
@@ -140,13 +144,27 @@ class RecordingConnection:
         return True
 
     def close(self) -> None:
+        """Roll back; offer the session to env.py's next connection (`handover`), else close it."""
         self.recorder = None
         try:
             if self.transaction.is_active:  # an ORM session's failed flush may have ended it
                 self.transaction.rollback()
+            self._hand_over()
         finally:
             self.connection.close()
             self.engine.dispose()
+
+    def _hand_over(self) -> None:
+        if self.connection.in_transaction():
+            return  # something began another one: this session's state is not ours to pass on
+        dbapi_connection = self.connection.connection.dbapi_connection
+        key = self.connection.info.get(handover.CONNECT_KEY)
+        if handover.offer(str(self.engine.dialect.driver), key, dbapi_connection):
+            self._handed_over = dbapi_connection
+
+    def _do_close(self, dbapi_connection: Any) -> None:
+        if dbapi_connection is not self._handed_over:
+            self._close_dbapi(dbapi_connection)
 
 
 @dataclass
