@@ -155,8 +155,8 @@ class RecordingConnection:
             self.engine.dispose()
 
     def _hand_over(self) -> None:
-        if self.connection.in_transaction():
-            return  # something began another one: this session's state is not ours to pass on
+        if self.connection.closed or self.connection.invalidated or self.connection.in_transaction():
+            return  # lost, or something began another transaction: not ours to pass on
         dbapi_connection = self.connection.connection.dbapi_connection
         key = self.connection.info.get(handover.CONNECT_KEY)
         if handover.offer(str(self.engine.dialect.driver), key, dbapi_connection):
