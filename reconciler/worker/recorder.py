@@ -157,7 +157,8 @@ class RecordingConnection:
     def _hand_over(self) -> None:
         if self.connection.closed or self.connection.invalidated or self.connection.in_transaction():
             return  # lost, or something began another transaction: not ours to pass on
-        dbapi_connection = self.connection.connection.dbapi_connection
+        fairy = self.connection.connection
+        dbapi_connection = getattr(fairy, "dbapi_connection", None) or fairy.connection  # 1.3: .connection
         key = self.connection.info.get(handover.CONNECT_KEY)
         if handover.offer(str(self.engine.dialect.driver), key, dbapi_connection):
             self._handed_over = dbapi_connection
