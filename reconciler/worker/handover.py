@@ -29,10 +29,11 @@ def connect_key(driver: str, cargs: Any, cparams: dict[str, Any]) -> tuple[str, 
     return (driver, repr(tuple(cargs)), repr(named))
 
 
-def offer(driver: str, key: tuple[str, ...] | None, dbapi_connection: Any) -> bool:
-    """Keep `dbapi_connection` (no transaction open) for the next connection made with `key`,
-    once it is reset to a new session's state. False: it was not kept (close it)."""
-    if key is None or driver not in _RESETTABLE:
+def offer(key: tuple[str, ...] | None, dbapi_connection: Any) -> bool:
+    """Keep `dbapi_connection` (no transaction open) for the next connection made with `key`
+    (`connect_key`: its driver first), once it is reset to a new session's state. False: it was
+    not kept (close it)."""
+    if key is None or key[0] not in _RESETTABLE:
         return False
     try:
         dbapi_connection.autocommit = True  # DISCARD ALL cannot run inside a transaction

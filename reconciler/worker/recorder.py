@@ -160,7 +160,7 @@ class RecordingConnection:
         fairy = self.connection.connection
         dbapi_connection = getattr(fairy, "dbapi_connection", None) or fairy.connection  # 1.3: .connection
         key = self.connection.info.get(handover.CONNECT_KEY)
-        if handover.offer(str(self.engine.dialect.driver), key, dbapi_connection):
+        if handover.offer(key, dbapi_connection):
             self._handed_over = dbapi_connection
 
     def _do_close(self, dbapi_connection: Any) -> None:

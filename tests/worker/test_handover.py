@@ -57,13 +57,13 @@ def test_a_kept_session_is_reset_and_only_for_the_same_arguments(pg_url: str) ->
     assert conn.execute("SHOW work_mem").fetchone() == ("1234kB",)
     conn.commit()
     key = handover.connect_key("psycopg", (), {"dbname": "a"})
-    assert handover.offer("psycopg", key, conn)
+    assert handover.offer(key, conn)
     assert handover.take(handover.connect_key("psycopg", (), {"dbname": "b"}), {}) is None
     assert conn.closed  # other arguments: the kept session is closed, not left idle
     again = psycopg.connect(_libpq(pg_url))
     again.execute("SET work_mem = '1234kB'")
     again.commit()
-    assert handover.offer("psycopg", key, again)
+    assert handover.offer(key, again)
     taken = handover.take(key, {})
     assert taken is again
     assert taken.execute("SELECT current_setting('work_mem')").fetchone() != ("1234kB",)
@@ -72,6 +72,6 @@ def test_a_kept_session_is_reset_and_only_for_the_same_arguments(pg_url: str) ->
 
 
 def test_drivers_without_a_full_reset_are_not_kept() -> None:
-    assert not handover.offer("pymysql", ("pymysql", "()", "[]"), object())
-    assert not handover.offer("psycopg", None, object())
+    assert not handover.offer(("pymysql", "()", "[]"), object())
+    assert not handover.offer(None, object())
     assert handover.take(("pymysql", "()", "[]"), {}) is None
