@@ -5,7 +5,8 @@ for one save). Saves that come faster than a generation (a formatter on save, "s
 with autosave, a checkout) are a burst: a save that lands while a generation runs, or within
 BURST_GAP of the previous one. After a save of a burst the next generation waits until the saves
 have been quiet for 1.5 times their spacing (the widest of the last few: one save can reach us as
-two deliveries when its events straddle the debounce; at most MAX_QUIET; never longer than MAX_HOLD since
+two deliveries when its events straddle the debounce; at least BURST_GAP, as a loaded machine delivers
+saves unevenly; at most MAX_QUIET; never longer than MAX_HOLD since
 the first save it waits for, so saves that never stop still get generated), so a burst becomes one
 generation, not one per save. A generation that a newer save overtook before it was applied is
 superseded (see `DevLoop`); a lone save, however soon after the last change was applied, waits for
@@ -68,7 +69,8 @@ class SavePace:
     def _quiet_left(self, now: float) -> float:
         if not self._burst or self._last is None or not self._gaps:
             return 0.0
-        quiet = min(QUIET_FACTOR * max(self._gaps), MAX_QUIET)  # deliveries are `gap` apart too
+        spacing = max(self._gaps)  # deliveries are `spacing` apart too, and unevenly so
+        quiet = min(max(QUIET_FACTOR * spacing, BURST_GAP), MAX_QUIET)
         left = self._last + quiet - now
         if self._waiting_since is not None:
             left = min(left, self._waiting_since + MAX_HOLD - now)

@@ -69,6 +69,11 @@ def load_object(spec: str, what: str, root: Path) -> tuple[ModuleType, Any]:
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = sorted(n for n in vars(module) if not n.startswith("_"))[:20]
+            if not names:  # an empty file: one being written (truncated, then filled), or never was
+                raise ConfigError(
+                    f"{what} {spec!r}: module '{module_name}' ({getattr(module, '__file__', '?')}) "
+                    "defines no names (an empty file, or one still being saved); save it whole"
+                )
             # "has no attribute '<attr>'": dev mode stops at start on these words (runtime/dev.py)
             raise ConfigError(
                 f"{what} {spec!r}: module '{module_name}' ({getattr(module, '__file__', '?')}) "

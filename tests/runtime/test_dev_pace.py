@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from reconciler.runtime.devpace import MAX_HOLD, SavePace
+from reconciler.runtime.devpace import BURST_GAP, MAX_HOLD, SavePace
 from tests.builders import Project
 from tests.pgcluster import wait_until
 from tests.runtime.test_devloop import BASE, baseline_project, columns, dev, revision_files, started
@@ -56,6 +56,22 @@ def test_a_burst_waits_until_its_saves_go_quiet() -> None:
         pace.saved()
         assert pace.quiet_left() > 0
     clock.now += 0.5
+    assert pace.quiet_left() == 0
+
+
+def test_a_burst_waits_at_least_the_burst_gap() -> None:
+    """Saves delivered close together (a formatter right after the editor) do not make the quiet
+    so short that the next save of the burst, delivered late on a loaded machine, misses it."""
+    clock = Clock()
+    pace = SavePace(clock)
+    pace.saved()
+    pace.generating()
+    clock.now += 0.01
+    pace.saved()
+    pace.generated()
+    clock.now += BURST_GAP - 0.05
+    assert pace.quiet_left() > 0
+    clock.now += 0.1
     assert pace.quiet_left() == 0
 
 
@@ -100,7 +116,7 @@ def test_a_burst_of_saves_is_one_generation(tmp_path: Path, sqlite_url: str) -> 
     """Ten saves 0.1 s apart (a formatter, "save all", typing with autosave): one generation after
     the burst, or at most one more for the save a generation was running at; never one per save."""
     project = baseline_project(tmp_path, sqlite_url)
-    with dev(project, "draft = false"):
+    with dev(project, 'draft = false\n[logging]\nlevel = "debug"\n'):
         started(project, sqlite_url)
         models = BASE
         saved_at: list[float] = []
@@ -207,3 +223,22 @@ def test_an_app_read_transaction_longer_than_the_busy_timeout_delays_a_change_ne
             reader.close()
         wait_until(lambda: "nickname" in columns(sqlite_url, "user"), 60, "the change applied")
         assert "revision_removed" not in log.text()
+
+
+@pytest.mark.slow
+def test_an_empty_models_file_at_the_first_save_is_a_save_in_progress(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Most editors truncate, then write: the first generation can import the file empty. That is
+    not the wrong `[target] models` attribute that stops dev mode at start: it keeps running, and
+    the save's content, once whole, is generated. (Whether the empty file reaches the first
+    generation or the first sync depends on timing; both must leave dev mode running.)"""
+    project = baseline_project(tmp_path, sqlite_url)
+    with dev(project, "draft = false") as log:
+        wait_until(lambda: "dev_started" in log.text(), 60, "dev mode started")
+        write_in_place(project, "")  # while the first generation is still to come
+        seen = ("defines no names", "has no attribute", "dev_models_unusable")
+        wait_until(lambda: any(s in log.text() for s in seen), 60, "the empty file's generation")
+        assert "dev_models_unusable" not in log.text()
+        write_in_place(project, BASE + "    nickname = db.Column(db.String(40))\n")
+        wait_until(lambda: "nickname" in columns(sqlite_url, "user"), 60, "the whole save applied")

@@ -82,7 +82,7 @@ def dev(project: Project, extra: str = "", env: dict[str, str] | None = None) ->
         try:
             yield log
         except BaseException:
-            print(f"the dev process's log, at the failure:\n{log.text()[-6000:]}")  # shown by pytest
+            print(f"the dev process's log, at the failure:\n{log.text()[-20000:]}")  # shown by pytest
             raise
         finally:
             proc.send_signal(signal.SIGTERM)
