@@ -773,7 +773,7 @@ def test_builder_stage_files_build_the_package(tmp_path: Path) -> None:
         names = archive.namelist()
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert "reconciler = reconciler.launch:main" in archive.read(entry_points).decode()
-    assert "reconciler/cli.py" in names and "reconciler/worker/__main__.py" in names
+    assert "reconciler/cli/__init__.py" in names and "reconciler/worker/__main__.py" in names
 
 
 def copy_stage(stage: Stage, workdir: Path) -> None:

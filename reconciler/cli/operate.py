@@ -1,103 +1,18 @@
-"""click commands: each a settings lookup and one call into commands/ or runtime/ (global options
-and output rules: runtime/options.py); errors become the documented exit codes."""
+"""The commands that read and operate a target: status, plan, apply, wait, drift, history,
+journal, downgrade, stamp, resolve, accept, suspend, resume, run, config."""
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import click
 
-from reconciler import __version__, errors, logs
+from reconciler import errors
+from reconciler.cli.shell import command, echo_lines, emit_json, main
 from reconciler.config.load import example_config
-from reconciler.errors import EXIT_OK, ReconcilerError
-from reconciler.redact import redact
+from reconciler.errors import EXIT_OK
 from reconciler.runtime import options, output
-from reconciler.runtime.options import GLOBAL_OPTIONS, Context, OptionConflict
-
-F = TypeVar("F", bound=Callable[..., Any])
-log = logs.get("reconciler.cli")
-
-
-def _global_options(func: F) -> F:
-    for names, help_text, kind in reversed(GLOBAL_OPTIONS):
-        extra: dict[str, Any] = {"is_flag": True, "default": None} if kind == "flag" else {}
-        if kind == "log_format":
-            extra["type"] = click.Choice(logs.FORMATS)
-        func = click.option(*names, help=help_text, **extra)(func)
-    return func
-
-
-def command(func: F) -> F:
-    """A subcommand: takes the global options too, and maps errors to exit codes."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        click_ctx = click.get_current_context()
-        ctx: Context = click_ctx.ensure_object(Context)
-        ctx.take(kwargs, click_ctx.info_name)
-        code = run_guarded(lambda: func(ctx, *args, **kwargs), ctx)
-        sys.exit(code)
-
-    return _global_options(wrapper)  # type: ignore[return-value]
-
-
-def run_guarded(body: Callable[[], int | None], ctx: Context) -> int:
-    try:
-        return _guarded(body, ctx)
-    except OptionConflict as exc:  # click's usage error (exit 2), as a contradiction of options is
-        raise click.UsageError(str(exc)) from None
-
-
-def _guarded(body: Callable[[], int | None], ctx: Context) -> int:
-    try:
-        return body() or EXIT_OK
-    except (click.UsageError, OptionConflict):
-        raise
-    except ReconcilerError as exc:
-        report_error(ctx, str(exc), exc.exit_code, exc.__class__.__name__)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        report_error(ctx, "interrupted", 130, "KeyboardInterrupt")
-        return 130
-    except Exception as exc:  # a bug of ours: say so, with a redacted traceback and no locals
-        trace, message = output.internal_error(exc)
-        sys.stderr.write(trace)
-        report_error(ctx, message, errors.EXIT_REVISION_FAILED, exc.__class__.__name__)
-        return errors.EXIT_REVISION_FAILED
-
-
-def report_error(ctx: Context, message: str, code: int, kind: str) -> None:
-    """The error as the user reads it: `Error: ...` in plain text (its lines as they are), or one
-    `command_failed` JSON line when JSON logs were asked for (or `run` logs for a collector)."""
-    message = redact(message)
-    if not ctx.json_logs():
-        click.echo(f"Error: {message}", err=True)
-        return
-    if not logs.ready():  # the error came before the settings were read
-        ctx.setup_logs(fmt="json")
-    log.error("command_failed", error=message, exit_code=code, kind=kind)
-
-
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=None, sort_keys=True, default=str))
-
-
-def _echo(lines: list[str], err: bool = False) -> None:
-    for line in lines:
-        click.echo(line, err=err)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="reconciler")
-@_global_options
-@click.pass_context
-def main(ctx: click.Context, /, **values: Any) -> None:
-    """Keep a database schema in step with its models and Alembic / Flask-Migrate revisions."""
-    ctx.ensure_object(Context).take(dict(values))
+from reconciler.runtime.options import Context
 
 
 @main.command()
@@ -113,7 +28,7 @@ def status(ctx: Context, as_json: bool) -> int:
     if as_json:
         emit_json({**result.as_dict(), **({"fleet": fleet} if fleet else {})})
     else:
-        _echo(output.status_lines(result.as_dict(), ctx.colour(sys.stdout), fleet))
+        echo_lines(output.status_lines(result.as_dict(), ctx.colour(sys.stdout), fleet))
     return errors.EXIT_UNREACHABLE if result.sync_state == "unknown" else EXIT_OK
 
 
@@ -135,7 +50,7 @@ def plan(ctx: Context, sql: bool, as_json: bool, fail_on: tuple[str, ...]) -> in
     if as_json:
         emit_json(output.plan_dict(result, steps, analysis, text))
     else:
-        _echo(output.plan_lines(result.state, steps, analysis.findings, text))
+        echo_lines(output.plan_lines(result.state, steps, analysis.findings, text))
     inspect.fail_on(analysis, fail_on)
     return EXIT_OK
 
@@ -174,18 +89,6 @@ def wait(ctx: Context, timeout: float, exact: bool, interval: float) -> int:
 
 
 @main.command()
-@click.option("--scratch", is_flag=True, help="use a temporary database on the same server")
-@command
-def check(ctx: Context, scratch: bool) -> int:
-    """Models vs migrations (CI gate): exit 7 and list the differences."""
-    from reconciler.commands import authoring  # deferred: CLI start-up time
-
-    authoring.check(ctx.settings(), scratch)
-    click.echo("models and migrations agree", err=True)
-    return EXIT_OK
-
-
-@main.command()
 @click.option("--json", "as_json", is_flag=True, help="the differences as one JSON object on stdout")
 @command
 def drift(ctx: Context, as_json: bool) -> int:
@@ -196,21 +99,8 @@ def drift(ctx: Context, as_json: bool) -> int:
         found = inspect.drift(handle)
     if as_json:
         emit_json({"drift": bool(found), "count": len(found), "differences": found})
-    _echo(output.drift_lines(found), err=True)
+    echo_lines(output.drift_lines(found), err=True)
     return errors.EXIT_DIFFERENCES if found else EXIT_OK
-
-
-@main.command()
-@click.option("--scratch", is_flag=True, help="use a temporary database on the same server")
-@command
-def baseline(ctx: Context, scratch: bool) -> int:
-    """Write the known-differences file from what autogenerate reports at the heads."""
-    from reconciler.commands import authoring  # deferred: CLI start-up time
-
-    settings = ctx.settings()
-    path, count = authoring.baseline(settings, scratch)
-    click.echo(output.baseline_line(path, count, settings.target.url), err=True)
-    return EXIT_OK
 
 
 @main.command("config")
@@ -224,18 +114,6 @@ def config_command(ctx: Context, example: bool) -> int:
 
 
 @main.command()
-@click.option("--flask-app", "flask_app", envvar="FLASK_APP", default="", help=options.FLASK_APP_HELP)
-@command
-def init(ctx: Context, flask_app: str) -> int:
-    """Create a migrations directory: `flask db init`'s layout for a Flask project, else Alembic's."""
-    from reconciler.commands import authoring  # deferred: CLI start-up time
-
-    made = authoring.init(ctx.settings(require_url=False, require_migrations=False), flask_app)
-    click.echo(output.init_line(made), err=True)
-    return EXIT_OK
-
-
-@main.command()
 @command
 def history(ctx: Context) -> int:
     """The revision graph, newest first; applied revisions marked."""
@@ -243,7 +121,7 @@ def history(ctx: Context) -> int:
 
     with options.reconciler(ctx) as handle:
         lines, reachable = inspect.history(handle)
-    _echo(output.history_lines(lines, ctx.colour(sys.stdout)))
+    echo_lines(output.history_lines(lines, ctx.colour(sys.stdout)))
     if not reachable:
         click.echo("(database unreachable: applied revisions not marked)", err=True)
     return EXIT_OK
@@ -263,7 +141,7 @@ def downgrade(ctx: Context, revision: str, yes: bool) -> int:
     with options.reconciler(ctx) as handle:
 
         def confirm(target: str, undo: list[str]) -> bool:
-            _echo(output.downgrade_lines(target, undo, read_graph(handle)), err=True)
+            echo_lines(output.downgrade_lines(target, undo, read_graph(handle)), err=True)
             return yes or (options.can_ask() and click.confirm("Proceed?", err=True))
 
         target, undo = repair.downgrade(handle, revision, confirm)
@@ -317,7 +195,7 @@ def journal_command(ctx: Context, as_json: bool, limit: int, revision: str | Non
     elif not rows:
         click.echo("the journal has no steps for this target yet", err=True)
     else:
-        _echo(output.journal_lines(inspect.table(rows), ctx.colour(sys.stdout)))
+        echo_lines(output.journal_lines(inspect.table(rows), ctx.colour(sys.stdout)))
     return EXIT_OK
 
 
@@ -380,118 +258,3 @@ def run(ctx: Context, mode: str | None, interval: float | None, http: str | None
     from reconciler.runtime.prod import run_daemon  # deferred: CLI start-up time
 
     return run_daemon(settings)
-
-
-@main.command()
-@click.option("-m", "--message", required=True, help="the revision's message")
-@command
-def seal(ctx: Context, message: str) -> int:
-    """Turn dev mode's draft revision into a normal revision."""
-    from reconciler.commands import authoring  # deferred: CLI start-up time
-
-    path = authoring.seal(ctx.settings(), message)
-    click.echo(f"sealed {path}", err=True)
-    return EXIT_OK
-
-
-@main.command()
-@click.argument("revision")
-@command
-def confirm(ctx: Context, revision: str) -> int:
-    """Confirm a held-back destructive revision (writes `allow_destructive = True` into it)."""
-    from reconciler.commands import authoring  # deferred: CLI start-up time
-
-    path = authoring.confirm(ctx.settings(), revision)
-    click.echo(f"confirmed {path}; dev mode applies it now", err=True)
-    return EXIT_OK
-
-
-# --- the Flask-Migrate authoring verbs, and the names a Flask-Migrate user types ------------------
-@main.command()
-@click.option(
-    "-m",
-    "--message",
-    default=None,
-    help="the revision's message (autogenerate: derived from the operations when not given)",
-)
-@click.option(
-    "--autogenerate",
-    is_flag=True,
-    help="compare the models with the database, as `flask db migrate` does (no file when nothing differs)",
-)
-@click.option("--rev-id", "rev_id", default=None, help="the new revision's id (default: a new one)")
-@command
-def revision(ctx: Context, message: str | None, autogenerate: bool, rev_id: str | None) -> int:
-    """Write a revision file: empty (`flask db revision`), or --autogenerate'd from the models
-    (`flask db migrate`: the same file, through your env.py)."""
-    from reconciler.commands import authoring  # deferred: CLI start-up time
-
-    if not autogenerate:
-        written = authoring.empty_revision(ctx.settings(require_url=False), message, rev_id)
-    else:
-        with options.reconciler(ctx) as handle:
-            written = authoring.generate_revision(handle, message, rev_id)
-    _echo(output.written_lines(written), err=True)
-    return EXIT_OK
-
-
-@main.command()
-@click.option("-m", "--message", default=None, help="the merge revision's message")
-@click.option("--rev-id", "rev_id", default=None, help="the new revision's id (default: a new one)")
-@click.argument("revisions", nargs=-1)
-@command
-def merge(ctx: Context, message: str | None, rev_id: str | None, revisions: tuple[str, ...]) -> int:
-    """Write a merge revision of REVISIONS (default: every head), as `flask db merge` does."""
-    from reconciler.commands import authoring  # deferred: CLI start-up time
-
-    written = authoring.merge(ctx.settings(require_url=False), revisions, message, rev_id)
-    _echo(output.written_lines(written), err=True)
-    return EXIT_OK
-
-
-def _alias(
-    original: click.Command,
-    name: str,
-    flask_verb: str,
-    fixed: dict[str, Any] | None = None,
-    extra: tuple[click.Parameter, ...] = (),
-    check: Callable[..., None] | None = None,
-) -> click.Command:
-    """`name`, what a Flask-Migrate user types (`flask_verb`), running `original` with `fixed`
-    values; `extra` parameters are checked by `check` (errors: the documented exit codes)."""
-    fixed = fixed or {}
-
-    def callback(**kwargs: Any) -> None:
-        values = {p.name: kwargs.pop(str(p.name)) for p in extra}
-        if check is not None:
-            ctx: Context = click.get_current_context().ensure_object(Context)
-            code = run_guarded(lambda: check(**values), ctx)
-            if code:
-                sys.exit(code)
-        original.callback(**kwargs, **fixed)  # type: ignore[misc]
-
-    params = [p for p in original.params if p.name not in fixed] + list(extra)
-    long, short = options.alias_help(
-        flask_verb, str(original.name), bool(fixed.get("autogenerate")), original.help or ""
-    )
-    return click.Command(
-        name,
-        callback=callback,
-        params=params,
-        help=long,
-        short_help=short,
-        context_settings=original.context_settings,
-    )
-
-
-main.add_command(
-    _alias(
-        apply,
-        "upgrade",
-        "flask db upgrade",
-        extra=(click.Argument(["revision"], default="head"),),
-        check=options.upgrade_target,
-    )
-)
-main.add_command(_alias(status, "current", "flask db current"))
-main.add_command(_alias(revision, "migrate", "flask db migrate", fixed={"autogenerate": True}))
