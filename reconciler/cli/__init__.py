@@ -4,7 +4,7 @@ importer: the frame in shell.py, the commands in operate.py and authoring.py."""
 
 from __future__ import annotations
 
-from reconciler.cli import authoring, operate  # noqa: F401  (they register their commands)
+from reconciler.cli import authoring, operate, teams  # noqa: F401  (they register their commands)
 from reconciler.cli.shell import main
 
 __all__ = ["main"]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from reconciler import logs
+from reconciler.commands import heads
 from reconciler.commands.common import listing
 from reconciler.config import appsource
 from reconciler.control.drift import compare, read_worker
@@ -95,7 +96,9 @@ def _with_url(settings: Settings, url: str) -> Settings:
 
 
 def check(settings: Settings, scratch: bool) -> list[dict[str, str]]:
-    """Upgrade the (scratch) database to the heads, compare with the models; raise on differences."""
+    """The HEADS marker against the graph (before any database), then: upgrade the (scratch)
+    database to the heads, compare with the models; raise on differences."""
+    heads.check(settings)
     found = _compare_at_heads(settings, scratch)
     if found:
         raise DifferencesFound(
@@ -146,6 +149,7 @@ def generate_revision(handle: TargetHandle, message: str | None, rev_id: str | N
     with read_worker(handle) as worker:
         result: Generated = worker.generate(message=message, rev_id=rev_id)
     if result.path is not None:
+        heads.keep(handle.settings)
         log.info(
             "revision_generated",
             revision=result.revision,
@@ -189,6 +193,7 @@ def empty_revision(settings: Settings, message: str | None, rev_id: str | None =
     check_rev_id(settings, rev_id)
     with _plain_worker(settings) as worker:
         result: Generated = worker.revision(message=message, rev_id=rev_id)
+    heads.keep(settings)
     log.info("revision_created", revision=result.revision, path=result.path)
     return result
 
@@ -204,6 +209,7 @@ def merge(
         return None
     with _plain_worker(settings) as worker:
         result: Generated = worker.merge(wanted, message=message, rev_id=rev_id)
+    heads.keep(settings)
     log.info("revision_merged", revision=result.revision, path=result.path, merged=list(wanted))
     return result
 
@@ -297,6 +303,7 @@ def seal(settings: Settings, message: str) -> Path:
         edits.sealed_name(draft.path.name, draft.revision, draft.message, message, length)
     )
     edits.write_replacing(draft.path, target, text)
+    heads.keep(settings)
     dev_log.info("sealed", revision=draft.revision, path=str(target), message=message)
     return target
 

@@ -37,7 +37,7 @@ from reconciler.control.workers import WorkerJob
 from reconciler.core.graph import Revision
 from reconciler.db import connection, journal
 from reconciler.errors import ConfigError, ReconcilerError, StateError
-from reconciler.project import differences, edits
+from reconciler.project import differences, edits, heads
 from reconciler.project.revisions import parse_revision_file
 from reconciler.redact import redact
 from reconciler.runtime import signals
@@ -229,7 +229,16 @@ class DevLoop(DraftGeneration):
             self.loop.trigger("revisions_changed")
         except ReconcilerError as exc:
             log.error("dev_error", error=str(exc), kind=exc.__class__.__name__)
+        self._keep_heads()
         return None
+
+    def _keep_heads(self) -> None:
+        """The HEADS marker equals the graph's heads after each run (what it wrote, sealed,
+        dropped or re-parented, and what a pull brought)."""
+        try:
+            heads.keep(self.settings, read_graph(self.handle).heads)
+        except (ReconcilerError, OSError) as exc:  # a broken file: said by the next run's error
+            log.debug("heads_not_written", error=redact(str(exc)))
 
     def _stop_at_start(self, exc: ConfigError) -> None:
         """The first generation found no `[target] models` attribute in the imported module

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from reconciler.project import revisions
 from reconciler.runtime.devtarget import is_local
 from tests.builders import FLASK_MODELS, Project, db_heads, flask_project, table_names
 from tests.cli import cli_command, cli_env, run_cli
@@ -146,6 +147,8 @@ def test_each_kind_of_change_without_drafts(tmp_path: Path, dev_url: str) -> Non
         wait_until(lambda: log.text().count("no_changes") >= 1, 30, "the no-change save handled")
     assert count == 5
     assert len(revision_files(project)) == count  # no empty revision
+    (head,) = revisions.load_graph([project.versions], False)[0].heads
+    assert (project.migrations / "HEADS").read_text() == f"{head}\n"  # dev mode keeps the marker
 
 
 EMAIL = "    email = db.Column(db.String(120), unique=True, nullable=False)\n"
