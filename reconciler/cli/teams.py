@@ -27,3 +27,25 @@ def heads(ctx: Context, write: bool) -> int:
         click.echo(f"Error: {found.problem}", err=True)
         return errors.EXIT_DIFFERENCES
     return EXIT_OK
+
+
+@main.command()
+@click.option("--onto", default=None, help="the head whose history stays (default: see the docs)")
+@command
+def rebase(ctx: Context, onto: str | None) -> int:
+    """Re-parent the other branch's revisions onto one head: one linear history, no merge
+    revision (refused, exit 6, for a revision a database has applied)."""
+    from reconciler.commands import rebase as rebasing  # deferred: CLI start-up time
+
+    result = rebasing.rebase(ctx.settings(require_url=False), onto)
+    if not result.moved:
+        click.echo(f"one head ({result.head or 'none'}): nothing to rebase", err=True)
+        return EXIT_OK
+    for move in result.moved:
+        click.echo(
+            f"moved {len(move.revisions)} revision(s) ({', '.join(move.revisions)}): "
+            f"{move.root} now revises {move.onto} (was {move.was})",
+            err=True,
+        )
+    click.echo(f"one head: {result.head}; HEADS rewritten, commit the changed files", err=True)
+    return EXIT_OK

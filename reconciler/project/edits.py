@@ -74,7 +74,7 @@ def write_journal_filter(env_py: Path, table: str) -> None:
 # the marker line alone: `[ \t]*` not `\s*`, which would eat the blank lines after it (E302)
 DRAFT_LINE = re.compile(r"(?m)^draft[ \t]*(:[ \t]*bool)?[ \t]*=[ \t]*True[ \t]*(#[^\n]*)?\r?\n")
 _WORDS = re.compile(r"\w+")
-_DOWN_REVISION = re.compile(r"(?m)^(down_revision\s*(?::[^=\n]*)?=[ \t]*)[^\n]*?([ \t]*#[^\n]*)?$")
+_DOWN_REVISION = re.compile(r"(?m)^(down_revision\s*(?::[^=\n]*)?=[ \t]*)([^\n]*?)([ \t]*#[^\n]*)?$")
 _REVISES = re.compile(r"(?m)^Revises:[^\n]*$")
 
 
@@ -97,15 +97,18 @@ def confirmed_text(text: str) -> str:
     return re.sub(r"(?m)^(depends_on\s*=.*)$", r"\1\nallow_destructive = True", text, count=1)
 
 
-def reparented(text: str, head: str) -> str:
-    """A revision file's text with its parent set to `head`: the `down_revision` assignment and
-    the docstring's "Revises:" line, as the template renders them."""
-    text, count = _DOWN_REVISION.subn(lambda m: f"{m.group(1)}{head!r}{m.group(2) or ''}", text, count=1)
+def reparented(text: str, head: str, fix: str = "seal it and run `reconciler merge`") -> str:
+    """A revision file's text with its parent set to `head`: the `down_revision` assignment (in
+    the quotes it had) and the docstring's "Revises:" line, as the template renders them; nothing
+    else. `fix` ends the error when there is no such line."""
+
+    def parent(m: re.Match[str]) -> str:
+        quote = '"' if m.group(2).startswith('"') else "'"
+        return f"{m.group(1)}{quote}{head}{quote}{m.group(3) or ''}"
+
+    text, count = _DOWN_REVISION.subn(parent, text, count=1)
     if count != 1:
-        raise ConfigError(
-            "the draft has no literal `down_revision = ...` line to re-parent; "
-            "seal it and run `reconciler merge`"
-        )
+        raise ConfigError(f"the revision has no literal `down_revision = ...` line to re-parent; {fix}")
     return _REVISES.sub(f"Revises: {head}", text, count=1)
 
 
