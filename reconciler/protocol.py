@@ -371,6 +371,36 @@ class ExitRequest:
     reply: ClassVar[type] = EmptyReply
 
 
+@dataclass(frozen=True)
+class StairwayFailure:
+    """One failing step of `reconciler test`: the revision, the step (upgrade, downgrade,
+    upgrade again), and the error or the schema fingerprint's difference."""
+
+    revision: str
+    step: str
+    error: str = ""
+    difference: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class StairwayReply:
+    checked: Sequence[str] = ()  # the revisions whose three steps all passed, in order
+    failures: Sequence[StairwayFailure] = ()
+    duration_ms: int = 0
+
+
+@dataclass(frozen=True)
+class StairwayRequest:
+    """Upgrade through `before` plainly, then step each of `revisions` (in order, each applicable
+    after the previous): upgrade, fingerprint, downgrade (the fingerprint must equal the one
+    before the upgrade), upgrade again (it must equal the first upgrade's); one run of env.py."""
+
+    op: ClassVar[str] = "stairway"
+    reply: ClassVar[type] = StairwayReply
+    revisions: Sequence[str]
+    before: Sequence[str] = ()
+
+
 # every request class above, by its op
 REQUESTS: dict[str, type] = {
     getattr(c, "op"): c  # noqa: B009 (a ClassVar that mypy cannot see on a bare `type`)

@@ -49,3 +49,28 @@ def rebase(ctx: Context, onto: str | None) -> int:
         )
     click.echo(f"one head: {result.head}; HEADS rewritten, commit the changed files", err=True)
     return EXIT_OK
+
+
+@main.command("test")
+@click.option("--since", default=None, help="step only the revisions changed since this git ref")
+@click.option("--jobs", type=int, default=1, show_default=True, help="parallel ranges (PostgreSQL)")
+@click.option("--junit", "junit", default=None, help="write JUnit XML to this file")
+@command
+def test_command(ctx: Context, since: str | None, jobs: int, junit: str | None) -> int:
+    """Step every revision on a scratch database: upgrade, downgrade, upgrade again, each
+    schema compared; then one head and the models at head. Exit 7 on a failing step."""
+    from pathlib import Path  # deferred: CLI start-up time
+
+    from reconciler.commands import stairway  # deferred: CLI start-up time
+
+    if jobs != 1:
+        raise errors.ConfigError(f"--jobs {jobs}: parallel ranges are not built yet; run with --jobs 1")
+    report = stairway.run_test(ctx.settings(), since)
+    if junit:
+        Path(junit).write_text(stairway.junit_xml(report), encoding="utf-8")
+    echo_lines([f.line for f in report.failures], err=True)
+    shown = f"{len(report.checked)} of {len(report.stepped)} revision(s) stepped"
+    plain = f", {len(report.before)} applied first" if report.before else ""
+    verdict = "passed" if report.passed else f"{len(report.failures)} failing check(s)"
+    click.echo(f"{shown}{plain}: {verdict}", err=True)
+    return EXIT_OK if report.passed else errors.EXIT_DIFFERENCES

@@ -97,7 +97,7 @@ class WorkerJob(protocol.Job):
             url=the_url,
             migrations_dir=str(settings.migrations_dir),
             root=str(settings.root_dir),
-            alembic_ini=_alembic_ini(settings),
+            alembic_ini=str(ini) if (ini := alembic_ini_path(settings)) else None,
             models=t.models,
             app=t.app,
             migrate=t.migrate,
@@ -114,7 +114,7 @@ class WorkerJob(protocol.Job):
             connect_timeout=settings.apply.connect_timeout,
             expected_identity=dict(expected_identity) if expected_identity else None,
             secrets=tuple(p for p in (_password(the_url), _password(t.lock_url)) if p),
-            known_differences=_known_differences(settings),
+            known_differences=str(known) if (known := differences.path_for(settings)).is_file() else "",
             log_level=settings.logging.level,
             python=t.python or sys.executable,
             timeout=t.worker_timeout or DEFAULT_TIMEOUT,
@@ -133,16 +133,6 @@ def _password(url: str) -> str | None:
     return str(password) if password else None
 
 
-def _alembic_ini(settings: Settings) -> str | None:
-    path = alembic_ini_path(settings)
-    return str(path) if path else None
-
-
-def _known_differences(settings: Settings) -> str:
-    path = differences.path_for(settings)
-    return str(path) if path.is_file() else ""
-
-
 def error_from_reply(error: Mapping[str, Any]) -> ReconcilerError:
     """The exception for a worker's error reply (its `error` object), by its exit code."""
     try:
@@ -151,18 +141,17 @@ def error_from_reply(error: Mapping[str, Any]) -> ReconcilerError:
         return WorkerError(redact(f"the worker sent an error reply this side cannot read: {exc}"))
     code = reply.exit_code or EXIT_REVISION_FAILED
     message = redact(reply.message or "the worker reported an error")
-    revision = reply.revision
-    if code == EXIT_CONFIG:
-        return ConfigError(message)
-    if code == EXIT_UNREACHABLE:
-        return UnreachableError(message)
-    if code == EXIT_STATE:
-        return StateError(message)
-    if code == EXIT_REFUSED:
-        return Refused(message)
-    if code == EXIT_REVISION_FAILED and revision:
-        return RevisionFailed(message, revision, reply.error_class, reply.sqlstate or None)
-    return WorkerError(message)
+    if code == EXIT_REVISION_FAILED and reply.revision:
+        return RevisionFailed(message, reply.revision, reply.error_class, reply.sqlstate or None)
+    return _ERRORS.get(code, WorkerError)(message)
+
+
+_ERRORS: dict[int, type[ReconcilerError]] = {
+    EXIT_CONFIG: ConfigError,
+    EXIT_UNREACHABLE: UnreachableError,
+    EXIT_STATE: StateError,
+    EXIT_REFUSED: Refused,
+}
 
 
 def _generated(reply: protocol.GenerateReply) -> Generated:
@@ -312,6 +301,10 @@ class Worker:
     def downgrade(self, revision: str) -> float:
         reply = self._request(protocol.DowngradeRequest(revision))
         return float(reply.duration_ms) / 1000.0
+
+    def stairway(self, before: list[str], revisions: list[str]) -> protocol.StairwayReply:
+        reply: protocol.StairwayReply = self._request(protocol.StairwayRequest(revisions, before))
+        return reply
 
     def stamp(self, revision: str | list[str], purge: bool = False) -> None:
         revisions = (revision,) if isinstance(revision, str) else tuple(revision)

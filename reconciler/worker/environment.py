@@ -34,6 +34,7 @@ from reconciler.worker.failures import RevisionError
 from reconciler.worker.generated import OpInfo, finish_scripts, known_of, possible_renames
 from reconciler.worker.recorder import RecordingConnection, record_revision
 from reconciler.worker.scaffold import set_target_metadata, template_config
+from reconciler.worker.stairway import Stairway
 from reconciler.worker.upgrading import PlanOutcome, StepAsk, UpgradePlan, per_migration
 
 _SPLIT_PATHS = re.compile(r"[,\s" + re.escape(os.pathsep) + r"]+")
@@ -201,6 +202,18 @@ class Migrations:
 
         self._run_steps("downgrade", fn, destination_rev=revision)
         return reverted
+
+    def stairway(self, before: Sequence[str], revisions: Sequence[str]) -> Any:
+        """`reconciler test`'s steps in one run of env.py (`stairway.Stairway`): its reply."""
+        plan = Stairway(self.script, before, revisions)
+        try:
+            with per_migration():
+                self._run(plan.steps)
+        except Exception as exc:
+            if plan.running is None:
+                raise
+            plan.failed(exc)
+        return plan.reply()
 
     def stamp(self, revisions: list[str], purge: bool = False) -> None:
         """Set the version table to `revisions` without running any revision."""

@@ -73,6 +73,7 @@ class Runner:
             protocol.UpgradeRequest: self.op_upgrade,
             protocol.DowngradeRequest: self.op_downgrade,
             protocol.StampRequest: self.op_stamp,
+            protocol.StairwayRequest: self.op_stairway,
             protocol.SqlRequest: self.op_sql,
             protocol.RecordRequest: self.op_record,
             protocol.CompareRequest: self.op_compare,
@@ -219,6 +220,11 @@ class Runner:
         started = time.monotonic()
         reverted = self._migrations().downgrade(request.revision)
         return protocol.StepReply(_ms_since(started), tuple(reverted))
+
+    def op_stairway(self, request: protocol.StairwayRequest) -> protocol.StairwayReply:
+        self._prepare_env()
+        reply: protocol.StairwayReply = self._migrations().stairway(request.before, request.revisions)
+        return reply
 
     def op_stamp(self, request: protocol.StampRequest) -> protocol.EmptyReply:
         self._prepare_env()
