@@ -58,36 +58,57 @@ def scratch_settings(settings: Settings) -> Iterator[Settings]:
                 leftover.unlink(missing_ok=True)
         return
     admin = connection.make_engine(settings.target.url, settings.target.name, 10.0)
-    quoted = admin.dialect.identifier_preparer.quote(name)
+    try:
+        create_database(admin, name)
+    except ConfigError:
+        admin.dispose()
+        raise
+    try:
+        yield scratch_copy(settings, name)
+    finally:
+        drop_database(admin, name)
+        admin.dispose()
+
+
+def scratch_copy(settings: Settings, database: str) -> Settings:
+    """The settings with the target's URL naming another database on the same server."""
+    url = sa.engine.make_url(settings.target.url).set(database=database)
+    return _with_url(settings, url.render_as_string(hide_password=False))
+
+
+def create_database(admin: sa.engine.Engine, name: str, template: str | None = None) -> None:
+    """CREATE DATABASE `name` (PostgreSQL: a copy of `template` when given; nobody may be connected
+    to it), on the server of `admin`; refused with the fix when the user may not."""
+    quote = admin.dialect.identifier_preparer.quote
+    copy = f" TEMPLATE {quote(template)}" if template else ""
     with connection.connect(admin) as conn:
         try:
-            conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
+            conn.execute(sa.text(f"CREATE DATABASE {quote(name)}{copy}"))
         except sa.exc.DBAPIError as exc:
-            admin.dispose()
             reason = redact(str(exc.orig)).strip().splitlines()
             raise ConfigError(
                 f"cannot create the scratch database {name}: {reason[0] if reason else exc}; "
                 "let the user create databases, or run `check` without --scratch against a "
                 "throwaway database"
             ) from None
-    scratch_url = url.set(database=name).render_as_string(hide_password=False)
-    try:
-        yield _with_url(settings, scratch_url)
-    finally:
-        with connection.connect(admin) as conn:
-            if backend == "postgresql":
-                conn.execute(
-                    sa.text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :n AND pid <> pg_backend_pid()"
-                    ),
-                    {"n": name},
-                )
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted}"))
-            if backend in ("mysql", "mariadb"):  # the scratch journal's own database (journal.py)
-                side = admin.dialect.identifier_preparer.quote(placement.side_schema(backend, name))
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {side}"))
-        admin.dispose()
+
+
+def drop_database(admin: sa.engine.Engine, name: str) -> None:
+    """Drop a scratch database (its sessions ended first; MySQL: its journal's side database too)."""
+    backend = admin.dialect.name
+    quote = admin.dialect.identifier_preparer.quote
+    with connection.connect(admin) as conn:
+        if backend == "postgresql":
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :n AND pid <> pg_backend_pid()"
+                ),
+                {"n": name},
+            )
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quote(name)}"))
+        if backend in ("mysql", "mariadb"):  # the scratch journal's own database (journal.py)
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quote(placement.side_schema(backend, name))}"))
 
 
 def _with_url(settings: Settings, url: str) -> Settings:

@@ -12,52 +12,21 @@ since that git ref, and their descendants, are stepped; the others are applied p
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import logs
-from reconciler.commands import heads
+from reconciler.commands import heads, stairjobs, stairsteps
 from reconciler.commands.authoring import scratch_settings
-from reconciler.control.starting import start_worker
-from reconciler.control.target import open_target, release_target
+from reconciler.commands.stairsteps import Failure, TestReport
 from reconciler.core import stairway as rules
 from reconciler.core.graph import RevisionGraph
-from reconciler.db import connection
 from reconciler.errors import ConfigError
-from reconciler.project import differences
-from reconciler.redact import redact
 from reconciler.settings import Settings
 
 log = logs.get("reconciler.test")
 
 
-@dataclass(frozen=True)
-class Failure:
-    revision: str  # "" for a check of the whole history (heads, models)
-    step: str
-    error: str = ""
-    difference: tuple[str, ...] = ()
-
-    @property
-    def line(self) -> str:
-        return rules.failure_line(self.revision or "history", self.step, self.error, self.difference)
-
-
-@dataclass
-class TestReport:
-    stepped: list[str]  # the revisions to step, in order
-    checked: list[str] = field(default_factory=list)  # those whose three steps passed
-    failures: list[Failure] = field(default_factory=list)
-    before: list[str] = field(default_factory=list)  # applied plainly first (--since)
-    seconds: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-
-def run_test(settings: Settings, since: str | None = None) -> TestReport:
+def run_test(settings: Settings, since: str | None = None, jobs: int = 1) -> TestReport:
     graph = heads.repository_graph(settings)
     changed = None if since is None else changed_since(settings, graph, since)
     before, stepped = rules.stepped(graph, changed)
@@ -72,52 +41,14 @@ def run_test(settings: Settings, since: str | None = None) -> TestReport:
             )
         )
         return report
-    with scratch_settings(settings) as scratch:
-        _step(scratch, report)
+    if jobs > 1 and len(stepped) > 1:
+        stairjobs.run_ranges(settings, report, jobs)
+    else:
+        with scratch_settings(settings) as scratch:
+            stairsteps.step_one(scratch, report)
     failures = len(report.failures)
     log.info("test_finished", stepped=len(stepped), checked=len(report.checked), failures=failures)
     return report
-
-
-def _step(scratch: Settings, report: TestReport) -> None:
-    handle = open_target(scratch)
-    try:
-        with connection.connect(handle.engine) as conn, start_worker(handle, conn) as worker:
-            reply = worker.stairway(report.before, report.stepped)
-            report.seconds = reply.duration_ms / 1000.0
-            report.checked = list(reply.checked)
-            for f in reply.failures:
-                report.failures.append(Failure(f.revision, f.step, redact(f.error), tuple(f.difference)))
-            if report.failures:
-                return
-            found = list(worker.compare())
-        known = differences.load_for(scratch)
-        report.failures.extend(_model_failures(differences.unknown(found, known)))
-    finally:
-        release_target(handle)
-
-
-def _model_failures(found: Iterable[Mapping[str, str]]) -> list[Failure]:
-    """The models at head against the schema: a table only in the database is a model module
-    no import reached (autogenerate would drop it); anything else, a revision nobody wrote."""
-    found = list(found)
-    dropped = [d for d in found if d.get("kind") == "remove_table"]
-    rest = [d for d in found if d.get("kind") != "remove_table"]
-    out = []
-    if dropped:
-        tables = ", ".join(sorted(d.get("key", "").partition(" ")[2] or "?" for d in dropped))
-        out.append(
-            Failure(
-                "",
-                "model modules imported",
-                f"no imported model declares table(s) {tables}: "
-                "autogenerate would drop them; import their module where [target] models is "
-                "defined (or in env.py)",
-            )
-        )
-    if rest:
-        out.append(Failure("", "models match the schema", "", tuple(d["text"] for d in rest)))
-    return out
 
 
 def changed_since(settings: Settings, graph: RevisionGraph, ref: str) -> list[str]:

@@ -7,8 +7,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
-from tests.builders import Project
+from tests.builders import Project, create_table
 from tests.commands.test_heads import GitRepo
 from tests.runtime.test_devloop import CREATE_USER, baseline_project
 from tests.system.test_cli_admin import cli
@@ -118,3 +119,37 @@ def test_since_steps_only_the_changed_revisions(tmp_path: Path) -> None:
     assert code == 7 and "ix2: downgrade" in err and "2 applied first" in err, err
     code, err = run_test(project, "--since", "no-such-ref")
     assert code == 2 and "--since 'no-such-ref'" in err, err
+
+
+def scratch_databases(url: str) -> set[str]:
+    query = "SELECT datname FROM pg_database WHERE datname LIKE 'reconciler_test_%'"
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {r[0] for r in conn.execute(sa.text(query))}
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_parallel_ranges_from_template_snapshots(tmp_path: Path, pg_url: str) -> None:
+    project = project_of(tmp_path, pg_url)
+    before = scratch_databases(pg_url)
+    code, err = run_test(project, "--jobs", "2")  # two ranges of one revision each, then the models
+    assert code == 0 and "2 of 2 revision(s) stepped: passed" in err, err
+    down = "k1"
+    for n in range(6):
+        body = create_table(f"t_c{n}")
+        undo = "pass" if n == 4 else f'op.drop_table("t_c{n}")'
+        project.revision(f"c{n}", down, upgrade=body, downgrade=undo)
+        down = f"c{n}"
+    code, err = run_test(project, "--jobs", "3")  # ranges base0001..c0, c1..c3, c4..c5
+    assert code == 7 and "c4: downgrade: extra table t_c4" in err, err
+    assert "c3" not in err.split("c4: downgrade")[0]  # the ranges before it passed
+    assert scratch_databases(pg_url) <= before  # every snapshot dropped
+
+
+def test_parallel_ranges_need_postgresql(tmp_path: Path) -> None:
+    project = project_of(tmp_path, f"sqlite:///{tmp_path / 'app.db'}")
+    code, err = run_test(project, "--jobs", "2")
+    assert code == 2 and "only PostgreSQL" in err, err
