@@ -20,7 +20,7 @@ from alembic.runtime.migration import RevisionStep
 from reconciler.core.stairway import difference
 from reconciler.protocol import StairwayFailure, StairwayReply
 from reconciler.redact import redact
-from reconciler.worker.fingerprint import fingerprint
+from reconciler.worker.fingerprint import Fingerprints
 
 
 class Stairway:
@@ -42,22 +42,22 @@ class Stairway:
         return RevisionStep(self.script.revision_map, self.script.get_revision(rev), up)
 
     def _generate(self, context: Any) -> Iterator[Any]:
-        conn, table = context.connection, context.version_table
+        schema = Fingerprints(context.connection, context.version_table)
         for rev in self.before:
             self.running = (rev, "upgrade")
             yield self._step(rev, True)
-        below = fingerprint(conn, table)
+        below = schema.take()
         for rev in self.revisions:
             self.running = (rev, "upgrade")
             yield self._step(rev, True)
-            upgraded = fingerprint(conn, table)
+            upgraded = schema.take()
             self.running = (rev, "downgrade")
             yield self._step(rev, False)
-            if self._differs(rev, "downgrade", below, fingerprint(conn, table)):
+            if self._differs(rev, "downgrade", below, schema.take()):
                 return
             self.running = (rev, "upgrade again")
             yield self._step(rev, True)
-            again = fingerprint(conn, table)
+            again = schema.take()
             if self._differs(rev, "upgrade again", upgraded, again):
                 return
             self.checked.append(rev)
