@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Optional, TypeVar
 from reconciler.codec import ProtocolError as ProtocolError
 from reconciler.codec import decode, encode
 
-PROTOCOL_VERSION = 3  # 2: one upgrade request per plan, with step events; 3: a job's search_path
+PROTOCOL_VERSION = 4  # 2: one upgrade request per plan, with step events; 3: a job's search_path; 4: stairway
 DEFAULT_VERSION_TABLE = "alembic_version"
 JOURNAL_TABLES = ("reconciler_journal", "reconciler_journal_flags")
 

@@ -33,6 +33,7 @@ REQUESTS: list[Any] = [
     protocol.UpgradeRequest(("r3",)),
     protocol.DowngradeRequest("r1"),
     protocol.StampRequest(("r1", "r2"), purge=True),
+    protocol.StairwayRequest(("r2", "r3"), ("r1",)),
     protocol.SqlRequest(end="r3", start="r1"),
     protocol.RecordRequest(("r2", "r3")),
     protocol.CompareRequest(),
@@ -63,6 +64,9 @@ REPLIES: list[Any] = [
     protocol.InitReply(4242, "3.9.18", {"sqlalchemy": "1.4.54", "alembic": "1.13.0"}, True, 1),
     protocol.EmptyReply(),
     protocol.StepReply(1500, ("r2",)),
+    protocol.StairwayReply(
+        ("r2",), (protocol.StairwayFailure("r3", "downgrade", "", ("extra table t",)),), duration_ms=90
+    ),
     protocol.UpgradeReply(protocol.StepDone("r3", True, 12), stopped=False, duration_ms=40),
     protocol.UpgradeReply(None, stopped=True),
     protocol.SqlReply("ALTER TABLE users ADD COLUMN age INTEGER;"),
