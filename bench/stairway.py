@@ -9,6 +9,7 @@ processes, on a fresh database each:
   fingerprints each; then the models at head);
 - the peer: pytest-alembic's `test_up_down_consistency` and `test_upgrade`, in its own virtual
   environment (made on the first run in bench/.venv-peers, from PyPI);
+- ours with `--jobs 2` (PostgreSQL: two ranges at once, from a template snapshot);
 - ours with `--since HEAD` after an edit of the last 2 revisions (the project is a git repository).
 Prints seconds and the ratio peer / ours. Goal (issue 16): >= 3x on PostgreSQL for the full run,
 and the `--since` run over 2 changed revisions <= 10 s.
@@ -100,6 +101,9 @@ def measure(kind: str, revisions: int, folder: Path, peer: Path) -> dict[str, fl
     with dbs.database(kind, folder) as url:
         proj = history(folder / "ours", url, revisions)
         seconds["reconciler test"] = timed([*ours, "--config", str(proj.config), "test"], proj.root, env(url))
+        if kind == "postgresql":
+            jobs = [*ours, "--config", str(proj.config), "test", "--jobs", "2"]
+            seconds["reconciler test --jobs 2"] = timed(jobs, proj.root, env(url))
         since = [*ours, "--config", str(proj.config), "test", "--since", "HEAD"]
         # the last 2 revisions edited since the commit: their messages reworded
         for rev in (f"r{revisions - 2:04d}", f"r{revisions - 1:04d}"):
@@ -129,7 +133,7 @@ def main() -> None:
     print(row(("case", "seconds", "peer/ours"), widths))
     peer_s = result["pytest-alembic"]
     for key, value in result.items():
-        ratio = f"{peer_s / value:.1f}x" if key == "reconciler test" else ""
+        ratio = f"{peer_s / value:.1f}x" if key.startswith("reconciler test") and "since" not in key else ""
         print(row((key, f"{value:.2f}", ratio), widths))
     print(f"({args.revisions} revisions on {args.dialect}; median of {args.repeat})")
 

@@ -45,8 +45,9 @@ SELECT 'sequence ' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c
 # each table's catalog rows as versions (xmin: the transaction that wrote the row; ctid: where,
 # new on every update, within one transaction too), with the rows of the tables and columns its
 # foreign keys name (their sentences say those names): a table whose signature is unchanged has
-# the sentences it had, without the formatting functions that make reading them cost. A change of
-# an enum type or a sequence (column types and defaults name them) re-reads every table.
+# the sentences it had, without the formatting functions that make reading them cost. An enum type
+# or a sequence that went while another came (a rename: column types and defaults name them)
+# re-reads every table; one only created or only dropped changes no other table's sentences.
 _PG_SIGNATURES = """
 SELECT t.relname, md5(string_agg(s.x, ',' ORDER BY s.x)) FROM pg_class t
   JOIN pg_namespace n ON n.oid = t.relnamespace
@@ -135,8 +136,9 @@ class Fingerprints:
     def _postgres(self) -> frozenset[str]:
         conn = self.connection
         found = {str(row[0]) for row in conn.execute(sa.text(_PG_GLOBAL))}
-        if found != self._globals:
-            self._signatures, self._globals = {}, found
+        if self._globals is None or (self._globals - found and found - self._globals):
+            self._signatures = {}  # one renamed (or redefined): the columns naming it read again
+        self._globals = found
         rows = conn.execute(sa.text(_PG_SIGNATURES), {"vt": self.version_table})
         signatures = {str(name): str(sig) for name, sig in rows}
         changed = [t for t, sig in signatures.items() if self._signatures.get(t) != sig]
