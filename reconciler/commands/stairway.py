@@ -53,10 +53,12 @@ def run_test(settings: Settings, since: str | None = None, jobs: int = 1) -> Tes
 
 def changed_since(settings: Settings, graph: RevisionGraph, ref: str) -> list[str]:
     """The revisions whose files differ from git ref `ref` (committed since, changed or new)."""
-    root = settings.migrations_dir
-    diff = _git(root, ["diff", "--name-only", "--relative", ref, "--", "."], ref)
-    new = _git(root, ["ls-files", "--others", "--exclude-standard", "--", "."], ref)
-    paths = {(root / line).resolve() for line in (diff + new).splitlines() if line.strip()}
+    # from the repository's top: revision files may live outside the migrations directory
+    # (alembic.ini's version_locations)
+    top = Path(_git(settings.migrations_dir, ["rev-parse", "--show-toplevel"], ref).strip())
+    diff = _git(top, ["diff", "--name-only", ref], ref)
+    new = _git(top, ["ls-files", "--others", "--exclude-standard"], ref)
+    paths = {(top / line).resolve() for line in (diff + new).splitlines() if line.strip()}
     return [rev for rev, r in graph.revisions.items() if r.path.resolve() in paths]
 
 
