@@ -91,17 +91,19 @@ def _run(
     start(0, list(report.before))
     builder = authoring.scratch_copy(settings, names[-1])
     plain = list(report.before)
-    for n in range(1, len(parts)):
-        plain += parts[n - 1]
-        if not _upgrade_plainly(builder, plain):
-            break
-        plain = []
-        if n < len(parts) - 1:  # the snapshot of the history before range n
-            authoring.create_database(admin, names[n], template=names[-1])
-            made.append(names[n])
-        start(n, [])
-    for thread in threads:
-        thread.join()
+    try:
+        for n in range(1, len(parts)):
+            plain += parts[n - 1]
+            if not _upgrade_plainly(builder, plain):
+                break
+            plain = []
+            if n < len(parts) - 1:  # the snapshot of the history before range n
+                authoring.create_database(admin, names[n], template=names[-1])
+                made.append(names[n])
+            start(n, [])
+    finally:  # the ranges started finish before their databases are dropped
+        for thread in threads:
+            thread.join()
     return results
 
 
