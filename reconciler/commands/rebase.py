@@ -62,10 +62,10 @@ def rebase(settings: Settings, onto: str | None = None) -> RebaseResult:
     applied = applied_revisions(settings, graph)
     kept = _kept_head(graph, onto, applied)
     plan = _plan(graph, kept, applied)
-    for move in plan:
-        text = move.path.read_text(encoding="utf-8")
-        fix = "set its down_revision by hand, or run `reconciler merge`"
-        edits.write_replacing(move.path, move.path, edits.reparented(text, move.onto, fix))
+    fix = "set its down_revision by hand, or run `reconciler merge`"
+    texts = [edits.reparented(m.path.read_text(encoding="utf-8"), m.onto, fix) for m in plan]
+    for move, text in zip(plan, texts):  # every new text made first: no file written for a refusal
+        edits.write_replacing(move.path, move.path, text)
         log.info("revision_rebased", revision=move.root, was=move.was, onto=move.onto, path=str(move.path))
     after = heads.repository_graph(settings)
     marker.keep(settings, after.heads)
