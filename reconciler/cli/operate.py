@@ -114,14 +114,16 @@ def config_command(ctx: Context, example: bool) -> int:
 
 
 @main.command()
+@click.option("--graph", "as_graph", is_flag=True, help="draw the branches and merges in lanes")
 @command
-def history(ctx: Context) -> int:
-    """The revision graph, newest first; applied revisions marked."""
+def history(ctx: Context, as_graph: bool) -> int:
+    """The revision graph, newest first; applied revisions marked (--graph: in lanes)."""
     from reconciler.commands import inspect  # deferred: CLI start-up time
 
     with options.reconciler(ctx) as handle:
         lines, reachable = inspect.history(handle)
-    echo_lines(output.history_lines(lines, ctx.colour(sys.stdout)))
+        drawn = inspect.history_graph(handle) if as_graph else None
+    echo_lines(output.history_lines(lines, ctx.colour(sys.stdout), drawn))
     if not reachable:
         click.echo("(database unreachable: applied revisions not marked)", err=True)
     return EXIT_OK

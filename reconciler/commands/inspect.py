@@ -17,7 +17,7 @@ from reconciler.control import guard
 from reconciler.control.drift import compare, read_worker
 from reconciler.control.reading import read_graph, read_status
 from reconciler.control.target import TargetHandle, locate_journal, missing_database_file
-from reconciler.core import safety
+from reconciler.core import graphlayout, safety
 from reconciler.core.drift import without_ignored
 from reconciler.core.status import Status, applied_revisions, refuse_unless_applicable
 from reconciler.db import connection, journal
@@ -151,6 +151,12 @@ def history(handle: TargetHandle) -> tuple[list[str], bool]:
         tag = f" ({'; '.join(tags)})" if tags else ""
         lines.append(f"{downs} -> {rev}{tag}, {revision.message} {mark}".rstrip())
     return lines, reachable
+
+
+def history_graph(handle: TargetHandle) -> list[tuple[str, str]]:
+    """`history --graph`'s lanes: the characters and revision of each line (newest first, as
+    `history`'s lines)."""
+    return graphlayout.text_rows(graphlayout.layout(read_graph(handle)))
 
 
 # --- drift -------------------------------------------------------------------------------------

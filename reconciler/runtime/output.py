@@ -117,9 +117,15 @@ def progress_line(ctx: Context) -> Iterator[terminal.ProgressLine | None]:
         line.close()
 
 
-def history_lines(lines: list[str], colour: bool) -> list[str]:
-    """`history` lines with their marks and tags coloured (stdout)."""
-    return [terminal.history_line(line, colour) for line in lines]
+def history_lines(lines: list[str], colour: bool, drawn: list[tuple[str, str]] | None = None) -> list[str]:
+    """`history` lines with their marks and tags coloured (stdout); with `drawn` (the graph's
+    characters and revision of each line, `core.graphlayout.text_rows`) behind the lanes."""
+    shown = [terminal.history_line(line, colour) for line in lines]
+    if drawn is None:
+        return shown
+    width = max(len(chars) for chars, _rev in drawn)
+    texts = iter(shown)
+    return [f"{chars:<{width}}  {next(texts)}".rstrip() if rev else chars for chars, rev in drawn]
 
 
 def drift_lines(found: list[dict[str, str]]) -> list[str]:
