@@ -171,6 +171,9 @@ class DaemonSettings:
         default=2.0,
         metadata={"doc": "seconds an HTTP client has from connecting to the end of its request headers"},
     )
+    page_refresh: int = field(
+        default=10, metadata={"doc": "seconds between the status page's reloads (GET /); 0: none"}
+    )
     grace: float = field(
         default=25.0, metadata={"doc": "on SIGTERM, seconds an in-flight revision may take to finish"}
     )

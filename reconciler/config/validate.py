@@ -212,6 +212,11 @@ def _validate_daemon(daemon: DaemonSettings, origin: dict[tuple[str, str], str])
             f"{where('http_header_timeout')}: http_header_timeout must be between {low} and {high} "
             f"seconds, got {daemon.http_header_timeout}; the default, 2, suits probes and scrapers"
         )
+    if not 0 <= daemon.page_refresh <= 3600:
+        raise ConfigError(
+            f"{where('page_refresh')}: page_refresh must be 0 (no reload) to 3600 seconds, got "
+            f"{daemon.page_refresh}"
+        )
 
 
 MAX_BLOCKED_AFTER = 1000  # failures; more is "never" in practice: say 0

@@ -81,6 +81,12 @@ class Project(Generic[W]):
         self._fingerprint = fingerprint if self._generation == generation else ""
         return self._graph
 
+    @property
+    def cached_graph(self) -> RevisionGraph | None:
+        """The graph the last `graph()` read (None before the first): reads no file, safe from
+        another thread (the status page's)."""
+        return self._graph
+
     def invalidate(self) -> None:
         """Forget the graph's fingerprint: the next `graph()` re-reads what changed. Safe to call
         from another thread while `graph()` runs."""

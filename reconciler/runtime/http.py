@@ -42,6 +42,7 @@ from reconciler.runtime.httploop import TEXT, Response, ServeLoop
 from reconciler.runtime.metrics import Metrics
 
 JSON = "application/json"
+HTML = "text/html; charset=utf-8"
 SHED_SWITCH = "http_shed"  # RECONCILER_UNSAFE_DISABLE: the limits of before (slowloris fails /healthz)
 HEADER_TIMEOUT = 2.0  # seconds from accept to the end of the headers
 REQUEST_TIMEOUT = 10.0  # seconds to send the answer
@@ -62,6 +63,9 @@ class HealthSource(Protocol):
 
     def status(self) -> dict[str, Any]:
         """The JSON-able status document, already redacted."""
+
+    def page(self) -> str:
+        """The status page (HTML), already redacted."""
 
 
 def host_name(header: str) -> str:
@@ -124,6 +128,7 @@ class _App:
         self.routes: dict[str, Callable[[], Response]] = {
             "/healthz": self.healthz,
             "/readyz": self.readyz,
+            "/": self.page,
             "/status": self.status,
             "/metrics": self.metrics_page,
         }
@@ -144,6 +149,9 @@ class _App:
     def status(self) -> Response:
         body = json.dumps(self.source.status(), default=str, sort_keys=True)
         return 200, JSON, redact(body).encode("utf-8")
+
+    def page(self) -> Response:
+        return 200, HTML, redact(self.source.page()).encode("utf-8")
 
     def metrics_page(self) -> Response:
         body, content_type = self.metrics.exposition()

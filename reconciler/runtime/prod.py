@@ -42,7 +42,7 @@ from reconciler.errors import (
     UnreachableError,
 )
 from reconciler.redact import redact
-from reconciler.runtime import runs, signals
+from reconciler.runtime import runs, signals, statuspage
 from reconciler.runtime.delivery import AlertDispatcher
 from reconciler.runtime.filescan import fingerprint
 from reconciler.runtime.fleetloop import FleetLoop
@@ -146,6 +146,10 @@ class Daemon:
                 }
             )
         return out
+
+    def page(self) -> str:
+        """The status page: the status document and the revision graph as cached (no file read)."""
+        return statuspage.page_of(self.status(), self.handle.project, self.settings.daemon.page_refresh)
 
     def _live_apply(self) -> RunState | None:
         """The state of an apply in progress, from what it read under the lock: the last run's

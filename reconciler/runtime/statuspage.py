@@ -13,9 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from html import escape
-from typing import Any
+from typing import Any, Protocol
 
+from reconciler.core.graph import RevisionGraph
+from reconciler.core.graphlayout import layout
 from reconciler.redact import redact
+from reconciler.runtime.graphsvg import svg
 
 GOOD = {"in_sync", "ahead"}
 BAD = {"blocked", "dirty", "diverged", "multiple_heads", "unknown", "failed", "checksum_mismatch"}
@@ -147,3 +150,28 @@ def _fleet(fleet: Any) -> str:
     halted = f'<p id="wave">wave: {escape(_text(wave))}</p>'
     body = _table(("state", "tenants"), counts) + halted + _table(("tenant", "revision", "error"), failed)
     return _section("fleet", f"Fleet ({fleet.get('tenants', 0)} tenants)", body)
+
+
+class CachedGraph(Protocol):
+    @property
+    def cached_graph(self) -> RevisionGraph | None: ...
+
+
+def page_of(doc: Mapping[str, Any], project: CachedGraph, refresh: int) -> str:
+    """The daemon's page: its status document and the graph its last run read."""
+    graph = project.cached_graph
+    drawn = graph_of(graph, doc.get("db_heads") or ()) if graph is not None else ""
+    target = str(doc.get("target") or "")
+    data = PageData(graph_svg=drawn, lock_holder=doc.get("lock_holder"), target=target, refresh=refresh)
+    return render(doc, data)
+
+
+def graph_of(graph: RevisionGraph, db_heads: Iterable[str]) -> str:
+    """The graph's SVG with each revision applied (below the database's heads), draft or pending."""
+    applied = graph.closure(h for h in db_heads if h in graph)
+    revisions = graph.revisions
+    marks = {r: "applied" if r in applied else "pending" for r in revisions}
+    marks.update({r: "draft" for r in revisions if revisions[r].draft})
+    parents = {r: revisions[r].down_revisions for r in revisions}
+    labels = {r: revisions[r].message for r in revisions}
+    return svg(layout(graph), parents, marks, labels, frozenset(graph.heads))
