@@ -34,6 +34,7 @@ from reconciler.core.headers import RevisionFileError, RevisionSyntaxError
 from reconciler.core.status import ApplyResult, Status, is_lock_timeout
 from reconciler.db import connection
 from reconciler.errors import (
+    OUTCOME_UNREACHABLE,
     ConfigError,
     LockTimeout,
     ReconcilerError,
@@ -43,6 +44,7 @@ from reconciler.errors import (
 )
 from reconciler.redact import redact
 from reconciler.runtime import runs, signals, statuspage
+from reconciler.runtime.alerthistory import AlertHistory
 from reconciler.runtime.delivery import AlertDispatcher
 from reconciler.runtime.filescan import fingerprint
 from reconciler.runtime.fleetloop import FleetLoop
@@ -71,12 +73,13 @@ class Daemon:
         self.policy = AlertPolicy(self.target, settings.alerting)
         check_sink_events(settings)
         self.metrics.declare_sinks([sink.name for sink in settings.alerts], EVENTS)
+        self.alert_history = AlertHistory()  # the status page's
         self.dispatcher = AlertDispatcher(
             settings.alerts,
             settings.alerting,
-            on_sent=self.metrics.alert_sent,
-            on_failed=self.metrics.alert_failed,
-            on_dropped=self.metrics.alert_dropped,
+            on_sent=self.alert_history.counting("sent", self.metrics.alert_sent),
+            on_failed=self.alert_history.counting("failed", self.metrics.alert_failed),
+            on_dropped=self.alert_history.counting("dropped", self.metrics.alert_dropped),
         )
         daemon = settings.daemon
         # Jitter spreads 200 sidecars' ticks; more than half the interval would only slow them.
@@ -105,6 +108,8 @@ class Daemon:
         self._last_heartbeat = time.monotonic()
         self._last_state = ""
         self._marked_prod = False
+        self._journal_rows: list[dict[str, Any]] = []  # the journal's last steps (the status page's)
+        self._journal_stale = True  # read them after the next run that reached the database
 
     # --- HealthSource (http.py) -------------------------------------------------------------
     def alive(self) -> bool:
@@ -148,8 +153,9 @@ class Daemon:
         return out
 
     def page(self) -> str:
-        """The status page: the status document and the revision graph as cached (no file read)."""
-        return statuspage.page_of(self.status(), self.handle.project, self.settings.daemon.page_refresh)
+        """The status page from what the loop cached: no file read, no database."""
+        refresh, alerts = self.settings.daemon.page_refresh, self.alert_history.rows()
+        return statuspage.page_of(self.status(), self.handle.project, refresh, self._journal_rows, alerts)
 
     def _live_apply(self) -> RunState | None:
         """The state of an apply in progress, from what it read under the lock: the last run's
@@ -408,7 +414,10 @@ class Daemon:
                 record.consecutive_failures += 1
             record.state = state
             self._track_lock(record, result, now)
-        self._metrics(result, seconds, state, now)
+        runs.report_metrics(self.metrics, result, seconds, state, now, self.record.consecutive_failures)
+        self._journal_stale |= result.outcome != "noop"
+        if self.fleet is None and self._journal_stale and result.outcome != OUTCOME_UNREACHABLE:
+            self._journal_rows, self._journal_stale = runs.last_steps(self.handle), False
         self._log(result, seconds, state)
         self._alert(result, state)
 
@@ -419,26 +428,6 @@ class Daemon:
         else:
             record.lock_holder = None
             record.lock_busy_since = None
-
-    def _metrics(self, result: RunResult, seconds: float, state: RunState, now: float) -> None:
-        m = self.metrics
-        m.observe_run(result.outcome, seconds)
-        m.set_state(state.state, state.sync_state, state.conditions)
-        m.set_pending(len(state.pending))
-        m.set_applying(0, 0)
-        for _rev, took in result.applied:
-            m.observe_revision_apply(took)
-        if result.outcome in ("noop", "applied"):
-            m.set_last_success(now)
-        if result.lock_wait:
-            m.observe_lock_wait(result.lock_wait)
-        m.set_consecutive_failures(self.record.consecutive_failures)
-        if result.fleet is not None:
-            m.set_tenants(result.fleet.counts)
-        status = result.status
-        if status is not None and status.sync_state != "unknown":
-            report = status.drift
-            m.set_drift(report.count if report else 0, report.checked_at if report else 0.0)
 
     def _log(self, result: RunResult, seconds: float, run_state: RunState) -> None:
         state = run_state.state

@@ -6,12 +6,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
+
 from reconciler import errors
+from reconciler.commands import inspect
 from reconciler.control.fleetread import FleetStatus
+from reconciler.control.target import TargetHandle
 from reconciler.core.alert_rules import Observation
 from reconciler.core.backoff import backoff
 from reconciler.core.status import Status
+from reconciler.errors import ReconcilerError
 from reconciler.redact import redact
+from reconciler.runtime.metrics import Metrics
 from reconciler.runtime.statusdoc import RunState
 from reconciler.settings import DaemonSettings
 
@@ -159,3 +165,35 @@ def _drift_fields(status: Status | None) -> dict[str, Any]:
         return {}
     texts = tuple(str(d.get("text", d["key"])) for d in report.differences)
     return {"drift": report.keys, "drift_texts": texts}
+
+
+def report_metrics(
+    m: Metrics, result: RunResult, seconds: float, state: RunState, now: float, failures: int
+) -> None:
+    """What one run tells the Prometheus metrics."""
+    m.observe_run(result.outcome, seconds)
+    m.set_state(state.state, state.sync_state, state.conditions)
+    m.set_pending(len(state.pending))
+    m.set_applying(0, 0)
+    for _rev, took in result.applied:
+        m.observe_revision_apply(took)
+    if result.outcome in ("noop", "applied"):
+        m.set_last_success(now)
+    if result.lock_wait:
+        m.observe_lock_wait(result.lock_wait)
+    m.set_consecutive_failures(failures)
+    if result.fleet is not None:
+        m.set_tenants(result.fleet.counts)
+    status = result.status
+    if status is not None and status.sync_state != "unknown":
+        report = status.drift
+        m.set_drift(report.count if report else 0, report.checked_at if report else 0.0)
+
+
+def last_steps(handle: TargetHandle, limit: int = 50) -> list[dict[str, Any]]:
+    """The journal's newest steps of the target, newest first (`journal`'s rows; none when the
+    journal cannot be read: the page says so, the run is not the worse for it)."""
+    try:
+        return list(reversed(inspect.steps(handle, limit)))
+    except (ReconcilerError, sa.exc.DBAPIError):
+        return []

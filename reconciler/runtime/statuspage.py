@@ -157,12 +157,19 @@ class CachedGraph(Protocol):
     def cached_graph(self) -> RevisionGraph | None: ...
 
 
-def page_of(doc: Mapping[str, Any], project: CachedGraph, refresh: int) -> str:
-    """The daemon's page: its status document and the graph its last run read."""
+def page_of(
+    doc: Mapping[str, Any],
+    project: CachedGraph,
+    refresh: int,
+    journal: Sequence[Mapping[str, Any]] = (),
+    alerts: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """The daemon's page: its status document, the graph its last run read, the journal's last
+    steps and the alerts, as the loop cached them."""
     graph = project.cached_graph
     drawn = graph_of(graph, doc.get("db_heads") or ()) if graph is not None else ""
     target = str(doc.get("target") or "")
-    data = PageData(graph_svg=drawn, lock_holder=doc.get("lock_holder"), target=target, refresh=refresh)
+    data = PageData(drawn, journal, alerts, doc.get("lock_holder"), target, refresh)
     return render(doc, data)
 
 

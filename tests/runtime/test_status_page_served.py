@@ -39,6 +39,8 @@ def test_the_daemon_serves_its_status_page(tmp_path: Path, pg_canary_url: str) -
         nodes = [a for t, a in page.tags if t == "g" and "node" in a.get("class", "")]
         assert sorted(a["data-revision"] for a in nodes) == ["r0000", "r0001", "r0002"]
         assert all("applied" in a["class"] for a in nodes)
+        journal = page.section_text("journal")
+        assert all(rev in journal for rev in ("r0000", "r0001", "r0002")) and "applied" in journal
         assert any(t == "meta" and a.get("content") == "7" for t, a in page.tags)
         assert "SECRETPATH" not in html and "form" not in {t for t, _ in page.tags}
         assert_no_canary(html)

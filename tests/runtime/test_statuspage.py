@@ -13,6 +13,7 @@ import pytest
 from reconciler.core.graph import Revision, build_graph
 from reconciler.core.graphlayout import layout
 from reconciler.redact import register_url
+from reconciler.runtime.alerthistory import AlertHistory
 from reconciler.runtime.graphsvg import svg
 from reconciler.runtime.statusdoc import STATUS_DEFAULTS
 from reconciler.runtime.statuspage import PageData, render
@@ -25,13 +26,26 @@ class Page(HTMLParser):
         super().__init__()
         self.tags: list[tuple[str, dict[str, str]]] = []
         self.text: list[str] = []
+        self.sections: dict[str, list[str]] = {}
+        self._section: str | None = None
         self.feed(html)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append((tag, {k: v or "" for k, v in attrs}))
+        if tag == "section":
+            self._section = dict(self.tags[-1][1]).get("id")
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+        if self._section:
+            self.sections.setdefault(self._section, []).append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "section":
+            self._section = None
+
+    def section_text(self, ident: str) -> str:
+        return " ".join(self.sections.get(ident, []))
 
     def by_id(self, ident: str) -> dict[str, str]:
         return next(attrs for _tag, attrs in self.tags if attrs.get("id") == ident)
@@ -128,3 +142,16 @@ def test_a_200_revision_history_weighs_under_100_kb() -> None:
     ]
     html = render(STATES["behind"], PageData(graph_svg=graph_svg(200), journal=journal))
     assert len(html.encode("utf-8")) < 100_000
+
+
+def test_the_alert_history_shows_each_delivery_newest_first() -> None:
+    history = AlertHistory(kept=2, clock=lambda: 1_700_000_000.0)
+    seen: list[tuple[str, str]] = []
+    history.counting("sent", lambda e, s: seen.append((e, s)))("blocked", "ops-webhook")
+    history.record("failed", "recovered", "ops-webhook")
+    history.record("dropped", "dirty", "slack")
+    assert seen == [("blocked", "ops-webhook")]
+    assert [r["event"] for r in history.rows()] == ["dirty", "recovered"]  # the oldest fell off
+    page = Page(render(doc(sync_state="in_sync"), PageData(alerts=history.rows())))
+    assert "dirty" in page.section_text("alerts") and "dropped" in page.section_text("alerts")
+    assert "2023-11-14T22:13:20Z" in page.section_text("alerts")
