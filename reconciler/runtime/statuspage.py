@@ -11,12 +11,13 @@ script. The whole page goes through `redact` once more before it is served.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from html import escape
 from typing import Any, Protocol
 
 from reconciler.core.graph import RevisionGraph
 from reconciler.core.graphlayout import layout
+from reconciler.core.state import applied_revisions
 from reconciler.redact import redact
 from reconciler.runtime.graphsvg import svg
 
@@ -44,7 +45,6 @@ class PageData:
     lock_holder: str | None = None
     target: str = ""
     refresh: int = 10  # seconds between reloads; 0: none
-    notes: Sequence[str] = field(default_factory=tuple)
 
 
 def render(doc: Mapping[str, Any], data: PageData) -> str:
@@ -175,7 +175,7 @@ def page_of(
 
 def graph_of(graph: RevisionGraph, db_heads: Iterable[str]) -> str:
     """The graph's SVG with each revision applied (below the database's heads), draft or pending."""
-    applied = graph.closure(h for h in db_heads if h in graph)
+    applied = applied_revisions(graph, db_heads)
     revisions = graph.revisions
     marks = {r: "applied" if r in applied else "pending" for r in revisions}
     marks.update({r: "draft" for r in revisions if revisions[r].draft})
