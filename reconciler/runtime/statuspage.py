@@ -4,14 +4,14 @@ Rendered on the server from the same redacted status document, with the standard
 (`html.escape` on every value): the state in words and colour, its conditions, the database's
 heads against the repository's, the pending revisions with the guard's findings, the revision graph
 (`graphsvg`), the journal's last steps, the lock holder, the alert history, drift and, with
-`[fleet]`, the tenants by state. It reloads itself with a meta refresh; it has no form and no
-script. The whole page goes through `redact` once more before it is served.
+`[fleet]`, the tenants by state (just below the heads). It reloads itself with a meta refresh; it
+has no form and no script. The whole page goes through `redact` once more before it is served.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from typing import Any, Protocol
 
@@ -45,24 +45,23 @@ class PageData:
     lock_holder: str | None = None
     target: str = ""
     refresh: int = 10  # seconds between reloads; 0: none
+    files: Mapping[str, str] = field(default_factory=dict)  # revision id -> its file's name
 
 
 def render(doc: Mapping[str, Any], data: PageData) -> str:
-    state = str(doc.get("sync_state") or doc.get("state") or "unknown")
     parts = [
         _head(data),
-        f"<h1>{escape(data.target or 'schema-reconciler')}: "
-        f'<span class="state {_tone(state)}" id="state">{escape(state.replace("_", " "))}</span></h1>',
+        _headline(doc, data.target),
         f'<p id="message">{escape(str(doc.get("message") or ""))}</p>',
         _conditions(doc.get("conditions") or ()),
         _heads(doc),
-        _pending(doc),
+        _fleet(doc.get("fleet")),
+        _pending(doc, data.files),
         _section("graph", "Revision graph", data.graph_svg) if data.graph_svg else "",
         _journal(data.journal),
         _section("lock", "Lock", escape(data.lock_holder) if data.lock_holder else "not held"),
         _alerts(data.alerts),
         _drift(doc.get("drift")),
-        _fleet(doc.get("fleet")),
         "</body></html>\n",
     ]
     return redact("".join(p for p in parts if p))
@@ -75,6 +74,23 @@ def _head(data: PageData) -> str:
         f"{refresh}<title>{escape(data.target or 'schema-reconciler')} status</title>"
         f"<style>{STYLE}</style></head><body>"
     )
+
+
+def _headline(doc: Mapping[str, Any], target: str) -> str:
+    """The state (the worst condition, else the sync state) in words and colour; the sync state
+    beside it when a condition hides it (blocked, and behind)."""
+    sync = str(doc.get("sync_state") or "unknown")
+    state = str(doc.get("state") or sync)
+    state = sync if state == "unknown" else state
+    beside = f' <span id="sync">(sync state: {_words(sync)})</span>' if sync != state else ""
+    return (
+        f"<h1>{escape(target or 'schema-reconciler')}: "
+        f'<span class="state {_tone(state)}" id="state">{_words(state)}</span>{beside}</h1>'
+    )
+
+
+def _words(state: str) -> str:
+    return escape(state.replace("_", " "))
 
 
 def _tone(state: str) -> str:
@@ -110,15 +126,21 @@ def _heads(doc: Mapping[str, Any]) -> str:
     return _section("heads", "Heads", _table(("where", "heads"), rows))
 
 
-def _pending(doc: Mapping[str, Any]) -> str:
+def _pending(doc: Mapping[str, Any], files: Mapping[str, str]) -> str:
     pending = [str(p) for p in doc.get("pending") or ()]
+    shown = [f"{p} ({files[p]})" if p in files else p for p in pending]
     guard = doc.get("guard") or {}
     findings = guard.get("findings", []) if isinstance(guard, Mapping) else []
-    rows = [(f.get("revision"), f.get("where"), f"{f.get('kind')}: {f.get('message')}") for f in findings]
-    body = _list(pending) + (
+    rows = [(f.get("revision"), f.get("where"), _finding(f)) for f in findings]
+    body = _list(shown) + (
         "<h3>Guard findings</h3>" + _table(("revision", "where", "finding"), rows) if rows else ""
     )
     return _section("pending", f"Pending revisions ({len(pending)})", body)
+
+
+def _finding(finding: Mapping[str, Any]) -> str:
+    rule = f" [{finding['rule']}]" if finding.get("rule") else ""
+    return f"{finding.get('kind')}{rule}: {finding.get('message')}"
 
 
 def _journal(steps: Sequence[Mapping[str, Any]]) -> str:
@@ -146,10 +168,19 @@ def _fleet(fleet: Any) -> str:
         return ""
     counts = sorted((fleet.get("counts") or {}).items())
     failed = [(t.get("name"), t.get("revision"), t.get("error")) for t in fleet.get("failed") or ()]
-    wave = fleet.get("wave") or {}
-    halted = f'<p id="wave">wave: {escape(_text(wave))}</p>'
-    body = _table(("state", "tenants"), counts) + halted + _table(("tenant", "revision", "error"), failed)
+    wave = f'<p id="wave">{escape(_wave(fleet.get("wave") or {}))}</p>'
+    body = _table(("state", "tenants"), counts) + wave + _table(("tenant", "revision", "error"), failed)
     return _section("fleet", f"Fleet ({fleet.get('tenants', 0)} tenants)", body)
+
+
+def _wave(wave: Mapping[str, Any]) -> str:
+    """The rollout's wave in words: which of how many, complete or halted and why."""
+    if not wave:
+        return "wave: none"
+    where = f"wave {int(wave.get('index', 0)) + 1} of {wave.get('count', 1)}"
+    if wave.get("halted"):
+        return f"{where}: halted. {wave.get('reason') or ''}".strip()
+    return f"{where}: {'complete' if wave.get('complete') else 'rolling out'}"
 
 
 class CachedGraph(Protocol):
@@ -169,7 +200,8 @@ def page_of(
     graph = project.cached_graph
     drawn = graph_of(graph, doc.get("db_heads") or ()) if graph is not None else ""
     target = str(doc.get("target") or "")
-    data = PageData(drawn, journal, alerts, doc.get("lock_holder"), target, refresh)
+    files = {r: rev.path.name for r, rev in graph.revisions.items()} if graph is not None else {}
+    data = PageData(drawn, journal, alerts, doc.get("lock_holder"), target, refresh, files)
     return render(doc, data)
 
 

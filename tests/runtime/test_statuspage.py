@@ -97,7 +97,7 @@ STATES = {
             "tenants": 3,
             "counts": {"in_sync": 1, "failed": 1, "held": 1},
             "failed": [{"name": "tenant_b", "revision": "r0009", "error": "boom"}],
-            "wave": {"index": 1, "halted": True, "why": "1 failed"},
+            "wave": {"index": 1, "count": 3, "halted": True, "reason": "1 failed", "complete": False},
         },
     ),
 }
@@ -105,7 +105,9 @@ STATES = {
 
 @pytest.mark.parametrize("state", sorted(STATES))
 def test_each_state_is_shown_in_words_with_its_parts(state: str) -> None:
-    page = Page(render(STATES[state], PageData(graph_svg=graph_svg(10), target="app", refresh=5)))
+    files = {"r0008": "r0008_add_email.py"}
+    data = PageData(graph_svg=graph_svg(10), target="app", refresh=5, files=files)
+    page = Page(render(STATES[state], data))
     shown = page.words
     assert "form" not in {t for t, _ in page.tags} and "script" not in {t for t, _ in page.tags}
     assert any(
@@ -113,16 +115,19 @@ def test_each_state_is_shown_in_words_with_its_parts(state: str) -> None:
     )
     assert len([a for t, a in page.tags if t == "g" and "node" in a.get("class", "")]) == 10
     if state == "behind":
-        assert "behind" in shown and "r0008" in shown and "drop_column: loses data" in shown
+        assert "behind" in shown and "drop_column: loses data" in shown
+        assert "r0008 (r0008_add_email.py)" in page.section_text("pending")  # with its file
         assert "warn" in page.by_id("state")["class"]
     if state == "in_sync":
         assert "good" in page.by_id("state")["class"]
-    if state in ("blocked", "dirty"):
-        assert state in shown
+    if state in ("blocked", "dirty"):  # the condition is the headline, the sync state beside it
+        assert state in page.section_text("conditions") and "bad" in page.by_id("state")["class"]
+        assert "(sync state: behind)" in shown
     if state == "drift":
         assert "column user.x only in the database" in shown
     if state == "fleet":
-        assert "tenant_b" in shown and "halted" in shown and "Fleet (3 tenants)" in shown
+        assert "tenant_b" in shown and "Fleet (3 tenants)" in shown
+        assert page.section_text("fleet").count("wave 2 of 3: halted. 1 failed") == 1
 
 
 def test_values_are_escaped_and_secrets_redacted() -> None:
