@@ -23,7 +23,7 @@ def svg(
     labels: Mapping[str, str],
     heads: frozenset[str],
 ) -> str:
-    """`parents`: revision → its down revisions; `marks`: revision → applied / pending / draft;
+    """`parents`: revision → its down revisions; `marks`: revision → applied / pending / draft / tenants;
     `labels`: revision → the text beside it; `heads`: the repository's heads."""
     width = max((r.width for r in rows), default=1)
     text_x = width * LANE + 12

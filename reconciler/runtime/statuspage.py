@@ -31,6 +31,7 @@ h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}
 .graph .edge{stroke:#888;stroke-width:2}.graph circle{stroke:#333;stroke-width:1.5}
 .graph .applied circle{fill:#1a7f37}.graph .pending circle{fill:#fff}.graph .draft circle{fill:#b7791f}
+.graph .tenants circle{fill:#bbb}
 .graph text{font:12px monospace}
 """
 
@@ -198,18 +199,20 @@ def page_of(
     """The daemon's page: its status document, the graph its last run read, the journal's last
     steps and the alerts, as the loop cached them."""
     graph = project.cached_graph
-    drawn = graph_of(graph, doc.get("db_heads") or ()) if graph is not None else ""
+    fleet = isinstance(doc.get("fleet"), Mapping)
+    drawn = graph_of(graph, doc.get("db_heads") or (), fleet) if graph is not None else ""
     target = str(doc.get("target") or "")
     files = {r: rev.path.name for r, rev in graph.revisions.items()} if graph is not None else {}
     data = PageData(drawn, journal, alerts, doc.get("lock_holder"), target, refresh, files)
     return render(doc, data)
 
 
-def graph_of(graph: RevisionGraph, db_heads: Iterable[str]) -> str:
-    """The graph's SVG with each revision applied (below the database's heads), draft or pending."""
+def graph_of(graph: RevisionGraph, db_heads: Iterable[str], fleet: bool = False) -> str:
+    """The graph's SVG with each revision applied (below the database's heads), draft or pending;
+    for a fleet, `tenants` (each tenant has its own heads: the fleet's section counts them)."""
     applied = applied_revisions(graph, db_heads)
     revisions = graph.revisions
-    marks = {r: "applied" if r in applied else "pending" for r in revisions}
+    marks = {r: "tenants" if fleet else "applied" if r in applied else "pending" for r in revisions}
     marks.update({r: "draft" for r in revisions if revisions[r].draft})
     parents = {r: revisions[r].down_revisions for r in revisions}
     labels = {r: revisions[r].message for r in revisions}

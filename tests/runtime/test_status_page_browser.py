@@ -193,6 +193,7 @@ SCENARIOS = {
         "behind",
         "warn",
         shows=("tenant_x", "halted", "Fleet (3 tenants)"),
+        nodes={"r0000": "tenants", "r0001": "tenants"},  # no one database's heads: grey
     ),
 }
 
