@@ -7,6 +7,10 @@ fingerprint between two steps sees what the last one committed. A revision's own
 (up or down) is yielded, never a walk to a destination: on a branched history a downgrade to the
 parent would also undo the other branch. The first failing step ends the run: after it, the
 database is in no state the next revision was written for.
+
+On PostgreSQL the steps' commits are not flushed to disk one by one (`synchronous_commit` off for
+the session, said in the first step's transaction): the database is a scratch one, dropped
+after the run, and a commit that waits for the disk costs more than most steps.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from reconciler.core.stairway import difference
 from reconciler.protocol import StairwayFailure, StairwayReply
 from reconciler.redact import redact
 from reconciler.worker.fingerprint import Fingerprints
+from reconciler.worker.upgrading import defer_flushes
 
 
 class Stairway:
@@ -34,29 +39,34 @@ class Stairway:
         self.checked: list[str] = []
         self.failures: list[StairwayFailure] = []
         self._started = time.monotonic()
+        self._deferred = False
 
     def steps(self, _heads: Any, context: Any) -> Iterator[Any]:
         return self._generate(context)
 
-    def _step(self, rev: str, up: bool) -> Any:
-        return RevisionStep(self.script.revision_map, self.script.get_revision(rev), up)
+    def _step(self, context: Any, rev: str, up: bool) -> Any:
+        """Alembic's step of `rev`; before the first, the session stops waiting for flushes."""
+        step = RevisionStep(self.script.revision_map, self.script.get_revision(rev), up)
+        if not self._deferred:
+            self._deferred = defer_flushes(context, False, last=False)
+        return step
 
     def _generate(self, context: Any) -> Iterator[Any]:
         schema = Fingerprints(context.connection, context.version_table)
         for rev in self.before:
             self.running = (rev, "upgrade")
-            yield self._step(rev, True)
+            yield self._step(context, rev, True)
         below = schema.take()
         for rev in self.revisions:
             self.running = (rev, "upgrade")
-            yield self._step(rev, True)
+            yield self._step(context, rev, True)
             upgraded = schema.take()
             self.running = (rev, "downgrade")
-            yield self._step(rev, False)
+            yield self._step(context, rev, False)
             if self._differs(rev, "downgrade", below, schema.take()):
                 return
             self.running = (rev, "upgrade again")
-            yield self._step(rev, True)
+            yield self._step(context, rev, True)
             again = schema.take()
             if self._differs(rev, "upgrade again", upgraded, again):
                 return
