@@ -28,11 +28,45 @@ import sqlalchemy as sa
 
 _EVERYTHING = "0"  # not a normal xid: its age is the largest, every row is fresh
 
-# (kind, key, owner, text): 'r' a relation of the schema written since :t (key, the table its
-# sentences go to, relkind), 'k' a constraint likewise, 'o' a table to read again, 'n'/'m' how
-# many relations / constraints the schema has, 'e' an enum type's sentence, 't' the next :t
-_FRESH = """
-WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = current_schema()),
+_NAMESPACE = "ns AS (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
+
+# (kind, key, owner, text) rows of the tables and sequences in `picked` (the version table left
+# out): 's', their owner, a sentence
+_SENTENCES = """
+SELECT 's', NULL::bigint, p.oid::bigint, 'table ' || p.relname FROM picked p
+ WHERE p.relkind IN ('r', 'p', 'v', 'm')
+UNION ALL
+SELECT 's', NULL, p.oid::bigint, 'sequence ' || p.relname FROM picked p WHERE p.relkind = 'S'
+UNION ALL
+SELECT 's', NULL, p.oid::bigint,
+       'column ' || p.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+       || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE ' NULL' END
+       || COALESCE(' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid), '')
+  FROM picked p JOIN pg_attribute a ON a.attrelid = p.oid
+  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+ WHERE p.relkind IN ('r', 'p', 'v', 'm') AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 's', NULL, p.oid::bigint, 'index ' || ci.relname || ': ' || pg_get_indexdef(ci.oid)
+  FROM picked p JOIN pg_index x ON x.indrelid = p.oid JOIN pg_class ci ON ci.oid = x.indexrelid
+ WHERE p.relkind IN ('r', 'p', 'm') AND ci.relkind IN ('i', 'I')
+UNION ALL
+SELECT 's', NULL, p.oid::bigint,
+       'constraint ' || p.relname || '.' || k.conname || ': ' || pg_get_constraintdef(k.oid)
+  FROM picked p JOIN pg_constraint k ON k.conrelid = p.oid
+ WHERE p.relkind IN ('r', 'p', 'v', 'm')
+"""
+_PICKED = """picked AS (
+  SELECT c.oid, c.relname, c.relkind FROM pg_class c
+   WHERE c.oid IN (SELECT owner FROM {owners}) AND c.relnamespace = (SELECT oid FROM ns) AND c.relname <> :vt
+)"""
+
+# What changed since :t, and the sentences of the tables it touched, in one statement. Rows:
+# 'r' a relation of the schema written since :t (key, the owner its rows feed, relkind), 'k' a
+# constraint likewise, 'o' a table touched (its sentences are the 's' rows), 'R'/'K' the keys of
+# every relation / constraint of the schema now (an array), 'e' an enum type's sentence, 't' the
+# next :t
+_FRESH = f"""
+WITH {_NAMESPACE},
 fresh AS (
   SELECT 'r'::text AS kind, c.oid::bigint AS key, COALESCE(i.indrelid, c.oid)::bigint AS owner,
          c.relkind::text AS detail
@@ -51,17 +85,23 @@ fresh AS (
 owners AS (
   SELECT COALESCE(i.indrelid::bigint, f.owner) AS owner FROM fresh f
     LEFT JOIN pg_index i ON i.indexrelid = f.owner
-)
+),
+touched AS (
+  SELECT owner FROM owners
+  UNION
+  SELECT k.conrelid::bigint FROM pg_constraint k
+   WHERE k.confrelid IN (SELECT owner FROM owners) AND k.conrelid <> 0
+),
+{_PICKED.format(owners="touched")}
 SELECT kind, key, owner, detail FROM fresh WHERE key IS NOT NULL
 UNION ALL
-SELECT DISTINCT 'o', NULL::bigint, owner, '' FROM owners
+SELECT 'o', NULL, owner, '' FROM touched
 UNION ALL
-SELECT DISTINCT 'o', NULL::bigint, k.conrelid::bigint, '' FROM pg_constraint k
- WHERE k.confrelid IN (SELECT owner FROM owners) AND k.conrelid <> 0
+{_SENTENCES}
 UNION ALL
-SELECT 'n', count(*), NULL, '' FROM pg_class WHERE relnamespace = (SELECT oid FROM ns)
+SELECT 'R', NULL, NULL, array_agg(oid)::text FROM pg_class WHERE relnamespace = (SELECT oid FROM ns)
 UNION ALL
-SELECT 'm', count(*), NULL, '' FROM pg_constraint WHERE connamespace = (SELECT oid FROM ns)
+SELECT 'K', NULL, NULL, array_agg(oid)::text FROM pg_constraint WHERE connamespace = (SELECT oid FROM ns)
 UNION ALL
 SELECT 'e', NULL, NULL,
        'enum ' || t.typname || ' (' || string_agg(e.enumlabel, ', ' ORDER BY e.enumsortorder) || ')'
@@ -73,37 +113,11 @@ SELECT 't', LEAST(txid_snapshot_xmin(txid_current_snapshot()), txid_current_if_a
        NULL, ''
 """
 
-# the keys now, when some went: which ones
-_RELATIONS = """SELECT c.oid::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname = current_schema()"""
-_CONSTRAINTS = """SELECT k.oid::bigint FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace
- WHERE n.nspname = current_schema()"""
-
-# (owner, sentence) of the tables and sequences in :oids (the version table left out)
-_SENTENCES = """
-WITH picked AS (
-  SELECT c.oid, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-   WHERE c.oid = ANY(CAST(:oids AS oid[])) AND n.nspname = current_schema() AND c.relname <> :vt
-)
-SELECT p.oid::bigint, 'table ' || p.relname FROM picked p WHERE p.relkind IN ('r', 'p', 'v', 'm')
-UNION ALL
-SELECT p.oid::bigint, 'sequence ' || p.relname FROM picked p WHERE p.relkind = 'S'
-UNION ALL
-SELECT p.oid::bigint,
-       'column ' || p.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
-       || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE ' NULL' END
-       || COALESCE(' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid), '')
-  FROM picked p JOIN pg_attribute a ON a.attrelid = p.oid
-  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
- WHERE p.relkind IN ('r', 'p', 'v', 'm') AND a.attnum > 0 AND NOT a.attisdropped
-UNION ALL
-SELECT p.oid::bigint, 'index ' || ci.relname || ': ' || pg_get_indexdef(ci.oid)
-  FROM picked p JOIN pg_index x ON x.indrelid = p.oid JOIN pg_class ci ON ci.oid = x.indexrelid
- WHERE p.relkind IN ('r', 'p', 'm') AND ci.relkind IN ('i', 'I')
-UNION ALL
-SELECT p.oid::bigint, 'constraint ' || p.relname || '.' || k.conname || ': ' || pg_get_constraintdef(k.oid)
-  FROM picked p JOIN pg_constraint k ON k.conrelid = p.oid
- WHERE p.relkind IN ('r', 'p', 'v', 'm')
+# the sentences of the tables in :oids (a table that lost an index or a constraint)
+_READ = f"""
+WITH {_NAMESPACE}, owners AS (SELECT unnest(CAST(:oids AS oid[])) AS owner),
+{_PICKED.format(owners="owners")}
+{_SENTENCES}
 """
 
 
@@ -111,10 +125,11 @@ SELECT p.oid::bigint, 'constraint ' || p.relname || '.' || k.conname || ': ' || 
 class _Fresh:
     """One `_FRESH` read."""
 
-    relations: dict[int, tuple[int, str]] = field(default_factory=dict)  # key: (owner, relkind)
+    relations: dict[int, int] = field(default_factory=dict)  # key: owner
     constraints: dict[int, int] = field(default_factory=dict)  # key: owner
-    owners: set[int] = field(default_factory=set)
-    counts: dict[str, int] = field(default_factory=dict)
+    touched: set[int] = field(default_factory=set)
+    sentences: dict[int, set[str]] = field(default_factory=dict)  # of the touched
+    present: dict[str, set[int]] = field(default_factory=dict)  # 'R', 'K': the keys now
     enums: set[str] = field(default_factory=set)
     threshold: str = _EVERYTHING
 
@@ -133,10 +148,12 @@ class PgSchema:
         self._enums: set[str] = set()
 
     def take(self) -> frozenset[str]:
+        """The schema now: one statement, a second one when a table lost an index or a
+        constraint, every table again after a rename of an enum type or a sequence."""
         before = self._named_types()
         fresh = self._fresh()
-        changed = fresh.owners | self._removed(fresh)
-        self._read(changed)
+        self._keep(fresh.touched, fresh.sentences)
+        self._read(self._removed(fresh) - fresh.touched)
         self._enums = fresh.enums
         after = self._named_types()
         if before - after and after - before:  # renamed: the column types and defaults naming it
@@ -148,15 +165,18 @@ class PgSchema:
 
     def _fresh(self) -> _Fresh:
         out = _Fresh()
-        for kind, key, owner, detail in self.connection.execute(sa.text(_FRESH), {"t": self._since}):
-            if kind == "r":
-                out.relations[int(key)] = (int(owner), str(detail))
+        params = {"t": self._since, "vt": self.version_table}
+        for kind, key, owner, detail in self.connection.execute(sa.text(_FRESH), params):
+            if kind == "s":
+                out.sentences.setdefault(int(owner), set()).add(str(detail))
+            elif kind == "r":
+                out.relations[int(key)] = int(owner)
             elif kind == "k":
                 out.constraints[int(key)] = int(owner)
-            elif kind == "o" and owner is not None:
-                out.owners.add(int(owner))
-            elif kind in ("n", "m"):
-                out.counts[str(kind)] = int(key)
+            elif kind == "o":
+                out.touched.add(int(owner))
+            elif kind in ("R", "K"):
+                out.present[str(kind)] = _oids(detail)
             elif kind == "e":
                 out.enums.add(str(detail))
             elif kind == "t":
@@ -165,40 +185,48 @@ class PgSchema:
         return out
 
     def _removed(self, fresh: _Fresh) -> set[int]:
-        """The owners of the relations and constraints gone since the last read; the relations
-        gone that were owners themselves (tables, sequences) lose their sentences here."""
-        self._relations.update((key, owner) for key, (owner, _kind) in fresh.relations.items())
+        """The tables that lost a relation (an index) or a constraint since the last read; a
+        relation gone that was an owner itself (a table, a sequence) loses its sentences."""
+        self._relations.update(fresh.relations)
         self._constraints.update(fresh.constraints)
         owners: set[int] = set()
-        if len(self._relations) > fresh.counts.get("n", 0):
-            gone = self._gone(self._relations, _RELATIONS)
-            for key in gone:
-                owner = self._relations.pop(key)
-                if owner == key:
-                    self._forget(key)
-                else:
-                    owners.add(owner)
-        if len(self._constraints) > fresh.counts.get("m", 0):
-            owners.update(self._constraints.pop(key) for key in self._gone(self._constraints, _CONSTRAINTS))
-        return owners - {key for key in owners if key not in self._relations}
-
-    def _gone(self, known: dict[int, int], query: str) -> set[int]:
-        present = {int(row[0]) for row in self.connection.execute(sa.text(query))}
-        return set(known) - present
+        for key in set(self._relations) - fresh.present.get("R", set()):
+            owner = self._relations.pop(key)
+            if owner == key:
+                self._forget(key)
+            else:
+                owners.add(owner)
+        for key in set(self._constraints) - fresh.present.get("K", set()):
+            owners.add(self._constraints.pop(key))
+        return {owner for owner in owners if owner in self._relations}
 
     def _forget(self, owner: int) -> None:
         self._facts.pop(owner, None)
         self._sequences.pop(owner, None)
 
-    def _read(self, owners: set[int]) -> None:
-        """The sentences of `owners` read again (an owner with none: gone, or not a table)."""
+    def _keep(self, owners: set[int], sentences: dict[int, set[str]]) -> None:
+        """`owners`' sentences now (an owner with none: gone, or not a table)."""
         for owner in owners:
             self._forget(owner)
+            found = sentences.get(owner)
+            if not found:
+                continue
+            self._facts[owner] = found
+            for text in found:
+                if text.startswith("sequence "):
+                    self._sequences[owner] = text
+
+    def _read(self, owners: set[int]) -> None:
         if not owners:
             return
+        sentences: dict[int, set[str]] = {}
         params = {"oids": sorted(owners), "vt": self.version_table}
-        for owner, sentence in self.connection.execute(sa.text(_SENTENCES), params):
-            text = str(sentence)
-            self._facts.setdefault(int(owner), set()).add(text)
-            if text.startswith("sequence "):
-                self._sequences[int(owner)] = text
+        for _kind, _key, owner, sentence in self.connection.execute(sa.text(_READ), params):
+            sentences.setdefault(int(owner), set()).add(str(sentence))
+        self._keep(owners, sentences)
+
+
+def _oids(array: Any) -> set[int]:
+    """The keys of a `{1,2,3}` array's text (NULL: none)."""
+    text = str(array or "").strip("{}")
+    return {int(key) for key in text.split(",")} if text else set()
