@@ -25,6 +25,7 @@ replica that dies frees its tenants with its session.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from collections.abc import Callable
@@ -184,9 +185,14 @@ class Fleet:
 
     def _open(self, tenant: str) -> TargetHandle:
         settings = tenant_settings(self.settings, tenant, self.kind)
-        return open_target(
+        handle = open_target(
             settings, self.base.on_worker_log, engines_of=self.engines.for_tenant, project=self.base.project
         )
+        if self.kind != "schemas":
+            return handle
+        # every tenant's steps are in the one shared journal: a tenant judges only its own rows
+        # (another tenant's step in flight is neither this tenant's interrupted step nor dirty)
+        return dataclasses.replace(handle, own_rows=True)
 
     def start_worker(self, job: WorkerJob) -> Worker:
         """A fresh worker for a tenant's job (`starting.start_worker` made it, checked against

@@ -136,6 +136,7 @@ class TargetHandle:
     other_version_tables: tuple[str, ...] = ()
     chains: tuple[TargetHandle, ...] = ()  # the other chains, reconciled under our lock after us
     cache: TargetCache = field(default_factory=TargetCache)
+    own_rows: bool = False  # its journal is shared with other targets (a schema fleet's tenants)
 
     @property
     def target_name(self) -> str:
@@ -154,8 +155,9 @@ class TargetHandle:
 
     @property
     def row_target(self) -> str | None:
-        """Which journal rows are this chain's: all of them with a single chain (as always)."""
-        return self.journal_target if self.chain or self.chains else None
+        """Which journal rows are this chain's: all of them with a single chain (as always),
+        unless the journal is shared with other targets (`own_rows`)."""
+        return self.journal_target if self.chain or self.chains or self.own_rows else None
 
     @property
     def engine(self) -> sa.engine.Engine:

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from reconciler.control import fleet as control_fleet
+from reconciler.db import journal, placement
 from tests import fleets
 from tests.fleets import FLEET_DIALECTS, UNIQUE_CODE, TenantFleet
 
@@ -274,3 +275,29 @@ def test_the_fleet_read_of_schemas_is_at_most_two_statements(tmp_path: Path) -> 
             control_fleet.release_fleet(fleet)
         assert status.counts == {"behind": 5}
         assert 1 <= len(statements) <= 2, statements
+
+
+@pytest.mark.postgres
+def test_a_tenant_leaves_another_tenants_step_in_flight_in_the_shared_journal_alone(tmp_path: Path) -> None:
+    with fleets.fleet("postgresql", tmp_path, size=2) as found:
+        first, other = found.tenants
+        found.revision("f2", "f1")
+        assert found.cli("suspend").returncode == 0  # the shared journal exists
+        assert found.cli("resume").returncode == 0
+        settings = found.settings()
+        tables = journal.tables(settings.journal.table, placement.SIDE_SCHEMA)
+        engine = sa.create_engine(found.url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:  # the other tenant's replica is running f2 right now
+                row = journal.record_started(conn, tables, target=other, operation="upgrade", revision="f2")
+
+            result = found.cli("apply", "--tenant", first)
+
+            with engine.connect() as conn:
+                outcome = conn.execute(sa.select(tables.steps.c.outcome).where(tables.steps.c.id == row))
+                assert outcome.scalar_one() == "started"  # not judged by the first tenant's run
+        finally:
+            engine.dispose()
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert found.heads(first) == {"f2"} and found.heads(other) == {"f1"}
+        assert "dirty" not in found.status("--tenant", first).get("conditions", [])
