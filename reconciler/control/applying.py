@@ -97,8 +97,10 @@ def _apply_chain(
     """One chain's part of `apply_pending`: (outcome, revisions we applied, its status)."""
     # Why here: the worker and env.py's connection were checked; writing starts.
     ensure_journal(handle, conn)
-    # env.py ran in the worker: an app factory may have migrated the database meanwhile.
-    status = before if worker is None else chain_status(handle, conn, graph)
+    # env.py ran in the worker (its probe; dev mode's generation): an app factory may have
+    # migrated the database meanwhile. A fleet's tenant worker (`run.starter`) ran no user code.
+    ran_user_code = worker is not None and run.starter is None
+    status = chain_status(handle, conn, graph) if ran_user_code else before
     during = applied_revisions(graph, status) - applied_revisions(graph, before)
     if record_hashes(handle, run, conn, graph, status, during):
         status = chain_status(handle, conn, graph)
@@ -142,9 +144,14 @@ def record_hashes(
     drafts. True when something was recorded."""
     audit, target = status.audit, handle.target_name
     foreign = [r for r in audit.unrecorded if status.baseline or r in during]
-    for rev in (*audit.unrecorded, *audit.sealed):
-        trigger = "seal" if rev in audit.sealed else "foreign" if rev in foreign else "first_sight"
-        journal.record_seen(conn, handle.journal, handle.journal_target, graph.revisions[rev], trigger)
+    seen = [
+        (
+            graph.revisions[rev],
+            "seal" if rev in audit.sealed else "foreign" if rev in foreign else "first_sight",
+        )
+        for rev in (*audit.unrecorded, *audit.sealed)
+    ]
+    journal.record_seen_all(conn, handle.journal, handle.journal_target, seen)
     if audit.sealed:
         log.info("checksum_recorded_after_seal", target=target, revisions=list(audit.sealed))
     if foreign:

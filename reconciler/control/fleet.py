@@ -157,6 +157,9 @@ class Fleet:
     _pool: WarmWorker | None = None
     _handles: dict[str, TargetHandle] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # a schema fleet's shared journal, once ensured: the tenants whose own schema still holds a
+    # previous release's journal tables (they look for themselves); None: not ensured yet
+    _legacy: frozenset[str] | None = None
 
     @property
     def name(self) -> str:
@@ -190,6 +193,9 @@ class Fleet:
         )
         if self.kind != "schemas":
             return handle
+        if self._legacy is not None and tenant not in self._legacy:
+            handle.place.assume_ready()  # the shared journal exists: no look per tenant
+            handle.cache.journal_seen = handle.place.ready
         # every tenant's steps are in the one shared journal: a tenant judges only its own rows
         # (another tenant's step in flight is neither this tenant's interrupted step nor dirty)
         return dataclasses.replace(handle, own_rows=True)
@@ -332,10 +338,26 @@ def _shared_journal(fleet: Fleet) -> None:
         return
     base = fleet.base
     with connection.connect(base.engine) as conn:
-        if journal_exists(base, conn):
-            return
-        with target_lock(base, conn, base.settings.apply.lock_acquire_timeout):
-            ensure_journal(base, conn)
+        if not journal_exists(base, conn):
+            with target_lock(base, conn, base.settings.apply.lock_acquire_timeout):
+                ensure_journal(base, conn)
+        if base.journal is base.place.side:
+            fleet._legacy = frozenset(_schemas_with(conn, base.journal.steps.name, base.journal.steps.schema))
+
+
+def _schemas_with(conn: sa.engine.Connection, table: str, side: str | None) -> list[str]:
+    """The schemas, besides the side place, holding a table named `table` (a previous release's
+    journal in a tenant's schema, moved by that tenant's own run): one statement for the fleet."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT n.nspname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+            " WHERE c.relname = :table AND c.relkind IN ('r', 'p') AND n.nspname <> :side"
+        ),
+        {"table": table, "side": side or ""},
+    ).fetchall()
+    if conn.in_transaction():
+        conn.commit()
+    return [str(row[0]) for row in rows]
 
 
 class _Queue:

@@ -26,6 +26,7 @@ import datetime as dt
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from reconciler.core.backoff import backoff
 from reconciler.core.failures import Failure
@@ -60,7 +61,17 @@ def read(conn: sa.engine.Connection, jt: JournalTables, keys: list[str]) -> dict
 
 
 def put(conn: sa.engine.Connection, jt: JournalTables, key: str, value: str) -> None:
-    """Set a flag (insert, or update when it exists)."""
+    """Set a flag (insert, or update when it exists): one statement on PostgreSQL."""
+    if conn.dialect.name == "postgresql":
+        insert = postgresql.insert(jt.flags).values(key=key, value=value, updated_at=_now())
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[jt.flags.c.key],
+                set_={"value": insert.excluded.value, "updated_at": insert.excluded.updated_at},
+            )
+        )
+        _commit(conn)
+        return
     updated = conn.execute(
         jt.flags.update().where(jt.flags.c.key == key).values(value=value, updated_at=_now())
     ).rowcount

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -322,6 +322,38 @@ def record_seen(
         down_revisions=revision.down_revisions,
         trigger=trigger,
     )
+
+
+def record_seen_all(
+    conn: sa.engine.Connection, jt: JournalTables, target: str, seen: Sequence[tuple[Revision, str]]
+) -> None:
+    """`record_seen` of several revision files (revision, trigger) in one statement: the same
+    completed rows, oldest first."""
+    if not seen:
+        return
+    now = _now()
+    rows = [
+        {
+            "target": target[:64],
+            "operation": RECORD,
+            "revision": revision.revision,
+            "down_revisions": ",".join(revision.down_revisions),
+            "file_hash": revision.file_hash,
+            "started_at": now,
+            "completed_at": now,
+            "duration_ms": 0,
+            "outcome": "recorded",
+            "error_class": None,
+            "error": None,
+            "sqlstate": None,
+            "host": replica_id()[:128],
+            "tool_version": __version__,
+            "trigger": trigger[:64],
+        }
+        for revision, trigger in seen
+    ]
+    conn.execute(jt.steps.insert(), rows)
+    _commit(conn)
 
 
 def steps(

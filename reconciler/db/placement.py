@@ -116,6 +116,7 @@ class Place:
         self.located = self.side is None
         self._located_at = 0.0
         self.fallback_reason = ""  # why the side place could not be created (then: no more looks)
+        self.ready = False  # the side place's tables are known to exist (see `assume_ready`)
 
     def locate(self, conn: sa.engine.Connection) -> JournalTables:
         """Once: the side place when its tables exist or nothing exists yet; the target's schema
@@ -137,9 +138,18 @@ class Place:
             self.located, self._located_at = True, time.monotonic()
         return self.tables
 
+    def assume_ready(self) -> None:
+        """The side place's tables exist (another target's `ensure` made them in this process:
+        a schema fleet's shared journal) and no previous release's tables are in the target's
+        schema: `locate` and `ensure` need no look at the database."""
+        if self.side is not None and not self.fallback_reason:
+            self.tables, self.located, self.ready = self.side, True, True
+
     def ensure(self, conn: sa.engine.Connection) -> JournalTables:
         """Create the journal (call under the lock): in the side place, with the previous release's
         rows moved there; in the target's schema when the side place cannot be created."""
+        if self.ready:
+            return self.tables
         self.locate(conn)
         if self.side is None:  # `placement = "default"`, or [journal] schema is the target's
             ensure(conn, self.default)

@@ -301,3 +301,40 @@ def test_a_tenant_leaves_another_tenants_step_in_flight_in_the_shared_journal_al
         assert result.returncode == 0, result.stderr[-3000:]
         assert found.heads(first) == {"f2"} and found.heads(other) == {"f1"}
         assert "dirty" not in found.status("--tenant", first).get("conditions", [])
+
+
+@pytest.mark.postgres
+def test_a_tenant_whose_schema_holds_a_previous_releases_journal_still_moves_it(tmp_path: Path) -> None:
+    with fleets.fleet("postgresql", tmp_path, size=2) as found:
+        first, other = found.tenants
+        found.revision("f2", "f1")
+        assert found.cli("suspend").returncode == 0  # the shared journal exists
+        assert found.cli("resume").returncode == 0
+        settings = found.settings()
+        legacy = journal.tables(settings.journal.table, first)  # where the previous release kept it
+        side = journal.tables(settings.journal.table, placement.SIDE_SCHEMA)
+        engine = sa.create_engine(found.url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.begin() as conn:
+                legacy.metadata.create_all(conn)
+            with engine.connect() as conn:
+                journal.record_hash(
+                    conn,
+                    legacy,
+                    target=first,
+                    operation="upgrade",
+                    revision="f1",
+                    file_hash="",
+                    trigger="legacy",
+                )
+
+            result = found.cli("apply")
+
+            with engine.connect() as conn:
+                assert not sa.inspect(conn).has_table(legacy.steps.name, schema=first)
+                moved = conn.execute(sa.select(side.steps.c.trigger).where(side.steps.c.target == first))
+                assert "legacy" in set(moved.scalars())
+        finally:
+            engine.dispose()
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert found.all_heads() == {first: {"f2"}, other: {"f2"}}
