@@ -21,7 +21,7 @@ from reconciler.control.target import TargetHandle, journal_exists
 from reconciler.core import checksums
 from reconciler.core.graph import RevisionGraph
 from reconciler.core.status import Status, applied_revisions, refuse_unless_applicable
-from reconciler.db import connection, flags, journal
+from reconciler.db import connection, flags, hashes, journal
 from reconciler.errors import ConfigError, Refused, RevisionFailed, StateError, UnreachableError
 from reconciler.project import differences
 from reconciler.sessions import replica_id
@@ -82,10 +82,10 @@ def _record_below(
 ) -> None:
     """Stamping marks the ancestors applied too: record their hashes, so they are ours, not a
     foreign writer's."""
-    held = journal.recorded_hashes(conn, handle.journal, handle.target_name)
+    held = hashes.recorded_hashes(conn, handle.journal, handle.target_name)
     for rev in graph.topological(graph.closure(targets)):
         if rev not in targets and rev not in held:
-            journal.record_seen(conn, handle.journal, handle.target_name, graph.revisions[rev], "stamp")
+            hashes.record_seen(conn, handle.journal, handle.target_name, graph.revisions[rev], "stamp")
 
 
 def _stamp_targets(graph: RevisionGraph, revision: str) -> tuple[str, ...]:
@@ -340,11 +340,11 @@ def accept(handle: TargetHandle, revision: str | None) -> list[checksums.Mismatc
         graph = read_graph(handle)
         for item in chosen:
             downs = graph.revisions[item.revision].down_revisions if not item.vanished else ()
-            journal.record_hash(
+            hashes.record_hash(
                 conn,
                 handle.journal,
                 target=handle.target_name,
-                operation=journal.ACCEPT,
+                operation=hashes.ACCEPT,
                 revision=item.revision,
                 file_hash=item.current,
                 down_revisions=downs,

@@ -34,7 +34,7 @@ from reconciler.core.status import (
     refuse_unless_applicable,
     verify,
 )
-from reconciler.db import flags, journal
+from reconciler.db import flags, hashes, journal
 from reconciler.errors import ReconcilerError, Refused, RevisionFailed
 
 log = logs.get("reconciler.reconcile")
@@ -151,7 +151,7 @@ def record_hashes(
         )
         for rev in (*audit.unrecorded, *audit.sealed)
     ]
-    journal.record_seen_all(conn, handle.journal, handle.journal_target, seen)
+    hashes.record_seen_all(conn, handle.journal, handle.journal_target, seen)
     if audit.sealed:
         log.info("checksum_recorded_after_seal", target=target, revisions=list(audit.sealed))
     if foreign:

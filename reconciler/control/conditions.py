@@ -18,7 +18,7 @@ from reconciler.core import checksums, failures
 from reconciler.core import drift as drift_rules
 from reconciler.core.graph import RevisionGraph
 from reconciler.core.status import CONDITION_ORDER, Conditions, still_blocked
-from reconciler.db import flags, journal
+from reconciler.db import flags, hashes, journal
 
 
 def read_conditions(
@@ -45,7 +45,7 @@ def read_conditions(
         drift_rules.flag_key(handle.target_name),
     ]
     found = flags.read(conn, handle.journal, keys)
-    held = journal.recorded_hashes(conn, handle.journal, handle.journal_target)
+    held = hashes.recorded_hashes(conn, handle.journal, handle.journal_target)
     audit = checksums.audit(graph, inputs[0], held, ancestry)
     if audit.mismatches and "checksums" not in handle.settings.unsafe:
         names.append("checksum_mismatch")

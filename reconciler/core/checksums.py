@@ -1,7 +1,7 @@
 """Checksums of applied revisions: which changed, vanished, or were never recorded. Pure, no I/O.
 
 The journal holds, per revision, the file hash of the newest row that says it is applied
-(`journal.recorded_hashes`). Against the revision graph that gives:
+(`db.hashes.recorded_hashes`). Against the revision graph that gives:
 
 - **mismatch**: an applied revision whose file hash differs from the recorded one, or a recorded
   revision whose file is gone while the database does not hold it as `ahead` (an old replica or

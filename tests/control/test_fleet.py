@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from reconciler.control import fleet as control_fleet
-from reconciler.db import journal, placement
+from reconciler.db import hashes, journal, placement
 from tests import fleets
 from tests.fleets import FLEET_DIALECTS, UNIQUE_CODE, TenantFleet
 
@@ -318,7 +318,7 @@ def test_a_tenant_whose_schema_holds_a_previous_releases_journal_still_moves_it(
             with engine.begin() as conn:
                 legacy.metadata.create_all(conn)
             with engine.connect() as conn:
-                journal.record_hash(
+                hashes.record_hash(
                     conn,
                     legacy,
                     target=first,
