@@ -81,7 +81,7 @@ def _headline(doc: Mapping[str, Any], target: str) -> str:
     """The state (the worst condition, else the sync state) in words and colour; the sync state
     beside it when a condition hides it (blocked, and behind)."""
     sync = str(doc.get("sync_state") or "unknown")
-    state = str(doc.get("state") or sync)
+    state = str(doc.get("state") or "unknown")
     state = sync if state == "unknown" else state
     beside = f' <span id="sync">(sync state: {_words(sync)})</span>' if sync != state else ""
     return (
@@ -202,7 +202,8 @@ def page_of(
     fleet = isinstance(doc.get("fleet"), Mapping)
     drawn = graph_of(graph, doc.get("db_heads") or (), fleet) if graph is not None else ""
     target = str(doc.get("target") or "")
-    files = {r: rev.path.name for r, rev in graph.revisions.items()} if graph is not None else {}
+    known = graph.revisions if graph is not None else {}
+    files = {r: known[r].path.name for r in doc.get("pending") or () if r in known}  # the listed ones
     data = PageData(drawn, journal, alerts, doc.get("lock_holder"), target, refresh, files)
     return render(doc, data)
 
