@@ -19,9 +19,9 @@ from reconciler.core.graph import RevisionGraph
 from reconciler.core.status import (
     APPLICABLE,
     Status,
+    block_lifted,
     is_lock_timeout,
     refuse_unless_applicable,
-    still_blocked,
 )
 from reconciler.db import flags
 from reconciler.errors import ReconcilerError, RetryDeferred, RevisionFailed
@@ -129,7 +129,7 @@ def unblock_if_changed(handle: TargetHandle, conn: sa.engine.Connection, graph: 
     """A blocked revision whose file changed is tried again: the block and its count go."""
     key = flags.blocked_key(handle.journal_target)
     blocked = failures.Failure.loads(flags.read(conn, handle.journal, [key]).get(key))
-    if blocked and not still_blocked(blocked, graph):
+    if blocked and block_lifted(blocked, graph):
         flags.delete(conn, handle.journal, key)
         flags.clear_failures(conn, handle.journal, handle.journal_target)
         log.info(

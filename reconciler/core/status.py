@@ -276,9 +276,18 @@ def verify(status: Status) -> None:
 
 
 def still_blocked(blocked: failures.Failure, graph: RevisionGraph) -> bool:
-    """A block holds while the revision's file is unchanged."""
+    """A block holds while the revision's file is unchanged (a checkout without the revision
+    has nothing blocked to show, but see `block_lifted`)."""
     revision = graph.revisions.get(blocked.revision)
     return revision is not None and revision.file_hash == blocked.file_hash
+
+
+def block_lifted(blocked: failures.Failure, graph: RevisionGraph) -> bool:
+    """The blocked revision's file changed in this checkout: the block goes. A checkout without
+    the revision says nothing about its file (a replica whose watcher has not seen it yet, or
+    one of the previous release mid-deploy): the fleet's block stays."""
+    revision = graph.revisions.get(blocked.revision)
+    return revision is not None and revision.file_hash != blocked.file_hash
 
 
 def applied_revisions(graph: RevisionGraph, status: Status) -> frozenset[str]:

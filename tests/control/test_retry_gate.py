@@ -16,10 +16,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from reconciler.config.load import load_settings
+from reconciler.control.reconcile import reconcile_once
+from reconciler.control.target import open_target, release_target
 from reconciler.core import failures
 from reconciler.core.backoff import retry_window
 from reconciler.db import flags, journal
-from tests.builders import Project, flask_project, journal_rows
+from tests.builders import Project, flask_project, journal_engine, journal_rows
 from tests.cli import run_cli
 from tests.pgcluster import wait_until
 from tests.runtime.test_daemon import FAILS, Running, daemon, free_port
@@ -218,3 +221,73 @@ def test_daemon_defers_a_recent_failure_a_person_runs_it_a_file_change_lifts_it(
         bad.write_text(bad.read_text().replace("1/0", "2/0"))
         wait_until(lambda: len(failed_tries(pg_url)) == 3, 30, "the daemon tried the changed file")
     assert events(d.stderr, "retry_deferred")
+
+
+# --- a block is lifted by a changed file only --------------------------------------------------
+def two_checkouts(tmp_path: Path, pg_url: str) -> tuple[Project, Project, Path]:
+    """Checkout `ahead` has revision `bad` (blocked after two tries); checkout `behind` is the
+    same repository one commit earlier: a replica whose watcher has not seen the file yet, or one
+    still on the previous release during a rolling deploy."""
+    ahead, behind = flask_project(tmp_path / "ahead", pg_url), flask_project(tmp_path / "behind", pg_url)
+    for project in (ahead, behind):
+        project.chain(1)
+        gate_config(project, interval=30, backoff_max=300, blocked_after=2)
+    bad = ahead.revision("bad", "r0000", upgrade=FAILS)
+    for _ in range(2):
+        failed = run_cli(["--config", str(ahead.config), "apply"], cwd=ahead.root)
+        assert failed.returncode == 1, failed.stderr[-2000:]
+    assert "blocked" in cli_status(ahead)["conditions"]
+    return ahead, behind, bad
+
+
+def cli_status(project: Project) -> dict[str, Any]:
+    result = run_cli(["--config", str(project.config), "status", "--json"], cwd=project.root)
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+def stored_block(pg_url: str) -> dict[str, str]:
+    engine, schema = journal_engine(pg_url, "reconciler_journal")
+    table = f"{schema}.reconciler_journal_flags" if schema else "reconciler_journal_flags"
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(f"SELECT key, value FROM {table}")).all()
+    finally:
+        engine.dispose()
+    return {key.partition("/")[0]: value for key, value in rows if key.startswith(("blocked/", "failures/"))}
+
+
+def run_under_the_lock(project: Project) -> str:
+    """One run of `project`'s checkout that goes straight to the lock and decides on the
+    re-read under it: a replica whose first look found work (here, before `bad` was blocked)
+    and then waited for the lock while other replicas tried `bad`."""
+    handle = open_target(load_settings(str(project.config), cwd=project.root))
+    try:
+        return reconcile_once(handle, look_first=False, lock_timeout=10.0).outcome
+    finally:
+        release_target(handle)
+
+
+def test_a_checkout_without_the_revision_does_not_lift_its_block(tmp_path: Path, pg_url: str) -> None:
+    """A revision missing from a replica's checkout is not a changed file: that replica's runs
+    leave the fleet's block and failure count as they are (the flake this came from: a replica
+    whose graph predated `bad` took the lock after `bad` was blocked and lifted the block; `bad`
+    failed twice more and the fleet got a `recovered`, then a second `blocked` alert)."""
+    ahead, behind, _bad = two_checkouts(tmp_path, pg_url)
+    before = stored_block(pg_url)
+    assert json.loads(before["blocked"])["revision"] == "bad"
+    assert run_under_the_lock(behind) == "noop"
+    assert stored_block(pg_url) == before
+    assert "blocked" in cli_status(ahead)["conditions"]
+    refused = run_cli(["--config", str(ahead.config), "apply"], cwd=ahead.root)
+    assert refused.returncode != 0 and len(failed_tries(pg_url)) == 2  # not tried a third time
+
+
+def test_control_a_checkout_with_the_file_changed_lifts_the_block(tmp_path: Path, pg_url: str) -> None:
+    """The same run from a checkout where `bad` is fixed lifts the block, and applies it."""
+    _ahead, behind, bad = two_checkouts(tmp_path, pg_url)
+    fixed = bad.read_text().replace(FAILS, 'op.execute("SELECT 1")')
+    (behind.versions / bad.name).write_text(fixed)
+    assert run_under_the_lock(behind) == "applied"
+    assert "blocked" not in stored_block(pg_url)
+    assert "blocked" not in cli_status(behind)["conditions"]
