@@ -24,7 +24,7 @@ from reconciler.settings import AlertingSettings
 from tests import dbs
 from tests.builders import Project
 from tests.pgcluster import wait_until
-from tests.runtime.test_daemon import Running, free_port
+from tests.runtime.test_daemon import Running
 from tests.runtime.test_daemon import daemon as running
 from tests.system.test_cli_admin import user_project
 from tests.webhooks import Recorder
@@ -292,7 +292,7 @@ def test_two_daemons_make_one_compare_per_interval(tmp_path: Path, pg_url: str, 
     project = drift_project(tmp_path / "p", pg_url, interval=60)
     assert cli(project, "apply").returncode == 0
     env = {"RECONCILER_UNSAFE_DISABLE": "drift_once"} if unsafe else None
-    one, two = (Running(project, free_port(), env) for _ in range(2))  # started together: they race
+    one, two = (Running(project, env) for _ in range(2))  # started together: they race
     try:
         seen = [checked(d) for d in (one, two)]
         for d in (one, two):  # each has had runs after its first look

@@ -10,7 +10,7 @@ import pytest
 
 from tests.builders import Project, create_table, db_heads, flask_project, journal_rows
 from tests.pgcluster import wait_until
-from tests.runtime.test_daemon import Running, config, free_port
+from tests.runtime.test_daemon import Running, config
 from tests.system.test_cli_admin import cli, ok
 
 # prepended to env.py: each run of it adds a line to runs.txt beside it
@@ -100,7 +100,7 @@ def test_sigterm_during_a_plan_stops_it_between_two_revisions(tmp_path: Path, pg
     project.revision("after1", "slow", upgrade=create_table("t_after1"))
     project.revision("after2", "after1", upgrade=create_table("t_after2"))
     config(project, interval=60, extra="grace = 20")
-    d = Running(project, free_port())  # its first run applies the four in one plan
+    d = Running(project)  # its first run applies the four in one plan
     try:
         wait_until(lambda: any(r["revision"] == "slow" for r in journal_rows(pg_url)), 60, "slow started")
     finally:

@@ -25,7 +25,7 @@ from reconciler.db import flags, journal
 from tests.builders import Project, flask_project, journal_engine, journal_rows
 from tests.cli import run_cli
 from tests.pgcluster import wait_until
-from tests.runtime.test_daemon import FAILS, Running, daemon, free_port
+from tests.runtime.test_daemon import FAILS, Running, daemon
 
 FAILURE = failures.Failure(
     revision="bad",
@@ -136,7 +136,7 @@ def fleet_of_five(tmp_path: Path, pg_url: str, env: dict[str, str] | None = None
     project = flask_project(tmp_path / "p", pg_url)
     project.chain(1)
     gate_config(project, interval=1.0, backoff_max=16, blocked_after=3)
-    replicas = [Running(project, free_port(), env) for _ in range(5)]
+    replicas = [Running(project, env) for _ in range(5)]
     try:
         for d in replicas:
             d.wait_status(lambda s: s.get("state") == "in_sync", 60, "in sync")

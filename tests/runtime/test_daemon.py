@@ -7,6 +7,7 @@ import platform
 import shutil
 import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,23 +27,60 @@ pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
+    """A port free now (for a URL where nothing listens): a daemon binds port 0 instead."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 class Running:
-    """One daemon process with its HTTP port."""
+    """One daemon process and the HTTP port it bound.
 
-    def __init__(self, project: Project, port: int, env: dict[str, str] | None = None) -> None:
-        self.port = port
+    The daemon is given port 0 and says the port in its `daemon_started` event: a port picked
+    here and bound later can be taken meanwhile by another test's daemon, whose /status then
+    answers for this one (a daemon that exited 2, "cannot listen", passed its waits that way)."""
+
+    def __init__(self, project: Project, env: dict[str, str] | None = None) -> None:
         self.proc = start_cli(
-            ["--config", str(project.config), "run", "--http", f"127.0.0.1:{port}"],
+            ["--config", str(project.config), "run", "--http", "127.0.0.1:0"],
             cwd=project.root,
             env=env,
         )
-        self.stdout = ""
-        self.stderr = ""
+        self._port = 0
+        self._bound = threading.Event()
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self._out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self._err), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: Any, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            if lines is self._err and not self._port:
+                self._port = _bound_port(line)
+                if self._port:
+                    self._bound.set()
+        self._bound.set()  # the process ended: no port is coming
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self._out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._err)
+
+    @property
+    def port(self) -> int:
+        if not self._bound.wait(60) or not self._port:
+            raise AssertionError(
+                f"the daemon serves no HTTP (exit {self.proc.poll()}): {self.stderr[-3000:]}"
+            )
+        return self._port
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -63,14 +101,27 @@ class Running:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        self.stdout, self.stderr = self.proc.communicate(timeout=timeout)
+        code = self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout)
         assert_no_canary(self.stdout, self.stderr)
-        return int(self.proc.returncode)
+        return int(code)
+
+
+def _bound_port(line: str) -> int:
+    """The port of a `daemon_started` event's `http` field (0: another line)."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return 0
+    if not isinstance(event, dict) or event.get("event") != "daemon_started":
+        return 0
+    return int(str(event["http"]).rpartition(":")[2])
 
 
 @contextmanager
 def daemon(project: Project, env: dict[str, str] | None = None) -> Iterator[Running]:
-    running = Running(project, free_port(), env)
+    running = Running(project, env)
     try:
         running.wait_status(lambda s: s.get("runs", 0) >= 1, 60, "the first run")
         yield running
@@ -226,7 +277,7 @@ def test_five_daemons_apply_once_alert_once(tmp_path: Path, pg_url: str) -> None
     project = flask_project(tmp_path / "p", pg_url)
     project.chain(1)
     config(project, interval=0.3, sinks=[hooks.url], extra="blocked_after = 2")
-    procs = [Running(project, free_port()) for _ in range(5)]
+    procs = [Running(project) for _ in range(5)]
     try:
         for d in procs:
             d.wait_status(lambda s: s.get("state") == "in_sync", 60, "in sync")
@@ -259,7 +310,7 @@ def test_suspend_stops_all_replicas_until_resume(tmp_path: Path, pg_url: str) ->
     project = flask_project(tmp_path / "p", pg_url)
     project.chain(1)
     config(project, interval=0.3)
-    procs = [Running(project, free_port()) for _ in range(5)]
+    procs = [Running(project) for _ in range(5)]
     try:
         for d in procs:
             d.wait_status(lambda s: s.get("state") == "in_sync", 60, "in sync")
@@ -440,7 +491,7 @@ def test_sigterm_taken_by_another_thread_still_stops_the_daemon(tmp_path: Path) 
     project = flask_project(tmp_path / "p", f"sqlite:///{tmp_path / 'app.db'}")
     project.chain(1)
     config(project, interval=60)
-    running = Running(project, free_port())
+    running = Running(project)
     try:
         running.wait_status(lambda s: s.get("runs", 0) >= 1, 60, "the first run")
         others = [

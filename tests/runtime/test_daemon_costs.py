@@ -19,7 +19,7 @@ from reconciler.runtime.prod import next_delay
 from reconciler.settings import DaemonSettings
 from tests.builders import Project, flask_project
 from tests.pgcluster import wait_until
-from tests.runtime.test_daemon import Running, daemon, free_port
+from tests.runtime.test_daemon import Running, daemon
 from tests.webhooks import Recorder
 
 OURS = (
@@ -101,7 +101,7 @@ def test_database_down_retries_are_never_faster_than_the_interval(tmp_path: Path
     project.chain(1)
     settings = f"interval = {interval}\njitter = 0\nbackoff_max = {backoff_max}\n"
     default_config(project, settings + "[alerting]\nunreachable_after = 3", sinks=(hooks.url,))
-    running = Running(project, free_port())
+    running = Running(project)
     try:
         running.wait_status(lambda s: s.get("consecutive_failures", 0) >= 6, 60, "six failed runs")
     finally:

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.builders import create_table, db_heads, flask_project
 from tests.cli import run_cli
 from tests.pgcluster import wait_until
-from tests.runtime.test_daemon import Running, config, daemon, free_port
+from tests.runtime.test_daemon import Running, config, daemon
 from tests.webhooks import Recorder
 
 pytestmark = pytest.mark.slow
@@ -153,7 +153,7 @@ def test_a_long_first_apply_shows_its_progress_in_status_metrics_and_wait(
     project.revision("after1", "gate", upgrade=create_table("t_after1"))
     project.revision("after2", "after1", upgrade=create_table("t_after2"))
     config(project, interval=60)
-    d = Running(project, free_port())
+    d = Running(project)
     try:
         status = d.wait_status(lambda s: (s["applying"] or {}).get("revision") == "gate", 60, "at gate")
         assert status["runs"] == 0  # the first run is still going

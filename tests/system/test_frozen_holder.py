@@ -172,7 +172,7 @@ def test_without_the_lock_b_enters_while_the_holder_is_frozen(
     project = slow_project(tmp_path, url, kind)
     with frozen_applier(project, url) as a:
         config_b(project)
-        running = Running(project, free_port(), UNSAFE)
+        running = Running(project, UNSAFE)
         try:
             settled = wait_until(
                 lambda: [o for o in outcomes_of(url, a.pid) if o != "started"], 60, "B settling A's step"
