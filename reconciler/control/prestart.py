@@ -23,8 +23,9 @@ from collections.abc import Mapping, Sequence
 from reconciler.control.workerprocess import child_env, spawn_process
 from reconciler.errors import ConfigError
 
-# the commands that apply revisions through a worker (`upgrade`: Flask-Migrate's name for apply)
-_COMMANDS = frozenset({"apply", "upgrade"})
+# the commands that start a worker at once (`upgrade`: Flask-Migrate's name for apply; `test`:
+# the stairway's worker on the scratch database)
+_COMMANDS = frozenset({"apply", "upgrade", "test"})
 # the CLI's global options that take a value (the command is the first word after them)
 _VALUED = frozenset({"--config", "--url", "--migrations", "--models", "--log-format"})
 
@@ -45,7 +46,7 @@ def command_of(argv: Sequence[str]) -> str | None:
 
 
 def prestart(argv: Sequence[str]) -> None:
-    """Start the worker early when `argv` is a command that applies revisions."""
+    """Start the worker early when `argv` is a command that will start one."""
     if command_of(argv) not in _COMMANDS or _early:
         return
     interpreter, root = sys.executable, os.getcwd()

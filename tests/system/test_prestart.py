@@ -29,6 +29,7 @@ with open(_pathlib.Path(__file__).with_name("seen.jsonl"), "a") as _seen:
         (["--config", "x.toml", "-v", "apply"], "apply"),
         (["--url", "sqlite:///a.db", "upgrade", "head"], "upgrade"),
         (["--log-format", "json", "status"], "status"),
+        (["test", "--since", "main"], "test"),
         (["apply", "--help"], None),
         (["--help"], None),
         (["--version"], None),
@@ -40,11 +41,11 @@ def test_the_command_is_the_first_word_after_the_global_options(argv: list[str],
     assert command_of(argv) == command
 
 
-def recorded(project: Project, cwd: Path) -> list[dict[str, object]]:
+def recorded(project: Project, cwd: Path, command: str = "apply", code: int = 0) -> list[dict[str, object]]:
     env_py = project.migrations / "env.py"
     env_py.write_text(RECORD + env_py.read_text())
-    result = run_cli(["--config", str(project.config), "apply"], cwd=cwd)
-    assert result.returncode == 0, result.stderr
+    result = run_cli(["--config", str(project.config), command], cwd=cwd)
+    assert result.returncode == code, result.stderr
     seen = project.migrations / "seen.jsonl"
     return [json.loads(line) for line in seen.read_text().splitlines()]
 
@@ -57,6 +58,17 @@ def test_apply_from_the_project_root_runs_in_the_early_worker(tmp_path: Path, sq
     assert db_heads(sqlite_url) == {"r0001"}
     assert runs and all("--preload" in run["argv"] for run in runs), runs  # type: ignore[operator]
     assert {run["cwd"] for run in runs} == {str(project.root.resolve())}
+
+
+@pytest.mark.skipif(bool(worker_python()), reason="the worker runs in another interpreter here")
+def test_the_stairway_test_runs_in_the_early_worker(tmp_path: Path, sqlite_url: str) -> None:
+    """`reconciler test` steps the revisions in a worker too: started before the CLI's imports."""
+    project = flask_project(tmp_path / "p", sqlite_url)
+    project.chain(2)
+    # exit 7: the tutorial's models are not these revisions' tables (a check after the steps)
+    runs = recorded(project, project.root, "test", code=7)
+    assert db_heads(sqlite_url) == set()  # a scratch database was stepped, not the target
+    assert runs and "--preload" in runs[0]["argv"], runs  # type: ignore[operator]
 
 
 def test_apply_from_elsewhere_never_runs_user_code_in_the_wrong_directory(
