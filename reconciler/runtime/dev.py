@@ -21,6 +21,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -48,7 +49,7 @@ from reconciler.runtime.devgenerate import (
     Superseded,
     tables_of,
 )
-from reconciler.runtime.devpace import SavePace
+from reconciler.runtime.devpace import SavePace, written_at
 from reconciler.runtime.devscope import ModelChanges
 from reconciler.runtime.devtarget import check_dev_target, watch_paths
 from reconciler.runtime.filescan import DEFAULT_IGNORE
@@ -167,8 +168,16 @@ class DevLoop(DraftGeneration):
 
     def _on_models(self, paths: set[Path]) -> None:
         self.changes.add(paths)
-        self.pace.saved()
-        log.debug("models_saved", paths=sorted(str(p) for p in paths), burst_spacing=self.pace.spacing)
+        delivered = time.monotonic()
+        written = written_at(paths, delivered)
+        self.pace.saved(written)
+        log.debug(
+            "models_saved",
+            paths=sorted(str(p) for p in paths),
+            written_ago_ms=int((delivered - written) * 1000),
+            burst=self.pace.in_burst,
+            burst_spacing=self.pace.spacing,
+        )
         self._models_changed.set()
         self.loop.trigger("models_changed")
 
@@ -199,15 +208,11 @@ class DevLoop(DraftGeneration):
 
     # one run
     def _run(self, reason: str) -> float | None:
-        if self._models_changed.is_set():
-            # Why here: a burst of saves (each delivered after the debounce) becomes one generation.
-            waited = self.pace.wait_for_quiet(self._stopping)
-            if waited > 0:
-                log.debug("saves_quiet", waited_ms=int(waited * 1000))
         try:
             self._note_revision_files()  # before the first status read (see _files_seen)
             self._sync_first()
             if self._models_changed.is_set():
+                self._wait_for_quiet()
                 self._models_changed.clear()
                 try:
                     self.generate_and_apply()
@@ -231,6 +236,14 @@ class DevLoop(DraftGeneration):
             log.error("dev_error", error=str(exc), kind=exc.__class__.__name__)
         self._keep_heads()
         return None
+
+    def _wait_for_quiet(self) -> None:
+        """A burst of saves (each delivered after the debounce) becomes one generation. Waited
+        for right before the generation takes its saves, after the status read: a save of a
+        burst that lands during that read still holds the generation back."""
+        waited = self.pace.wait_for_quiet(self._stopping)
+        if waited > 0:
+            log.debug("saves_quiet", waited_ms=int(waited * 1000))
 
     def _keep_heads(self) -> None:
         """The HEADS marker equals the graph's heads after each run (what it wrote, sealed,

@@ -3,6 +3,7 @@ and an app polling its own SQLite file does not stop changes from being applied.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from reconciler.runtime.devpace import BURST_GAP, MAX_HOLD, SavePace
+from reconciler.runtime.devpace import BURST_GAP, MAX_HOLD, SavePace, written_at
 from tests.builders import Project
 from tests.pgcluster import wait_until
 from tests.runtime.test_devloop import BASE, baseline_project, columns, dev, revision_files, started
@@ -104,6 +105,71 @@ def test_a_stop_ends_the_wait() -> None:
     pace.wait_for_quiet(stopping)
 
 
+def test_the_first_save_during_the_start_generation_waits_the_burst_gap() -> None:
+    """The first save of a burst lands during dev mode's first generation (no gap known yet):
+    the follow-up still waits for the burst's shortest quiet instead of starting at once."""
+    clock = Clock()
+    pace = SavePace(clock)
+    pace.generating()  # the full compare at start
+    clock.now += 0.05
+    pace.saved()
+    clock.now += 0.05
+    pace.generated()
+    assert pace.quiet_left() > 0
+    clock.now += BURST_GAP
+    assert pace.quiet_left() == 0
+
+
+def test_a_save_written_during_a_generation_and_delivered_after_it_is_a_burst() -> None:
+    """A loaded machine delivers a save after the generation it was written during has ended:
+    its write time, not its delivery, makes it part of a burst. Timed by delivery (the old way)
+    it looks lone and the next generation starts at once, alone."""
+    for timed_by_write in (True, False):
+        clock = Clock()
+        pace = SavePace(clock)
+        pace.saved()
+        pace.generating()
+        written = clock.now + 0.05
+        clock.now += 0.1
+        pace.generated()
+        clock.now += 0.15  # delivered late
+        pace.saved(written if timed_by_write else None)
+        assert (pace.quiet_left() > 0) is timed_by_write
+
+
+def test_saves_delivered_unevenly_are_paced_by_when_they_were_written() -> None:
+    """Saves written 0.1 s apart and delivered unevenly (0.28 s, then 0.04 s apart) are still one
+    burst, whose quiet counts from the last delivery. Timed by delivery (the old way) the first
+    gap makes a lone save and the next generation starts at once."""
+    for timed_by_write in (True, False):
+        clock = Clock()
+        pace = SavePace(clock)
+        pace.saved()
+        pace.generating()
+        pace.generated()
+        first = clock.now
+        for write, delivery in ((0.1, 0.1), (0.2, 0.38)):
+            clock.now = first + delivery
+            pace.saved(first + write if timed_by_write else None)
+        assert (pace.spacing is not None) is timed_by_write
+        assert (pace.quiet_left() > 0) is timed_by_write
+    clock.now += BURST_GAP + 0.01
+    assert pace.quiet_left() == 0
+
+
+def test_a_save_is_timed_by_its_file_unless_the_time_is_not_believable(tmp_path: Path) -> None:
+    saved = tmp_path / "models.py"
+    saved.write_text("x = 1\n")
+    delivered = time.monotonic()
+    os.utime(saved, (time.time() - 0.3, time.time() - 0.3))
+    assert delivered - 0.4 < written_at([saved], delivered) < delivered - 0.2
+    os.utime(saved, (time.time() - 3600, time.time() - 3600))  # copied with its old time
+    assert written_at([saved], delivered) == delivered
+    os.utime(saved, (time.time() + 60, time.time() + 60))  # a clock ahead of ours
+    assert written_at([saved], delivered) == delivered
+    assert written_at([tmp_path / "removed.py"], delivered) == delivered
+
+
 # --- end to end ----------------------------------------------------------------------------------
 
 
@@ -116,8 +182,11 @@ def test_a_burst_of_saves_is_one_generation(tmp_path: Path, sqlite_url: str) -> 
     """Ten saves 0.1 s apart (a formatter, "save all", typing with autosave): one generation after
     the burst, or at most one more for the save a generation was running at; never one per save."""
     project = baseline_project(tmp_path, sqlite_url)
-    with dev(project, 'draft = false\n[logging]\nlevel = "debug"\n'):
+    with dev(project, 'draft = false\n[logging]\nlevel = "debug"\n') as log:
         started(project, sqlite_url)
+        # The burst starts in a dev loop at rest: the first compare (models against the database)
+        # is over. A burst that overlaps it is the generation-running case, tested on its own.
+        wait_until(lambda: '"no_changes"' in log.text(), 60, "the first compare finished")
         models = BASE
         saved_at: list[float] = []
         for n in range(10):
