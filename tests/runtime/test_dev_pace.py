@@ -30,13 +30,22 @@ class Clock:
         return self.now
 
 
+def after_one_generation() -> tuple[Clock, SavePace]:
+    """A pace that has seen one save and the generation that took it."""
+    clock = Clock()
+    pace = SavePace(clock)
+    pace.saved()
+    pace.generating()
+    pace.generated()
+    return clock, pace
+
+
 def test_a_lone_save_waits_for_nothing_more() -> None:
     clock = Clock()
     pace = SavePace(clock)
     pace.saved()
     assert pace.quiet_left() == 0
-    pace.generating()
-    pace.generated()
+    clock, pace = after_one_generation()
     clock.now += 0.4  # the next save, soon after the last change was applied
     pace.saved()
     assert pace.quiet_left() == 0
@@ -77,11 +86,7 @@ def test_a_burst_waits_at_least_the_burst_gap() -> None:
 
 
 def test_saves_that_never_stop_are_held_back_only_so_long() -> None:
-    clock = Clock()
-    pace = SavePace(clock)
-    pace.saved()
-    pace.generating()
-    pace.generated()
+    clock, pace = after_one_generation()
     started_at = clock.now
     while clock.now < started_at + MAX_HOLD + 1:
         clock.now += 0.1
@@ -142,11 +147,7 @@ def test_saves_delivered_unevenly_are_paced_by_when_they_were_written() -> None:
     burst, whose quiet counts from the last delivery. Timed by delivery (the old way) the first
     gap makes a lone save and the next generation starts at once."""
     for timed_by_write in (True, False):
-        clock = Clock()
-        pace = SavePace(clock)
-        pace.saved()
-        pace.generating()
-        pace.generated()
+        clock, pace = after_one_generation()
         first = clock.now
         for write, delivery in ((0.1, 0.1), (0.2, 0.38)):
             clock.now = first + delivery
