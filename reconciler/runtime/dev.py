@@ -60,6 +60,7 @@ from reconciler.settings import Settings
 log = logs.get("reconciler.dev")
 
 IDLE_INTERVAL = 3600.0  # dev mode is event driven; the periodic run is only a safety net
+RESYNCS = 3  # status reads one run repeats while the saves of a burst keep landing during them
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -209,10 +210,8 @@ class DevLoop(DraftGeneration):
     # one run
     def _run(self, reason: str) -> float | None:
         try:
-            self._note_revision_files()  # before the first status read (see _files_seen)
-            self._sync_first()
+            self._sync_after_quiet()
             if self._models_changed.is_set():
-                self._wait_for_quiet()
                 self._models_changed.clear()
                 try:
                     self.generate_and_apply()
@@ -237,13 +236,21 @@ class DevLoop(DraftGeneration):
         self._keep_heads()
         return None
 
-    def _wait_for_quiet(self) -> None:
-        """A burst of saves (each delivered after the debounce) becomes one generation. Waited
-        for right before the generation takes its saves, after the status read: a save of a
-        burst that lands during that read still holds the generation back."""
-        waited = self.pace.wait_for_quiet(self._stopping)
-        if waited > 0:
-            log.debug("saves_quiet", waited_ms=int(waited * 1000))
+    def _sync_after_quiet(self) -> None:
+        """Wait for a burst of saves (each delivered after the debounce) to go quiet, so it
+        becomes one generation, then read the status (`_sync_first`: its hold-back decisions
+        see every save). A save delivered during that read is a burst going on: wait and read
+        again (a few times at most; saves that never stop are capped by the pace's MAX_HOLD)."""
+        for _ in range(RESYNCS):
+            if self._models_changed.is_set():
+                waited = self.pace.wait_for_quiet(self._stopping)
+                if waited > 0:
+                    log.debug("saves_quiet", waited_ms=int(waited * 1000))
+            before = self.pace.saves
+            self._note_revision_files()  # before the first status read (see _files_seen)
+            self._sync_first()
+            if self.pace.saves == before or not self._models_changed.is_set():
+                return
 
     def _keep_heads(self) -> None:
         """The HEADS marker equals the graph's heads after each run (what it wrote, sealed,

@@ -86,6 +86,12 @@ class SavePace:
             self._cond.notify_all()
 
     @property
+    def saves(self) -> int:
+        """Saves delivered so far."""
+        with self._cond:
+            return self._saves
+
+    @property
     def in_burst(self) -> bool:
         """The last save was one of a burst."""
         with self._cond:
