@@ -249,7 +249,7 @@ class DevLoop(DraftGeneration):
             before = self.pace.saves
             self._note_revision_files()  # before the first status read (see _files_seen)
             self._sync_first()
-            if self.pace.saves == before or not self._models_changed.is_set():
+            if not self.pace.saved_since(before) or not self._models_changed.is_set():
                 return
 
     def _keep_heads(self) -> None:

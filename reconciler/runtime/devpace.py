@@ -79,7 +79,8 @@ class SavePace:
             elif gap is not None and gap < MAX_QUIET:  # a lone save during a long run: no spacing
                 self._gaps = [*self._gaps[1 - GAPS_KEPT :], gap]
             self._last = now  # the quiet counts from the delivery: the next save's trails as much
-            self._last_written = max(written, self._last_written or written)
+            if self._last_written is None or written > self._last_written:
+                self._last_written = written
             if self._waiting_since is None:
                 self._waiting_since = now
             self._saves += 1
